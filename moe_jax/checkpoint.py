@@ -1,0 +1,171 @@
+"""Loading Hugging Face safetensors checkpoints, streaming tensor by tensor.
+
+`Checkpoint(path)` reads `config.json` and `model.safetensors` or the shards named in
+`model.safetensors.index.json`; `layer(i, dtype)` / `globals(dtype)` return one layer's (or the
+non-layer) parameters as NumPy arrays named and shaped as in `moe_jax.params`, so an engine can place
+them layer by layer without ever holding the checkpoint twice. Each family's Hub tensor names are one
+table below; every error names the tensor, the shard file or the shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+from moe_jax.config import ConfigError, ModelConfig
+from moe_jax.params import ParamSpec, global_param_specs, layer_param_specs
+
+
+class CheckpointError(ValueError):
+    """A missing, unreadable or mis-shaped checkpoint file or tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Src:
+    """Where one parameter comes from. name: Hub tensor name ("{e}" = one tensor per expert);
+    layout: "linear" (Hub [out, in] -> ours [in, out]), "vector" (as is), "fused_in" (DBRX [E*F, H]
+    -> [E, H, F]), "fused_out" (DBRX [E*F, H] -> [E, F, H]); rows: a row range of the Hub tensor."""
+
+    name: str
+    layout: str = "linear"
+    rows: tuple[int, int] | None = None
+
+
+def _llama_like_names(cfg: ModelConfig, i: int) -> dict[str, _Src]:
+    p = f"model.layers.{i}."
+    if cfg.family == "mixtral":
+        router, ex = "block_sparse_moe.gate", ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
+                                               "block_sparse_moe.experts.{e}.w2")
+    else:
+        router, ex = "mlp.gate", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")
+    names = {
+        "attn_norm": _Src(p + "input_layernorm.weight", "vector"),
+        "mlp_norm": _Src(p + "post_attention_layernorm.weight", "vector"),
+        "wq": _Src(p + "self_attn.q_proj.weight"), "wk": _Src(p + "self_attn.k_proj.weight"),
+        "wv": _Src(p + "self_attn.v_proj.weight"), "wo": _Src(p + "self_attn.o_proj.weight"),
+        "bq": _Src(p + "self_attn.q_proj.bias", "vector"), "bk": _Src(p + "self_attn.k_proj.bias", "vector"),
+        "bv": _Src(p + "self_attn.v_proj.bias", "vector"),
+        "q_norm": _Src(p + "self_attn.q_norm.weight", "vector"),
+        "k_norm": _Src(p + "self_attn.k_norm.weight", "vector"),
+        "router": _Src(p + router + ".weight"),
+        "w_gate": _Src(p + ex[0] + ".weight"), "w_up": _Src(p + ex[1] + ".weight"),
+        "w_down": _Src(p + ex[2] + ".weight"),
+        "shared_gate": _Src(p + "mlp.shared_expert.gate_proj.weight"),
+        "shared_up": _Src(p + "mlp.shared_expert.up_proj.weight"),
+        "shared_down": _Src(p + "mlp.shared_expert.down_proj.weight"),
+        "shared_expert_gate": _Src(p + "mlp.shared_expert_gate.weight"),
+    }
+    return names
+
+
+def _dbrx_names(cfg: ModelConfig, i: int) -> dict[str, _Src]:
+    p = f"transformer.blocks.{i}."
+    qkv = p + "norm_attn_norm.attn.Wqkv.weight"
+    q, kv = cfg.q_size, cfg.kv_size
+    return {
+        "attn_norm": _Src(p + "norm_attn_norm.norm_1.weight", "vector"),
+        "mlp_norm": _Src(p + "norm_attn_norm.norm_2.weight", "vector"),
+        "wq": _Src(qkv, rows=(0, q)), "wk": _Src(qkv, rows=(q, q + kv)), "wv": _Src(qkv, rows=(q + kv, q + 2 * kv)),
+        "wo": _Src(p + "norm_attn_norm.attn.out_proj.weight"),
+        "router": _Src(p + "ffn.router.layer.weight"),
+        "w_gate": _Src(p + "ffn.experts.mlp.w1", "fused_in"), "w_up": _Src(p + "ffn.experts.mlp.v1", "fused_in"),
+        "w_down": _Src(p + "ffn.experts.mlp.w2", "fused_out"),
+    }
+
+
+def _global_names(cfg: ModelConfig) -> dict[str, _Src]:
+    if cfg.family == "dbrx":
+        return {"embed": _Src("transformer.wte.weight", "vector"), "final_norm": _Src("transformer.norm_f.weight", "vector"),
+                "lm_head": _Src("lm_head.weight")}
+    return {"embed": _Src("model.embed_tokens.weight", "vector"), "final_norm": _Src("model.norm.weight", "vector"),
+            "lm_head": _Src("lm_head.weight")}
+
+
+class Checkpoint:
+    """A Hugging Face model directory. Tensors are read on demand from memory-mapped shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"model directory {self.path} does not exist")
+        self.cfg = ModelConfig.from_file(self.path / "config.json")
+        self._shard_of = self._index()
+        self._open: dict[str, object] = {}
+
+    def _index(self) -> dict[str, str]:
+        """tensor name -> shard file name."""
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                return dict(json.loads(index.read_text())["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        single = self.path / "model.safetensors"
+        if not single.exists():
+            raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        with self._safe_open(single) as f:
+            return {k: single.name for k in f.keys()}
+
+    def _safe_open(self, file: Path):
+        if not file.exists():
+            raise CheckpointError(f"shard {file} is missing (named in {self.path / 'model.safetensors.index.json'})")
+        try:
+            return safe_open(str(file), framework="numpy")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{file}: cannot read safetensors file: {e}") from None
+
+    def _handle(self, tensor: str):
+        shard = self._shard_of.get(tensor)
+        if shard is None:
+            raise CheckpointError(f"{self.path}: tensor '{tensor}' is missing from the checkpoint")
+        if shard not in self._open:
+            self._open[shard] = self._safe_open(self.path / shard).__enter__()
+        return self._open[shard]
+
+    def _read(self, tensor: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> np.ndarray:
+        f = self._handle(tensor)
+        sl = f.get_slice(tensor)
+        full = tuple(sl.get_shape())
+        got = (rows[1] - rows[0], *full[1:]) if rows and len(full) >= 1 else full
+        if got != shape:
+            what = f"rows {rows[0]}:{rows[1]} of " if rows else ""
+            raise CheckpointError(f"{self.path / self._shard_of[tensor]}: {what}tensor '{tensor}' has shape "
+                                  f"{got}, expected {shape} from config.json")
+        return sl[rows[0]:rows[1]] if rows else f.get_tensor(tensor)
+
+    def _param(self, src: _Src, spec: ParamSpec, dtype) -> np.ndarray:
+        if spec.expert and "{e}" in src.name:  # one Hub tensor per expert, stacked into [E, ...]
+            out = np.empty(spec.shape, dtype)
+            for e in range(spec.shape[0]):
+                out[e] = self._read(src.name.format(e=e), spec.shape[1:][::-1]).T
+            return out
+        if src.layout == "linear":
+            return self._read(src.name, spec.shape[::-1], src.rows).T.astype(dtype)
+        if src.layout == "vector":
+            return self._read(src.name, spec.shape).astype(dtype)
+        E, a, b = spec.shape  # fused_in: [E, H, F]; fused_out: [E, F, H]
+        if src.layout == "fused_in":
+            return self._read(src.name, (E * b, a)).reshape(E, b, a).transpose(0, 2, 1).astype(dtype)
+        return self._read(src.name, (E * a, b)).reshape(E, a, b).astype(dtype)
+
+    def layer(self, i: int, dtype) -> dict[str, np.ndarray]:
+        """Layer i's parameters, `{name: array}` with shapes from `layer_param_specs`."""
+        names = (_dbrx_names if self.cfg.family == "dbrx" else _llama_like_names)(self.cfg, i)
+        return {k: np.ascontiguousarray(self._param(names[k], spec, dtype))
+                for k, spec in layer_param_specs(self.cfg).items()}
+
+    def globals(self, dtype) -> dict[str, np.ndarray]:
+        names = _global_names(self.cfg)
+        return {k: np.ascontiguousarray(self._param(names[k], spec, dtype))
+                for k, spec in global_param_specs(self.cfg).items()}
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.__exit__(None, None, None)
+        self._open.clear()
+
+
+__all__ = ["Checkpoint", "CheckpointError", "ConfigError"]

@@ -1,0 +1,239 @@
+"""Model configuration: one frozen dataclass for every supported MoE family, built from `config.json`.
+
+Each family's Hugging Face config is read by a small parser that names the field it rejects, so an
+unsupported option is an error, never wrong output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config.json field that moe-jax cannot honour; the message names the file and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only MoE transformer.
+
+    Attention: `num_heads` query heads and `num_kv_heads` key/value heads of `head_dim`; RoPE over
+    the first `rotary_dim` dims of each head. MoE: `num_experts` SwiGLU experts of width
+    `expert_ffn_size`, `experts_per_token` chosen per token by a softmax router; the chosen
+    weights are renormalised by their `router_norm_p`-norm (1 = divide by the sum) unless None.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    rope_theta: float
+    max_positions: int
+    norm: str  # "rms" (RMSNorm) or "layer" (LayerNorm without bias)
+    norm_eps: float
+    qkv_bias: bool
+    qk_norm: str | None  # None, "head" (RMSNorm over head_dim) or "full" (RMSNorm over all heads)
+    clip_qkv: float | None
+    num_experts: int
+    experts_per_token: int
+    expert_ffn_size: int
+    router_norm_p: float | None
+    shared_expert_ffn_size: int = 0  # 0: no shared expert; else a SwiGLU with a sigmoid gate
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_kv_heads}")
+        if not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"experts per token ({self.experts_per_token}) must be in "
+                              f"1..num_experts ({self.num_experts})")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ConfigError(f"rotary dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        model_type = d.get("model_type")
+        parser = _PARSERS.get(model_type)
+        if parser is None:
+            raise ConfigError(f"{source}: model_type={model_type!r} is not supported "
+                              f"(supported: {', '.join(sorted(_PARSERS))})")
+        return parser(_Fields(d, source))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        return cls.from_dict(d, str(path))
+
+
+class _Fields:
+    """Typed access to a config dict; every error names the source file and the field."""
+
+    def __init__(self, d: dict[str, Any], source: str, prefix: str = ""):
+        self.d, self.source, self.prefix = d, source, prefix
+
+    def error(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.source}: field '{self.prefix}{key}' = {self.d.get(key)!r}: {why}")
+
+    def get(self, key: str, default: Any = None, *aliases: str) -> Any:
+        for k in (key, *aliases):
+            if self.d.get(k) is not None:
+                return self.d[k]
+        return default
+
+    def int(self, key: str, *aliases: str, default: int | None = None) -> int:
+        v = self.get(key, default, *aliases)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise self.error(key, "expected a positive integer")
+        return v
+
+    def sub(self, key: str) -> "_Fields":
+        v = self.d.get(key) or {}
+        if not isinstance(v, dict):
+            raise self.error(key, "expected an object")
+        return _Fields(v, self.source, f"{self.prefix}{key}.")
+
+    def require(self, key: str, ok: Callable[[Any], bool], why: str, default: Any = None) -> None:
+        if not ok(self.get(key, default)):
+            raise self.error(key, why)
+
+
+def _rope(f: _Fields, head_dim: int, default_theta: float) -> tuple[float, int]:
+    """(rope_theta, rotary_dim) from `rope_parameters` (transformers >= 5) or the older fields."""
+    params = f.get("rope_parameters") or {}
+    scaling = f.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        key = "rope_parameters" if "rope_parameters" in f.d else "rope_scaling"
+        raise f.error(key, f"rope_type {rope_type!r} is not supported (only 'default')")
+    theta = float(params.get("rope_theta", f.get("rope_theta", default_theta)))
+    factor = float(params.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0)))
+    return theta, int(head_dim * factor)
+
+
+def _max_positions(f: _Fields, key: str = "max_position_embeddings") -> int:
+    """Context limit. A sliding window at least as long as the context is never in effect; a shorter
+    one would be, so it caps the context (attention over <= window tokens is then exact)."""
+    n = f.int(key)
+    window = f.get("sliding_window")
+    if f.get("use_sliding_window", True) and isinstance(window, int) and 0 < window < n:
+        return window
+    return n
+
+
+def _eos(v: Any) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    return tuple(v) if isinstance(v, (list, tuple)) else (int(v),)
+
+
+def _check_silu(f: _Fields, key: str = "hidden_act") -> None:
+    f.require(key, lambda v: v in ("silu", "swish"), "only SiLU (SwiGLU) experts are supported", "silu")
+
+
+def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, norm_p: float | None,
+                qkv_bias: bool, qk_norm: str | None, clip_qkv: float | None = None,
+                shared_ffn: int = 0) -> ModelConfig:
+    hidden = f.int("hidden_size")
+    heads = f.int("num_attention_heads")
+    head_dim = f.get("head_dim") or hidden // heads
+    theta, rotary = _rope(f, head_dim, 10000.0)
+    _check_silu(f)
+    return ModelConfig(
+        family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=hidden,
+        num_layers=f.int("num_hidden_layers"), num_heads=heads,
+        num_kv_heads=f.int("num_key_value_heads", default=heads), head_dim=head_dim,
+        rotary_dim=rotary, rope_theta=theta, max_positions=_max_positions(f), norm="rms",
+        norm_eps=float(f.get("rms_norm_eps", 1e-6)), qkv_bias=qkv_bias, qk_norm=qk_norm,
+        clip_qkv=clip_qkv, num_experts=num_experts, experts_per_token=top_k,
+        expert_ffn_size=expert_ffn, router_norm_p=norm_p, shared_expert_ffn_size=shared_ffn,
+        tie_embeddings=bool(f.get("tie_word_embeddings", False)),
+        bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")))
+
+
+def _qwen_moe_checks(f: _Fields) -> None:
+    f.require("mlp_only_layers", lambda v: not v, "dense (mlp-only) layers are not supported", [])
+    f.require("decoder_sparse_step", lambda v: v == 1, "only every-layer MoE (1) is supported", 1)
+
+
+def _mixtral(f: _Fields) -> ModelConfig:
+    return _llama_like(f, num_experts=f.int("num_local_experts"), expert_ffn=f.int("intermediate_size"),
+                       top_k=f.int("num_experts_per_tok"), norm_p=1.0, qkv_bias=False, qk_norm=None)
+
+
+def _qwen2_moe(f: _Fields) -> ModelConfig:
+    _qwen_moe_checks(f)
+    return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
+                       expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
+                       norm_p=1.0 if f.get("norm_topk_prob") else None,
+                       qkv_bias=bool(f.get("qkv_bias", True)), qk_norm=None,
+                       shared_ffn=f.get("shared_expert_intermediate_size", 0))
+
+
+def _qwen3_moe(f: _Fields) -> ModelConfig:
+    _qwen_moe_checks(f)
+    return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
+                       expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
+                       norm_p=1.0 if f.get("norm_topk_prob") else None,
+                       qkv_bias=bool(f.get("attention_bias", False)), qk_norm="head")
+
+
+def _olmoe(f: _Fields) -> ModelConfig:
+    return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
+                       expert_ffn=f.int("intermediate_size"), top_k=f.int("num_experts_per_tok"),
+                       norm_p=1.0 if f.get("norm_topk_prob") else None,
+                       qkv_bias=bool(f.get("attention_bias", False)), qk_norm="full",
+                       clip_qkv=f.get("clip_qkv"))
+
+
+def _dbrx(f: _Fields) -> ModelConfig:
+    attn, ffn = f.sub("attn_config"), f.sub("ffn_config")
+    hidden, heads = f.int("d_model"), f.int("n_heads")
+    head_dim = hidden // heads
+    theta, rotary = _rope(f, head_dim, float(attn.get("rope_theta", 10000.0)))
+    act = ffn.get("ffn_act_fn") or {"name": "silu"}
+    ffn.require("ffn_act_fn", lambda _: act.get("name", "silu") in ("silu", "swish"),
+                "only SiLU (SwiGLU) experts are supported")
+    norm_p = ffn.get("moe_normalize_expert_weights")
+    if f.get("tie_word_embeddings"):
+        raise f.error("tie_word_embeddings", "DBRX does not tie embeddings")
+    return ModelConfig(
+        family="dbrx", vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=f.int("n_layers"),
+        num_heads=heads, num_kv_heads=attn.int("kv_n_heads", default=heads), head_dim=head_dim,
+        rotary_dim=rotary, rope_theta=theta, max_positions=_max_positions(f, "max_seq_len"),
+        norm="layer", norm_eps=1e-5, qkv_bias=False, qk_norm=None, clip_qkv=attn.get("clip_qkv"),
+        num_experts=ffn.int("moe_num_experts"), experts_per_token=ffn.int("moe_top_k"),
+        expert_ffn_size=ffn.int("ffn_hidden_size"),
+        router_norm_p=None if norm_p is None else float(norm_p),
+        bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")))
+
+
+_PARSERS: dict[str, Callable[[_Fields], ModelConfig]] = {
+    "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe, "dbrx": _dbrx,
+}
+SUPPORTED_FAMILIES = tuple(sorted(_PARSERS))

@@ -1,0 +1,130 @@
+"""The decoder's math as small pure functions over parameter dicts (names from `moe_jax.params`).
+
+A layer is three separable pieces so that engines can place them anywhere:
+  pre_attention:  norm, QKV projection (+bias, q/k norm, clip), RoPE      -> q, k, v
+  attention:      causal GQA attention of q over a key/value sequence       (engine's choice of device)
+  post_attention: O projection, residual, norm, router, experts (+shared), residual
+The functions know nothing about where weights or the KV cache live.
+Shapes: B batch, T query positions, S key positions, H hidden, Hq/Hk heads, D head_dim.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from moe_jax.config import ModelConfig
+
+Params = dict[str, jax.Array]
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, statistics in float32, as transformers computes it."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w * y.astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without bias over the last axis, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
+    return (rms_norm if cfg.norm == "rms" else layer_norm)(x, w, cfg.norm_eps)
+
+
+def rope(cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotary embedding (rotate-half convention) on the first `rotary_dim` dims of each head.
+    x: [B, T, heads, D]; positions: [B, T] int32."""
+    rot = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, rot, 2, dtype=jnp.float32) / rot))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
+    emb = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    xr, rest = x[..., :rot], x[..., rot:]
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return jnp.concatenate([xr * cos + rotated * sin, rest], axis=-1)
+
+
+def embed(p: Params, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] int32 -> hidden [B, T, H]."""
+    return jnp.take(p["embed"], tokens, axis=0)
+
+
+def pre_attention(cfg: ModelConfig, p: Params, x: jax.Array, positions: jax.Array):
+    """x [B, T, H], positions [B, T] -> q [B, T, Hq, D], k and v [B, T, Hk, D]."""
+    B, T, _ = x.shape
+    h = norm(cfg, x, p["attn_norm"])
+    q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    if cfg.qk_norm == "full":
+        q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
+    if cfg.clip_qkv is not None:
+        q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm == "head":
+        q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
+    return rope(cfg, q, positions), rope(cfg, k, positions), v
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array) -> jax.Array:
+    """Causal GQA attention: query at position p sees keys 0..p of its own sequence.
+    q [B, T, Hq, D]; k, v [B, S, Hk, D] holding positions 0..S-1; q_positions [B, T] -> [B, T, Hq, D]."""
+    B, T, Hq, D = q.shape
+    Hk = k.shape[2]
+    qg = q.reshape(B, T, Hk, Hq // Hk, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (D ** -0.5)
+    visible = jnp.arange(k.shape[1])[None, None, :] <= q_positions[:, :, None]  # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, Hq, D).astype(q.dtype)
+
+
+def route(cfg: ModelConfig, p: Params, h: jax.Array):
+    """Softmax router: h [N, H] -> (expert ids [N, k] int32, weights [N, k] float32)."""
+    probs = jax.nn.softmax((h @ p["router"]).astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.router_norm_p is not None:
+        weights = weights / jnp.sum(weights ** cfg.router_norm_p, axis=-1, keepdims=True) ** (1 / cfg.router_norm_p)
+    return ids.astype(jnp.int32), weights
+
+
+def swiglu(h: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    return (jax.nn.silu(h @ w_gate) * (h @ w_up)) @ w_down
+
+
+def moe(cfg: ModelConfig, p: Params, h: jax.Array, *, expert_slots=None, impl: str = "auto") -> jax.Array:
+    """Routed experts (+ gated shared expert): h [N, H] -> [N, H]. The expert weights p["w_*"] are
+    `[slots, ...]`, addressed through `expert_slots` [E] (expert id -> slot; identity when None)."""
+    ids, weights = route(cfg, p, h)
+    y = pallas_kernels.moe_ffn(h, ids, weights, p["w_gate"], p["w_up"], p["w_down"],
+                               expert_slots=expert_slots, impl=impl)
+    if cfg.shared_expert_ffn_size:
+        gate = jax.nn.sigmoid(h @ p["shared_expert_gate"])
+        y = y + gate * swiglu(h, p["shared_gate"], p["shared_up"], p["shared_down"])
+    return y
+
+
+def post_attention(cfg: ModelConfig, p: Params, x: jax.Array, attn: jax.Array, *,
+                   expert_slots=None, moe_impl: str = "auto") -> jax.Array:
+    """x [B, T, H] (layer input), attn [B, T, Hq, D] -> layer output [B, T, H]."""
+    B, T, H = x.shape
+    x = x + attn.reshape(B, T, cfg.q_size) @ p["wo"]
+    h = norm(cfg, x, p["mlp_norm"]).reshape(B * T, H)
+    return x + moe(cfg, p, h, expert_slots=expert_slots, impl=moe_impl).reshape(B, T, H)
+
+
+def lm_head(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+    """Final norm and vocabulary projection: x [..., H] -> float32 logits [..., V]."""
+    h = norm(cfg, x, p["final_norm"])
+    w = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
+    return (h @ w).astype(jnp.float32)

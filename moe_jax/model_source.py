@@ -1,0 +1,50 @@
+"""Resolving the `model` argument (a checkpoint directory or a preset name) into a config, a weight
+source (`layer(i, dtype)` / `globals(dtype)` -> NumPy arrays) and an optional tokenizer."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from moe_jax.checkpoint import Checkpoint
+from moe_jax.config import ModelConfig
+from moe_jax.presets import PRESETS, RandomWeights, preset_config
+from moe_jax.tokenizer import Tokenizer
+
+
+class WeightSource(Protocol):
+    cfg: ModelConfig
+
+    def layer(self, i: int, dtype) -> dict[str, np.ndarray]: ...
+
+    def globals(self, dtype) -> dict[str, np.ndarray]: ...
+
+
+@dataclasses.dataclass
+class ModelSource:
+    name: str
+    cfg: ModelConfig
+    weights: WeightSource
+    tokenizer: Tokenizer | None
+
+
+class ModelNotFound(ValueError):
+    pass
+
+
+def open_model(model: str | Path, seed: int = 0) -> ModelSource:
+    """A directory with config.json + safetensors [+ tokenizer.json], or a preset name."""
+    path = Path(model)
+    if path.is_dir():
+        ckpt = Checkpoint(path)
+        tok_file = path / "tokenizer.json"
+        tok = Tokenizer.from_file(tok_file) if tok_file.exists() else None
+        return ModelSource(str(path), ckpt.cfg, ckpt, tok)
+    if str(model) in PRESETS:
+        cfg = preset_config(str(model))
+        return ModelSource(str(model), cfg, RandomWeights(cfg, seed), Tokenizer.byte_level())
+    if "/" in str(model) or path.suffix:
+        raise ModelNotFound(f"model directory {model} does not exist")
+    raise ModelNotFound(f"model {str(model)!r} is neither a directory nor a preset (presets: {', '.join(PRESETS)})")

@@ -1,0 +1,87 @@
+"""The one description of every parameter: shape, logical axes, init, and whether it is an expert weight.
+
+Everything else is derived from these specs: random init (`moe_jax.presets`), checkpoint loading and
+shape checks (`moe_jax.checkpoint`), host/accelerator placement (engines) and byte counts (HRM).
+Matrices are stored `[in, out]` so that the model computes `x @ w`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from moe_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """shape: per layer (layer params) or global; axes: logical axis names, one per dim;
+    init: "normal" (std = init_std), "ones" or "zeros"; expert: a per-expert weight `[E, ...]`."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str = "normal"
+    expert: bool = False
+
+    def nbytes(self, dtype) -> int:
+        return math.prod(self.shape) * np.dtype(dtype).itemsize
+
+
+def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Parameters of one decoder layer (every layer has the same set)."""
+    H, E, F, D = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn_size, cfg.head_dim
+    s = {
+        "attn_norm": ParamSpec((H,), ("embed",), "ones"),
+        "wq": ParamSpec((H, cfg.q_size), ("embed", "q_heads")),
+        "wk": ParamSpec((H, cfg.kv_size), ("embed", "kv_heads")),
+        "wv": ParamSpec((H, cfg.kv_size), ("embed", "kv_heads")),
+        "wo": ParamSpec((cfg.q_size, H), ("q_heads", "embed")),
+        "mlp_norm": ParamSpec((H,), ("embed",), "ones"),
+        "router": ParamSpec((H, E), ("embed", "experts")),
+        "w_gate": ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True),
+        "w_up": ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True),
+        "w_down": ParamSpec((E, F, H), ("experts", "ffn", "embed"), expert=True),
+    }
+    if cfg.qkv_bias:
+        s["bq"] = ParamSpec((cfg.q_size,), ("q_heads",), "zeros")
+        s["bk"] = ParamSpec((cfg.kv_size,), ("kv_heads",), "zeros")
+        s["bv"] = ParamSpec((cfg.kv_size,), ("kv_heads",), "zeros")
+    if cfg.qk_norm == "head":
+        s["q_norm"] = ParamSpec((D,), ("head_dim",), "ones")
+        s["k_norm"] = ParamSpec((D,), ("head_dim",), "ones")
+    elif cfg.qk_norm == "full":
+        s["q_norm"] = ParamSpec((cfg.q_size,), ("q_heads",), "ones")
+        s["k_norm"] = ParamSpec((cfg.kv_size,), ("kv_heads",), "ones")
+    if cfg.shared_expert_ffn_size:
+        Fs = cfg.shared_expert_ffn_size
+        s["shared_gate"] = ParamSpec((H, Fs), ("embed", "ffn"))
+        s["shared_up"] = ParamSpec((H, Fs), ("embed", "ffn"))
+        s["shared_down"] = ParamSpec((Fs, H), ("ffn", "embed"))
+        s["shared_expert_gate"] = ParamSpec((H, 1), ("embed", None))
+    return s
+
+
+def global_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Parameters outside the decoder layers."""
+    s = {
+        "embed": ParamSpec((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed")),
+        "final_norm": ParamSpec((cfg.hidden_size,), ("embed",), "ones"),
+    }
+    if not cfg.tie_embeddings:
+        s["lm_head"] = ParamSpec((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+    return s
+
+
+def layer_bytes(cfg: ModelConfig, dtype, *, expert: bool | None = None) -> int:
+    """Bytes of one layer's parameters; `expert` True/False counts only expert/non-expert weights."""
+    return sum(s.nbytes(dtype) for s in layer_param_specs(cfg).values()
+               if expert is None or s.expert == expert)
+
+
+def global_bytes(cfg: ModelConfig, dtype) -> int:
+    return sum(s.nbytes(dtype) for s in global_param_specs(cfg).values())
+
+
+def model_bytes(cfg: ModelConfig, dtype) -> int:
+    return cfg.num_layers * layer_bytes(cfg, dtype) + global_bytes(cfg, dtype)

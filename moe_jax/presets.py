@@ -1,0 +1,93 @@
+"""Named models with random weights: tiny ones (one per family, the default of the CLI) and real-shape
+ones for benchmarking. Configs are Hugging Face `config.json` dicts, parsed like any checkpoint's.
+
+`RandomWeights` materialises parameters lazily, layer by layer, from a fixed seed: the same
+(seed, layer, name) always gives the same tensor, whatever the order of materialisation.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+from moe_jax.config import ModelConfig
+from moe_jax.params import ParamSpec, global_param_specs, layer_param_specs
+from moe_jax.tokenizer import BYTE_BOS, BYTE_EOS
+
+_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=258,
+             max_position_embeddings=2048, bos_token_id=BYTE_BOS, eos_token_id=BYTE_EOS, rms_norm_eps=1e-5)
+
+_CONFIGS: dict[str, dict] = {
+    "tiny-mixtral": dict(_TINY, model_type="mixtral", intermediate_size=128, num_local_experts=4,
+                         num_experts_per_tok=2, rope_theta=1e6),
+    "tiny-qwen2-moe": dict(_TINY, model_type="qwen2_moe", moe_intermediate_size=64, num_experts=8,
+                           num_experts_per_tok=2, shared_expert_intermediate_size=96, norm_topk_prob=False),
+    "tiny-qwen3-moe": dict(_TINY, model_type="qwen3_moe", head_dim=24, moe_intermediate_size=64, num_experts=8,
+                           num_experts_per_tok=2, norm_topk_prob=True),
+    "tiny-olmoe": dict(_TINY, model_type="olmoe", intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                       clip_qkv=4.0),
+    "tiny-dbrx": dict(model_type="dbrx", d_model=64, n_heads=4, n_layers=2, max_seq_len=2048, vocab_size=258,
+                      bos_token_id=BYTE_BOS, eos_token_id=BYTE_EOS,
+                      attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=5e5),
+                      ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2,
+                                      moe_normalize_expert_weights=1.0)),
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2),
+    "mixtral-8x22b": dict(model_type="mixtral", hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+                          num_attention_heads=48, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                          vocab_size=32768, max_position_embeddings=65536, rope_theta=1e6, rms_norm_eps=1e-5,
+                          bos_token_id=1, eos_token_id=2),
+    "dbrx": dict(model_type="dbrx", d_model=6144, n_heads=48, n_layers=40, max_seq_len=32768, vocab_size=100352,
+                 attn_config=dict(kv_n_heads=8, clip_qkv=8.0, rope_theta=5e5),
+                 ffn_config=dict(ffn_hidden_size=10752, moe_num_experts=16, moe_top_k=4,
+                                 moe_normalize_expert_weights=1.0), eos_token_id=100257),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                          max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, eos_token_id=151645),
+    "olmoe-1b-7b": dict(model_type="olmoe", hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                        num_key_value_heads=16, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                        vocab_size=50304, max_position_embeddings=4096, rope_theta=1e4, rms_norm_eps=1e-5,
+                        eos_token_id=50279),
+}
+PRESETS = tuple(_CONFIGS)
+TINY_PRESETS = tuple(n for n in PRESETS if n.startswith("tiny-"))
+DEFAULT_PRESET = "tiny-mixtral"
+
+
+def preset_config(name: str) -> ModelConfig:
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown preset {name!r} (presets: {', '.join(PRESETS)})")
+    return ModelConfig.from_dict(_CONFIGS[name], source=f"preset {name}")
+
+
+def preset_hf_config(name: str) -> dict:
+    """The preset as a Hugging Face config.json dict (e.g. to build the same model with transformers)."""
+    preset_config(name)
+    return dict(_CONFIGS[name])
+
+
+class RandomWeights:
+    """Deterministic random parameters. Matrices ~ N(0, 1/fan_in) so activations keep unit scale and
+    logits are far from uniform; the embedding ~ N(0, 1); norm scales 1 + N(0, 0.1); biases N(0, 0.1)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        self.cfg, self.seed = cfg, seed
+
+    def _tensor(self, layer: int, name: str, spec: ParamSpec, dtype) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, layer + 1, zlib.crc32(name.encode())])
+        x = rng.standard_normal(spec.shape, dtype=np.float32)
+        if spec.init == "normal":
+            x *= 1.0 if name == "embed" else spec.shape[-2] ** -0.5
+        else:
+            x *= 0.1
+            x += 1.0 if spec.init == "ones" else 0.0
+        return x.astype(dtype, copy=False)
+
+    def layer(self, i: int, dtype) -> dict[str, np.ndarray]:
+        return {k: self._tensor(i, k, s, dtype) for k, s in layer_param_specs(self.cfg).items()}
+
+    def globals(self, dtype) -> dict[str, np.ndarray]:
+        return {k: self._tensor(-1, k, s, dtype) for k, s in global_param_specs(self.cfg).items()}

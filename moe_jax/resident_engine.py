@@ -1,0 +1,152 @@
+"""Resident engine: all weights and the KV cache on the accelerator.
+
+Requests are sorted by prompt length and run in waves of at most `max_batch_size`. Each wave is one
+batched prefill and a decode loop of one jitted `step` (the same function, T = prompt bucket or 1).
+Batch, prompt and cache lengths are rounded up to powers of two so a job compiles a handful of shapes.
+KV cache: k and v of `[layers, batch, cache_len, kv_heads, head_dim]`; sequence b's token at position p
+sits at [:, b, p]; positions start at 0 for every sequence, so causal masking alone is exact.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import model
+from moe_jax.config import ModelConfig
+from moe_jax.params import layer_param_specs, model_bytes
+from moe_jax.requests import Request
+from moe_jax.sampling import sample
+
+log = logging.getLogger("moe_jax")
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """The power of two >= max(n, minimum)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, cache_k, cache_v):
+    """tokens, positions [B, T] -> hidden [B, T, H] and the updated caches (k/v of each token written at
+    its position). layers: each parameter stacked `[L, ...]`."""
+    x = model.embed(glob, tokens)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+
+    def layer(carry, xs):
+        x, ck, cv = carry
+        p, i = xs
+        q, k, v = model.pre_attention(cfg, p, x, positions)
+        ck, cv = ck.at[i, rows, positions].set(k), cv.at[i, rows, positions].set(v)
+        a = model.attention(q, ck[i], cv[i], positions)
+        return (model.post_attention(cfg, p, x, a, moe_impl=moe_impl), ck, cv), None
+
+    (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache_k, cache_v), (layers, jnp.arange(cfg.num_layers)))
+    return x, cache_k, cache_v
+
+
+def step(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, last, cache_k, cache_v,
+         temperature, top_p, top_k, seeds, counters):
+    """Forward, then sample one token per row from the hidden state at index `last` [B].
+    Row b's sampling key is fold_in(PRNGKey(seeds[b]), counters[b]): a request's samples depend only
+    on its own seed and step, never on its batch. Returns (tokens [B] int32, cache_k, cache_v)."""
+    x, cache_k, cache_v = forward(cfg, moe_impl, glob, layers, tokens, positions, cache_k, cache_v)
+    h = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
+    return sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, keys), cache_k, cache_v
+
+
+class ResidentEngine:
+    def __init__(self, cfg: ModelConfig, weights, dtype, *, max_batch_size: int = 64, moe_impl: str = "auto"):
+        self.cfg, self.dtype, self.max_batch_size = cfg, np.dtype(dtype), max_batch_size
+        self._check_fits()
+        self.glob = jax.device_put(weights.globals(self.dtype))
+        stacked = {k: np.empty((cfg.num_layers, *s.shape), self.dtype) for k, s in layer_param_specs(cfg).items()}
+        for i in range(cfg.num_layers):
+            for k, v in weights.layer(i, self.dtype).items():
+                stacked[k][i] = v
+        self.layers = jax.device_put(stacked)
+        del stacked
+        self._step = jax.jit(functools.partial(step, cfg, moe_impl), donate_argnums=(5, 6))
+        self._forward = jax.jit(functools.partial(forward, cfg, moe_impl))
+        self._lm_head = jax.jit(functools.partial(model.lm_head, cfg))
+        self._precision = "highest" if self.dtype == np.float32 else None
+
+    def _check_fits(self) -> None:
+        stats = jax.devices()[0].memory_stats() or {}
+        need, limit = model_bytes(self.cfg, self.dtype), stats.get("bytes_limit")
+        if limit and need > 0.9 * limit:
+            raise MemoryError(f"policy 'resident' needs {need / 2**30:.1f} GiB for the weights alone but the "
+                              f"accelerator has {limit / 2**30:.1f} GiB: use policy 'offload'")
+
+    def _cache(self, batch: int, length: int):
+        shape = (self.cfg.num_layers, batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """float32 [len_i, vocab] per prompt, batched in waves."""
+        out: list[np.ndarray | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        for w in range(0, len(order), self.max_batch_size):
+            wave = order[w:w + self.max_batch_size]
+            B, T = bucket(len(wave), 1), bucket(len(prompts[wave[0]]))
+            tokens = np.zeros((B, T), np.int32)
+            for r, i in enumerate(wave):
+                tokens[r, :len(prompts[i])] = prompts[i]
+            positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+            with jax.default_matmul_precision(self._precision):
+                x, _, _ = self._forward(self.glob, self.layers, tokens, positions, *self._cache(B, T))
+                logits = np.asarray(self._lm_head(self.glob, x))
+            for r, i in enumerate(wave):
+                out[i] = logits[r, :len(prompts[i])]
+        return out
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str]]:
+        """Yields (request, generated token ids, finish_reason) as each request finishes."""
+        order = sorted(requests, key=lambda r: -len(r.prompt))
+        for w in range(0, len(order), self.max_batch_size):
+            yield from self._wave(order[w:w + self.max_batch_size])
+
+    def _wave(self, wave: Sequence[Request]):
+        cfg, n = self.cfg, len(wave)
+        B, T = bucket(n, 1), bucket(len(wave[0].prompt))
+        lens = np.ones(B, np.int32)
+        lens[:n] = [len(r.prompt) for r in wave]
+        budget = np.ones(B, np.int64)  # new tokens each row may still generate
+        budget[:n] = [min(r.params.max_new_tokens, cfg.max_positions - len(r.prompt)) for r in wave]
+        tokens = np.zeros((B, T), np.int32)
+        for b, r in enumerate(wave):
+            tokens[b, :lens[b]] = r.prompt
+        S = bucket(int((lens + budget).max()))
+        samp = [np.zeros(B, np.float32), np.ones(B, np.float32), np.zeros(B, np.int32), np.zeros(B, np.uint32)]
+        for b, r in enumerate(wave):
+            p = r.params
+            samp[0][b], samp[1][b], samp[2][b], samp[3][b] = p.temperature, p.top_p, p.top_k, p.seed % 2**32
+        stops = [set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(cfg.eos_token_ids))
+                 for r in wave]
+        generated: list[list[int]] = [[] for _ in wave]
+        done = np.zeros(B, bool)
+        done[n:] = True
+        cache = self._cache(B, S)
+        positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+        last = lens - 1
+        with jax.default_matmul_precision(self._precision):
+            while True:
+                counters = np.array([len(g) for g in generated] + [0] * (B - n), np.int32)
+                nxt, *cache = self._step(self.glob, self.layers, tokens, positions, last, *cache, *samp, counters)
+                nxt = np.asarray(nxt)
+                for b in np.flatnonzero(~done):
+                    generated[b].append(int(nxt[b]))
+                    stop = int(nxt[b]) in stops[b]
+                    if stop or len(generated[b]) >= budget[b]:
+                        done[b] = True
+                        yield wave[b], generated[b], "stop" if stop else "length"
+                if done.all():
+                    return
+                tokens = nxt[:, None]
+                positions = (lens + np.array([len(g) for g in generated] + [1] * (B - n)) - 1)[:, None]
+                positions = np.minimum(positions, S - 1).astype(np.int32)
+                last = np.zeros(B, np.int32)

@@ -1,0 +1,52 @@
+"""Sampling parameters and the on-device token sampler (greedy, temperature, top-k, top-p)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings. temperature 0 is greedy; top_k 0 and top_p 1 disable those
+    filters; generation stops at `max_new_tokens`, at a stop token or (unless ignore_eos) at EOS."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
+           keys: jax.Array) -> jax.Array:
+    """logits [B, V] float32; temperature, top_p [B] float32; top_k [B] int32; keys [B, 2] uint32 -> [B] int32.
+    Rows with temperature 0 take the argmax."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    vals, idx = jax.lax.top_k(logits / t, logits.shape[-1])  # sorted descending
+    rank = jnp.arange(logits.shape[-1])[None, :]
+    drop_k = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    probs = jax.nn.softmax(vals, axis=-1)
+    drop_p = (jnp.cumsum(probs, axis=-1) - probs) >= top_p[:, None]  # keep the smallest prefix reaching top_p
+    vals = jnp.where(drop_k | drop_p, -jnp.inf, vals)
+    choice = jax.vmap(jax.random.categorical)(keys, vals)
+    sampled = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)

@@ -1,0 +1,59 @@
+"""Tokenizers: a checkpoint's `tokenizer.json` through the `tokenizers` library, or the byte-level
+tokenizer that presets embed (256 byte tokens, then <s> and </s>)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+BYTE_BOS, BYTE_EOS = 256, 257  # ids of <s> and </s> in the byte-level tokenizer
+
+
+class Tokenizer:
+    """Text <-> token ids. `encode` applies the tokenizer's own post-processor (e.g. BOS)."""
+
+    def __init__(self, tok: tokenizers.Tokenizer):
+        self._tok = tok
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path}: cannot load tokenizer: {e}") from None
+
+    @classmethod
+    def byte_level(cls) -> "Tokenizer":
+        """Every UTF-8 byte is one token (ids 0..255); <s> (256) is prepended; </s> is 257."""
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        byte_chars = sorted(alphabet, key=lambda c: _byte_of(c))
+        tok = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(byte_chars)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([tokenizers.AddedToken("<s>", special=True), tokenizers.AddedToken("</s>", special=True)])
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BYTE_BOS)])
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
+
+def _byte_of(char: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode: the byte a ByteLevel alphabet character stands for."""
+    o = ord(char)
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    if o in printable:
+        return o
+    others = [b for b in range(256) if b not in printable]
+    return others[o - 256]

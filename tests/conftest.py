@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints for every supported family, built with
+transformers in a temp dir (sharded, with non-trivial random weights)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx")
+
+_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+               max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5,
+               tie_word_embeddings=False)
+HF_CONFIGS = {
+    "mixtral": dict(_COMMON, intermediate_size=80, num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6),
+    "qwen2_moe": dict(_COMMON, intermediate_size=80, moe_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
+                      shared_expert_intermediate_size=56, norm_topk_prob=False),
+    "qwen3_moe": dict(_COMMON, intermediate_size=80, moe_intermediate_size=40, num_experts=6, num_experts_per_tok=3,
+                      head_dim=24, norm_topk_prob=True),
+    "olmoe": dict(_COMMON, intermediate_size=40, num_experts=6, num_experts_per_tok=2, clip_qkv=3.0),
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, vocab_size=96, max_seq_len=256, bos_token_id=1, eos_token_id=2,
+                 pad_token_id=0, attn_config=dict(kv_n_heads=2, clip_qkv=2.0, rope_theta=5e5),
+                 ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=1.0)),
+}
+
+
+def build_hf_model(family: str, seed: int = 0):
+    """A transformers model of `family` with weights ~ N(0, 1/fan_in) (norm scales 1 + N(0, 0.1)),
+    so that logits are far from uniform and routing is decisive."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(family, **HF_CONFIGS[family])
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.1)
+            elif "embed" in name or "wte" in name:
+                p.normal_(0, 1.0)
+            else:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """{family: (checkpoint dir, transformers model)}; each checkpoint is split into several shards."""
+    out = {}
+    for family in FAMILIES:
+        model = build_hf_model(family)
+        path = tmp_path_factory.mktemp(family)
+        model.save_pretrained(path, max_shard_size="100KB")
+        out[family] = (path, model)
+    return out
