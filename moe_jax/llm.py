@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 from typing import Iterator, Sequence
 
+import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
-from moe_jax.model_source import open_model
+from moe_jax.model_source import ModelSource, open_model
+from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request
 from moe_jax.resident_engine import ResidentEngine
 from moe_jax.sampling import SamplingParams
@@ -28,45 +30,27 @@ class LLM:
     policy: "resident" (everything on the accelerator), "offload" (CGOPipe), "auto" (HRM decides).
     """
 
-    def __init__(self, model: str, *, dtype: str = "bfloat16", policy="auto", max_batch_size: int = 64,
-                 moe_impl: str = "auto", seed: int = 0):
+    def __init__(self, model: str | ModelSource, *, dtype: str = "bfloat16", policy="auto",
+                 max_batch_size: int = 64, moe_impl: str = "auto", seed: int = 0):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if not isinstance(policy, str) or policy not in POLICIES:
-            raise PolicyUnavailable(f"policy {policy!r} is not available: the offload engine (CGOPipe) is not "
-                                    f"implemented yet; use policy='resident'" if policy == "offload" or
-                                    not isinstance(policy, str) else
-                                    f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        if policy == "offload":
-            raise PolicyUnavailable("policy 'offload' is not available: the offload engine (CGOPipe) is not "
-                                    "implemented yet; use policy='resident'")
-        source = open_model(model, seed=seed)
+        if policy == "offload" or not isinstance(policy, str):
+            raise PolicyUnavailable(f"policy {policy!r} is not available yet: the offload engine (CGOPipe) is "
+                                    "not implemented; use policy='resident'")
+        if policy not in POLICIES:
+            raise PolicyUnavailable(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
         self.name, self.cfg, self.tokenizer = source.name, source.cfg, source.tokenizer
         if policy == "auto":
             log.info("policy auto -> resident (the offload engine and HRM are not implemented yet)")
         self.policy = "resident"
-        import jax.numpy as jnp
-        self.dtype = jnp.dtype(DTYPES[dtype])
+        self.dtype = np.dtype(DTYPES[dtype])
         self.engine = ResidentEngine(self.cfg, source.weights, self.dtype, max_batch_size=max_batch_size,
                                      moe_impl=moe_impl)
 
     def encode(self, prompt: str | Sequence[int], where: str = "prompt") -> tuple[int, ...]:
-        """A prompt as token ids, validated: non-empty, ids in the vocabulary, shorter than the context."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{where}: this model has no tokenizer.json; give token ids, not text")
-            ids = tuple(self.tokenizer.encode(prompt))
-        else:
-            ids = tuple(int(t) for t in prompt)
-        if not ids:
-            raise ValueError(f"{where} is empty")
-        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
-        if len(ids) >= self.cfg.max_positions:
-            raise ValueError(f"{where} has {len(ids)} tokens; the model allows at most "
-                             f"{self.cfg.max_positions - 1} so that one can be generated")
-        return ids
+        """A prompt as validated token ids (see `moe_jax.prompts.encode_prompt`)."""
+        return encode_prompt(self.cfg, self.tokenizer, prompt, where)
 
     def logits(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """float32 [len_i, vocab] logits for every position of every sequence."""

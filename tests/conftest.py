@@ -2,9 +2,7 @@
 transformers in a temp dir (sharded, with non-trivial random weights)."""
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
 

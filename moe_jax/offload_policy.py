@@ -1,0 +1,53 @@
+"""`Policy`: how the offload engine (CGOPipe) batches a generation run and places weights, KV and attention."""
+from __future__ import annotations
+
+import dataclasses
+
+DEVICES = ("cpu", "gpu")
+
+
+class PolicyError(ValueError):
+    """A `Policy` field out of range; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """An offload policy (MoE-Lightning's `N, μ, r_w, A_g, r_c`).
+
+    batch_size: N sequences decoded together, split into `num_micro_batches` (n_ub) micro-batches of at
+      most `micro_batch_size` (μ) sequences, none empty: μ·(n_ub − 1) < N ≤ μ·n_ub.
+    resident_expert_fraction: r_w in [0, 1], the fraction of the model's expert weights kept on the GPU;
+      the rest stays in pinned host memory and is streamed to the GPU layer by layer.
+    attention_device: where decode attention runs; kv_device: where the KV cache lives. CPU attention
+      reads a host KV cache; GPU attention reads it from either (a host cache crosses the link).
+    gpu_memory_gb: GPU memory the engine may use, in GiB (2**30 bytes); None: all of it.
+    """
+
+    batch_size: int
+    micro_batch_size: int
+    num_micro_batches: int
+    resident_expert_fraction: float = 0.0
+    attention_device: str = "cpu"
+    kv_device: str = "cpu"
+    gpu_memory_gb: float | None = None
+
+    def __post_init__(self):
+        for name in ("batch_size", "micro_batch_size", "num_micro_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise PolicyError(f"Policy.{name} must be a positive integer, got {v!r}")
+        mu, n_ub = self.micro_batch_size, self.num_micro_batches
+        if not mu * (n_ub - 1) < self.batch_size <= mu * n_ub:
+            raise PolicyError(f"Policy.batch_size={self.batch_size} does not fill {n_ub} micro-batches of at most "
+                              f"{mu} sequences without an empty one (need {mu * (n_ub - 1)} < N <= {mu * n_ub})")
+        r = self.resident_expert_fraction
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 <= r <= 1.0:
+            raise PolicyError(f"Policy.resident_expert_fraction must be a number in [0, 1], got {r!r}")
+        for name in ("attention_device", "kv_device"):
+            if getattr(self, name) not in DEVICES:
+                raise PolicyError(f"Policy.{name} must be one of {DEVICES}, got {getattr(self, name)!r}")
+        if self.attention_device == "cpu" and self.kv_device == "gpu":
+            raise PolicyError("Policy: attention_device='cpu' needs kv_device='cpu' (CPU attention reads a host KV cache)")
+        cap = self.gpu_memory_gb
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0):
+            raise PolicyError(f"Policy.gpu_memory_gb must be a positive number of GiB or None, got {cap!r}")

@@ -1,0 +1,33 @@
+"""Turning a prompt (text or token ids) into validated token ids for a model."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from moe_jax.config import ModelConfig
+from moe_jax.tokenizer import Tokenizer
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be run; the message names the prompt (index, id or line)."""
+
+
+def encode_prompt(cfg: ModelConfig, tokenizer: Tokenizer | None, prompt: str | Sequence[int],
+                  where: str = "prompt") -> tuple[int, ...]:
+    """Token ids of `prompt`: non-empty, inside the vocabulary, short enough to generate one token."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise PromptError(f"{where}: this model has no tokenizer.json; give token ids, not text")
+        if not prompt:
+            raise PromptError(f"{where} is empty")
+        ids = tuple(tokenizer.encode(prompt))
+    else:
+        ids = tuple(int(t) for t in prompt)
+    if not ids:
+        raise PromptError(f"{where} is empty")
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise PromptError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+    if len(ids) >= cfg.max_positions:
+        raise PromptError(f"{where} has {len(ids)} tokens; the model allows at most {cfg.max_positions - 1} "
+                          f"(max positions {cfg.max_positions}, one left to generate)")
+    return ids
