@@ -1,0 +1,56 @@
+"""Checkpoint loading: Hub names -> our parameters, and errors that name the tensor, shard or shape."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from moe_jax.checkpoint import Checkpoint, CheckpointError
+from moe_jax.params import global_param_specs, layer_param_specs
+
+
+def test_experts_are_stacked_and_transposed(hf_checkpoints):
+    path, model = hf_checkpoints["mixtral"]
+    layer = Checkpoint(path).layer(1, np.float32)
+    w1 = model.state_dict()["model.layers.1.mlp.experts.gate_up_proj"].numpy()  # [E, 2F, H] in transformers 5
+    F = w1.shape[1] // 2
+    np.testing.assert_array_equal(layer["w_gate"], w1[:, :F].transpose(0, 2, 1))
+    np.testing.assert_array_equal(layer["w_up"], w1[:, F:].transpose(0, 2, 1))
+
+
+def test_dbrx_fused_tensors_are_split(hf_checkpoints):
+    path, model = hf_checkpoints["dbrx"]
+    ck = Checkpoint(path)
+    layer, sd = ck.layer(0, np.float32), model.state_dict()
+    wqkv = sd["transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight"].numpy()
+    np.testing.assert_array_equal(np.concatenate([layer["wq"], layer["wk"], layer["wv"]], axis=1), wqkv.T)
+    w2 = sd["transformer.blocks.0.ffn.experts.mlp.w2"].numpy()
+    np.testing.assert_array_equal(layer["w_down"].reshape(w2.shape), w2)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx"])
+def test_shapes_follow_the_specs_in_any_dtype(family, hf_checkpoints):
+    ck = Checkpoint(hf_checkpoints[family][0])
+    for got, specs in ((ck.layer(0, "bfloat16"), layer_param_specs(ck.cfg)), (ck.globals("bfloat16"), global_param_specs(ck.cfg))):
+        assert {k: (v.shape, str(v.dtype)) for k, v in got.items()} == {k: (s.shape, "bfloat16") for k, s in specs.items()}
+
+
+def test_errors_name_tensor_shard_and_shape(tmp_path, hf_checkpoints):
+    src = hf_checkpoints["qwen2_moe"][0]
+    d = tmp_path / "m"
+    shutil.copytree(src, d)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.experts.3.up_proj.weight"]
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.mlp.experts.3.up_proj.weight' is missing"):
+        Checkpoint(d).layer(1, np.float32)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, moe_intermediate_size=41)))
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' has shape "
+                                              r"\(40, 64\), expected \(41, 64\)"):
+        Checkpoint(d).layer(0, np.float32)
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        (d / "model.safetensors.index.json").unlink()
+        Checkpoint(d)
