@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The first thing a GPU session runs: the GPU tests, then every benchmark in scripts/.
+#
+#   bash scripts/gpu_suite.sh                             # every step
+#   bash scripts/gpu_suite.sh tests bench_expert_kernel   # only the named steps
+#
+# A device command is capped at 10 minutes: if the steps together need more, run them in
+# separate commands. PYTHON picks the interpreter (default: python).
+# Logs go to $OUT/<step>.log (OUT defaults to ./gpu_suite_out), benchmark results next to them.
+# A step that passes its time limit is killed and reported as "timeout"; the table comes last.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_suite_out}"
+PY="${PYTHON:-python}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# One step per line: name|time limit in seconds|command. Add your benchmark here.
+STEPS=(
+  "tests|240|$PY -m pytest -m gpu tests -q -rs"
+  "bench_expert_kernel|420|$PY scripts/bench_expert_kernel.py --json $OUT/bench_expert_kernel.json --out $OUT/bench_expert_kernel.md"
+)
+
+{
+  echo "date: $(date -u +%FT%TZ)  host: $(hostname)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  $PY -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())' 2>&1
+} | tee "$OUT/env.log"
+
+declare -a SUMMARY
+failed=0
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name limit cmd <<<"$step"
+  if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
+  echo "=== $name: $cmd" >"$OUT/$name.log"
+  start=$(date +%s)
+  timeout --signal=INT --kill-after=20 "$limit" bash -c "$cmd" >>"$OUT/$name.log" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status="fail($rc)" ;; esac
+  [ "$rc" -eq 0 ] || failed=1
+  tail -n 25 "$OUT/$name.log"
+  SUMMARY+=("$(printf '| %-24s | %-9s | %5ss | %s |' "$name" "$status" "$secs" "$OUT/$name.log")")
+done
+
+echo
+printf '| %-24s | %-9s | %6s | %s |\n' step status time log
+echo "|---|---|---|---|"
+printf '%s\n' "${SUMMARY[@]}"
+exit $failed

@@ -1,0 +1,145 @@
+"""moe_ffn against a float64 NumPy reference: every impl, uneven loads, remapped slots."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import IMPLS, moe_ffn
+from pallas_kernels.grouped_matmul import _tile_and_n_block
+from pallas_kernels.layout import grouped_layout, max_tiles
+
+# (T, H, F, E, k, routing, num_slots): odd T, zero-token experts, one hot expert, S > E.
+CASES = [
+    (37, 32, 48, 4, 2, "uniform", None),
+    (64, 64, 96, 8, 2, "skewed", None),
+    (24, 48, 32, 16, 4, "skewed", 21),
+    (1, 16, 16, 4, 1, "uniform", 6),
+]
+CPU_IMPLS = ["xla", "pallas_triton"]  # "auto" → xla and "pallas" → pallas_triton on CPU
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def run(problem, **kw):
+    """moe_ffn under jit, with expert_slots a traced argument (as a pager would pass it)."""
+    f = jax.jit(lambda *a, slots: moe_ffn(*a, expert_slots=slots, **kw))
+    return f(*problem.args, slots=problem.expert_slots)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}H{}F{}E{}k{}-{}-S{}".format(*c))
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_matches_reference(make_problem, assert_matches_reference, impl, case, dtype):
+    T, H, F, E, k, routing, S = case
+    problem = make_problem(T, H, F, E, k, dtype, routing, S)
+    assert_matches_reference(run(problem, impl=impl), problem)
+
+
+def test_auto_and_pallas_resolve_and_log_on_cpu(make_problem, assert_matches_reference, caplog):
+    if ON_GPU:
+        pytest.skip("CPU resolution")
+    problem = make_problem(16, 32, 32, 4, 2, "float32")
+    with caplog.at_level(logging.INFO, logger="pallas_kernels"):
+        for impl in ("auto", "pallas"):
+            assert_matches_reference(run(problem, impl=impl), problem)
+    assert "impl='auto' runs as xla on backend cpu" in caplog.text
+    assert "impl='pallas' runs as pallas_triton on backend cpu" in caplog.text
+    assert "ragged_dot_mgpu unavailable (no GPU)" in caplog.text
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_no_tokens(impl):
+    w = jnp.ones((3, 16, 32))
+    y = moe_ffn(jnp.ones((0, 16)), jnp.zeros((0, 2), jnp.int32), jnp.zeros((0, 2)), w, w,
+                w.transpose(0, 2, 1), impl=impl)
+    assert y.shape == (0, 16)
+
+
+def test_unknown_impl_names_allowed_values(make_problem):
+    problem = make_problem(4, 16, 16, 2, 1, "float32")
+    with pytest.raises(ValueError, match=re.escape(str(IMPLS))):
+        run(problem, impl="cuda")
+
+
+def test_mgpu_refuses_without_hopper(make_problem):
+    if ON_GPU:
+        pytest.skip("CPU behaviour")
+    problem = make_problem(4, 16, 16, 2, 1, "bfloat16")
+    with pytest.raises(ValueError, match="pallas_mgpu.*no GPU"):
+        run(problem, impl="pallas_mgpu")
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_layout_tiles_belong_to_one_slot(block_m):
+    rng = np.random.default_rng(1)
+    T, k, E, S = 30, 3, 6, 9
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(T)])
+    ids[ids == 2] = 5  # expert 2 empty, expert 5 doubled up
+    slots = rng.permutation(S)[:E].astype(np.int32)
+    lay = jax.tree.map(np.asarray, grouped_layout(jnp.asarray(ids), slots, S, block_m))
+    pair_slot = slots[ids]
+    np.testing.assert_array_equal(lay.group_sizes, np.bincount(pair_slot.ravel(), minlength=S))
+    assert lay.tile_slot.shape == (max_tiles(T * k, S, block_m),)
+    used = lay.tile_slot >= 0
+    assert used.sum() == (-(-lay.group_sizes // block_m)).sum()  # no tile for empty slots
+    assert used[: used.sum()].all()  # used tiles first, unused at the end
+    np.testing.assert_array_equal(lay.tile_slot[lay.pair_row // block_m], pair_slot)
+    np.testing.assert_array_equal(lay.row_token[lay.pair_row], np.repeat(np.arange(T), k).reshape(T, k))
+    assert len(np.unique(lay.pair_row)) == T * k
+
+
+@pytest.mark.parametrize("num_tiles,n_blocks,group_m", [(5, 3, 2), (17, 7, 8), (1, 1, 8)])
+def test_launch_order_covers_every_tile_once(num_tiles, n_blocks, group_m):
+    pid = jnp.arange(num_tiles * n_blocks)
+    tile, n_block = map(np.asarray, _tile_and_n_block(pid, num_tiles, n_blocks, group_m))
+    assert sorted(zip(tile, n_block)) == [(i, j) for i in range(num_tiles) for j in range(n_blocks)]
+
+
+def _lower_for_cuda(T, H, F, S, k, impl):
+    sd = jax.ShapeDtypeStruct
+    bf16 = jnp.bfloat16
+    args = (sd((T, H), bf16), sd((T, k), jnp.int32), sd((T, k), jnp.float32),
+            sd((S, H, F), bf16), sd((S, H, F), bf16), sd((S, F, H), bf16))
+    f = jax.jit(lambda *a: moe_ffn(*a, impl=impl, interpret=False))
+    return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("shape", [(512, 4096, 14336, 8, 2), (256, 2048, 768, 128, 8)],
+                         ids=["mixtral", "qwen3"])
+def test_triton_kernel_lowers_for_cuda(shape):
+    """Pallas → Triton IR lowering runs on CPU; compiling that IR to PTX needs a GPU (untested)."""
+    assert _lower_for_cuda(*shape, "pallas_triton").count("xla.gpu.triton") == 2
+
+
+def test_mgpu_kernel_lowers_for_cuda():
+    """The Mosaic GPU path lowers on CPU (moe_ffn only selects it on a Hopper GPU)."""
+    from pallas_kernels import mgpu
+
+    sd = jax.ShapeDtypeStruct
+    M, H, F, S = 1024, 2048, 768, 8
+    f = jax.jit(lambda xs, w, gs: mgpu.ragged_dot(xs, w, gs))
+    text = f.trace(sd((M, H), jnp.bfloat16), sd((S, H, F), jnp.bfloat16),
+                   sd((S,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("impl", ["auto", "pallas_mgpu", "pallas_triton", "xla"])
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+def test_gpu_matches_reference(make_problem, assert_matches_reference, impl, routing):
+    problem = make_problem(1000, 256, 512, 8, 2, "bfloat16", routing, num_slots=10)
+    assert_matches_reference(run(problem, impl=impl), problem)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("impl", ["pallas_triton", "xla"])
+def test_gpu_float32_matches_reference(make_problem, assert_matches_reference, impl):
+    problem = make_problem(300, 128, 256, 6, 2, "float32", "skewed")
+    assert_matches_reference(run(problem, impl=impl), problem)
