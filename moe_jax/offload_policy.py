@@ -47,7 +47,8 @@ class Policy:
             if getattr(self, name) not in DEVICES:
                 raise PolicyError(f"Policy.{name} must be one of {DEVICES}, got {getattr(self, name)!r}")
         if self.attention_device == "cpu" and self.kv_device == "gpu":
-            raise PolicyError("Policy: attention_device='cpu' needs kv_device='cpu' (CPU attention reads a host KV cache)")
+            raise PolicyError("Policy: attention_device='cpu' needs kv_device='cpu' "
+                              "(CPU attention reads a host KV cache)")
         cap = self.gpu_memory_gb
         if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0):
             raise PolicyError(f"Policy.gpu_memory_gb must be a positive number of GiB or None, got {cap!r}")

@@ -1,0 +1,192 @@
+"""Measure this machine into a hardware profile for HRM.
+
+    python -m moe_jax.hrm.calibrate --output PROFILE.json [--quick] [--name NAME]
+
+The accelerator is whatever JAX runs on (on a CPU-only machine the CPU backend stands in for the GPU):
+dense bf16 matmul FLOP/s, device-memory copy bandwidth, pinned host→device copy bandwidth and the
+wall time of a tiny jitted call (launch_seconds). The host:
+DRAM read bandwidth (NumPy sums, one thread per core) and f32 matmul FLOP/s (NumPy's BLAS). When
+importable, the CPU decode attention of `host_ops.HostKVCache` gives `attention_bandwidth` and the expert
+kernel `pallas_kernels.moe_ffn`, timed at a few token counts, gives `expert_flops` (the largest count's
+rate); the profile's "notes" keep the device, the sizes, the per-size expert rates and what was not
+measured. Each figure is the best of 3 runs after a warm-up.
+`--quick` uses small sizes and finishes in seconds; its figures only check the plumbing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from moe_jax.hrm.hardware import Hardware
+
+log = logging.getLogger("moe_jax.hrm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """matmul: n of the n×n bf16 device matmul; copy: bytes; attention: (batch, context, q heads, kv heads,
+    head_dim); experts: token counts for an expert layer of (experts, top-k, hidden, ffn)."""
+
+    matmul: int
+    cpu_matmul: int
+    device_copy: int
+    link_copy: int
+    host_read: int
+    attention: tuple[int, int, int, int, int]
+    expert_tokens: tuple[int, ...]
+    expert_layer: tuple[int, int, int, int]
+
+
+FULL = Sizes(8192, 4096, 2**30, 2**30, 2**31, (256, 1024, 32, 8, 128), (2048, 8192, 32768), (8, 2, 4096, 14336))
+QUICK = Sizes(256, 256, 2**24, 2**24, 2**26, (4, 128, 8, 2, 64), (64, 256), (4, 2, 128, 256))
+
+
+def best_seconds(fn, repeats: int = 3) -> float:
+    """Best wall time of `fn()` (which must block until done) after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def device_matmul_flops(n: int) -> float:
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(jnp.matmul)
+    return 2 * n**3 / best_seconds(lambda: f(a, a).block_until_ready())
+
+
+def device_copy_bandwidth(nbytes: int) -> float:
+    """Read + write bytes/s of an elementwise op over a device array."""
+    x = jnp.zeros((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda x: x + 1)
+    return 2 * nbytes / best_seconds(lambda: f(x).block_until_ready())
+
+
+def launch_seconds() -> float:
+    """Wall time of one tiny jitted call: the fixed cost of a dispatch."""
+    x = jnp.zeros((8,), jnp.float32)
+    f = jax.jit(lambda x: x + 1)
+    return best_seconds(lambda: f(x).block_until_ready(), repeats=20)
+
+
+def link_bandwidth(nbytes: int) -> float:
+    """Bytes/s of `jax.device_put` from a `pinned_host` array to device memory."""
+    dev = jax.devices()[0]
+    host = jax.device_put(np.ones((nbytes // 4,), np.float32), SingleDeviceSharding(dev, memory_kind="pinned_host"))
+    to = SingleDeviceSharding(dev, memory_kind="device")
+    return nbytes / best_seconds(lambda: jax.device_put(host, to).block_until_ready())
+
+
+def host_read_bandwidth(nbytes: int, threads: int) -> float:
+    """Bytes/s of `threads` NumPy sums over disjoint slices of one array (NumPy releases the GIL)."""
+    chunks = np.array_split(np.ones((nbytes // 8,), np.float64), threads)
+    with ThreadPoolExecutor(threads) as pool:
+        return nbytes / best_seconds(lambda: list(pool.map(np.sum, chunks)))
+
+
+def host_matmul_flops(n: int) -> float:
+    a = np.ones((n, n), np.float32)
+    return 2 * n**3 / best_seconds(lambda: a @ a)
+
+
+def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int) -> float:
+    """KV bytes/s (at bf16 size, as HRM counts them) of `host_ops.HostKVCache.attend`: one layer, `batch`
+    sequences of `context` cached tokens, as the offload engine calls it."""
+    from host_ops import HostKVCache
+
+    rng = np.random.default_rng(0)
+    cache = HostKVCache(1, batch, context, kv_heads, head_dim, np.dtype("bfloat16"))
+    slots = np.arange(batch)
+    kv = rng.standard_normal((batch * context, kv_heads, head_dim), np.float32).astype("bfloat16")
+    cache.write(0, np.repeat(slots, context), np.tile(np.arange(context), batch), kv, kv)
+    q = rng.standard_normal((batch, q_heads, head_dim), np.float32)
+    lengths = np.full((batch,), context)
+    kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
+    return kv_bytes / best_seconds(lambda: cache.attend(0, slots, q, lengths))
+
+
+def expert_flops(tokens: int, experts: int, top_k: int, hidden: int, ffn: int) -> float:
+    """FLOP/s of `pallas_kernels.moe_ffn` (bf16) for `tokens` tokens routed uniformly at random."""
+    import pallas_kernels
+
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k], jnp.int32)
+    weights = jnp.full((tokens, top_k), 1.0 / top_k, jnp.float32)
+    x = jnp.ones((tokens, hidden), jnp.bfloat16)
+    w_in = jnp.ones((experts, hidden, ffn), jnp.bfloat16) * 0.01
+    w_out = jnp.ones((experts, ffn, hidden), jnp.bfloat16) * 0.01
+    f = jax.jit(pallas_kernels.moe_ffn)
+    seconds = best_seconds(lambda: f(x, ids, weights, w_in, w_in, w_out).block_until_ready())
+    return 2 * tokens * top_k * 3 * hidden * ffn / seconds
+
+
+def _optional(what: str, fn, notes: dict):
+    """fn() if its kernel package imports and runs with the expected API; else None, noted."""
+    try:
+        return fn()
+    except (ImportError, AttributeError, TypeError) as e:
+        notes[what] = f"not measured: {type(e).__name__}: {e}"
+        log.warning("calibrate: %s not measured (%s)", what, e)
+        return None
+
+
+def calibrate(sizes: Sizes = FULL, name: str | None = None) -> tuple[Hardware, dict]:
+    """Measures this machine: (profile, notes with every measured figure)."""
+    dev = jax.devices()[0]
+    host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpu_memory = (dev.memory_stats() or {}).get("bytes_limit", host_memory)
+    threads = os.cpu_count() or 1
+    notes: dict = {"device": f"{dev.platform} {dev.device_kind}", "host_threads": threads,
+                   "sizes": dataclasses.asdict(sizes)}
+    rates = {e: _optional(f"expert_flops[{e}]", lambda e=e: expert_flops(e, *sizes.expert_layer), notes)
+             for e in sizes.expert_tokens}
+    hw = Hardware(
+        name=name or f"calibrated-{dev.platform}-{dev.device_kind}".replace(" ", "-"),
+        gpu_memory=float(gpu_memory),
+        gpu_bandwidth=device_copy_bandwidth(sizes.device_copy),
+        gpu_flops=device_matmul_flops(sizes.matmul),
+        cpu_flops=host_matmul_flops(sizes.cpu_matmul),
+        host_memory=float(host_memory),
+        host_bandwidth=host_read_bandwidth(sizes.host_read, threads),
+        link_bandwidth=link_bandwidth(sizes.link_copy),
+        attention_bandwidth=_optional("attention_bandwidth", lambda: host_attention_bandwidth(*sizes.attention),
+                                      notes),
+        expert_flops=rates[max(sizes.expert_tokens)],
+        launch_seconds=launch_seconds(),
+    )
+    notes["expert_flops_by_tokens"] = {str(e): r for e, r in rates.items() if r is not None}
+    return hw, notes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m moe_jax.hrm.calibrate", description=__doc__.split("\n")[0])
+    ap.add_argument("--output", required=True, help="JSON profile to write (accepted by --hardware)")
+    ap.add_argument("--quick", action="store_true", help="small sizes: seconds, rough figures")
+    ap.add_argument("--name", help="profile name (default: from the device)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hw, notes = calibrate(QUICK if args.quick else FULL, args.name)
+    profile = {**dataclasses.asdict(hw), "notes": notes}
+    Path(args.output).write_text(json.dumps(profile, indent=2) + "\n")
+    print(f"wrote {args.output}: " + ", ".join(f"{k}={v:.3g}" for k, v in dataclasses.asdict(hw).items()
+                                               if isinstance(v, float)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""FLOPs and bytes of every op of a decoder layer, derived from the parameter specs of `moe_jax.params`.
+
+Counts are for one layer and `tokens` query tokens. Arguments may be NumPy arrays: they broadcast, so the
+policy search prices a whole grid of micro-batch sizes at once.
+
+FLOPs: matmuls only, 2 per multiply-add (norms, RoPE, softmax and SiLU add under 1% at real sizes).
+Bytes: what the op reads and writes at the memory holding its data, assuming each kernel streams its
+operands once: the weights it touches, the input and output rows of every matmul, and for attention
+q, the output and the cached keys and values (FlashAttention-style; scores stay on chip).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
+import numpy as np
+
+from moe_jax.config import ModelConfig
+from moe_jax.params import ParamSpec, global_param_specs, layer_param_specs
+
+OPS = ("qkv_proj", "attention", "o_proj", "router", "experts", "shared_experts")
+_OP_OF_PARAM = {
+    **dict.fromkeys(("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm"), "qkv_proj"),
+    "wo": "o_proj",
+    **dict.fromkeys(("mlp_norm", "router"), "router"),
+    **dict.fromkeys(("w_gate", "w_up", "w_down"), "experts"),
+    **dict.fromkeys(("shared_gate", "shared_up", "shared_down", "shared_expert_gate"), "shared_experts"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op: `flops` FLOPs moving `bytes` bytes (scalars or arrays of one shape)."""
+
+    name: str
+    flops: np.ndarray | float
+    bytes: np.ndarray | float
+
+    @property
+    def intensity(self):
+        """Operational intensity, FLOPs per byte."""
+        return self.flops / self.bytes
+
+
+def itemsize(dtype) -> int:
+    return np.dtype(dtype).itemsize
+
+
+def _specs_by_op(cfg: ModelConfig) -> dict[str, dict[str, ParamSpec]]:
+    out: dict[str, dict[str, ParamSpec]] = {}
+    for name, spec in layer_param_specs(cfg).items():
+        out.setdefault(_OP_OF_PARAM[name], {})[name] = spec
+    return out
+
+
+def _matmul_op(name: str, specs: dict[str, ParamSpec], rows, weights, dtype) -> Op:
+    """`rows` rows through every matrix of `specs` (the last two dims `[in, out]` of each), reading
+    `weights` bytes of them."""
+    mats = [s.shape[-2:] for s in specs.values() if len(s.shape) >= 2]
+    flops = sum(2 * rows * math.prod(m) for m in mats)
+    act = sum(rows * sum(m) for m in mats) * itemsize(dtype)
+    return Op(name, flops, weights + act)
+
+
+def weight_bytes(cfg: ModelConfig, dtype) -> dict[str, int]:
+    """Bytes of one layer's weights per op (all experts for "experts")."""
+    return {op: sum(s.nbytes(dtype) for s in specs.values()) for op, specs in _specs_by_op(cfg).items()}
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    """Bytes of one token's keys and values in one layer."""
+    return 2 * cfg.kv_size * itemsize(dtype)
+
+
+def experts_touched(cfg: ModelConfig, tokens):
+    """Expected number of distinct experts `tokens` tokens route to (uniform top-k routing):
+    each expert is missed by one token with probability 1 − k/E."""
+    return cfg.num_experts * (1.0 - (1.0 - cfg.experts_per_token / cfg.num_experts) ** tokens)
+
+
+def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens) -> dict[str, Op]:
+    """The ops of one layer over `tokens` query tokens whose attention scores `attn_pairs` (query, key)
+    pairs and reads `kv_tokens` cached keys and values. Experts read only the experts they touch."""
+    it, weights = itemsize(dtype), weight_bytes(cfg, dtype)
+    ops = {"attention": Op("attention", 4 * attn_pairs * cfg.q_size,
+                           (2 * tokens * cfg.q_size + kv_tokens * 2 * cfg.kv_size) * it)}
+    for op, specs in _specs_by_op(cfg).items():
+        rows, w = tokens, weights[op]
+        if op == "experts":
+            rows, w = tokens * cfg.experts_per_token, w * experts_touched(cfg, tokens) / cfg.num_experts
+        ops[op] = _matmul_op(op, specs, rows, w, dtype)
+    return {name: ops[name] for name in OPS if name in ops}
+
+
+def decode_ops(cfg: ModelConfig, dtype, batch, context) -> dict[str, Op]:
+    """One decode step of `batch` sequences, each attending over `context` cached tokens."""
+    return layer_ops(cfg, dtype, batch, batch * context, batch * context)
+
+
+def prefill_ops(cfg: ModelConfig, dtype, batch, prompt_len) -> dict[str, Op]:
+    """Prefill of `batch` prompts of `prompt_len` tokens (causal: P·(P+1)/2 pairs per prompt)."""
+    return layer_ops(cfg, dtype, batch * prompt_len, batch * prompt_len * (prompt_len + 1) / 2,
+                     batch * prompt_len)
+
+
+def lm_head_op(cfg: ModelConfig, dtype, rows) -> Op:
+    """Final norm and vocabulary projection of `rows` positions, float32 logits."""
+    specs = global_param_specs(cfg)
+    w = specs["final_norm"].nbytes(dtype) + specs["embed" if cfg.tie_embeddings else "lm_head"].nbytes(dtype)
+    H, V = cfg.hidden_size, cfg.vocab_size
+    return Op("lm_head", 2 * rows * H * V, w + rows * (H * itemsize(dtype) + V * 4))
+
+
+def activation_bytes(cfg: ModelConfig, tokens):
+    """Peak GPU working set of one layer over `tokens` tokens, every element counted at 4 bytes
+    (f32 accumulators): input and residual, q/k/v and attention output, router probabilities, the
+    k routed rows through the experts (gathered input, gate, up, SwiGLU, output) and the shared expert."""
+    H, F, Fs = cfg.hidden_size, cfg.expert_ffn_size, cfg.shared_expert_ffn_size
+    per_token = (2 * H + 2 * cfg.q_size + 2 * cfg.kv_size + cfg.num_experts
+                 + cfg.experts_per_token * (2 * H + 3 * F) + (3 * Fs + H if Fs else 0))
+    return 4 * tokens * per_token

@@ -1,0 +1,121 @@
+"""Hardware profiles for HRM: the roofs of one GPU, its host and the link between them.
+
+A profile is a built-in name (`PROFILES`) or a JSON file with the fields of `Hardware` (as written by
+`python -m moe_jax.hrm.calibrate`). Units: bytes, bytes/s and FLOP/s (bf16 dense).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from moe_jax.hrm.costs import Op
+
+GB, GiB, TFLOPS = 1e9, 2.0**30, 1e12
+
+
+class HardwareError(ValueError):
+    """An unknown profile name or a bad profile file; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """Memory sizes in bytes, bandwidths in bytes/s, compute in FLOP/s.
+
+    link_bandwidth: host→GPU copies from pinned host memory (GPU→host is assumed as fast).
+    host_bandwidth: host DRAM read by all cores.
+    attention_bandwidth: KV bytes/s of the CPU decode-attention kernel (None: host_bandwidth).
+    expert_flops: FLOP/s of the GPU expert kernel (None: gpu_flops).
+    launch_seconds: fixed GPU time per micro-batch and layer (dispatch of a jitted call, kernel launches).
+    """
+
+    name: str
+    gpu_memory: float
+    gpu_bandwidth: float
+    gpu_flops: float
+    cpu_flops: float
+    host_memory: float
+    host_bandwidth: float
+    link_bandwidth: float
+    attention_bandwidth: float | None = None
+    expert_flops: float | None = None
+    launch_seconds: float = 50e-6
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise HardwareError(f"hardware name must be a non-empty string, got {self.name!r}")
+        for f in dataclasses.fields(self)[1:]:
+            v = getattr(self, f.name)
+            if v is None and f.default is None:
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise HardwareError(f"hardware {self.name!r}: {f.name} must be a positive number, got {v!r}")
+
+    def gpu_seconds(self, op: Op):
+        """Roofline time of `op` on the GPU, its data in GPU memory."""
+        peak = (self.expert_flops or self.gpu_flops) if op.name == "experts" else self.gpu_flops
+        return np.maximum(op.flops / peak, op.bytes / self.gpu_bandwidth)
+
+    def cpu_seconds(self, op: Op):
+        """Roofline time of `op` (decode attention) on the CPU, its data in host memory."""
+        return np.maximum(op.flops / self.cpu_flops, op.bytes / (self.attention_bandwidth or self.host_bandwidth))
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "Hardware":
+        """Loads a profile; a "notes" object (calibration details) is allowed and ignored."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise HardwareError(f"hardware profile {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise HardwareError(f"hardware profile {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(d, dict):
+            raise HardwareError(f"hardware profile {path}: expected a JSON object")
+        d.pop("notes", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        if unknown := sorted(d.keys() - names):
+            raise HardwareError(f"hardware profile {path}: unknown field(s) {', '.join(unknown)}")
+        if missing := sorted(required - d.keys()):
+            raise HardwareError(f"hardware profile {path}: missing field(s) {', '.join(missing)}")
+        try:
+            return cls(**d)
+        except HardwareError as e:
+            raise HardwareError(f"hardware profile {path}: {e}") from None
+
+
+def _host_192(cpu_tflops: float) -> dict:
+    return dict(cpu_flops=cpu_tflops * TFLOPS, host_memory=192 * GiB, host_bandwidth=76 * GB)
+
+
+PROFILES: dict[str, Hardware] = {
+    # MoE-Lightning's two machines (the original's HardwareConfig; a 192 GB host with 76 GB/s DRAM).
+    "t4": Hardware("t4", gpu_memory=15 * GiB, gpu_bandwidth=300 * GB, gpu_flops=65 * TFLOPS,
+                   link_bandwidth=16 * GB, **_host_192(0.8)),
+    "l4": Hardware("l4", gpu_memory=24 * GiB, gpu_bandwidth=285 * GB, gpu_flops=104 * TFLOPS,
+                   link_bandwidth=16 * GB, **_host_192(1.6)),
+    # Spec-sheet A100s (SXM, bf16 dense) on the same host, over PCIe 4.0 x16 (~25 GB/s pinned).
+    "a100-40gb": Hardware("a100-40gb", gpu_memory=40 * GiB, gpu_bandwidth=1555 * GB, gpu_flops=312 * TFLOPS,
+                          link_bandwidth=25 * GB, **_host_192(1.6)),
+    "a100-80gb": Hardware("a100-80gb", gpu_memory=80 * GiB, gpu_bandwidth=2039 * GB, gpu_flops=312 * TFLOPS,
+                          link_bandwidth=25 * GB, **_host_192(1.6)),
+    # The measured H100 machine of DESIGN.md §3 (HBM and CPU FLOP/s from the spec sheet: CPU attention
+    # is bandwidth-bound; the numba attention kernel reached 43 GB/s).
+    "h100-80gb": Hardware("h100-80gb", gpu_memory=79.6 * GiB, gpu_bandwidth=3350 * GB, gpu_flops=796 * TFLOPS,
+                          cpu_flops=2 * TFLOPS, host_memory=125 * GiB, host_bandwidth=56.6 * GB,
+                          link_bandwidth=52 * GB, attention_bandwidth=43 * GB),
+}
+
+
+def hardware_profile(name_or_path: str | Path | Hardware) -> Hardware:
+    """A built-in profile by name, or a JSON profile file."""
+    if isinstance(name_or_path, Hardware):
+        return name_or_path
+    if str(name_or_path) in PROFILES:
+        return PROFILES[str(name_or_path)]
+    if Path(name_or_path).is_file():
+        return Hardware.from_json_file(name_or_path)
+    raise HardwareError(f"unknown hardware {str(name_or_path)!r}: neither a profile "
+                        f"({', '.join(PROFILES)}) nor a JSON profile file")

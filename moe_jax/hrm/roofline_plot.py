@@ -1,0 +1,59 @@
+"""The hierarchical roofline picture of one decode layer under a policy (MoE-Lightning, Fig. 3).
+
+Roofs: the GPU on its own memory, the CPU on host DRAM, and the GPU fed over the link from host memory.
+Turning points: P1 = CPU peak / link bandwidth (below it an op runs faster on the CPU than its data
+could reach the GPU) and P2 = GPU peak / link bandwidth (above it the GPU is compute-bound even on
+data streamed from the host). Each op of one micro-batch sits at its intensity and attained FLOP/s;
+ops whose data crosses the link (streamed experts, GPU attention over a host KV cache) appear a second
+time at their link intensity.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from moe_jax.config import ModelConfig
+from moe_jax.hrm.costs import decode_ops
+from moe_jax.hrm.hardware import Hardware
+from moe_jax.offload_policy import Policy
+from moe_jax.params import layer_bytes
+
+
+def plot_roofline(cfg: ModelConfig, hw: Hardware, policy: Policy, prompt_len: int, gen_len: int,
+                  path: str | Path, dtype="bfloat16") -> None:
+    """Writes the picture for a decode step at the mean context P + G/2 to `path` (PNG, SVG, PDF)."""
+    n_ub = policy.num_micro_batches
+    ops = decode_ops(cfg, dtype, policy.micro_batch_size, prompt_len + gen_len / 2)
+    link_bytes = {"experts": (1 - policy.resident_expert_fraction) * layer_bytes(cfg, dtype, expert=True) / n_ub}
+    if policy.attention_device == "gpu" and policy.kv_device == "cpu":
+        link_bytes["attention"] = ops["attention"].bytes
+
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.geomspace(1e-2, 1e5, 200)
+    ax.loglog(x, np.minimum(hw.gpu_flops, hw.gpu_bandwidth * x), "C0", label="GPU, GPU memory")
+    ax.loglog(x, np.minimum(hw.cpu_flops, hw.host_bandwidth * x), "C1", label="CPU, host memory")
+    ax.loglog(x, np.minimum(hw.gpu_flops, hw.link_bandwidth * x), "C2--", label="GPU, host memory over the link")
+    for name, value in (("P1", hw.cpu_flops / hw.link_bandwidth), ("P2", hw.gpu_flops / hw.link_bandwidth)):
+        ax.axvline(value, color="gray", lw=0.8, ls=":")
+        ax.annotate(f"{name} = {value:.3g} FLOP/B", (value, 0.02), xycoords=ax.get_xaxis_transform(), rotation=90,
+                    va="bottom", ha="right", fontsize=8)
+
+    for name, op in ops.items():
+        on_cpu = name == "attention" and policy.attention_device == "cpu"
+        seconds = hw.cpu_seconds(op) if on_cpu else hw.gpu_seconds(op)
+        if name in link_bytes:
+            seconds = max(seconds, link_bytes[name] / hw.link_bandwidth)
+            ax.plot(op.flops / link_bytes[name], op.flops / seconds, "C2^")
+            ax.annotate(f"{name} (link)", (op.flops / link_bytes[name], op.flops / seconds), fontsize=8)
+        ax.plot(op.intensity, op.flops / seconds, "C1s" if on_cpu else "C0o")
+        ax.annotate(name, (op.intensity, op.flops / seconds), fontsize=8)
+
+    ax.set(xlabel="operational intensity (FLOP/byte)", ylabel="attained performance (FLOP/s)",
+           title=f"{cfg.family} on {hw.name}: N={policy.batch_size} ({n_ub}×{policy.micro_batch_size}), "
+                 f"r_w={policy.resident_expert_fraction:.3f}, attention on {policy.attention_device}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    fig.savefig(path, dpi=120)

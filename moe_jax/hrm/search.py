@@ -1,0 +1,217 @@
+"""HRM policy search: the offload policy with the highest predicted end-to-end throughput.
+
+Time, per layer (MoE-Lightning §3-4, DESIGN.md §1). A decode step of N = μ·n_ub sequences costs
+`T = max(T_h2d, T_cpu, T_gpu)` per layer, the three overlapped by CGOPipe:
+  T_h2d: link seconds, max(host→GPU, GPU→host bytes) / link_bandwidth: the streamed experts
+         (1 − r_w)·W_e, plus q, k, v down and the attention output up (CPU attention), or the host KV
+         cache up and the new k, v down (GPU attention over a host cache).
+  T_cpu: CPU attention of the N sequences over the mean decode context P + G/2 (roofline on the CPU).
+  T_gpu: n_ub × (the GPU roofline time of one micro-batch of μ + a fixed launch time): every
+         micro-batch re-reads the weights it touches from GPU memory, so larger μ amortises them.
+Prefill runs every op on the GPU in the same micro-batches, streaming the next layer's experts and
+writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
+decode steps; each adds the LM head of the N sequences.
+
+Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, r_w of the expert weights, a double
+buffer of one layer's streamed experts, the batch's hidden states (N·P·H), one micro-batch's working
+set (prefill or decode, whichever is larger; attention scores materialised in f32 as `model.attention`
+does), the logits of a micro-batch and a GPU KV cache. Host (at most `HOST_USABLE`): the host KV cache
+(NumPy, outside the pinned pool) and the pinned pool of streamed experts, reserved at
+`PINNED_POOL_OVERHEAD` × what it holds (DESIGN.md §3: with a 72 GB cap the BFC pool held only 60 GB).
+
+Search. A NumPy grid over μ (1..8192, 3% steps), n_ub (1..128) and the three (attention, KV)
+placements. For each point r_w is the largest fraction that fits both memories (resident experts only
+shorten T_h2d), in steps of 1/E: the same experts resident in every layer, since the engine streams
+as many experts into every layer as into the layer with the fewest resident (`moe_jax.expert_pages`).
+The best point maximises end-to-end tok/s; among the points within `TIE_TOLERANCE` of it the smallest
+N wins.
+
+Against the original (Mixtral 8x7B on l4, prompt 77, gen 32). The original's LP
+(fastmoe/backend/optimizer.py in the MoE-Lightning artifact) chose μ=324, n_ub=14 (N=4536), r_w=0.056;
+its per-layer terms were T_h2d=0.155 s, T_gpu=0.13 s, T_cpu=0.02 s, and it reports
+N·G / ((G−1)·L·T) = 944.7 tok/s. This model picks μ=292, n_ub=17 (N=4964), r_w=0, with
+T_h2d ≈ T_gpu ≈ 0.179 s, T_cpu=0.026 s: 864 tok/s decode (0.91×), 584 tok/s end to end. Why:
+- bandwidths here are GB/s = 1e9 B/s, the original's GiB/s: the same "16 GB/s" link is 7% slower
+  (T_h2d = 0.176 s at r_w=0, plus 2.5 ms of q and attention-output traffic);
+- decode tok/s here is N / T_step, without the original's G/(G−1) credit for the prefill's token;
+- GPU memory: the prefill working set per routed row is 4 B·(2H + 3F) here, 2.4 B·(H + 3F) in the
+  original; the reserve is 10% (original 14%); every parameter of `moe_jax.params` counts (the original
+  omits embeddings, LM head, router and norms). Prefill memory bounds μ·n_ub in both. Each micro-batch
+  re-reads all 8 experts from GPU memory (~10 ms on l4), so a layer runs ≈ μ / 10 ms sequences per
+  second: GPU memory buys more as a larger μ than as resident experts (r_w in steps of 1/8 here, each
+  10.5 GiB; continuous in the original);
+- the CPU term uses the mean decode context P + G/2 (the original: P + G) at 76 GB/s (original 100).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from moe_jax.config import ModelConfig
+from moe_jax.hrm.costs import (activation_bytes, decode_ops, itemsize, kv_bytes_per_token, lm_head_op,
+                               prefill_ops)
+from moe_jax.hrm.hardware import GiB, Hardware, hardware_profile
+from moe_jax.offload_policy import Policy
+from moe_jax.params import global_bytes, layer_bytes
+
+GPU_USABLE = 0.9  # of the GPU memory cap: XLA workspace and fragmentation
+HOST_USABLE = 0.9  # of host memory: OS, Python, the JAX runtime
+PINNED_POOL_OVERHEAD = 1.2  # pinned-host BFC pool reserved per byte it holds (DESIGN.md §3)
+TIE_TOLERANCE = 0.005  # throughputs this close count as equal; the smaller batch wins
+MICRO_BATCH_SIZES = np.unique(np.round(np.geomspace(1, 8192, 320)))
+NUM_MICRO_BATCHES = np.arange(1, 129)
+PLACEMENTS = (("cpu", "cpu"), ("gpu", "cpu"), ("gpu", "gpu"))  # (attention_device, kv_device)
+
+
+class InfeasibleError(ValueError):
+    """No policy fits the workload in the memory limits; the message says which limit and by how much."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """The chosen policy and its prediction. per_layer_seconds: the decode terms {"h2d", "cpu", "gpu"} of
+    one layer at the mean context; bottleneck: the largest of them. Memory in bytes, time in seconds;
+    pinned_pool_bytes (part of host memory) is what to reserve for the pinned-host pool
+    (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB)."""
+
+    policy: Policy
+    per_layer_seconds: dict[str, float]
+    bottleneck: str
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens_per_s: float
+    tokens_per_s: float
+    gpu_memory_bytes: float
+    host_memory_bytes: float
+    pinned_pool_bytes: float
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self.policy), "per_layer_seconds": dict(self.per_layer_seconds),
+                "bottleneck": self.bottleneck, "predicted_decode_tokens_per_s": self.decode_tokens_per_s,
+                "predicted_tokens_per_s": self.tokens_per_s, "prefill_seconds": self.prefill_seconds,
+                "decode_seconds": self.decode_seconds, "gpu_memory_gib": self.gpu_memory_bytes / GiB,
+                "host_memory_gib": self.host_memory_bytes / GiB, "pinned_pool_gib": self.pinned_pool_bytes / GiB}
+
+
+def _r_bounds(c0, c1, cap):
+    """[lo, hi] ∩ [0, 1]: the r with c0 + c1·r ≤ cap, elementwise (lo > hi: none)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = (cap - c0) / c1
+    lo = np.where(c1 < 0, x, np.where((c1 == 0) & (c0 > cap), np.inf, 0.0))
+    hi = np.where(c1 > 0, x, 1.0)
+    return np.maximum(lo, 0.0), np.minimum(hi, 1.0)
+
+
+def _grid(cfg: ModelConfig, hw: Hardware, dtype, P: int, G: int, gpu_budget: float, host_budget: float):
+    """Every quantity of the model over the grid [placement, μ, n_ub], as broadcast arrays."""
+    attn_gpu = np.array([a == "gpu" for a, _ in PLACEMENTS])[:, None, None]
+    kv_gpu = np.array([k == "gpu" for _, k in PLACEMENTS])[:, None, None]
+    mu = MICRO_BATCH_SIZES[None, :, None]
+    n_ub = NUM_MICRO_BATCHES[None, None, :].astype(float)
+    N = mu * n_ub
+    L, H, it = cfg.num_layers, cfg.hidden_size, itemsize(dtype)
+    kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it
+    W_e = layer_bytes(cfg, dtype, expert=True)
+    ctx, ctx_max = P + G / 2, P + G
+
+    dec = decode_ops(cfg, dtype, mu, ctx)
+    gpu_mb = sum(hw.gpu_seconds(op) for name, op in dec.items() if name != "attention")
+    t_gpu = n_ub * (gpu_mb + hw.launch_seconds + np.where(attn_gpu, hw.gpu_seconds(dec["attention"]), 0.0))
+    t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"]))
+    up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * q_bytes)
+    down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
+    pre = prefill_ops(cfg, dtype, mu, P)
+    t_gpu_pre = n_ub * (sum(hw.gpu_seconds(op) for op in pre.values()) + hw.launch_seconds)
+    t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
+
+    work_pre = activation_bytes(cfg, mu * P) + 4 * mu * cfg.num_heads * P * P
+    work_dec = activation_bytes(cfg, mu) + np.where(
+        attn_gpu, 4 * mu * cfg.num_heads * ctx_max + np.where(kv_gpu, 0.0, 2 * mu * ctx_max * kvt), 0.0)
+    kv_cache = N * ctx_max * L * kvt
+    gpu_fixed = (L * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype) + N * P * H * it
+                 + np.maximum(work_pre, work_dec) + 4 * mu * cfg.vocab_size + np.where(kv_gpu, kv_cache, 0.0))
+    host_fixed = np.where(kv_gpu, 0.0, kv_cache)
+    # gpu(r) = gpu_fixed + 2·(1 − r)·W_e + r·L·W_e;  host(r) = host_fixed + overhead·(1 − r)·L·W_e
+    pool = PINNED_POOL_OVERHEAD * L * W_e
+    lo_g, hi_g = _r_bounds(gpu_fixed + 2 * W_e, (L - 2) * W_e, gpu_budget)
+    lo_h, hi_h = _r_bounds(host_fixed + pool, -pool, host_budget)
+    steps = cfg.num_experts
+    r_hi = np.floor(np.minimum(hi_g, hi_h) * steps + 1e-9)
+    feasible = np.ceil(np.maximum(lo_g, lo_h) * steps - 1e-9) <= r_hi
+    r = np.clip(r_hi, 0, steps) / steps
+
+    h2d = np.maximum((1 - r) * W_e + up, down) / hw.link_bandwidth
+    step = L * np.maximum(np.maximum(h2d, t_cpu), t_gpu) + t_head
+    h2d_pre = np.maximum((1 - r) * W_e, np.where(kv_gpu, 0.0, N * P * kvt)) / hw.link_bandwidth
+    prefill = L * np.maximum(h2d_pre, t_gpu_pre) + t_head
+    out = dict(N=N, mu=mu, n_ub=n_ub, r=r, feasible=feasible, h2d=h2d, cpu=t_cpu, gpu=t_gpu,
+               prefill=prefill, decode=(G - 1) * step, decode_tps=N / step,
+               tps=np.where(feasible, N * G / (prefill + (G - 1) * step), 0.0),
+               gpu_memory=gpu_fixed + 2 * (1 - r) * W_e + r * L * W_e,
+               host_memory=host_fixed + pool * (1 - r), pinned_pool=pool * (1 - r), gpu_min=gpu_fixed + 2 * W_e)
+    return dict(zip(out, np.broadcast_arrays(*out.values())))
+
+
+def _infeasible(g: dict, placement: int, gpu_budget: float, host_budget: float, gpu_cap: float,
+                host_cap: float) -> str:
+    """Why even one sequence (μ = n_ub = 1) fits nowhere with PLACEMENTS[placement]."""
+    i = (placement, 0, 0)
+    if g["gpu_min"][i] > gpu_budget:
+        return (f"GPU memory too small: one sequence needs {g['gpu_min'][i] / GiB:.1f} GiB on the GPU (non-expert "
+                f"weights, a double buffer of one layer's experts, activations) but {gpu_budget / GiB:.1f} GiB "
+                f"are usable ({GPU_USABLE:.0%} of {gpu_cap / GiB:.1f} GiB)")
+    return (f"host memory too small: one sequence needs {g['host_memory'][i] / GiB:.1f} GiB on the host (the "
+            f"streamed expert weights with the pinned pool's {PINNED_POOL_OVERHEAD:.0%} reserve, the KV cache) "
+            f"with all the experts the GPU can hold resident, but {host_budget / GiB:.1f} GiB are usable "
+            f"({HOST_USABLE:.0%} of {host_cap / GiB:.1f} GiB)")
+
+
+def _memory_cap(name: str, gb: float | None, available: float) -> float:
+    if gb is None:
+        return available
+    if not gb > 0 or gb * GiB > available * (1 + 1e-9):
+        raise ValueError(f"{name} must be in (0, {available / GiB:.1f}] GiB (the hardware's), got {gb}")
+    return gb * GiB
+
+
+def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, gen_len: int, *,
+                  gpu_memory_gb: float | None = None, host_memory_gb: float | None = None,
+                  max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16") -> SearchResult:
+    """The policy maximising predicted end-to-end tok/s for prompts of `prompt_len` tokens and `gen_len`
+    generated tokens each, within GPU and host memory (GiB caps, default the hardware's), at most
+    `max_batch_size` sequences and one of `placements` ((attention_device, kv_device) pairs, e.g. only
+    ("cpu", "cpu") for an engine without GPU attention). Lengths are taken as given: an engine that pads
+    prompts or the KV context passes the padded ones. Raises InfeasibleError if no policy fits,
+    ValueError on bad arguments."""
+    hw = hardware_profile(hardware)
+    if not placements or any(p not in PLACEMENTS for p in placements):
+        raise ValueError(f"placements must be a non-empty subset of {PLACEMENTS}, got {placements!r}")
+    for name, v in (("prompt_len", prompt_len), ("gen_len", gen_len)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if prompt_len + gen_len > cfg.max_positions:
+        raise ValueError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds the model's context of "
+                         f"{cfg.max_positions} positions")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+    gpu_cap = _memory_cap("gpu_memory_gb", gpu_memory_gb, hw.gpu_memory)
+    host_cap = _memory_cap("host_memory_gb", host_memory_gb, hw.host_memory)
+    gpu_budget, host_budget = GPU_USABLE * gpu_cap, HOST_USABLE * host_cap
+
+    g = _grid(cfg, hw, dtype, prompt_len, gen_len, gpu_budget, host_budget)
+    allowed = np.array([p in placements for p in PLACEMENTS])[:, None, None]
+    tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
+    if not tps.max() > 0:
+        raise InfeasibleError(_infeasible(g, PLACEMENTS.index(tuple(placements[0])), gpu_budget, host_budget,
+                                          gpu_cap, host_cap))
+    near = np.flatnonzero(tps >= tps.max() * (1 - TIE_TOLERANCE))
+    smallest = near[g["N"].flat[near] == g["N"].flat[near].min()]
+    i = np.unravel_index(smallest[np.argmax(tps.flat[smallest])], tps.shape)
+    attention, kv = PLACEMENTS[i[0]]
+    policy = Policy(int(g["N"][i]), int(g["mu"][i]), int(g["n_ub"][i]), float(g["r"][i]), attention, kv,
+                    gpu_memory_gb)
+    terms = {k: float(g[k][i]) for k in ("h2d", "cpu", "gpu")}
+    return SearchResult(policy, terms, max(terms, key=terms.get), float(g["prefill"][i]), float(g["decode"][i]),
+                        float(g["decode_tps"][i]), float(tps[i]), float(g["gpu_memory"][i]),
+                        float(g["host_memory"][i]), float(g["pinned_pool"][i]))

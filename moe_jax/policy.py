@@ -1,0 +1,84 @@
+"""`python -m moe_jax.policy`: the offload policy HRM chooses for a model, a machine and a workload.
+
+    python -m moe_jax.policy --model mixtral-8x7b --hardware l4 --prompt-len 77 --gen-len 32 [--json]
+        [--gpu-memory-gb X] [--host-memory-gb Y] [--max-batch-size N] [--plot roofline.png]
+
+--model: a preset name or a directory with config.json; --hardware: a profile name or a JSON profile
+(`python -m moe_jax.hrm.calibrate`). Memory sizes in GiB. Bad arguments: one line on stderr, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moe_jax.config import ConfigError, ModelConfig
+from moe_jax.hrm import PROFILES, SearchResult, choose_policy, hardware_profile
+from moe_jax.presets import PRESETS, preset_config
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def load_model(name: str) -> ModelConfig:
+    """A preset by name, or the config.json of a checkpoint directory."""
+    if name in PRESETS:
+        return preset_config(name)
+    if Path(name).is_dir():
+        return ModelConfig.from_file(Path(name) / "config.json")
+    raise ConfigError(f"unknown model {name!r}: neither a preset ({', '.join(PRESETS)}) nor a directory")
+
+
+def summary(r: SearchResult) -> str:
+    """A few human-readable lines."""
+    p, t = r.policy, r.per_layer_seconds
+    gib = 2**30
+    return "\n".join([
+        f"policy: N={p.batch_size} = {p.num_micro_batches} micro-batch(es) x {p.micro_batch_size}, "
+        f"resident experts r_w={p.resident_expert_fraction:.3f}, attention on {p.attention_device}, "
+        f"KV cache on {p.kv_device}",
+        f"per layer (decode): h2d {t['h2d']:.4f} s, cpu {t['cpu']:.4f} s, gpu {t['gpu']:.4f} s "
+        f"-> bound by {r.bottleneck}",
+        f"predicted: decode {r.decode_tokens_per_s:.1f} tok/s, end to end {r.tokens_per_s:.1f} tok/s "
+        f"(prefill {r.prefill_seconds:.1f} s + decode {r.decode_seconds:.1f} s)",
+        f"memory: GPU {r.gpu_memory_bytes / gib:.1f} GiB, host {r.host_memory_bytes / gib:.1f} GiB",
+    ])
+
+
+def main(argv=None) -> int:
+    ap = _Parser(prog="python -m moe_jax.policy", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="preset name or checkpoint directory")
+    ap.add_argument("--hardware", required=True, help=f"profile ({', '.join(PROFILES)}) or JSON profile file")
+    ap.add_argument("--prompt-len", type=int, required=True)
+    ap.add_argument("--gen-len", type=int, required=True)
+    ap.add_argument("--gpu-memory-gb", type=float, help="GPU memory cap in GiB (default: the hardware's)")
+    ap.add_argument("--host-memory-gb", type=float, help="host memory cap in GiB (default: the hardware's)")
+    ap.add_argument("--max-batch-size", type=int, help="at most this many sequences (default: no limit)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--plot", metavar="FILE.png", help="write the hierarchical roofline picture")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_model(args.model)
+        hw = hardware_profile(args.hardware)
+        result = choose_policy(cfg, hw, args.prompt_len, args.gen_len, gpu_memory_gb=args.gpu_memory_gb,
+                               host_memory_gb=args.host_memory_gb, max_batch_size=args.max_batch_size,
+                               dtype=args.dtype)
+    except ValueError as e:  # ConfigError, HardwareError, InfeasibleError, bad numbers
+        ap.error(str(e))
+    if args.plot:
+        from moe_jax.hrm.roofline_plot import plot_roofline
+        plot_roofline(cfg, hw, result.policy, args.prompt_len, args.gen_len, args.plot, args.dtype)
+    if args.json:
+        print(json.dumps({"model": args.model, "hardware": hw.name, **result.to_dict()}))
+    else:
+        print(f"{args.model} on {hw.name}: prompt {args.prompt_len}, generate {args.gen_len} ({args.dtype})")
+        print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Hardware profiles: built-ins, JSON files, and calibrate on this machine."""
+import dataclasses
+import json
+
+import pytest
+
+from moe_jax.hrm import PROFILES, Hardware, HardwareError, choose_policy, hardware_profile
+from moe_jax.hrm.calibrate import main as calibrate_main
+from moe_jax.presets import preset_config
+
+
+def test_builtin_profiles():
+    assert set(PROFILES) == {"t4", "l4", "a100-40gb", "a100-80gb", "h100-80gb"}
+    l4, h100 = hardware_profile("l4"), hardware_profile("h100-80gb")
+    assert (l4.gpu_memory, l4.gpu_bandwidth, l4.gpu_flops, l4.cpu_flops) == (24 * 2**30, 285e9, 104e12, 1.6e12)
+    assert (l4.link_bandwidth, l4.host_memory, l4.host_bandwidth) == (16e9, 192 * 2**30, 76e9)
+    # DESIGN.md §3, measured: dense bf16, pinned H2D, host DRAM read (16 threads), numba attention, host RAM
+    assert (h100.gpu_flops, h100.link_bandwidth, h100.host_bandwidth) == (796e12, 52e9, 56.6e9)
+    assert (h100.attention_bandwidth, h100.host_memory) == (43e9, 125 * 2**30)
+
+
+def test_json_profile(tmp_path):
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps({**dataclasses.asdict(PROFILES["t4"]), "name": "mine", "notes": {"x": 1}}))
+    assert hardware_profile(str(path)) == dataclasses.replace(PROFILES["t4"], name="mine")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "invalid JSON at line 1"),
+    ("[1]", "expected a JSON object"),
+    (json.dumps({"name": "x"}), "missing field"),
+    (json.dumps({**dataclasses.asdict(PROFILES["t4"]), "gpu_tflops": 1}), "unknown field"),
+    (json.dumps({**dataclasses.asdict(PROFILES["t4"]), "link_bandwidth": -1}), "link_bandwidth must be a positive"),
+])
+def test_bad_json_profile(tmp_path, content, message):
+    path = tmp_path / "hw.json"
+    path.write_text(content)
+    with pytest.raises(HardwareError, match=message):
+        hardware_profile(str(path))
+
+
+def test_unknown_profile():
+    with pytest.raises(HardwareError, match="unknown hardware 'v100'"):
+        hardware_profile("v100")
+
+
+def test_calibrate_quick(tmp_path, capsys):
+    path = tmp_path / "me.json"
+    assert calibrate_main(["--quick", "--output", str(path), "--name", "here"]) == 0
+    hw = hardware_profile(str(path))
+    assert isinstance(hw, Hardware) and hw.name == "here"
+    assert hw.gpu_flops > 0 and hw.link_bandwidth > 0 and hw.launch_seconds > 0
+    assert "notes" in json.loads(path.read_text())
+    assert choose_policy(preset_config("tiny-mixtral"), hw, 16, 16).policy.batch_size >= 1

@@ -1,0 +1,118 @@
+"""Policy search: the paper's example, both memory limits, infeasible workloads."""
+import time
+
+import pytest
+
+from moe_jax.hrm import PROFILES, InfeasibleError, choose_policy
+from moe_jax.hrm.costs import kv_bytes_per_token
+from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE, PINNED_POOL_OVERHEAD
+from moe_jax.params import global_bytes, layer_bytes
+
+GiB = 2**30
+BF16 = "bfloat16"
+
+
+def test_paper_example_neighbourhood(mixtral):
+    """MoE-Lightning on l4, Mixtral 8x7B, prompt 77, gen 32: μ=324, n_ub=14 (N=4536), r_w=0.056, per-layer
+    T_h2d=0.155 s, 944.7 tok/s decode (see moe_jax.hrm.search for the differences)."""
+    t0 = time.perf_counter()
+    r = choose_policy(mixtral, "l4", 77, 32)
+    assert time.perf_counter() - t0 < 5
+    p = r.policy
+    assert 0.5 * 944.7 <= r.decode_tokens_per_s <= 2 * 944.7
+    assert 4536 / 2 <= p.batch_size <= 4536 * 2
+    assert 150 <= p.micro_batch_size <= 650 and 7 <= p.num_micro_batches <= 28
+    assert p.batch_size == p.micro_batch_size * p.num_micro_batches
+    assert p.resident_expert_fraction <= 0.15
+    assert (p.attention_device, p.kv_device) == ("cpu", "cpu")
+    # the link and the GPU balanced near the original's 0.155 s; CPU attention far from binding
+    t = r.per_layer_seconds
+    assert 0.155 / 2 <= t["h2d"] <= 0.155 * 2 and t["gpu"] == pytest.approx(t["h2d"], rel=0.1)
+    assert t["cpu"] < t["h2d"] / 3
+    assert r.bottleneck in ("h2d", "gpu")
+    assert r.tokens_per_s < r.decode_tokens_per_s
+
+
+def _assert_fits(cfg, r, prompt_len, gen_len, gpu_cap, host_cap):
+    """Independent lower bounds on what the policy holds, from params.py, within the usable caps."""
+    p, L = r.policy, cfg.num_layers
+    W_e = layer_bytes(cfg, BF16, expert=True)
+    kv = p.batch_size * (prompt_len + gen_len) * L * kv_bytes_per_token(cfg, BF16)
+    r_w = p.resident_expert_fraction
+    gpu = (L * layer_bytes(cfg, BF16, expert=False) + global_bytes(cfg, BF16) + r_w * L * W_e + 2 * (1 - r_w) * W_e
+           + p.batch_size * prompt_len * cfg.hidden_size * 2 + (kv if p.kv_device == "gpu" else 0))
+    host = PINNED_POOL_OVERHEAD * (1 - r_w) * L * W_e + (kv if p.kv_device == "cpu" else 0)
+    assert gpu <= r.gpu_memory_bytes <= GPU_USABLE * gpu_cap
+    assert host <= r.host_memory_bytes <= HOST_USABLE * host_cap
+    assert r_w * cfg.num_experts == pytest.approx(round(r_w * cfg.num_experts))  # whole experts per layer
+
+
+@pytest.mark.parametrize("hardware, gpu_gb, host_gb", [
+    ("l4", None, None), ("l4", 16, 150), ("t4", None, 120), ("h100-80gb", 16, None), ("h100-80gb", None, 110),
+    ("a100-40gb", 30, 160),
+])
+def test_memory_limits_respected(mixtral, hardware, gpu_gb, host_gb):
+    hw = PROFILES[hardware]
+    r = choose_policy(mixtral, hw, 77, 64, gpu_memory_gb=gpu_gb, host_memory_gb=host_gb)
+    _assert_fits(mixtral, r, 77, 64, gpu_gb * GiB if gpu_gb else hw.gpu_memory,
+                 host_gb * GiB if host_gb else hw.host_memory)
+    assert r.policy.gpu_memory_gb == gpu_gb
+
+
+def test_tighter_memory_gives_smaller_batch(qwen3):
+    roomy = choose_policy(qwen3, "l4", 256, 128)
+    tight_host = choose_policy(qwen3, "l4", 256, 128, host_memory_gb=80)
+    tight_gpu = choose_policy(qwen3, "l4", 256, 128, gpu_memory_gb=12)
+    _assert_fits(qwen3, tight_host, 256, 128, PROFILES["l4"].gpu_memory, 80 * GiB)
+    _assert_fits(qwen3, tight_gpu, 256, 128, 12 * GiB, PROFILES["l4"].host_memory)
+    assert tight_host.policy.batch_size < roomy.policy.batch_size
+    assert tight_gpu.tokens_per_s < roomy.tokens_per_s
+
+
+def test_max_batch_size(mixtral):
+    r = choose_policy(mixtral, "l4", 77, 32, max_batch_size=64)
+    assert r.policy.batch_size <= 64
+
+
+def test_everything_resident_when_it_fits(qwen3):
+    r = choose_policy(qwen3, "h100-80gb", 128, 64, max_batch_size=32)
+    assert r.policy.resident_expert_fraction > 0.9
+
+
+def test_placements(qwen3):
+    assert choose_policy(qwen3, "h100-80gb", 128, 64).policy.attention_device == "gpu"
+    r = choose_policy(qwen3, "h100-80gb", 128, 64, placements=[("cpu", "cpu")])
+    assert (r.policy.attention_device, r.policy.kv_device) == ("cpu", "cpu")
+    with pytest.raises(ValueError, match="placements must be"):
+        choose_policy(qwen3, "h100-80gb", 128, 64, placements=[("cpu", "gpu")])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(host_memory_gb=60), "host memory too small"),
+    (dict(gpu_memory_gb=4), "GPU memory too small"),
+])
+def test_impossible_workload(mixtral, kwargs, message):
+    with pytest.raises(InfeasibleError, match=message):
+        choose_policy(mixtral, "l4", 77, 32, **kwargs)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((77, 40000), {}, "exceeds the model's context"),
+    ((0, 32), {}, "prompt_len must be a positive integer"),
+    ((77, 32), dict(gpu_memory_gb=25), r"gpu_memory_gb must be in \(0, 24.0\]"),
+    ((77, 32), dict(max_batch_size=0), "max_batch_size"),
+])
+def test_bad_arguments(mixtral, args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        choose_policy(mixtral, "l4", *args, **kwargs)
+
+
+def test_h100_capped(mixtral):
+    r = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16)
+    assert r.policy.gpu_memory_gb == 16
+    assert r.policy.attention_device == "cpu"
+    # the 125 GiB host holds the pinned experts (84 GiB × 1.2) and little KV: N stays in the hundreds
+    assert 200 <= r.policy.batch_size <= 3000
+    assert 100 < r.decode_tokens_per_s < 5000
+    d = r.to_dict()
+    assert d["per_layer_seconds"] == r.per_layer_seconds and d["predicted_tokens_per_s"] == r.tokens_per_s

@@ -1,0 +1,53 @@
+"""`python -m moe_jax.policy`, run as a subprocess."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "moe_jax.policy", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_json_and_plot(tmp_path):
+    plot = tmp_path / "roofline.png"
+    p = run("--model", "mixtral-8x7b", "--hardware", "l4", "--prompt-len", "77", "--gen-len", "32", "--json",
+            "--plot", str(plot))
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    for key in ("batch_size", "micro_batch_size", "num_micro_batches", "resident_expert_fraction",
+                "attention_device", "kv_device", "per_layer_seconds", "bottleneck",
+                "predicted_decode_tokens_per_s", "predicted_tokens_per_s"):
+        assert key in d
+    assert set(d["per_layer_seconds"]) == {"h2d", "cpu", "gpu"}
+    assert d["batch_size"] == d["micro_batch_size"] * d["num_micro_batches"]
+    assert plot.stat().st_size > 0
+
+
+def test_summary_from_checkpoint_dir(tmp_path):
+    from moe_jax.presets import preset_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(preset_hf_config("qwen3-30b-a3b")))
+    p = run("--model", str(tmp_path), "--hardware", "t4", "--prompt-len", "128", "--gen-len", "64")
+    assert p.returncode == 0, p.stderr
+    assert "policy: N=" in p.stdout and "tok/s" in p.stdout
+
+
+@pytest.mark.parametrize("hardware, extra, message", [
+    ("v100", [], "unknown hardware 'v100'"),
+    ("BAD_JSON", [], "invalid JSON"),
+    ("l4", ["--host-memory-gb", "40"], "host memory too small"),
+])
+def test_errors(tmp_path, hardware, extra, message):
+    if hardware == "BAD_JSON":
+        hardware = str(tmp_path / "bad.json")
+        Path(hardware).write_text("{not json")
+    p = run("--model", "mixtral-8x7b", "--hardware", hardware, "--prompt-len", "77", "--gen-len", "32", *extra)
+    assert p.returncode == 2
+    assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert message in p.stderr
