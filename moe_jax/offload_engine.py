@@ -1,0 +1,389 @@
+"""CGOPipe offload engine: expert weights paged from pinned host memory, KV cache and decode attention
+on the CPU, GPU work, CPU work and host-to-device copies overlapped over micro-batches.
+
+Placement (DESIGN.md §1, §3):
+  * non-expert weights (attention, norms, router, shared experts, embeddings, LM head) stay on the GPU;
+  * expert weights: a fraction r_w resident in GPU slots, the rest in `pinned_host` memory, streamed into
+    a double buffer of slots (`moe_jax.expert_pages`) and addressed by the expert kernel's page table;
+  * the KV cache lives in host memory (`host_ops`), decode attention runs there in a worker thread.
+
+Schedule of one decode step, layer i, micro-batch k (each GPU call is one jitted function):
+  GPU  post_attention(i, k) -> pre_attention(i+1, k) -> q, k, v  [+ device_put of chunk k of layer i+1]
+  CPU  append k, v to the host cache; attention(i+1, k)            (worker thread, GIL released)
+The GPU works on micro-batch k+1 while the CPU attends for k, and the next layer's experts arrive
+inside the same jitted calls, the only way JAX overlaps a copy with compute (DESIGN.md §3). The last
+layer samples the next token and starts layer 0 of the next step. Prefill runs whole layers on the
+GPU per micro-batch (attention over the prompt itself), writing k/v to the host cache.
+The layer math is `moe_jax.model`'s, shared with the resident engine.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from host_ops import HostKVCache
+from moe_jax import model
+from moe_jax.config import ModelConfig
+from moe_jax.expert_pages import ExpertPages
+from moe_jax.microbatches import balanced_micro_batches, waves
+from moe_jax.offload_policy import Policy
+from moe_jax.params import global_bytes, layer_param_specs
+from moe_jax.requests import Request
+from moe_jax.resident_engine import bucket
+from moe_jax.sampling import sample
+
+log = logging.getLogger("moe_jax")
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+PREFILL_SCORE_BYTES = 1 << 30  # cap on one prefill call's attention scores [rows, Hq, T, T] float32
+
+
+class OffloadMemoryError(MemoryError):
+    """The policy does not fit the GPU memory cap or the host memory; raised before any work."""
+
+
+# ---- jitted pieces (cfg, moe_impl and the device sharding are bound with functools.partial) ----
+
+def _with_slots(p, slots):
+    return dict(p, **slots)
+
+
+def _prefetch(to_device, slots, chunk, at):
+    """Write a host chunk ({name: [c, ...]} in pinned_host) into the slot arrays at slot `at`."""
+    if chunk is None:
+        return slots
+    return {k: jax.lax.dynamic_update_slice_in_dim(slots[k], jax.device_put(chunk[k], to_device), at, 0)
+            for k in slots}
+
+
+def _post(cfg, impl, p, slots, table, x, attn):
+    return model.post_attention(cfg, _with_slots(p, slots), x, attn, expert_slots=table, moe_impl=impl)
+
+
+def _start_token(cfg, glob, p0, h, positions, temperature, top_p, top_k, seeds, counters):
+    """Sample from hidden h [b, H], embed the token, pre-attention of layer 0 at `positions` [b, 1]."""
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
+    tokens = sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, keys)
+    x = model.embed(glob, tokens[:, None])
+    return (tokens, x, *model.pre_attention(cfg, p0, x, positions))
+
+
+def _decode_mid(cfg, impl, to_device, p, p_next, slots, table, x, attn, positions, chunk, at):
+    x = _post(cfg, impl, p, slots, table, x, attn)
+    return (x, *model.pre_attention(cfg, p_next, x, positions), _prefetch(to_device, slots, chunk, at))
+
+
+def _decode_last(cfg, impl, to_device, p, glob, p0, slots, table, x, attn, positions, samp, chunk, at):
+    x = _post(cfg, impl, p, slots, table, x, attn)
+    return (*_start_token(cfg, glob, p0, x[:, 0], positions, *samp), _prefetch(to_device, slots, chunk, at))
+
+
+def _prefill_layer(cfg, impl, to_device, p, slots, table, x, positions, chunk, at):
+    q, k, v = model.pre_attention(cfg, p, x, positions)
+    x = _post(cfg, impl, p, slots, table, x, model.attention(q, k, v, positions))
+    return x, k, v, _prefetch(to_device, slots, chunk, at)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(cfg: ModelConfig, moe_impl: str, to_device):
+    """The engine's jitted functions, shared by every engine of the same model (compiled once per shape)."""
+    bind = lambda f: functools.partial(f, cfg, moe_impl, to_device)
+    return (jax.jit(bind(_decode_mid), donate_argnames="slots"), jax.jit(bind(_decode_last), donate_argnames="slots"),
+            jax.jit(bind(_prefill_layer), donate_argnames="slots"),
+            jax.jit(functools.partial(_prefetch, to_device), donate_argnames="slots"),
+            jax.jit(functools.partial(_start_token, cfg)))
+
+
+@dataclasses.dataclass
+class OffloadStats:
+    """Seconds per layer execution, summed over a run. cpu: attention in the worker; gpu_wait: the
+    worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
+    thread waiting for CPU attention (CPU-bound time). h2d_bytes: expert bytes streamed."""
+
+    layers: int
+    cpu: np.ndarray
+    gpu_wait: np.ndarray
+    main_wait: np.ndarray
+    h2d_bytes: int = 0
+    decode_steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    peak_gpu_bytes: int | None = None
+
+    @classmethod
+    def empty(cls, layers: int) -> "OffloadStats":
+        return cls(layers, np.zeros(layers), np.zeros(layers), np.zeros(layers))
+
+    def bottleneck(self) -> str:
+        terms = {"cpu attention": self.cpu.sum(), "gpu compute or h2d": self.gpu_wait.sum()}
+        return max(terms, key=terms.get)
+
+    def summary(self) -> str:
+        per = max(self.decode_steps, 1) * self.layers
+        peak = f", peak GPU {self.peak_gpu_bytes / 2**30:.2f} GiB" if self.peak_gpu_bytes else ""
+        return (f"offload: prefill {self.prefill_s:.2f} s, decode {self.decode_s:.2f} s over {self.decode_steps} steps; "
+                f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms, waiting for gpu "
+                f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
+                f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; bottleneck: {self.bottleneck()}")
+
+
+class OffloadEngine:
+    def __init__(self, cfg: ModelConfig, weights, dtype, policy: Policy, *, moe_impl: str = "auto"):
+        if policy.attention_device != "cpu" or policy.kv_device != "cpu":
+            raise ValueError(f"offload engine: attention_device={policy.attention_device!r}, kv_device="
+                             f"{policy.kv_device!r} is not implemented; only CPU attention over a host KV cache")
+        self.cfg, self.dtype, self.policy = cfg, np.dtype(dtype), policy
+        dev = jax.devices()[0]
+        self.on_device = SingleDeviceSharding(dev, memory_kind="device")
+        self.on_host = SingleDeviceSharding(dev, memory_kind="pinned_host")
+        self.pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, policy.resident_expert_fraction,
+                                      policy.num_micro_batches)
+        self.specs = layer_param_specs(cfg)
+        self.gpu_bytes = self._check_gpu_memory()
+        self._mid, self._last, self._prefill, self._write, self._start = _jitted(cfg, moe_impl, self.on_device)
+        self._embed = jax.jit(model.embed)
+        self._load(weights)
+        self._precision = "highest" if self.dtype == np.float32 else None
+        self.stats = OffloadStats.empty(cfg.num_layers)
+        log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed slots in %d chunks of %d; "
+                 "GPU plan %.2f GiB", policy, self.pages.num_resident, self.pages.max_streamed,
+                 self.pages.num_chunks, self.pages.chunk, self.gpu_bytes / 2**30)
+
+    # ---- memory plan and weight placement ----
+
+    def _expert_bytes(self) -> int:
+        return sum(s.nbytes(self.dtype) // s.shape[0] for k, s in self.specs.items() if s.expert)
+
+    def _check_gpu_memory(self) -> int:
+        """Bytes the GPU must hold: non-expert weights, expert slots, activations of one micro-batch."""
+        cfg, p = self.cfg, self.pages
+        dense = cfg.num_layers * sum(s.nbytes(self.dtype) for s in self.specs.values() if not s.expert)
+        need = dense + global_bytes(cfg, self.dtype) + p.num_slots * self._expert_bytes()
+        tokens = self.policy.micro_batch_size * cfg.experts_per_token
+        need += 4 * tokens * (cfg.hidden_size + 3 * cfg.expert_ffn_size) * 4  # routed activations, float32
+        cap = self.policy.gpu_memory_gb
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        for name, value in (("gpu_memory_gb cap", cap * 2**30 if cap else None), ("device memory", limit)):
+            if value and need > value:
+                raise OffloadMemoryError(
+                    f"policy {self.policy} needs {need / 2**30:.2f} GiB on the GPU ({dense / 2**30:.2f} GiB non-expert "
+                    f"weights, {p.num_slots} expert slots of {self._expert_bytes() / 2**20:.1f} MiB) but the "
+                    f"{name} is {value / 2**30:.2f} GiB: lower resident_expert_fraction or micro_batch_size")
+        return need
+
+    def _load(self, weights) -> None:
+        """Place weights layer by layer: dense ones on the GPU, experts in resident slots or pinned host chunks."""
+        p, dt = self.pages, self.dtype
+        self.glob = jax.device_put(weights.globals(dt), self.on_device)
+        slots = {k: np.zeros((p.num_slots, *s.shape[1:]), dt) for k, s in self.specs.items() if s.expert}
+        self.dense, self.host_chunks = [], []
+        for i in range(self.cfg.num_layers):
+            w = weights.layer(i, dt)
+            self.dense.append(jax.device_put({k: v for k, v in w.items() if not self.specs[k].expert}, self.on_device))
+            for e in p.resident[i]:
+                for k in slots:
+                    slots[k][p.resident_slot(i, e)] = w[k][e]
+            ids = np.asarray(p.streamed[i], np.int64)
+            self.host_chunks.append([
+                jax.device_put({k: np.ascontiguousarray(w[k][ids[p.chunk_start(c):p.chunk_start(c) + p.chunk]])
+                                for k in slots}, self.on_host)
+                for c in range(p.num_chunks)])
+        self.slots = jax.device_put(slots, self.on_device)
+        del slots
+        self.executions = 0  # layer executions so far: execution g runs from half g % 2
+        for c in range(p.num_chunks):  # layer 0 into half 0, before any overlap exists
+            self.slots = self._write(self.slots, self.host_chunks[0][c], p.chunk_slot(0, c))
+
+    def _layer_args(self, layer: int) -> tuple[jax.Array, int]:
+        """(page table of the executing layer, half that the next layer's chunks go to)."""
+        g = self.executions
+        return jnp.asarray(self.pages.page_table(layer, g % 2)), (g + 1) % 2
+
+    def _chunk(self, next_layer: int, half: int, step: int):
+        """Chunk `step` of next_layer's streamed experts and its slot, or (None, 0) when none is left."""
+        if step >= self.pages.num_chunks:
+            return None, 0
+        self.stats.h2d_bytes += self.pages.chunk * self._expert_bytes()
+        return self.host_chunks[next_layer][step], self.pages.chunk_slot(half, step)
+
+    def _finish_layer(self, next_layer: int, half: int, steps: int) -> None:
+        """Send the chunks that this layer execution's steps did not carry; advance the execution count."""
+        for c in range(steps, self.pages.num_chunks):
+            chunk, at = self._chunk(next_layer, half, c)
+            self.slots = self._write(self.slots, chunk, at)
+        self.executions += 1
+
+    # ---- generation ----
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str]]:
+        """Yields (request, generated token ids, finish_reason) as requests finish, wave by wave."""
+        if not requests:
+            return
+        cfg, pol = self.cfg, self.policy
+        budget = [min(r.params.max_new_tokens, cfg.max_positions - len(r.prompt)) for r in requests]
+        context = bucket(max(len(r.prompt) + b for r, b in zip(requests, budget)))
+        cache = HostKVCache(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        lengths = [len(r.prompt) for r in requests]
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu, \
+                jax.default_matmul_precision(self._precision):
+            for wave in waves(lengths, pol.batch_size):
+                groups = balanced_micro_batches(wave, lengths, pol.micro_batch_size)
+                yield from _Wave(self, cache, cpu, [[requests[i] for i in g] for g in groups],
+                                 [[budget[i] for i in g] for g in groups]).run()
+        stats = jax.devices()[0].memory_stats() or {}
+        self.stats.peak_gpu_bytes = stats.get("peak_bytes_in_use")
+        log.info("%s", self.stats.summary())
+
+
+class _Wave:
+    """One wave of at most N requests in micro-batches; micro-batch k's rows take consecutive host KV slots."""
+
+    def __init__(self, eng: OffloadEngine, cache, cpu, groups: list[list[Request]], budgets: list[list[int]]):
+        self.eng, self.cache, self.cpu, self.groups, self.budgets = eng, cache, cpu, groups, budgets
+        self.mu = eng.policy.micro_batch_size
+        starts = np.cumsum([0] + [len(g) for g in groups])
+        self.kv_slots = [np.arange(starts[k], starts[k + 1]) for k in range(len(groups))]
+        self.generated = [[[] for _ in g] for g in groups]
+        self.done = [np.zeros(len(g), bool) for g in groups]
+        self.lens = [np.array([len(r.prompt) for r in g]) for g in groups]
+        self.samp = []
+        for g in groups:
+            s = [np.zeros(self.mu, np.float32), np.ones(self.mu, np.float32), np.zeros(self.mu, np.int32),
+                 np.zeros(self.mu, np.uint32)]
+            for b, r in enumerate(g):
+                s[0][b], s[1][b], s[2][b], s[3][b] = (r.params.temperature, r.params.top_p, r.params.top_k,
+                                                      r.params.seed % 2**32)
+            self.samp.append(s)
+        self.stops = [[set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(eng.cfg.eos_token_ids))
+                       for r in g] for g in groups]
+
+    def _pad(self, rows: np.ndarray, fill=0) -> np.ndarray:
+        out = np.full((self.mu, *rows.shape[1:]), fill, rows.dtype)
+        out[:len(rows)] = rows
+        return out
+
+    def _positions(self, k: int) -> np.ndarray:
+        """[μ, 1] position of each row's next token (its current length)."""
+        pos = self.lens[k] + np.array([len(g) for g in self.generated[k]]) - 1
+        return self._pad(pos.astype(np.int32)[:, None])
+
+    def _counters(self, k: int) -> np.ndarray:
+        return self._pad(np.array([len(g) for g in self.generated[k]], np.int32))
+
+    # CPU worker tasks: wait for the GPU's q/k/v, write k/v to the host cache, attend.
+    def _attend(self, layer: int, k: int, positions: np.ndarray, q, kk, v, tokens=None):
+        st, n = self.eng.stats, len(self.groups[k])
+        t0 = time.perf_counter()
+        q, kk, v = np.asarray(q)[:n, 0], np.asarray(kk)[:n, 0], np.asarray(v)[:n, 0]
+        tokens = None if tokens is None else np.asarray(tokens)[:n]
+        t1 = time.perf_counter()
+        pos = positions[:n, 0]
+        self.cache.write(layer, self.kv_slots[k], pos, kk, v)
+        out = self.cache.attend(layer, self.kv_slots[k], q.astype(np.float32), pos + 1)
+        t2 = time.perf_counter()
+        st.gpu_wait[layer] += t1 - t0
+        st.cpu[layer] += t2 - t1
+        return self._pad(out.astype(self.eng.dtype)[:, None]), tokens
+
+    def _prefill_writeback(self, layer: int, k: int, rows: np.ndarray, kk, v):
+        n = len(rows)
+        kk, v = np.asarray(kk)[:n], np.asarray(v)[:n]
+        for r, b in enumerate(rows):
+            length = self.lens[k][b]
+            self.cache.write(layer, self.kv_slots[k][b:b + 1].repeat(length), np.arange(length), kk[r, :length], v[r, :length])
+
+    def prefill(self):
+        """Whole layers on the GPU per prefill call; k/v to the host cache. Returns last hidden per micro-batch."""
+        eng, cfg = self.eng, self.eng.cfg
+        calls = []  # (micro-batch, row indices, tokens, positions)
+        for k, g in enumerate(self.groups):
+            T = bucket(int(self.lens[k].max()))
+            rows_per_call = max(1, PREFILL_SCORE_BYTES // (cfg.num_heads * T * T * 4))
+            rows_per_call = min(bucket(min(rows_per_call, len(g)), 1), self.mu)
+            for s in range(0, len(g), rows_per_call):
+                rows = np.arange(s, min(s + rows_per_call, len(g)))
+                tokens = np.zeros((rows_per_call, T), np.int32)
+                for r, b in enumerate(rows):
+                    tokens[r, :self.lens[k][b]] = g[b].prompt
+                positions = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)
+                calls.append((k, rows, tokens, positions))
+        xs = [eng._embed(eng.glob, t) for _, _, t, _ in calls]
+        writes = []
+        for i in range(cfg.num_layers):
+            table, half = eng._layer_args(i)
+            nxt = (i + 1) % cfg.num_layers
+            for c, (k, rows, _, positions) in enumerate(calls):
+                chunk, at = eng._chunk(nxt, half, c)
+                xs[c], kk, v, eng.slots = eng._prefill(eng.dense[i], eng.slots, table, xs[c], positions, chunk, at)
+                writes.append(self.cpu.submit(self._prefill_writeback, i, k, rows, kk, v))
+            eng._finish_layer(nxt, half, len(calls))
+        for w in writes:
+            w.result()
+        last = [np.zeros((self.mu, cfg.hidden_size), np.float32) for _ in self.groups]
+        for c, (k, rows, _, _) in enumerate(calls):
+            h = np.asarray(xs[c].astype(jnp.float32))
+            last[k][rows] = h[np.arange(len(rows)), self.lens[k][rows] - 1]
+        return [jnp.asarray(h, eng.dtype) for h in last]
+
+    def _record(self, k: int, tokens: np.ndarray):
+        """Append sampled tokens of micro-batch k; yield the requests that finish."""
+        for b in np.flatnonzero(~self.done[k]):
+            t = int(tokens[b])
+            self.generated[k][b].append(t)
+            stop = t in self.stops[k][b]
+            if stop or len(self.generated[k][b]) >= self.budgets[k][b]:
+                self.done[k][b] = True
+                yield self.groups[k][b], self.generated[k][b], "stop" if stop else "length"
+
+    def run(self):
+        eng, cfg = self.eng, self.eng.cfg
+        L, n_mb = cfg.num_layers, len(self.groups)
+        t0 = time.perf_counter()
+        last = self.prefill()
+        futs, xs = {}, [None] * n_mb
+        for k in range(n_mb):  # sample the first token and start layer 0 of the first decode step
+            pos = self._positions(k) + 1
+            tokens, xs[k], q, kk, v = eng._start(eng.glob, eng.dense[0], last[k], pos, *self.samp[k], self._counters(k))
+            futs[0, k] = self.cpu.submit(self._attend, 0, k, pos, q, kk, v, tokens)
+        eng.stats.prefill_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            while True:
+                for i in range(L):
+                    table, half = eng._layer_args(i)
+                    nxt = (i + 1) % L
+                    for k in range(n_mb):
+                        w0 = time.perf_counter()
+                        attn, tokens = futs.pop((i, k)).result()
+                        eng.stats.main_wait[i] += time.perf_counter() - w0
+                        if i == 0:  # the token sampled at the end of the previous step is known now
+                            yield from self._record(k, tokens)
+                            if k == n_mb - 1 and all(d.all() for d in self.done):
+                                return
+                        chunk, at = eng._chunk(nxt, half, k)
+                        pos = self._positions(k)
+                        if i < L - 1:
+                            xs[k], q, kk, v, eng.slots = eng._mid(eng.dense[i], eng.dense[nxt], eng.slots, table,
+                                                                  xs[k], attn, pos, chunk, at)
+                            futs[nxt, k] = self.cpu.submit(self._attend, nxt, k, pos, q, kk, v)
+                        else:
+                            pos = pos + 1
+                            tokens, xs[k], q, kk, v, eng.slots = eng._last(
+                                eng.dense[i], eng.glob, eng.dense[0], eng.slots, table, xs[k], attn, pos,
+                                (*self.samp[k], self._counters(k)), chunk, at)
+                            futs[0, k] = self.cpu.submit(self._attend, 0, k, pos, q, kk, v, tokens)
+                    eng._finish_layer(nxt, half, n_mb)
+                    if i == 0:
+                        eng.stats.decode_steps += 1
+        finally:
+            for f in futs.values():
+                f.result()
+            eng.stats.decode_s += time.perf_counter() - t0
