@@ -17,16 +17,18 @@ from pathlib import Path
 
 from moe_jax.checkpoint import CheckpointError
 from moe_jax.config import ConfigError
+from moe_jax.hrm import HardwareError, InfeasibleError
 from moe_jax.jsonl_jobs import CompletionWriter, JobInputError, output_record, read_job
 from moe_jax.llm import DTYPES, LLM, POLICIES, PolicyUnavailable
 from moe_jax.model_source import ModelNotFound, open_model
+from moe_jax.offload_policy import PolicyError
 from moe_jax.presets import DEFAULT_PRESET
 from moe_jax.progress import Progress
 from moe_jax.prompts import PromptError, encode_prompt
 from moe_jax.sampling import SamplingParams
 
-USER_ERRORS = (ConfigError, CheckpointError, ModelNotFound, PolicyUnavailable, JobInputError, PromptError,
-               MemoryError)
+USER_ERRORS = (ConfigError, CheckpointError, ModelNotFound, PolicyUnavailable, PolicyError, JobInputError,
+               PromptError, HardwareError, InfeasibleError, MemoryError)
 log = logging.getLogger("moe_jax")
 
 
@@ -44,7 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(set(DTYPES.values())), default="bfloat16")
     p.add_argument("--policy", choices=POLICIES, default="auto")
-    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-size", type=int, default=64, help="resident policy: sequences per wave")
+    p.add_argument("--gpu-memory-gb", type=float, help="GPU memory the engine may use, GiB (offload/auto)")
+    p.add_argument("--hardware", help="HRM hardware profile name or JSON file (default: detected)")
     p.add_argument("--resume", action="store_true", help="keep the finished lines of --output and run the rest")
     args = p.parse_args(argv)
     if args.resume and not args.output:
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         ids = [jobs[i].id for i in keep]
         if args.output and not args.resume and args.output.exists():
             args.output.unlink()
-    llm = LLM(source, dtype=args.dtype, policy=args.policy, max_batch_size=args.max_batch_size)
+    llm = LLM(source, dtype=args.dtype, policy=args.policy, max_batch_size=args.max_batch_size,
+              gpu_memory_gb=args.gpu_memory_gb, hardware=args.hardware)
     writer = CompletionWriter(args.output) if args.output else None
     progress = Progress(total=len(prompts))
     start, generated = time.perf_counter(), 0
@@ -118,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         if writer:
             writer.close()
     wall = time.perf_counter() - start
+    if llm.stats is not None:
+        print(llm.stats.summary(), file=sys.stderr)
     print(f"done: {len(prompts)} prompts, {generated} generated tokens, {wall:.2f} s, "
           f"{generated / max(wall, 1e-9):.1f} tok/s (model {llm.name}, policy {llm.policy}, {args.dtype})",
           file=sys.stderr)

@@ -4,56 +4,139 @@ from __future__ import annotations
 import logging
 from typing import Iterator, Sequence
 
+import jax
 import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
 from moe_jax.model_source import ModelSource, open_model
+from moe_jax.offload_policy import Policy
+from moe_jax.params import model_bytes
 from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request
-from moe_jax.resident_engine import ResidentEngine
+from moe_jax.resident_engine import ResidentEngine, bucket
 from moe_jax.sampling import SamplingParams
 
 log = logging.getLogger("moe_jax")
 
 POLICIES = ("auto", "resident", "offload")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "f32": "float32"}
+_GPU_PROFILES = (("H100", "h100-80gb"), ("A100", None), ("L4", "l4"), ("T4", "t4"))
 
 
 class PolicyUnavailable(ValueError):
     pass
 
 
+def detect_hardware() -> str | None:
+    """The HRM profile name of this machine's accelerator, or None when there is none that HRM knows."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return None
+    for marker, name in _GPU_PROFILES:
+        if marker in dev.device_kind:
+            if name is None:  # A100: 40 or 80 GB
+                limit = (dev.memory_stats() or {}).get("bytes_limit", 0)
+                name = "a100-80gb" if limit > 48 * 2**30 else "a100-40gb"
+            return name
+    return None
+
+
 class LLM:
     """An MoE model ready to run.
 
-    model: a directory with config.json + *.safetensors [+ tokenizer.json], or a preset name.
-    policy: "resident" (everything on the accelerator), "offload" (CGOPipe), "auto" (HRM decides).
+    model: a directory with config.json + *.safetensors [+ tokenizer.json], a preset name, or a ModelSource.
+    policy: "resident" (everything on the accelerator), "offload" (CGOPipe with the policy HRM picks
+      for the first `generate` call's workload), "auto" (resident when the model fits the accelerator,
+      else offload), or a `moe_jax.Policy` (offload with exactly that policy).
+    gpu_memory_gb: the GPU memory the engine may use (GiB); hardware: HRM profile name or JSON file
+      (default: detected from the device).
+    The engine (and the weights' placement) is built when first needed: at construction for
+    "resident" or a Policy, at the first `generate` for "offload" and "auto" when they choose offload.
     """
 
     def __init__(self, model: str | ModelSource, *, dtype: str = "bfloat16", policy="auto",
-                 max_batch_size: int = 64, moe_impl: str = "auto", seed: int = 0):
+                 max_batch_size: int = 64, gpu_memory_gb: float | None = None, hardware: str | None = None,
+                 moe_impl: str = "auto", seed: int = 0):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if policy == "offload" or not isinstance(policy, str):
-            raise PolicyUnavailable(f"policy {policy!r} is not available yet: the offload engine (CGOPipe) is "
-                                    "not implemented; use policy='resident'")
-        if policy not in POLICIES:
-            raise PolicyUnavailable(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
-        self.name, self.cfg, self.tokenizer = source.name, source.cfg, source.tokenizer
-        if policy == "auto":
-            log.info("policy auto -> resident (the offload engine and HRM are not implemented yet)")
-        self.policy = "resident"
+        if not isinstance(policy, Policy) and policy not in POLICIES:
+            raise PolicyUnavailable(f"policy must be one of {', '.join(POLICIES)} or a moe_jax.Policy, got {policy!r}")
+        self.source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
+        self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer
         self.dtype = np.dtype(DTYPES[dtype])
-        self.engine = ResidentEngine(self.cfg, source.weights, self.dtype, max_batch_size=max_batch_size,
-                                     moe_impl=moe_impl)
+        self.max_batch_size, self.gpu_memory_gb, self.hardware, self.moe_impl = (
+            max_batch_size, gpu_memory_gb, hardware, moe_impl)
+        if hardware is not None:
+            from moe_jax.hrm import hardware_profile
+
+            self.hardware = hardware_profile(hardware)  # a bad name or file fails here, not mid-job
+        self.engine = None
+        self.hrm_prediction = None  # the HRM SearchResult behind an offload policy it chose
+        if policy == "auto":
+            policy = "resident" if self._fits_on_device() else "offload"
+            log.info("policy auto -> %s", policy)
+        self.policy = policy
+        if policy == "resident":
+            self.engine = ResidentEngine(self.cfg, self.source.weights, self.dtype, max_batch_size=max_batch_size,
+                                         moe_impl=moe_impl, gpu_memory_bytes=self._cap_bytes())
+        elif isinstance(policy, Policy):
+            self._build_offload(policy)
+
+    def _cap_bytes(self) -> int | None:
+        return int(self.gpu_memory_gb * 2**30) if self.gpu_memory_gb else None
+
+    def _fits_on_device(self) -> bool:
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        cap = min(x for x in (limit, self._cap_bytes(), float("inf")) if x)
+        return model_bytes(self.cfg, self.dtype) < 0.85 * cap
+
+    def _build_offload(self, policy: Policy) -> None:
+        from moe_jax.offload_engine import OffloadEngine
+
+        if self.gpu_memory_gb is not None and policy.gpu_memory_gb is None:
+            policy = Policy(**{**policy.__dict__, "gpu_memory_gb": self.gpu_memory_gb})
+        self.policy = policy
+        self.engine = OffloadEngine(self.cfg, self.source.weights, self.dtype, policy, moe_impl=self.moe_impl)
+
+    def _choose_offload_policy(self, requests: Sequence[Request]) -> Policy:
+        """HRM's policy for this workload (lengths rounded up as the engine rounds them), clamped to the job."""
+        from moe_jax import hrm
+
+        hardware = self.hardware or detect_hardware()
+        n = len(requests)
+        if hardware is None:
+            n_ub = min(2, n)
+            policy = Policy(batch_size=min(n, self.max_batch_size), micro_batch_size=-(-min(n, self.max_batch_size) // n_ub),
+                            num_micro_batches=n_ub)
+            log.warning("policy offload: no HRM hardware profile for device %s (pass hardware=...); using %s",
+                        jax.devices()[0].device_kind, policy)
+            return policy
+        P = bucket(max(len(r.prompt) for r in requests))
+        G = bucket(max(len(r.prompt) + r.params.max_new_tokens for r in requests)) - P
+        result = hrm.choose_policy(self.cfg, hardware, P, max(G, 1), gpu_memory_gb=self.gpu_memory_gb,
+                                   placements=[("cpu", "cpu")], dtype=str(self.dtype))
+        self.hrm_prediction = result
+        p = result.policy
+        if p.batch_size > n:  # fewer requests than HRM's batch: keep its micro-batch count where possible
+            n_ub = min(p.num_micro_batches, n)
+            p = Policy(**{**p.__dict__, "batch_size": n, "micro_batch_size": -(-n // n_ub), "num_micro_batches": n_ub})
+        log.info("HRM (%s, prompt %d, gen %d) chose %s; predicted %.1f tok/s, bottleneck %s",
+                 hardware, P, G, p, result.tokens_per_s, result.bottleneck)
+        return p
+
+    @property
+    def stats(self):
+        """The offload engine's OffloadStats (per-layer CPU/GPU wait times, bytes streamed), or None."""
+        return getattr(self.engine, "stats", None)
 
     def encode(self, prompt: str | Sequence[int], where: str = "prompt") -> tuple[int, ...]:
         """A prompt as validated token ids (see `moe_jax.prompts.encode_prompt`)."""
         return encode_prompt(self.cfg, self.tokenizer, prompt, where)
 
     def logits(self, token_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """float32 [len_i, vocab] logits for every position of every sequence."""
+        """float32 [len_i, vocab] logits for every position of every sequence (resident policy only)."""
+        if not isinstance(self.engine, ResidentEngine):
+            raise PolicyUnavailable(f"LLM.logits needs policy 'resident'; this LLM runs {self.policy}")
         prompts = [self.encode(t, f"sequence {i}") for i, t in enumerate(token_ids)]
         return self.engine.logits(prompts)
 
@@ -67,6 +150,10 @@ class LLM:
         if len(per) != len(prompts):
             raise ValueError(f"got {len(per)} SamplingParams for {len(prompts)} prompts")
         requests = [Request(i, self.encode(p, f"prompt {i}"), sp) for i, (p, sp) in enumerate(zip(prompts, per))]
+        if not requests:
+            return
+        if self.engine is None:
+            self._build_offload(self._choose_offload_policy(requests))
         for req, ids, reason in self.engine.generate(requests):
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
             yield req.index, Completion(list(ids), text, reason, list(req.prompt))

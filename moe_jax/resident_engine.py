@@ -60,9 +60,10 @@ def step(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, last,
 
 
 class ResidentEngine:
-    def __init__(self, cfg: ModelConfig, weights, dtype, *, max_batch_size: int = 64, moe_impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, weights, dtype, *, max_batch_size: int = 64, moe_impl: str = "auto",
+                 gpu_memory_bytes: int | None = None):
         self.cfg, self.dtype, self.max_batch_size = cfg, np.dtype(dtype), max_batch_size
-        self._check_fits()
+        self._check_fits(gpu_memory_bytes)
         self.glob = jax.device_put(weights.globals(self.dtype))
         stacked = {k: np.empty((cfg.num_layers, *s.shape), self.dtype) for k, s in layer_param_specs(cfg).items()}
         for i in range(cfg.num_layers):
@@ -75,12 +76,14 @@ class ResidentEngine:
         self._lm_head = jax.jit(functools.partial(model.lm_head, cfg))
         self._precision = "highest" if self.dtype == np.float32 else None
 
-    def _check_fits(self) -> None:
-        stats = jax.devices()[0].memory_stats() or {}
-        need, limit = model_bytes(self.cfg, self.dtype), stats.get("bytes_limit")
-        if limit and need > 0.9 * limit:
-            raise MemoryError(f"policy 'resident' needs {need / 2**30:.1f} GiB for the weights alone but the "
-                              f"accelerator has {limit / 2**30:.1f} GiB: use policy 'offload'")
+    def _check_fits(self, cap: int | None) -> None:
+        """Weights must fit the accelerator (and the cap, when given) with room for activations."""
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        need = model_bytes(self.cfg, self.dtype)
+        for what, value in (("the gpu_memory_gb cap", cap), ("the accelerator", limit)):
+            if value and need > 0.9 * value:
+                raise MemoryError(f"policy 'resident' needs {need / 2**30:.1f} GiB for the weights alone but "
+                                  f"{what} is {value / 2**30:.1f} GiB: use policy 'offload'")
 
     def _cache(self, batch: int, length: int):
         shape = (self.cfg.num_layers, batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
