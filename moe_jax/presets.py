@@ -71,13 +71,38 @@ def preset_hf_config(name: str) -> dict:
 
 class RandomWeights:
     """Deterministic random parameters. Matrices ~ N(0, 1/fan_in) so activations keep unit scale and
-    logits are far from uniform; the embedding ~ N(0, 1); norm scales 1 + N(0, 0.1); biases N(0, 0.1)."""
+    logits are far from uniform; the embedding ~ N(0, 1); norm scales 1 + N(0, 0.1); biases N(0, 0.1).
+
+    Tensors of at least `POOL / 16` elements (real-shape presets) are cut from a shared pool of `POOL`
+    normal draws at a random offset, wrapping around: a memory copy instead of fresh draws, so that a
+    93 GB model materialises at copy speed. Small tensors are fresh draws.
+    """
+
+    POOL = 1 << 24
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         self.cfg, self.seed = cfg, seed
+        self._pools: dict[tuple[float, str], np.ndarray] = {}
+
+    def _pool(self, scale: float, dtype) -> np.ndarray:
+        key = (scale, np.dtype(dtype).str)
+        if key not in self._pools:
+            rng = np.random.default_rng([self.seed, 0])
+            self._pools[key] = (rng.standard_normal(self.POOL, dtype=np.float32) * scale).astype(dtype)
+        return self._pools[key]
 
     def _tensor(self, layer: int, name: str, spec: ParamSpec, dtype) -> np.ndarray:
         rng = np.random.default_rng([self.seed, layer + 1, zlib.crc32(name.encode())])
+        n = int(np.prod(spec.shape))
+        if spec.init == "normal" and n >= self.POOL // 16:
+            pool = self._pool(1.0 if name == "embed" else spec.shape[-2] ** -0.5, dtype)
+            out = np.empty(n, pool.dtype)
+            pos, src = 0, int(rng.integers(self.POOL))
+            while pos < n:
+                take = min(n - pos, self.POOL - src)
+                out[pos:pos + take] = pool[src:src + take]
+                pos, src = pos + take, 0
+            return out.reshape(spec.shape)
         x = rng.standard_normal(spec.shape, dtype=np.float32)
         if spec.init == "normal":
             x *= 1.0 if name == "embed" else spec.shape[-2] ** -0.5
