@@ -2,9 +2,10 @@
 
 The GPU holds one slot array per expert weight (`[slots, ...]`, the layout `pallas_kernels.moe_ffn`
 takes): `R` resident slots (a fraction r_w of all (layer, expert) pairs, spread evenly over layers)
-followed by two halves of `M` streamed slots (the double buffer: layer executions alternate halves).
-A page table `[E]` per (layer, half) maps expert id -> slot. Streamed experts are sent in
-`num_chunks` chunks of `chunk` experts (the last chunk may overlap the one before it).
+followed by `M` streamed slots holding the executing layer's streamed experts. The next layer's
+streamed experts arrive meanwhile in `num_chunks` separate chunks of `chunk` experts (the last chunk
+may overlap the one before it): with the streamed slots they form the double buffer, 2·M experts.
+A page table `[E]` per layer maps expert id -> slot.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class ExpertPages:
 
     @property
     def num_slots(self) -> int:
-        return self.num_resident + 2 * self.max_streamed
+        return self.num_resident + self.max_streamed
 
     def resident_slot(self, layer: int, expert: int) -> int:
         return sum(len(r) for r in self.resident[:layer]) + self.resident[layer].index(expert)
@@ -52,16 +53,16 @@ class ExpertPages:
         """First streamed position carried by chunk k."""
         return min(k * self.chunk, self.max_streamed - self.chunk)
 
-    def chunk_slot(self, half: int, k: int) -> int:
-        """Slot where chunk k lands in `half`."""
-        return self.num_resident + half * self.max_streamed + self.chunk_start(k)
+    def chunk_slot(self, k: int) -> int:
+        """Slot where chunk k lands."""
+        return self.num_resident + self.chunk_start(k)
 
-    def page_table(self, layer: int, half: int) -> np.ndarray:
-        """int32 [E]: expert id -> slot, for `layer` loaded into `half`."""
+    def page_table(self, layer: int) -> np.ndarray:
+        """int32 [E]: expert id -> slot while `layer` is installed."""
         table = np.empty(self.num_experts, np.int32)
         for e in self.resident[layer]:
             table[e] = self.resident_slot(layer, e)
         for j, e in enumerate(self.streamed[layer]):
             if e not in self.resident[layer] and j == self.streamed[layer].index(e):
-                table[e] = self.num_resident + half * self.max_streamed + j
+                table[e] = self.num_resident + j
         return table

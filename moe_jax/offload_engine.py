@@ -4,14 +4,16 @@ on the CPU, GPU work, CPU work and host-to-device copies overlapped over micro-b
 Placement (DESIGN.md §1, §3):
   * non-expert weights (attention, norms, router, shared experts, embeddings, LM head) stay on the GPU;
   * expert weights: a fraction r_w resident in GPU slots, the rest in `pinned_host` memory, streamed into
-    a double buffer of slots (`moe_jax.expert_pages`) and addressed by the expert kernel's page table;
+    a double buffer (`moe_jax.expert_pages`) and addressed by the expert kernel's page table;
   * the KV cache lives in host memory (`host_ops`), decode attention runs there in a worker thread.
 
 Schedule of one decode step, layer i, micro-batch k (each GPU call is one jitted function):
   GPU  post_attention(i, k) -> pre_attention(i+1, k) -> q, k, v  [+ device_put of chunk k of layer i+1]
   CPU  append k, v to the host cache; attention(i+1, k)            (worker thread, GIL released)
 The GPU works on micro-batch k+1 while the CPU attends for k, and the next layer's experts arrive
-inside the same jitted calls, the only way JAX overlaps a copy with compute (DESIGN.md §3). The last
+inside the same jitted calls, the only way JAX overlaps a copy with compute (DESIGN.md §3). A fetched
+chunk is a separate output, independent of the step's compute (the measured overlapping pattern);
+when layer i+1 starts, one device-local call installs the chunks into the streamed slots. The last
 layer samples the next token and starts layer 0 of the next step. Prefill runs whole layers on the
 GPU per micro-batch (attention over the prompt itself), writing k/v to the host cache.
 The layer math is `moe_jax.model`'s, shared with the resident engine.
@@ -56,12 +58,16 @@ def _with_slots(p, slots):
     return dict(p, **slots)
 
 
-def _prefetch(to_device, slots, chunk, at):
-    """Write a host chunk ({name: [c, ...]} in pinned_host) into the slot arrays at slot `at`."""
-    if chunk is None:
-        return slots
-    return {k: jax.lax.dynamic_update_slice_in_dim(slots[k], jax.device_put(chunk[k], to_device), at, 0)
-            for k in slots}
+def _fetch(to_device, chunk):
+    """A host chunk ({name: [c, ...]} in pinned_host) copied to the GPU; None stays None."""
+    return None if chunk is None else jax.device_put(chunk, to_device)
+
+
+def _install(slots, fetched, starts):
+    """Write the fetched chunks into the streamed slots: chunk c at slot starts[c]."""
+    for chunk, at in zip(fetched, starts):
+        slots = {k: jax.lax.dynamic_update_slice_in_dim(slots[k], chunk[k], at, 0) for k in slots}
+    return slots
 
 
 def _post(cfg, impl, p, slots, table, x, attn):
@@ -76,29 +82,28 @@ def _start_token(cfg, glob, p0, h, positions, temperature, top_p, top_k, seeds, 
     return (tokens, x, *model.pre_attention(cfg, p0, x, positions))
 
 
-def _decode_mid(cfg, impl, to_device, p, p_next, slots, table, x, attn, positions, chunk, at):
+def _decode_mid(cfg, impl, to_device, p, p_next, slots, table, x, attn, positions, chunk):
     x = _post(cfg, impl, p, slots, table, x, attn)
-    return (x, *model.pre_attention(cfg, p_next, x, positions), _prefetch(to_device, slots, chunk, at))
+    return (x, *model.pre_attention(cfg, p_next, x, positions), _fetch(to_device, chunk))
 
 
-def _decode_last(cfg, impl, to_device, p, glob, p0, slots, table, x, attn, positions, samp, chunk, at):
+def _decode_last(cfg, impl, to_device, p, glob, p0, slots, table, x, attn, positions, samp, chunk):
     x = _post(cfg, impl, p, slots, table, x, attn)
-    return (*_start_token(cfg, glob, p0, x[:, 0], positions, *samp), _prefetch(to_device, slots, chunk, at))
+    return (*_start_token(cfg, glob, p0, x[:, 0], positions, *samp), _fetch(to_device, chunk))
 
 
-def _prefill_layer(cfg, impl, to_device, p, slots, table, x, positions, chunk, at):
+def _prefill_layer(cfg, impl, to_device, p, slots, table, x, positions, chunk):
     q, k, v = model.pre_attention(cfg, p, x, positions)
     x = _post(cfg, impl, p, slots, table, x, model.attention(q, k, v, positions))
-    return x, k, v, _prefetch(to_device, slots, chunk, at)
+    return x, k, v, _fetch(to_device, chunk)
 
 
 @functools.lru_cache(maxsize=None)
 def _jitted(cfg: ModelConfig, moe_impl: str, to_device):
     """The engine's jitted functions, shared by every engine of the same model (compiled once per shape)."""
     bind = lambda f: functools.partial(f, cfg, moe_impl, to_device)
-    return (jax.jit(bind(_decode_mid), donate_argnames="slots"), jax.jit(bind(_decode_last), donate_argnames="slots"),
-            jax.jit(bind(_prefill_layer), donate_argnames="slots"),
-            jax.jit(functools.partial(_prefetch, to_device), donate_argnames="slots"),
+    return (jax.jit(bind(_decode_mid)), jax.jit(bind(_decode_last)), jax.jit(bind(_prefill_layer)),
+            jax.jit(functools.partial(_fetch, to_device)), jax.jit(_install, donate_argnames="slots"),
             jax.jit(functools.partial(_start_token, cfg)))
 
 
@@ -148,14 +153,15 @@ class OffloadEngine:
                                       policy.num_micro_batches)
         self.specs = layer_param_specs(cfg)
         self.gpu_bytes = self._check_gpu_memory()
-        self._mid, self._last, self._prefill, self._write, self._start = _jitted(cfg, moe_impl, self.on_device)
+        self._mid, self._last, self._prefill, self._fetch, self._install, self._start = _jitted(
+            cfg, moe_impl, self.on_device)
         self._embed = jax.jit(model.embed)
         self._load(weights)
         self._precision = "highest" if self.dtype == np.float32 else None
         self.stats = OffloadStats.empty(cfg.num_layers)
-        log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed slots in %d chunks of %d; "
+        log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed (slots + chunks of %d in flight, x%d); "
                  "GPU plan %.2f GiB", policy, self.pages.num_resident, self.pages.max_streamed,
-                 self.pages.num_chunks, self.pages.chunk, self.gpu_bytes / 2**30)
+                 self.pages.chunk, self.pages.num_chunks, self.gpu_bytes / 2**30)
 
     # ---- memory plan and weight placement ----
 
@@ -166,7 +172,7 @@ class OffloadEngine:
         """Bytes the GPU must hold: non-expert weights, expert slots, activations of one micro-batch."""
         cfg, p = self.cfg, self.pages
         dense = cfg.num_layers * sum(s.nbytes(self.dtype) for s in self.specs.values() if not s.expert)
-        need = dense + global_bytes(cfg, self.dtype) + p.num_slots * self._expert_bytes()
+        need = dense + global_bytes(cfg, self.dtype) + (p.num_slots + p.max_streamed) * self._expert_bytes()
         tokens = self.policy.micro_batch_size * cfg.experts_per_token
         need += 4 * tokens * (cfg.hidden_size + 3 * cfg.expert_ffn_size) * 4  # routed activations, float32
         cap = self.policy.gpu_memory_gb
@@ -175,7 +181,7 @@ class OffloadEngine:
             if value and need > value:
                 raise OffloadMemoryError(
                     f"policy {self.policy} needs {need / 2**30:.2f} GiB on the GPU ({dense / 2**30:.2f} GiB non-expert "
-                    f"weights, {p.num_slots} expert slots of {self._expert_bytes() / 2**20:.1f} MiB) but the "
+                    f"weights, {p.num_slots + p.max_streamed} expert slots of {self._expert_bytes() / 2**20:.1f} MiB) but the "
                     f"{name} is {value / 2**30:.2f} GiB: lower resident_expert_fraction or micro_batch_size")
         return need
 
@@ -198,28 +204,38 @@ class OffloadEngine:
                 for c in range(p.num_chunks)])
         self.slots = jax.device_put(slots, self.on_device)
         del slots
-        self.executions = 0  # layer executions so far: execution g runs from half g % 2
-        for c in range(p.num_chunks):  # layer 0 into half 0, before any overlap exists
-            self.slots = self._write(self.slots, self.host_chunks[0][c], p.chunk_slot(0, c))
+        self.tables = [jnp.asarray(p.page_table(i)) for i in range(self.cfg.num_layers)]
+        self.installed, self.fetching = None, 0  # layer in the streamed slots; layer the chunks in flight are of
+        self.fetched: list = [None] * p.num_chunks
 
-    def _layer_args(self, layer: int) -> tuple[jax.Array, int]:
-        """(page table of the executing layer, half that the next layer's chunks go to)."""
-        g = self.executions
-        return jnp.asarray(self.pages.page_table(layer, g % 2)), (g + 1) % 2
+    def _begin_layer(self, layer: int) -> jax.Array:
+        """Make `layer`'s experts addressable (install its fetched chunks); returns its page table."""
+        nc = self.pages.num_chunks
+        if nc and self.installed != layer:
+            if self.fetching != layer:  # nothing in flight for this layer (first use): fetch it now
+                self.fetched, self.fetching = [None] * nc, layer
+            self._complete_fetch()
+            self.slots = self._install(self.slots, self.fetched, [self.pages.chunk_slot(c) for c in range(nc)])
+            self.fetched, self.fetching = [None] * nc, (layer + 1) % self.cfg.num_layers
+        self.installed = layer
+        return self.tables[layer]
 
-    def _chunk(self, next_layer: int, half: int, step: int):
-        """Chunk `step` of next_layer's streamed experts and its slot, or (None, 0) when none is left."""
+    def _chunk(self, step: int):
+        """The host chunk that a layer's `step`-th call carries to the GPU, or None when none is left."""
         if step >= self.pages.num_chunks:
-            return None, 0
+            return None
         self.stats.h2d_bytes += self.pages.chunk * self._expert_bytes()
-        return self.host_chunks[next_layer][step], self.pages.chunk_slot(half, step)
+        return self.host_chunks[self.fetching][step]
 
-    def _finish_layer(self, next_layer: int, half: int, steps: int) -> None:
-        """Send the chunks that this layer execution's steps did not carry; advance the execution count."""
-        for c in range(steps, self.pages.num_chunks):
-            chunk, at = self._chunk(next_layer, half, c)
-            self.slots = self._write(self.slots, chunk, at)
-        self.executions += 1
+    def _store(self, step: int, fetched) -> None:
+        if fetched is not None:
+            self.fetched[step] = fetched
+
+    def _complete_fetch(self) -> None:
+        """Fetch the chunks of the next layer that no call carried (calls fewer than chunks)."""
+        for c, f in enumerate(self.fetched):
+            if f is None:
+                self.fetched[c] = self._fetch(self._chunk(c))
 
     # ---- generation ----
 
@@ -318,13 +334,12 @@ class _Wave:
         xs = [eng._embed(eng.glob, t) for _, _, t, _ in calls]
         writes = []
         for i in range(cfg.num_layers):
-            table, half = eng._layer_args(i)
-            nxt = (i + 1) % cfg.num_layers
+            table = eng._begin_layer(i)
             for c, (k, rows, _, positions) in enumerate(calls):
-                chunk, at = eng._chunk(nxt, half, c)
-                xs[c], kk, v, eng.slots = eng._prefill(eng.dense[i], eng.slots, table, xs[c], positions, chunk, at)
+                xs[c], kk, v, fetched = eng._prefill(eng.dense[i], eng.slots, table, xs[c], positions, eng._chunk(c))
+                eng._store(c, fetched)
                 writes.append(self.cpu.submit(self._prefill_writeback, i, k, rows, kk, v))
-            eng._finish_layer(nxt, half, len(calls))
+            eng._complete_fetch()
         for w in writes:
             w.result()
         last = [np.zeros((self.mu, cfg.hidden_size), np.float32) for _ in self.groups]
@@ -358,7 +373,7 @@ class _Wave:
         try:
             while True:
                 for i in range(L):
-                    table, half = eng._layer_args(i)
+                    table = eng._begin_layer(i)
                     nxt = (i + 1) % L
                     for k in range(n_mb):
                         w0 = time.perf_counter()
@@ -368,19 +383,19 @@ class _Wave:
                             yield from self._record(k, tokens)
                             if k == n_mb - 1 and all(d.all() for d in self.done):
                                 return
-                        chunk, at = eng._chunk(nxt, half, k)
                         pos = self._positions(k)
                         if i < L - 1:
-                            xs[k], q, kk, v, eng.slots = eng._mid(eng.dense[i], eng.dense[nxt], eng.slots, table,
-                                                                  xs[k], attn, pos, chunk, at)
+                            xs[k], q, kk, v, fetched = eng._mid(eng.dense[i], eng.dense[nxt], eng.slots, table,
+                                                                xs[k], attn, pos, eng._chunk(k))
                             futs[nxt, k] = self.cpu.submit(self._attend, nxt, k, pos, q, kk, v)
                         else:
                             pos = pos + 1
-                            tokens, xs[k], q, kk, v, eng.slots = eng._last(
+                            tokens, xs[k], q, kk, v, fetched = eng._last(
                                 eng.dense[i], eng.glob, eng.dense[0], eng.slots, table, xs[k], attn, pos,
-                                (*self.samp[k], self._counters(k)), chunk, at)
+                                (*self.samp[k], self._counters(k)), eng._chunk(k))
                             futs[0, k] = self.cpu.submit(self._attend, 0, k, pos, q, kk, v, tokens)
-                    eng._finish_layer(nxt, half, n_mb)
+                        eng._store(k, fetched)
+                    eng._complete_fetch()
                     if i == 0:
                         eng.stats.decode_steps += 1
         finally:
