@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterator, Sequence
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import Policy
-from moe_jax.params import model_bytes
+from moe_jax.params import layer_bytes, model_bytes
 from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request
 from moe_jax.resident_engine import ResidentEngine, bucket
@@ -25,6 +26,30 @@ _GPU_PROFILES = (("H100", "h100-80gb"), ("A100", None), ("L4", "l4"), ("T4", "t4
 
 class PolicyUnavailable(ValueError):
     pass
+
+
+PINNED_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+
+
+def reserve_pinned_host_memory(cfg, dtype) -> None:
+    """Size XLA's pinned-host pool for streaming every expert weight, before JAX starts its GPU backend.
+
+    The pool is a BFC allocator with a cap (DESIGN.md §3): the default cap fails near 60 GB, and a cap
+    far above the need reserves memory the KV cache needs. An explicit setting is left alone."""
+    need = cfg.num_layers * layer_bytes(cfg, dtype, expert=True)
+    gb = int(need * 1.05 / 2**30) + 2
+    if PINNED_LIMIT_VAR in os.environ:
+        log.info("%s=%s set by the caller (the experts need %.1f GiB)", PINNED_LIMIT_VAR, os.environ[PINNED_LIMIT_VAR],
+                 need / 2**30)
+        return
+    from jax._src import xla_bridge
+
+    if getattr(xla_bridge, "_backends", None):  # too late: the backend read its settings already
+        log.warning("JAX is already initialised; set %s=%d before it starts to stream %.1f GiB of experts",
+                    PINNED_LIMIT_VAR, gb, need / 2**30)
+        return
+    os.environ[PINNED_LIMIT_VAR] = str(gb)
+    log.info("%s=%d (pinned host pool for %.1f GiB of streamed experts)", PINNED_LIMIT_VAR, gb, need / 2**30)
 
 
 def detect_hardware() -> str | None:
@@ -72,6 +97,8 @@ class LLM:
             self.hardware = hardware_profile(hardware)  # a bad name or file fails here, not mid-job
         self.engine = None
         self.hrm_prediction = None  # the HRM SearchResult behind an offload policy it chose
+        if policy != "resident":
+            reserve_pinned_host_memory(self.cfg, self.dtype)
         if policy == "auto":
             policy = "resident" if self._fits_on_device() else "offload"
             log.info("policy auto -> %s", policy)
