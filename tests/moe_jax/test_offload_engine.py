@@ -62,3 +62,18 @@ def test_gpu_memory_cap_is_checked_before_loading():
     with pytest.raises(OffloadMemoryError, match=r"needs .* GiB on the GPU .* gpu_memory_gb cap is 0.00 GiB"):
         OffloadEngine(source.cfg, source.weights, np.float32,
                       Policy(batch_size=2, micro_batch_size=1, num_micro_batches=2, gpu_memory_gb=1e-6))
+
+
+def test_llm_api_with_a_fixed_policy_and_with_hrm():
+    prompts, params = ["abc", "hello world", "x", "a longer prompt than the others"], SamplingParams(max_new_tokens=4)
+    want = [c.token_ids for c in moe_jax.LLM("tiny-olmoe", dtype="float32", policy="resident").generate(prompts, params)]
+    fixed = moe_jax.LLM("tiny-olmoe", dtype="float32", policy=moe_jax.Policy(
+        batch_size=3, micro_batch_size=2, num_micro_batches=2, resident_expert_fraction=0.5))
+    assert [c.token_ids for c in fixed.generate(prompts, params)] == want
+    assert fixed.stats.decode_steps > 0 and fixed.hrm_prediction is None
+    with pytest.raises(moe_jax.llm.PolicyUnavailable, match="needs policy 'resident'"):
+        fixed.logits([[1, 2, 3]])
+    hrm = moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", hardware="l4", gpu_memory_gb=1)
+    assert [c.token_ids for c in hrm.generate(prompts, params)] == want
+    assert hrm.hrm_prediction is not None and hrm.policy.batch_size <= len(prompts)
+    assert hrm.policy.gpu_memory_gb == 1
