@@ -1,35 +1,49 @@
 """`python -m moe_jax.generate`: generate for one prompt or a JSONL file of prompts.
 
     python -m moe_jax.generate --prompt "Once upon a time"                  # default: tiny-mixtral
-    python -m moe_jax.generate --model DIR --input in.jsonl --output out.jsonl [--resume]
+    python -m moe_jax.generate --model DIR --input in.jsonl --output out.jsonl [--resume] [--skip-invalid]
 
+Input lines are plain ({"prompt"} or {"prompt_token_ids"}, optional "id", "max_new_tokens") or OpenAI
+batch requests (/v1/completions, /v1/chat/completions), whose output lines mirror OpenAI's.
 Bad input (model, flags, prompts, JSONL lines) is reported on stderr in one line each, exit code 2,
-before the model's weights are loaded.
+before the model's weights are loaded; --skip-invalid writes bad lines to OUT.errors.jsonl instead.
+SIGINT/SIGTERM keep what has finished and print the command that resumes (exit code 130/143).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
 
+from moe_jax.chat_template import ChatTemplate, ChatTemplateError
 from moe_jax.checkpoint import CheckpointError
 from moe_jax.config import ConfigError
 from moe_jax.hrm import HardwareError, InfeasibleError
-from moe_jax.jsonl_jobs import CompletionWriter, JobInputError, output_record, read_job
+from moe_jax.job_output import (CompletionWriter, ResumeError, check_meta, finished_ids, sidecar, start_output,
+                                write_errors)
+from moe_jax.job_requests import BadLine, JobRequest
+from moe_jax.jsonl_jobs import OPENAI, Job, JobInputError, read_job
 from moe_jax.llm import DTYPES, LLM, POLICIES, PolicyUnavailable
-from moe_jax.model_source import ModelNotFound, open_model
+from moe_jax.model_source import ModelNotFound, ModelSource, open_model
 from moe_jax.offload_policy import PolicyError
 from moe_jax.presets import DEFAULT_PRESET
 from moe_jax.progress import Progress
 from moe_jax.prompts import PromptError, encode_prompt
 from moe_jax.sampling import SamplingParams
+from moe_jax.stop_signals import Interrupted, interruptible
+from moe_jax.stop_strings import cut_at_stop
 
 USER_ERRORS = (ConfigError, CheckpointError, ModelNotFound, PolicyUnavailable, PolicyError, JobInputError,
-               PromptError, HardwareError, InfeasibleError, MemoryError)
+               ResumeError, ChatTemplateError, PromptError, HardwareError, InfeasibleError, MemoryError)
+MAX_REPORTED = 50  # bad input lines listed on stderr; --skip-invalid writes them all
 log = logging.getLogger("moe_jax")
+
+Ready = list[tuple[JobRequest, tuple[int, ...]]]  # requests with their prompts' token ids
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,98 +64,184 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-gb", type=float, help="GPU memory the engine may use, GiB (offload/auto)")
     p.add_argument("--hardware", help="HRM hardware profile name or JSON file (default: detected)")
     p.add_argument("--resume", action="store_true", help="keep the finished lines of --output and run the rest")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="write invalid input lines to OUT.errors.jsonl (with the reason) and run the rest")
     args = p.parse_args(argv)
-    if args.resume and not args.output:
-        p.error("--resume needs --output")
+    for flag in ("resume", "skip_invalid"):
+        if getattr(args, flag) and not (args.input and args.output):
+            p.error(f"--{flag.replace('_', '-')} needs --input and --output")
+    if args.output and not args.output.resolve().parent.is_dir():
+        p.error(f"--output {args.output}: directory {args.output.resolve().parent} does not exist")
+    if args.output and args.input and args.output.resolve() == args.input.resolve():
+        p.error("--output must not be the --input file")
     return args
 
 
-def finished_ids(path: Path) -> set:
-    """ids of the complete lines of an earlier output; a torn last line (a crash mid-write) is cut off."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    keep = data[:data.rfind(b"\n") + 1]
-    ids = set()
-    for n, line in enumerate(keep.decode("utf-8").splitlines(), 1):
+def base_params(args: argparse.Namespace) -> SamplingParams:
+    """The CLI's sampling flags; input lines may override some per request."""
+    try:
+        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)
+    except ValueError as e:
+        raise JobInputError(f"bad sampling flag: {e}") from None
+
+
+def job_meta(args: argparse.Namespace, job: Job) -> dict:
+    """What an output depends on, beyond its input lines: a resume must match all of it."""
+    model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    return {"model": model, "dtype": args.dtype, "input_format": job.format.name,
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed}
+
+
+def prompt_ids(req: JobRequest, source: ModelSource, chat: ChatTemplate | None) -> tuple[int, ...]:
+    prompt = req.prompt
+    if req.messages is not None:
+        if chat is None:
+            raise ChatTemplateError(f"model {source.name} has no chat template (chat_template in "
+                                    f"tokenizer_config.json), so it cannot run chat requests")
+        prompt = chat.token_ids(req.messages, source.tokenizer, source.cfg.bos_token_id)
+    return encode_prompt(source.cfg, source.tokenizer, prompt, "prompt")
+
+
+def encode_job(job: Job, source: ModelSource, model: str) -> Ready:
+    """Every request's prompt as token ids; those that cannot run (empty, too long, no chat template)
+    join `job.bad`."""
+    if job.format is OPENAI and source.tokenizer is None:
+        raise JobInputError(f"{job.path}: OpenAI batch requests need a model with tokenizer.json; {model} has none")
+    chat = ChatTemplate.from_model_dir(model) if any(r.messages is not None for r in job.requests) else None
+    ready = []
+    for req in job.requests:
         try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise JobInputError(f"{path}:{n}: not a completion line; cannot resume into this file") from None
-    if len(keep) < len(data):
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - len(keep))
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    return ids
+            ready.append((req, prompt_ids(req, source, chat)))
+        except (PromptError, ChatTemplateError) as e:
+            job.bad.append(BadLine(req.line, req.id, str(e)))
+    return ready
 
 
-def run(args: argparse.Namespace) -> int:
-    base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
-    jobs = read_job(args.input) if args.input else None
-    source = open_model(args.model, seed=0)  # config and tokenizer only; weights load in LLM
-    if jobs is None:
-        prompts, params, ids = [encode_prompt(source.cfg, source.tokenizer, args.prompt, "--prompt")], [base], [0]
-    else:
-        errors, prompts = [], []
-        for j in jobs:
-            try:
-                prompts.append(encode_prompt(source.cfg, source.tokenizer, j.prompt, f"{args.input}:{j.line}: prompt"))
-            except PromptError as e:
-                errors.append(str(e))
+def handle_invalid(args: argparse.Namespace, job: Job, ready: Ready) -> None:
+    """Bad lines: all reported (JobInputError), or with --skip-invalid written to OUT.errors.jsonl."""
+    bad = sorted(job.bad, key=lambda b: b.line)
+    if not args.skip_invalid:
+        errors = [f"{job.path}:{b.line}: {b.reason}" for b in bad]
+        if len(errors) > MAX_REPORTED:
+            errors = errors[:MAX_REPORTED] + [f"... and {len(errors) - MAX_REPORTED} more bad lines "
+                                              f"(--skip-invalid writes them all to OUT.errors.jsonl)"]
         if errors:
             raise JobInputError("\n".join(errors))
-        done = finished_ids(args.output) if args.resume else set()
-        keep = [i for i, j in enumerate(jobs) if j.id not in done]
-        if done:
-            log.info("resuming: %d of %d requests already in %s", len(jobs) - len(keep), len(jobs), args.output)
-        prompts = [prompts[i] for i in keep]
-        params = [base.replace(max_new_tokens=jobs[i].max_new_tokens or base.max_new_tokens) for i in keep]
-        ids = [jobs[i].id for i in keep]
-        if args.output and not args.resume and args.output.exists():
-            args.output.unlink()
-    llm = LLM(source, dtype=args.dtype, policy=args.policy, max_batch_size=args.max_batch_size,
-              gpu_memory_gb=args.gpu_memory_gb, hardware=args.hardware)
-    writer = CompletionWriter(args.output) if args.output else None
-    progress = Progress(total=len(prompts))
-    start, generated = time.perf_counter(), 0
-    try:
-        for i, c in llm.generate_iter(prompts, params):
-            generated += len(c.token_ids)
-            if args.prompt is not None:
-                print(c.text if c.text is not None else json.dumps(c.token_ids))
-            else:
-                record = output_record(ids[i], c.token_ids, c.text, c.finish_reason)
-                if writer:
-                    writer.write(record)
-                    writer.flush()
-                else:
-                    print(json.dumps(record, ensure_ascii=False), flush=True)
-            progress.update(1, len(c.token_ids))
-    finally:
-        progress.close()
-        if writer:
-            writer.close()
+        return
+    path = sidecar(args.output, ".errors.jsonl")
+    write_errors(path, [job.format.error_record(b) for b in bad])
+    if not ready:
+        raise JobInputError(f"{job.path}: no valid requests ({len(job.bad)} invalid lines, listed in {path})")
+    if job.bad:
+        log.warning("skipping %d invalid input lines (listed with the reason in %s)", len(job.bad), path)
+
+
+def open_output(args: argparse.Namespace, job: Job, ready: Ready) -> Ready:
+    """The requests still to run: with --resume, those whose ids are not yet in OUT (which must have been
+    started with this run's settings); otherwise all, in a fresh OUT."""
+    if args.output is None:
+        return ready
+    meta = job_meta(args, job)
+    if not (args.resume and args.output.exists()):
+        start_output(args.output, meta)
+        return ready
+    check_meta(args.output, meta)
+    done = finished_ids(args.output, job.format.id_key)
+    unknown = done - {req.id for req, _ in ready}
+    if unknown:
+        raise ResumeError(f"cannot resume {args.output}: it holds {job.format.id_key}s that are not valid requests "
+                          f"of {job.path}: {', '.join(map(repr, sorted(unknown, key=str)[:5]))}")
+    log.info("resuming: %d of %d requests already in %s", len(done), len(ready), args.output)
+    return [(req, ids) for req, ids in ready if req.id not in done]
+
+
+def make_llm(args: argparse.Namespace, source: ModelSource) -> LLM:
+    return LLM(source, dtype=args.dtype, policy=args.policy, max_batch_size=args.max_batch_size,
+               gpu_memory_gb=args.gpu_memory_gb, hardware=args.hardware)
+
+
+def report(llm: LLM, prompts: int, generated: int, start: float, dtype: str) -> None:
     wall = time.perf_counter() - start
     if llm.stats is not None:
         print(llm.stats.summary(), file=sys.stderr)
-    print(f"done: {len(prompts)} prompts, {generated} generated tokens, {wall:.2f} s, "
-          f"{generated / max(wall, 1e-9):.1f} tok/s (model {llm.name}, policy {llm.policy}, {args.dtype})",
+    print(f"done: {prompts} prompts, {generated} generated tokens, {wall:.2f} s, "
+          f"{generated / max(wall, 1e-9):.1f} tok/s (model {llm.name}, policy {llm.policy}, {dtype})",
           file=sys.stderr)
+
+
+def run_prompt(args: argparse.Namespace) -> int:
+    source = open_model(args.model, seed=0)  # config and tokenizer only; weights load in LLM
+    prompt = encode_prompt(source.cfg, source.tokenizer, args.prompt, "--prompt")
+    params = base_params(args)
+    llm = make_llm(args, source)
+    start, generated = time.perf_counter(), 0
+    for _, c in llm.generate_iter([prompt], params):
+        generated += len(c.token_ids)
+        print(c.text if c.text is not None else json.dumps(c.token_ids))
+    report(llm, 1, generated, start, args.dtype)
     return 0
+
+
+def run_job(args: argparse.Namespace) -> int:
+    base = base_params(args)
+    job = read_job(args.input)
+    source = open_model(args.model, seed=0)
+    ready = encode_job(job, source, args.model)
+    handle_invalid(args, job, ready)
+    todo = open_output(args, job, ready)
+    if not todo:
+        log.info("nothing to do: all %d requests are in %s", len(ready), args.output)
+        return 0
+    llm = make_llm(args, source)
+    start = time.perf_counter()
+    generated = write_completions(llm, job, todo, base, args.output)
+    report(llm, len(todo), generated, start, args.dtype)
+    return 0
+
+
+def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, output: Path | None) -> int:
+    """Runs `todo`, writing each request's line as it finishes; returns the number of generated tokens.
+    On an exception (Interrupted included) the engine stops and what has finished is kept, synced."""
+    writer, progress = CompletionWriter(output), Progress(total=len(todo))
+    params = [base.replace(**req.sampling) for req, _ in todo]
+    try:
+        with contextlib.closing(llm.generate_iter([ids for _, ids in todo], params)) as completions:
+            for i, c in completions:
+                req = todo[i][0]
+                progress.update(1, len(c.token_ids))
+                if req.stop:
+                    c = cut_at_stop(c, req.stop, llm.tokenizer.decode)
+                writer.write(job.format.completion_record(req, c, llm.name))
+    finally:
+        progress.close()
+        writer.close()
+    return progress.tokens
+
+
+def resume_command(argv: list[str]) -> str:
+    return shlex.join(["python", "-m", "moe_jax.generate", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("moe_jax", "pallas_kernels", "host_ops"):
         logging.getLogger(name).setLevel(logging.INFO)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(argv)
     try:
-        return run(args)
+        with interruptible():
+            return run_job(args) if args.input else run_prompt(args)
     except USER_ERRORS as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"interrupted by {e}", file=sys.stderr)
+        if args.output:
+            print(f"finished requests are in {args.output}; to resume: {resume_command(argv)}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

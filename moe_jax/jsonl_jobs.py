@@ -1,107 +1,140 @@
-"""JSONL batch jobs: reading and validating an input file, and writing completions line by line.
+"""JSONL batch jobs: reading and validating an input file, in one of two formats, and each format's
+output and error lines.
 
-Input line: {"prompt": TEXT} or {"prompt_token_ids": [INT, ...]}, optional "id" (string or int, unique;
-default: the line number) and "max_new_tokens". Output line: {"id", "token_ids", "text", "finish_reason"}.
+Plain input line: {"prompt": TEXT} or {"prompt_token_ids": [INT, ...]}, optional "id" (string or int,
+unique; default: the line number) and "max_new_tokens". Output line: {"id", "token_ids", "text",
+"finish_reason"}; error line: {"line", "id", "error"}. OpenAI batch lines: see `moe_jax.openai_batch`.
+A file holds one format; every bad line is found, none stops the reading.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Callable
+
+from moe_jax import openai_batch
+from moe_jax.job_requests import BadLine, JobRequest, is_int, is_positive_int, is_token_ids, optional
+from moe_jax.requests import Completion
 
 
 class JobInputError(ValueError):
-    """Every problem found in an input file, one per line of the message."""
+    """An input file that cannot run, one problem per line of the message."""
 
 
 @dataclasses.dataclass(frozen=True)
-class JobLine:
-    line: int  # 1-based line number in the input file
-    id: str | int
-    prompt: str | tuple[int, ...]
-    max_new_tokens: int | None
+class JobFormat:
+    name: str
+    id_key: str  # the field that identifies a request in input and output lines
+    parse: Callable[[int, dict], JobRequest]
+    completion_record: Callable[[JobRequest, Completion, str], dict]  # (request, completion, model name)
+    error_record: Callable[[BadLine], dict]
 
 
-def _parse_line(n: int, text: str) -> JobLine:
+def _parse_plain(n: int, obj: dict) -> JobRequest:
+    has_text, has_ids = "prompt" in obj, "prompt_token_ids" in obj
+    if has_text == has_ids:
+        raise ValueError("needs exactly one of 'prompt' (text) or 'prompt_token_ids' (list of ints)")
+    if has_text:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError(f"'prompt' must be a string, got {type(prompt).__name__}")
+    else:
+        prompt = obj["prompt_token_ids"]
+        if not is_token_ids(prompt):
+            raise ValueError("'prompt_token_ids' must be a list of integers")
+        prompt = tuple(prompt)
+    if not prompt:
+        raise ValueError("empty prompt")
+    rid = obj.get("id", n)
+    if not isinstance(rid, str) and not is_int(rid):
+        raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
+    m = optional(obj, "max_new_tokens", is_positive_int, "a positive integer")
+    return JobRequest(n, rid, prompt, sampling={"max_new_tokens": m} if m else {})
+
+
+def _plain_record(req: JobRequest, c: Completion, model: str) -> dict:
+    return {"id": req.id, "token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason}
+
+
+def _plain_error(bad: BadLine) -> dict:
+    return {"line": bad.line, "id": bad.id, "error": bad.reason}
+
+
+PLAIN = JobFormat("plain", "id", _parse_plain, _plain_record, _plain_error)
+OPENAI = JobFormat("OpenAI batch", openai_batch.ID_KEY, openai_batch.parse_request,
+                   openai_batch.response_record, openai_batch.error_record)
+
+
+@dataclasses.dataclass
+class Job:
+    path: Path
+    format: JobFormat
+    requests: list[JobRequest]
+    bad: list[BadLine]
+
+
+def _format_of(obj: dict) -> JobFormat:
+    return OPENAI if openai_batch.is_request(obj) else PLAIN
+
+
+def _id_of(obj: dict, n: int):
+    """The line's request id where it has a usable one (for reporting a bad line), else None."""
+    rid = obj.get(OPENAI.id_key) if _format_of(obj) is OPENAI else obj.get("id", n)
+    return rid if isinstance(rid, str) or is_int(rid) else None
+
+
+def _json_object(text: str) -> dict:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    has_text, has_ids = "prompt" in obj, "prompt_token_ids" in obj
-    if has_text == has_ids:
-        raise ValueError("needs exactly one of 'prompt' (text) or 'prompt_token_ids' (list of ints)")
-    if has_text:
-        prompt: Any = obj["prompt"]
-        if not isinstance(prompt, str):
-            raise ValueError(f"'prompt' must be a string, got {type(prompt).__name__}")
-    else:
-        prompt = obj["prompt_token_ids"]
-        if not isinstance(prompt, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError("'prompt_token_ids' must be a list of integers")
-        prompt = tuple(prompt)
-    if not prompt:
-        raise ValueError("empty prompt")
-    rid = obj.get("id", n)
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
-    m = obj.get("max_new_tokens")
-    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
-        raise ValueError(f"'max_new_tokens' must be a positive integer, got {m!r}")
-    return JobLine(n, rid, prompt, m)
-
-
-def read_job(path: str | Path) -> list[JobLine]:
-    """All lines of a JSONL input, validated; every error is reported at once (JobInputError)."""
-    path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a string holds an unpaired surrogate escape (\\ud800-\\udfff)") from None
+    return obj
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines, split at "\\n" only (JSON strings may hold other line separators raw)."""
+    try:
+        return path.read_bytes().decode("utf-8-sig").split("\n")
     except FileNotFoundError:
         raise JobInputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise JobInputError(f"{path}: is a directory") from None
     except UnicodeDecodeError as e:
         raise JobInputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    jobs, errors, seen = [], [], {}
-    for n, text in enumerate(lines, 1):
+
+
+def read_job(path: str | Path) -> Job:
+    """Every request of a JSONL input, and every bad line with its reason (malformed JSON, missing or
+    mistyped fields, duplicate ids, a line in the other format than the first)."""
+    path = Path(path)
+    fmt, first, requests, bad, seen = None, 0, [], [], {}
+    for n, text in enumerate(_read_lines(path), 1):
         if not text.strip():
             continue
+        obj = None
         try:
-            job = _parse_line(n, text)
+            obj = _json_object(text)
+            if fmt is None:
+                fmt, first = _format_of(obj), n
+            elif _format_of(obj) is not fmt:
+                raise ValueError(f"mixes formats: this line is in {_format_of(obj).name} format, "
+                                 f"line {first} in {fmt.name} format")
+            req = fmt.parse(n, obj)
         except ValueError as e:
-            errors.append(f"{path}:{n}: {e}")
+            bad.append(BadLine(n, _id_of(obj, n) if obj is not None else None, str(e)))
             continue
-        if job.id in seen:
-            errors.append(f"{path}:{n}: duplicate id {job.id!r} (first on line {seen[job.id]})")
+        if req.id in seen:
+            bad.append(BadLine(n, req.id, f"duplicate {fmt.id_key} {req.id!r} (first on line {seen[req.id]})"))
             continue
-        seen[job.id] = n
-        jobs.append(job)
-    if errors:
-        raise JobInputError("\n".join(errors))
-    if not jobs:
+        seen[req.id] = n
+        requests.append(req)
+    if not requests and not bad:
         raise JobInputError(f"{path}: no requests (the file is empty)")
-    return jobs
-
-
-class CompletionWriter:
-    """Appends one complete JSON line per finished request; `flush()` makes them durable (fsync)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._f = open(self.path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def flush(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self.flush()
-        self._f.close()
-
-
-def output_record(job_id: Any, token_ids: Sequence[int], text: str | None, finish_reason: str) -> dict:
-    return {"id": job_id, "token_ids": list(token_ids), "text": text, "finish_reason": finish_reason}
+    return Job(path, fmt or PLAIN, requests, bad)

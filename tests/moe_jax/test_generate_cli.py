@@ -1,22 +1,70 @@
-"""The CLI: a JSONL job end to end, and one clear error line + exit code 2 for each kind of bad input."""
+"""The CLI: a JSONL job end to end, one clear error line + exit code 2 for each kind of bad input,
+--skip-invalid, and resuming after an interruption (SIGKILL, SIGINT, SIGTERM) or refusing to."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from moe_jax.generate import main
+from moe_jax.progress import Progress
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]
+# Long enough (150 waves of 2 x 32 tokens, a few seconds) to be interrupted after its first lines.
+LONG_ARGS = ("--max-batch-size", "2", "--max-new-tokens", "32", "--dtype", "float32", "--policy", "resident")
+LONG_N = 300
 
 
 def run_cli(capsys, *args):
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def records(path: Path) -> dict:
+    """{id: record} of an output file, which must hold whole lines only, each id once."""
+    data = path.read_text(encoding="utf-8")
+    assert data.endswith("\n")
+    lines = [json.loads(line) for line in data.split("\n")[:-1]]
+    by_id = {r["id"]: r for r in lines}
+    assert len(by_id) == len(lines)
+    return by_id
+
+
+def whole_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def long_job(tmp_path_factory):
+    """(input file, {id: record} of its uninterrupted greedy run)."""
+    d = tmp_path_factory.mktemp("long")
+    inp, out = d / "in.jsonl", d / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"r{i:03d}", "prompt": f"request {i:03d}"}) + "\n" for i in range(LONG_N)))
+    assert main(["--input", str(inp), "--output", str(out), *LONG_ARGS]) == 0
+    return inp, records(out)
+
+
+def start_job(inp: Path, out: Path, err: Path, *extra) -> tuple[subprocess.Popen, list[str]]:
+    """The long job in a subprocess, returned once its first line is in `out`."""
+    args = ["--input", str(inp), "--output", str(out), *LONG_ARGS, *extra]
+    proc = subprocess.Popen([sys.executable, "-m", "moe_jax.generate", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(err, "w"))
+    deadline = time.monotonic() + 240
+    while whole_lines(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, err.read_text()
+    return proc, args
 
 
 def test_jsonl_job_writes_every_request(tmp_path, capsys):
@@ -56,6 +104,13 @@ def test_resume_skips_finished_ids_and_repairs_a_torn_line(tmp_path, capsys):
     ('{"prompt": "x", "max_new_tokens": 0}\n', "in.jsonl:1: 'max_new_tokens' must be a positive integer"),
     ('{"prompt_token_ids": [1, 99999]}\n', "in.jsonl:1: prompt: token id 99999 is outside the vocabulary"),
     ('{"prompt": "' + "x" * 3000 + '"}\n', "in.jsonl:1: prompt has 3001 tokens; the model allows at most 2047"),
+    ('{"prompt_token_ids": [1, "2"]}\n', "in.jsonl:1: 'prompt_token_ids' must be a list of integers"),
+    ('{"id": [1], "prompt": "x"}\n', "in.jsonl:1: 'id' must be a string or an integer"),
+    ('[1, 2]\n', "in.jsonl:1: expected a JSON object, got list"),
+    ('{"prompt": "x"}\n{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "y"}}\n',
+     "in.jsonl:2: mixes formats: this line is in OpenAI batch format, line 1 in plain format"),
+    ('', "in.jsonl: no requests (the file is empty)"),
+    ('{"prompt": "a\\ud800"}\n', "in.jsonl:1: a string holds an unpaired surrogate escape"),
 ])
 def test_bad_jsonl_lines(tmp_path, capsys, content, message):
     inp = tmp_path / "in.jsonl"
@@ -95,6 +150,21 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
     assert rc == 2 and "no-such-gpu" in err
     rc, _, err = run_cli(capsys, "--prompt", "")
     assert rc == 2 and "--prompt is empty" in err
+    rc, _, err = run_cli(capsys, "--prompt", "x", "--temperature", "-1")
+    assert rc == 2 and "bad sampling flag: temperature must be >= 0" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "in.jsonl", "--resume"], "--resume needs --input and --output"),
+    (["--prompt", "x", "--output", "o.jsonl", "--skip-invalid"], "--skip-invalid needs --input and --output"),
+    (["--input", "in.jsonl", "--output", "no/such/dir/o.jsonl"], "directory"),
+    (["--input", "in.jsonl", "--output", "in.jsonl"], "--output must not be the --input file"),
+])
+def test_bad_flag_combinations(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_module_entry_point_prints_a_completion():
@@ -116,3 +186,105 @@ def test_offload_policy_from_the_cli_matches_resident(tmp_path, capsys):
         outs[policy] = {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in out.read_text().splitlines()}
     assert outs["offload"] == outs["resident"] and len(outs["offload"]) == 5
     assert "bottleneck:" in err  # the offload run ends with its per-layer summary
+
+
+def test_many_bad_lines_are_listed_up_to_a_limit(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("not json\n" * 60)
+    rc, _, err = run_cli(capsys, "--input", inp)
+    assert rc == 2 and "in.jsonl:50:" in err and "in.jsonl:51:" not in err and "... and 10 more bad lines" in err
+
+
+def test_skip_invalid_writes_the_bad_lines_aside_and_runs_the_rest(tmp_path, capsys, caplog):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": ""}\nnot json\n'
+                   '{"id": "c", "prompt": "' + "x" * 3000 + '"}\n{"id": "d", "prompt": "also fine"}\n')
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--skip-invalid", "--max-new-tokens", "2")
+    assert rc == 0, err
+    assert sorted(records(out)) == ["a", "d"]
+    errors = [json.loads(l) for l in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["id"]) for e in errors] == [(2, "b"), (3, None), (4, "c")]
+    assert errors[0]["error"] == "empty prompt" and "malformed JSON" in errors[1]["error"]
+    assert "prompt has 3001 tokens" in errors[2]["error"]
+    assert "skipping 3 invalid input lines" in caplog.text
+    inp.write_text("not json\n")
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--skip-invalid")
+    assert rc == 2 and "no valid requests (1 invalid lines, listed in" in err
+
+
+def test_resume_is_refused_for_other_settings_or_foreign_output(tmp_path, capsys, caplog):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n')
+    job = ("--input", inp, "--output", out, "--max-new-tokens", "2", "--dtype", "float32")
+    assert run_cli(capsys, *job)[0] == 0
+    meta = json.loads((tmp_path / "out.meta.json").read_text())
+    assert meta["model"] == "tiny-mixtral" and meta["dtype"] == "float32" and meta["max_new_tokens"] == 2
+    rc, _, err = run_cli(capsys, *job, "--resume", "--temperature", "0.5", "--model", "tiny-olmoe")
+    assert rc == 2
+    assert f"cannot resume {out}: it was started with model 'tiny-mixtral', this run has 'tiny-olmoe'" in err
+    assert "it was started with temperature 0.0, this run has 0.5" in err
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 0 and "nothing to do: all 1 requests are in" in caplog.text and "done:" not in err  # no model load
+    inp.write_text('{"id": "b", "prompt": "x"}\n')
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 2 and "it holds ids that are not valid requests of" in err and "'a'" in err
+    (tmp_path / "out.meta.json").unlink()
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 2 and "out.meta.json is missing" in err
+    out.write_text('{"id": "a"}\nnot a line\n')
+    rc, _, err = run_cli(capsys, *job)  # without --resume: a fresh start over anything there
+    assert rc == 0 and list(records(out)) == ["b"]
+
+
+def test_killed_job_resumes_to_the_uninterrupted_outputs(tmp_path, long_job):
+    inp, reference = long_job
+    out = tmp_path / "out.jsonl"
+    proc, args = start_job(inp, out, tmp_path / "err.txt")
+    proc.kill()
+    proc.wait()
+    assert 1 <= len(records(out)) < LONG_N  # killed in the middle, whole lines only
+    assert main([*args, "--resume"]) == 0
+    assert records(out) == reference  # every id exactly once, greedy outputs identical
+
+
+def test_sigint_keeps_whole_lines_and_prints_the_resume_command(tmp_path, long_job):
+    inp, reference = long_job
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.txt"
+    proc, args = start_job(inp, out, err)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    done = records(out)
+    assert 1 <= len(done) < LONG_N and all(done[i] == reference[i] for i in done)
+    message = err.read_text()
+    assert "interrupted by SIGINT" in message and "Traceback" not in message
+    assert "to resume: python -m moe_jax.generate " + shlex.join([*args, "--resume"]) in message
+
+
+def test_sigterm_exits_143_and_restores_the_handlers(tmp_path, long_job, capsys):
+    inp, _ = long_job
+    out = tmp_path / "out.jsonl"
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a late signal must not kill pytest
+    try:
+        def terminate_after_first_line():
+            deadline = time.monotonic() + 240
+            while whole_lines(out) < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=terminate_after_first_line, daemon=True).start()
+        rc, _, err = run_cli(capsys, "--input", inp, "--output", out, *LONG_ARGS)
+        assert rc == 143 and "interrupted by SIGTERM" in err and "--resume" in err
+        assert 1 <= len(records(out)) < LONG_N
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_progress_logs_plain_lines_when_not_a_terminal(caplog):
+    with caplog.at_level(logging.INFO, logger="moe_jax"):
+        p = Progress(total=2, every_s=0.0)
+        p.update(1, 10)
+        p.update(1, 6)
+        p.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert len(lines) == 2 and lines[-1].startswith("progress: 2/2 requests, 16 tokens,") and "tok/s, ETA" in lines[-1]

@@ -1,0 +1,72 @@
+"""A checkpoint's chat template (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`),
+rendered as Hugging Face does: a sandboxed jinja2 environment, `add_generation_prompt=True`, and the
+`bos_token` / `eos_token` of `tokenizer_config.json`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from moe_jax.tokenizer import Tokenizer
+
+
+class ChatTemplateError(ValueError):
+    """A template that cannot be read, or that fails to render some messages."""
+
+
+def _raise_exception(message: str):
+    raise jinja2.TemplateError(message)
+
+
+def _token_text(v) -> str:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return v.get("content", "") if isinstance(v, dict) else v or ""
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", where: str = "chat template"):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise_exception
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise ChatTemplateError(f"{where}: line {e.lineno}: {e.message}") from None
+        self.bos_token, self.eos_token = bos_token, eos_token
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "ChatTemplate | None":
+        """The template of a checkpoint directory; None when it has none (or `path` is a preset name)."""
+        path = Path(path)
+        config_file, jinja_file = path / "tokenizer_config.json", path / "chat_template.jinja"
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ChatTemplateError(f"{config_file}: not valid JSON ({e})") from None
+        source, where = config.get("chat_template"), f"{config_file}: chat_template"
+        if isinstance(source, list):  # named templates: [{"name", "template"}, ...]
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+        if jinja_file.is_file():
+            source, where = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        if not isinstance(source, str):
+            return None
+        return cls(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")), where)
+
+    def render(self, messages: Sequence[dict]) -> str:
+        try:
+            return self._template.render(messages=list(messages), add_generation_prompt=True,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except Exception as e:  # the template is the checkpoint's code: any failure is reported, not raised
+            raise ChatTemplateError(f"chat template: {e}") from None
+
+    def token_ids(self, messages: Sequence[dict], tokenizer: Tokenizer, bos_token_id: int | None) -> list[int]:
+        """The rendered prompt's tokens. A template that writes the BOS token itself and a tokenizer that
+        adds one too would double it: one is dropped."""
+        ids = tokenizer.encode(self.render(messages))
+        if bos_token_id is not None and ids[:2] == [bos_token_id, bos_token_id]:
+            ids = ids[1:]
+        return ids

@@ -1,0 +1,102 @@
+"""The output file of a JSONL job and its sidecars: appending completions so that a crash leaves only
+whole lines, reading the finished ones back to resume, `OUT.meta.json` (the settings a resume must
+match) and `OUT.errors.jsonl` (the input lines skipped as invalid)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("moe_jax")
+
+
+class ResumeError(ValueError):
+    """An output file this run cannot resume."""
+
+
+def sidecar(out: Path, suffix: str) -> Path:
+    """out.jsonl -> out<suffix>, e.g. out.meta.json."""
+    return out.with_name(out.stem + suffix)
+
+
+def _dumps(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+class CompletionWriter:
+    """Writes one JSON line per record, handed to the OS whole (a killed process leaves whole lines);
+    fsync at most every `sync_every_s` and at close. path None: stdout, never synced."""
+
+    def __init__(self, path: Path | None, sync_every_s: float = 0.5):
+        self._f = open(path, "a", encoding="utf-8") if path else sys.stdout
+        self._durable, self.sync_every_s, self._synced = path is not None, sync_every_s, time.monotonic()
+
+    def write(self, record: dict) -> None:
+        self._f.write(_dumps(record))
+        self._f.flush()
+        if self._durable and time.monotonic() - self._synced >= self.sync_every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self._f.fileno())
+        self._synced = time.monotonic()
+
+    def close(self) -> None:
+        if self._durable:
+            self.sync()
+            self._f.close()
+
+
+def finished_ids(path: Path, id_key: str) -> set:
+    """The request ids of the whole lines of an earlier output; a torn last line (a crash mid-write) is
+    cut off the file."""
+    data = path.read_bytes()
+    keep = data[:data.rfind(b"\n") + 1]
+    ids = set()
+    for n, line in enumerate(keep.split(b"\n")[:-1], 1):
+        try:
+            ids.add(json.loads(line)[id_key])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise ResumeError(f"{path}:{n}: not an output line of this job's format; "
+                              f"cannot resume into this file") from None
+    if len(keep) < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - len(keep))
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    return ids
+
+
+def start_output(out: Path, meta: dict) -> None:
+    """A fresh job: any earlier output is removed and the job's settings recorded in OUT.meta.json."""
+    out.unlink(missing_ok=True)
+    tmp = sidecar(out, ".meta.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, sidecar(out, ".meta.json"))
+
+
+def check_meta(out: Path, meta: dict) -> None:
+    """Refuses (ResumeError) to resume an output started with other settings than `meta`."""
+    path = sidecar(out, ".meta.json")
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResumeError(f"cannot resume {out}: {path} is missing, so the model and sampling settings it was "
+                          f"made with are unknown (run without --resume to start over)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ResumeError(f"cannot resume {out}: {path} is not valid JSON") from None
+    diffs = [f"cannot resume {out}: it was started with {k} {old.get(k)!r}, this run has {v!r}"
+             for k, v in meta.items() if old.get(k) != v]
+    if diffs:
+        hint = "resume with the settings it was started with, or write to a new --output"
+        raise ResumeError("\n".join([*diffs, hint]))
+
+
+def write_errors(path: Path, records: list[dict]) -> None:
+    """OUT.errors.jsonl: one line per skipped input line (replaced on every run; removed when none)."""
+    if records:
+        path.write_text("".join(map(_dumps, records)), encoding="utf-8")
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,53 @@
+"""One request of a JSONL batch job, as parsed from its input line (any format), and field checks."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """prompt: text or token ids (None for a chat request, which has `messages`); sampling:
+    SamplingParams fields this line overrides; stop: strings that end the completion (text cut before
+    them); endpoint: the OpenAI batch url, None for a plain line."""
+
+    line: int  # 1-based line number in the input file
+    id: str | int
+    prompt: str | tuple[int, ...] | None
+    messages: tuple[dict, ...] | None = None
+    sampling: dict = dataclasses.field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    endpoint: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+    """An input line that cannot run; id is None when the line has no usable one."""
+
+    line: int
+    id: str | int | None
+    reason: str
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_positive_int(v: Any) -> bool:
+    return is_int(v) and v >= 1
+
+
+def is_token_ids(v: Any) -> bool:
+    return isinstance(v, list) and all(is_int(t) for t in v)
+
+
+def optional(obj: dict, key: str, valid: Callable[[Any], bool], expected: str, where: str = ""):
+    """obj[key], or None when absent or null; ValueError naming `where + key` when not valid."""
+    v = obj.get(key)
+    if v is not None and not valid(v):
+        raise ValueError(f"'{where}{key}' must be {expected}, got {v!r}")
+    return v

@@ -1,0 +1,101 @@
+"""The OpenAI batch file format: request lines in, response (and error) lines out, shaped as OpenAI
+documents them.
+
+Request: {"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions", "body": {...}}
+with "prompt" (text or token ids) or "messages" ([{"role", "content"}, ...]) and optional "max_tokens"
+(or "max_completion_tokens"), "temperature", "top_p", "seed", "stop" (a string or a list of them);
+"model" and other fields are ignored, "n" must be 1. Fields a body leaves out take the CLI's values.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+
+from moe_jax.job_requests import BadLine, JobRequest, is_int, is_number, is_positive_int, is_token_ids, optional
+from moe_jax.requests import Completion
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+ID_KEY = "custom_id"  # what identifies a request in input and output lines
+
+_SAMPLING = (  # body key, SamplingParams field, check, what it must be
+    ("max_tokens", "max_new_tokens", is_positive_int, "a positive integer"),
+    ("max_completion_tokens", "max_new_tokens", is_positive_int, "a positive integer"),
+    ("temperature", "temperature", lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    ("top_p", "top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    ("seed", "seed", is_int, "an integer"),
+)
+
+
+def is_request(obj: dict) -> bool:
+    """Whether a JSON object is meant as an OpenAI batch request (rather than a plain line)."""
+    return any(k in obj for k in ("custom_id", "method", "url", "body"))
+
+
+def parse_request(n: int, obj: dict) -> JobRequest:
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise ValueError(f"'custom_id' must be a non-empty string, got {cid!r}")
+    if obj.get("method") != "POST":
+        raise ValueError(f"'method' must be \"POST\", got {obj.get('method')!r}")
+    url = obj.get("url")
+    if url not in (COMPLETIONS, CHAT):
+        raise ValueError(f"'url' must be \"{COMPLETIONS}\" or \"{CHAT}\", got {url!r}")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise ValueError("'body' must be a JSON object")
+    if body.get("n") not in (None, 1):
+        raise ValueError(f"'body.n' must be 1 (one completion per request), got {body['n']!r}")
+    prompt, messages = (None, _messages(body)) if url == CHAT else (_prompt(body), None)
+    sampling = {}
+    for key, field, valid, expected in _SAMPLING:
+        v = optional(body, key, valid, expected, "body.")
+        if v is not None:
+            sampling[field] = v
+    return JobRequest(n, cid, prompt, messages, sampling, _stop(body), url)
+
+
+def _prompt(body: dict) -> str | tuple[int, ...]:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) and not is_token_ids(prompt):
+        raise ValueError("'body.prompt' must be a string or a list of token ids (one prompt per request)")
+    if not prompt:
+        raise ValueError("empty prompt")
+    return prompt if isinstance(prompt, str) else tuple(prompt)
+
+
+def _messages(body: dict) -> tuple[dict, ...]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'body.messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"'body.messages[{i}]' must be an object with string 'role' and 'content'")
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = optional(body, "stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(
+        isinstance(s, str) for s in v)), "a string or a list of strings", "body.")
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if "" in stop:
+        raise ValueError("'body.stop' strings must not be empty")
+    return stop
+
+
+def response_record(req: JobRequest, c: Completion, model: str) -> dict:
+    """The output line of a finished request (HTTP 200, the body a completions or chat API response)."""
+    chat = req.endpoint == CHAT
+    choice = {"index": 0, "message": {"role": "assistant", "content": c.text}} if chat else {"index": 0, "text": c.text}
+    usage = {"prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids),
+             "total_tokens": len(c.prompt_token_ids) + len(c.token_ids)}
+    body = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{**choice, "finish_reason": c.finish_reason, "logprobs": None}], "usage": usage}
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": req.id,
+            "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
+
+
+def error_record(bad: BadLine) -> dict:
+    """The errors-file line of an input line that could not run."""
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": bad.id, "response": None,
+            "error": {"code": "invalid_request", "message": f"line {bad.line}: {bad.reason}"}}

@@ -1,0 +1,154 @@
+"""OpenAI batch files through the CLI (completions and chat, output shaped as OpenAI's), their bad lines,
+chat templates and stop strings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_jax import LLM, SamplingParams
+from moe_jax.chat_template import ChatTemplate, ChatTemplateError
+from moe_jax.generate import main
+from moe_jax.presets import preset_hf_config
+from moe_jax.requests import Completion
+from moe_jax.stop_strings import cut_at_stop
+from moe_jax.tokenizer import BYTE_BOS, Tokenizer
+
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}" \
+           "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+
+
+def request(cid, url, **body) -> str:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body}) + "\n"
+
+
+def completion(cid, **body) -> str:
+    return request(cid, "/v1/completions", **body)
+
+
+def chat(cid, **body) -> str:
+    return request(cid, "/v1/chat/completions", **body)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """tiny-mixtral's shape built with transformers, with the byte-level tokenizer and a chat template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = preset_hf_config("tiny-mixtral")
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
+    path = tmp_path_factory.mktemp("chat-model")
+    model.save_pretrained(path)
+    Tokenizer.byte_level().save(path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "chat_template": TEMPLATE}))
+    return path
+
+
+def test_openai_round_trip_matches_llm_generate(tmp_path, chat_model, capsys):
+    llm = LLM(str(chat_model), dtype="float32", policy="resident")
+    rendered = "<|system|>Be brief.\n<|user|>Hi!\n<|assistant|>"
+    params = [SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=5), SamplingParams(max_new_tokens=6)]
+    expected = llm.generate(["Hello there", rendered, "Hello there"], params)
+    text = expected[0].text
+    stop = next(ch for ch in text[1:] if ch != "\ufffd")  # a string the completion holds
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(completion("comp", model="ignored", prompt="Hello there", max_tokens=6)
+                   + chat("chat", messages=MESSAGES, max_tokens=5)
+                   + completion("bad", prompt="x", n=3)
+                   + completion("stop", prompt="Hello there", max_tokens=6, stop=["\n\n", stop]))
+    assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32",
+                 "--skip-invalid"]) == 0, capsys.readouterr().err
+    lines = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(lines) == ["chat", "comp", "stop"]
+    for cid, exp in zip(("comp", "chat"), expected):
+        r = lines[cid]
+        assert set(r) == {"id", "custom_id", "response", "error"} and r["error"] is None
+        assert r["id"].startswith("batch_req_") and r["response"]["status_code"] == 200 and r["response"]["request_id"]
+        body = r["response"]["body"]
+        assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+        assert body["model"] == str(chat_model)
+        assert body["usage"] == {"prompt_tokens": len(exp.prompt_token_ids), "completion_tokens": len(exp.token_ids),
+                                 "total_tokens": len(exp.prompt_token_ids) + len(exp.token_ids)}
+        (choice,) = body["choices"]
+        assert choice["index"] == 0 and choice["finish_reason"] == exp.finish_reason and choice["logprobs"] is None
+    comp, chat_body = lines["comp"]["response"]["body"], lines["chat"]["response"]["body"]
+    assert comp["object"] == "text_completion" and comp["id"].startswith("cmpl-")
+    assert comp["choices"][0]["text"] == text
+    assert chat_body["object"] == "chat.completion" and chat_body["id"].startswith("chatcmpl-")
+    assert chat_body["choices"][0]["message"] == {"role": "assistant", "content": expected[1].text}
+    stopped = lines["stop"]["response"]["body"]
+    assert stopped["choices"][0]["text"] == text[:text.find(stop)] and stopped["choices"][0]["finish_reason"] == "stop"
+    needed = min(k for k in range(1, 7) if stop in llm.tokenizer.decode(expected[0].token_ids[:k]))
+    assert stopped["usage"]["completion_tokens"] == needed
+    (error,) = map(json.loads, (tmp_path / "out.errors.jsonl").read_text().splitlines())
+    assert error["custom_id"] == "bad" and error["response"] is None
+    assert error["error"] == {"code": "invalid_request", "message": "line 3: 'body.n' must be 1 (one completion per "
+                                                                    "request), got 3"}
+
+
+@pytest.mark.parametrize("content, message", [
+    (request("a", "/v1/embeddings", input="x"), "in.jsonl:1: 'url' must be \"/v1/completions\" or"),
+    (json.dumps({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}) + "\n",
+     "in.jsonl:1: 'method' must be \"POST\", got 'GET'"),
+    (json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}) + "\n",
+     "in.jsonl:1: 'custom_id' must be a non-empty string, got None"),
+    (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions"}) + "\n",
+     "in.jsonl:1: 'body' must be a JSON object"),
+    (completion("a", prompt=["x", "y"]), "in.jsonl:1: 'body.prompt' must be a string or a list of token ids"),
+    (completion("a", prompt=""), "in.jsonl:1: empty prompt"),
+    (completion("a", prompt="x", max_tokens=0), "in.jsonl:1: 'body.max_tokens' must be a positive integer, got 0"),
+    (completion("a", prompt="x", temperature=-1), "in.jsonl:1: 'body.temperature' must be a number >= 0"),
+    (completion("a", prompt="x", top_p=0), "in.jsonl:1: 'body.top_p' must be a number in (0, 1]"),
+    (completion("a", prompt="x", seed=1.5), "in.jsonl:1: 'body.seed' must be an integer"),
+    (completion("a", prompt="x", stop=[1]), "in.jsonl:1: 'body.stop' must be a string or a list of strings"),
+    (completion("a", prompt="x", stop=""), "in.jsonl:1: 'body.stop' strings must not be empty"),
+    (chat("a", messages=[]), "in.jsonl:1: 'body.messages' must be a non-empty list"),
+    (chat("a", messages=[{"role": "user", "content": None}]),
+     "in.jsonl:1: 'body.messages[0]' must be an object with string 'role' and 'content'"),
+    (chat("a", messages=MESSAGES), "in.jsonl:1: model tiny-mixtral has no chat template"),
+    (completion("a", prompt="x") + completion("a", prompt="y"),
+     "in.jsonl:2: duplicate custom_id 'a' (first on line 1)"),
+    (completion("a", prompt="x") + '{"prompt": "y"}\n',
+     "in.jsonl:2: mixes formats: this line is in plain format, line 1 in OpenAI batch format"),
+])
+def test_bad_openai_lines(tmp_path, capsys, content, message):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(content)
+    rc = main(["--input", str(inp), "--output", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_chat_template_rendering(tmp_path):
+    tok = Tokenizer.byte_level()
+    with_bos = ChatTemplate("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", "<s>", "</s>")
+    assert with_bos.render([{"role": "user", "content": "hi"}]) == "<s>hi"
+    assert with_bos.token_ids([{"role": "user", "content": "hi"}], tok, BYTE_BOS) == [BYTE_BOS, ord("h"), ord("i")]
+    strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}")
+    with pytest.raises(ChatTemplateError, match="chat template: user first"):
+        strict.render([{"role": "system", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="chat template: .*unsafe"):
+        ChatTemplate("{{ messages.__class__.__mro__ }}").render([])
+    with pytest.raises(ChatTemplateError, match="line 1"):
+        ChatTemplate("{% for m in messages %}")
+    assert ChatTemplate.from_model_dir("tiny-mixtral") is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": {"content": "<s>"}, "chat_template": [{"name": "tool_use", "template": "T"},
+                                                             {"name": "default", "template": "{{ bos_token }}D"}]}))
+    assert ChatTemplate.from_model_dir(tmp_path).render([]) == "<s>D"
+    (tmp_path / "chat_template.jinja").write_text("J")
+    assert ChatTemplate.from_model_dir(tmp_path).render([]) == "J"
+
+
+def test_stop_strings_cut_the_text_and_the_tokens():
+    tok = Tokenizer.byte_level()
+    ids = tok.encode("abcXYdefXY")[1:]
+    c = Completion(ids, "abcXYdefXY", "length")
+    cut = cut_at_stop(c, ["def", "XY"], tok.decode)
+    assert (cut.text, cut.token_ids, cut.finish_reason) == ("abc", ids[:5], "stop")
+    assert cut_at_stop(c, ["zz"], tok.decode) is c
