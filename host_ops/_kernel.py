@@ -1,0 +1,205 @@
+"""The numba attention kernel shared by the dense entry points and the host KV cache.
+
+One kernel covers decode and causal prefill: query ``(b, t)`` attends to KV positions
+``[0, min(starts[b] + t + 1, ends[b]))`` of KV row ``rows[b]`` (decode: ``T = 1``,
+``starts = lengths - 1``, ``ends = lengths``). K/V are passed flat, with element strides, so that
+the cache's head-major layout and the dense ``[B, S, Hk, D]`` layout share one compiled kernel per
+KV dtype. bfloat16 is read as its uint16 bits and widened to float32 by a shift; all arithmetic is
+float32. Inputs are validated by the callers; nothing here checks shapes.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT32 = np.dtype(np.float32)
+KV_DTYPES = (BFLOAT16, FLOAT32)
+
+# No nnan/ninf: the running max starts at -inf. Reassociation lets LLVM vectorise the dot products.
+_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_JIT = dict(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+_BLOCK = 64  # KV positions per online-softmax step (a multiple of 4)
+_I32 = ir.IntType(32)
+
+
+@intrinsic
+def _as_f32(typingctx, x):
+    """One KV element as float32: uint16 (bfloat16 bits) shifted into the top half, or float32 as is.
+    Done in LLVM so the widening stays 32-bit (numba would promote integer arithmetic to int64)."""
+    if x == types.float32:
+        return types.float32(x), lambda context, builder, sig, args: args[0]
+    if x == types.uint16:
+        def codegen(context, builder, sig, args):
+            bits = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
+            return builder.bitcast(bits, ir.FloatType())
+        return types.float32(x), codegen
+    return None
+
+
+@intrinsic
+def _exp2_int(typingctx, t):
+    """2**t for an integer-valued float32 t in [-126, 127], built from the exponent bits."""
+    def codegen(context, builder, sig, args):
+        biased = builder.add(builder.fptosi(args[0], _I32), ir.Constant(_I32, 127))
+        return builder.bitcast(builder.shl(biased, ir.Constant(_I32, 23)), ir.FloatType())
+    return types.float32(types.float32), codegen
+
+
+@njit(**_JIT)
+def _exp_minus(s, n, mx):
+    """s[:n] <- exp(s[:n] - mx) for s <= mx (Cephes expf polynomial, vectorisable); returns their sum."""
+    total = np.float32(0.0)
+    for j in range(n):
+        x = max(s[j] - mx, np.float32(-87.0))
+        t = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+        r = x - t * np.float32(0.693359375) + t * np.float32(2.12194440e-4)
+        p = ((((np.float32(1.9875691500e-4) * r + np.float32(1.3981999507e-3)) * r + np.float32(8.3334519073e-3)) * r
+              + np.float32(4.1665795894e-2)) * r + np.float32(1.6666665459e-1)) * r + np.float32(5.0000001201e-1)
+        e = (p * (r * r) + r + np.float32(1.0)) * _exp2_int(t)
+        s[j] = e
+        total += e
+    return total
+
+
+@njit(**_JIT)
+def _four_rows(row0, j, nb, pos_stride):
+    """Offsets of rows j..j+3 of a block starting at row0; rows past nb-1 repeat row nb-1.
+    (Returning offsets, not views, keeps the callers' loops vectorised as well as inline slicing.)"""
+    return (row0 + j * pos_stride, row0 + min(j + 1, nb - 1) * pos_stride, row0 + min(j + 2, nb - 1) * pos_stride,
+            row0 + min(j + 3, nb - 1) * pos_stride)
+
+
+@njit(**_JIT)
+def _attend_group(q, k, v, base, pos_stride, n, out, acc, s, m, l):
+    """Softmax attention of the G query heads sharing one KV head, single pass over n positions.
+
+    q, out: [G, D] float32 (q pre-scaled); position p's K/V row is k/v[base + p*pos_stride :][:D].
+    acc [Ge, D], s [Ge, _BLOCK], m, l [Ge]: float32 scratch, Ge = G rounded up to even (an odd G's
+    last head is computed twice and the copy dropped). Each K and V row is read once per group;
+    the inner loops take two heads by four rows, so each widened K/V element and each load of q
+    or acc serves several multiply-adds.
+    """
+    G, D = q.shape
+    Ge = acc.shape[0]
+    for g in range(Ge):
+        m[g] = -np.inf
+        l[g] = 0.0
+        for d in range(D):
+            acc[g, d] = 0.0
+    for start in range(0, n, _BLOCK):
+        nb = min(_BLOCK, n - start)
+        row0 = base + start * pos_stride
+        for j in range(0, nb, 4):  # scores s = q k^T; s[:, nb:] get junk, zeroed below
+            o0, o1, o2, o3 = _four_rows(row0, j, nb, pos_stride)
+            k0, k1, k2, k3 = k[o0:o0 + D], k[o1:o1 + D], k[o2:o2 + D], k[o3:o3 + D]
+            for g in range(0, Ge, 2):
+                qg, qh = q[g], q[min(g + 1, G - 1)]
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+                for d in range(D):
+                    c0, c1, c2, c3 = _as_f32(k0[d]), _as_f32(k1[d]), _as_f32(k2[d]), _as_f32(k3[d])
+                    x, y = qg[d], qh[d]
+                    a0 += x * c0
+                    a1 += x * c1
+                    a2 += x * c2
+                    a3 += x * c3
+                    b0 += y * c0
+                    b1 += y * c1
+                    b2 += y * c2
+                    b3 += y * c3
+                s[g, j], s[g, j + 1], s[g, j + 2], s[g, j + 3] = a0, a1, a2, a3
+                s[g + 1, j], s[g + 1, j + 1], s[g + 1, j + 2], s[g + 1, j + 3] = b0, b1, b2, b3
+        for g in range(Ge):  # online softmax: probabilities, rescaled by the new running max
+            sg, ag = s[g], acc[g]
+            mx = m[g]
+            for j in range(nb):
+                mx = max(mx, sg[j])
+            alpha = np.exp(m[g] - mx)
+            m[g] = mx
+            l[g] = l[g] * alpha + _exp_minus(sg, nb, mx)
+            for j in range(nb, (nb + 3) // 4 * 4):
+                sg[j] = 0.0
+            for d in range(D):
+                ag[d] *= alpha
+        for j in range(0, nb, 4):  # acc += s v
+            o0, o1, o2, o3 = _four_rows(row0, j, nb, pos_stride)
+            v0, v1, v2, v3 = v[o0:o0 + D], v[o1:o1 + D], v[o2:o2 + D], v[o3:o3 + D]
+            for g in range(0, Ge, 2):
+                ag, ah = acc[g], acc[g + 1]
+                p0, p1, p2, p3 = s[g, j], s[g, j + 1], s[g, j + 2], s[g, j + 3]
+                r0, r1, r2, r3 = s[g + 1, j], s[g + 1, j + 1], s[g + 1, j + 2], s[g + 1, j + 3]
+                for d in range(D):
+                    c0, c1, c2, c3 = _as_f32(v0[d]), _as_f32(v1[d]), _as_f32(v2[d]), _as_f32(v3[d])
+                    a = ag[d]
+                    a += p0 * c0
+                    a += p1 * c1
+                    a += p2 * c2
+                    a += p3 * c3
+                    ag[d] = a
+                    b = ah[d]
+                    b += r0 * c0
+                    b += r1 * c1
+                    b += r2 * c2
+                    b += r3 * c3
+                    ah[d] = b
+    for g in range(G):
+        inv = np.float32(1.0) / l[g]
+        for d in range(D):
+            out[g, d] = acc[g, d] * inv
+
+
+@njit(parallel=True, **_JIT)
+def _attention_kernel(q, k, v, strides, rows, starts, ends, threads, out):
+    """q, out [B, T, Hk, G, D] float32; k, v flat; strides (row, head, position) in elements;
+    threads: numba's thread count (numba.get_num_threads() inside a kernel defeats caching).
+
+    Tasks are (query, KV head) pairs, sorted by context length and dealt round-robin to the threads
+    (numba's own schedule gives each thread one contiguous range, unbalanced for ragged lengths).
+    """
+    B, T, Hk, G, D = q.shape
+    n_ctx = np.empty(B * T, np.int64)
+    for b in range(B):
+        for t in range(T):
+            n_ctx[b * T + t] = min(starts[b] + t + 1, ends[b])
+    order = np.argsort(n_ctx)[::-1]
+    n_tasks = B * T * Hk
+    workers = min(threads, n_tasks)
+    Ge = G + G % 2
+    for w in prange(workers):
+        acc = np.empty((Ge, D), np.float32)
+        s = np.empty((Ge, _BLOCK), np.float32)
+        m = np.empty(Ge, np.float32)
+        l = np.empty(Ge, np.float32)
+        for i in range(w, n_tasks, workers):
+            bt = order[i // Hk]
+            h = i % Hk
+            b, t = bt // T, bt % T
+            _attend_group(q[b, t, h], k, v, rows[b] * strides[0] + h * strides[1], strides[2], n_ctx[bt],
+                          out[b, t, h], acc, s, m, l)
+
+
+def flat_kv(x: np.ndarray) -> np.ndarray:
+    """C-contiguous bf16/f32 array -> read-only flat view the kernel reads (uint16 bits for bf16).
+    Always read-only, so writable and read-only inputs share one compiled specialisation."""
+    flat = x.reshape(-1).view(np.uint16 if x.dtype == BFLOAT16 else np.float32)
+    flat.flags.writeable = False
+    return flat
+
+
+def run(q, k_flat, v_flat, kv_heads, strides, rows, starts, ends, scale, out) -> None:
+    """Attention on validated inputs, written into out [B, T, Hq, D] float32 (C-contiguous).
+
+    q [B, T, Hq, D] (any float dtype castable to float32); k_flat, v_flat from `flat_kv`;
+    strides: element offsets of one KV row, head and position; rows, starts, ends: [B] ints (see
+    module doc); scale: softmax scale.
+    """
+    B, T, Hq, D = q.shape
+    shape5 = (B, T, kv_heads, Hq // kv_heads, D)
+    qs = np.multiply(q, np.float32(scale), dtype=np.float32).reshape(shape5)
+    ints = [np.array(a, dtype=np.int64).reshape(B) for a in (rows, starts, ends)]
+    _attention_kernel(qs, k_flat, v_flat, tuple(int(x) for x in strides), *ints,
+                      numba.get_num_threads(), out.reshape(shape5))

@@ -1,0 +1,187 @@
+"""The host-memory KV cache of the offload engine, with attention over it in its native layout."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from host_ops import _kernel, _validate
+
+
+def _host_ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class HostKVCache:
+    """K and V for `num_slots` sequences × `max_context` positions, every layer, in host memory.
+
+    Storage (preallocated, zero-filled lazily by the OS): `k`, `v` of shape
+    [num_layers, num_slots, kv_heads, max_context, head_dim], bfloat16 or float32. Head-major, so the
+    positions of one (slot, KV head) are one contiguous block that attention streams.
+    `lengths` [num_layers, num_slots] int64: per layer, 1 + the highest position written to each slot
+    since it was last freed; attention uses it unless given lengths explicitly.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, max_context: int, kv_heads: int, head_dim: int,
+                 dtype="bfloat16"):
+        nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype)
+        shape = (num_layers, num_slots, kv_heads, max_context, head_dim)
+        dtype = _validate.kv_dtype("dtype", dtype)
+        what = (f"HostKVCache of {nbytes / 1e9:,.2f} GB ({num_layers} layers x {num_slots} slots x {max_context} "
+                f"positions x {kv_heads} KV heads x {head_dim} x {dtype.itemsize} bytes x 2 for K and V = "
+                f"{nbytes:,} bytes)")
+        ram = _host_ram_bytes()
+        if ram is not None and nbytes > ram:
+            raise MemoryError(f"{what} does not fit in this host's {ram / 1e9:.1f} GB of RAM")
+        try:
+            self.k = np.zeros(shape, dtype)
+            self.v = np.zeros(shape, dtype)
+        except (MemoryError, ValueError) as e:
+            raise MemoryError(f"cannot allocate {what}: {e}") from e
+        self.lengths = np.zeros((num_layers, num_slots), np.int64)
+        self._in_use = np.zeros(num_slots, bool)
+        self.num_layers, self.num_slots, self.max_context = num_layers, num_slots, max_context
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+
+    @staticmethod
+    def footprint(num_layers: int, num_slots: int, max_context: int, kv_heads: int, head_dim: int,
+                  dtype="bfloat16") -> int:
+        """Bytes of K and V storage such a cache allocates (= its `nbytes`), computed without allocating."""
+        dims = {"num_layers": num_layers, "num_slots": num_slots, "max_context": max_context,
+                "kv_heads": kv_heads, "head_dim": head_dim}
+        for name, n in dims.items():
+            if not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{name} must be a positive integer, got {n!r}")
+        nbytes = 2 * _validate.kv_dtype("dtype", dtype).itemsize
+        for n in dims.values():
+            nbytes *= int(n)  # Python ints: no overflow
+        return nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K and V storage (the bookkeeping arrays, O(num_layers × num_slots), not counted)."""
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.k.dtype
+
+    # ---- slots ----
+
+    def allocate(self, n: int) -> np.ndarray:
+        """n free slot ids (lowest first), marked in use, lengths 0."""
+        free = np.flatnonzero(~self._in_use)
+        if not 0 <= n <= free.size:
+            raise ValueError(f"asked for {n} slots, only {free.size} of {self.num_slots} are free")
+        slots = free[:n]
+        self._in_use[slots] = True
+        return slots
+
+    def free(self, slots) -> None:
+        """Returns slots to the free pool and resets their lengths (data stays until overwritten)."""
+        slots = self._slots(slots)
+        if not self._in_use[slots].all():
+            raise ValueError(f"slots {slots[~self._in_use[slots]].tolist()} are not allocated")
+        self._in_use[slots] = False
+        self.lengths[:, slots] = 0
+
+    # ---- writes ----
+
+    def write(self, layer: int, slots, positions, k, v) -> None:
+        """Row m of k, v [M, Hk, D] goes to position positions[m] of slot slots[m] in `layer`
+        (cast to the cache dtype). slots, positions: [M] ints."""
+        layer = self._layer(layer)
+        k, v = np.asarray(k), np.asarray(v)
+        for name, x in (("k", k), ("v", v)):
+            if x.ndim != 3 or x.shape[1:] != (self.kv_heads, self.head_dim) or x.shape != k.shape:
+                raise ValueError(f"{name} must have shape [M, Hk={self.kv_heads}, D={self.head_dim}] like k, "
+                                 f"got k {k.shape}, v {v.shape}")
+            if x.dtype not in _validate.FLOAT_DTYPES:
+                raise ValueError(f"{name} must have a float dtype, got {x.dtype} with shape {x.shape}")
+        M = k.shape[0]
+        slots = self._slots(slots, (M,), f"M from k {k.shape}")
+        positions = _validate.ints("positions", positions, (M,), f"M from k {k.shape}", 0, self.max_context - 1,
+                                   f"max_context={self.max_context}")
+        self.k[layer, slots, :, positions] = k
+        self.v[layer, slots, :, positions] = v
+        np.maximum.at(self.lengths[layer], slots, positions + 1)
+
+    def append(self, layer: int, slots, k, v) -> np.ndarray:
+        """One new position per slot: k, v [B, Hk, D] go to position lengths[layer, slots[b]] (distinct
+        slots). Returns the new lengths [B]."""
+        slots = self._slots(slots)
+        if np.unique(slots).size != slots.size:
+            raise ValueError(f"append needs distinct slots, got {slots.tolist()}")
+        positions = self.lengths[self._layer(layer), slots]
+        if positions.size and positions.max() >= self.max_context:
+            raise ValueError(f"slots {slots[positions >= self.max_context].tolist()} are full "
+                             f"(max_context={self.max_context})")
+        self.write(layer, slots, positions, k, v)
+        return positions + 1
+
+    # ---- attention ----
+
+    def attend(self, layer: int, slots, q, lengths=None, out=None, scale=None) -> np.ndarray:
+        """Decode attention: q [B, Hq, D]; query row b attends to positions [0, lengths[b]) of slot
+        slots[b] (lengths: [B] ints in [1, max_context], default the tracked lengths).
+        Returns out [B, Hq, D] float32 (written into `out` if given)."""
+        q = _validate.query("q", q, "B, Hq, D")
+        slots, lengths = self._slots_lengths(layer, slots, q, lengths)
+        out = _validate.out(out, q.shape)
+        self._run(layer, q[:, None], slots, lengths - 1, lengths, out[:, None], scale)
+        return out
+
+    def attend_prefill(self, layer: int, slots, q, lengths_before, lengths=None, out=None, scale=None) -> np.ndarray:
+        """Causal attention for T new positions per slot, already written: q [B, T, Hq, D]; query t of
+        row b sits at position lengths_before[b] + t and attends to positions
+        [0, min(lengths_before[b] + t + 1, lengths[b])) of slot slots[b] (so padded queries past a
+        row's stored length see only stored positions). lengths: [B], default the tracked lengths;
+        lengths_before[b] < lengths[b]. Returns out [B, T, Hq, D] float32."""
+        q = _validate.query("q", q, "B, T, Hq, D")
+        slots, lengths = self._slots_lengths(layer, slots, q, lengths)
+        before = _validate.ints("lengths_before", lengths_before, lengths.shape, f"B from q {q.shape}", 0,
+                                self.max_context - 1, f"max_context={self.max_context}")
+        if (before >= lengths).any():
+            b = int(np.flatnonzero(before >= lengths)[0])
+            raise ValueError(f"lengths_before[{b}] = {before[b]} must be < lengths[{b}] = {lengths[b]} "
+                             f"(the first new position must be stored)")
+        out = _validate.out(out, q.shape)
+        self._run(layer, q, slots, before, lengths, out, scale)
+        return out
+
+    # ---- helpers ----
+
+    def _run(self, layer, q, slots, starts, ends, out, scale):
+        S, Hk, D = self.max_context, self.kv_heads, self.head_dim
+        _kernel.run(q, _kernel.flat_kv(self.k[layer]), _kernel.flat_kv(self.v[layer]), Hk, (Hk * S * D, S * D, D),
+                    slots, starts, ends, _validate.scale(scale, D), out)
+
+    def _layer(self, layer) -> int:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return int(layer)
+
+    def _slots(self, slots, shape=None, shape_note="") -> np.ndarray:
+        slots = np.asarray(slots)
+        if shape is None:
+            if slots.ndim != 1:
+                raise ValueError(f"slots must have shape [B], got {slots.shape}")
+            shape, shape_note = slots.shape, "B"
+        return _validate.ints("slots", slots, shape, shape_note, 0, self.num_slots - 1, f"num_slots={self.num_slots}")
+
+    def _slots_lengths(self, layer, slots, q, lengths) -> tuple[np.ndarray, np.ndarray]:
+        """Checks layer, slots [B] and lengths [B] (default tracked) against q [B, ..., Hq, D]."""
+        layer = self._layer(layer)
+        B, Hq, D = q.shape[0], q.shape[-2], q.shape[-1]
+        if D != self.head_dim:
+            raise ValueError(f"q of shape {q.shape} has D={D}, the cache has head_dim={self.head_dim}")
+        _validate.heads("q", Hq, "the cache", self.kv_heads)
+        slots = self._slots(slots, (B,), f"B from q {q.shape}")
+        if lengths is None:
+            lengths = self.lengths[layer, slots]
+        lengths = _validate.ints("lengths", lengths, (B,), f"B from q {q.shape}", 1, self.max_context,
+                                 f"max_context={self.max_context}; a slot with nothing written has length 0")
+        return slots, lengths

@@ -1,0 +1,202 @@
+"""HostKVCache: footprint, allocation errors, writes/appends for micro-batches of slots, slot reuse,
+and attention in the cache's own layout against the float64 reference and the dense entry points."""
+from __future__ import annotations
+
+import threading
+import time
+
+import ml_dtypes
+import numba
+import numpy as np
+import pytest
+
+from host_ops import HostKVCache, decode_attention, prefill_attention
+from host_ops import host_kv_cache
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+KV_DTYPES = [BF16, np.dtype(np.float32)]
+
+
+def dense(cache: HostKVCache, layer: int, slots) -> tuple[np.ndarray, np.ndarray]:
+    """The slots' K and V as [B, S, Hk, D] (the dense entry points' layout)."""
+    return tuple(x[layer, slots].transpose(0, 2, 1, 3) for x in (cache.k, cache.v))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", BF16, np.float32])
+def test_footprint_equals_nbytes(dtype):
+    dims = (3, 5, 37, 3, 96)
+    cache = HostKVCache(*dims, dtype)
+    assert HostKVCache.footprint(*dims, dtype) == cache.nbytes == cache.k.nbytes + cache.v.nbytes
+    assert cache.k.shape == (3, 5, 3, 37, 96) and cache.k.dtype == np.dtype(dtype)
+    assert cache.dtype.itemsize == (2 if np.dtype(dtype) == BF16 else 4)
+
+
+def test_footprint_of_mixtral_cache_without_allocating():
+    # 32 layers, 256 sequences x 4096 positions, 8 KV heads of 128, bf16: 2 * 32 * 256 * 4096 * 8 * 128 * 2 bytes
+    assert HostKVCache.footprint(32, 256, 4096, 8, 128, "bfloat16") == 137_438_953_472
+    with pytest.raises(ValueError, match="kv_heads must be a positive integer, got 0"):
+        HostKVCache.footprint(32, 256, 4096, 0, 128)
+    with pytest.raises(ValueError, match="dtype must be bfloat16 .* or float32, got float16"):
+        HostKVCache.footprint(1, 1, 1, 1, 1, np.float16)
+
+
+def test_absurd_allocation_gives_clear_error():
+    # 2 * 250 * 1000 * 1000 * 1000 * 1000 * 2 bytes = 1e15 bytes
+    with pytest.raises(MemoryError, match=r"HostKVCache of 1,000,000\.00 GB \(250 layers x 1000 slots.*"
+                                          r"= 1,000,000,000,000,000 bytes\) does not fit in this host's"):
+        HostKVCache(250, 1000, 1000, 1000, 1000, "bfloat16")
+
+
+def test_allocation_failure_from_numpy_is_rewrapped(monkeypatch):
+    monkeypatch.setattr(host_kv_cache, "_host_ram_bytes", lambda: None)  # skip the RAM check, let NumPy fail
+    with pytest.raises(MemoryError, match=r"cannot allocate HostKVCache of 1,000,000\.00 GB"):
+        HostKVCache(250, 1000, 1000, 1000, 1000, "bfloat16")
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
+def test_append_for_a_micro_batch_of_slots_then_attend(ref, rng, dtype):
+    L, N, S, Hk, G, D = 2, 6, 150, 2, 4, 96
+    cache = HostKVCache(L, N, S, Hk, D, dtype)
+    slots = cache.allocate(4)
+    np.testing.assert_array_equal(slots, [0, 1, 2, 3])
+    prompt = [5, 1, 70, 33]
+    for s, n in zip(slots, prompt):  # prompts written the way prefill does: positions 0..n-1 of one slot
+        cache.write(1, np.full(n, s), np.arange(n), *(ref.random_kv(rng, (n, Hk, D), np.float32) for _ in range(2)))
+    np.testing.assert_array_equal(cache.lengths[1, slots], prompt)
+    np.testing.assert_array_equal(cache.lengths[0], 0)
+    for step in range(3):  # decode steps: one new row per slot
+        k_new, v_new = (ref.random_kv(rng, (4, Hk, D), np.float32) for _ in range(2))
+        new_lengths = cache.append(1, slots, k_new, v_new)
+        np.testing.assert_array_equal(new_lengths, np.array(prompt) + step + 1)
+        for b, s in enumerate(slots):
+            np.testing.assert_array_equal(cache.k[1, s, :, prompt[b] + step], k_new[b].astype(dtype))
+            np.testing.assert_array_equal(cache.v[1, s, :, prompt[b] + step], v_new[b].astype(dtype))
+        q = rng.standard_normal((4, Hk * G, D), np.float32)
+        out = cache.attend(1, slots, q)
+        k, v = dense(cache, 1, slots)
+        expected = ref.attention(q[:, None], k, v, new_lengths[:, None])[:, 0]
+        assert ref.error(out, expected) < ref.tolerance[dtype]
+        np.testing.assert_allclose(out, decode_attention(q, k, v, new_lengths), rtol=0, atol=1e-6)
+
+
+def test_slot_reuse_after_free(ref, rng):
+    N, S, Hk, D = 4, 64, 1, 64
+    cache = HostKVCache(2, N, S, Hk, D)
+    np.testing.assert_array_equal(cache.allocate(N), np.arange(N))
+    for layer in range(2):
+        cache.write(layer, np.repeat(np.arange(N), S), np.tile(np.arange(S), N),
+                    *(ref.random_kv(rng, (N * S, Hk, D), np.float32) for _ in range(2)))
+    with pytest.raises(ValueError, match="asked for 1 slots, only 0 of 4 are free"):
+        cache.allocate(1)
+    cache.free([2, 0])
+    np.testing.assert_array_equal(cache.lengths[:, [0, 2]], 0)
+    np.testing.assert_array_equal(cache.lengths[:, [1, 3]], S)
+    reused = cache.allocate(2)
+    np.testing.assert_array_equal(reused, [0, 2])
+    k_new, v_new = (ref.random_kv(rng, (2, Hk, D), np.float32) for _ in range(2))
+    np.testing.assert_array_equal(cache.append(0, reused, k_new, v_new), [1, 1])
+    q = rng.standard_normal((2, 4, D), np.float32)
+    # one stored position: the output is that position's V, whatever the slot held before
+    np.testing.assert_allclose(cache.attend(0, reused, q), np.repeat(v_new.astype(BF16).astype(np.float32), 4, 1),
+                               rtol=1e-6)
+    cache.free([1])
+    with pytest.raises(ValueError, match=r"slots \[1\] are not allocated"):
+        cache.free([1])
+
+
+def test_attend_with_explicit_lengths_and_out(ref, rng):
+    """The offload engine's call: cache.attend(layer, slots, q, lengths) on slots in any order."""
+    N, S, Hk, G, D = 5, 90, 2, 8, 128
+    cache = HostKVCache(1, N, S, Hk, D)
+    cache.write(0, np.repeat(np.arange(N), S), np.tile(np.arange(S), N),
+                *(ref.random_kv(rng, (N * S, Hk, D), np.float32) for _ in range(2)))
+    slots, lengths = np.array([4, 0, 2]), np.array([90, 1, 45])
+    q = rng.standard_normal((3, Hk * G, D), np.float32)
+    out = np.empty_like(q)
+    assert cache.attend(0, slots, q, lengths, out=out) is out
+    k, v = dense(cache, 0, slots)
+    assert ref.error(out, ref.attention(q[:, None], k, v, lengths[:, None])[:, 0]) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
+def test_attend_prefill(ref, rng, dtype):
+    """Causal prefill over stored positions; padded queries past a row's length see only stored rows."""
+    N, S, Hk, G, D, T = 3, 40, 2, 4, 64, 6
+    cache = HostKVCache(1, N, S, Hk, D, dtype)
+    before, new = np.array([0, 10, 3]), np.array([6, 6, 2])  # row 2: 2 real queries, 4 padding
+    for s in range(N):
+        n = before[s] + new[s]
+        cache.write(0, np.full(n, s), np.arange(n), *(ref.random_kv(rng, (n, Hk, D), np.float32) for _ in range(2)))
+    q = rng.standard_normal((N, T, Hk * G, D), np.float32)
+    out = cache.attend_prefill(0, np.arange(N), q, before)
+    k, v = dense(cache, 0, np.arange(N))
+    n_ctx = np.minimum(before[:, None] + np.arange(1, T + 1), (before + new)[:, None])
+    assert ref.error(out, ref.attention(q, k, v, n_ctx)) < ref.tolerance[dtype]
+    np.testing.assert_allclose(out[:2], prefill_attention(q[:2], k[:2], v[:2], before[:2]), rtol=0, atol=1e-6)
+
+
+def test_cache_validation_errors():
+    cache = HostKVCache(2, 3, 8, 2, 64)
+    row = np.ones((1, 2, 64), np.float32)
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 7\] \(max_context=8\), got positions\[0\] = 8"):
+        cache.write(0, [0], [8], row, row)
+    with pytest.raises(ValueError, match=r"k must have shape \[M, Hk=2, D=64\] like k, got k \(1, 3, 64\)"):
+        cache.write(0, [0], [0], np.ones((1, 3, 64)), row)
+    with pytest.raises(ValueError, match=r"v must have a float dtype, got int64 with shape \(1, 2, 64\)"):
+        cache.write(0, [0], [0], row, np.ones((1, 2, 64), np.int64))
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 2\] \(num_slots=3\), got slots\[0\] = 3"):
+        cache.write(0, [3], [0], row, row)
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\), got 2"):
+        cache.write(2, [0], [0], row, row)
+    q = np.ones((1, 4, 64), np.float32)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, 8\].*got lengths\[0\] = 0"):
+        cache.attend(0, [1], q)  # nothing written to slot 1
+    with pytest.raises(ValueError, match=r"q of shape \(1, 4, 32\) has D=32, the cache has head_dim=64"):
+        cache.attend(0, [1], np.ones((1, 4, 32), np.float32), [1])
+    with pytest.raises(ValueError, match=r"q has Hq=3 heads, not a multiple of the cache's Hk=2"):
+        cache.attend(0, [1], np.ones((1, 3, 64), np.float32), [1])
+    with pytest.raises(ValueError, match=r"slots must have shape \(1,\) \(B from q \(1, 4, 64\)\), got \(2,\)"):
+        cache.attend(0, [0, 1], q, [1])
+    cache.write(0, np.zeros(8, int), np.arange(8), np.ones((8, 2, 64)), np.ones((8, 2, 64)))
+    with pytest.raises(ValueError, match=r"slots \[0\] are full \(max_context=8\)"):
+        cache.append(0, [0], row, row)
+    with pytest.raises(ValueError, match="append needs distinct slots"):
+        cache.append(1, [1, 1], np.ones((2, 2, 64)), np.ones((2, 2, 64)))
+    with pytest.raises(ValueError, match=r"lengths_before\[0\] = 5 must be < lengths\[0\] = 5"):
+        cache.attend_prefill(0, [0], q[:, None], [5], lengths=[5])
+    with pytest.raises(ValueError, match=r"slots \[2\] are not allocated"):
+        cache.free([2])
+
+
+def test_attend_releases_the_gil():
+    """A Python thread keeps counting while attention runs in another thread on a large input."""
+    B, S, Hk, D = 64, 4096, 8, 128  # 1 GiB of bf16 K and V: calls long against the 5 ms GIL switch interval
+    cache = HostKVCache(1, B, S, Hk, D)
+    cache.k[...] = 0.5
+    cache.v[...] = -0.25
+    slots, lengths = np.arange(B), np.full(B, S)
+    q = np.ones((B, 4 * Hk, D), np.float32)
+    cache.attend(0, slots[:1], q[:1], lengths[:1])  # compile outside the measured call
+    counter, during, stop = [0], [], threading.Event()
+
+    def attend():
+        numba.set_num_threads(1)  # leave the other core to the counting thread
+        for _ in range(3):
+            before, t0 = counter[0], time.perf_counter()
+            cache.attend(0, slots, q, lengths)
+            during.append((counter[0] - before, time.perf_counter() - t0))
+        stop.set()
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.05:  # the counter's rate with nothing else running
+        counter[0] += 1
+    rate = counter[0] / 0.05
+    worker = threading.Thread(target=attend)
+    worker.start()
+    while not stop.is_set():
+        counter[0] += 1
+    worker.join()
+    counted, seconds = max(during, key=lambda cs: cs[0] / cs[1])
+    assert seconds > 0.05
+    # holding the GIL, only the interpreter's forced switches (every 5 ms of Python) would let it count
+    assert counted > 0.4 * rate * seconds, (during, rate)
