@@ -63,10 +63,7 @@ class ChatTemplate:
         except Exception as e:  # the template is the checkpoint's code: any failure is reported, not raised
             raise ChatTemplateError(f"chat template: {e}") from None
 
-    def token_ids(self, messages: Sequence[dict], tokenizer: Tokenizer, bos_token_id: int | None) -> list[int]:
-        """The rendered prompt's tokens. A template that writes the BOS token itself and a tokenizer that
-        adds one too would double it: one is dropped."""
-        ids = tokenizer.encode(self.render(messages))
-        if bos_token_id is not None and ids[:2] == [bos_token_id, bos_token_id]:
-            ids = ids[1:]
-        return ids
+    def token_ids(self, messages: Sequence[dict], tokenizer: Tokenizer) -> list[int]:
+        """The rendered prompt's tokens, without the tokenizer's special tokens (the template writes them),
+        as transformers' apply_chat_template(tokenize=True) gives them."""
+        return tokenizer.encode(self.render(messages), add_special_tokens=False)

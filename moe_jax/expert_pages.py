@@ -3,8 +3,8 @@
 The GPU holds one slot array per expert weight (`[slots, ...]`, the layout `pallas_kernels.moe_ffn`
 takes): `R` resident slots (a fraction r_w of all (layer, expert) pairs, spread evenly over layers)
 followed by `M` streamed slots holding the executing layer's streamed experts. The next layer's
-streamed experts arrive meanwhile in `num_chunks` separate chunks of `chunk` experts (the last chunk
-may overlap the one before it): with the streamed slots they form the double buffer, 2·M experts.
+streamed experts arrive meanwhile in up to `split` separate chunks of nearly equal size, each expert
+sent once: with the streamed slots they form the double buffer, 2·M experts.
 A page table `[E]` per layer maps expert id -> slot.
 """
 from __future__ import annotations
@@ -19,28 +19,25 @@ class ExpertPages:
     num_layers: int
     num_experts: int
     resident: tuple[tuple[int, ...], ...]  # per layer: resident expert ids
-    streamed: tuple[tuple[int, ...], ...]  # per layer: streamed expert ids (padded to M by repetition)
-    max_streamed: int  # M, streamed slots per half
-    chunk: int  # experts per transfer chunk
-    num_chunks: int
+    streamed: tuple[tuple[int, ...], ...]  # per layer: streamed expert ids
+    split: int  # chunks per layer (at most; a layer with fewer streamed experts has one expert per chunk)
 
     @classmethod
-    def plan(cls, num_layers: int, num_experts: int, resident_fraction: float, num_chunks: int) -> "ExpertPages":
+    def plan(cls, num_layers: int, num_experts: int, resident_fraction: float, split: int) -> "ExpertPages":
         total = round(resident_fraction * num_layers * num_experts)
         per_layer = [total // num_layers + (1 if i < total % num_layers else 0) for i in range(num_layers)]
         resident = tuple(tuple(range(n)) for n in per_layer)
-        M = num_experts - min(per_layer)
-        streamed = []
-        for n in per_layer:
-            ids = list(range(n, num_experts))
-            streamed.append(tuple(ids + [ids[-1]] * (M - len(ids))) if ids else tuple([0] * M))
-        num_chunks = max(1, min(num_chunks, M)) if M else 0
-        chunk = -(-M // num_chunks) if M else 0
-        return cls(num_layers, num_experts, resident, tuple(streamed), M, chunk, num_chunks)
+        streamed = tuple(tuple(range(n, num_experts)) for n in per_layer)
+        return cls(num_layers, num_experts, resident, streamed, max(1, split))
 
     @property
     def num_resident(self) -> int:
         return sum(len(r) for r in self.resident)
+
+    @property
+    def max_streamed(self) -> int:
+        """M: streamed slots, the most streamed experts of any layer."""
+        return max(len(s) for s in self.streamed)
 
     @property
     def num_slots(self) -> int:
@@ -49,13 +46,15 @@ class ExpertPages:
     def resident_slot(self, layer: int, expert: int) -> int:
         return sum(len(r) for r in self.resident[:layer]) + self.resident[layer].index(expert)
 
-    def chunk_start(self, k: int) -> int:
-        """First streamed position carried by chunk k."""
-        return min(k * self.chunk, self.max_streamed - self.chunk)
+    def chunks(self, layer: int) -> list[tuple[int, int]]:
+        """[start, end) ranges of `layer`'s streamed experts, one per transfer, sizes differing by at most 1."""
+        m = len(self.streamed[layer])
+        n = min(self.split, m)
+        return [(k * m // n, (k + 1) * m // n) for k in range(n)]
 
-    def chunk_slot(self, k: int) -> int:
-        """Slot where chunk k lands."""
-        return self.num_resident + self.chunk_start(k)
+    def chunk_slot(self, start: int) -> int:
+        """Slot where a chunk starting at streamed position `start` lands."""
+        return self.num_resident + start
 
     def page_table(self, layer: int) -> np.ndarray:
         """int32 [E]: expert id -> slot while `layer` is installed."""
@@ -63,6 +62,5 @@ class ExpertPages:
         for e in self.resident[layer]:
             table[e] = self.resident_slot(layer, e)
         for j, e in enumerate(self.streamed[layer]):
-            if e not in self.resident[layer] and j == self.streamed[layer].index(e):
-                table[e] = self.num_resident + j
+            table[e] = self.num_resident + j
         return table

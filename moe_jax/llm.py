@@ -139,8 +139,9 @@ class LLM:
                         jax.devices()[0].device_kind, policy)
             return policy
         P = bucket(max(len(r.prompt) for r in requests))
-        G = bucket(max(len(r.prompt) + r.params.max_new_tokens for r in requests)) - P
-        result = hrm.choose_policy(self.cfg, hardware, P, max(G, 1), gpu_memory_gb=self.gpu_memory_gb,
+        context = bucket(max(len(r.prompt) + r.params.max_new_tokens for r in requests))
+        G = max(max(r.params.max_new_tokens for r in requests), context - P)  # KV the engine allocates
+        result = hrm.choose_policy(self.cfg, hardware, P, G, gpu_memory_gb=self.gpu_memory_gb,
                                    placements=[("cpu", "cpu")], dtype=str(self.dtype))
         self.hrm_prediction = result
         p = result.policy

@@ -52,6 +52,26 @@ class OffloadMemoryError(MemoryError):
     """The policy does not fit the GPU memory cap or the host memory; raised before any work."""
 
 
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(policy, what: str, need: int) -> None:
+    avail = host_available_bytes()
+    if avail is not None and need > avail:
+        raise OffloadMemoryError(f"policy {policy} needs {need / 2**30:.2f} GiB of host memory for {what} but "
+                                 f"only {avail / 2**30:.2f} GiB is available: lower batch_size or raise "
+                                 f"resident_expert_fraction")
+
+
 # ---- jitted pieces (cfg, moe_impl and the device sharding are bound with functools.partial) ----
 
 def _with_slots(p, slots):
@@ -109,7 +129,7 @@ def _jitted(cfg: ModelConfig, moe_impl: str, to_device):
 
 @dataclasses.dataclass
 class OffloadStats:
-    """Seconds per layer execution, summed over a run. cpu: attention in the worker; gpu_wait: the
+    """Seconds per layer, summed over one `generate` call. cpu: attention in the worker; gpu_wait: the
     worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). h2d_bytes: expert bytes streamed."""
 
@@ -153,15 +173,17 @@ class OffloadEngine:
                                       policy.num_micro_batches)
         self.specs = layer_param_specs(cfg)
         self.gpu_bytes = self._check_gpu_memory()
+        check_host_memory(policy, "the streamed experts (pinned)",
+                          sum(map(len, self.pages.streamed)) * self._expert_bytes())
         self._mid, self._last, self._prefill, self._fetch, self._install, self._start = _jitted(
             cfg, moe_impl, self.on_device)
         self._embed = jax.jit(model.embed)
         self._load(weights)
         self._precision = "highest" if self.dtype == np.float32 else None
         self.stats = OffloadStats.empty(cfg.num_layers)
-        log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed (slots + chunks of %d in flight, x%d); "
-                 "GPU plan %.2f GiB", policy, self.pages.num_resident, self.pages.max_streamed,
-                 self.pages.chunk, self.pages.num_chunks, self.gpu_bytes / 2**30)
+        log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed (slots + chunks in flight, up "
+                 "to %d per layer); GPU plan %.2f GiB", policy, self.pages.num_resident, self.pages.max_streamed,
+                 self.pages.split, self.gpu_bytes / 2**30)
 
     # ---- memory plan and weight placement ----
 
@@ -198,33 +220,37 @@ class OffloadEngine:
                 for k in slots:
                     slots[k][p.resident_slot(i, e)] = w[k][e]
             ids = np.asarray(p.streamed[i], np.int64)
-            self.host_chunks.append([
-                jax.device_put({k: np.ascontiguousarray(w[k][ids[p.chunk_start(c):p.chunk_start(c) + p.chunk]])
-                                for k in slots}, self.on_host)
-                for c in range(p.num_chunks)])
+            self.host_chunks.append([jax.device_put({k: np.ascontiguousarray(w[k][ids[a:b]]) for k in slots},
+                                                    self.on_host) for a, b in p.chunks(i)])
         self.slots = jax.device_put(slots, self.on_device)
         del slots
         self.tables = [jnp.asarray(p.page_table(i)) for i in range(self.cfg.num_layers)]
-        self.installed, self.fetching = None, 0  # layer in the streamed slots; layer the chunks in flight are of
-        self.fetched: list = [None] * p.num_chunks
+        self.installed = None  # the layer whose streamed experts are in the streamed slots
+        self._fetch_for(0)
+
+    def _fetch_for(self, layer: int) -> None:
+        """Chunks in flight from now on belong to `layer`."""
+        self.fetching, self.fetched = layer, [None] * len(self.host_chunks[layer])
 
     def _begin_layer(self, layer: int) -> jax.Array:
         """Make `layer`'s experts addressable (install its fetched chunks); returns its page table."""
-        nc = self.pages.num_chunks
-        if nc and self.installed != layer:
-            if self.fetching != layer:  # nothing in flight for this layer (first use): fetch it now
-                self.fetched, self.fetching = [None] * nc, layer
+        if self.installed != layer:
+            if self.fetching != layer:  # nothing in flight for this layer: fetch it now
+                self._fetch_for(layer)
             self._complete_fetch()
-            self.slots = self._install(self.slots, self.fetched, [self.pages.chunk_slot(c) for c in range(nc)])
-            self.fetched, self.fetching = [None] * nc, (layer + 1) % self.cfg.num_layers
+            if self.fetched:
+                starts = [self.pages.chunk_slot(a) for a, _ in self.pages.chunks(layer)]
+                self.slots = self._install(self.slots, self.fetched, starts)
+            self._fetch_for((layer + 1) % self.cfg.num_layers)
         self.installed = layer
         return self.tables[layer]
 
     def _chunk(self, step: int):
         """The host chunk that a layer's `step`-th call carries to the GPU, or None when none is left."""
-        if step >= self.pages.num_chunks:
+        if step >= len(self.fetched):
             return None
-        self.stats.h2d_bytes += self.pages.chunk * self._expert_bytes()
+        a, b = self.pages.chunks(self.fetching)[step]
+        self.stats.h2d_bytes += (b - a) * self._expert_bytes()
         return self.host_chunks[self.fetching][step]
 
     def _store(self, step: int, fetched) -> None:
@@ -244,8 +270,12 @@ class OffloadEngine:
         if not requests:
             return
         cfg, pol = self.cfg, self.policy
+        self.stats = OffloadStats.empty(cfg.num_layers)  # the stats of this call
         budget = [min(r.params.max_new_tokens, cfg.max_positions - len(r.prompt)) for r in requests]
         context = bucket(max(len(r.prompt) + b for r, b in zip(requests, budget)))
+        check_host_memory(pol, f"the KV cache ({pol.batch_size} sequences x {context} positions)",
+                          HostKVCache.footprint(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads,
+                                                cfg.head_dim, self.dtype))
         cache = HostKVCache(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         lengths = [len(r.prompt) for r in requests]
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu, \
@@ -343,9 +373,8 @@ class _Wave:
         for w in writes:
             w.result()
         last = [np.zeros((self.mu, cfg.hidden_size), np.float32) for _ in self.groups]
-        for c, (k, rows, _, _) in enumerate(calls):
-            h = np.asarray(xs[c].astype(jnp.float32))
-            last[k][rows] = h[np.arange(len(rows)), self.lens[k][rows] - 1]
+        for c, (k, rows, _, _) in enumerate(calls):  # gather each row's last position on the device
+            last[k][rows] = np.asarray(xs[c][np.arange(len(rows)), self.lens[k][rows] - 1].astype(jnp.float32))
         return [jnp.asarray(h, eng.dtype) for h in last]
 
     def _record(self, k: int, tokens: np.ndarray):

@@ -26,8 +26,10 @@ log = logging.getLogger("moe_jax")
 
 
 def bucket(n: int, minimum: int = 8) -> int:
-    """The power of two >= max(n, minimum)."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+    """The smallest 2^k or 3·2^(k-1) that is >= max(n, minimum): at most 1.5x padding, few shapes."""
+    n = max(n, minimum)
+    p = 1 << (n - 1).bit_length()
+    return 3 * p // 4 if 3 * p // 4 >= n and p >= 4 else p
 
 
 def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, cache_k, cache_v):

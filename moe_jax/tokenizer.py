@@ -35,8 +35,10 @@ class Tokenizer:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BYTE_BOS)])
         return cls(tok)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; add_special_tokens=False skips the post-processor (e.g. for a rendered chat template,
+        which writes its own BOS, as transformers' apply_chat_template does)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)

@@ -19,6 +19,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 STEPS=(
   "tests|240|$PY -m pytest -m gpu tests -q -rs"
   "bench_expert_kernel|420|$PY scripts/bench_expert_kernel.py --json $OUT/bench_expert_kernel.json --out $OUT/bench_expert_kernel.md"
+  # Offload engine benchmarks (scripts/bench_offload.py, scripts/bench_throughput.py): Mixtral 8x7B shapes,
+  # random weights. Each step fits one 10-minute device command; --append-results writes the markdown
+  # section to paste into benchmarks/RESULTS.md. Limits stay under 600 s so that the suite's SIGINT comes
+  # first and the scripts still print what they measured.
+  "bench_offload_quick|300|$PY scripts/bench_offload.py --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $OUT/bench_offload_quick.json --append-results $OUT/bench_offload_quick.md"
+  "bench_offload|560|$PY scripts/bench_offload.py --json $OUT/bench_offload.json --append-results $OUT/bench_offload.md"
+  "bench_policies|560|$PY scripts/bench_offload.py --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $OUT/bench_policies.json --append-results $OUT/bench_policies.md"
+  "bench_vs_pytorch|560|$PY scripts/bench_throughput.py --workloads '' --json $OUT/bench_vs_pytorch.json --plot $OUT/bench_vs_pytorch.png --append-results $OUT/bench_vs_pytorch.md"
+  "bench_throughput_g64|560|$PY scripts/bench_throughput.py --workloads mtbench:64 --no-baseline --json $OUT/bench_throughput_g64.json --plot $OUT/bench_throughput_g64.png --append-results $OUT/bench_throughput_g64.md"
+  "bench_throughput_g128|560|$PY scripts/bench_throughput.py --workloads mtbench:128 --no-baseline --json $OUT/bench_throughput_g128.json --plot $OUT/bench_throughput_g128.png --append-results $OUT/bench_throughput_g128.md"
 )
 
 {

@@ -77,3 +77,17 @@ def test_llm_api_with_a_fixed_policy_and_with_hrm():
     assert [c.token_ids for c in hrm.generate(prompts, params)] == want
     assert hrm.hrm_prediction is not None and hrm.policy.batch_size <= len(prompts)
     assert hrm.policy.gpu_memory_gb == 1
+
+
+def test_host_memory_is_checked_before_generation(monkeypatch):
+    import moe_jax.offload_engine as oe
+
+    source = open_model("tiny-mixtral")
+    eng = OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
+                                                                      num_micro_batches=2))
+    monkeypatch.setattr(oe, "host_available_bytes", lambda: 1000)
+    with pytest.raises(OffloadMemoryError, match=r"host memory for the KV cache \(2 sequences x 12 positions\)"):
+        list(eng.generate([Request(0, (1, 2, 3), GREEDY)]))
+    with pytest.raises(OffloadMemoryError, match="streamed experts"):
+        OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
+                                                                     num_micro_batches=2))

@@ -1,0 +1,336 @@
+"""Shared pieces of the offload benchmarks (`bench_offload.py`, `bench_throughput.py`).
+
+* `set_memory_env`: the XLA memory settings, made before JAX starts its backend;
+* `open_source`: a preset or checkpoint, optionally cut to its first N layers;
+* `synthetic_prompts`: random token ids with a given length range;
+* `resolve_policy`: "auto" (HRM's choice for the workload) or "N,mu,n_ub,rw", under the GPU cap;
+* `hrm_predict`: HRM's prediction for a given policy (the engine's placement: CPU attention, host KV);
+* `timed_generate`: a warm-up, then one timed `LLM.generate` with the engine's `OffloadStats`;
+* `probe_link_bandwidth`, `probe_gpu_layer_seconds`: the per-layer H2D and GPU terms measured alone;
+* `measure_policy`: all of the above for one policy, as one result row;
+* `markdown_table`, `append_results`, `run_command`, `device_kind`: output.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+WARMUP_TOKENS = 2  # the warm-up run generates this many tokens: one prefill and one decode step
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr with the seconds since the script started."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def set_memory_env(cfg, dtype: str, specs=(), pool_gib: int | None = None) -> None:
+    """XLA memory settings; call before anything touches a JAX device. Values already in the environment win.
+
+    XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default `pool_gib`, else computed): the pinned-host pool must hold
+    the streamed experts (its default, 64 GiB, is below Mixtral 8x7B's 84 GiB of experts) but not much
+    more (DESIGN.md §3: the pool reserves up to its cap). The need is all expert weights, or more for a
+    fixed policy in `specs` whose transfer chunks overlap (`streamed_bytes_per_layer`), + 5% + 4 GiB.
+    XLA_PYTHON_CLIENT_PREALLOCATE=false: the GPU holds what the engine allocates, so that the peak can be
+    compared with the cap and a PyTorch baseline can share the device.
+    """
+    from moe_jax.params import layer_bytes
+
+    if pool_gib is None:
+        need = max([layer_bytes(cfg, np.dtype(dtype), expert=True)]
+                   + [streamed_bytes_per_layer(cfg, parse_policy(s), dtype) for s in specs if s != "auto"])
+        pool_gib = math.ceil(1.05 * cfg.num_layers * need / GiB) + 4
+    os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(pool_gib))
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def open_source(model: str, layers: int | None = None, seed: int = 0):
+    """The model (preset name or checkpoint directory); with `layers`, only its first `layers` layers.
+    A layer's weights do not depend on the layer count, so layer i is the same as in the full model."""
+    from moe_jax.model_source import ModelSource, open_model
+    from moe_jax.presets import RandomWeights
+
+    src = open_model(model, seed=seed)
+    if layers is None or layers == src.cfg.num_layers:
+        return src
+    if not 1 <= layers <= src.cfg.num_layers:
+        raise SystemExit(f"--layers must be in 1..{src.cfg.num_layers} for {model}, got {layers}")
+    cfg = src.cfg.replace(num_layers=layers)
+    weights = RandomWeights(cfg, seed) if isinstance(src.weights, RandomWeights) else src.weights
+    return ModelSource(f"{src.name} (first {layers} layers)", cfg, weights, src.tokenizer)
+
+
+def synthetic_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """`n` prompts of uniformly random lengths in [min_len, max_len] and random token ids >= 3
+    (above the usual special tokens)."""
+    rng = np.random.default_rng([seed, min_len, max_len])
+    lengths = rng.integers(min_len, max_len + 1, n)
+    return [rng.integers(3, vocab_size, int(length)).tolist() for length in lengths]
+
+
+def parse_policy(spec: str):
+    """'N,mu,n_ub,rw' -> Policy (batch size, micro-batch size, micro-batches, resident expert fraction)."""
+    from moe_jax.offload_policy import Policy
+
+    parts = spec.split(",")
+    if len(parts) != 4:
+        raise SystemExit(f"a policy is 'auto' or 'N,mu,n_ub,rw', got {spec!r}")
+    try:
+        return Policy(int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3]))
+    except ValueError as e:
+        raise SystemExit(f"policy {spec!r}: {e}") from None
+
+
+def engine_lengths(prompts, gen_len: int) -> tuple[int, int]:
+    """(P, G) for HRM's policy search, as the engine pads: P the longest prompt rounded up to a power of
+    two (the prefill's length), P + G at least the KV context the engine allocates (the longest prompt
+    + gen_len rounded up to a power of two) and G at least gen_len. (`LLM` passes G = that context - P,
+    which is 0 -> 1 when the rounded prompt already covers the generation, e.g. 134 + 64 tokens.)"""
+    from moe_jax.resident_engine import bucket
+
+    longest = max(len(p) for p in prompts)
+    P = bucket(longest)
+    return P, max(gen_len, bucket(longest + gen_len) - P)
+
+
+def resolve_policy(spec: str, cfg, hardware, prompts, gen_len: int, gpu_memory_gb: float,
+                   max_batch_size: int | None, dtype: str):
+    """The Policy to run under the GPU cap: a fixed 'N,mu,n_ub,rw', or for 'auto' HRM's choice for this
+    workload, at most `max_batch_size` sequences (lengths as `engine_lengths`, CPU attention as the engine
+    runs it)."""
+    from moe_jax import hrm
+    from moe_jax.offload_policy import Policy
+
+    if spec == "auto":
+        if hardware is None:
+            raise SystemExit("policy auto needs an HRM hardware profile: pass --hardware (no known GPU detected)")
+        P, G = engine_lengths(prompts, gen_len)
+        policy = hrm.choose_policy(cfg, hardware, P, G, gpu_memory_gb=gpu_memory_gb, max_batch_size=max_batch_size,
+                                   placements=[("cpu", "cpu")], dtype=dtype).policy
+    else:
+        policy = parse_policy(spec)
+    return Policy(**{**policy.__dict__, "gpu_memory_gb": gpu_memory_gb})
+
+
+def hrm_predict(cfg, hardware, policy, prompt_len: float, gen_len: int, dtype: str = "bfloat16",
+                prefill_len: int | None = None) -> dict:
+    """HRM's prediction for `policy` with CPU attention over a host KV cache (the engine's placement):
+    the per-layer decode terms at the mean context prompt_len + gen_len / 2, the decode step, the prefill
+    (of prompts padded to `prefill_len`, default prompt_len) and throughputs, with the formulas of
+    `moe_jax.hrm.search` (tests check that they agree with `choose_policy` at its choice). r_w is what the
+    engine realises: every layer streams as many experts as the layer with the fewest resident ones."""
+    from moe_jax.expert_pages import ExpertPages
+    from moe_jax.hrm import hardware_profile
+    from moe_jax.hrm.costs import decode_ops, itemsize, kv_bytes_per_token, lm_head_op, prefill_ops
+    from moe_jax.params import layer_bytes
+
+    hw = hardware_profile(hardware)
+    mu, n_ub, N = policy.micro_batch_size, policy.num_micro_batches, policy.batch_size
+    L, E = cfg.num_layers, cfg.num_experts
+    prefill_len = prefill_len or prompt_len
+    kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * itemsize(dtype)
+    streamed = ExpertPages.plan(L, E, policy.resident_expert_fraction, n_ub).max_streamed / E
+    W = streamed * layer_bytes(cfg, dtype, expert=True)
+
+    dec = decode_ops(cfg, dtype, mu, prompt_len + gen_len / 2)
+    gpu = n_ub * (sum(hw.gpu_seconds(op) for name, op in dec.items() if name != "attention") + hw.launch_seconds)
+    cpu = n_ub * hw.cpu_seconds(dec["attention"])
+    h2d = max(W + N * q_bytes, N * (q_bytes + kvt)) / hw.link_bandwidth
+    head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
+    step = L * max(h2d, cpu, gpu) + head
+    pre_gpu = n_ub * (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, mu, prefill_len).values())
+                      + hw.launch_seconds)
+    prefill = L * max(max(W, N * prefill_len * kvt) / hw.link_bandwidth, pre_gpu) + head
+    terms = {"h2d": float(h2d), "cpu": float(cpu), "gpu": float(gpu)}
+    return {"hardware": hw.name, "per_layer_s": terms, "bottleneck": max(terms, key=terms.get),
+            "step_s": float(step), "prefill_s": float(prefill), "decode_tok_s": float(N / step),
+            "tok_s": float(N * gen_len / (prefill + (gen_len - 1) * step))}
+
+
+def streamed_bytes_per_layer(cfg, policy, dtype: str) -> int:
+    """Expert bytes the engine sends to the GPU per layer execution, on average over layers."""
+    from moe_jax.expert_pages import ExpertPages
+    from moe_jax.params import layer_param_specs
+
+    pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, policy.resident_expert_fraction,
+                             policy.num_micro_batches)
+    expert = sum(s.nbytes(np.dtype(dtype)) // s.shape[0] for s in layer_param_specs(cfg).values() if s.expert)
+    return sum(map(len, pages.streamed)) * expert // cfg.num_layers
+
+
+def probe_link_bandwidth(mib: int) -> float:
+    """Bytes/s of a `device_put` from a pinned_host array to device memory."""
+    from moe_jax.hrm.calibrate import link_bandwidth
+
+    return link_bandwidth(mib * 2**20)
+
+
+def probe_gpu_layer_seconds(source, policy, dtype: str, moe_impl: str) -> float:
+    """GPU seconds of one decode layer for every micro-batch, measured alone: the engine's GPU step
+    (post-attention with the experts, then the next layer's pre-attention) on μ random rows, n_ub calls
+    dispatched back to back, with layer 0's weights (all experts) in device memory and no copies.
+    Run it before building the engine: its memory is freed by then and stays out of the engine's peak."""
+    import jax
+    import jax.numpy as jnp
+
+    from moe_jax import model
+    from moe_jax.hrm.calibrate import best_seconds
+
+    cfg, mu = source.cfg, policy.micro_batch_size
+    p = jax.device_put(source.weights.layer(0, np.dtype(dtype)))
+    kx, ka = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (mu, 1, cfg.hidden_size), dtype)
+    attn = jax.random.normal(ka, (mu, 1, cfg.num_heads, cfg.head_dim), dtype)
+    positions = jnp.full((mu, 1), 100, jnp.int32)
+    step = jax.jit(lambda p, x, a, pos: model.pre_attention(
+        cfg, p, model.post_attention(cfg, p, x, a, moe_impl=moe_impl), pos))
+    return best_seconds(lambda: jax.block_until_ready(
+        [step(p, x, attn, positions) for _ in range(policy.num_micro_batches)]))
+
+
+def timed_generate(llm, prompts, gen_len: int) -> dict:
+    """A warm-up run on the same prompts (compiles every shape of the run), then the timed run.
+    Generation ignores EOS, so every prompt gets exactly `gen_len` tokens."""
+    from moe_jax.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=gen_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    llm.generate(prompts, params.replace(max_new_tokens=min(WARMUP_TOKENS, gen_len)))
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    st = llm.stats
+    tokens = sum(len(c.token_ids) for c in out)
+    return {"prompts": len(prompts), "tokens": tokens, "warmup_s": warmup_s, "wall_s": wall,
+            "prefill_s": st.prefill_s, "decode_s": st.decode_s, "decode_steps": st.decode_steps,
+            "tok_s": tokens / wall,
+            # the first token of every prompt comes out of the prefill
+            "decode_tok_s": (tokens - len(prompts)) / st.decode_s if st.decode_s else None,
+            "stats": st, "completions": out}
+
+
+def per_layer_terms(run: dict, cfg, policy, dtype: str, link_bw: float, gpu_s: float | None) -> dict:
+    """Per layer and decode step, in seconds: the three terms (h2d estimated from the bytes streamed,
+    cpu from OffloadStats, gpu from the probe), the engine's waits, and the measured step per layer."""
+    st, L = run["stats"], cfg.num_layers
+    n = max(st.decode_steps, 1) * L
+    return {"h2d_est": streamed_bytes_per_layer(cfg, policy, dtype) / link_bw, "cpu": float(st.cpu.sum()) / n,
+            "gpu_probe": gpu_s, "gpu_wait": float(st.gpu_wait.sum()) / n, "main_wait": float(st.main_wait.sum()) / n,
+            "step": st.decode_s / n}
+
+
+def overlap_efficiency(terms: dict) -> float | None:
+    """Measured decode time per layer over the largest of the three terms: 1.0 is perfect overlap."""
+    parts = [terms[k] for k in ("h2d_est", "cpu", "gpu_probe") if terms[k] is not None]
+    return terms["step"] / max(parts) if parts and terms["step"] else None
+
+
+def build_llm(source, policy, dtype: str, moe_impl: str):
+    """An LLM running `policy` (under its GPU cap), and the seconds its weights took to materialise and place."""
+    from moe_jax.llm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(source, dtype=dtype, policy=policy, gpu_memory_gb=policy.gpu_memory_gb, moe_impl=moe_impl)
+    return llm, time.perf_counter() - t0
+
+
+def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: float, hardware,
+                   gpu_s: float | None) -> dict:
+    """One result row: the timed run, the per-layer terms (gpu_s: `probe_gpu_layer_seconds`, or None),
+    the overlap efficiency, peak GPU memory and HRM's prediction for the same policy with measured /
+    predicted ratios."""
+    cfg, policy = source.cfg, llm.policy
+    run = timed_generate(llm, prompts, gen_len)
+    log(f"  run: {run['tokens']} tokens in {run['wall_s']:.2f} s (prefill {run['prefill_s']:.2f} s, "
+        f"decode {run['decode_s']:.2f} s); warm-up {run['warmup_s']:.2f} s")
+    terms = per_layer_terms(run, cfg, policy, dtype, link_bw, gpu_s)
+    peak = run["stats"].peak_gpu_bytes
+    row = {"policy": policy_dict(policy), **{k: v for k, v in run.items() if k not in ("stats", "completions")},
+           "stats_summary": run["stats"].summary(), "h2d_bytes": run["stats"].h2d_bytes,
+           "per_layer_s": terms, "overlap_efficiency": overlap_efficiency(terms),
+           "peak_gpu_gib": peak / GiB if peak else None, "hrm": None, "measured_over_predicted": None}
+    if hardware is not None:
+        n = min(len(prompts), policy.batch_size)  # one wave of the run, micro-batches as the engine forms them
+        wave = _wave_policy(policy, n)
+        mean_prompt = float(np.mean([len(p) for p in prompts]))
+        pred = hrm_predict(cfg, hardware, wave, mean_prompt, gen_len, dtype,
+                           prefill_len=engine_lengths(prompts, gen_len)[0])
+        row["hrm"] = pred
+        row["measured_over_predicted"] = {
+            "tok_s": run["tok_s"] / pred["tok_s"],
+            "decode_tok_s": run["decode_tok_s"] / pred["decode_tok_s"] if run["decode_tok_s"] else None,
+            "step": terms["step"] * cfg.num_layers / pred["step_s"],
+            **{k: (terms[m] / pred["per_layer_s"][k] if terms[m] is not None and pred["per_layer_s"][k] else None)
+               for k, m in (("h2d", "h2d_est"), ("cpu", "cpu"), ("gpu", "gpu_probe"))}}
+    return row
+
+
+def _wave_policy(policy, n: int):
+    """The policy of a wave of n <= N requests as the engine runs it: ceil(n / μ) micro-batches of μ."""
+    from moe_jax.offload_policy import Policy
+
+    n_ub = -(-n // policy.micro_batch_size)
+    return Policy(**{**policy.__dict__, "batch_size": n, "num_micro_batches": n_ub})
+
+
+def policy_dict(policy) -> dict:
+    return {"batch_size": policy.batch_size, "micro_batch_size": policy.micro_batch_size,
+            "num_micro_batches": policy.num_micro_batches,
+            "resident_expert_fraction": policy.resident_expert_fraction, "gpu_memory_gb": policy.gpu_memory_gb}
+
+
+def policy_label(p: dict) -> str:
+    return f"N={p['batch_size']} μ={p['micro_batch_size']} n_ub={p['num_micro_batches']} r_w={p['resident_expert_fraction']:.3g}"
+
+
+def fmt(x, spec: str = ".1f", scale: float = 1.0) -> str:
+    return "n/a" if x is None else format(x * scale, spec)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def device_kind() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}: {d.device_kind}"
+
+
+def detect_hardware_profile(name: str | None):
+    """The HRM profile: --hardware, else the detected GPU's, else None (no prediction)."""
+    from moe_jax.llm import detect_hardware
+
+    return name or detect_hardware()
+
+
+def run_command() -> str:
+    """This script's command line, as run from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return "PYTHONPATH=. python " + shlex.join([str(script), *sys.argv[1:]])
+
+
+def append_results(path: str, title: str, device: str, body: str) -> None:
+    """Append a dated section (title, device, exact command, body) to a markdown file."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(path, "a") as f:
+        f.write(f"\n### {title}: {date}, {device}\n\n    {run_command()}\n\n{body}\n")
+    log(f"appended results to {path}")

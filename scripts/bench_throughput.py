@@ -1,0 +1,314 @@
+"""End-to-end throughput on the paper's workloads (MoE-Lightning §5), synthetic prompts, random weights.
+
+Metric (the paper's): generated tokens / (prefill + decode wall time), EOS ignored; also decode-only
+tok/s. For every GPU cap x workload x policy ('auto' = HRM's choice for that workload, or a fixed
+'N,mu,n_ub,rw'): a warm-up, the timed run, HRM's prediction for the same policy (measured/predicted),
+the overlap efficiency (see bench_offload.py), and our tok/s normalised to MoE-Lightning's link:
+tok/s x 16 GB/s / our measured link bandwidth, next to its published 294.5 tok/s (Mixtral 8x7B, L4,
+MTBench, gen 64).
+
+Workloads (prompt lengths uniform in a range; no dataset is downloaded; ':G' sets the generation length):
+  mtbench        20..134 tokens (mean 77, MTBench's), gen 32/64/128/256 in the paper (default 64)
+  reasoning      192..256 tokens (the paper's synthetic reasoning: prompts <= 256), gen 50
+  summarization  1536..1984 tokens (prompts <= 1984), gen 64
+
+Baseline (first, in a subprocess: scripts/hf_baseline.py): transformers `generate` with accelerate
+CPU offload under the first GPU cap, on the same random weights, truncated to --baseline-layers layers
+and scaled to the full model, on a workload small enough to finish (--baseline-batch prompts of
+--baseline-workload's lengths, --baseline-gen-len tokens each); then ours on the same prompts, with
+the first policy ('auto': HRM's choice for that workload). --workloads "" runs only this comparison.
+Prints markdown tables last; --plot writes a bar chart.
+
+  PYTHONPATH=. python scripts/bench_throughput.py [--model mixtral-8x7b|dbrx] [--workloads mtbench:64,mtbench:128]
+      [--gpu-memory-gb 16,24] [--policies "auto;N,mu,n_ub,rw"] [--no-baseline] [--json R.json] [--plot R.png]
+      [--append-results [FILE]]
+
+Loading Mixtral 8x7B takes about a second per layer and each new policy reloads it: keep one device
+command (10 minutes) to one or two runs of the full model. Ctrl-C reports what was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import bench_common as bc
+
+WORKLOADS = {"mtbench": (20, 134, 64), "reasoning": (192, 256, 50), "summarization": (1536, 1984, 64)}
+PUBLISHED = {"tok_s": 294.5, "link": 16e9, "model": "mixtral-8x7b", "workload": ("mtbench", 64)}
+DEFAULT_RESULTS = str(bc.ROOT / "benchmarks" / "RESULTS.md")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mixtral-8x7b", help="preset name (mixtral-8x7b, dbrx, ...)")
+    ap.add_argument("--layers", type=int, help="run only the model's first N layers")
+    ap.add_argument("--workloads", default="mtbench:64", help="comma-separated NAME[:GEN] "
+                                                             f"({', '.join(WORKLOADS)}; default mtbench:64)")
+    ap.add_argument("--gpu-memory-gb", default="16", help="comma-separated GPU caps, GiB (16: T4-class, 24: L4-class)")
+    ap.add_argument("--policies", default="auto", help="';'-separated, each 'auto' (HRM) or 'N,mu,n_ub,rw'")
+    ap.add_argument("--num-prompts", type=int, help="prompts per run (default: the policy's batch size)")
+    ap.add_argument("--max-batch-size", type=int, help="cap on HRM's batch (default: --num-prompts if given)")
+    ap.add_argument("--hardware", help="HRM profile name or JSON file (default: detected from the GPU)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--moe-impl", default="auto", help="expert kernel (pallas_kernels.moe_ffn impl)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and the prompts")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the PyTorch baseline")
+    ap.add_argument("--baseline-layers", type=int, default=2, help="layers of the truncated baseline model")
+    ap.add_argument("--baseline-workload", default="mtbench", choices=tuple(WORKLOADS),
+                    help="prompt length distribution of the baseline workload (default mtbench)")
+    ap.add_argument("--baseline-batch", type=int, default=64, help="prompts of the baseline workload")
+    ap.add_argument("--baseline-gen-len", type=int, default=16, help="tokens per prompt, baseline workload")
+    ap.add_argument("--baseline-timeout-s", type=int, default=300, help="give up on the baseline after this")
+    ap.add_argument("--link-probe-mib", type=int, default=512, help="size of the link bandwidth probe (MiB)")
+    ap.add_argument("--no-gpu-probe", action="store_true", help="skip the GPU-term probe of each run")
+    ap.add_argument("--host-pool-gb", type=int, help="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default: the streamed experts + 5%% + 4)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write a bar chart (PNG) here")
+    ap.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, metavar="FILE",
+                    help=f"append the tables to FILE (default {DEFAULT_RESULTS})")
+    return ap.parse_args(argv)
+
+
+def parse_workloads(spec: str) -> list[tuple[str, int]]:
+    out = []
+    for item in filter(str.strip, spec.split(",")):
+        name, _, gen = item.strip().partition(":")
+        if name not in WORKLOADS:
+            raise SystemExit(f"unknown workload {name!r} (workloads: {', '.join(WORKLOADS)})")
+        out.append((name, int(gen) if gen else WORKLOADS[name][2]))
+    return out
+
+
+def workload_prompts(name: str, n: int, vocab_size: int, seed: int) -> list[list[int]]:
+    lo, hi, _ = WORKLOADS[name]
+    return bc.synthetic_prompts(n, lo, hi, vocab_size, seed)
+
+
+def run_baseline(args, prompts, cap: float) -> dict:
+    """scripts/hf_baseline.py in a subprocess (JAX kept off the GPU there); its JSON, or {'error': ...}."""
+    with tempfile.TemporaryDirectory(prefix="bench_baseline_") as tmp:
+        prompt_file, out = Path(tmp) / "prompts.json", Path(tmp) / "baseline.json"
+        prompt_file.write_text(json.dumps(prompts))
+        cmd = [sys.executable, str(bc.ROOT / "scripts" / "hf_baseline.py"), "--model", args.model,
+               "--layers", str(args.baseline_layers), "--prompts", str(prompt_file),
+               "--gen-len", str(args.baseline_gen_len), "--gpu-memory-gb", str(cap), "--dtype", args.dtype,
+               "--seed", str(args.seed), "--json", str(out)]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{bc.ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        bc.log(f"baseline: {' '.join(cmd[1:])}")
+        try:
+            p = subprocess.run(cmd, cwd=bc.ROOT, env=env, capture_output=True, text=True,
+                               timeout=args.baseline_timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {args.baseline_timeout_s} s"}
+        if p.returncode != 0:
+            return {"error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}",
+                    "stderr_tail": p.stderr[-3000:]}
+        return json.loads(out.read_text())
+
+
+class Runner:
+    """Runs (cap, workload, policy) combinations, reusing the engine while the policy stays the same."""
+
+    def __init__(self, args, source, hardware, link_bw: float):
+        self.args, self.source, self.hardware, self.link_bw = args, source, hardware, link_bw
+        self.llm, self.load_s = None, 0.0
+
+    def engine_for(self, policy):
+        if self.llm is None or self.llm.policy != policy:
+            self.llm = None
+            gc.collect()
+            self.llm, self.load_s = bc.build_llm(self.source, policy, self.args.dtype, self.args.moe_impl)
+            bc.log(f"  load: {self.load_s:.1f} s ({self.source.cfg.num_layers} layers materialised and placed)")
+            return self.llm, self.load_s
+        return self.llm, 0.0
+
+    def run(self, cap: float, workload: str, gen_len: int, spec: str) -> dict:
+        from moe_jax import hrm
+        from moe_jax.offload_engine import OffloadMemoryError
+
+        args, cfg = self.args, self.source.cfg
+        head = {"workload": workload, "gen_len": gen_len, "gpu_memory_gb": cap, "spec": spec}
+        longest = [[3] * WORKLOADS[workload][1]]  # HRM sizes the policy for the longest prompt
+        try:
+            policy = bc.resolve_policy(spec, cfg, self.hardware, longest, gen_len, cap,
+                                       args.max_batch_size or args.num_prompts, args.dtype)
+        except (hrm.InfeasibleError, ValueError) as e:
+            return {**head, "error": f"{type(e).__name__}: {e}"}
+        prompts = workload_prompts(workload, args.num_prompts or policy.batch_size, cfg.vocab_size, args.seed)
+        bc.log(f"{workload} gen {gen_len}, cap {cap:g} GiB, policy {spec}: {policy}; {len(prompts)} prompts")
+        gpu_s = None if args.no_gpu_probe else bc.probe_gpu_layer_seconds(self.source, policy, args.dtype, args.moe_impl)
+        try:
+            llm, load_s = self.engine_for(policy)
+        except OffloadMemoryError as e:
+            return {**head, "policy": bc.policy_dict(policy), "error": f"OffloadMemoryError: {e}"}
+        row = bc.measure_policy(llm, self.source, prompts, gen_len, dtype=args.dtype, link_bw=self.link_bw,
+                                hardware=self.hardware, gpu_s=gpu_s)
+        row.update(head, load_s=load_s, tok_s_at_16gbps=row["tok_s"] * PUBLISHED["link"] / self.link_bw)
+        bc.log(f"  {row['stats_summary']}")
+        return row
+
+    def run_baseline_workload(self, cap: float, spec: str, prompts, gen_len: int) -> dict:
+        """Ours on the baseline's prompts, with `spec`'s policy for that workload (HRM: at most that batch)."""
+        args = self.args
+        policy = bc.resolve_policy(spec, self.source.cfg, self.hardware, prompts, gen_len, cap, len(prompts),
+                                   args.dtype)
+        bc.log(f"baseline workload ({len(prompts)} prompts, gen {gen_len}), cap {cap:g} GiB, policy {spec}: {policy}")
+        llm, load_s = self.engine_for(policy)
+        run = bc.timed_generate(llm, prompts, gen_len)
+        return {"policy": bc.policy_dict(policy), "prompts": len(prompts), "gen_len": gen_len, "load_s": load_s,
+                "tokens": run["tokens"], "wall_s": run["wall_s"], "tok_s": run["tok_s"],
+                "decode_tok_s": run["decode_tok_s"], "first_tokens": [c.token_ids[0] for c in run["completions"]]}
+
+
+def published_ratio(row: dict, model: str, full: bool) -> str:
+    """Our link-normalised tok/s over MoE-Lightning's published figure, where the setting is the same."""
+    same = model == PUBLISHED["model"] and full and (row["workload"], row["gen_len"]) == PUBLISHED["workload"]
+    return bc.fmt(row["tok_s_at_16gbps"] / PUBLISHED["tok_s"], ".2f") if same else ""
+
+
+MAIN_HEADERS = ["workload", "gen", "cap GiB", "policy", "prompts", "tok/s e2e", "tok/s decode", "HRM tok/s",
+                "e2e meas/HRM", "overlap", "peak GiB", "load s", "tok/s @16 GB/s", "÷ 294.5 (MoE-Lightning)"]
+
+
+def main_table(rows: list[dict], model: str, full: bool) -> str:
+    out = []
+    for r in rows:
+        label = ("HRM: " if r["spec"] == "auto" else "") + (bc.policy_label(r["policy"]) if "policy" in r else r["spec"])
+        head = [r["workload"], str(r["gen_len"]), f"{r['gpu_memory_gb']:g}", label]
+        if "error" in r or "tok_s" not in r:
+            out.append(head + [r.get("error", "").splitlines()[0][:120]] + [""] * (len(MAIN_HEADERS) - 5))
+            continue
+        ratio = r["measured_over_predicted"]
+        out.append(head + [str(r["prompts"]), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
+                           bc.fmt(r["hrm"] and r["hrm"]["tok_s"]), bc.fmt(ratio and ratio["tok_s"], ".2f"),
+                           bc.fmt(r["overlap_efficiency"], ".2f"), bc.fmt(r["peak_gpu_gib"], ".2f"),
+                           bc.fmt(r["load_s"]), bc.fmt(r["tok_s_at_16gbps"]), published_ratio(r, model, full)])
+    return bc.markdown_table(MAIN_HEADERS, out)
+
+
+def baseline_table(base: dict, ours: dict | None, layers: int, full: bool) -> str:
+    headers = ["system", "how", "layers run", "prompts x gen", "tok/s measured", "tok/s full model"]
+    if "error" in base:
+        rows = [["transformers + accelerate", f"failed: {base['error'][:150]}", "", "", "", ""]]
+    else:
+        rows = [["transformers " + base["transformers"],
+                 f"{base['mode']}, experts {base['experts_implementation']}; full model: {base['full_model_resident_layers']} "
+                 f"layers resident (counted free), time x {base['scale_to_full']:.2f}",
+                 str(base["layers_run"]), f"{base['prompts']} x {base['gen_len']}", bc.fmt(base["tok_s_measured"], ".2f"),
+                 bc.fmt(base["tok_s_full_model"], ".2f")]]
+    if ours:
+        rows.append(["moe-jax offload", bc.policy_label(ours["policy"]), str(layers),
+                     f"{ours['prompts']} x {ours['gen_len']}", bc.fmt(ours["tok_s"], ".2f"),
+                     bc.fmt(ours["tok_s"] if full else None, ".2f")])
+    return bc.markdown_table(headers, rows)
+
+
+def first_token_agreement(base: dict, ours: dict | None, layers: int):
+    """Fraction of prompts whose first generated token is the same in both (same model only)."""
+    if not ours or "first_tokens" not in base or base["layers_run"] != layers:
+        return None
+    same = [a == b for a, b in zip(base["first_tokens"], ours["first_tokens"])]
+    return sum(same) / len(same)
+
+
+def plot(path: str, rows: list[dict], base: dict | None, ours_base: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "tok_s" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [max(len(ok), 1), 2]})
+    labels = [f"{r['workload']}:{r['gen_len']}\n{r['gpu_memory_gb']:g} GiB\n{'HRM' if r['spec'] == 'auto' else r['spec']}"
+              for r in ok]
+    x = range(len(ok))
+    axes[0].bar([i - 0.2 for i in x], [r["tok_s"] for r in ok], 0.4, label="measured")
+    axes[0].bar([i + 0.2 for i in x], [r["hrm"]["tok_s"] if r["hrm"] else 0 for r in ok], 0.4, label="HRM predicted")
+    axes[0].set_xticks(list(x), labels, fontsize=8)
+    axes[0].set_ylabel("generated tok/s (prefill + decode)")
+    axes[0].set_title("moe-jax offload engine")
+    axes[0].legend()
+    bars = []  # (label, tok/s, colour)
+    if base and "tok_s_full_model" in base:
+        how = "accelerate offload\n(full model, est.)" if base["mode"].startswith("accelerate") else "on CPU, no offload"
+        bars.append((f"transformers\n{how}", base["tok_s_full_model"], "tab:gray"))
+    if ours_base:
+        bars.append(("moe-jax", ours_base["tok_s"], "tab:blue"))
+    axes[1].bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
+    axes[1].set_title("baseline workload" + (f" ({ours_base['prompts']} x {ours_base['gen_len']})" if ours_base else ""))
+    axes[1].set_ylabel("generated tok/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    bc.log(f"wrote {path}")
+
+
+def report(rows, base, ours_base, agreement, model: str, layers: int, full: bool, link_bw: float, hardware,
+           interrupted: bool) -> str:
+    """The markdown tables and notes."""
+    parts = []
+    if rows:
+        parts.append(main_table(rows, model, full) + f"\n\nlink {link_bw / 1e9:.1f} GB/s (pinned host -> device); "
+                     f"HRM profile {hardware or 'none'}; tok/s @16 GB/s = tok/s x 16 / link GB/s; MoE-Lightning "
+                     "published 294.5 tok/s (Mixtral 8x7B, L4, MTBench, gen 64)")
+    if base is not None:
+        parts.append("PyTorch baseline, same random weights, same prompts:\n\n" + baseline_table(base, ours_base, layers, full))
+        if agreement is not None:
+            parts.append(f"first generated token identical for {agreement:.0%} of prompts (same model in both)")
+    if interrupted:
+        parts.append("INTERRUPTED (timeout): later runs not made")
+    return "\n\n".join(parts)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    workloads = parse_workloads(args.workloads)
+    caps = [float(c) for c in args.gpu_memory_gb.split(",")]
+    specs = [s.strip() for s in args.policies.split(";") if s.strip()]
+    source = bc.open_source(args.model, args.layers, args.seed)
+    cfg = source.cfg
+    full = cfg.num_layers == bc.open_source(args.model, seed=args.seed).cfg.num_layers
+    bc.set_memory_env(cfg, args.dtype, specs, args.host_pool_gb)
+    base_prompts = workload_prompts(args.baseline_workload, args.baseline_batch, cfg.vocab_size, args.seed + 1)
+    base = run_baseline(args, base_prompts, caps[0]) if args.baseline else None  # before JAX takes the GPU
+    hardware = bc.detect_hardware_profile(args.hardware)
+    device = bc.device_kind()
+    link_bw = bc.probe_link_bandwidth(args.link_probe_mib)
+    bc.log(f"{source.name} on {device}: link {link_bw / 1e9:.1f} GB/s, HRM profile {hardware or 'none'}")
+    runner, rows, ours_base, interrupted = Runner(args, source, hardware, link_bw), [], None, False
+    try:
+        if base is not None and "error" not in base:
+            ours_base = runner.run_baseline_workload(caps[0], specs[0], base_prompts, args.baseline_gen_len)
+            bc.log(f"  ours on the baseline workload: {ours_base['tok_s']:.2f} tok/s")
+        for cap in caps:
+            for workload, gen_len in workloads:
+                for spec in specs:
+                    rows.append(runner.run(cap, workload, gen_len, spec))
+    except KeyboardInterrupt:
+        interrupted = True
+        bc.log("interrupted: reporting what was measured")
+    agreement = first_token_agreement(base, ours_base, cfg.num_layers) if base else None
+    title = f"bench_throughput: {source.name}, caps {args.gpu_memory_gb} GiB, workloads {args.workloads or 'none'}"
+    body = report(rows, base, ours_base, agreement, args.model, cfg.num_layers, full, link_bw, hardware, interrupted)
+    if args.plot:
+        plot(args.plot, rows, base, ours_base)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": bc.run_command(), "device": device, "model": source.name, "layers": cfg.num_layers,
+                       "hardware": hardware, "link_bytes_per_s": link_bw, "published": PUBLISHED,
+                       "interrupted": interrupted, "runs": rows, "baseline": base, "ours_on_baseline_workload": ours_base,
+                       "first_token_agreement": agreement}, f, indent=1)
+    if args.append_results:
+        bc.append_results(args.append_results, title, device, body)
+    print(f"\n## {title} ({device})\n\n{body}")
+    failed = any("error" in r for r in rows) or (base is not None and "error" in base)
+    return 130 if interrupted else int(failed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

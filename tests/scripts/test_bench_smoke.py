@@ -1,0 +1,98 @@
+"""The offload benchmarks run end to end on a tiny preset on CPU (timings are not checked), their HRM
+prediction for a given policy agrees with HRM's own search, and the PyTorch baseline's checkpoint
+holds the same model as ours."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_common  # noqa: E402
+
+TINY = ["--model", "tiny-mixtral", "--gpu-memory-gb", "1", "--hardware", "h100-80gb", "--link-probe-mib", "16"]
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, f"scripts/{name}", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def last_table_header(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("| "))
+
+
+def test_bench_offload(tmp_path):
+    out, results = tmp_path / "offload.json", tmp_path / "RESULTS.md"
+    p = run_script("bench_offload.py", *TINY, "--prompt-len", "8", "--gen-len", "4", "--num-prompts", "6",
+                   "--policies", "auto;6,3,2,0.5", "--json", str(out), "--append-results", str(results))
+    assert "overlap" in last_table_header(p.stdout) and p.stdout.rstrip().splitlines()[-1]
+    d = json.loads(out.read_text())
+    assert {"command", "device", "layers", "link_bytes_per_s", "runs"} <= d.keys() and len(d["runs"]) == 2
+    for run in d["runs"]:
+        assert {"policy", "tok_s", "decode_tok_s", "load_s", "per_layer_s", "overlap_efficiency", "peak_gpu_gib",
+                "hrm", "measured_over_predicted"} <= run.keys()
+        assert set(run["per_layer_s"]) == {"h2d_est", "cpu", "gpu_probe", "gpu_wait", "main_wait", "step"}
+        assert run["tokens"] == 6 * 4
+    assert d["runs"][1]["policy"]["micro_batch_size"] == 3
+    assert "bench_offload.py" in results.read_text()
+
+
+def test_bench_throughput_with_baseline(tmp_path):
+    out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
+    p = run_script("bench_throughput.py", *TINY, "--workloads", "mtbench:4", "--policies", "auto",
+                   "--num-prompts", "6", "--baseline-batch", "4", "--baseline-gen-len", "3", "--json", str(out),
+                   "--plot", str(png))
+    assert "MoE-Lightning" in p.stdout and "PyTorch baseline" in p.stdout
+    d = json.loads(out.read_text())
+    assert {"runs", "baseline", "ours_on_baseline_workload", "link_bytes_per_s", "first_token_agreement"} <= d.keys()
+    assert {"tok_s", "hrm", "tok_s_at_16gbps"} <= d["runs"][0].keys()
+    base = d["baseline"]
+    assert "error" not in base, base
+    assert {"mode", "tok_s_measured", "tok_s_full_model", "scale_to_full", "experts_implementation"} <= base.keys()
+    assert d["ours_on_baseline_workload"]["tokens"] == base["tokens"] == 4 * 3
+    assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("preset,hardware,cap,P,G", [("mixtral-8x7b", "l4", None, 77, 32),
+                                                     ("mixtral-8x7b", "h100-80gb", 16, 128, 128),
+                                                     ("qwen3-30b-a3b", "t4", None, 256, 64)])
+def test_hrm_predict_agrees_with_the_search(preset, hardware, cap, P, G):
+    from moe_jax import hrm
+    from moe_jax.presets import preset_config
+
+    cfg = preset_config(preset)
+    r = hrm.choose_policy(cfg, hardware, P, G, gpu_memory_gb=cap, placements=[("cpu", "cpu")])
+    pred = bench_common.hrm_predict(cfg, hardware, r.policy, P, G)
+    for k, v in r.per_layer_seconds.items():
+        assert pred["per_layer_s"][k] == pytest.approx(v, rel=1e-9)
+    assert pred["tok_s"] == pytest.approx(r.tokens_per_s, rel=1e-9)
+    assert pred["decode_tok_s"] == pytest.approx(r.decode_tokens_per_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-dbrx"])
+def test_baseline_checkpoint_is_our_model(preset, tmp_path):
+    """transformers, loading the exported checkpoint, computes our logits."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import hf_baseline
+
+    import moe_jax
+
+    hf_baseline.export_checkpoint(preset, 2, "float32", 0, tmp_path)
+    model, _ = hf_baseline.load_model(tmp_path, "float32", "grouped_mm", offload=False)
+    ids = [[5, 9, 33, 100, 7, 12, 40]]
+    with torch.no_grad():
+        want = model(torch.tensor(ids)).logits[0].numpy()
+    got = moe_jax.LLM(preset, dtype="float32", policy="resident").logits(ids)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
