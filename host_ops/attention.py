@@ -13,7 +13,7 @@ import numpy as np
 from host_ops import _kernel, _validate
 
 
-def _dense_kv(q_name: str, q: np.ndarray, k, v) -> tuple[np.ndarray, np.ndarray]:
+def _dense_kv(q: np.ndarray, k, v) -> tuple[np.ndarray, np.ndarray]:
     """k, v checked against q ([B, ..., Hq, D]) and made C-contiguous."""
     k, v = np.asarray(k), np.asarray(v)
     for name, x in (("k", k), ("v", v)):
@@ -21,26 +21,29 @@ def _dense_kv(q_name: str, q: np.ndarray, k, v) -> tuple[np.ndarray, np.ndarray]
             raise ValueError(f"{name} must have shape [B, S, Hk, D], got shape {x.shape}")
         _validate.kv_dtype(name, x.dtype)
     if k.shape != v.shape or k.dtype != v.dtype:
-        raise ValueError(f"k and v must have the same shape and dtype, got k {k.shape} {k.dtype}, v {v.shape} {v.dtype}")
+        raise ValueError(f"k and v must have the same shape and dtype, got k {k.shape} {k.dtype}, "
+                         f"v {v.shape} {v.dtype}")
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[-1] or k.shape[1] == 0:
-        raise ValueError(f"k/v of shape {k.shape} [B, S, Hk, D] do not match {q_name} of shape {q.shape} "
+        raise ValueError(f"k/v of shape {k.shape} [B, S, Hk, D] do not match q of shape {q.shape} "
                          f"(need the same B and D, S >= 1)")
-    _validate.heads(q_name, q.shape[-2], "k", k.shape[2])
+    _validate.heads("q", q.shape[-2], "k", k.shape[2])
     return np.ascontiguousarray(k), np.ascontiguousarray(v)
 
 
-def _run_dense(q5, k, v, starts, ends, out, scale):
+def _run_dense(q, k, v, starts, ends, out, scale) -> None:
+    """q, out [B, T, Hq, D]; k, v [B, S, Hk, D] C-contiguous (strided reads: the cache's head-major
+    layout is the faster one)."""
     B, S, Hk, D = k.shape
     strides = (S * Hk * D, D, Hk * D)  # row, head, position
-    return _kernel.run(q5, _kernel.flat_kv(k), _kernel.flat_kv(v), Hk, strides, np.arange(B), starts, ends,
-                       _validate.scale(scale, D), out)
+    _kernel.run(q, _kernel.flat_kv(k), _kernel.flat_kv(v), Hk, strides, np.arange(B), starts, ends,
+                _validate.scale(scale, D), out)
 
 
 def decode_attention(q, k, v, lengths, out=None, scale=None) -> np.ndarray:
     """One query per sequence: q [B, Hq, D]; k, v [B, S, Hk, D]; lengths [B] ints in [1, S]: query b
     attends to positions [0, lengths[b]). Returns out [B, Hq, D] float32 (written into `out` if given)."""
     q = _validate.query("q", q, "B, Hq, D")
-    k, v = _dense_kv("q", q, k, v)
+    k, v = _dense_kv(q, k, v)
     B, S = k.shape[:2]
     lengths = _validate.ints("lengths", lengths, (B,), f"B from q {q.shape}", 1, S, f"S={S} from k {k.shape}")
     out = _validate.out(out, q.shape)
@@ -54,7 +57,7 @@ def prefill_attention(q, k, v, lengths_before, out=None, scale=None) -> np.ndarr
     attends to positions [0, lengths_before[b] + t]. Needs 0 <= lengths_before[b] <= S - T.
     Returns out [B, T, Hq, D] float32 (written into `out` if given)."""
     q = _validate.query("q", q, "B, T, Hq, D")
-    k, v = _dense_kv("q", q, k, v)
+    k, v = _dense_kv(q, k, v)
     (B, T), S = q.shape[:2], k.shape[1]
     if T > S:
         raise ValueError(f"q has T={T} query positions (shape {q.shape}), more than k's S={S} (shape {k.shape})")

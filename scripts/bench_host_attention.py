@@ -12,13 +12,13 @@ for several batch sizes and contexts; prints their ratio. Best of --repeats for 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numba
 import numpy as np
 from numba import njit, prange
 
 from host_ops import HostKVCache
+from moe_jax.hrm.calibrate import best_seconds
 
 
 @njit(parallel=True, nogil=True, fastmath=True, cache=True)
@@ -32,16 +32,6 @@ def _row_sums(a):
             s += row[c]
         sums[r] = s
     return sums.sum()
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def stream_read_gbs(gib: float, repeats: int) -> float:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The first thing a GPU session runs: the GPU tests, then every benchmark in scripts/.
+# The first thing a GPU session runs: the GPU tests, then the benchmarks in scripts/.
 #
-#   bash scripts/gpu_suite.sh                             # every step
-#   bash scripts/gpu_suite.sh tests bench_expert_kernel   # only the named steps
+#   bash scripts/gpu_suite.sh                             # the core steps: one device command (< 10 min)
+#   bash scripts/gpu_suite.sh all                         # every step (more than one command allows)
+#   bash scripts/gpu_suite.sh bench_offload               # only the named steps
 #
-# A device command is capped at 10 minutes: if the steps together need more, run them in
-# separate commands. PYTHON picks the interpreter (default: python).
+# A device command is capped at 10 minutes and a session has 30 minutes of device time: run the core
+# steps first, then the long ones by name, one command each. PYTHON picks the interpreter (default: python).
 # Logs go to $OUT/<step>.log (OUT defaults to ./gpu_suite_out), benchmark results next to them.
 # A step that passes its time limit is killed and reported as "timeout"; the table comes last.
 set -u
@@ -15,15 +16,18 @@ PY="${PYTHON:-python}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# One step per line: name|time limit in seconds|command. Add your benchmark here.
+# One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
+CORE="tests bench_host_attention bench_expert_kernel_core bench_offload_quick"
 STEPS=(
-  "tests|240|$PY -m pytest -m gpu tests -q -rs"
+  "tests|150|$PY -m pytest -m gpu tests -q -rs"
+  "bench_host_attention|60|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 --stream-gib 8 --max-kv-gib 16"
+  "bench_expert_kernel_core|170|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $OUT/bench_expert_kernel_core.json --out $OUT/bench_expert_kernel_core.md"
   "bench_expert_kernel|420|$PY scripts/bench_expert_kernel.py --json $OUT/bench_expert_kernel.json --out $OUT/bench_expert_kernel.md"
   # Offload engine benchmarks (scripts/bench_offload.py, scripts/bench_throughput.py): Mixtral 8x7B shapes,
   # random weights. Each step fits one 10-minute device command; --append-results writes the markdown
   # section to paste into benchmarks/RESULTS.md. Limits stay under 600 s so that the suite's SIGINT comes
   # first and the scripts still print what they measured.
-  "bench_offload_quick|300|$PY scripts/bench_offload.py --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $OUT/bench_offload_quick.json --append-results $OUT/bench_offload_quick.md"
+  "bench_offload_quick|170|$PY scripts/bench_offload.py --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $OUT/bench_offload_quick.json --append-results $OUT/bench_offload_quick.md"
   "bench_offload|560|$PY scripts/bench_offload.py --json $OUT/bench_offload.json --append-results $OUT/bench_offload.md"
   "bench_policies|560|$PY scripts/bench_offload.py --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $OUT/bench_policies.json --append-results $OUT/bench_policies.md"
   "bench_vs_pytorch|560|$PY scripts/bench_throughput.py --workloads '' --json $OUT/bench_vs_pytorch.json --plot $OUT/bench_vs_pytorch.png --append-results $OUT/bench_vs_pytorch.md"
@@ -41,7 +45,8 @@ declare -a SUMMARY
 failed=0
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name limit cmd <<<"$step"
-  if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
+  wanted="${*:-$CORE}"
+  if [[ " $wanted " != *" all "* && " $wanted " != *" $name "* ]]; then continue; fi
   echo "=== $name: $cmd" >"$OUT/$name.log"
   start=$(date +%s)
   timeout --signal=INT --kill-after=20 "$limit" bash -c "$cmd" >>"$OUT/$name.log" 2>&1
