@@ -91,3 +91,32 @@ def test_host_memory_is_checked_before_generation(monkeypatch):
     with pytest.raises(OffloadMemoryError, match="streamed experts"):
         OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                      num_micro_batches=2))
+
+
+def test_decode_step_lowers_for_gpu_with_the_copy_inside():
+    """The GPU path, lowered for CUDA on this CPU machine: the next layer's chunk enters the decode step
+    in pinned host memory and leaves it on the device, through an in-jit placement (DESIGN.md §3)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from moe_jax.offload_engine import _jitted
+    from moe_jax.params import layer_param_specs
+    from moe_jax.presets import preset_config
+
+    cfg = preset_config("tiny-mixtral")
+    dev = jax.devices()[0]
+    on_dev, on_host = (SingleDeviceSharding(dev, memory_kind=k) for k in ("device", "pinned_host"))
+    mid = _jitted(cfg, "auto", on_dev)[0]
+    sd = lambda shape, dt=jnp.bfloat16, sh=on_dev: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+    specs = layer_param_specs(cfg)
+    p = {k: sd(s.shape) for k, s in specs.items() if not s.expert}
+    slots = {k: sd((6, *s.shape[1:])) for k, s in specs.items() if s.expert}
+    chunk = {k: sd((2, *s.shape[1:]), sh=on_host) for k, s in specs.items() if s.expert}
+    mu = 4
+    text = mid.trace(p, p, slots, sd((cfg.num_experts,), jnp.int32), sd((mu, 1, cfg.hidden_size)),
+                     sd((mu, 1, cfg.num_heads, cfg.head_dim)), sd((mu, 1), jnp.int32), chunk
+                     ).lower(lowering_platforms=("cuda",)).as_text()
+    main = next(line for line in text.splitlines() if "func.func public @main" in line)
+    assert main.count('mhlo.memory_kind = "pinned_host"') == 3  # the three expert weights of the chunk
+    assert text.count("annotate_device_placement") == 3 and '_xla_buffer_placement = "device"' in text
