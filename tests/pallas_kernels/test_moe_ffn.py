@@ -43,8 +43,9 @@ def test_matches_reference(make_problem, assert_matches_reference, impl, case, d
 def test_auto_and_pallas_resolve_and_log_on_cpu(make_problem, assert_matches_reference, caplog, monkeypatch):
     if ON_GPU:
         pytest.skip("CPU resolution")
-    import pallas_kernels.moe_ffn as moe_ffn_module
+    import importlib
 
+    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")  # the package exports the function too
     monkeypatch.setattr(moe_ffn_module, "_logged", set())  # each choice is logged once per process
     problem = make_problem(16, 32, 32, 4, 2, "float32")
     with caplog.at_level(logging.INFO, logger="pallas_kernels"):
