@@ -74,14 +74,14 @@ class LLM:
       for the first `generate` call's workload), "auto" (resident when the model fits the accelerator,
       else offload), or a `moe_jax.Policy` (offload with exactly that policy).
     gpu_memory_gb: the GPU memory the engine may use (GiB); hardware: HRM profile name or JSON file
-      (default: detected from the device).
+      (default: detected from the device); prefetch: "split" or "whole" (see OffloadEngine).
     The engine (and the weights' placement) is built when first needed: at construction for
     "resident" or a Policy, at the first `generate` for "offload" and "auto" when they choose offload.
     """
 
     def __init__(self, model: str | ModelSource, *, dtype: str = "bfloat16", policy="auto",
                  max_batch_size: int = 64, gpu_memory_gb: float | None = None, hardware: str | None = None,
-                 moe_impl: str = "auto", seed: int = 0):
+                 moe_impl: str = "auto", prefetch: str = "split", seed: int = 0):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not isinstance(policy, Policy) and policy not in POLICIES:
@@ -89,8 +89,8 @@ class LLM:
         self.source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
         self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer
         self.dtype = np.dtype(DTYPES[dtype])
-        self.max_batch_size, self.gpu_memory_gb, self.hardware, self.moe_impl = (
-            max_batch_size, gpu_memory_gb, hardware, moe_impl)
+        self.max_batch_size, self.gpu_memory_gb, self.hardware, self.moe_impl, self.prefetch = (
+            max_batch_size, gpu_memory_gb, hardware, moe_impl, prefetch)
         if hardware is not None:
             from moe_jax.hrm import hardware_profile
 
@@ -123,7 +123,8 @@ class LLM:
         if self.gpu_memory_gb is not None and policy.gpu_memory_gb is None:
             policy = Policy(**{**policy.__dict__, "gpu_memory_gb": self.gpu_memory_gb})
         self.policy = policy
-        self.engine = OffloadEngine(self.cfg, self.source.weights, self.dtype, policy, moe_impl=self.moe_impl)
+        self.engine = OffloadEngine(self.cfg, self.source.weights, self.dtype, policy, moe_impl=self.moe_impl,
+                                    prefetch=self.prefetch)
 
     def _choose_offload_policy(self, requests: Sequence[Request]) -> Policy:
         """HRM's policy for this workload (lengths rounded up as the engine rounds them), clamped to the job."""

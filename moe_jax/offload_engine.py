@@ -160,8 +160,17 @@ class OffloadStats:
                 f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; bottleneck: {self.bottleneck()}")
 
 
+PREFETCH = ("split", "whole")
+
+
 class OffloadEngine:
-    def __init__(self, cfg: ModelConfig, weights, dtype, policy: Policy, *, moe_impl: str = "auto"):
+    """prefetch: "split" sends the next layer's streamed experts in one chunk per micro-batch step (as the
+    original), "whole" sends them all with the first micro-batch's step."""
+
+    def __init__(self, cfg: ModelConfig, weights, dtype, policy: Policy, *, moe_impl: str = "auto",
+                 prefetch: str = "split"):
+        if prefetch not in PREFETCH:
+            raise ValueError(f"prefetch must be one of {PREFETCH}, got {prefetch!r}")
         if policy.attention_device != "cpu" or policy.kv_device != "cpu":
             raise ValueError(f"offload engine: attention_device={policy.attention_device!r}, kv_device="
                              f"{policy.kv_device!r} is not implemented; only CPU attention over a host KV cache")
@@ -170,7 +179,7 @@ class OffloadEngine:
         self.on_device = SingleDeviceSharding(dev, memory_kind="device")
         self.on_host = SingleDeviceSharding(dev, memory_kind="pinned_host")
         self.pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, policy.resident_expert_fraction,
-                                      policy.num_micro_batches)
+                                      policy.num_micro_batches if prefetch == "split" else 1)
         self.specs = layer_param_specs(cfg)
         self.gpu_bytes = self._check_gpu_memory()
         check_host_memory(policy, "the streamed experts (pinned)",

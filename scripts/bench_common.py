@@ -237,12 +237,13 @@ def overlap_efficiency(terms: dict) -> float | None:
     return terms["step"] / max(parts) if parts and terms["step"] else None
 
 
-def build_llm(source, policy, dtype: str, moe_impl: str):
+def build_llm(source, policy, dtype: str, moe_impl: str, prefetch: str = "split"):
     """An LLM running `policy` (under its GPU cap), and the seconds its weights took to materialise and place."""
     from moe_jax.llm import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(source, dtype=dtype, policy=policy, gpu_memory_gb=policy.gpu_memory_gb, moe_impl=moe_impl)
+    llm = LLM(source, dtype=dtype, policy=policy, gpu_memory_gb=policy.gpu_memory_gb, moe_impl=moe_impl,
+              prefetch=prefetch)
     return llm, time.perf_counter() - t0
 
 

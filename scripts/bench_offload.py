@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-prompts", type=int, help="prompts per run (default: the policy's batch size)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--moe-impl", default="auto", help="expert kernel (pallas_kernels.moe_ffn impl)")
+    ap.add_argument("--prefetch", default="split", choices=("split", "whole"),
+                    help="next layer's experts: one chunk per micro-batch step, or all in the first step")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and the prompts")
     ap.add_argument("--link-probe-mib", type=int, default=512, help="size of the link bandwidth probe (MiB)")
     ap.add_argument("--no-gpu-probe", action="store_true", help="skip the GPU-term probe of each policy")
@@ -95,7 +97,7 @@ def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:
     bc.log(f"policy {spec}: {policy}; {n} prompts of {args.prompt_len} tokens, {args.gen_len} generated each")
     gpu_s = None if args.no_gpu_probe else bc.probe_gpu_layer_seconds(source, policy, args.dtype, args.moe_impl)
     try:
-        llm, load_s = bc.build_llm(source, policy, args.dtype, args.moe_impl)
+        llm, load_s = bc.build_llm(source, policy, args.dtype, args.moe_impl, args.prefetch)
     except OffloadMemoryError as e:
         return {"spec": spec, "policy": bc.policy_dict(policy), "error": f"OffloadMemoryError: {e}"}
     bc.log(f"  load: {load_s:.1f} s ({cfg.num_layers} layers materialised and placed)")

@@ -120,3 +120,12 @@ def test_decode_step_lowers_for_gpu_with_the_copy_inside():
     main = next(line for line in text.splitlines() if "func.func public @main" in line)
     assert main.count('mhlo.memory_kind = "pinned_host"') == 3  # the three expert weights of the chunk
     assert text.count("annotate_device_placement") == 3 and '_xla_buffer_placement = "device"' in text
+
+
+def test_whole_layer_prefetch_equals_split():
+    source = open_model("tiny-qwen3-moe")
+    policy = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2)
+    eng = OffloadEngine(source.cfg, source.weights, np.float32, policy, prefetch="whole")
+    assert all(len(eng.pages.chunks(i)) == 1 for i in range(source.cfg.num_layers))
+    got = {r.index: ids for r, ids, _ in eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])}
+    assert [got[i] for i in range(len(PROMPTS))] == resident_tokens(source)
