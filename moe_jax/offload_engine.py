@@ -220,19 +220,19 @@ class OffloadEngine:
         """Place weights layer by layer: dense ones on the GPU, experts in resident slots or pinned host chunks."""
         p, dt = self.pages, self.dtype
         self.glob = jax.device_put(weights.globals(dt), self.on_device)
-        slots = {k: np.zeros((p.num_slots, *s.shape[1:]), dt) for k, s in self.specs.items() if s.expert}
+        experts = [k for k, s in self.specs.items() if s.expert]
+        self.slots = {k: jnp.zeros((p.num_slots, *self.specs[k].shape[1:]), dt, device=self.on_device) for k in experts}
         self.dense, self.host_chunks = [], []
         for i in range(self.cfg.num_layers):
             w = weights.layer(i, dt)
             self.dense.append(jax.device_put({k: v for k, v in w.items() if not self.specs[k].expert}, self.on_device))
-            for e in p.resident[i]:
-                for k in slots:
-                    slots[k][p.resident_slot(i, e)] = w[k][e]
+            if p.resident[i]:  # this layer's resident experts fill consecutive slots
+                ids = list(p.resident[i])
+                resident = jax.device_put({k: w[k][ids] for k in experts}, self.on_device)
+                self.slots = self._install(self.slots, [resident], [p.resident_slot(i, ids[0])])
             ids = np.asarray(p.streamed[i], np.int64)
-            self.host_chunks.append([jax.device_put({k: np.ascontiguousarray(w[k][ids[a:b]]) for k in slots},
+            self.host_chunks.append([jax.device_put({k: np.ascontiguousarray(w[k][ids[a:b]]) for k in experts},
                                                     self.on_host) for a, b in p.chunks(i)])
-        self.slots = jax.device_put(slots, self.on_device)
-        del slots
         self.tables = [jnp.asarray(p.page_table(i)) for i in range(self.cfg.num_layers)]
         self.installed = None  # the layer whose streamed experts are in the streamed slots
         self._fetch_for(0)
