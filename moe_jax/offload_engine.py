@@ -48,6 +48,20 @@ EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 PREFILL_SCORE_BYTES = 1 << 30  # cap on one prefill call's attention scores [rows, Hq, T, T] float32
 
 
+def prefill_rows_per_call(cfg: ModelConfig, T: int, rows: int) -> int:
+    """Rows of a prefill call at prompt bucket T: its float32 scores [rows, Hq, T, T] stay under the cap."""
+    return bucket(min(max(1, PREFILL_SCORE_BYTES // (cfg.num_heads * T * T * 4)), rows), 1)
+
+
+def prefill_gpu_bytes(cfg: ModelConfig, dtype, batch: int, mu: int, T: int) -> int:
+    """GPU bytes of a prefill at prompt bucket T beyond the weights: every row's hidden state [batch, T, H]
+    (all micro-batches advance layer by layer) plus one call's scores and routed float32 activations."""
+    rows = prefill_rows_per_call(cfg, T, mu)
+    call = rows * T * (cfg.num_heads * T * 4 + cfg.experts_per_token * (3 * cfg.expert_ffn_size + 2 * cfg.hidden_size) * 4
+                       + 4 * cfg.hidden_size * 4)
+    return batch * T * cfg.hidden_size * np.dtype(dtype).itemsize + call
+
+
 class OffloadMemoryError(MemoryError):
     """The policy does not fit the GPU memory cap or the host memory; raised before any work."""
 
@@ -199,20 +213,23 @@ class OffloadEngine:
     def _expert_bytes(self) -> int:
         return sum(s.nbytes(self.dtype) // s.shape[0] for k, s in self.specs.items() if s.expert)
 
-    def _check_gpu_memory(self) -> int:
-        """Bytes the GPU must hold: non-expert weights, expert slots, activations of one micro-batch."""
+    def _check_gpu_memory(self, extra: int = 0, extra_what: str = "") -> int:
+        """Bytes the GPU must hold: non-expert weights, expert slots, activations of one micro-batch
+        (+ `extra` bytes for `extra_what`)."""
         cfg, p = self.cfg, self.pages
         dense = cfg.num_layers * sum(s.nbytes(self.dtype) for s in self.specs.values() if not s.expert)
         need = dense + global_bytes(cfg, self.dtype) + (p.num_slots + p.max_streamed) * self._expert_bytes()
         tokens = self.policy.micro_batch_size * cfg.experts_per_token
         need += 4 * tokens * (cfg.hidden_size + 3 * cfg.expert_ffn_size) * 4  # routed activations, float32
+        need += extra
         cap = self.policy.gpu_memory_gb
         limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
         for name, value in (("gpu_memory_gb cap", cap * 2**30 if cap else None), ("device memory", limit)):
             if value and need > value:
                 raise OffloadMemoryError(
                     f"policy {self.policy} needs {need / 2**30:.2f} GiB on the GPU ({dense / 2**30:.2f} GiB non-expert "
-                    f"weights, {p.num_slots + p.max_streamed} expert slots of {self._expert_bytes() / 2**20:.1f} MiB) but the "
+                    f"weights, {p.num_slots + p.max_streamed} expert slots of {self._expert_bytes() / 2**20:.1f} MiB"
+                    f"{f', {extra / 2**30:.2f} GiB for the {extra_what}' if extra else ''}) but the "
                     f"{name} is {value / 2**30:.2f} GiB: lower resident_expert_fraction or micro_batch_size")
         return need
 
@@ -285,6 +302,9 @@ class OffloadEngine:
         check_host_memory(pol, f"the KV cache ({pol.batch_size} sequences x {context} positions)",
                           HostKVCache.footprint(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads,
                                                 cfg.head_dim, self.dtype))
+        T = bucket(max(len(r.prompt) for r in requests))
+        self._check_gpu_memory(prefill_gpu_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T),
+                               f"prefill of prompts up to {T} tokens")
         cache = HostKVCache(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         lengths = [len(r.prompt) for r in requests]
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu, \
@@ -361,8 +381,7 @@ class _Wave:
         calls = []  # (micro-batch, row indices, tokens, positions)
         for k, g in enumerate(self.groups):
             T = bucket(int(self.lens[k].max()))
-            rows_per_call = max(1, PREFILL_SCORE_BYTES // (cfg.num_heads * T * T * 4))
-            rows_per_call = min(bucket(min(rows_per_call, len(g)), 1), self.mu)
+            rows_per_call = prefill_rows_per_call(cfg, T, len(g))
             for s in range(0, len(g), rows_per_call):
                 rows = np.arange(s, min(s + rows_per_call, len(g)))
                 tokens = np.zeros((rows_per_call, T), np.int32)

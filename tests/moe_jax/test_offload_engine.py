@@ -129,3 +129,13 @@ def test_whole_layer_prefetch_equals_split():
     assert all(len(eng.pages.chunks(i)) == 1 for i in range(source.cfg.num_layers))
     got = {r.index: ids for r, ids, _ in eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])}
     assert [got[i] for i in range(len(PROMPTS))] == resident_tokens(source)
+
+
+def test_prefill_memory_is_checked_before_generation():
+    source = open_model("tiny-mixtral")
+    policy = Policy(batch_size=2, micro_batch_size=1, num_micro_batches=2)
+    eng = OffloadEngine(source.cfg, source.weights, np.float32, policy)
+    eng.policy = Policy(**{**policy.__dict__, "gpu_memory_gb": (eng.gpu_bytes + 1000) / 2**30})
+    with pytest.raises(OffloadMemoryError, match=r"GiB for the prefill of prompts up to 1536 tokens\) but the "
+                                                 r"gpu_memory_gb cap"):
+        list(eng.generate([Request(0, tuple(range(1, 1500)), GREEDY)]))
