@@ -345,10 +345,10 @@ class _Wave:
         out[:len(rows)] = rows
         return out
 
-    def _positions(self, k: int) -> np.ndarray:
-        """[μ, 1] position of each row's next token (its current length)."""
-        pos = self.lens[k] + np.array([len(g) for g in self.generated[k]]) - 1
-        return self._pad(pos.astype(np.int32)[:, None])
+    def _positions(self, k: int, ahead: int = 0) -> np.ndarray:
+        """[μ, 1] position of each row's last token (+ ahead). Rows that are done stay inside the cache."""
+        pos = self.lens[k] + np.array([len(g) for g in self.generated[k]]) - 1 + ahead
+        return self._pad(np.minimum(pos, self.cache.max_context - 1).astype(np.int32)[:, None])
 
     def _counters(self, k: int) -> np.ndarray:
         return self._pad(np.array([len(g) for g in self.generated[k]], np.int32))
@@ -422,7 +422,7 @@ class _Wave:
         last = self.prefill()
         futs, xs = {}, [None] * n_mb
         for k in range(n_mb):  # sample the first token and start layer 0 of the first decode step
-            pos = self._positions(k) + 1
+            pos = self._positions(k, ahead=1)
             tokens, xs[k], q, kk, v = eng._start(eng.glob, eng.dense[0], last[k], pos, *self.samp[k], self._counters(k))
             futs[0, k] = self.cpu.submit(self._attend, 0, k, pos, q, kk, v, tokens)
         eng.stats.prefill_s += time.perf_counter() - t0
@@ -433,28 +433,32 @@ class _Wave:
                     table = eng._begin_layer(i)
                     nxt = (i + 1) % L
                     for k in range(n_mb):
+                        if (i, k) not in futs:  # a micro-batch whose rows are all done
+                            continue
                         w0 = time.perf_counter()
                         attn, tokens = futs.pop((i, k)).result()
                         eng.stats.main_wait[i] += time.perf_counter() - w0
                         if i == 0:  # the token sampled at the end of the previous step is known now
                             yield from self._record(k, tokens)
-                            if k == n_mb - 1 and all(d.all() for d in self.done):
-                                return
+                            if self.done[k].all():
+                                continue
                         pos = self._positions(k)
                         if i < L - 1:
                             xs[k], q, kk, v, fetched = eng._mid(eng.dense[i], eng.dense[nxt], eng.slots, table,
                                                                 xs[k], attn, pos, eng._chunk(k))
                             futs[nxt, k] = self.cpu.submit(self._attend, nxt, k, pos, q, kk, v)
                         else:
-                            pos = pos + 1
+                            pos = self._positions(k, ahead=1)
                             tokens, xs[k], q, kk, v, fetched = eng._last(
                                 eng.dense[i], eng.glob, eng.dense[0], eng.slots, table, xs[k], attn, pos,
                                 (*self.samp[k], self._counters(k)), eng._chunk(k))
                             futs[0, k] = self.cpu.submit(self._attend, 0, k, pos, q, kk, v, tokens)
                         eng._store(k, fetched)
-                    eng._complete_fetch()
                     if i == 0:
+                        if all(d.all() for d in self.done):
+                            return
                         eng.stats.decode_steps += 1
+                    eng._complete_fetch()
         finally:
             for f in futs.values():
                 f.result()

@@ -139,3 +139,17 @@ def test_prefill_memory_is_checked_before_generation():
     with pytest.raises(OffloadMemoryError, match=r"GiB for the prefill of prompts up to 1536 tokens\) but the "
                                                  r"gpu_memory_gb cap"):
         list(eng.generate([Request(0, tuple(range(1, 1500)), GREEDY)]))
+
+
+def test_rows_and_micro_batches_that_finish_early():
+    """Per-request budgets that end some rows (and whole micro-batches) long before others, up to the
+    exact end of the KV context: the finished rows stay inside the cache and skip their work."""
+    source = open_model("tiny-mixtral")
+    prompts = [tuple(range(3, 3 + n)) for n in (8, 4, 9, 1, 17, 2, 11)]
+    params = [GREEDY.replace(max_new_tokens=n) for n in (8, 12, 3, 1, 2, 9, 4)]
+    got, eng = offload_tokens(source, Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2), params, prompts)
+    assert got == resident_tokens(source, params, prompts)
+    assert [len(t) for t in got] == [8, 12, 3, 1, 2, 9, 4]
+    prompts, params = [tuple(range(3, 11)), tuple(range(3, 7))], [GREEDY.replace(max_new_tokens=n) for n in (8, 12)]
+    got, eng = offload_tokens(source, Policy(batch_size=2, micro_batch_size=2, num_micro_batches=1), params, prompts)
+    assert eng.stats.decode_steps > 0 and got == resident_tokens(source, params, prompts)  # 8 + 8 = the 16-slot context
