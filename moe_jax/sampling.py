@@ -43,10 +43,10 @@ def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: j
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     vals, idx = jax.lax.top_k(logits / t, logits.shape[-1])  # sorted descending
     rank = jnp.arange(logits.shape[-1])[None, :]
-    drop_k = (top_k[:, None] > 0) & (rank >= top_k[:, None])
-    probs = jax.nn.softmax(vals, axis=-1)
+    vals = jnp.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -jnp.inf, vals)  # top-k first, then
+    probs = jax.nn.softmax(vals, axis=-1)  # top-p over the renormalised survivors (as transformers and vLLM)
     drop_p = (jnp.cumsum(probs, axis=-1) - probs) >= top_p[:, None]  # keep the smallest prefix reaching top_p
-    vals = jnp.where(drop_k | drop_p, -jnp.inf, vals)
+    vals = jnp.where(drop_p, -jnp.inf, vals)
     choice = jax.vmap(jax.random.categorical)(keys, vals)
     sampled = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)

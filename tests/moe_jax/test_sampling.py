@@ -54,3 +54,13 @@ def test_stop_tokens_and_lengths(llm):
 def test_invalid_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_top_p_applies_to_the_top_k_survivors():
+    """probs [.3, .2, .2, .15, .15], top_k=2, top_p=0.5: after top-k the survivors are [.6, .4], and
+    top-p 0.5 keeps only the first (transformers and vLLM agree); top-p on the full softmax would keep both."""
+    logits = np.log(np.array([[0.3, 0.2, 0.2, 0.15, 0.15]], np.float32))
+    one = np.ones(1, np.float32)
+    draws = {int(sample(logits, one, np.full(1, 0.5, np.float32), np.full(1, 2, np.int32),
+                        jax.random.PRNGKey(s)[None])[0]) for s in range(40)}
+    assert draws == {0}
