@@ -44,9 +44,11 @@ def reserve_pinned_host_memory(cfg, dtype) -> None:
         return
     from jax._src import xla_bridge
 
-    if getattr(xla_bridge, "_backends", None):  # too late: the backend read its settings already
-        log.warning("JAX is already initialised; set %s=%d before it starts to stream %.1f GiB of experts",
-                    PINNED_LIMIT_VAR, gb, need / 2**30)
+    backends = getattr(xla_bridge, "_backends", None) or {}
+    if backends:  # too late: the backend read its settings already (it matters only for a GPU backend)
+        if any(name in ("cuda", "rocm", "gpu") for name in backends):
+            log.warning("JAX is already initialised; set %s=%d before it starts to stream %.1f GiB of experts",
+                        PINNED_LIMIT_VAR, gb, need / 2**30)
         return
     os.environ[PINNED_LIMIT_VAR] = str(gb)
     log.info("%s=%d (pinned host pool for %.1f GiB of streamed experts)", PINNED_LIMIT_VAR, gb, need / 2**30)
@@ -127,7 +129,7 @@ class LLM:
                                     prefetch=self.prefetch)
 
     def _choose_offload_policy(self, requests: Sequence[Request]) -> Policy:
-        """HRM's policy for this workload (lengths rounded up as the engine rounds them), clamped to the job."""
+        """HRM's policy for this workload (lengths rounded as the engine rounds them), at most one wave."""
         from moe_jax import hrm
 
         hardware = self.hardware or detect_hardware()
@@ -139,19 +141,19 @@ class LLM:
             log.warning("policy offload: no HRM hardware profile for device %s (pass hardware=...); using %s",
                         jax.devices()[0].device_kind, policy)
             return policy
-        P = bucket(max(len(r.prompt) for r in requests))
-        context = bucket(max(len(r.prompt) + r.params.max_new_tokens for r in requests))
-        G = max(max(r.params.max_new_tokens for r in requests), context - P)  # KV the engine allocates
-        result = hrm.choose_policy(self.cfg, hardware, P, G, gpu_memory_gb=self.gpu_memory_gb,
-                                   placements=[("cpu", "cpu")], dtype=str(self.dtype))
+        maxpos = self.cfg.max_positions
+        budgets = [min(r.params.max_new_tokens, maxpos - len(r.prompt)) for r in requests]  # as the engine
+        P = min(bucket(max(len(r.prompt) for r in requests)), maxpos - 1)
+        context = bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets)))  # the KV the engine allocates
+        G = max(1, min(max(max(budgets), context - P), maxpos - P))
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # JAX's own cap, below the card's size
+        caps = [c for c in (self.gpu_memory_gb, limit / 2**30 if limit else None) if c]
+        result = hrm.choose_policy(self.cfg, hardware, P, G, gpu_memory_gb=min(caps) if caps else None,
+                                   max_batch_size=n, placements=[("cpu", "cpu")], dtype=str(self.dtype))
         self.hrm_prediction = result
-        p = result.policy
-        if p.batch_size > n:  # fewer requests than HRM's batch: keep its micro-batch count where possible
-            n_ub = min(p.num_micro_batches, n)
-            p = Policy(**{**p.__dict__, "batch_size": n, "micro_batch_size": -(-n // n_ub), "num_micro_batches": n_ub})
         log.info("HRM (%s, prompt %d, gen %d) chose %s; predicted %.1f tok/s, bottleneck %s",
-                 hardware, P, G, p, result.tokens_per_s, result.bottleneck)
-        return p
+                 hardware, P, G, result.policy, result.tokens_per_s, result.bottleneck)
+        return result.policy
 
     @property
     def stats(self):

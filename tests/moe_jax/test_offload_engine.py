@@ -153,3 +153,17 @@ def test_rows_and_micro_batches_that_finish_early():
     prompts, params = [tuple(range(3, 11)), tuple(range(3, 7))], [GREEDY.replace(max_new_tokens=n) for n in (8, 12)]
     got, eng = offload_tokens(source, Policy(batch_size=2, micro_batch_size=2, num_micro_batches=1), params, prompts)
     assert eng.stats.decode_steps > 0 and got == resident_tokens(source, params, prompts)  # 8 + 8 = the 16-slot context
+
+
+@pytest.mark.parametrize("n", [1, 9, 13])
+def test_hrm_policy_fits_any_job_size(n):
+    """HRM is asked for at most one wave of the job's size, so its policy is valid for any n."""
+    llm = moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", hardware="h100-80gb")
+    outs = llm.generate([f"prompt {i}" for i in range(n)], SamplingParams(max_new_tokens=2))
+    assert len(outs) == n and llm.policy.batch_size <= n and llm.hrm_prediction is not None
+
+
+def test_hrm_policy_for_a_prompt_near_the_context_limit():
+    llm = moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", hardware="l4")
+    out = llm.generate([[1 + i % 250 for i in range(1600)]], SamplingParams(max_new_tokens=4))[0]
+    assert len(out.token_ids) == 4
