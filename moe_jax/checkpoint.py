@@ -84,6 +84,20 @@ def _global_names(cfg: ModelConfig) -> dict[str, _Src]:
             "lm_head": _Src("lm_head.weight")}
 
 
+def _with_generation_eos(cfg: ModelConfig, path: Path) -> ModelConfig:
+    """Chat checkpoints often end turns with an EOS that only generation_config.json lists: take the union."""
+    if not path.exists():
+        return cfg
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a JSON object ({e})") from None
+    extra = [eos] if isinstance(eos, int) else list(eos or [])
+    if not all(isinstance(t, int) for t in extra):
+        raise CheckpointError(f"{path}: field 'eos_token_id' = {eos!r}: expected an integer or a list of integers")
+    return cfg.replace(eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + tuple(extra))))
+
+
 class Checkpoint:
     """A Hugging Face model directory. Tensors are read on demand from memory-mapped shards."""
 
@@ -91,7 +105,8 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"model directory {self.path} does not exist")
-        self.cfg = ModelConfig.from_file(self.path / "config.json")
+        self.cfg = _with_generation_eos(ModelConfig.from_file(self.path / "config.json"),
+                                        self.path / "generation_config.json")
         self._shard_of = self._index()
         self._open: dict[str, object] = {}
 

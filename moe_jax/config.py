@@ -157,19 +157,20 @@ def _check_silu(f: _Fields, key: str = "hidden_act") -> None:
 
 
 def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, norm_p: float | None,
-                qkv_bias: bool, qk_norm: str | None, clip_qkv: float | None = None,
-                shared_ffn: int = 0) -> ModelConfig:
+                qkv_bias: bool, qk_norm: str | None, clip_qkv: float | None = None, shared_ffn: int = 0,
+                default_theta: float = 10000.0, default_eps: float = 1e-6) -> ModelConfig:
+    """Defaults of fields a config.json leaves out are transformers' defaults for the family."""
     hidden = f.int("hidden_size")
     heads = f.int("num_attention_heads")
     head_dim = f.get("head_dim") or hidden // heads
-    theta, rotary = _rope(f, head_dim, 10000.0)
+    theta, rotary = _rope(f, head_dim, default_theta)
     _check_silu(f)
     return ModelConfig(
         family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=hidden,
         num_layers=f.int("num_hidden_layers"), num_heads=heads,
         num_kv_heads=f.int("num_key_value_heads", default=heads), head_dim=head_dim,
         rotary_dim=rotary, rope_theta=theta, max_positions=_max_positions(f), norm="rms",
-        norm_eps=float(f.get("rms_norm_eps", 1e-6)), qkv_bias=qkv_bias, qk_norm=qk_norm,
+        norm_eps=float(f.get("rms_norm_eps", default_eps)), qkv_bias=qkv_bias, qk_norm=qk_norm,
         clip_qkv=clip_qkv, num_experts=num_experts, experts_per_token=top_k,
         expert_ffn_size=expert_ffn, router_norm_p=norm_p, shared_expert_ffn_size=shared_ffn,
         tie_embeddings=bool(f.get("tie_word_embeddings", False)),
@@ -183,7 +184,14 @@ def _qwen_moe_checks(f: _Fields) -> None:
 
 def _mixtral(f: _Fields) -> ModelConfig:
     return _llama_like(f, num_experts=f.int("num_local_experts"), expert_ffn=f.int("intermediate_size"),
-                       top_k=f.int("num_experts_per_tok"), norm_p=1.0, qkv_bias=False, qk_norm=None)
+                       top_k=f.int("num_experts_per_tok"), norm_p=1.0, qkv_bias=False, qk_norm=None,
+                       default_theta=1e6, default_eps=1e-5)
+
+
+def _no_attention_bias(f: _Fields) -> bool:
+    """qwen3_moe / olmoe: `attention_bias` also puts a bias on o_proj, which the model does not carry."""
+    f.require("attention_bias", lambda v: not v, "attention biases are not supported for this family", False)
+    return False
 
 
 def _qwen2_moe(f: _Fields) -> ModelConfig:
@@ -200,15 +208,15 @@ def _qwen3_moe(f: _Fields) -> ModelConfig:
     return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
                        expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
-                       qkv_bias=bool(f.get("attention_bias", False)), qk_norm="head")
+                       qkv_bias=_no_attention_bias(f), qk_norm="head")
 
 
 def _olmoe(f: _Fields) -> ModelConfig:
     return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
                        expert_ffn=f.int("intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
-                       qkv_bias=bool(f.get("attention_bias", False)), qk_norm="full",
-                       clip_qkv=f.get("clip_qkv"))
+                       qkv_bias=_no_attention_bias(f), qk_norm="full", clip_qkv=f.get("clip_qkv"),
+                       default_eps=1e-5)
 
 
 def _dbrx(f: _Fields) -> ModelConfig:
@@ -219,12 +227,12 @@ def _dbrx(f: _Fields) -> ModelConfig:
     act = ffn.get("ffn_act_fn") or {"name": "silu"}
     ffn.require("ffn_act_fn", lambda _: act.get("name", "silu") in ("silu", "swish"),
                 "only SiLU (SwiGLU) experts are supported")
-    norm_p = ffn.get("moe_normalize_expert_weights")
+    norm_p = ffn.d.get("moe_normalize_expert_weights", 1.0)  # missing: transformers' 1.0; null: no renormalisation
     if f.get("tie_word_embeddings"):
         raise f.error("tie_word_embeddings", "DBRX does not tie embeddings")
     return ModelConfig(
         family="dbrx", vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=f.int("n_layers"),
-        num_heads=heads, num_kv_heads=attn.int("kv_n_heads", default=heads), head_dim=head_dim,
+        num_heads=heads, num_kv_heads=attn.int("kv_n_heads", default=1), head_dim=head_dim,
         rotary_dim=rotary, rope_theta=theta, max_positions=_max_positions(f, "max_seq_len"),
         norm="layer", norm_eps=1e-5, qkv_bias=False, qk_norm=None, clip_qkv=attn.get("clip_qkv"),
         num_experts=ffn.int("moe_num_experts"), experts_per_token=ffn.int("moe_top_k"),

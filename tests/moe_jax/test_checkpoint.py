@@ -54,3 +54,13 @@ def test_errors_name_tensor_shard_and_shape(tmp_path, hf_checkpoints):
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         (d / "model.safetensors.index.json").unlink()
         Checkpoint(d)
+
+
+def test_generation_config_eos_ids_join_the_config_ones(tmp_path, hf_checkpoints):
+    d = tmp_path / "m"
+    shutil.copytree(hf_checkpoints["olmoe"][0], d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "do_sample": False}))
+    assert Checkpoint(d).cfg.eos_token_ids == (2, 7)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(CheckpointError, match="generation_config.json: field 'eos_token_id'"):
+        Checkpoint(d)

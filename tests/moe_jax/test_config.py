@@ -50,3 +50,23 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "mixtral",\n oops}')
     with pytest.raises(ConfigError, match="invalid JSON at line 2"):
         ModelConfig.from_file(tmp_path / "config.json")
+
+
+def test_defaults_of_missing_fields_are_transformers_defaults():
+    from transformers import AutoConfig
+
+    base = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=100, max_position_embeddings=512)
+    families = {"mixtral": dict(base, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+                "olmoe": dict(base, intermediate_size=32, num_experts=4, num_experts_per_tok=2, eos_token_id=2)}
+    for family, fields in families.items():
+        ours, hf = ModelConfig.from_dict(dict(fields, model_type=family)), AutoConfig.for_model(family, **fields)
+        assert (ours.rope_theta, ours.norm_eps) == (hf.rope_parameters["rope_theta"], hf.rms_norm_eps), family
+    dbrx = dict(d_model=64, n_heads=4, n_layers=2, vocab_size=100, max_seq_len=512,
+                ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2))
+    ours, hf = ModelConfig.from_dict(dict(dbrx, model_type="dbrx")), AutoConfig.for_model("dbrx", **dbrx)
+    assert (ours.num_kv_heads, ours.router_norm_p) == (hf.attn_config.kv_n_heads, hf.ffn_config.moe_normalize_expert_weights)
+
+
+def test_attention_bias_is_refused_where_it_would_need_an_output_bias():
+    with pytest.raises(ConfigError, match="field 'attention_bias'"):
+        cfg("olmoe", attention_bias=True)
