@@ -40,7 +40,7 @@ from moe_jax.microbatches import balanced_micro_batches, waves
 from moe_jax.offload_policy import Policy
 from moe_jax.params import global_bytes, layer_param_specs
 from moe_jax.requests import Request
-from moe_jax.resident_engine import bucket
+from moe_jax.resident_engine import bucket, precise
 from moe_jax.sampling import sample
 
 log = logging.getLogger("moe_jax")
@@ -198,11 +198,10 @@ class OffloadEngine:
         self.gpu_bytes = self._check_gpu_memory()
         check_host_memory(policy, "the streamed experts (pinned)",
                           sum(map(len, self.pages.streamed)) * self._expert_bytes())
-        self._mid, self._last, self._prefill, self._fetch, self._install, self._start = _jitted(
-            cfg, moe_impl, self.on_device)
+        mid, last, prefill, self._fetch, self._install, start = _jitted(cfg, moe_impl, self.on_device)
+        self._mid, self._last, self._prefill, self._start = (precise(f, dtype) for f in (mid, last, prefill, start))
         self._embed = jax.jit(model.embed)
         self._load(weights)
-        self._precision = "highest" if self.dtype == np.float32 else None
         self.stats = OffloadStats.empty(cfg.num_layers)
         log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed (slots + chunks in flight, up "
                  "to %d per layer); GPU plan %.2f GiB", policy, self.pages.num_resident, self.pages.max_streamed,
@@ -307,8 +306,7 @@ class OffloadEngine:
                                f"prefill of prompts up to {T} tokens")
         cache = HostKVCache(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         lengths = [len(r.prompt) for r in requests]
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu, \
-                jax.default_matmul_precision(self._precision):
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
             for wave in waves(lengths, pol.batch_size):
                 groups = balanced_micro_batches(wave, lengths, pol.micro_batch_size)
                 yield from _Wave(self, cache, cpu, [[requests[i] for i in g] for g in groups],

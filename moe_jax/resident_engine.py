@@ -32,6 +32,19 @@ def bucket(n: int, minimum: int = 8) -> int:
     return 3 * p // 4 if 3 * p // 4 >= n and p >= 4 else p
 
 
+def precise(fn, dtype):
+    """fn, called under full float32 matmul precision when the model runs in float32 (where accelerators
+    default to faster, rounder modes); bound to each call, so no precision setting escapes to the caller."""
+    if np.dtype(dtype) != np.float32:
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args)
+    return call
+
+
 def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, cache_k, cache_v):
     """tokens, positions [B, T] -> hidden [B, T, H] and the updated caches (k/v of each token written at
     its position). layers: each parameter stacked `[L, ...]`."""
@@ -73,10 +86,9 @@ class ResidentEngine:
                 stacked[k][i] = v
         self.layers = jax.device_put(stacked)
         del stacked
-        self._step = jax.jit(functools.partial(step, cfg, moe_impl), donate_argnums=(5, 6))
-        self._forward = jax.jit(functools.partial(forward, cfg, moe_impl))
-        self._lm_head = jax.jit(functools.partial(model.lm_head, cfg))
-        self._precision = "highest" if self.dtype == np.float32 else None
+        self._step = precise(jax.jit(functools.partial(step, cfg, moe_impl), donate_argnums=(5, 6)), dtype)
+        self._forward = precise(jax.jit(functools.partial(forward, cfg, moe_impl)), dtype)
+        self._lm_head = precise(jax.jit(functools.partial(model.lm_head, cfg)), dtype)
 
     def _check_fits(self, cap: int | None) -> None:
         """Weights must fit the accelerator (and the cap, when given) with room for activations."""
@@ -102,9 +114,8 @@ class ResidentEngine:
             for r, i in enumerate(wave):
                 tokens[r, :len(prompts[i])] = prompts[i]
             positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-            with jax.default_matmul_precision(self._precision):
-                x, _, _ = self._forward(self.glob, self.layers, tokens, positions, *self._cache(B, T))
-                logits = np.asarray(self._lm_head(self.glob, x))
+            x, _, _ = self._forward(self.glob, self.layers, tokens, positions, *self._cache(B, T))
+            logits = np.asarray(self._lm_head(self.glob, x))
             for r, i in enumerate(wave):
                 out[i] = logits[r, :len(prompts[i])]
         return out
@@ -138,20 +149,19 @@ class ResidentEngine:
         cache = self._cache(B, S)
         positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
         last = lens - 1
-        with jax.default_matmul_precision(self._precision):
-            while True:
-                counters = np.array([len(g) for g in generated] + [0] * (B - n), np.int32)
-                nxt, *cache = self._step(self.glob, self.layers, tokens, positions, last, *cache, *samp, counters)
-                nxt = np.asarray(nxt)
-                for b in np.flatnonzero(~done):
-                    generated[b].append(int(nxt[b]))
-                    stop = int(nxt[b]) in stops[b]
-                    if stop or len(generated[b]) >= budget[b]:
-                        done[b] = True
-                        yield wave[b], generated[b], "stop" if stop else "length"
-                if done.all():
-                    return
-                tokens = nxt[:, None]
-                positions = (lens + np.array([len(g) for g in generated] + [1] * (B - n)) - 1)[:, None]
-                positions = np.minimum(positions, S - 1).astype(np.int32)
-                last = np.zeros(B, np.int32)
+        while True:
+            counters = np.array([len(g) for g in generated] + [0] * (B - n), np.int32)
+            nxt, *cache = self._step(self.glob, self.layers, tokens, positions, last, *cache, *samp, counters)
+            nxt = np.asarray(nxt)
+            for b in np.flatnonzero(~done):
+                generated[b].append(int(nxt[b]))
+                stop = int(nxt[b]) in stops[b]
+                if stop or len(generated[b]) >= budget[b]:
+                    done[b] = True
+                    yield wave[b], generated[b], "stop" if stop else "length"
+            if done.all():
+                return
+            tokens = nxt[:, None]
+            positions = (lens + np.array([len(g) for g in generated] + [1] * (B - n)) - 1)[:, None]
+            positions = np.minimum(positions, S - 1).astype(np.int32)
+            last = np.zeros(B, np.int32)
