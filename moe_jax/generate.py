@@ -18,6 +18,7 @@ import logging
 import shlex
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from moe_jax.chat_template import ChatTemplate, ChatTemplateError
@@ -84,6 +85,12 @@ def base_params(args: argparse.Namespace) -> SamplingParams:
                               top_k=args.top_k, seed=args.seed)
     except ValueError as e:
         raise JobInputError(f"bad sampling flag: {e}") from None
+
+
+def request_seed(seed: int, request_id) -> int:
+    """A request's own seed when its line sets none: --seed mixed with its id, so duplicate prompts sample
+    independently and a resumed job samples as the uninterrupted one would."""
+    return zlib.crc32(f"{seed}:{request_id!r}".encode())
 
 
 def job_meta(args: argparse.Namespace, job: Job) -> dict:
@@ -205,7 +212,7 @@ def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, out
     """Runs `todo`, writing each request's line as it finishes; returns the number of generated tokens.
     On an exception (Interrupted included) the engine stops and what has finished is kept, synced."""
     writer, progress = CompletionWriter(output), Progress(total=len(todo))
-    params = [base.replace(**req.sampling) for req, _ in todo]
+    params = [base.replace(**{"seed": request_seed(base.seed, req.id), **req.sampling}) for req, _ in todo]
     try:
         with contextlib.closing(llm.generate_iter([ids for _, ids in todo], params)) as completions:
             for i, c in completions:

@@ -288,3 +288,12 @@ def test_progress_logs_plain_lines_when_not_a_terminal(caplog):
         p.close()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert len(lines) == 2 and lines[-1].startswith("progress: 2/2 requests, 16 tokens,") and "tok/s, ETA" in lines[-1]
+
+
+def test_duplicate_prompts_sample_independently_unless_seeded(tmp_path, capsys):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": "same prompt"}) + "\n" for i in range(3))
+                   + json.dumps({"id": "s1", "prompt": "same prompt", "seed": 5}) + "\n")
+    assert run_cli(capsys, "--input", inp, "--output", out, "--temperature", "1.0", "--max-new-tokens", "8")[0] == 0
+    toks = {json.loads(l)["id"]: tuple(json.loads(l)["token_ids"]) for l in out.read_text().splitlines()}
+    assert len({toks[0], toks[1], toks[2]}) == 3
