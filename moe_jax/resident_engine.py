@@ -90,17 +90,21 @@ class ResidentEngine:
         self._forward = precise(jax.jit(functools.partial(forward, cfg, moe_impl)), dtype)
         self._lm_head = precise(jax.jit(functools.partial(model.lm_head, cfg)), dtype)
 
-    def _check_fits(self, cap: int | None) -> None:
-        """Weights must fit the accelerator (and the cap, when given) with room for activations."""
+    def _check_fits(self, cap: int | None, kv: int = 0, what_kv: str = "") -> None:
+        """Weights (+ `kv` bytes of KV cache) must fit the accelerator and the cap, with room for activations."""
+        self._cap = cap
         limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-        need = model_bytes(self.cfg, self.dtype)
+        weights = model_bytes(self.cfg, self.dtype)
         for what, value in (("the gpu_memory_gb cap", cap), ("the accelerator", limit)):
-            if value and need > 0.9 * value:
-                raise MemoryError(f"policy 'resident' needs {need / 2**30:.1f} GiB for the weights alone but "
-                                  f"{what} is {value / 2**30:.1f} GiB: use policy 'offload'")
+            if value and weights + kv > 0.9 * value:
+                extra = f" and {kv / 2**30:.1f} GiB for the KV cache of {what_kv}" if kv else " for the weights alone"
+                raise MemoryError(f"policy 'resident' needs {weights / 2**30:.1f} GiB{extra} but {what} is "
+                                  f"{value / 2**30:.1f} GiB: use a smaller max_batch_size or policy 'offload'")
 
     def _cache(self, batch: int, length: int):
         shape = (self.cfg.num_layers, batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
+        self._check_fits(self._cap, 2 * int(np.prod(shape)) * self.dtype.itemsize,
+                         f"{batch} sequences x {length} positions")
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
     def logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:

@@ -36,3 +36,10 @@ def test_random_weights_are_deterministic_per_layer():
     for k, v in a.layer(1, np.float32).items():
         np.testing.assert_array_equal(v, b.layer(1, np.float32)[k])
     assert not np.array_equal(a.layer(0, np.float32)["wq"], a.layer(1, np.float32)["wq"])
+
+
+def test_resident_kv_cache_must_fit_the_cap():
+    llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident", gpu_memory_gb=0.0014)  # 1.0 MB of weights fit
+    with pytest.raises(MemoryError, match=r"GiB for the KV cache of 1 sequences x 2048 positions but the "
+                                          r"gpu_memory_gb cap is 0.0 GiB"):
+        llm.generate(["x"], moe_jax.SamplingParams(max_new_tokens=2000))
