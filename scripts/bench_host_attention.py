@@ -21,7 +21,7 @@ from host_ops import HostKVCache
 from moe_jax.hrm.calibrate import best_seconds
 
 
-@njit(parallel=True, nogil=True, fastmath=True, cache=True)
+@njit(parallel=True, nogil=True, fastmath=True)  # no cache=True: a script's cache breaks when it is imported
 def _row_sums(a):
     """a [R, C] float32 -> float32 sum, rows in parallel (a read-only pass over a)."""
     sums = np.empty(a.shape[0], np.float32)
