@@ -244,4 +244,3 @@ def _dbrx(f: _Fields) -> ModelConfig:
 _PARSERS: dict[str, Callable[[_Fields], ModelConfig]] = {
     "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe, "dbrx": _dbrx,
 }
-SUPPORTED_FAMILIES = tuple(sorted(_PARSERS))

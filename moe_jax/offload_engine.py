@@ -44,7 +44,6 @@ from moe_jax.resident_engine import bucket, precise
 from moe_jax.sampling import sample
 
 log = logging.getLogger("moe_jax")
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 PREFILL_SCORE_BYTES = 1 << 30  # cap on one prefill call's attention scores [rows, Hq, T, T] float32
 
 
