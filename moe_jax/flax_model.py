@@ -1,0 +1,52 @@
+"""The decoder as a Flax NNX module, for JAX research pipelines (probing, fine-tuning, analysis).
+
+Its parameters are exactly those of `moe_jax.params` (same names and shapes: matrices `[in, out]`, experts
+`[E, ...]`), held as `nnx.Param` and materialised from any weight source (a checkpoint or a preset's
+random weights); its forward pass is `moe_jax.model`'s functions, the ones the engines run.
+
+    decoder = MoEDecoder.from_pretrained("path/to/checkpoint-or-preset", dtype="float32")
+    logits = decoder(tokens)        # tokens [B, T] int32 -> float32 [B, T, vocab]
+    grads = nnx.grad(loss_fn)(decoder, tokens)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import model
+from moe_jax.config import ModelConfig
+from moe_jax.model_source import WeightSource, open_model
+
+
+def _params(arrays: dict) -> nnx.Object:
+    return nnx.data({k: nnx.Param(jnp.asarray(v)) for k, v in arrays.items()})
+
+
+def _values(params) -> dict[str, jax.Array]:
+    return {k: p[...] for k, p in params.items()}
+
+
+class MoEDecoder(nnx.Module):
+    """Causal MoE decoder: `globals` (embed, final_norm[, lm_head]) and one parameter dict per layer."""
+
+    def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype="float32"):
+        self.cfg = cfg
+        self.globals = _params(weights.globals(dtype))
+        self.layers = nnx.List([_params(weights.layer(i, dtype)) for i in range(cfg.num_layers)])
+
+    @classmethod
+    def from_pretrained(cls, model_or_dir: str, dtype="float32", seed: int = 0) -> "MoEDecoder":
+        source = open_model(model_or_dir, seed=seed)
+        return cls(source.cfg, source.weights, dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, T] int32 (each row starting at position 0) -> float32 logits [B, T, vocab]."""
+        cfg, glob = self.cfg, _values(self.globals)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x = model.embed(glob, tokens)
+        for layer in self.layers:
+            p = _values(layer)
+            q, k, v = model.pre_attention(cfg, p, x, positions)
+            x = model.post_attention(cfg, p, x, model.attention(q, k, v, positions), moe_impl="xla")
+        return model.lm_head(cfg, glob, x)
