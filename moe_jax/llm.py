@@ -14,7 +14,7 @@ from moe_jax.offload_policy import Policy
 from moe_jax.params import layer_bytes, model_bytes
 from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request
-from moe_jax.resident_engine import ResidentEngine, bucket
+from moe_jax.resident_engine import ResidentEngine, bucket, device_memory_limit
 from moe_jax.sampling import SamplingParams
 
 log = logging.getLogger("moe_jax")
@@ -62,8 +62,7 @@ def detect_hardware() -> str | None:
     for marker, name in _GPU_PROFILES:
         if marker in dev.device_kind:
             if name is None:  # A100: 40 or 80 GB
-                limit = (dev.memory_stats() or {}).get("bytes_limit", 0)
-                name = "a100-80gb" if limit > 48 * 2**30 else "a100-40gb"
+                name = "a100-80gb" if (device_memory_limit() or 0) > 48 * 2**30 else "a100-40gb"
             return name
     return None
 
@@ -115,7 +114,7 @@ class LLM:
         return int(self.gpu_memory_gb * 2**30) if self.gpu_memory_gb else None
 
     def _fits_on_device(self) -> bool:
-        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        limit = device_memory_limit()
         cap = min(x for x in (limit, self._cap_bytes(), float("inf")) if x)
         return model_bytes(self.cfg, self.dtype) < 0.85 * cap
 
@@ -146,7 +145,7 @@ class LLM:
         P = min(bucket(max(len(r.prompt) for r in requests)), maxpos - 1)
         context = bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets)))  # the KV the engine allocates
         G = max(1, min(max(max(budgets), context - P), maxpos - P))
-        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # JAX's own cap, below the card's size
+        limit = device_memory_limit()  # JAX's own cap, below the card's size
         caps = [c for c in (self.gpu_memory_gb, limit / 2**30 if limit else None) if c]
         result = hrm.choose_policy(self.cfg, hardware, P, G, gpu_memory_gb=min(caps) if caps else None,
                                    max_batch_size=n, placements=[("cpu", "cpu")], dtype=str(self.dtype))

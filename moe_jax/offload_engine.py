@@ -40,7 +40,7 @@ from moe_jax.microbatches import balanced_micro_batches, waves
 from moe_jax.offload_policy import Policy
 from moe_jax.params import global_bytes, layer_param_specs
 from moe_jax.requests import Request
-from moe_jax.resident_engine import bucket, precise
+from moe_jax.resident_engine import bucket, device_memory_limit, precise
 from moe_jax.sampling import sample
 
 log = logging.getLogger("moe_jax")
@@ -221,7 +221,7 @@ class OffloadEngine:
         need += 4 * tokens * (cfg.hidden_size + 3 * cfg.expert_ffn_size) * 4  # routed activations, float32
         need += extra
         cap = self.policy.gpu_memory_gb
-        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        limit = device_memory_limit()
         for name, value in (("gpu_memory_gb cap", cap * 2**30 if cap else None), ("device memory", limit)):
             if value and need > value:
                 raise OffloadMemoryError(

@@ -32,6 +32,11 @@ def bucket(n: int, minimum: int = 8) -> int:
     return 3 * p // 4 if 3 * p // 4 >= n and p >= 4 else p
 
 
+def device_memory_limit() -> int | None:
+    """Bytes JAX may allocate on the first device (its `bytes_limit`), or None where it does not say (CPU)."""
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
 def precise(fn, dtype):
     """fn, called under full float32 matmul precision when the model runs in float32 (where accelerators
     default to faster, rounder modes); bound to each call, so no precision setting escapes to the caller."""
@@ -93,7 +98,7 @@ class ResidentEngine:
     def _check_fits(self, cap: int | None, kv: int = 0, what_kv: str = "") -> None:
         """Weights (+ `kv` bytes of KV cache) must fit the accelerator and the cap, with room for activations."""
         self._cap = cap
-        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        limit = device_memory_limit()
         weights = model_bytes(self.cfg, self.dtype)
         for what, value in (("the gpu_memory_gb cap", cap), ("the accelerator", limit)):
             if value and weights + kv > 0.9 * value:
