@@ -4,11 +4,13 @@ Kernels (what `impl` resolves to; the choice and every fallback are logged once 
 case on the "pallas_kernels" logger):
   "xla"            `lax.ragged_dot` over pairs sorted by slot. CPU default and the reference.
   "pallas_mgpu"    JAX's shipped Mosaic GPU `ragged_dot_mgpu` (Hopper, bf16/f16): measured
-                   2.5-5× `lax.ragged_dot` on H100 (DESIGN.md §3). No interpret mode.
+                   2.5-5× `lax.ragged_dot` on H100 (DESIGN.md §3). Interpret mode (jax's GPU
+                   simulator on the CPU) exists from jax 0.11 on, not in jax 0.10 (CI).
   "pallas_triton"  our Pallas grouped GEMM (`grouped_matmul`) over slot-aligned tiles with a
                    fused gate/up SwiGLU; Triton on GPU, interpret mode on CPU (so CI tests it).
-"pallas" picks pallas_mgpu where it can run and pallas_triton otherwise; "auto" is "pallas" on
-GPU and "xla" elsewhere. A Triton-incompatible shape (H or F not a multiple of 16) on GPU falls
+                   jax 0.11 deprecates its Pallas Triton backend: on Hopper, mgpu is the path.
+"pallas" picks pallas_mgpu where it runs natively and pallas_triton otherwise; "auto" is "pallas"
+on GPU and "xla" elsewhere. A Triton-incompatible shape (H or F not a multiple of 16) on GPU falls
 back to "xla". `scripts/bench_expert_kernel.py` times all three so the default can follow data.
 """
 
@@ -35,8 +37,9 @@ def _log_once(msg: str, *args) -> None:
         log.info(msg, *args)
 
 
-def resolve_impl(impl: str, dtype, H: int, F: int) -> str:
-    """The kernel `impl` runs as here: "xla", "pallas_mgpu" or "pallas_triton" (logged once)."""
+def resolve_impl(impl: str, dtype, H: int, F: int, interpret: bool = False) -> str:
+    """The kernel `impl` runs as here: "xla", "pallas_mgpu" or "pallas_triton" (logged once).
+    interpret: only an explicit "pallas_mgpu" uses the Mosaic GPU simulator."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     backend = jax.default_backend()
@@ -44,7 +47,8 @@ def resolve_impl(impl: str, dtype, H: int, F: int) -> str:
     if kernel == "auto":
         kernel = "pallas" if backend == "gpu" else "xla"
     if kernel in ("pallas", "pallas_mgpu"):
-        reason = mgpu.unavailable_reason(dtype, H, F) or mgpu.unavailable_reason(dtype, F, H)
+        sim = interpret and kernel == "pallas_mgpu"
+        reason = mgpu.unavailable_reason(dtype, H, F, sim) or mgpu.unavailable_reason(dtype, F, H, sim)
         if reason and kernel == "pallas_mgpu":
             raise ValueError(f"impl='pallas_mgpu' cannot run here: {reason}")
         if reason:
@@ -76,7 +80,7 @@ def expert_ffn(kernel: str, xs, layout: GroupedLayout, w_gate, w_up, w_down, *, 
         return grouped_matmul(h, layout.tile_slot, (w_down,), out_dtype=f32,
                               config=pick_config(bm, F, H, fused=False), interpret=interpret)
     if kernel == "pallas_mgpu":
-        dot = lambda a, w: mgpu.ragged_dot(a, w, layout.group_sizes)
+        dot = lambda a, w: mgpu.ragged_dot(a, w, layout.group_sizes, interpret=interpret)
     else:
         precision = jax.lax.Precision.HIGHEST if xs.dtype == f32 else jax.lax.Precision.DEFAULT
         dot = lambda a, w: jax.lax.ragged_dot(a, w, layout.group_sizes, precision=precision,
@@ -106,9 +110,9 @@ def moe_ffn(x, topk_ids, topk_weights, w_gate, w_up, w_down, *,
       `[T, H]` in x.dtype.
     """
     S, H, F = w_gate.shape
-    kernel = resolve_impl(impl, w_gate.dtype, H, F)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    kernel = resolve_impl(impl, w_gate.dtype, H, F, interpret)
     if topk_ids.size == 0:
         return jnp.zeros_like(x)
     bm = block_m_for(kernel, topk_ids.size, S)

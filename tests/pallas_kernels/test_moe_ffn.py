@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import IMPLS, moe_ffn
+from pallas_kernels import IMPLS, mgpu, moe_ffn
 from pallas_kernels.grouped_matmul import _tile_and_n_block
 from pallas_kernels.layout import grouped_layout, max_tiles
 
@@ -73,9 +73,23 @@ def test_unknown_impl_names_allowed_values(make_problem):
 def test_mgpu_refuses_without_hopper(make_problem):
     if ON_GPU:
         pytest.skip("CPU behaviour")
-    problem = make_problem(4, 16, 16, 2, 1, "bfloat16")
+    problem = make_problem(4, 128, 128, 2, 1, "bfloat16")
     with pytest.raises(ValueError, match="pallas_mgpu.*no GPU"):
-        run(problem, impl="pallas_mgpu")
+        run(problem, impl="pallas_mgpu", interpret=False)
+    if mgpu.unavailable_reason(jnp.bfloat16, 128, 128, interpret=True):  # jax 0.10: no simulator either
+        with pytest.raises(ValueError, match="pallas_mgpu.*no Mosaic GPU interpret mode"):
+            run(problem, impl="pallas_mgpu")
+
+
+@pytest.mark.parametrize("case", [(100, 128, 256, 6, 2, "skewed", 9), (33, 256, 128, 4, 1, "uniform", None)],
+                         ids=["skewed-S9", "uniform"])
+def test_mgpu_kernel_in_interpret_mode_matches_reference(make_problem, assert_matches_reference, case):
+    """jax's Mosaic GPU simulator (jax >= 0.11) runs the kernel that `auto` picks on an H100."""
+    T, H, F, E, k, routing, S = case
+    if reason := mgpu.unavailable_reason(jnp.bfloat16, H, F, interpret=True):
+        pytest.skip(reason)
+    problem = make_problem(T, H, F, E, k, "bfloat16", routing, S)
+    assert_matches_reference(run(problem, impl="pallas_mgpu", interpret=True), problem)
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 16])
@@ -110,7 +124,15 @@ def _lower_for_cuda(T, H, F, S, k, impl):
     args = (sd((T, H), bf16), sd((T, k), jnp.int32), sd((T, k), jnp.float32),
             sd((S, H, F), bf16), sd((S, H, F), bf16), sd((S, F, H), bf16))
     f = jax.jit(lambda *a: moe_ffn(*a, impl=impl, interpret=False))
-    return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with _on_abstract_h100():
+        return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _on_abstract_h100():
+    """Lower as for an H100 without one: jax >= 0.11's Triton lowering asks the target GPU's compute
+    capability, which a CPU-only machine can only give through an abstract device."""
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100))
 
 
 @pytest.mark.parametrize("shape", [(512, 4096, 14336, 8, 2), (256, 2048, 768, 128, 8)],
