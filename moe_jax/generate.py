@@ -37,7 +37,6 @@ from moe_jax.progress import Progress
 from moe_jax.prompts import PromptError, encode_prompt
 from moe_jax.sampling import SamplingParams
 from moe_jax.stop_signals import Interrupted, interruptible
-from moe_jax.stop_strings import cut_at_stop
 
 USER_ERRORS = (ConfigError, CheckpointError, ModelNotFound, PolicyUnavailable, PolicyError, JobInputError,
                ResumeError, ChatTemplateError, PromptError, HardwareError, InfeasibleError, MemoryError)
@@ -212,14 +211,13 @@ def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, out
     """Runs `todo`, writing each request's line as it finishes; returns the number of generated tokens.
     On an exception (Interrupted included) the engine stops and what has finished is kept, synced."""
     writer, progress = CompletionWriter(output), Progress(total=len(todo))
-    params = [base.replace(**{"seed": request_seed(base.seed, req.id), **req.sampling}) for req, _ in todo]
+    params = [base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop, **req.sampling})
+              for req, _ in todo]
     try:
         with contextlib.closing(llm.generate_iter([ids for _, ids in todo], params)) as completions:
             for i, c in completions:
                 req = todo[i][0]
                 progress.update(1, len(c.token_ids))
-                if req.stop:
-                    c = cut_at_stop(c, req.stop, llm.tokenizer.decode)
                 writer.write(job.format.completion_record(req, c, llm.name))
     finally:
         progress.close()

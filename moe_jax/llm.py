@@ -16,6 +16,7 @@ from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request
 from moe_jax.resident_engine import ResidentEngine, bucket, device_memory_limit
 from moe_jax.sampling import SamplingParams
+from moe_jax.stop_strings import StopStrings, cut_at_stop
 
 log = logging.getLogger("moe_jax")
 
@@ -179,14 +180,20 @@ class LLM:
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per) != len(prompts):
             raise ValueError(f"got {len(per)} SamplingParams for {len(prompts)} prompts")
-        requests = [Request(i, self.encode(p, f"prompt {i}"), sp) for i, (p, sp) in enumerate(zip(prompts, per))]
+        if self.tokenizer is None and (i := next((i for i, sp in enumerate(per) if sp.stop), None)) is not None:
+            raise ValueError(f"prompt {i}: stop strings {per[i].stop!r} need a tokenizer; {self.name} has none "
+                             f"(use stop_token_ids)")
+        requests = [Request(i, self.encode(p, f"prompt {i}"), sp,
+                            StopStrings(sp.stop, self.tokenizer.decode) if sp.stop else None)
+                    for i, (p, sp) in enumerate(zip(prompts, per))]
         if not requests:
             return
         if self.engine is None:
             self._build_offload(self._choose_offload_policy(requests))
         for req, ids, reason in self.engine.generate(requests):
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
-            yield req.index, Completion(list(ids), text, reason, list(req.prompt))
+            c = Completion(list(ids), text, reason, list(req.prompt))
+            yield req.index, cut_at_stop(c, req.params.stop, self.tokenizer.decode) if req.params.stop else c
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:

@@ -39,7 +39,7 @@ from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches, waves
 from moe_jax.offload_policy import Policy
 from moe_jax.params import global_bytes, layer_param_specs
-from moe_jax.requests import Request
+from moe_jax.requests import Request, finish_reason
 from moe_jax.resident_engine import bucket, device_memory_limit, precise
 from moe_jax.sampling import sample
 
@@ -334,8 +334,6 @@ class _Wave:
                 s[0][b], s[1][b], s[2][b], s[3][b] = (r.params.temperature, r.params.top_p, r.params.top_k,
                                                       r.params.seed % 2**32)
             self.samp.append(s)
-        self.stops = [[set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(eng.cfg.eos_token_ids))
-                       for r in g] for g in groups]
 
     def _pad(self, rows: np.ndarray, fill=0) -> np.ndarray:
         out = np.full((self.mu, *rows.shape[1:]), fill, rows.dtype)
@@ -405,12 +403,11 @@ class _Wave:
     def _record(self, k: int, tokens: np.ndarray):
         """Append sampled tokens of micro-batch k; yield the requests that finish."""
         for b in np.flatnonzero(~self.done[k]):
-            t = int(tokens[b])
-            self.generated[k][b].append(t)
-            stop = t in self.stops[k][b]
-            if stop or len(self.generated[k][b]) >= self.budgets[k][b]:
+            self.generated[k][b].append(int(tokens[b]))
+            if reason := finish_reason(self.groups[k][b], self.generated[k][b], self.budgets[k][b],
+                                       self.eng.cfg.eos_token_ids):
                 self.done[k][b] = True
-                yield self.groups[k][b], self.generated[k][b], "stop" if stop else "length"
+                yield self.groups[k][b], self.generated[k][b], reason
 
     def run(self):
         eng, cfg = self.eng, self.eng.cfg

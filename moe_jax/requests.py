@@ -1,24 +1,38 @@
-"""What a caller submits and gets back."""
+"""What a caller submits and gets back, and when a request is finished."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Collection, Sequence
 
 from moe_jax.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One prompt (token ids, non-empty) with its sampling parameters; `index` is its position in the job."""
+    """One prompt (token ids, non-empty) with its sampling parameters; `index` is its position in the job.
+    stop_check: called with the generated ids after each token, True when they complete a stop string
+    (built from `params.stop` by the LLM, which holds the tokenizer)."""
 
     index: int
     prompt: tuple[int, ...]
     params: SamplingParams
+    stop_check: Callable[[Sequence[int]], bool] | None = None
+
+
+def finish_reason(request: Request, generated: Sequence[int], budget: int, eos_ids: Collection[int]) -> str | None:
+    """After a new token: "stop" (a stop token, EOS unless ignore_eos, a stop string), "length" (`budget`
+    tokens generated), or None (go on). The one finishing rule of every engine."""
+    p, t = request.params, generated[-1]
+    if t in p.stop_token_ids or (not p.ignore_eos and t in eos_ids) or (request.stop_check and request.stop_check(generated)):
+        return "stop"
+    return "length" if len(generated) >= budget else None
 
 
 @dataclasses.dataclass
 class Completion:
-    """token_ids: generated tokens only (a stop token that ended generation included); text: their
-    decoding (None without a tokenizer); finish_reason: "stop" (EOS or a stop token) or "length"."""
+    """token_ids: generated tokens only (a stop token that ended generation included; a stop string's
+    tokens up to the one completing it); text: their decoding (None without a tokenizer), cut before a stop
+    string; finish_reason: "stop" (EOS, a stop token or a stop string) or "length"."""
 
     token_ids: list[int]
     text: str | None

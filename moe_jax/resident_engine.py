@@ -19,7 +19,7 @@ import numpy as np
 from moe_jax import model
 from moe_jax.config import ModelConfig
 from moe_jax.params import layer_param_specs, model_bytes
-from moe_jax.requests import Request
+from moe_jax.requests import Request, finish_reason
 from moe_jax.sampling import sample
 
 log = logging.getLogger("moe_jax")
@@ -150,8 +150,6 @@ class ResidentEngine:
         for b, r in enumerate(wave):
             p = r.params
             samp[0][b], samp[1][b], samp[2][b], samp[3][b] = p.temperature, p.top_p, p.top_k, p.seed % 2**32
-        stops = [set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(cfg.eos_token_ids))
-                 for r in wave]
         generated: list[list[int]] = [[] for _ in wave]
         done = np.zeros(B, bool)
         done[n:] = True
@@ -164,10 +162,9 @@ class ResidentEngine:
             nxt = np.asarray(nxt)
             for b in np.flatnonzero(~done):
                 generated[b].append(int(nxt[b]))
-                stop = int(nxt[b]) in stops[b]
-                if stop or len(generated[b]) >= budget[b]:
+                if reason := finish_reason(wave[b], generated[b], budget[b], cfg.eos_token_ids):
                     done[b] = True
-                    yield wave[b], generated[b], "stop" if stop else "length"
+                    yield wave[b], generated[b], reason
             if done.all():
                 return
             tokens = nxt[:, None]

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings. temperature 0 is greedy; top_k 0 and top_p 1 disable those
-    filters; generation stops at `max_new_tokens`, at a stop token or (unless ignore_eos) at EOS."""
+    filters; generation stops at `max_new_tokens`, at a stop token, (unless ignore_eos) at EOS, or at
+    a stop string (`stop`: a string or several; the text is cut before it; needs a tokenizer)."""
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -19,9 +20,14 @@ class SamplingParams:
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:

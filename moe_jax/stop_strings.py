@@ -1,11 +1,27 @@
-"""Stop strings, applied to a finished completion (the engines stop on token ids only, so a request
-with stop strings still generates up to its max_new_tokens; the result is then cut)."""
+"""Stop strings (`SamplingParams.stop`): the engines end a request on the token that completes one
+(`StopStrings`, checked after every token), and its completion is then cut before it (`cut_at_stop`):
+vLLM's semantics with `include_stop_str_in_output=False`."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Sequence
 
 from moe_jax.requests import Completion
+
+
+class StopStrings:
+    """`matcher(token_ids) -> bool`: does the decoded text hold one of `stops`?
+
+    Decodes only the last tokens: a stop string of c characters is at most 4c bytes, so at most 4c
+    tokens of a byte-level or byte-fallback tokenizer; 4c + 2 tokens hold it and the token it starts
+    in. Called after each new token, a match means that token completed the stop string."""
+
+    def __init__(self, stops: Sequence[str], decode: Callable[[Sequence[int]], str]):
+        self.stops, self.decode = tuple(stops), decode
+        self.window = 4 * max(len(s) for s in self.stops) + 2
+
+    def __call__(self, token_ids: Sequence[int]) -> bool:
+        return _first_stop(self.decode(token_ids[-self.window:]), self.stops) is not None
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
