@@ -15,11 +15,14 @@ inside the same jitted calls, the only way JAX overlaps a copy with compute (DES
 chunk is a separate output, independent of the step's compute (the measured overlapping pattern);
 when layer i+1 starts, one device-local call installs the chunks into the streamed slots. The last
 layer samples the next token and starts layer 0 of the next step. Prefill runs whole layers on the
-GPU per micro-batch (attention over the prompt itself), writing k/v to the host cache.
+GPU per micro-batch (attention over the prompt itself), writing k/v to the host cache: first for the
+first N requests, then, for requests that take the rows of finished ones (continuous batching), as one
+more GPU call per layer within the decode steps, while that layer's weights are on the GPU anyway.
 The layer math is `moe_jax.model`'s, shared with the resident engine.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -36,7 +39,7 @@ from host_ops import HostKVCache
 from moe_jax import model
 from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
-from moe_jax.microbatches import balanced_micro_batches, waves
+from moe_jax.microbatches import balanced_micro_batches
 from moe_jax.offload_policy import Policy
 from moe_jax.params import global_bytes, layer_param_specs
 from moe_jax.requests import Request, finish_reason
@@ -120,9 +123,12 @@ def _decode_mid(cfg, impl, to_device, p, p_next, slots, table, x, attn, position
     return (x, *model.pre_attention(cfg, p_next, x, positions), _fetch(to_device, chunk))
 
 
-def _decode_last(cfg, impl, to_device, p, glob, p0, slots, table, x, attn, positions, samp, chunk):
+def _decode_last(cfg, impl, to_device, p, glob, p0, slots, table, x, attn, positions, samp, chunk, join):
+    """The last layer, then the next token: sampled from the layer's output, or for the rows in
+    join = (h [b, H], mask [b]) from h, their prompt's last hidden state (rows joining the batch)."""
     x = _post(cfg, impl, p, slots, table, x, attn)
-    return (*_start_token(cfg, glob, p0, x[:, 0], positions, *samp), _fetch(to_device, chunk))
+    h = jnp.where(join[1][:, None], join[0], x[:, 0])
+    return (*_start_token(cfg, glob, p0, h, positions, *samp), _fetch(to_device, chunk))
 
 
 def _prefill_layer(cfg, impl, to_device, p, slots, table, x, positions, chunk):
@@ -144,7 +150,9 @@ def _jitted(cfg: ModelConfig, moe_impl: str, to_device):
 class OffloadStats:
     """Seconds per layer, summed over one `generate` call. cpu: attention in the worker; gpu_wait: the
     worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
-    thread waiting for CPU attention (CPU-bound time). h2d_bytes: expert bytes streamed."""
+    thread waiting for CPU attention (CPU-bound time). h2d_bytes: expert bytes streamed. prefill_s: the
+    first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
+    finished ones (interleaved with decode steps)."""
 
     layers: int
     cpu: np.ndarray
@@ -152,6 +160,7 @@ class OffloadStats:
     main_wait: np.ndarray
     h2d_bytes: int = 0
     decode_steps: int = 0
+    refilled: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     peak_gpu_bytes: int | None = None
@@ -170,7 +179,8 @@ class OffloadStats:
         return (f"offload: prefill {self.prefill_s:.2f} s, decode {self.decode_s:.2f} s over {self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms, waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
-                f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; bottleneck: {self.bottleneck()}")
+                f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; {self.refilled} requests refilled rows; "
+                f"bottleneck: {self.bottleneck()}")
 
 
 PREFETCH = ("split", "whole")
@@ -304,36 +314,60 @@ class OffloadEngine:
         self._check_gpu_memory(prefill_gpu_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T),
                                f"prefill of prompts up to {T} tokens")
         cache = HostKVCache(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads, cfg.head_dim, self.dtype)
-        lengths = [len(r.prompt) for r in requests]
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
-            for wave in waves(lengths, pol.batch_size):
-                groups = balanced_micro_batches(wave, lengths, pol.micro_batch_size)
-                yield from _Wave(self, cache, cpu, [[requests[i] for i in g] for g in groups],
-                                 [[budget[i] for i in g] for g in groups]).run()
+            yield from _Run(self, cache, cpu, requests, budget).run()
         stats = jax.devices()[0].memory_stats() or {}
         self.stats.peak_gpu_bytes = stats.get("peak_bytes_in_use")
         log.info("%s", self.stats.summary())
 
 
-class _Wave:
-    """One wave of at most N requests in micro-batches; micro-batch k's rows take consecutive host KV slots."""
+FREE, PREFILL, JOIN, ACTIVE = range(4)  # a row's state (see _Run)
 
-    def __init__(self, eng: OffloadEngine, cache, cpu, groups: list[list[Request]], budgets: list[list[int]]):
-        self.eng, self.cache, self.cpu, self.groups, self.budgets = eng, cache, cpu, groups, budgets
-        self.mu = eng.policy.micro_batch_size
-        starts = np.cumsum([0] + [len(g) for g in groups])
-        self.kv_slots = [np.arange(starts[k], starts[k + 1]) for k in range(len(groups))]
-        self.generated = [[[] for _ in g] for g in groups]
-        self.done = [np.zeros(len(g), bool) for g in groups]
-        self.lens = [np.array([len(r.prompt) for r in g]) for g in groups]
-        self.samp = []
-        for g in groups:
-            s = [np.zeros(self.mu, np.float32), np.ones(self.mu, np.float32), np.zeros(self.mu, np.int32),
-                 np.zeros(self.mu, np.uint32)]
-            for b, r in enumerate(g):
-                s[0][b], s[1][b], s[2][b], s[3][b] = (r.params.temperature, r.params.top_p, r.params.top_k,
-                                                      r.params.seed % 2**32)
-            self.samp.append(s)
+
+@dataclasses.dataclass
+class _PrefillCall:
+    """Prompt rows of micro-batch k going through the layers: x [r, T, H] on the GPU after `layer` layers."""
+
+    k: int
+    rows: np.ndarray  # row indices in micro-batch k (the call's first len(rows) rows; the rest is padding)
+    lens: np.ndarray  # their prompt lengths
+    positions: np.ndarray
+    x: jax.Array
+    layer: int = 0
+
+
+class _Run:
+    """All requests of one `generate` call on N rows: n_ub micro-batches of at most μ rows, row b of
+    micro-batch k owning host KV slot kv_slots[k][b].
+
+    A row is FREE, in PREFILL (its prompt runs through the layers, one GPU call per layer interleaved
+    with the decode step, k/v written to its KV slot), JOIN (prompt done: its first token is sampled by
+    the micro-batch's next last-layer call) or ACTIVE (decoding). The first N requests (longest prompts
+    first, in balanced micro-batches) fill every row at the start; after that, at each step's layer 0, the
+    rows of finished requests take the next waiting ones (continuous batching), so no KV slot idles while
+    requests wait and a long request does not hold back the rest.
+    """
+
+    def __init__(self, eng: OffloadEngine, cache, cpu, requests: Sequence[Request], budgets: Sequence[int]):
+        self.eng, self.cache, self.cpu, self.requests, self.budgets = eng, cache, cpu, requests, budgets
+        self.mu, H = eng.policy.micro_batch_size, eng.cfg.hidden_size
+        lengths = [len(r.prompt) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: -lengths[i])
+        self.first = balanced_micro_batches(order[:eng.policy.batch_size], lengths, self.mu)
+        self.waiting = collections.deque(order[eng.policy.batch_size:])
+        sizes = [len(g) for g in self.first]
+        starts = np.cumsum([0] + sizes)
+        self.kv_slots = [np.arange(starts[k], starts[k + 1]) for k in range(len(sizes))]
+        self.req = [[None] * s for s in sizes]  # index into requests, per row
+        self.state = [np.full(s, FREE) for s in sizes]
+        self.generated = [[[] for _ in range(s)] for s in sizes]
+        self.lens = [np.ones(s, np.int64) for s in sizes]
+        self.samp = [[np.zeros(self.mu, np.float32), np.ones(self.mu, np.float32), np.zeros(self.mu, np.int32),
+                      np.zeros(self.mu, np.uint32)] for _ in sizes]
+        self.no_join = (jnp.zeros((self.mu, H), eng.dtype), np.zeros(self.mu, bool))
+        self.h_join = [None] * len(sizes)  # [μ, H] last prompt hidden state of the JOIN rows, per micro-batch
+        self.prefills: list[_PrefillCall] = []
+        self.writes: list[concurrent.futures.Future] = []  # prefill k/v writes in the CPU worker
 
     def _pad(self, rows: np.ndarray, fill=0) -> np.ndarray:
         out = np.full((self.mu, *rows.shape[1:]), fill, rows.dtype)
@@ -341,119 +375,168 @@ class _Wave:
         return out
 
     def _positions(self, k: int, ahead: int = 0) -> np.ndarray:
-        """[μ, 1] position of each row's last token (+ ahead). Rows that are done stay inside the cache."""
+        """[μ, 1] position of each row's last token (+ ahead), kept inside the cache for rows not decoding."""
         pos = self.lens[k] + np.array([len(g) for g in self.generated[k]]) - 1 + ahead
         return self._pad(np.minimum(pos, self.cache.max_context - 1).astype(np.int32)[:, None])
 
     def _counters(self, k: int) -> np.ndarray:
         return self._pad(np.array([len(g) for g in self.generated[k]], np.int32))
 
-    # CPU worker tasks: wait for the GPU's q/k/v, write k/v to the host cache, attend.
-    def _attend(self, layer: int, k: int, positions: np.ndarray, q, kk, v, tokens=None):
-        st, n = self.eng.stats, len(self.groups[k])
-        t0 = time.perf_counter()
-        q, kk, v = np.asarray(q)[:n, 0], np.asarray(kk)[:n, 0], np.asarray(v)[:n, 0]
-        tokens = None if tokens is None else np.asarray(tokens)[:n]
-        t1 = time.perf_counter()
-        pos = positions[:n, 0]
-        self.cache.write(layer, self.kv_slots[k], pos, kk, v)
-        out = self.cache.attend(layer, self.kv_slots[k], q.astype(np.float32), pos + 1)
-        t2 = time.perf_counter()
-        st.gpu_wait[layer] += t1 - t0
-        st.cpu[layer] += t2 - t1
-        return self._pad(out.astype(self.eng.dtype)[:, None]), tokens
+    # ---- rows: filling, recording ----
 
-    def _prefill_writeback(self, layer: int, k: int, rows: np.ndarray, kk, v):
-        n = len(rows)
-        kk, v = np.asarray(kk)[:n], np.asarray(v)[:n]
-        for r, b in enumerate(rows):
-            length = self.lens[k][b]
-            self.cache.write(layer, self.kv_slots[k][b:b + 1].repeat(length), np.arange(length), kk[r, :length], v[r, :length])
-
-    def prefill(self):
-        """Whole layers on the GPU per prefill call; k/v to the host cache. Returns last hidden per micro-batch."""
-        eng, cfg = self.eng, self.eng.cfg
-        calls = []  # (micro-batch, row indices, tokens, positions)
-        for k, g in enumerate(self.groups):
-            T = bucket(int(self.lens[k].max()))
-            rows_per_call = prefill_rows_per_call(cfg, T, len(g))
-            for s in range(0, len(g), rows_per_call):
-                rows = np.arange(s, min(s + rows_per_call, len(g)))
-                tokens = np.zeros((rows_per_call, T), np.int32)
-                for r, b in enumerate(rows):
-                    tokens[r, :self.lens[k][b]] = g[b].prompt
-                positions = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)
-                calls.append((k, rows, tokens, positions))
-        xs = [eng._embed(eng.glob, t) for _, _, t, _ in calls]
-        writes = []
-        for i in range(cfg.num_layers):
-            table = eng._begin_layer(i)
-            for c, (k, rows, _, positions) in enumerate(calls):
-                xs[c], kk, v, fetched = eng._prefill(eng.dense[i], eng.slots, table, xs[c], positions, eng._chunk(c))
-                eng._store(c, fetched)
-                writes.append(self.cpu.submit(self._prefill_writeback, i, k, rows, kk, v))
-            eng._complete_fetch()
-        for w in writes:
+    def _fill(self) -> None:
+        """Give FREE rows the next requests (the balanced first fill, then the waiting ones) and start
+        their prompts' prefill calls."""
+        for k, first in enumerate(self.first):
+            rows = []
+            for b in np.flatnonzero(self.state[k] == FREE):
+                i = first[b] if first else (self.waiting.popleft() if self.waiting else None)
+                if i is None:
+                    break
+                r = self.requests[i]
+                self.req[k][b], self.state[k][b], self.generated[k][b], self.lens[k][b] = i, PREFILL, [], len(r.prompt)
+                samp = [a.copy() for a in self.samp[k]]  # new arrays: calls in flight may still read the old
+                samp[0][b], samp[1][b], samp[2][b], samp[3][b] = (r.params.temperature, r.params.top_p,
+                                                                  r.params.top_k, r.params.seed % 2**32)
+                self.samp[k] = samp
+                rows.append(b)
+            self.eng.stats.refilled += len(rows) if first is None else 0
+            self.first[k] = None
+            if rows:
+                self._start_prefill(k, np.array(rows))
+        for w in [w for w in self.writes if w.done()]:  # finished KV writes: surface any error, let go
             w.result()
-        last = [np.zeros((self.mu, cfg.hidden_size), np.float32) for _ in self.groups]
-        for c, (k, rows, _, _) in enumerate(calls):  # gather each row's last position on the device
-            last[k][rows] = np.asarray(xs[c][np.arange(len(rows)), self.lens[k][rows] - 1].astype(jnp.float32))
-        return [jnp.asarray(h, eng.dtype) for h in last]
+            self.writes.remove(w)
+
+    def _start_prefill(self, k: int, rows: np.ndarray) -> None:
+        cfg, eng = self.eng.cfg, self.eng
+        T = bucket(int(self.lens[k][rows].max()))
+        per_call = prefill_rows_per_call(cfg, T, len(rows))
+        for s in range(0, len(rows), per_call):
+            part = rows[s:s + per_call]
+            tokens = np.zeros((per_call, T), np.int32)
+            for r, b in enumerate(part):
+                tokens[r, :self.lens[k][b]] = self.requests[self.req[k][b]].prompt
+            positions = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)
+            self.prefills.append(_PrefillCall(k, part, self.lens[k][part].copy(), positions,
+                                              eng._embed(eng.glob, tokens)))
 
     def _record(self, k: int, tokens: np.ndarray):
-        """Append sampled tokens of micro-batch k; yield the requests that finish."""
-        for b in np.flatnonzero(~self.done[k]):
+        """Append the sampled tokens of micro-batch k's ACTIVE rows; yield the requests that finish."""
+        for b in np.flatnonzero(self.state[k] == ACTIVE):
+            i = self.req[k][b]
             self.generated[k][b].append(int(tokens[b]))
-            if reason := finish_reason(self.groups[k][b], self.generated[k][b], self.budgets[k][b],
-                                       self.eng.cfg.eos_token_ids):
-                self.done[k][b] = True
-                yield self.groups[k][b], self.generated[k][b], reason
+            if reason := finish_reason(self.requests[i], self.generated[k][b], self.budgets[i], self.eng.cfg.eos_token_ids):
+                self.state[k][b] = FREE
+                yield self.requests[i], self.generated[k][b], reason
+
+    # ---- CPU worker tasks ----
+
+    def _attend(self, layer: int, k: int, rows: np.ndarray, positions: np.ndarray, q, kk, v, tokens=None):
+        """Wait for the GPU's q/k/v; for the decoding `rows`, write k/v to the host cache and attend."""
+        st = self.eng.stats
+        t0 = time.perf_counter()
+        q, kk, v = np.asarray(q)[rows, 0], np.asarray(kk)[rows, 0], np.asarray(v)[rows, 0]
+        tokens = None if tokens is None else np.asarray(tokens)
+        t1 = time.perf_counter()
+        pos = positions[rows, 0]
+        self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v)
+        out = np.zeros((self.mu, 1, *q.shape[1:]), self.eng.dtype)
+        out[rows, 0] = self.cache.attend(layer, self.kv_slots[k][rows], q.astype(np.float32), pos + 1)
+        st.gpu_wait[layer] += t1 - t0
+        st.cpu[layer] += time.perf_counter() - t1
+        return out, tokens
+
+    def _prefill_writeback(self, layer: int, call: _PrefillCall, kk, v):
+        n = len(call.rows)
+        kk, v = np.asarray(kk)[:n], np.asarray(v)[:n]
+        for r, (b, length) in enumerate(zip(call.rows, call.lens)):
+            slot = self.kv_slots[call.k][b]
+            self.cache.write(layer, np.full(length, slot), np.arange(length), kk[r, :length], v[r, :length])
+
+    # ---- GPU calls of one layer ----
+
+    def _prefill_layer(self, i: int, table, calls: int) -> int:
+        """Dispatch layer i of the prefill calls that are there; returns the layer's GPU call count."""
+        eng, L = self.eng, self.eng.cfg.num_layers
+        for call in self.prefills:
+            if call.layer != i:
+                continue
+            call.x, kk, v, fetched = eng._prefill(eng.dense[i], eng.slots, table, call.x, call.positions,
+                                                  eng._chunk(calls))
+            eng._store(calls, fetched)
+            calls += 1
+            self.writes.append(self.cpu.submit(self._prefill_writeback, i, call, kk, v))
+            call.layer += 1
+            if call.layer == L:  # the prompt is through: its rows join at the next last-layer call
+                n = len(call.rows)
+                h = self.h_join[call.k] if self.h_join[call.k] is not None else self.no_join[0]
+                self.h_join[call.k] = h.at[call.rows].set(call.x[np.arange(n), call.lens - 1])
+                self.state[call.k][call.rows] = JOIN
+        self.prefills = [c for c in self.prefills if c.layer < L]
+        return calls
+
+    def _join(self, k: int):
+        """(h_join, mask) for micro-batch k's last-layer call; its JOIN rows become ACTIVE."""
+        mask = self.state[k] == JOIN
+        if not mask.any():
+            return self.no_join
+        self.state[k][mask] = ACTIVE
+        h, self.h_join[k] = self.h_join[k], None
+        return h, self._pad(mask)
 
     def run(self):
         eng, cfg = self.eng, self.eng.cfg
-        L, n_mb = cfg.num_layers, len(self.groups)
-        t0 = time.perf_counter()
-        last = self.prefill()
+        L, n_mb = cfg.num_layers, len(self.first)
         futs, xs = {}, [None] * n_mb
-        for k in range(n_mb):  # sample the first token and start layer 0 of the first decode step
-            pos = self._positions(k, ahead=1)
-            tokens, xs[k], q, kk, v = eng._start(eng.glob, eng.dense[0], last[k], pos, *self.samp[k], self._counters(k))
-            futs[0, k] = self.cpu.submit(self._attend, 0, k, pos, q, kk, v, tokens)
-        eng.stats.prefill_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, step = time.perf_counter(), 0
         try:
             while True:
                 for i in range(L):
                     table = eng._begin_layer(i)
-                    nxt = (i + 1) % L
+                    calls = self._prefill_layer(i, table, 0) if i > 0 else 0
                     for k in range(n_mb):
-                        if (i, k) not in futs:  # a micro-batch whose rows are all done
+                        fut = futs.pop((i, k), None)
+                        if fut is not None:
+                            w0 = time.perf_counter()
+                            attn, tokens = fut.result()
+                            eng.stats.main_wait[i] += time.perf_counter() - w0
+                            if i == 0:  # the tokens sampled at the end of the previous step
+                                yield from self._record(k, tokens)
+                        decoding = fut is not None and (self.state[k] == ACTIVE).any()
+                        if not decoding and not (i == L - 1 and (self.state[k] == JOIN).any()):
                             continue
-                        w0 = time.perf_counter()
-                        attn, tokens = futs.pop((i, k)).result()
-                        eng.stats.main_wait[i] += time.perf_counter() - w0
-                        if i == 0:  # the token sampled at the end of the previous step is known now
-                            yield from self._record(k, tokens)
-                            if self.done[k].all():
-                                continue
-                        pos = self._positions(k)
                         if i < L - 1:
+                            pos, nxt, tokens = self._positions(k), i + 1, None
                             xs[k], q, kk, v, fetched = eng._mid(eng.dense[i], eng.dense[nxt], eng.slots, table,
-                                                                xs[k], attn, pos, eng._chunk(k))
-                            futs[nxt, k] = self.cpu.submit(self._attend, nxt, k, pos, q, kk, v)
-                        else:
-                            pos = self._positions(k, ahead=1)
-                            tokens, xs[k], q, kk, v, fetched = eng._last(
-                                eng.dense[i], eng.glob, eng.dense[0], eng.slots, table, xs[k], attn, pos,
-                                (*self.samp[k], self._counters(k)), eng._chunk(k))
-                            futs[0, k] = self.cpu.submit(self._attend, 0, k, pos, q, kk, v, tokens)
-                        eng._store(k, fetched)
+                                                                xs[k], attn, pos, eng._chunk(calls))
+                        else:  # the next token, for the decoding rows and the rows that join now
+                            join = self._join(k)
+                            pos, nxt, samp = self._positions(k, ahead=1), 0, (*self.samp[k], self._counters(k))
+                            if decoding:
+                                tokens, xs[k], q, kk, v, fetched = eng._last(
+                                    eng.dense[i], eng.glob, eng.dense[0], eng.slots, table, xs[k], attn, pos, samp,
+                                    eng._chunk(calls), join)
+                            else:  # no decode in flight in this micro-batch: the joining rows alone
+                                tokens, xs[k], q, kk, v = eng._start(eng.glob, eng.dense[0], join[0], pos, *samp)
+                        futs[nxt, k] = self.cpu.submit(self._attend, nxt, k, np.flatnonzero(self.state[k] == ACTIVE),
+                                                       pos, q, kk, v, tokens)
+                        if decoding:  # the call carried chunk `calls` of the next layer's experts
+                            eng._store(calls, fetched)
+                            calls += 1
                     if i == 0:
-                        if all(d.all() for d in self.done):
+                        self._fill()
+                        calls = self._prefill_layer(0, table, calls)
+                        if not futs and not self.prefills and not any((s == JOIN).any() for s in self.state):
                             return
-                        eng.stats.decode_steps += 1
                     eng._complete_fetch()
+                now = time.perf_counter()
+                if step == 0:  # the first fill's prompts, through every layer, and their first tokens
+                    eng.stats.prefill_s += now - t0
+                else:
+                    eng.stats.decode_s += now - t0
+                    eng.stats.decode_steps += 1
+                t0, step = now, step + 1
         finally:
-            for f in futs.values():
+            for f in [*futs.values(), *self.writes]:
                 f.result()
-            eng.stats.decode_s += time.perf_counter() - t0
