@@ -31,6 +31,7 @@ STEPS=(
   "bench_offload|560|$PY scripts/bench_offload.py --json $OUT/bench_offload.json --append-results $OUT/bench_offload.md"
   "bench_prefetch_whole|300|$PY scripts/bench_offload.py --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --prefetch whole --json $OUT/bench_prefetch_whole.json --append-results $OUT/bench_prefetch_whole.md"
   "bench_policies|560|$PY scripts/bench_offload.py --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $OUT/bench_policies.json --append-results $OUT/bench_policies.md"
+  "bench_continuous_batching|420|$PY scripts/bench_continuous_batching.py --layers 4 --append-results $OUT/bench_continuous_batching.md"
   "bench_vs_pytorch|560|$PY scripts/bench_throughput.py --workloads '' --json $OUT/bench_vs_pytorch.json --plot $OUT/bench_vs_pytorch.png --append-results $OUT/bench_vs_pytorch.md"
   "bench_throughput_g64|560|$PY scripts/bench_throughput.py --workloads mtbench:64 --no-baseline --json $OUT/bench_throughput_g64.json --plot $OUT/bench_throughput_g64.png --append-results $OUT/bench_throughput_g64.md"
   "bench_throughput_g128|560|$PY scripts/bench_throughput.py --workloads mtbench:128 --no-baseline --json $OUT/bench_throughput_g128.json --plot $OUT/bench_throughput_g128.png --append-results $OUT/bench_throughput_g128.md"

@@ -32,6 +32,17 @@ def last_table_header(stdout: str) -> str:
     return next(line for line in stdout.splitlines() if line.startswith("| "))
 
 
+def test_bench_continuous_batching(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    p = run_script("bench_continuous_batching.py", "--model", "tiny-mixtral", "--gpu-memory-gb", "1", "--policy",
+                   "4,2,2,0.5", "--num-prompts", "10", "--gen-min", "1", "--gen-max", "12", "--repeats", "1",
+                   "--append-results", str(results))
+    rows = [line.split("|") for line in p.stdout.splitlines() if line.startswith(("| continuous", "| waves"))]
+    assert [r[1].strip() for r in rows] == ["continuous", "waves"] and rows[0][2] == rows[1][2]  # same tokens
+    assert int(rows[0][5]) < int(rows[1][5])  # fewer decode steps
+    assert "continuous / waves" in results.read_text()
+
+
 def test_bench_offload(tmp_path):
     out, results = tmp_path / "offload.json", tmp_path / "RESULTS.md"
     p = run_script("bench_offload.py", *TINY, "--prompt-len", "8", "--gen-len", "4", "--num-prompts", "6",
