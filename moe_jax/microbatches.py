@@ -1,14 +1,8 @@
-"""Forming waves and micro-batches from requests (MoE-Lightning's balanced partition)."""
+"""Micro-batches from requests (MoE-Lightning's balanced partition)."""
 from __future__ import annotations
 
 import heapq
 from typing import Sequence
-
-
-def waves(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted by length (longest first), cut into waves of at most `batch_size`."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[w:w + batch_size] for w in range(0, len(order), batch_size)]
 
 
 def balanced_micro_batches(indices: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:

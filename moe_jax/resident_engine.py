@@ -1,13 +1,18 @@
 """Resident engine: all weights and the KV cache on the accelerator.
 
-Requests are sorted by prompt length and run in waves of at most `max_batch_size`. Each wave is one
-batched prefill and a decode loop of one jitted `step` (the same function, T = prompt bucket or 1).
-Batch, prompt and cache lengths are rounded up to powers of two so a job compiles a handful of shapes.
-KV cache: k and v of `[layers, batch, cache_len, kv_heads, head_dim]`; sequence b's token at position p
-sits at [:, b, p]; positions start at 0 for every sequence, so causal masking alone is exact.
+Requests (longest prompts first) run on B <= `max_batch_size` rows with continuous batching: one jitted
+`step` (the same function for a prefill of T = prompt bucket tokens and a decode of 1) prefills the
+requests that take free rows, then decodes every row, step after step; a finished request frees its row
+for the next waiting one. Free rows are refilled once a quarter of the batch is free (or all that is
+left fits), so that one prefill serves several rows and a job compiles few shapes. Batch, prompt and
+cache lengths are rounded up to 2^k or 3·2^(k-1).
+KV cache: k and v of `[layers, rows, cache_len, kv_heads, head_dim]`; row b's token at position p sits at
+[:, b, p]; positions start at 0 for every sequence, so causal masking alone is exact (a row's new
+occupant overwrites positions 0.. before it reads them).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 from typing import Iterator, Sequence
@@ -50,18 +55,20 @@ def precise(fn, dtype):
     return call
 
 
-def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, cache_k, cache_v):
+def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, cache_k, cache_v, rows=None):
     """tokens, positions [B, T] -> hidden [B, T, H] and the updated caches (k/v of each token written at
-    its position). layers: each parameter stacked `[L, ...]`."""
+    its position). layers: each parameter stacked `[L, ...]`. rows [B] int32: the cache row of each
+    sequence (None: sequence b is row b, the whole cache)."""
     x = model.embed(glob, tokens)
-    rows = jnp.arange(tokens.shape[0])[:, None]
+    at = (jnp.arange(tokens.shape[0]) if rows is None else rows)[:, None]
 
     def layer(carry, xs):
         x, ck, cv = carry
         p, i = xs
         q, k, v = model.pre_attention(cfg, p, x, positions)
-        ck, cv = ck.at[i, rows, positions].set(k), cv.at[i, rows, positions].set(v)
-        a = model.attention(q, ck[i], cv[i], positions)
+        ck, cv = ck.at[i, at, positions].set(k), cv.at[i, at, positions].set(v)
+        kk, vv = (ck[i], cv[i]) if rows is None else (ck[i][rows], cv[i][rows])
+        a = model.attention(q, kk, vv, positions)
         return (model.post_attention(cfg, p, x, a, moe_impl=moe_impl), ck, cv), None
 
     (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache_k, cache_v), (layers, jnp.arange(cfg.num_layers)))
@@ -69,11 +76,11 @@ def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, ca
 
 
 def step(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, last, cache_k, cache_v,
-         temperature, top_p, top_k, seeds, counters):
+         temperature, top_p, top_k, seeds, counters, rows=None):
     """Forward, then sample one token per row from the hidden state at index `last` [B].
     Row b's sampling key is fold_in(PRNGKey(seeds[b]), counters[b]): a request's samples depend only
     on its own seed and step, never on its batch. Returns (tokens [B] int32, cache_k, cache_v)."""
-    x, cache_k, cache_v = forward(cfg, moe_impl, glob, layers, tokens, positions, cache_k, cache_v)
+    x, cache_k, cache_v = forward(cfg, moe_impl, glob, layers, tokens, positions, cache_k, cache_v, rows)
     h = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
     return sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, keys), cache_k, cache_v
@@ -94,6 +101,7 @@ class ResidentEngine:
         self._step = precise(jax.jit(functools.partial(step, cfg, moe_impl), donate_argnums=(5, 6)), dtype)
         self._forward = precise(jax.jit(functools.partial(forward, cfg, moe_impl)), dtype)
         self._lm_head = precise(jax.jit(functools.partial(model.lm_head, cfg)), dtype)
+        self.decode_steps = 0  # decode steps of the last `generate`
 
     def _check_fits(self, cap: int | None, kv: int = 0, what_kv: str = "") -> None:
         """Weights (+ `kv` bytes of KV cache) must fit the accelerator and the cap, with room for activations."""
@@ -113,7 +121,7 @@ class ResidentEngine:
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
     def logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """float32 [len_i, vocab] per prompt, batched in waves."""
+        """float32 [len_i, vocab] per prompt, in batches of at most max_batch_size."""
         out: list[np.ndarray | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for w in range(0, len(order), self.max_batch_size):
@@ -131,43 +139,64 @@ class ResidentEngine:
 
     def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str]]:
         """Yields (request, generated token ids, finish_reason) as each request finishes."""
-        order = sorted(requests, key=lambda r: -len(r.prompt))
-        for w in range(0, len(order), self.max_batch_size):
-            yield from self._wave(order[w:w + self.max_batch_size])
-
-    def _wave(self, wave: Sequence[Request]):
-        cfg, n = self.cfg, len(wave)
-        B, T = bucket(n, 1), bucket(len(wave[0].prompt))
-        lens = np.ones(B, np.int32)
-        lens[:n] = [len(r.prompt) for r in wave]
-        budget = np.ones(B, np.int64)  # new tokens each row may still generate
-        budget[:n] = [min(r.params.max_new_tokens, cfg.max_positions - len(r.prompt)) for r in wave]
-        tokens = np.zeros((B, T), np.int32)
-        for b, r in enumerate(wave):
-            tokens[b, :lens[b]] = r.prompt
-        S = bucket(int((lens + budget).max()))
-        samp = [np.zeros(B, np.float32), np.ones(B, np.float32), np.zeros(B, np.int32), np.zeros(B, np.uint32)]
-        for b, r in enumerate(wave):
-            p = r.params
-            samp[0][b], samp[1][b], samp[2][b], samp[3][b] = p.temperature, p.top_p, p.top_k, p.seed % 2**32
-        generated: list[list[int]] = [[] for _ in wave]
-        done = np.zeros(B, bool)
-        done[n:] = True
+        if not requests:
+            return
+        cfg = self.cfg
+        waiting = collections.deque(sorted(requests, key=lambda r: -len(r.prompt)))
+        budget = {r.index: min(r.params.max_new_tokens, cfg.max_positions - len(r.prompt)) for r in requests}
+        usable = min(len(requests), self.max_batch_size)  # rows that take requests; the rest pad the bucket
+        B = bucket(usable, 1)
+        S = bucket(max(len(r.prompt) + budget[r.index] for r in requests))
         cache = self._cache(B, S)
-        positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-        last = lens - 1
+        req: list[Request | None] = [None] * B
+        generated: list[list[int]] = [[] for _ in range(B)]
+        lens, last_token = np.ones(B, np.int32), np.zeros(B, np.int32)
+        samp = [np.zeros(B, np.float32), np.ones(B, np.float32), np.zeros(B, np.int32), np.zeros(B, np.uint32)]
+
+        def record(b: int, token: int):
+            generated[b].append(token)
+            last_token[b] = token
+            if reason := finish_reason(req[b], generated[b], budget[req[b].index], cfg.eos_token_ids):
+                yield req[b], generated[b], reason
+                req[b] = None
+
+        self.decode_steps = 0
         while True:
-            counters = np.array([len(g) for g in generated] + [0] * (B - n), np.int32)
-            nxt, *cache = self._step(self.glob, self.layers, tokens, positions, last, *cache, *samp, counters)
-            nxt = np.asarray(nxt)
-            for b in np.flatnonzero(~done):
-                generated[b].append(int(nxt[b]))
-                if reason := finish_reason(wave[b], generated[b], budget[b], cfg.eos_token_ids):
-                    done[b] = True
-                    yield wave[b], generated[b], reason
-            if done.all():
+            free = [b for b in range(usable) if req[b] is None]
+            if waiting and free and len(free) >= min(max(1, B // 4), len(waiting)):
+                new = free[:len(waiting)]
+                samp = [a.copy() for a in samp]  # new arrays: a call in flight may still read the old
+                for b in new:
+                    r = req[b] = waiting.popleft()
+                    generated[b], lens[b] = [], len(r.prompt)
+                    samp[0][b], samp[1][b], samp[2][b], samp[3][b] = (r.params.temperature, r.params.top_p,
+                                                                      r.params.top_k, r.params.seed % 2**32)
+                nxt, cache = self._prefill(new, req, lens, samp, cache)
+                for r, b in enumerate(new):
+                    yield from record(b, int(nxt[r]))
+            active = np.array([r is not None for r in req])
+            if not active.any():
+                if waiting:
+                    continue
                 return
-            tokens = nxt[:, None]
-            positions = (lens + np.array([len(g) for g in generated] + [1] * (B - n)) - 1)[:, None]
-            positions = np.minimum(positions, S - 1).astype(np.int32)
-            last = np.zeros(B, np.int32)
+            positions = np.minimum(lens + np.array([len(g) for g in generated]) - 1, S - 1).astype(np.int32)
+            counters = np.array([len(g) for g in generated], np.int32)
+            nxt, *cache = self._step(self.glob, self.layers, last_token[:, None], positions[:, None],
+                                     np.zeros(B, np.int32), *cache, *samp, counters)
+            nxt = np.asarray(nxt)
+            self.decode_steps += 1
+            for b in np.flatnonzero(active):
+                yield from record(b, int(nxt[b]))
+
+    def _prefill(self, new: list[int], req, lens, samp, cache):
+        """Prefill the requests of rows `new` into their cache rows; returns their first tokens and the cache.
+        The call's rows are bucketed: padding repeats the last row (same values written twice)."""
+        b, T = bucket(len(new), 1), bucket(int(lens[new].max()))
+        rows = np.array(new + [new[-1]] * (b - len(new)), np.int32)
+        tokens = np.zeros((b, T), np.int32)
+        for r, row in enumerate(rows):
+            tokens[r, :lens[row]] = req[row].prompt
+        positions = np.broadcast_to(np.arange(T, dtype=np.int32), (b, T))
+        nxt, *cache = self._step(self.glob, self.layers, tokens, positions, lens[rows] - 1, *cache,
+                                 *(a[rows] for a in samp), np.zeros(b, np.int32), rows)
+        return np.asarray(nxt), cache

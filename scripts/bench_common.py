@@ -263,7 +263,7 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
            "per_layer_s": terms, "overlap_efficiency": overlap_efficiency(terms),
            "peak_gpu_gib": peak / GiB if peak else None, "hrm": None, "measured_over_predicted": None}
     if hardware is not None:
-        n = min(len(prompts), policy.batch_size)  # one wave of the run, micro-batches as the engine forms them
+        n = min(len(prompts), policy.batch_size)  # the rows the run fills, micro-batches as the engine forms them
         wave = _wave_policy(policy, n)
         mean_prompt = float(np.mean([len(p) for p in prompts]))
         pred = hrm_predict(cfg, hardware, wave, mean_prompt, gen_len, dtype,
@@ -279,7 +279,7 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
 
 
 def _wave_policy(policy, n: int):
-    """The policy of a wave of n <= N requests as the engine runs it: ceil(n / μ) micro-batches of μ."""
+    """The policy of n <= N filled rows as the engine runs it: ceil(n / μ) micro-batches of μ."""
     from moe_jax.offload_policy import Policy
 
     n_ub = -(-n // policy.micro_batch_size)

@@ -20,7 +20,7 @@ from moe_jax.generate import main
 from moe_jax.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[2]
-# Long enough (150 waves of 2 x 32 tokens, a few seconds) to be interrupted after its first lines.
+# Long enough (300 requests of 32 tokens on 2 rows, a few seconds) to be interrupted after its first lines.
 LONG_ARGS = ("--max-batch-size", "2", "--max-new-tokens", "32", "--dtype", "float32", "--policy", "resident")
 LONG_N = 300
 
