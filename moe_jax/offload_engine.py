@@ -88,7 +88,9 @@ def check_host_memory(policy, what: str, need: int) -> None:
                                  f"resident_expert_fraction")
 
 
-# ---- jitted pieces (cfg, moe_impl and the device sharding are bound with functools.partial) ----
+# ---- jitted pieces (cfg, moe_impl and the two shardings are bound with functools.partial) ----
+# Between the GPU and the CPU worker, q/k/v (and prefill k/v) leave each step in pinned host memory and
+# the attention output enters it from there: the copies are part of the jitted call, at pinned speed.
 
 def _with_slots(p, slots):
     return dict(p, **slots)
@@ -106,44 +108,48 @@ def _install(slots, fetched, starts):
     return slots
 
 
-def _post(cfg, impl, p, slots, table, x, attn):
+def _post(cfg, impl, to_device, p, slots, table, x, attn):
+    """post_attention of the attention output `attn`, which comes from the CPU in pinned host memory."""
+    attn = jax.device_put(attn, to_device)
     return model.post_attention(cfg, _with_slots(p, slots), x, attn, expert_slots=table, moe_impl=impl)
 
 
-def _start_token(cfg, glob, p0, h, positions, temperature, top_p, top_k, seeds, counters):
-    """Sample from hidden h [b, H], embed the token, pre-attention of layer 0 at `positions` [b, 1]."""
+def _start_token(cfg, to_host, glob, p0, h, positions, temperature, top_p, top_k, seeds, counters):
+    """Sample from hidden h [b, H], embed the token, pre-attention of layer 0 at `positions` [b, 1];
+    returns tokens, x and q, k, v (these in pinned host memory)."""
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
     tokens = sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, keys)
     x = model.embed(glob, tokens[:, None])
-    return (tokens, x, *model.pre_attention(cfg, p0, x, positions))
+    return (tokens, x, *jax.device_put(model.pre_attention(cfg, p0, x, positions), to_host))
 
 
-def _decode_mid(cfg, impl, to_device, p, p_next, slots, table, x, attn, positions, chunk):
-    x = _post(cfg, impl, p, slots, table, x, attn)
-    return (x, *model.pre_attention(cfg, p_next, x, positions), _fetch(to_device, chunk))
+def _decode_mid(cfg, impl, to_device, to_host, p, p_next, slots, table, x, attn, positions, chunk):
+    x = _post(cfg, impl, to_device, p, slots, table, x, attn)
+    return (x, *jax.device_put(model.pre_attention(cfg, p_next, x, positions), to_host), _fetch(to_device, chunk))
 
 
-def _decode_last(cfg, impl, to_device, p, glob, p0, slots, table, x, attn, positions, samp, chunk, join):
+def _decode_last(cfg, impl, to_device, to_host, p, glob, p0, slots, table, x, attn, positions, samp, chunk, join):
     """The last layer, then the next token: sampled from the layer's output, or for the rows in
     join = (h [b, H], mask [b]) from h, their prompt's last hidden state (rows joining the batch)."""
-    x = _post(cfg, impl, p, slots, table, x, attn)
+    x = _post(cfg, impl, to_device, p, slots, table, x, attn)
     h = jnp.where(join[1][:, None], join[0], x[:, 0])
-    return (*_start_token(cfg, glob, p0, h, positions, *samp), _fetch(to_device, chunk))
+    return (*_start_token(cfg, to_host, glob, p0, h, positions, *samp), _fetch(to_device, chunk))
 
 
-def _prefill_layer(cfg, impl, to_device, p, slots, table, x, positions, chunk):
+def _prefill_layer(cfg, impl, to_device, to_host, p, slots, table, x, positions, chunk):
     q, k, v = model.pre_attention(cfg, p, x, positions)
-    x = _post(cfg, impl, p, slots, table, x, model.attention(q, k, v, positions))
-    return x, k, v, _fetch(to_device, chunk)
+    x = model.post_attention(cfg, _with_slots(p, slots), x, model.attention(q, k, v, positions),
+                             expert_slots=table, moe_impl=impl)
+    return (x, *jax.device_put((k, v), to_host), _fetch(to_device, chunk))
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(cfg: ModelConfig, moe_impl: str, to_device):
+def _jitted(cfg: ModelConfig, moe_impl: str, to_device, to_host):
     """The engine's jitted functions, shared by every engine of the same model (compiled once per shape)."""
-    bind = lambda f: functools.partial(f, cfg, moe_impl, to_device)
+    bind = lambda f: functools.partial(f, cfg, moe_impl, to_device, to_host)
     return (jax.jit(bind(_decode_mid)), jax.jit(bind(_decode_last)), jax.jit(bind(_prefill_layer)),
             jax.jit(functools.partial(_fetch, to_device)), jax.jit(_install, donate_argnames="slots"),
-            jax.jit(functools.partial(_start_token, cfg)))
+            jax.jit(functools.partial(_start_token, cfg, to_host)))
 
 
 @dataclasses.dataclass
@@ -207,7 +213,7 @@ class OffloadEngine:
         self.gpu_bytes = self._check_gpu_memory()
         check_host_memory(policy, "the streamed experts (pinned)",
                           sum(map(len, self.pages.streamed)) * self._expert_bytes())
-        mid, last, prefill, self._fetch, self._install, start = _jitted(cfg, moe_impl, self.on_device)
+        mid, last, prefill, self._fetch, self._install, start = _jitted(cfg, moe_impl, self.on_device, self.on_host)
         self._mid, self._last, self._prefill, self._start = (precise(f, dtype) for f in (mid, last, prefill, start))
         self._embed = jax.jit(model.embed)
         self._load(weights)
@@ -443,6 +449,7 @@ class _Run:
         self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v)
         out = np.zeros((self.mu, 1, *q.shape[1:]), self.eng.dtype)
         out[rows, 0] = self.cache.attend(layer, self.kv_slots[k][rows], q.astype(np.float32), pos + 1)
+        out = jax.device_put(out, self.eng.on_host)  # pinned, for the next GPU step to take in
         st.gpu_wait[layer] += t1 - t0
         st.cpu[layer] += time.perf_counter() - t1
         return out, tokens
@@ -456,7 +463,7 @@ class _Run:
 
     # ---- GPU calls of one layer ----
 
-    def _prefill_layer(self, i: int, table, calls: int) -> int:
+    def _prefill_calls(self, i: int, table, calls: int) -> int:
         """Dispatch layer i of the prefill calls that are there; returns the layer's GPU call count."""
         eng, L = self.eng, self.eng.cfg.num_layers
         for call in self.prefills:
@@ -494,7 +501,7 @@ class _Run:
             while True:
                 for i in range(L):
                     table = eng._begin_layer(i)
-                    calls = self._prefill_layer(i, table, 0) if i > 0 else 0
+                    calls = self._prefill_calls(i, table, 0) if i > 0 else 0
                     for k in range(n_mb):
                         fut = futs.pop((i, k), None)
                         if fut is not None:
@@ -526,7 +533,7 @@ class _Run:
                             calls += 1
                     if i == 0:
                         self._fill()
-                        calls = self._prefill_layer(0, table, calls)
+                        calls = self._prefill_calls(0, table, calls)
                         if not futs and not self.prefills and not any((s == JOIN).any() for s in self.state):
                             return
                     eng._complete_fetch()

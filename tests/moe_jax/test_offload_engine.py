@@ -94,8 +94,9 @@ def test_host_memory_is_checked_before_generation(monkeypatch):
 
 
 def test_decode_step_lowers_for_gpu_with_the_copy_inside():
-    """The GPU path, lowered for CUDA on this CPU machine: the next layer's chunk enters the decode step
-    in pinned host memory and leaves it on the device, through an in-jit placement (DESIGN.md §3)."""
+    """The GPU path, lowered for CUDA on this CPU machine: the next layer's chunk and the CPU's attention
+    output enter the decode step in pinned host memory and are placed on the device inside it (DESIGN.md
+    §3); q, k, v leave it in pinned host memory for the CPU worker."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
@@ -107,7 +108,7 @@ def test_decode_step_lowers_for_gpu_with_the_copy_inside():
     cfg = preset_config("tiny-mixtral")
     dev = jax.devices()[0]
     on_dev, on_host = (SingleDeviceSharding(dev, memory_kind=k) for k in ("device", "pinned_host"))
-    mid = _jitted(cfg, "auto", on_dev)[0]
+    mid = _jitted(cfg, "auto", on_dev, on_host)[0]
     sd = lambda shape, dt=jnp.bfloat16, sh=on_dev: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
     specs = layer_param_specs(cfg)
     p = {k: sd(s.shape) for k, s in specs.items() if not s.expert}
@@ -115,11 +116,11 @@ def test_decode_step_lowers_for_gpu_with_the_copy_inside():
     chunk = {k: sd((2, *s.shape[1:]), sh=on_host) for k, s in specs.items() if s.expert}
     mu = 4
     text = mid.trace(p, p, slots, sd((cfg.num_experts,), jnp.int32), sd((mu, 1, cfg.hidden_size)),
-                     sd((mu, 1, cfg.num_heads, cfg.head_dim)), sd((mu, 1), jnp.int32), chunk
+                     sd((mu, 1, cfg.num_heads, cfg.head_dim), sh=on_host), sd((mu, 1), jnp.int32), chunk
                      ).lower(lowering_platforms=("cuda",)).as_text()
     main = next(line for line in text.splitlines() if "func.func public @main" in line)
-    assert main.count('mhlo.memory_kind = "pinned_host"') == 3  # the three expert weights of the chunk
-    assert text.count("annotate_device_placement") == 3 and '_xla_buffer_placement = "device"' in text
+    assert main.count('mhlo.memory_kind = "pinned_host"') == 3 + 1 + 3  # chunk's 3 expert weights, attn; q, k, v
+    assert text.count('_xla_buffer_placement = "device"') == 4 and text.count('_xla_buffer_placement = "pinned_host"') == 3
 
 
 def test_whole_layer_prefetch_equals_split():
