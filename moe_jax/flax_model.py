@@ -7,6 +7,7 @@ random weights); its forward pass is `moe_jax.model`'s functions, the ones the e
     decoder = MoEDecoder.from_pretrained("path/to/checkpoint-or-preset", dtype="float32")
     logits = decoder(tokens)        # tokens [B, T] int32 -> float32 [B, T, vocab]
     grads = nnx.grad(loss_fn)(decoder, tokens)
+    decoder.save("path/to/out")     # orbax, moe_jax.saved_model: moe_jax.LLM("path/to/out") serves it
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from flax import nnx
 from moe_jax import model
 from moe_jax.config import ModelConfig
 from moe_jax.model_source import WeightSource, open_model
+from moe_jax.saved_model import save_model
+from moe_jax.tokenizer import Tokenizer
 
 
 def _params(arrays: dict) -> nnx.Object:
@@ -30,15 +33,20 @@ def _values(params) -> dict[str, jax.Array]:
 class MoEDecoder(nnx.Module):
     """Causal MoE decoder: `globals` (embed, final_norm[, lm_head]) and one parameter dict per layer."""
 
-    def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype="float32"):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype="float32", tokenizer: Tokenizer | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
         self.globals = _params(weights.globals(dtype))
         self.layers = nnx.List([_params(weights.layer(i, dtype)) for i in range(cfg.num_layers)])
 
     @classmethod
     def from_pretrained(cls, model_or_dir: str, dtype="float32", seed: int = 0) -> "MoEDecoder":
         source = open_model(model_or_dir, seed=seed)
-        return cls(source.cfg, source.weights, dtype)
+        return cls(source.cfg, source.weights, dtype, source.tokenizer)
+
+    def save(self, path, overwrite: bool = False):
+        """The current parameters (and tokenizer) as a moe-jax saved model, which `moe_jax.LLM(path)` runs."""
+        return save_model(path, self.cfg, _values(self.globals), [_values(p) for p in self.layers], self.tokenizer,
+                          overwrite)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, T] int32 (each row starting at position 0) -> float32 logits [B, T, vocab]."""

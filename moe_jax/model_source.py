@@ -11,6 +11,7 @@ import numpy as np
 from moe_jax.checkpoint import Checkpoint
 from moe_jax.config import ModelConfig
 from moe_jax.presets import PRESETS, RandomWeights, preset_config
+from moe_jax.saved_model import SavedWeights, is_saved_model
 from moe_jax.tokenizer import Tokenizer
 
 
@@ -35,8 +36,13 @@ class ModelNotFound(ValueError):
 
 
 def open_model(model: str | Path, seed: int = 0) -> ModelSource:
-    """A directory with config.json + safetensors [+ tokenizer.json], or a preset name."""
+    """A directory with config.json + safetensors [+ tokenizer.json], a model saved by moe-jax
+    (`moe_jax.saved_model`), or a preset name."""
     path = Path(model)
+    if is_saved_model(path):
+        tok_file = path / "tokenizer.json"
+        weights = SavedWeights(path)
+        return ModelSource(str(path), weights.cfg, weights, Tokenizer.from_file(tok_file) if tok_file.exists() else None)
     if path.is_dir():
         ckpt = Checkpoint(path)
         tok_file = path / "tokenizer.json"

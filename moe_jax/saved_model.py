@@ -1,0 +1,103 @@
+"""moe-jax's own checkpoint format, written with orbax: a model's parameters under `moe_jax.params`' names,
+one orbax item per layer (so loading streams layer by layer, as from safetensors), beside its
+`ModelConfig` as JSON and, when there is one, its `tokenizer.json`:
+
+    DIR/moe_jax_config.json   DIR/globals/   DIR/layer_000/ ... DIR/layer_{L-1}/   [DIR/tokenizer.json]
+
+`save_model` writes it (e.g. `MoEDecoder.save` after fine-tuning in a research pipeline); `open_model`,
+hence `LLM(DIR)` and the CLI's `--model DIR`, read it like a Hugging Face checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from moe_jax.config import ConfigError, ModelConfig
+from moe_jax.params import global_param_specs, layer_param_specs
+
+CONFIG_FILE = "moe_jax_config.json"
+
+
+class SavedModelError(ValueError):
+    """A saved model directory that cannot be read or written as asked (names the file or item)."""
+
+
+def is_saved_model(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.ndarray],
+               layers: Sequence[Mapping[str, np.ndarray]], tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a model to `path` (created); refuses to replace a saved model unless `overwrite`."""
+    import orbax.checkpoint as ocp  # here, not at import: orbax is slow to import and only this needs it
+
+    path = Path(path).absolute()  # orbax wants absolute paths
+    if is_saved_model(path) and not overwrite:
+        raise SavedModelError(f"{path} already holds a saved model; pass overwrite=True to replace it")
+    if len(layers) != cfg.num_layers:
+        raise SavedModelError(f"{len(layers)} layers given for a {cfg.num_layers}-layer config")
+    path.mkdir(parents=True, exist_ok=True)
+    host = lambda tree: {k: np.asarray(v) for k, v in tree.items()}
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path / "globals", host(globals_), force=True)
+        for i, p in enumerate(layers):
+            ckpt.save(path / f"layer_{i:03d}", host(p), force=True)
+    if tokenizer is not None:
+        tokenizer.save(path / "tokenizer.json")
+    (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))  # last: marks it complete
+    return path
+
+
+def read_config(path: Path) -> ModelConfig:
+    file = path / CONFIG_FILE
+    try:
+        d = json.loads(file.read_text())
+        return ModelConfig(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ()))})
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ConfigError(f"{file}: not a moe-jax model config ({e})") from None
+
+
+class SavedWeights:
+    """A weight source over a saved model directory: `layer(i, dtype)` / `globals(dtype)` restore one item
+    to host NumPy arrays, checked against the parameter specs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).absolute()
+        self.cfg = read_config(self.path)
+        missing = [n for n in ["globals", *(f"layer_{i:03d}" for i in range(self.cfg.num_layers))]
+                   if not (self.path / n).is_dir()]
+        if missing:
+            raise SavedModelError(f"{self.path}: missing {', '.join(missing)} for {self.cfg.num_layers} layers")
+
+    def _restore(self, item: str, specs) -> dict[str, np.ndarray]:
+        import orbax.checkpoint as ocp
+
+        where = self.path / item
+        try:
+            with ocp.StandardCheckpointer() as ckpt:
+                meta = ckpt.metadata(where).item_metadata.tree
+            target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(meta))
+            with ocp.PyTreeCheckpointer() as ckpt:
+                arrays = ckpt.restore(where, args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        except (OSError, ValueError, KeyError) as e:
+            raise SavedModelError(f"{where}: cannot restore ({type(e).__name__}: {e})") from None
+        if set(arrays) != set(specs):
+            raise SavedModelError(f"{where}: holds {sorted(arrays)}, the config needs {sorted(specs)}")
+        for k, s in specs.items():
+            if tuple(arrays[k].shape) != tuple(s.shape):
+                raise SavedModelError(f"{where}: {k} has shape {tuple(arrays[k].shape)}, the config needs {s.shape}")
+        return arrays
+
+    def layer(self, i: int, dtype) -> dict[str, np.ndarray]:
+        arrays = self._restore(f"layer_{i:03d}", layer_param_specs(self.cfg))
+        return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}
+
+    def globals(self, dtype) -> dict[str, np.ndarray]:
+        arrays = self._restore("globals", global_param_specs(self.cfg))
+        return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}

@@ -1,0 +1,69 @@
+"""A model saved by moe-jax (orbax, one item per layer) is served by both engines exactly as the decoder
+that saved it computes; broken directories give errors that name what is wrong."""
+from __future__ import annotations
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import moe_jax
+from moe_jax import generate
+from moe_jax.flax_model import MoEDecoder
+from moe_jax.saved_model import SavedModelError
+
+TOKENS = [[5, 9, 33, 100, 7, 12, 40], [3, 4]]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """tiny-qwen2-moe with one layer's router and an expert changed (as fine-tuning would), saved."""
+    decoder = MoEDecoder.from_pretrained("tiny-qwen2-moe")
+    layer = decoder.layers[1]
+    layer["router"][...] = -layer["router"][...]
+    layer["w_up"][...] = layer["w_up"][...] * 1.5
+    path = tmp_path_factory.mktemp("tuned") / "model"
+    decoder.save(path)
+    return decoder, path
+
+
+def test_llm_serves_the_saved_parameters(tuned):
+    decoder, path = tuned
+    llm = moe_jax.LLM(str(path), dtype="float32", policy="resident")
+    for ids, got in zip(TOKENS, llm.logits(TOKENS)):
+        want = np.asarray(decoder(jax.numpy.asarray([ids])))[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    original = moe_jax.LLM("tiny-qwen2-moe", dtype="float32", policy="resident").logits(TOKENS[:1])[0]
+    assert np.abs(original - llm.logits(TOKENS[:1])[0]).max() > 0.1  # the change was saved, not the preset
+    assert llm.tokenizer is not None and llm.tokenizer.decode(llm.tokenizer.encode("héllo", False)) == "héllo"
+
+
+def test_offload_engine_streams_it_layer_by_layer(tuned):
+    _, path = tuned
+    params = moe_jax.SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = ["abc", "a longer prompt", "x"]
+    want = [c.token_ids for c in moe_jax.LLM(str(path), dtype="float32", policy="resident").generate(prompts, params)]
+    offload = moe_jax.LLM(str(path), dtype="float32", policy=moe_jax.Policy(
+        batch_size=2, micro_batch_size=1, num_micro_batches=2, resident_expert_fraction=0.5))
+    assert [c.token_ids for c in offload.generate(prompts, params)] == want
+
+
+def test_saving_over_a_saved_model_needs_overwrite(tuned):
+    decoder, path = tuned
+    with pytest.raises(SavedModelError, match="already holds a saved model"):
+        decoder.save(path)
+
+
+def test_broken_directories_name_what_is_missing(tuned, tmp_path, capsys):
+    _, path = tuned
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    shutil.rmtree(broken / "layer_001")
+    with pytest.raises(SavedModelError, match="missing layer_001"):
+        moe_jax.LLM(str(broken))
+    assert generate.main(["--model", broken, "--prompt", "x"]) == 2
+    assert "error: " in (err := capsys.readouterr().err) and "missing layer_001" in err
+    (broken / "moe_jax_config.json").write_text('{"family": "mixtral"}')
+    with pytest.raises(moe_jax.config.ConfigError, match="moe_jax_config.json: not a moe-jax model config"):
+        moe_jax.LLM(str(broken))
