@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop string (repeatable); an input line's own \"stop\" replaces these")
     p.add_argument("--dtype", choices=sorted(set(DTYPES.values())), default="bfloat16")
     p.add_argument("--policy", choices=POLICIES, default="auto")
     p.add_argument("--max-batch-size", type=int, default=64, help="resident policy: sequences per wave")
@@ -79,11 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def base_params(args: argparse.Namespace) -> SamplingParams:
+def base_params(args: argparse.Namespace, source: ModelSource) -> SamplingParams:
     """The CLI's sampling flags; input lines may override some per request."""
+    if args.stop and source.tokenizer is None:
+        raise JobInputError(f"--stop needs a model with tokenizer.json; {args.model} has none")
     try:
         return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed)
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     except ValueError as e:
         raise JobInputError(f"bad sampling flag: {e}") from None
 
@@ -99,7 +103,7 @@ def job_meta(args: argparse.Namespace, job: Job) -> dict:
     model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
     return {"model": model, "dtype": args.dtype, "input_format": job.format.name,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed}
+            "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
 
 
 def prompt_ids(req: JobRequest, source: ModelSource, chat: ChatTemplate | None) -> tuple[int, ...]:
@@ -121,6 +125,8 @@ def encode_job(job: Job, source: ModelSource, model: str) -> Ready:
     ready = []
     for req in job.requests:
         try:
+            if req.stop and source.tokenizer is None:
+                raise PromptError(f"stop strings need a model with tokenizer.json; {model} has none")
             ready.append((req, prompt_ids(req, source, chat)))
         except (PromptError, ChatTemplateError) as e:
             job.bad.append(BadLine(req.line, req.id, str(e)))
@@ -182,7 +188,7 @@ def report(llm: LLM, prompts: int, generated: int, start: float, dtype: str) -> 
 def run_prompt(args: argparse.Namespace) -> int:
     source = open_model(args.model, seed=0)  # config and tokenizer only; weights load in LLM
     prompt = encode_prompt(source.cfg, source.tokenizer, args.prompt, "--prompt")
-    params = base_params(args)
+    params = base_params(args, source)
     llm = make_llm(args, source)
     start, generated = time.perf_counter(), 0
     for _, c in llm.generate_iter([prompt], params):
@@ -193,9 +199,9 @@ def run_prompt(args: argparse.Namespace) -> int:
 
 
 def run_job(args: argparse.Namespace) -> int:
-    base = base_params(args)
     job = read_job(args.input)
     source = open_model(args.model, seed=0)
+    base = base_params(args, source)
     ready = encode_job(job, source, args.model)
     handle_invalid(args, job, ready)
     todo = open_output(args, job, ready)
@@ -213,7 +219,7 @@ def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, out
     """Runs `todo`, writing each request's line as it finishes; returns the number of generated tokens.
     On an exception (Interrupted included) the engine stops and what has finished is kept, synced."""
     writer, progress = CompletionWriter(output), Progress(total=len(todo))
-    params = [base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop, **req.sampling})
+    params = [base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop or base.stop, **req.sampling})
               for req, _ in todo]
     try:
         with contextlib.closing(llm.generate_iter([ids for _, ids in todo], params)) as completions:

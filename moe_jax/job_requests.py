@@ -51,3 +51,13 @@ def optional(obj: dict, key: str, valid: Callable[[Any], bool], expected: str, w
     if v is not None and not valid(v):
         raise ValueError(f"'{where}{key}' must be {expected}, got {v!r}")
     return v
+
+
+def stop_strings(obj: dict, where: str = "") -> tuple[str, ...]:
+    """obj["stop"]: a string or a list of non-empty strings (absent or null: none); ValueError naming it."""
+    stop = optional(obj, "stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(
+        isinstance(s, str) for s in v)), "a string or a list of strings", where)
+    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if "" in stop:
+        raise ValueError(f"'{where}stop' strings must not be empty")
+    return stop

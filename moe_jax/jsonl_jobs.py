@@ -2,8 +2,8 @@
 output and error lines.
 
 Plain input line: {"prompt": TEXT} or {"prompt_token_ids": [INT, ...]}, optional "id" (string or int,
-unique; default: the line number) and "max_new_tokens". Output line: {"id", "token_ids", "text",
-"finish_reason"}; error line: {"line", "id", "error"}. OpenAI batch lines: see `moe_jax.openai_batch`.
+unique; default: the line number), "max_new_tokens" and "stop" (a string or a list of them). Output
+line: {"id", "token_ids", "text", "finish_reason"}; error line: {"line", "id", "error"}. OpenAI batch lines: see `moe_jax.openai_batch`.
 A file holds one format; every bad line is found, none stops the reading.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from moe_jax import openai_batch
-from moe_jax.job_requests import BadLine, JobRequest, is_int, is_positive_int, is_token_ids, optional
+from moe_jax.job_requests import BadLine, JobRequest, is_int, is_positive_int, is_token_ids, optional, stop_strings
 from moe_jax.requests import Completion
 
 
@@ -50,7 +50,7 @@ def _parse_plain(n: int, obj: dict) -> JobRequest:
     if not isinstance(rid, str) and not is_int(rid):
         raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
     m = optional(obj, "max_new_tokens", is_positive_int, "a positive integer")
-    return JobRequest(n, rid, prompt, sampling={"max_new_tokens": m} if m else {})
+    return JobRequest(n, rid, prompt, sampling={"max_new_tokens": m} if m else {}, stop=stop_strings(obj))
 
 
 def _plain_record(req: JobRequest, c: Completion, model: str) -> dict:

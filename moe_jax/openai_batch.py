@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 import uuid
 
-from moe_jax.job_requests import BadLine, JobRequest, is_int, is_number, is_positive_int, is_token_ids, optional
+from moe_jax.job_requests import (BadLine, JobRequest, is_int, is_number, is_positive_int, is_token_ids, optional,
+                                  stop_strings)
 from moe_jax.requests import Completion
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -51,7 +52,7 @@ def parse_request(n: int, obj: dict) -> JobRequest:
         v = optional(body, key, valid, expected, "body.")
         if v is not None:
             sampling[field] = v
-    return JobRequest(n, cid, prompt, messages, sampling, _stop(body), url)
+    return JobRequest(n, cid, prompt, messages, sampling, stop_strings(body, "body."), url)
 
 
 def _prompt(body: dict) -> str | tuple[int, ...]:
@@ -71,15 +72,6 @@ def _messages(body: dict) -> tuple[dict, ...]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"'body.messages[{i}]' must be an object with string 'role' and 'content'")
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = optional(body, "stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(
-        isinstance(s, str) for s in v)), "a string or a list of strings", "body.")
-    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if "" in stop:
-        raise ValueError("'body.stop' strings must not be empty")
-    return stop
 
 
 def response_record(req: JobRequest, c: Completion, model: str) -> dict:

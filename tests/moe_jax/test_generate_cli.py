@@ -297,3 +297,37 @@ def test_duplicate_prompts_sample_independently_unless_seeded(tmp_path, capsys):
     assert run_cli(capsys, "--input", inp, "--output", out, "--temperature", "1.0", "--max-new-tokens", "8")[0] == 0
     toks = {json.loads(l)["id"]: tuple(json.loads(l)["token_ids"]) for l in out.read_text().splitlines()}
     assert len({toks[0], toks[1], toks[2]}) == 3
+
+
+def test_stop_strings_from_the_flag_and_from_lines(tmp_path, capsys):
+    """--stop applies to every line without its own "stop"; a line's "stop" replaces it; both end the request
+    on the token completing the string, the text cut before it."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompts = {"a": "Hello there", "b": "x"}
+    inp.write_text("".join(json.dumps({"id": k, "prompt": p}) + "\n" for k, p in prompts.items()))
+    common = ("--max-new-tokens", "24", "--dtype", "float32", "--policy", "resident")
+    assert run_cli(capsys, "--input", inp, "--output", out, *common)[0] == 0
+    full = records(out)
+    stop_a, stop_b = (next(t[i:i + 2] for i in range(len(t) // 3, len(t) - 1) if "\ufffd" not in t[i:i + 2])
+                      for t in (full["a"]["text"], full["b"]["text"]))
+    inp.write_text(json.dumps({"id": "a", "prompt": prompts["a"]}) + "\n"
+                   + json.dumps({"id": "b", "prompt": prompts["b"], "stop": [stop_b]}) + "\n")
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--stop", stop_a, *common)
+    assert rc == 0, err
+    got = records(out)
+    for k, stop in (("a", stop_a), ("b", stop_b)):
+        text = full[k]["text"]
+        assert got[k]["text"] == text[:text.find(stop)] and got[k]["finish_reason"] == "stop"
+        assert got[k]["token_ids"] == full[k]["token_ids"][:len(got[k]["token_ids"])] < full[k]["token_ids"]
+
+
+def test_stop_strings_need_a_tokenizer(tmp_path, capsys, hf_checkpoints):
+    model = hf_checkpoints["mixtral"][0]  # no tokenizer.json
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt_token_ids": [1, 2, 3]}\n{"prompt_token_ids": [4, 5], "stop": "x"}\n{"prompt_token_ids": [4], "stop": 3}\n')
+    rc, _, err = run_cli(capsys, "--model", model, "--input", inp)
+    assert rc == 2 and "in.jsonl:2: stop strings need a model with tokenizer.json" in err
+    assert "in.jsonl:3: 'stop' must be a string or a list of strings, got 3" in err
+    inp.write_text('{"prompt_token_ids": [1, 2, 3]}\n')
+    rc, _, err = run_cli(capsys, "--model", model, "--input", inp, "--stop", "x")
+    assert rc == 2 and "--stop needs a model with tokenizer.json" in err
