@@ -306,7 +306,7 @@ class OffloadEngine:
     # ---- generation ----
 
     def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str]]:
-        """Yields (request, generated token ids, finish_reason) as requests finish, wave by wave."""
+        """Yields (request, generated token ids, finish_reason) as requests finish."""
         if not requests:
             return
         cfg, pol = self.cfg, self.policy
@@ -501,7 +501,9 @@ class _Run:
             while True:
                 for i in range(L):
                     table = eng._begin_layer(i)
-                    calls = self._prefill_calls(i, table, 0) if i > 0 else 0
+                    calls = 0
+                    if 0 < i == L - 1:  # prompts finishing here join this layer's sampling: before it
+                        calls = self._prefill_calls(i, table, calls)
                     for k in range(n_mb):
                         fut = futs.pop((i, k), None)
                         if fut is not None:
@@ -533,9 +535,11 @@ class _Run:
                             calls += 1
                     if i == 0:
                         self._fill()
-                        calls = self._prefill_calls(0, table, calls)
-                        if not futs and not self.prefills and not any((s == JOIN).any() for s in self.state):
-                            return
+                    if not 0 < i == L - 1:  # after the decode calls, so that CPU attention starts first
+                        calls = self._prefill_calls(i, table, calls)
+                    if i == 0 and not futs and not self.prefills and not any((s == JOIN).any() for s in self.state):
+                        eng.stats.decode_s += time.perf_counter() - t0  # the last, partial step
+                        return
                     eng._complete_fetch()
                 now = time.perf_counter()
                 if step == 0:  # the first fill's prompts, through every layer, and their first tokens

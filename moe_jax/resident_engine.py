@@ -142,13 +142,14 @@ class ResidentEngine:
         if not requests:
             return
         cfg = self.cfg
-        waiting = collections.deque(sorted(requests, key=lambda r: -len(r.prompt)))
-        budget = {r.index: min(r.params.max_new_tokens, cfg.max_positions - len(r.prompt)) for r in requests}
+        budgets = [min(r.params.max_new_tokens, cfg.max_positions - len(r.prompt)) for r in requests]
+        waiting = collections.deque(sorted(zip(requests, budgets), key=lambda rb: -len(rb[0].prompt)))
         usable = min(len(requests), self.max_batch_size)  # rows that take requests; the rest pad the bucket
         B = bucket(usable, 1)
-        S = bucket(max(len(r.prompt) + budget[r.index] for r in requests))
+        S = bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets)))
         cache = self._cache(B, S)
         req: list[Request | None] = [None] * B
+        budget = np.zeros(B, np.int64)
         generated: list[list[int]] = [[] for _ in range(B)]
         lens, last_token = np.ones(B, np.int32), np.zeros(B, np.int32)
         samp = [np.zeros(B, np.float32), np.ones(B, np.float32), np.zeros(B, np.int32), np.zeros(B, np.uint32)]
@@ -156,7 +157,7 @@ class ResidentEngine:
         def record(b: int, token: int):
             generated[b].append(token)
             last_token[b] = token
-            if reason := finish_reason(req[b], generated[b], budget[req[b].index], cfg.eos_token_ids):
+            if reason := finish_reason(req[b], generated[b], budget[b], cfg.eos_token_ids):
                 yield req[b], generated[b], reason
                 req[b] = None
 
@@ -167,7 +168,8 @@ class ResidentEngine:
                 new = free[:len(waiting)]
                 samp = [a.copy() for a in samp]  # new arrays: a call in flight may still read the old
                 for b in new:
-                    r = req[b] = waiting.popleft()
+                    r, budget[b] = waiting.popleft()
+                    req[b] = r
                     generated[b], lens[b] = [], len(r.prompt)
                     samp[0][b], samp[1][b], samp[2][b], samp[3][b] = (r.params.temperature, r.params.top_p,
                                                                       r.params.top_k, r.params.seed % 2**32)

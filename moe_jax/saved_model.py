@@ -42,6 +42,8 @@ def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.nda
     if len(layers) != cfg.num_layers:
         raise SavedModelError(f"{len(layers)} layers given for a {cfg.num_layers}-layer config")
     path.mkdir(parents=True, exist_ok=True)
+    for stale in (CONFIG_FILE, "tokenizer.json"):  # unmark first: an interrupted overwrite is no model
+        (path / stale).unlink(missing_ok=True)
     host = lambda tree: {k: np.asarray(v) for k, v in tree.items()}
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path / "globals", host(globals_), force=True)
@@ -49,7 +51,9 @@ def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.nda
             ckpt.save(path / f"layer_{i:03d}", host(p), force=True)
     if tokenizer is not None:
         tokenizer.save(path / "tokenizer.json")
-    (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))  # last: marks it complete
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp.replace(path / CONFIG_FILE)  # last, atomically: marks the model complete
     return path
 
 
@@ -58,7 +62,7 @@ def read_config(path: Path) -> ModelConfig:
     try:
         d = json.loads(file.read_text())
         return ModelConfig(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ()))})
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
         raise ConfigError(f"{file}: not a moe-jax model config ({e})") from None
 
 

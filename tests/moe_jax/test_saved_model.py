@@ -49,10 +49,19 @@ def test_offload_engine_streams_it_layer_by_layer(tuned):
     assert [c.token_ids for c in offload.generate(prompts, params)] == want
 
 
-def test_saving_over_a_saved_model_needs_overwrite(tuned):
+def test_saving_over_a_saved_model_needs_overwrite(tuned, tmp_path):
     decoder, path = tuned
     with pytest.raises(SavedModelError, match="already holds a saved model"):
         decoder.save(path)
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    other = MoEDecoder.from_pretrained("tiny-qwen2-moe")
+    other.tokenizer = None
+    other.save(copy, overwrite=True)
+    llm = moe_jax.LLM(str(copy), dtype="float32", policy="resident")
+    assert llm.tokenizer is None  # the old tokenizer.json went with the old model
+    np.testing.assert_allclose(llm.logits(TOKENS[:1])[0], np.asarray(other(jax.numpy.asarray(TOKENS[:1])))[0],
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_broken_directories_name_what_is_missing(tuned, tmp_path, capsys):
