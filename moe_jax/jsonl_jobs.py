@@ -3,7 +3,8 @@ output and error lines.
 
 Plain input line: {"prompt": TEXT} or {"prompt_token_ids": [INT, ...]}, optional "id" (string or int,
 unique; default: the line number), "max_new_tokens" and "stop" (a string or a list of them). Output
-line: {"id", "token_ids", "text", "finish_reason"}; error line: {"line", "id", "error"}. OpenAI batch lines: see `moe_jax.openai_batch`.
+line: {"id", "token_ids", "text", "finish_reason"}; error line: {"line", "id", "error"}. OpenAI batch
+lines: see `moe_jax.openai_batch`.
 A file holds one format; every bad line is found, none stops the reading.
 """
 from __future__ import annotations

@@ -129,7 +129,7 @@ class LLM:
                                     prefetch=self.prefetch)
 
     def _choose_offload_policy(self, requests: Sequence[Request]) -> Policy:
-        """HRM's policy for this workload (lengths rounded as the engine rounds them), at most one wave."""
+        """HRM's policy for this workload (lengths rounded as the engine rounds them), N at most the requests."""
         from moe_jax import hrm
 
         hardware = self.hardware or detect_hardware()

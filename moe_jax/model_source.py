@@ -42,7 +42,8 @@ def open_model(model: str | Path, seed: int = 0) -> ModelSource:
     if is_saved_model(path):
         tok_file = path / "tokenizer.json"
         weights = SavedWeights(path)
-        return ModelSource(str(path), weights.cfg, weights, Tokenizer.from_file(tok_file) if tok_file.exists() else None)
+        tok = Tokenizer.from_file(tok_file) if tok_file.exists() else None
+        return ModelSource(str(path), weights.cfg, weights, tok)
     if path.is_dir():
         ckpt = Checkpoint(path)
         tok_file = path / "tokenizer.json"

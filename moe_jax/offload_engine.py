@@ -432,7 +432,8 @@ class _Run:
         for b in np.flatnonzero(self.state[k] == ACTIVE):
             i = self.req[k][b]
             self.generated[k][b].append(int(tokens[b]))
-            if reason := finish_reason(self.requests[i], self.generated[k][b], self.budgets[i], self.eng.cfg.eos_token_ids):
+            reason = finish_reason(self.requests[i], self.generated[k][b], self.budgets[i], self.eng.cfg.eos_token_ids)
+            if reason:
                 self.state[k][b] = FREE
                 yield self.requests[i], self.generated[k][b], reason
 

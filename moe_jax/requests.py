@@ -23,7 +23,9 @@ def finish_reason(request: Request, generated: Sequence[int], budget: int, eos_i
     """After a new token: "stop" (a stop token, EOS unless ignore_eos, a stop string), "length" (`budget`
     tokens generated), or None (go on). The one finishing rule of every engine."""
     p, t = request.params, generated[-1]
-    if t in p.stop_token_ids or (not p.ignore_eos and t in eos_ids) or (request.stop_check and request.stop_check(generated)):
+    if t in p.stop_token_ids or (not p.ignore_eos and t in eos_ids):
+        return "stop"
+    if request.stop_check is not None and request.stop_check(generated):
         return "stop"
     return "length" if len(generated) >= budget else None
 
