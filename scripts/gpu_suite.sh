@@ -19,15 +19,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 CORE="tests bench_host_attention bench_expert_kernel_core bench_offload_quick"
 STEPS=(
-  "tests|150|$PY -m pytest -m gpu tests -q -rs"
+  "tests|180|$PY -m pytest -m gpu tests -q -rs"
   "bench_host_attention|60|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 --stream-gib 8 --max-kv-gib 16"
-  "bench_expert_kernel_core|170|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $OUT/bench_expert_kernel_core.json --out $OUT/bench_expert_kernel_core.md"
+  "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $OUT/bench_expert_kernel_core.json --out $OUT/bench_expert_kernel_core.md"
   "bench_expert_kernel|420|$PY scripts/bench_expert_kernel.py --json $OUT/bench_expert_kernel.json --out $OUT/bench_expert_kernel.md"
   # Offload engine benchmarks (scripts/bench_offload.py, scripts/bench_throughput.py): Mixtral 8x7B shapes,
   # random weights. Each step fits one 10-minute device command; --append-results writes the markdown
   # section to paste into benchmarks/RESULTS.md. Limits stay under 600 s so that the suite's SIGINT comes
   # first and the scripts still print what they measured.
-  "bench_offload_quick|170|$PY scripts/bench_offload.py --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $OUT/bench_offload_quick.json --append-results $OUT/bench_offload_quick.md"
+  "bench_offload_quick|160|$PY scripts/bench_offload.py --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $OUT/bench_offload_quick.json --append-results $OUT/bench_offload_quick.md"
   "bench_offload|560|$PY scripts/bench_offload.py --json $OUT/bench_offload.json --append-results $OUT/bench_offload.md"
   "bench_prefetch_whole|300|$PY scripts/bench_offload.py --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --prefetch whole --json $OUT/bench_prefetch_whole.json --append-results $OUT/bench_prefetch_whole.md"
   "bench_policies|560|$PY scripts/bench_offload.py --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $OUT/bench_policies.json --append-results $OUT/bench_policies.md"
