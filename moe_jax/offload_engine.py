@@ -286,8 +286,9 @@ class OffloadEngine:
         return self.tables[layer]
 
     def _chunk(self, step: int):
-        """The host chunk that a layer's `step`-th call carries to the GPU, or None when none is left."""
-        if step >= len(self.fetched):
+        """The host chunk that a layer's `step`-th call carries to the GPU, or None when none is left (or it is
+        on the GPU already: fetched before the previous `generate` call ended)."""
+        if step >= len(self.fetched) or self.fetched[step] is not None:
             return None
         a, b = self.pages.chunks(self.fetching)[step]
         self.stats.h2d_bytes += (b - a) * self._expert_bytes()
