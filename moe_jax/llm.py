@@ -13,7 +13,7 @@ from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import Policy
 from moe_jax.params import layer_bytes, model_bytes
 from moe_jax.prompts import encode_prompt
-from moe_jax.requests import Completion, Request
+from moe_jax.requests import Completion, Request, token_budget
 from moe_jax.resident_engine import ResidentEngine, bucket, device_memory_limit
 from moe_jax.sampling import SamplingParams
 from moe_jax.stop_strings import StopStrings, cut_at_stop
@@ -142,7 +142,7 @@ class LLM:
                         jax.devices()[0].device_kind, policy)
             return policy
         maxpos = self.cfg.max_positions
-        budgets = [min(r.params.max_new_tokens, maxpos - len(r.prompt)) for r in requests]  # as the engine
+        budgets = [token_budget(r, maxpos) for r in requests]  # as the engine
         P = min(bucket(max(len(r.prompt) for r in requests)), maxpos - 1)
         context = bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets)))  # the KV the engine allocates
         G = max(1, min(max(max(budgets), context - P), maxpos - P))

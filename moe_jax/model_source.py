@@ -39,16 +39,11 @@ def open_model(model: str | Path, seed: int = 0) -> ModelSource:
     """A directory with config.json + safetensors [+ tokenizer.json], a model saved by moe-jax
     (`moe_jax.saved_model`), or a preset name."""
     path = Path(model)
-    if is_saved_model(path):
+    if path.is_dir():
+        weights = SavedWeights(path) if is_saved_model(path) else Checkpoint(path)
         tok_file = path / "tokenizer.json"
-        weights = SavedWeights(path)
         tok = Tokenizer.from_file(tok_file) if tok_file.exists() else None
         return ModelSource(str(path), weights.cfg, weights, tok)
-    if path.is_dir():
-        ckpt = Checkpoint(path)
-        tok_file = path / "tokenizer.json"
-        tok = Tokenizer.from_file(tok_file) if tok_file.exists() else None
-        return ModelSource(str(path), ckpt.cfg, ckpt, tok)
     if str(model) in PRESETS:
         cfg = preset_config(str(model))
         return ModelSource(str(model), cfg, RandomWeights(cfg, seed), Tokenizer.byte_level())

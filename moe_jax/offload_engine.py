@@ -42,9 +42,9 @@ from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
 from moe_jax.offload_policy import Policy
 from moe_jax.params import global_bytes, layer_param_specs
-from moe_jax.requests import Request, finish_reason
+from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.resident_engine import bucket, device_memory_limit, precise
-from moe_jax.sampling import sample
+from moe_jax.sampling import sample, sampling_rows, set_sampling_rows
 
 log = logging.getLogger("moe_jax")
 PREFILL_SCORE_BYTES = 1 << 30  # cap on one prefill call's attention scores [rows, Hq, T, T] float32
@@ -312,7 +312,7 @@ class OffloadEngine:
             return
         cfg, pol = self.cfg, self.policy
         self.stats = OffloadStats.empty(cfg.num_layers)  # the stats of this call
-        budget = [min(r.params.max_new_tokens, cfg.max_positions - len(r.prompt)) for r in requests]
+        budget = [token_budget(r, cfg.max_positions) for r in requests]
         context = bucket(max(len(r.prompt) + b for r, b in zip(requests, budget)))
         check_host_memory(pol, f"the KV cache ({pol.batch_size} sequences x {context} positions)",
                           HostKVCache.footprint(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads,
@@ -369,8 +369,7 @@ class _Run:
         self.state = [np.full(s, FREE) for s in sizes]
         self.generated = [[[] for _ in range(s)] for s in sizes]
         self.lens = [np.ones(s, np.int64) for s in sizes]
-        self.samp = [[np.zeros(self.mu, np.float32), np.ones(self.mu, np.float32), np.zeros(self.mu, np.int32),
-                      np.zeros(self.mu, np.uint32)] for _ in sizes]
+        self.samp = [sampling_rows(self.mu) for _ in sizes]
         self.no_join = (jnp.zeros((self.mu, H), eng.dtype), np.zeros(self.mu, bool))
         self.h_join = [None] * len(sizes)  # [μ, H] last prompt hidden state of the JOIN rows, per micro-batch
         self.prefills: list[_PrefillCall] = []
@@ -400,16 +399,14 @@ class _Run:
                 i = first[b] if first else (self.waiting.popleft() if self.waiting else None)
                 if i is None:
                     break
-                r = self.requests[i]
-                self.req[k][b], self.state[k][b], self.generated[k][b], self.lens[k][b] = i, PREFILL, [], len(r.prompt)
-                samp = [a.copy() for a in self.samp[k]]  # new arrays: calls in flight may still read the old
-                samp[0][b], samp[1][b], samp[2][b], samp[3][b] = (r.params.temperature, r.params.top_p,
-                                                                  r.params.top_k, r.params.seed % 2**32)
-                self.samp[k] = samp
+                self.req[k][b], self.state[k][b], self.generated[k][b] = i, PREFILL, []
+                self.lens[k][b] = len(self.requests[i].prompt)
                 rows.append(b)
             self.eng.stats.refilled += len(rows) if first is None else 0
             self.first[k] = None
             if rows:
+                params = [self.requests[self.req[k][b]].params for b in rows]
+                self.samp[k] = set_sampling_rows(self.samp[k], rows, params)
                 self._start_prefill(k, np.array(rows))
         for w in [w for w in self.writes if w.done()]:  # finished KV writes: surface any error, let go
             w.result()

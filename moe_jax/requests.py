@@ -19,6 +19,11 @@ class Request:
     stop_check: Callable[[Sequence[int]], bool] | None = None
 
 
+def token_budget(request: Request, max_positions: int) -> int:
+    """New tokens `request` may generate: its max_new_tokens, within the model's positions."""
+    return min(request.params.max_new_tokens, max_positions - len(request.prompt))
+
+
 def finish_reason(request: Request, generated: Sequence[int], budget: int, eos_ids: Collection[int]) -> str | None:
     """After a new token: "stop" (a stop token, EOS unless ignore_eos, a stop string), "length" (`budget`
     tokens generated), or None (go on). The one finishing rule of every engine."""

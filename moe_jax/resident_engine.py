@@ -24,8 +24,8 @@ import numpy as np
 from moe_jax import model
 from moe_jax.config import ModelConfig
 from moe_jax.params import layer_param_specs, model_bytes
-from moe_jax.requests import Request, finish_reason
-from moe_jax.sampling import sample
+from moe_jax.requests import Request, finish_reason, token_budget
+from moe_jax.sampling import sample, sampling_rows, set_sampling_rows
 
 log = logging.getLogger("moe_jax")
 
@@ -142,7 +142,7 @@ class ResidentEngine:
         if not requests:
             return
         cfg = self.cfg
-        budgets = [min(r.params.max_new_tokens, cfg.max_positions - len(r.prompt)) for r in requests]
+        budgets = [token_budget(r, cfg.max_positions) for r in requests]
         waiting = collections.deque(sorted(zip(requests, budgets), key=lambda rb: -len(rb[0].prompt)))
         usable = min(len(requests), self.max_batch_size)  # rows that take requests; the rest pad the bucket
         B = bucket(usable, 1)
@@ -152,7 +152,7 @@ class ResidentEngine:
         budget = np.zeros(B, np.int64)
         generated: list[list[int]] = [[] for _ in range(B)]
         lens, last_token = np.ones(B, np.int32), np.zeros(B, np.int32)
-        samp = [np.zeros(B, np.float32), np.ones(B, np.float32), np.zeros(B, np.int32), np.zeros(B, np.uint32)]
+        samp = sampling_rows(B)
 
         def record(b: int, token: int):
             generated[b].append(token)
@@ -166,13 +166,10 @@ class ResidentEngine:
             free = [b for b in range(usable) if req[b] is None]
             if waiting and free and len(free) >= min(max(1, B // 4), len(waiting)):
                 new = free[:len(waiting)]
-                samp = [a.copy() for a in samp]  # new arrays: a call in flight may still read the old
                 for b in new:
-                    r, budget[b] = waiting.popleft()
-                    req[b] = r
-                    generated[b], lens[b] = [], len(r.prompt)
-                    samp[0][b], samp[1][b], samp[2][b], samp[3][b] = (r.params.temperature, r.params.top_p,
-                                                                      r.params.top_k, r.params.seed % 2**32)
+                    req[b], budget[b] = waiting.popleft()
+                    generated[b], lens[b] = [], len(req[b].prompt)
+                samp = set_sampling_rows(samp, new, [req[b].params for b in new])
                 nxt, cache = self._prefill(new, req, lens, samp, cache)
                 for r, b in enumerate(new):
                     yield from record(b, int(nxt[r]))

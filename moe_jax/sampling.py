@@ -5,6 +5,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,20 @@ class SamplingParams:
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
+
+
+def sampling_rows(n: int) -> list[np.ndarray]:
+    """`sample`'s per-row inputs for n rows, [temperature, top_p, top_k, seed], set to greedy."""
+    return [np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.uint32)]
+
+
+def set_sampling_rows(arrays: list[np.ndarray], rows, params) -> list[np.ndarray]:
+    """Copies of `sampling_rows` arrays with row rows[j] set from params[j] (copies, so that a call in
+    flight still reads the old ones)."""
+    out = [a.copy() for a in arrays]
+    for b, p in zip(rows, params):
+        out[0][b], out[1][b], out[2][b], out[3][b] = p.temperature, p.top_p, p.top_k, p.seed % 2**32
+    return out
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,

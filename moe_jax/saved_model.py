@@ -31,6 +31,10 @@ def is_saved_model(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+def _layer_item(i: int) -> str:
+    return f"layer_{i:03d}"
+
+
 def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.ndarray],
                layers: Sequence[Mapping[str, np.ndarray]], tokenizer=None, overwrite: bool = False) -> Path:
     """Write a model to `path` (created); refuses to replace a saved model unless `overwrite`."""
@@ -48,7 +52,7 @@ def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.nda
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path / "globals", host(globals_), force=True)
         for i, p in enumerate(layers):
-            ckpt.save(path / f"layer_{i:03d}", host(p), force=True)
+            ckpt.save(path / _layer_item(i), host(p), force=True)
     if tokenizer is not None:
         tokenizer.save(path / "tokenizer.json")
     tmp = path / (CONFIG_FILE + ".tmp")
@@ -73,12 +77,13 @@ class SavedWeights:
     def __init__(self, path: str | Path):
         self.path = Path(path).absolute()
         self.cfg = read_config(self.path)
-        missing = [n for n in ["globals", *(f"layer_{i:03d}" for i in range(self.cfg.num_layers))]
+        missing = [n for n in ["globals", *map(_layer_item, range(self.cfg.num_layers))]
                    if not (self.path / n).is_dir()]
         if missing:
             raise SavedModelError(f"{self.path}: missing {', '.join(missing)} for {self.cfg.num_layers} layers")
 
-    def _restore(self, item: str, specs) -> dict[str, np.ndarray]:
+    def _restore(self, item: str, specs, dtype) -> dict[str, np.ndarray]:
+        """The arrays of one item, checked against `specs`, in `dtype`."""
         import orbax.checkpoint as ocp
 
         where = self.path / item
@@ -96,12 +101,10 @@ class SavedWeights:
         for k, s in specs.items():
             if tuple(arrays[k].shape) != tuple(s.shape):
                 raise SavedModelError(f"{where}: {k} has shape {tuple(arrays[k].shape)}, the config needs {s.shape}")
-        return arrays
+        return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}
 
     def layer(self, i: int, dtype) -> dict[str, np.ndarray]:
-        arrays = self._restore(f"layer_{i:03d}", layer_param_specs(self.cfg))
-        return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}
+        return self._restore(_layer_item(i), layer_param_specs(self.cfg), dtype)
 
     def globals(self, dtype) -> dict[str, np.ndarray]:
-        arrays = self._restore("globals", global_param_specs(self.cfg))
-        return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}
+        return self._restore("globals", global_param_specs(self.cfg), dtype)
