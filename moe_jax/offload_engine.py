@@ -41,7 +41,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
 from moe_jax.offload_policy import Policy
-from moe_jax.params import global_bytes, layer_param_specs
+from moe_jax.params import global_bytes, layer_bytes, layer_param_specs
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.resident_engine import bucket, device_memory_limit, precise
 from moe_jax.sampling import sample, sampling_rows, set_sampling_rows
@@ -62,6 +62,20 @@ def prefill_gpu_bytes(cfg: ModelConfig, dtype, batch: int, mu: int, T: int) -> i
     call = rows * T * (cfg.num_heads * T * 4 + cfg.experts_per_token * (3 * cfg.expert_ffn_size + 2 * cfg.hidden_size) * 4
                        + 4 * cfg.hidden_size * 4)
     return batch * T * cfg.hidden_size * np.dtype(dtype).itemsize + call
+
+
+def non_expert_bytes(cfg: ModelConfig, dtype) -> int:
+    """Bytes of the weights that stay on the GPU: every layer's non-expert ones and the global ones."""
+    return cfg.num_layers * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype)
+
+
+def planned_gpu_bytes(cfg: ModelConfig, dtype, micro_batch_size: int, pages: ExpertPages) -> int:
+    """GPU bytes of the engine's plan before a prefill (`prefill_gpu_bytes` comes on top): the non-expert
+    weights, the expert slots (resident, streamed and the next layer's chunks in flight) and one
+    micro-batch's routed activations in float32."""
+    slots = (pages.num_slots + pages.max_streamed) * layer_bytes(cfg, dtype, expert=True) // cfg.num_experts
+    routed = 4 * micro_batch_size * cfg.experts_per_token * (cfg.hidden_size + 3 * cfg.expert_ffn_size) * 4
+    return non_expert_bytes(cfg, dtype) + slots + routed
 
 
 class OffloadMemoryError(MemoryError):
@@ -225,17 +239,13 @@ class OffloadEngine:
     # ---- memory plan and weight placement ----
 
     def _expert_bytes(self) -> int:
-        return sum(s.nbytes(self.dtype) // s.shape[0] for k, s in self.specs.items() if s.expert)
+        return layer_bytes(self.cfg, self.dtype, expert=True) // self.cfg.num_experts
 
     def _check_gpu_memory(self, extra: int = 0, extra_what: str = "") -> int:
-        """Bytes the GPU must hold: non-expert weights, expert slots, activations of one micro-batch
-        (+ `extra` bytes for `extra_what`)."""
-        cfg, p = self.cfg, self.pages
-        dense = cfg.num_layers * sum(s.nbytes(self.dtype) for s in self.specs.values() if not s.expert)
-        need = dense + global_bytes(cfg, self.dtype) + (p.num_slots + p.max_streamed) * self._expert_bytes()
-        tokens = self.policy.micro_batch_size * cfg.experts_per_token
-        need += 4 * tokens * (cfg.hidden_size + 3 * cfg.expert_ffn_size) * 4  # routed activations, float32
-        need += extra
+        """Bytes the GPU must hold (`planned_gpu_bytes`, + `extra` bytes for `extra_what`)."""
+        p = self.pages
+        dense = non_expert_bytes(self.cfg, self.dtype)
+        need = planned_gpu_bytes(self.cfg, self.dtype, self.policy.micro_batch_size, p) + extra
         cap = self.policy.gpu_memory_gb
         limit = device_memory_limit()
         for name, value in (("gpu_memory_gb cap", cap * 2**30 if cap else None), ("device memory", limit)):

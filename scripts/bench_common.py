@@ -125,37 +125,15 @@ def resolve_policy(spec: str, cfg, hardware, prompts, gen_len: int, gpu_memory_g
 
 def hrm_predict(cfg, hardware, policy, prompt_len: float, gen_len: int, dtype: str = "bfloat16",
                 prefill_len: int | None = None) -> dict:
-    """HRM's prediction for `policy` with CPU attention over a host KV cache (the engine's placement):
-    the per-layer decode terms at the mean context prompt_len + gen_len / 2, the decode step, the prefill
-    (of prompts padded to `prefill_len`, default prompt_len) and throughputs, with the formulas of
-    `moe_jax.hrm.search` (tests check that they agree with `choose_policy` at its choice). r_w is what the
-    engine realises: every layer streams as many experts as the layer with the fewest resident ones."""
-    from moe_jax.expert_pages import ExpertPages
-    from moe_jax.hrm import hardware_profile
-    from moe_jax.hrm.costs import decode_ops, itemsize, kv_bytes_per_token, lm_head_op, prefill_ops
-    from moe_jax.params import layer_bytes
+    """`moe_jax.hrm.predict` for `policy` as a JSON-ready dict: the per-layer decode terms at the mean
+    context prompt_len + gen_len / 2, the decode step, the prefill (of prompts padded to `prefill_len`,
+    default prompt_len) and throughputs."""
+    from moe_jax import hrm
 
-    hw = hardware_profile(hardware)
-    mu, n_ub, N = policy.micro_batch_size, policy.num_micro_batches, policy.batch_size
-    L, E = cfg.num_layers, cfg.num_experts
-    prefill_len = prefill_len or prompt_len
-    kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * itemsize(dtype)
-    streamed = ExpertPages.plan(L, E, policy.resident_expert_fraction, n_ub).max_streamed / E
-    W = streamed * layer_bytes(cfg, dtype, expert=True)
-
-    dec = decode_ops(cfg, dtype, mu, prompt_len + gen_len / 2)
-    gpu = n_ub * (sum(hw.gpu_seconds(op) for name, op in dec.items() if name != "attention") + hw.launch_seconds)
-    cpu = n_ub * hw.cpu_seconds(dec["attention"])
-    h2d = max(W + N * q_bytes, N * (q_bytes + kvt)) / hw.link_bandwidth
-    head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
-    step = L * max(h2d, cpu, gpu) + head
-    pre_gpu = n_ub * (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, mu, prefill_len).values())
-                      + hw.launch_seconds)
-    prefill = L * max(max(W, N * prefill_len * kvt) / hw.link_bandwidth, pre_gpu) + head
-    terms = {"h2d": float(h2d), "cpu": float(cpu), "gpu": float(gpu)}
-    return {"hardware": hw.name, "per_layer_s": terms, "bottleneck": max(terms, key=terms.get),
-            "step_s": float(step), "prefill_s": float(prefill), "decode_tok_s": float(N / step),
-            "tok_s": float(N * gen_len / (prefill + (gen_len - 1) * step))}
+    r = hrm.predict(cfg, hardware, policy, prompt_len, gen_len, dtype=dtype, prefill_len=prefill_len)
+    return {"hardware": hrm.hardware_profile(hardware).name, "per_layer_s": r.per_layer_seconds,
+            "bottleneck": r.bottleneck, "step_s": r.step_seconds, "prefill_s": r.prefill_seconds,
+            "decode_tok_s": r.decode_tokens_per_s, "tok_s": r.tokens_per_s}
 
 
 def streamed_bytes_per_layer(cfg, policy, dtype: str) -> int:

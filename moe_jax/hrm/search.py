@@ -2,8 +2,8 @@
 
 Time, per layer (MoE-Lightning §3-4, DESIGN.md §1). A decode step of N = μ·n_ub sequences costs
 `T = max(T_h2d, T_cpu, T_gpu)` per layer, the three overlapped by CGOPipe:
-  T_h2d: link seconds, max(host→GPU, GPU→host bytes) / link_bandwidth: the streamed experts
-         (1 − r_w)·W_e, plus q, k, v down and the attention output up (CPU attention), or the host KV
+  T_h2d: link seconds, max(host→GPU, GPU→host bytes) / link_bandwidth: the layer's streamed experts
+         (all but its resident ones), plus q, k, v down and the attention output up (CPU attention), or the host KV
          cache up and the new k, v down (GPU attention over a host cache).
   T_cpu: CPU attention of the N sequences over the mean decode context P + G/2 (roofline on the CPU).
   T_gpu: n_ub × (the GPU roofline time of one micro-batch of μ + a fixed launch time): every
@@ -12,19 +12,21 @@ Prefill runs every op on the GPU in the same micro-batches, streaming the next l
 writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
 decode steps; each adds the LM head of the N sequences.
 
-Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, r_w of the expert weights, a double
-buffer of one layer's streamed experts, the batch's hidden states (N·P·H), one micro-batch's working
-set (prefill or decode, whichever is larger; attention scores materialised in f32 as `model.attention`
-does), the logits of a micro-batch and a GPU KV cache. Host (at most `HOST_USABLE`): the host KV cache
-(NumPy, outside the pinned pool) and the pinned pool of streamed experts, reserved at
-`PINNED_POOL_OVERHEAD` × what it holds (DESIGN.md §3: with a 72 GB cap the BFC pool held only 60 GB).
+Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, the expert slots of the engine's page
+table (`moe_jax.expert_pages`: R resident (layer, expert) pairs plus twice M = E − ⌊R/L⌋ streamed slots),
+the batch's hidden states (N·P·H), one micro-batch's working set (prefill or decode, whichever is larger;
+attention scores materialised in f32 as `model.attention` does), the logits of a micro-batch and a GPU KV
+cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the pinned pool) and the pinned pool
+of streamed experts, reserved at `PINNED_POOL_OVERHEAD` × what it holds (DESIGN.md §3: with a 72 GB cap the
+BFC pool held only 60 GB).
 
 Search. A NumPy grid over μ (1..8192, 3% steps), n_ub (1..128) and the three (attention, KV)
-placements. For each point r_w is the largest fraction that fits both memories (resident experts only
-shorten T_h2d), in steps of 1/E: the same experts resident in every layer, since the engine streams
-as many experts into every layer as into the layer with the fewest resident (`moe_jax.expert_pages`).
-The best point maximises end-to-end tok/s; among the points within `TIE_TOLERANCE` of it the smallest
-N wins.
+placements. For each point R is the most resident experts that fit the GPU, counted in single experts of
+single layers (r_w = R / (L·E)): the engine spreads them evenly, so R mod L layers stream one expert fewer
+than the others, and each resident expert both shortens T_h2d and leaves the pinned pool, making room
+for KV on the host. The best point maximises end-to-end tok/s; among the points within `TIE_TOLERANCE`
+of it the smallest N wins, then the fewest micro-batches (when the link binds, μ·n_ub at a given N
+prices the same, but each micro-batch costs the engine a GPU call and a CPU task the model does not see). `predict` prices one given policy with the same formulas.
 
 Against the original (Mixtral 8x7B on l4, prompt 77, gen 32). The original's LP
 (fastmoe/backend/optimizer.py in the MoE-Lightning artifact) chose μ=324, n_ub=14 (N=4536), r_w=0.056;
@@ -38,8 +40,7 @@ T_h2d ≈ T_gpu ≈ 0.179 s, T_cpu=0.026 s: 864 tok/s decode (0.91×), 584 tok/s
   original; the reserve is 10% (original 14%); every parameter of `moe_jax.params` counts (the original
   omits embeddings, LM head, router and norms). Prefill memory bounds μ·n_ub in both. Each micro-batch
   re-reads all 8 experts from GPU memory (~10 ms on l4), so a layer runs ≈ μ / 10 ms sequences per
-  second: GPU memory buys more as a larger μ than as resident experts (r_w in steps of 1/8 here, each
-  10.5 GiB; continuous in the original);
+  second: GPU memory buys more as a larger μ than as resident experts (each 0.33 GiB);
 - the CPU term uses the mean decode context P + G/2 (the original: P + G) at 76 GB/s (original 100).
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ from moe_jax.params import global_bytes, layer_bytes
 GPU_USABLE = 0.9  # of the GPU memory cap: XLA workspace and fragmentation
 HOST_USABLE = 0.9  # of host memory: OS, Python, the JAX runtime
 PINNED_POOL_OVERHEAD = 1.2  # pinned-host BFC pool reserved per byte it holds (DESIGN.md §3)
-TIE_TOLERANCE = 0.005  # throughputs this close count as equal; the smaller batch wins
+TIE_TOLERANCE = 0.005  # throughputs this close count as equal; the smaller batch, then fewer micro-batches, win
 MICRO_BATCH_SIZES = np.unique(np.round(np.geomspace(1, 8192, 320)))
 NUM_MICRO_BATCHES = np.arange(1, 129)
 PLACEMENTS = (("cpu", "cpu"), ("gpu", "cpu"), ("gpu", "gpu"))  # (attention_device, kv_device)
@@ -79,6 +80,7 @@ class SearchResult:
     per_layer_seconds: dict[str, float]
     bottleneck: str
     prefill_seconds: float
+    step_seconds: float
     decode_seconds: float
     decode_tokens_per_s: float
     tokens_per_s: float
@@ -90,29 +92,39 @@ class SearchResult:
         return {**dataclasses.asdict(self.policy), "per_layer_seconds": dict(self.per_layer_seconds),
                 "bottleneck": self.bottleneck, "predicted_decode_tokens_per_s": self.decode_tokens_per_s,
                 "predicted_tokens_per_s": self.tokens_per_s, "prefill_seconds": self.prefill_seconds,
-                "decode_seconds": self.decode_seconds, "gpu_memory_gib": self.gpu_memory_bytes / GiB,
+                "step_seconds": self.step_seconds, "decode_seconds": self.decode_seconds, "gpu_memory_gib": self.gpu_memory_bytes / GiB,
                 "host_memory_gib": self.host_memory_bytes / GiB, "pinned_pool_gib": self.pinned_pool_bytes / GiB}
 
 
-def _r_bounds(c0, c1, cap):
-    """[lo, hi] ∩ [0, 1]: the r with c0 + c1·r ≤ cap, elementwise (lo > hi: none)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = (cap - c0) / c1
-    lo = np.where(c1 < 0, x, np.where((c1 == 0) & (c0 > cap), np.inf, 0.0))
-    hi = np.where(c1 > 0, x, 1.0)
-    return np.maximum(lo, 0.0), np.minimum(hi, 1.0)
+def _most_resident(c, L: int, E: int):
+    """The largest R in [0, L·E] with R − 2·⌊R/L⌋ ≤ c, elementwise; −1 where none is.
+
+    R − 2⌊R/L⌋ is the GPU's expert slots beyond the 2·E of a double buffer with nothing resident, in
+    experts: R resident slots plus twice M = E − ⌊R/L⌋ streamed ones (`moe_jax.expert_pages`). Writing
+    R = k·L + j (0 ≤ j < L) it is k·(L − 2) + j: it rises within each k and falls by one where j wraps."""
+    c = np.floor(np.asarray(c, float))
+    if L <= 2:  # every R's slots are at least those of R = L·E (L = 1: −E, L = 2: 0)
+        return np.where(c >= E * (L - 2), L * E, -1)
+    k = np.clip(np.floor(c / (L - 2)), 0, E)
+    R = np.minimum(k * L + np.minimum(L - 1, c - k * (L - 2)), L * E)
+    return np.where(c < 0, -1, R).astype(int)
 
 
-def _grid(cfg: ModelConfig, hw: Hardware, dtype, P: int, G: int, gpu_budget: float, host_budget: float):
-    """Every quantity of the model over the grid [placement, μ, n_ub], as broadcast arrays."""
-    attn_gpu = np.array([a == "gpu" for a, _ in PLACEMENTS])[:, None, None]
-    kv_gpu = np.array([k == "gpu" for _, k in PLACEMENTS])[:, None, None]
-    mu = MICRO_BATCH_SIZES[None, :, None]
-    n_ub = NUM_MICRO_BATCHES[None, None, :].astype(float)
-    N = mu * n_ub
-    L, H, it = cfg.num_layers, cfg.hidden_size, itemsize(dtype)
+def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, kv_gpu, *, resident=None,
+              batch=None, gpu_budget=np.inf, host_budget=np.inf, prefill_len=None) -> dict:
+    """Times (seconds) and memory (bytes) of policies, as broadcast arrays over the arguments.
+
+    mu, n_ub: micro-batch size and count; attn_gpu, kv_gpu: booleans of the placement; resident: R, the
+    (layer, expert) pairs resident on the GPU (None: the most the GPU budget holds); batch: N sequences
+    (default μ·n_ub, the last micro-batch full). The engine spreads
+    R over the layers (`ExpertPages.plan`): R mod L layers hold ⌊R/L⌋ + 1, the others ⌊R/L⌋, and each
+    layer streams the rest of its experts; decode contexts average P + G/2; prefill runs prompts of
+    `prefill_len` tokens (default P)."""
+    L, E, H, it = cfg.num_layers, cfg.num_experts, cfg.hidden_size, itemsize(dtype)
     kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it
     W_e = layer_bytes(cfg, dtype, expert=True)
+    w = W_e / E  # one expert of one layer
+    N = mu * n_ub if batch is None else batch
     ctx, ctx_max = P + G / 2, P + G
 
     dec = decode_ops(cfg, dtype, mu, ctx)
@@ -121,7 +133,7 @@ def _grid(cfg: ModelConfig, hw: Hardware, dtype, P: int, G: int, gpu_budget: flo
     t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"]))
     up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * q_bytes)
     down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
-    pre = prefill_ops(cfg, dtype, mu, P)
+    pre = prefill_ops(cfg, dtype, mu, prefill_len or P)
     t_gpu_pre = n_ub * (sum(hw.gpu_seconds(op) for op in pre.values()) + hw.launch_seconds)
     t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
 
@@ -132,24 +144,27 @@ def _grid(cfg: ModelConfig, hw: Hardware, dtype, P: int, G: int, gpu_budget: flo
     gpu_fixed = (L * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype) + N * P * H * it
                  + np.maximum(work_pre, work_dec) + 4 * mu * cfg.vocab_size + np.where(kv_gpu, kv_cache, 0.0))
     host_fixed = np.where(kv_gpu, 0.0, kv_cache)
-    # gpu(r) = gpu_fixed + 2·(1 − r)·W_e + r·L·W_e;  host(r) = host_fixed + overhead·(1 − r)·L·W_e
-    pool = PINNED_POOL_OVERHEAD * L * W_e
-    lo_g, hi_g = _r_bounds(gpu_fixed + 2 * W_e, (L - 2) * W_e, gpu_budget)
-    lo_h, hi_h = _r_bounds(host_fixed + pool, -pool, host_budget)
-    steps = cfg.num_experts
-    r_hi = np.floor(np.minimum(hi_g, hi_h) * steps + 1e-9)
-    feasible = np.ceil(np.maximum(lo_g, lo_h) * steps - 1e-9) <= r_hi
-    r = np.clip(r_hi, 0, steps) / steps
+    pool_per_expert = PINNED_POOL_OVERHEAD * w  # pinned host bytes per streamed (layer, expert)
+    if resident is None:
+        resident = _most_resident((gpu_budget - gpu_fixed) / w - 2 * E, L, E)
+    R = np.asarray(resident)
+    gpu_memory = gpu_fixed + w * (R + 2 * (E - R // L))
+    host_memory = host_fixed + pool_per_expert * (L * E - R)
+    feasible = (R >= 0) & (gpu_memory <= gpu_budget) & (host_memory <= host_budget)
 
-    h2d = np.maximum((1 - r) * W_e + up, down) / hw.link_bandwidth
-    step = L * np.maximum(np.maximum(h2d, t_cpu), t_gpu) + t_head
-    h2d_pre = np.maximum((1 - r) * W_e, np.where(kv_gpu, 0.0, N * P * kvt)) / hw.link_bandwidth
-    prefill = L * np.maximum(h2d_pre, t_gpu_pre) + t_head
-    out = dict(N=N, mu=mu, n_ub=n_ub, r=r, feasible=feasible, h2d=h2d, cpu=t_cpu, gpu=t_gpu,
-               prefill=prefill, decode=(G - 1) * step, decode_tps=N / step,
+    more, q = R % L, R // L  # `more` layers hold q + 1 resident experts, the other L − more hold q
+    def layers(term, fixed):  # Σ over layers of max(term(experts streamed), fixed)
+        return (L - more) * np.maximum(term(E - q), fixed) + more * np.maximum(term(E - q - 1), fixed)
+    h2d = lambda s: np.maximum(s * w + up, down) / hw.link_bandwidth
+    h2d_pre = lambda s: np.maximum(s * w, np.where(kv_gpu, 0.0, N * P * kvt)) / hw.link_bandwidth
+    step = layers(h2d, np.maximum(t_cpu, t_gpu)) + t_head
+    prefill = layers(h2d_pre, t_gpu_pre) + t_head
+    out = dict(N=N, mu=mu, n_ub=n_ub, r=R / (L * E), feasible=feasible,
+               h2d=((L - more) * h2d(E - q) + more * h2d(E - q - 1)) / L, cpu=t_cpu, gpu=t_gpu,
+               prefill=prefill, step=step, decode=(G - 1) * step, decode_tps=N / step,
                tps=np.where(feasible, N * G / (prefill + (G - 1) * step), 0.0),
-               gpu_memory=gpu_fixed + 2 * (1 - r) * W_e + r * L * W_e,
-               host_memory=host_fixed + pool * (1 - r), pinned_pool=pool * (1 - r), gpu_min=gpu_fixed + 2 * W_e)
+               gpu_memory=gpu_memory, host_memory=host_memory, pinned_pool=pool_per_expert * (L * E - R),
+               gpu_min=gpu_fixed + w * (2 * E + min(0, E * (L - 2))))
     return dict(zip(out, np.broadcast_arrays(*out.values())))
 
 
@@ -199,19 +214,39 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     host_cap = _memory_cap("host_memory_gb", host_memory_gb, hw.host_memory)
     gpu_budget, host_budget = GPU_USABLE * gpu_cap, HOST_USABLE * host_cap
 
-    g = _grid(cfg, hw, dtype, prompt_len, gen_len, gpu_budget, host_budget)
+    attn_gpu = np.array([a == "gpu" for a, _ in PLACEMENTS])[:, None, None]
+    kv_gpu = np.array([k == "gpu" for _, k in PLACEMENTS])[:, None, None]
+    g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, MICRO_BATCH_SIZES[None, :, None],
+                  NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget)
     allowed = np.array([p in placements for p in PLACEMENTS])[:, None, None]
     tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
     if not tps.max() > 0:
         raise InfeasibleError(_infeasible(g, PLACEMENTS.index(tuple(placements[0])), gpu_budget, host_budget,
                                           gpu_cap, host_cap))
     near = np.flatnonzero(tps >= tps.max() * (1 - TIE_TOLERANCE))
-    smallest = near[g["N"].flat[near] == g["N"].flat[near].min()]
-    i = np.unravel_index(smallest[np.argmax(tps.flat[smallest])], tps.shape)
+    near = near[g["N"].flat[near] == g["N"].flat[near].min()]
+    near = near[g["n_ub"].flat[near] == g["n_ub"].flat[near].min()]
+    i = np.unravel_index(near[np.argmax(tps.flat[near])], tps.shape)
     attention, kv = PLACEMENTS[i[0]]
     policy = Policy(int(g["N"][i]), int(g["mu"][i]), int(g["n_ub"][i]), float(g["r"][i]), attention, kv,
                     gpu_memory_gb)
-    terms = {k: float(g[k][i]) for k in ("h2d", "cpu", "gpu")}
-    return SearchResult(policy, terms, max(terms, key=terms.get), float(g["prefill"][i]), float(g["decode"][i]),
-                        float(g["decode_tps"][i]), float(tps[i]), float(g["gpu_memory"][i]),
-                        float(g["host_memory"][i]), float(g["pinned_pool"][i]))
+    return _result(policy, {k: float(v[i]) for k, v in g.items()})
+
+
+def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_len: float, gen_len: int, *,
+            dtype="bfloat16", prefill_len: int | None = None) -> SearchResult:
+    """HRM's prediction for a given `policy` (no memory limit applied): decode over contexts averaging
+    prompt_len + gen_len / 2 (prompt_len may be a mean), prefill of prompts padded to `prefill_len`
+    (default prompt_len), the policy's resident experts spread over layers as the engine spreads them."""
+    hw = hardware_profile(hardware)
+    resident = round(policy.resident_expert_fraction * cfg.num_layers * cfg.num_experts)  # as ExpertPages.plan
+    g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, policy.micro_batch_size, policy.num_micro_batches,
+                  policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,
+                  batch=policy.batch_size, prefill_len=prefill_len)
+    return _result(policy, {k: float(v) for k, v in g.items()})
+
+
+def _result(policy: Policy, g: dict[str, float]) -> SearchResult:
+    terms = {k: g[k] for k in ("h2d", "cpu", "gpu")}
+    return SearchResult(policy, terms, max(terms, key=terms.get), g["prefill"], g["step"], g["decode"],
+                        g["decode_tps"], g["tps"], g["gpu_memory"], g["host_memory"], g["pinned_pool"])

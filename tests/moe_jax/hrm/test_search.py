@@ -1,11 +1,14 @@
 """Policy search: the paper's example, both memory limits, infeasible workloads."""
+import dataclasses
 import time
 
+import numpy as np
 import pytest
 
-from moe_jax.hrm import PROFILES, InfeasibleError, choose_policy
+from moe_jax.hrm import PROFILES, InfeasibleError, choose_policy, predict
 from moe_jax.hrm.costs import kv_bytes_per_token
-from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE, PINNED_POOL_OVERHEAD
+from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE, PINNED_POOL_OVERHEAD, _most_resident
+from moe_jax.expert_pages import ExpertPages
 from moe_jax.params import global_bytes, layer_bytes
 
 GiB = 2**30
@@ -34,17 +37,19 @@ def test_paper_example_neighbourhood(mixtral):
 
 
 def _assert_fits(cfg, r, prompt_len, gen_len, gpu_cap, host_cap):
-    """Independent lower bounds on what the policy holds, from params.py, within the usable caps."""
-    p, L = r.policy, cfg.num_layers
-    W_e = layer_bytes(cfg, BF16, expert=True)
+    """Independent lower bounds on what the policy holds, from params.py and the engine's expert pages,
+    within the usable caps."""
+    p, L, E = r.policy, cfg.num_layers, cfg.num_experts
+    resident = p.resident_expert_fraction * L * E
+    assert resident == pytest.approx(round(resident))  # whole experts of whole layers
+    pages = ExpertPages.plan(L, E, p.resident_expert_fraction, p.num_micro_batches)
+    w = layer_bytes(cfg, BF16, expert=True) / E
     kv = p.batch_size * (prompt_len + gen_len) * L * kv_bytes_per_token(cfg, BF16)
-    r_w = p.resident_expert_fraction
-    gpu = (L * layer_bytes(cfg, BF16, expert=False) + global_bytes(cfg, BF16) + r_w * L * W_e + 2 * (1 - r_w) * W_e
+    gpu = (L * layer_bytes(cfg, BF16, expert=False) + global_bytes(cfg, BF16) + (pages.num_slots + pages.max_streamed) * w
            + p.batch_size * prompt_len * cfg.hidden_size * 2 + (kv if p.kv_device == "gpu" else 0))
-    host = PINNED_POOL_OVERHEAD * (1 - r_w) * L * W_e + (kv if p.kv_device == "cpu" else 0)
-    assert gpu <= r.gpu_memory_bytes <= GPU_USABLE * gpu_cap
-    assert host <= r.host_memory_bytes <= HOST_USABLE * host_cap
-    assert r_w * cfg.num_experts == pytest.approx(round(r_w * cfg.num_experts))  # whole experts per layer
+    host = PINNED_POOL_OVERHEAD * sum(map(len, pages.streamed)) * w + (kv if p.kv_device == "cpu" else 0)
+    assert gpu <= r.gpu_memory_bytes * (1 + 1e-12) and r.gpu_memory_bytes <= GPU_USABLE * gpu_cap
+    assert host <= r.host_memory_bytes * (1 + 1e-12) and r.host_memory_bytes <= HOST_USABLE * host_cap
 
 
 @pytest.mark.parametrize("hardware, gpu_gb, host_gb", [
@@ -116,3 +121,51 @@ def test_h100_capped(mixtral):
     assert 100 < r.decode_tokens_per_s < 5000
     d = r.to_dict()
     assert d["per_layer_seconds"] == r.per_layer_seconds and d["predicted_tokens_per_s"] == r.tokens_per_s
+
+
+@pytest.mark.parametrize("L, E", [(1, 8), (2, 8), (3, 4), (32, 8), (48, 128)])
+def test_most_resident_is_the_largest_that_fits(L, E):
+    """The closed form against a scan of every R: the most resident experts whose slots (R + 2·(E − ⌊R/L⌋),
+    the engine's page table) fit c + 2E slots."""
+    slots = np.array([ExpertPages.plan(L, E, R / (L * E), 1) for R in range(L * E + 1)], dtype=object)
+    used = np.array([p.num_slots + p.max_streamed for p in slots]) - 2 * E
+    for c in np.arange(-E - 2.0, E * L + 3.0, 0.5):
+        fits = np.flatnonzero(used <= c)
+        assert _most_resident(c, L, E) == (fits.max() if fits.size else -1), c
+
+
+def test_resident_experts_counted_per_layer(mixtral):
+    """An H100 capped at 16 GiB has room for a few experts beyond the double buffer, fewer than one per
+    layer: HRM keeps them resident (not a whole expert per layer, which does not fit): less to send, and a
+    smaller pinned pool leaves room for the batch's KV."""
+    r = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, placements=[("cpu", "cpu")])
+    L, E = mixtral.num_layers, mixtral.num_experts
+    resident = round(r.policy.resident_expert_fraction * L * E)
+    assert 0 < resident < L
+    _assert_fits(mixtral, r, 77, 64, 16 * GiB, PROFILES["h100-80gb"].host_memory)
+    same = predict(mixtral, "h100-80gb", r.policy, 77, 64)
+    assert same.tokens_per_s == pytest.approx(r.tokens_per_s, rel=1e-12)
+    assert same.per_layer_seconds == pytest.approx(r.per_layer_seconds, rel=1e-12)
+    none = predict(mixtral, "h100-80gb", dataclasses.replace(r.policy, resident_expert_fraction=0.0), 77, 64)
+    assert none.per_layer_seconds["h2d"] > r.per_layer_seconds["h2d"]
+    # streaming every expert, this batch's KV would not fit beside the larger pinned pool
+    assert none.host_memory_bytes > HOST_USABLE * PROFILES["h100-80gb"].host_memory >= r.host_memory_bytes
+
+
+@pytest.mark.parametrize("preset, hardware, cap, P, G", [
+    ("mixtral-8x7b", "h100-80gb", 16, 128, 64), ("mixtral-8x7b", "h100-80gb", 24, 128, 128),
+    ("mixtral-8x7b", "l4", None, 128, 32), ("qwen3-30b-a3b", "h100-80gb", 16, 128, 64),
+    ("qwen3-30b-a3b", "t4", None, 256, 64), ("olmoe-1b-7b", "t4", 4, 64, 64)])
+def test_offload_engine_accepts_the_chosen_policy(preset, hardware, cap, P, G):
+    """The engine's own GPU plan for HRM's policy (expert slots, activations, the prefill) fits the cap
+    it is given: a policy HRM returns is never refused before generation."""
+    from moe_jax.offload_engine import planned_gpu_bytes, prefill_gpu_bytes
+    from moe_jax.presets import preset_config
+
+    cfg = preset_config(preset)
+    r = choose_policy(cfg, hardware, P, G, gpu_memory_gb=cap, placements=[("cpu", "cpu")])
+    p = r.policy
+    pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, p.resident_expert_fraction, p.num_micro_batches)
+    need = (planned_gpu_bytes(cfg, BF16, p.micro_batch_size, pages)
+            + prefill_gpu_bytes(cfg, BF16, p.batch_size, p.micro_batch_size, P))
+    assert need <= (cap * GiB if cap else PROFILES[hardware].gpu_memory)
