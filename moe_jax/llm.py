@@ -9,6 +9,7 @@ import jax
 import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
+from moe_jax.expert_pages import ExpertPages
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import Policy
 from moe_jax.params import layer_bytes, model_bytes
@@ -32,27 +33,36 @@ class PolicyUnavailable(ValueError):
 PINNED_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
 
 
-def reserve_pinned_host_memory(cfg, dtype) -> None:
-    """Size XLA's pinned-host pool for streaming every expert weight, before JAX starts its GPU backend.
+def pinned_pool_gib(cfg, dtype, policies: Sequence[Policy | None] = (None,)) -> int:
+    """GiB of XLA's pinned-host pool for the experts the offload engine streams under any of `policies`
+    (None: every expert, for a policy not chosen yet), + 5% + 2 GiB."""
+    L, E = cfg.num_layers, cfg.num_experts
+    streamed = max(L * E if p is None else sum(map(len, ExpertPages.plan(L, E, p.resident_expert_fraction, 1).streamed))
+                   for p in policies)
+    return int(streamed * layer_bytes(cfg, dtype, expert=True) / E * 1.05 / 2**30) + 2
+
+
+def reserve_pinned_host_memory(cfg, dtype, policy: Policy | None = None) -> None:
+    """Size XLA's pinned-host pool for the experts `policy` streams (None: all of them), before JAX starts
+    its GPU backend.
 
     The pool is a BFC allocator with a cap (DESIGN.md §3): the default cap fails near 60 GB, and a cap
     far above the need reserves memory the KV cache needs. An explicit setting is left alone."""
-    need = cfg.num_layers * layer_bytes(cfg, dtype, expert=True)
-    gb = int(need * 1.05 / 2**30) + 2
+    gb = pinned_pool_gib(cfg, dtype, [policy])
     if PINNED_LIMIT_VAR in os.environ:
-        log.info("%s=%s set by the caller (the experts need %.1f GiB)", PINNED_LIMIT_VAR, os.environ[PINNED_LIMIT_VAR],
-                 need / 2**30)
+        log.info("%s=%s set by the caller (the streamed experts need %d GiB)", PINNED_LIMIT_VAR,
+                 os.environ[PINNED_LIMIT_VAR], gb)
         return
     from jax._src import xla_bridge
 
     backends = getattr(xla_bridge, "_backends", None) or {}
     if backends:  # too late: the backend read its settings already (it matters only for a GPU backend)
         if any(name in ("cuda", "rocm", "gpu") for name in backends):
-            log.warning("JAX is already initialised; set %s=%d before it starts to stream %.1f GiB of experts",
-                        PINNED_LIMIT_VAR, gb, need / 2**30)
+            log.warning("JAX is already initialised; set %s=%d before it starts to stream the experts",
+                        PINNED_LIMIT_VAR, gb)
         return
     os.environ[PINNED_LIMIT_VAR] = str(gb)
-    log.info("%s=%d (pinned host pool for %.1f GiB of streamed experts)", PINNED_LIMIT_VAR, gb, need / 2**30)
+    log.info("%s=%d (pinned host pool for the streamed experts)", PINNED_LIMIT_VAR, gb)
 
 
 def detect_hardware() -> str | None:
@@ -100,7 +110,7 @@ class LLM:
         self.engine = None
         self.hrm_prediction = None  # the HRM SearchResult behind an offload policy it chose
         if policy != "resident":
-            reserve_pinned_host_memory(self.cfg, self.dtype)
+            reserve_pinned_host_memory(self.cfg, self.dtype, policy if isinstance(policy, Policy) else None)
         if policy == "auto":
             policy = "resident" if self._fits_on_device() else "offload"
             log.info("policy auto -> %s", policy)

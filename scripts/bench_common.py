@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import shlex
 import sys
@@ -38,19 +37,18 @@ def log(msg: str) -> None:
 def set_memory_env(cfg, dtype: str, specs=(), pool_gib: int | None = None) -> None:
     """XLA memory settings; call before anything touches a JAX device. Values already in the environment win.
 
-    XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default `pool_gib`, else computed): the pinned-host pool must hold
-    the streamed experts (its default, 64 GiB, is below Mixtral 8x7B's 84 GiB of experts) but not much
-    more (DESIGN.md §3: the pool reserves up to its cap). The need is all expert weights, or more for a
-    fixed policy in `specs` whose transfer chunks overlap (`streamed_bytes_per_layer`), + 5% + 4 GiB.
+    XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default `pool_gib`, else `moe_jax.llm.pinned_pool_gib` for the
+    policies in `specs`, all experts for "auto"): the pinned-host pool must hold the streamed experts (its
+    default, 64 GiB, is below Mixtral 8x7B's 84 GiB of experts) but not much more (DESIGN.md §3: the pool
+    reserves up to its cap).
     XLA_PYTHON_CLIENT_PREALLOCATE=false: the GPU holds what the engine allocates, so that the peak can be
     compared with the cap and a PyTorch baseline can share the device.
     """
-    from moe_jax.params import layer_bytes
+    from moe_jax.llm import pinned_pool_gib
 
     if pool_gib is None:
-        need = max([layer_bytes(cfg, np.dtype(dtype), expert=True)]
-                   + [streamed_bytes_per_layer(cfg, parse_policy(s), dtype) for s in specs if s != "auto"])
-        pool_gib = math.ceil(1.05 * cfg.num_layers * need / GiB) + 4
+        pool_gib = pinned_pool_gib(cfg, np.dtype(dtype), [None if s == "auto" else parse_policy(s) for s in specs]
+                                   or [None])
     os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(pool_gib))
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 

@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and the prompts")
     ap.add_argument("--link-probe-mib", type=int, default=512, help="size of the link bandwidth probe (MiB)")
     ap.add_argument("--no-gpu-probe", action="store_true", help="skip the GPU-term probe of each policy")
-    ap.add_argument("--host-pool-gb", type=int, help="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default: the streamed experts + 5%% + 4)")
+    ap.add_argument("--host-pool-gb", type=int, help="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default: the streamed experts + 5%% + 2)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, metavar="FILE",
                     help=f"append the table to FILE (default {DEFAULT_RESULTS})")

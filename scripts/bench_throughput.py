@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--baseline-timeout-s", type=int, default=300, help="give up on the baseline after this")
     ap.add_argument("--link-probe-mib", type=int, default=512, help="size of the link bandwidth probe (MiB)")
     ap.add_argument("--no-gpu-probe", action="store_true", help="skip the GPU-term probe of each run")
-    ap.add_argument("--host-pool-gb", type=int, help="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default: the streamed experts + 5%% + 4)")
+    ap.add_argument("--host-pool-gb", type=int, help="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default: the streamed experts + 5%% + 2)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a bar chart (PNG) here")
     ap.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, metavar="FILE",

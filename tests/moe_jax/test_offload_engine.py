@@ -93,6 +93,21 @@ def test_host_memory_is_checked_before_generation(monkeypatch):
                                                                      num_micro_batches=2))
 
 
+def test_pinned_pool_sized_for_the_streamed_experts():
+    """XLA's pinned-host pool is set for what the policy streams (+ 5% + 2 GiB): all 84 GiB of Mixtral
+    8x7B's experts before a policy is chosen, about half at r_w = 0.5, the larger need of several."""
+    from moe_jax.llm import pinned_pool_gib
+    from moe_jax.params import layer_bytes
+    from moe_jax.presets import preset_config
+
+    cfg = preset_config("mixtral-8x7b")
+    experts = cfg.num_layers * layer_bytes(cfg, "bfloat16", expert=True) / 2**30
+    half = Policy(batch_size=8, micro_batch_size=4, num_micro_batches=2, resident_expert_fraction=0.5)
+    assert pinned_pool_gib(cfg, "bfloat16") == int(experts * 1.05) + 2 == 90
+    assert pinned_pool_gib(cfg, "bfloat16", [half]) == int(experts / 2 * 1.05) + 2
+    assert pinned_pool_gib(cfg, "bfloat16", [half, None]) == 90
+
+
 def test_decode_step_lowers_for_gpu_with_the_copy_inside():
     """The GPU path, lowered for CUDA on this CPU machine: the next layer's chunk and the CPU's attention
     output enter the decode step in pinned host memory and are placed on the device inside it (DESIGN.md
