@@ -15,7 +15,7 @@ from moe_jax.offload_policy import Policy
 from moe_jax.params import layer_bytes, model_bytes
 from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request, token_budget
-from moe_jax.resident_engine import ResidentEngine, bucket, device_memory_limit
+from moe_jax.resident_engine import ResidentEngine, device_memory_limit
 from moe_jax.sampling import SamplingParams
 from moe_jax.stop_strings import StopStrings, cut_at_stop
 
@@ -151,14 +151,13 @@ class LLM:
             log.warning("policy offload: no HRM hardware profile for device %s (pass hardware=...); using %s",
                         jax.devices()[0].device_kind, policy)
             return policy
-        maxpos = self.cfg.max_positions
-        budgets = [token_budget(r, maxpos) for r in requests]  # as the engine
-        P = min(bucket(max(len(r.prompt) for r in requests)), maxpos - 1)
-        context = bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets)))  # the KV the engine allocates
-        G = max(1, min(max(max(budgets), context - P), maxpos - P))
+        from moe_jax.offload_engine import hrm_lengths
+
+        budgets = [token_budget(r, self.cfg.max_positions) for r in requests]  # as the engine
+        P, G, T = hrm_lengths([len(r.prompt) for r in requests], budgets)
         limit = device_memory_limit()  # JAX's own cap, below the card's size
         caps = [c for c in (self.gpu_memory_gb, limit / 2**30 if limit else None) if c]
-        result = hrm.choose_policy(self.cfg, hardware, P, G, gpu_memory_gb=min(caps) if caps else None,
+        result = hrm.choose_policy(self.cfg, hardware, P, G, prefill_len=T, gpu_memory_gb=min(caps) if caps else None,
                                    max_batch_size=n, placements=[("cpu", "cpu")], dtype=str(self.dtype))
         self.hrm_prediction = result
         log.info("HRM (%s, prompt %d, gen %d) chose %s; predicted %.1f tok/s, bottleneck %s",

@@ -78,6 +78,15 @@ def planned_gpu_bytes(cfg: ModelConfig, dtype, micro_batch_size: int, pages: Exp
     return non_expert_bytes(cfg, dtype) + slots + routed
 
 
+def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int]) -> tuple[int, int, int]:
+    """(prompt_len, gen_len, prefill_len) of a job for HRM's search, as the engine runs it: its host KV
+    cache holds max(prompt + budget) positions per row (within prompt_len + gen_len), the decode steps
+    number up to the largest budget, and the prefill pads the prompts to bucket(longest prompt)."""
+    P = max(prompt_lens)
+    G = max(max(budgets), max(p + b for p, b in zip(prompt_lens, budgets)) - P)
+    return P, G, bucket(P)
+
+
 class OffloadMemoryError(MemoryError):
     """The policy does not fit the GPU memory cap or the host memory; raised before any work."""
 
@@ -323,7 +332,7 @@ class OffloadEngine:
         cfg, pol = self.cfg, self.policy
         self.stats = OffloadStats.empty(cfg.num_layers)  # the stats of this call
         budget = [token_budget(r, cfg.max_positions) for r in requests]
-        context = bucket(max(len(r.prompt) + b for r, b in zip(requests, budget)))
+        context = max(len(r.prompt) + b for r, b in zip(requests, budget))  # positions a row can fill
         check_host_memory(pol, f"the KV cache ({pol.batch_size} sequences x {context} positions)",
                           HostKVCache.footprint(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads,
                                                 cfg.head_dim, self.dtype))

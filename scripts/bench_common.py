@@ -90,16 +90,12 @@ def parse_policy(spec: str):
         raise SystemExit(f"policy {spec!r}: {e}") from None
 
 
-def engine_lengths(prompts, gen_len: int) -> tuple[int, int]:
-    """(P, G) for HRM's policy search, as the engine pads: P the longest prompt rounded up to a power of
-    two (the prefill's length), P + G at least the KV context the engine allocates (the longest prompt
-    + gen_len rounded up to a power of two) and G at least gen_len. (`LLM` passes G = that context - P,
-    which is 0 -> 1 when the rounded prompt already covers the generation, e.g. 134 + 64 tokens.)"""
-    from moe_jax.resident_engine import bucket
+def engine_lengths(prompts, gen_len: int) -> tuple[int, int, int]:
+    """(prompt_len, gen_len, prefill_len) for HRM, as the engine runs these prompts
+    (`moe_jax.offload_engine.hrm_lengths`)."""
+    from moe_jax.offload_engine import hrm_lengths
 
-    longest = max(len(p) for p in prompts)
-    P = bucket(longest)
-    return P, max(gen_len, bucket(longest + gen_len) - P)
+    return hrm_lengths([len(p) for p in prompts], [gen_len] * len(prompts))
 
 
 def resolve_policy(spec: str, cfg, hardware, prompts, gen_len: int, gpu_memory_gb: float,
@@ -113,9 +109,9 @@ def resolve_policy(spec: str, cfg, hardware, prompts, gen_len: int, gpu_memory_g
     if spec == "auto":
         if hardware is None:
             raise SystemExit("policy auto needs an HRM hardware profile: pass --hardware (no known GPU detected)")
-        P, G = engine_lengths(prompts, gen_len)
-        policy = hrm.choose_policy(cfg, hardware, P, G, gpu_memory_gb=gpu_memory_gb, max_batch_size=max_batch_size,
-                                   placements=[("cpu", "cpu")], dtype=dtype).policy
+        P, G, T = engine_lengths(prompts, gen_len)
+        policy = hrm.choose_policy(cfg, hardware, P, G, prefill_len=T, gpu_memory_gb=gpu_memory_gb,
+                                   max_batch_size=max_batch_size, placements=[("cpu", "cpu")], dtype=dtype).policy
     else:
         policy = parse_policy(spec)
     return Policy(**{**policy.__dict__, "gpu_memory_gb": gpu_memory_gb})
@@ -243,7 +239,7 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
         wave = _wave_policy(policy, n)
         mean_prompt = float(np.mean([len(p) for p in prompts]))
         pred = hrm_predict(cfg, hardware, wave, mean_prompt, gen_len, dtype,
-                           prefill_len=engine_lengths(prompts, gen_len)[0])
+                           prefill_len=engine_lengths(prompts, gen_len)[2])
         row["hrm"] = pred
         row["measured_over_predicted"] = {
             "tok_s": run["tok_s"] / pred["tok_s"],

@@ -118,8 +118,8 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     (layer, expert) pairs resident on the GPU (None: the most the GPU budget holds); batch: N sequences
     (default μ·n_ub, the last micro-batch full). The engine spreads
     R over the layers (`ExpertPages.plan`): R mod L layers hold ⌊R/L⌋ + 1, the others ⌊R/L⌋, and each
-    layer streams the rest of its experts; decode contexts average P + G/2; prefill runs prompts of
-    `prefill_len` tokens (default P)."""
+    layer streams the rest of its experts; decode contexts average P + G/2, the KV cache holds P + G
+    positions per sequence; prefill runs prompts padded to `prefill_len` tokens (default P)."""
     L, E, H, it = cfg.num_layers, cfg.num_experts, cfg.hidden_size, itemsize(dtype)
     kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it
     W_e = layer_bytes(cfg, dtype, expert=True)
@@ -133,15 +133,16 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"]))
     up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * q_bytes)
     down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
-    pre = prefill_ops(cfg, dtype, mu, prefill_len or P)
+    T = prefill_len or P
+    pre = prefill_ops(cfg, dtype, mu, T)
     t_gpu_pre = n_ub * (sum(hw.gpu_seconds(op) for op in pre.values()) + hw.launch_seconds)
     t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
 
-    work_pre = activation_bytes(cfg, mu * P) + 4 * mu * cfg.num_heads * P * P
+    work_pre = activation_bytes(cfg, mu * T) + 4 * mu * cfg.num_heads * T * T
     work_dec = activation_bytes(cfg, mu) + np.where(
         attn_gpu, 4 * mu * cfg.num_heads * ctx_max + np.where(kv_gpu, 0.0, 2 * mu * ctx_max * kvt), 0.0)
     kv_cache = N * ctx_max * L * kvt
-    gpu_fixed = (L * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype) + N * P * H * it
+    gpu_fixed = (L * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype) + N * T * H * it
                  + np.maximum(work_pre, work_dec) + 4 * mu * cfg.vocab_size + np.where(kv_gpu, kv_cache, 0.0))
     host_fixed = np.where(kv_gpu, 0.0, kv_cache)
     pool_per_expert = PINNED_POOL_OVERHEAD * w  # pinned host bytes per streamed (layer, expert)
@@ -191,20 +192,22 @@ def _memory_cap(name: str, gb: float | None, available: float) -> float:
 
 
 def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, gen_len: int, *,
-                  gpu_memory_gb: float | None = None, host_memory_gb: float | None = None,
-                  max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16") -> SearchResult:
+                  prefill_len: int | None = None, gpu_memory_gb: float | None = None,
+                  host_memory_gb: float | None = None, max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16") -> SearchResult:
     """The policy maximising predicted end-to-end tok/s for prompts of `prompt_len` tokens and `gen_len`
     generated tokens each, within GPU and host memory (GiB caps, default the hardware's), at most
     `max_batch_size` sequences and one of `placements` ((attention_device, kv_device) pairs, e.g. only
     ("cpu", "cpu") for an engine without GPU attention). Lengths are taken as given: an engine that pads
-    prompts or the KV context passes the padded ones. Raises InfeasibleError if no policy fits,
-    ValueError on bad arguments."""
+    prompts for the prefill passes the padded length as `prefill_len` (default prompt_len). Raises
+    InfeasibleError if no policy fits, ValueError on bad arguments."""
     hw = hardware_profile(hardware)
     if not placements or any(p not in PLACEMENTS for p in placements):
         raise ValueError(f"placements must be a non-empty subset of {PLACEMENTS}, got {placements!r}")
     for name, v in (("prompt_len", prompt_len), ("gen_len", gen_len)):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if prefill_len is not None and (not isinstance(prefill_len, (int, np.integer)) or prefill_len < prompt_len):
+        raise ValueError(f"prefill_len must be an integer >= prompt_len ({prompt_len}), got {prefill_len!r}")
     if prompt_len + gen_len > cfg.max_positions:
         raise ValueError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds the model's context of "
                          f"{cfg.max_positions} positions")
@@ -217,7 +220,8 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     attn_gpu = np.array([a == "gpu" for a, _ in PLACEMENTS])[:, None, None]
     kv_gpu = np.array([k == "gpu" for _, k in PLACEMENTS])[:, None, None]
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, MICRO_BATCH_SIZES[None, :, None],
-                  NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget)
+                  NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget,
+                  prefill_len=prefill_len)
     allowed = np.array([p in placements for p in PLACEMENTS])[:, None, None]
     tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
     if not tps.max() > 0:

@@ -86,7 +86,8 @@ def test_host_memory_is_checked_before_generation(monkeypatch):
     eng = OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                       num_micro_batches=2))
     monkeypatch.setattr(oe, "host_available_bytes", lambda: 1000)
-    with pytest.raises(OffloadMemoryError, match=r"host memory for the KV cache \(2 sequences x 12 positions\)"):
+    # the host cache holds what a row can fill, prompt + budget = 3 + 7 positions (no bucket padding)
+    with pytest.raises(OffloadMemoryError, match=r"host memory for the KV cache \(2 sequences x 10 positions\)"):
         list(eng.generate([Request(0, (1, 2, 3), GREEDY)]))
     with pytest.raises(OffloadMemoryError, match="streamed experts"):
         OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
@@ -106,6 +107,16 @@ def test_pinned_pool_sized_for_the_streamed_experts():
     assert pinned_pool_gib(cfg, "bfloat16") == int(experts * 1.05) + 2 == 90
     assert pinned_pool_gib(cfg, "bfloat16", [half]) == int(experts / 2 * 1.05) + 2
     assert pinned_pool_gib(cfg, "bfloat16", [half, None]) == 90
+
+
+def test_hrm_lengths_are_what_the_engine_allocates():
+    """HRM's (prompt_len, gen_len, prefill_len) of a job: KV for prompt_len + gen_len >= every row's
+    prompt + budget, gen_len the most decode steps, the prefill padded as the engine pads it."""
+    from moe_jax.offload_engine import hrm_lengths
+
+    assert hrm_lengths([77, 77], [64, 64]) == (77, 64, 96)
+    assert hrm_lengths([77, 10], [64, 200]) == (77, 200, 96)  # the short prompt's long budget
+    assert hrm_lengths([100, 10], [4, 60]) == (100, 60, 128)  # 60 decode steps
 
 
 def test_decode_step_lowers_for_gpu_with_the_copy_inside():

@@ -106,6 +106,7 @@ def test_impossible_workload(mixtral, kwargs, message):
     ((0, 32), {}, "prompt_len must be a positive integer"),
     ((77, 32), dict(gpu_memory_gb=25), r"gpu_memory_gb must be in \(0, 24.0\]"),
     ((77, 32), dict(max_batch_size=0), "max_batch_size"),
+    ((77, 32), dict(prefill_len=64), "prefill_len must be an integer >= prompt_len"),
 ])
 def test_bad_arguments(mixtral, args, kwargs, message):
     with pytest.raises(ValueError, match=message):
