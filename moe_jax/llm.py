@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Iterator, Sequence
 
 import jax
 import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
-from moe_jax.expert_pages import ExpertPages
+from moe_jax import pinned_pool
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import Policy
-from moe_jax.params import layer_bytes, model_bytes
+from moe_jax.params import model_bytes
 from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request, token_budget
 from moe_jax.resident_engine import ResidentEngine, device_memory_limit
@@ -28,41 +27,6 @@ _GPU_PROFILES = (("H100", "h100-80gb"), ("A100", None), ("L4", "l4"), ("T4", "t4
 
 class PolicyUnavailable(ValueError):
     pass
-
-
-PINNED_LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
-
-
-def pinned_pool_gib(cfg, dtype, policies: Sequence[Policy | None] = (None,)) -> int:
-    """GiB of XLA's pinned-host pool for the experts the offload engine streams under any of `policies`
-    (None: every expert, for a policy not chosen yet), + 5% + 2 GiB."""
-    L, E = cfg.num_layers, cfg.num_experts
-    streamed = max(L * E if p is None else sum(map(len, ExpertPages.plan(L, E, p.resident_expert_fraction, 1).streamed))
-                   for p in policies)
-    return int(streamed * layer_bytes(cfg, dtype, expert=True) / E * 1.05 / 2**30) + 2
-
-
-def reserve_pinned_host_memory(cfg, dtype, policy: Policy | None = None) -> None:
-    """Size XLA's pinned-host pool for the experts `policy` streams (None: all of them), before JAX starts
-    its GPU backend.
-
-    The pool is a BFC allocator with a cap (DESIGN.md §3): the default cap fails near 60 GB, and a cap
-    far above the need reserves memory the KV cache needs. An explicit setting is left alone."""
-    gb = pinned_pool_gib(cfg, dtype, [policy])
-    if PINNED_LIMIT_VAR in os.environ:
-        log.info("%s=%s set by the caller (the streamed experts need %d GiB)", PINNED_LIMIT_VAR,
-                 os.environ[PINNED_LIMIT_VAR], gb)
-        return
-    from jax._src import xla_bridge
-
-    backends = getattr(xla_bridge, "_backends", None) or {}
-    if backends:  # too late: the backend read its settings already (it matters only for a GPU backend)
-        if any(name in ("cuda", "rocm", "gpu") for name in backends):
-            log.warning("JAX is already initialised; set %s=%d before it starts to stream the experts",
-                        PINNED_LIMIT_VAR, gb)
-        return
-    os.environ[PINNED_LIMIT_VAR] = str(gb)
-    log.info("%s=%d (pinned host pool for the streamed experts)", PINNED_LIMIT_VAR, gb)
 
 
 def detect_hardware() -> str | None:
@@ -109,8 +73,9 @@ class LLM:
             self.hardware = hardware_profile(hardware)  # a bad name or file fails here, not mid-job
         self.engine = None
         self.hrm_prediction = None  # the HRM SearchResult behind an offload policy it chose
-        if policy != "resident":
-            reserve_pinned_host_memory(self.cfg, self.dtype, policy if isinstance(policy, Policy) else None)
+        if policy == "auto" or (policy == "offload" and self.hardware is None):
+            # JAX starts before HRM chooses (to size the device or detect it): a pool for every expert
+            pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype))
         if policy == "auto":
             policy = "resident" if self._fits_on_device() else "offload"
             log.info("policy auto -> %s", policy)
@@ -135,6 +100,7 @@ class LLM:
         if self.gpu_memory_gb is not None and policy.gpu_memory_gb is None:
             policy = Policy(**{**policy.__dict__, "gpu_memory_gb": self.gpu_memory_gb})
         self.policy = policy
+        pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype, policy))
         self.engine = OffloadEngine(self.cfg, self.source.weights, self.dtype, policy, moe_impl=self.moe_impl,
                                     prefetch=self.prefetch)
 
@@ -157,8 +123,10 @@ class LLM:
         P, G, T = hrm_lengths([len(r.prompt) for r in requests], budgets)
         limit = device_memory_limit()  # JAX's own cap, below the card's size
         caps = [c for c in (self.gpu_memory_gb, limit / 2**30 if limit else None) if c]
+        pool = pinned_pool.fixed_cap_bytes()  # None: HRM sizes the pool, set before JAX starts
         result = hrm.choose_policy(self.cfg, hardware, P, G, prefill_len=T, gpu_memory_gb=min(caps) if caps else None,
-                                   max_batch_size=n, placements=[("cpu", "cpu")], dtype=str(self.dtype))
+                                   pinned_pool_gb=pool / 2**30 if pool else None, max_batch_size=n,
+                                   placements=[("cpu", "cpu")], dtype=str(self.dtype))
         self.hrm_prediction = result
         log.info("HRM (%s, prompt %d, gen %d) chose %s; predicted %.1f tok/s, bottleneck %s",
                  hardware, P, G, result.policy, result.tokens_per_s, result.bottleneck)

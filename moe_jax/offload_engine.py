@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from host_ops import HostKVCache
-from moe_jax import model
+from moe_jax import model, pinned_pool
 from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
@@ -234,8 +234,15 @@ class OffloadEngine:
                                       policy.num_micro_batches if prefetch == "split" else 1)
         self.specs = layer_param_specs(cfg)
         self.gpu_bytes = self._check_gpu_memory()
-        check_host_memory(policy, "the streamed experts (pinned)",
-                          sum(map(len, self.pages.streamed)) * self._expert_bytes())
+        streamed = sum(map(len, self.pages.streamed)) * self._expert_bytes()
+        check_host_memory(policy, "the streamed experts (pinned)", streamed)
+        pool = pinned_pool.fixed_cap_bytes()
+        if pool is not None and streamed > pool:
+            raise OffloadMemoryError(
+                f"policy {policy} streams {streamed / 2**30:.2f} GiB of experts from pinned host memory but XLA's "
+                f"pinned-host pool is capped at {pool / 2**30:.1f} GiB ({pinned_pool.LIMIT_VAR}, read when JAX "
+                f"started): set {pinned_pool.LIMIT_VAR}={pinned_pool.setting_gib(streamed)} before JAX starts, or "
+                f"raise resident_expert_fraction")
         mid, last, prefill, self._fetch, self._install, start = _jitted(cfg, moe_impl, self.on_device, self.on_host)
         self._mid, self._last, self._prefill, self._start = (precise(f, dtype) for f in (mid, last, prefill, start))
         self._embed = jax.jit(model.embed)

@@ -4,6 +4,7 @@
 * `open_source`: a preset or checkpoint, optionally cut to its first N layers;
 * `synthetic_prompts`: random token ids with a given length range;
 * `resolve_policy`: "auto" (HRM's choice for the workload) or "N,mu,n_ub,rw", under the GPU cap;
+* `policy_before_jax`: the policy to size the pinned-host pool for, before JAX starts;
 * `hrm_predict`: HRM's prediction for a given policy (the engine's placement: CPU attention, host KV);
 * `timed_generate`: a warm-up, then one timed `LLM.generate` with the engine's `OffloadStats`;
 * `probe_link_bandwidth`, `probe_gpu_layer_seconds`: the per-layer H2D and GPU terms measured alone;
@@ -34,22 +35,22 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def set_memory_env(cfg, dtype: str, specs=(), pool_gib: int | None = None) -> None:
+def set_memory_env(cfg, dtype: str, policies=(None,), pool_gib: int | None = None) -> None:
     """XLA memory settings; call before anything touches a JAX device. Values already in the environment win.
 
-    XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default `pool_gib`, else `moe_jax.llm.pinned_pool_gib` for the
-    policies in `specs`, all experts for "auto"): the pinned-host pool must hold the streamed experts (its
-    default, 64 GiB, is below Mixtral 8x7B's 84 GiB of experts) but not much more (DESIGN.md §3: the pool
-    reserves up to its cap).
+    XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default `pool_gib`, else what `moe_jax.pinned_pool` sets for the
+    largest of `policies`' streamed experts, None meaning all of them): the pinned-host pool must hold the
+    streamed experts (its default, 64 GiB, is below Mixtral 8x7B's 84 GiB of experts) but not much more
+    (DESIGN.md §3: the pool reserves up to its cap).
     XLA_PYTHON_CLIENT_PREALLOCATE=false: the GPU holds what the engine allocates, so that the peak can be
     compared with the cap and a PyTorch baseline can share the device.
     """
-    from moe_jax.llm import pinned_pool_gib
+    from moe_jax import pinned_pool
 
     if pool_gib is None:
-        pool_gib = pinned_pool_gib(cfg, np.dtype(dtype), [None if s == "auto" else parse_policy(s) for s in specs]
-                                   or [None])
-    os.environ.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(pool_gib))
+        pool_gib = max(pinned_pool.setting_gib(pinned_pool.streamed_bytes(cfg, np.dtype(dtype), p))
+                       for p in policies or [None])
+    os.environ.setdefault(pinned_pool.LIMIT_VAR, str(pool_gib))
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
@@ -103,18 +104,34 @@ def resolve_policy(spec: str, cfg, hardware, prompts, gen_len: int, gpu_memory_g
     """The Policy to run under the GPU cap: a fixed 'N,mu,n_ub,rw', or for 'auto' HRM's choice for this
     workload, at most `max_batch_size` sequences (lengths as `engine_lengths`, CPU attention as the engine
     runs it)."""
-    from moe_jax import hrm
+    from moe_jax import hrm, pinned_pool
     from moe_jax.offload_policy import Policy
 
     if spec == "auto":
         if hardware is None:
             raise SystemExit("policy auto needs an HRM hardware profile: pass --hardware (no known GPU detected)")
         P, G, T = engine_lengths(prompts, gen_len)
+        pool = pinned_pool.fixed_cap_bytes()
         policy = hrm.choose_policy(cfg, hardware, P, G, prefill_len=T, gpu_memory_gb=gpu_memory_gb,
-                                   max_batch_size=max_batch_size, placements=[("cpu", "cpu")], dtype=dtype).policy
+                                   pinned_pool_gb=pool / GiB if pool else None, max_batch_size=max_batch_size,
+                                   placements=[("cpu", "cpu")], dtype=dtype).policy
     else:
         policy = parse_policy(spec)
     return Policy(**{**policy.__dict__, "gpu_memory_gb": gpu_memory_gb})
+
+
+def policy_before_jax(spec: str, hardware_name: str | None, resolve):
+    """The policy `spec` will run, for sizing the pinned-host pool before JAX starts: `resolve()` (what the
+    run will call) for a fixed spec, and for "auto" where the HRM profile is named (with no device to detect
+    yet); else None, every expert. An infeasible "auto" gives None too: the run reports it."""
+    from moe_jax import hrm
+
+    if spec == "auto" and hardware_name is None:
+        return None
+    try:
+        return resolve()
+    except (hrm.InfeasibleError, ValueError):
+        return None
 
 
 def hrm_predict(cfg, hardware, policy, prompt_len: float, gen_len: int, dtype: str = "bfloat16",

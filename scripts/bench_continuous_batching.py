@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     from moe_jax.sampling import SamplingParams
 
     source = bc.open_source(args.model, args.layers, args.seed)
-    bc.set_memory_env(source.cfg, args.dtype, [args.policy])
     policy = dataclasses.replace(bc.parse_policy(args.policy), gpu_memory_gb=args.gpu_memory_gb)
+    bc.set_memory_env(source.cfg, args.dtype, [policy])
     n = args.num_prompts or 3 * policy.batch_size
     prompts = bc.synthetic_prompts(n, args.prompt_min, args.prompt_max, source.cfg.vocab_size, args.seed)
     gens = np.random.default_rng([args.seed, 7]).integers(args.gen_min, args.gen_max + 1, n)

@@ -80,16 +80,21 @@ def policy_specs(args) -> list[str]:
     return [f"{N},{mu},{n_ub},{args.resident_fraction}"]
 
 
+def resolve(spec: str, cfg, args, hardware):
+    """The Policy of `spec` for this run's workload (HRM's choice for "auto")."""
+    one = bc.synthetic_prompts(1, args.prompt_len, args.prompt_len, cfg.vocab_size, args.seed)
+    return bc.resolve_policy(spec, cfg, hardware, one, args.gen_len, args.gpu_memory_gb,
+                             args.max_batch_size or args.num_prompts, args.dtype)
+
+
 def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:
     """Build the engine for one policy, run it, free it; returns the result row (with 'error' on failure)."""
     from moe_jax import hrm
     from moe_jax.offload_engine import OffloadMemoryError
 
     cfg = source.cfg
-    one = bc.synthetic_prompts(1, args.prompt_len, args.prompt_len, cfg.vocab_size, args.seed)
     try:
-        policy = bc.resolve_policy(spec, cfg, hardware, one, args.gen_len, args.gpu_memory_gb,
-                                   args.max_batch_size or args.num_prompts, args.dtype)
+        policy = resolve(spec, cfg, args, hardware)
     except (hrm.InfeasibleError, ValueError) as e:
         return {"spec": spec, "error": f"{type(e).__name__}: {e}"}
     n = args.num_prompts or policy.batch_size
@@ -142,7 +147,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     source = bc.open_source(args.model, args.layers, args.seed)
     specs = policy_specs(args)
-    bc.set_memory_env(source.cfg, args.dtype, specs, args.host_pool_gb)
+    bc.set_memory_env(source.cfg, args.dtype, [bc.policy_before_jax(s, args.hardware, lambda: resolve(
+        s, source.cfg, args, args.hardware)) for s in specs], args.host_pool_gb)
     hardware = bc.detect_hardware_profile(args.hardware)
     device = bc.device_kind()
     link_bw = bc.probe_link_bandwidth(args.link_probe_mib)

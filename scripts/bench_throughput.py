@@ -112,6 +112,13 @@ def run_baseline(args, prompts, cap: float) -> dict:
         return json.loads(out.read_text())
 
 
+def policy_for(args, cfg, hardware, cap: float, workload: str, gen_len: int, spec: str):
+    """The Policy of `spec` for one workload under one cap; HRM sizes "auto" for the workload's longest prompt."""
+    longest = [[3] * WORKLOADS[workload][1]]
+    return bc.resolve_policy(spec, cfg, hardware, longest, gen_len, cap, args.max_batch_size or args.num_prompts,
+                             args.dtype)
+
+
 class Runner:
     """Runs (cap, workload, policy) combinations, reusing the engine while the policy stays the same."""
 
@@ -134,10 +141,8 @@ class Runner:
 
         args, cfg = self.args, self.source.cfg
         head = {"workload": workload, "gen_len": gen_len, "gpu_memory_gb": cap, "spec": spec}
-        longest = [[3] * WORKLOADS[workload][1]]  # HRM sizes the policy for the longest prompt
         try:
-            policy = bc.resolve_policy(spec, cfg, self.hardware, longest, gen_len, cap,
-                                       args.max_batch_size or args.num_prompts, args.dtype)
+            policy = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec)
         except (hrm.InfeasibleError, ValueError) as e:
             return {**head, "error": f"{type(e).__name__}: {e}"}
         prompts = workload_prompts(workload, args.num_prompts or policy.batch_size, cfg.vocab_size, args.seed)
@@ -273,8 +278,13 @@ def main(argv=None) -> int:
     source = bc.open_source(args.model, args.layers, args.seed)
     cfg = source.cfg
     full = cfg.num_layers == bc.open_source(args.model, seed=args.seed).cfg.num_layers
-    bc.set_memory_env(cfg, args.dtype, specs, args.host_pool_gb)
     base_prompts = workload_prompts(args.baseline_workload, args.baseline_batch, cfg.vocab_size, args.seed + 1)
+    pool_for = [bc.policy_before_jax(spec, args.hardware, lambda: policy_for(args, cfg, args.hardware, cap, w, g, spec))
+                for cap in caps for w, g in workloads for spec in specs]
+    if args.baseline:
+        pool_for.append(bc.policy_before_jax(specs[0], args.hardware, lambda: bc.resolve_policy(
+            specs[0], cfg, args.hardware, base_prompts, args.baseline_gen_len, caps[0], len(base_prompts), args.dtype)))
+    bc.set_memory_env(cfg, args.dtype, pool_for, args.host_pool_gb)
     base = run_baseline(args, base_prompts, caps[0]) if args.baseline else None  # before JAX takes the GPU
     hardware = bc.detect_hardware_profile(args.hardware)
     device = bc.device_kind()

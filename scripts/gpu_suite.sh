@@ -16,6 +16,11 @@ PY="${PYTHON:-python}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+# The HRM profile by name on an H100: the offload benchmarks then size the pinned-host pool for HRM's
+# policy before JAX starts (detected after it starts, the pool must hold every expert).
+HW=""
+if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H100"; then HW="--hardware h100-80gb"; fi
+
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 CORE="tests bench_host_attention bench_expert_kernel_core bench_offload_quick"
 STEPS=(
@@ -27,14 +32,14 @@ STEPS=(
   # random weights. Each step fits one 10-minute device command; --append-results writes the markdown
   # section to paste into benchmarks/RESULTS.md. Limits stay under 600 s so that the suite's SIGINT comes
   # first and the scripts still print what they measured.
-  "bench_offload_quick|160|$PY scripts/bench_offload.py --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $OUT/bench_offload_quick.json --append-results $OUT/bench_offload_quick.md"
-  "bench_offload|560|$PY scripts/bench_offload.py --json $OUT/bench_offload.json --append-results $OUT/bench_offload.md"
-  "bench_prefetch_whole|300|$PY scripts/bench_offload.py --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --prefetch whole --json $OUT/bench_prefetch_whole.json --append-results $OUT/bench_prefetch_whole.md"
-  "bench_policies|560|$PY scripts/bench_offload.py --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $OUT/bench_policies.json --append-results $OUT/bench_policies.md"
+  "bench_offload_quick|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $OUT/bench_offload_quick.json --append-results $OUT/bench_offload_quick.md"
+  "bench_offload|560|$PY scripts/bench_offload.py $HW --json $OUT/bench_offload.json --append-results $OUT/bench_offload.md"
+  "bench_prefetch_whole|300|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --prefetch whole --json $OUT/bench_prefetch_whole.json --append-results $OUT/bench_prefetch_whole.md"
+  "bench_policies|560|$PY scripts/bench_offload.py $HW --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $OUT/bench_policies.json --append-results $OUT/bench_policies.md"
   "bench_continuous_batching|420|$PY scripts/bench_continuous_batching.py --layers 4 --append-results $OUT/bench_continuous_batching.md"
-  "bench_vs_pytorch|560|$PY scripts/bench_throughput.py --workloads '' --json $OUT/bench_vs_pytorch.json --plot $OUT/bench_vs_pytorch.png --append-results $OUT/bench_vs_pytorch.md"
-  "bench_throughput_g64|560|$PY scripts/bench_throughput.py --workloads mtbench:64 --no-baseline --json $OUT/bench_throughput_g64.json --plot $OUT/bench_throughput_g64.png --append-results $OUT/bench_throughput_g64.md"
-  "bench_throughput_g128|560|$PY scripts/bench_throughput.py --workloads mtbench:128 --no-baseline --json $OUT/bench_throughput_g128.json --plot $OUT/bench_throughput_g128.png --append-results $OUT/bench_throughput_g128.md"
+  "bench_vs_pytorch|560|$PY scripts/bench_throughput.py $HW --workloads '' --json $OUT/bench_vs_pytorch.json --plot $OUT/bench_vs_pytorch.png --append-results $OUT/bench_vs_pytorch.md"
+  "bench_throughput_g64|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --no-baseline --json $OUT/bench_throughput_g64.json --plot $OUT/bench_throughput_g64.png --append-results $OUT/bench_throughput_g64.md"
+  "bench_throughput_g128|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:128 --no-baseline --json $OUT/bench_throughput_g128.json --plot $OUT/bench_throughput_g128.png --append-results $OUT/bench_throughput_g128.md"
 )
 
 {

@@ -16,9 +16,10 @@ Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, the expert sl
 table (`moe_jax.expert_pages`: R resident (layer, expert) pairs plus twice M = E − ⌊R/L⌋ streamed slots),
 the batch's hidden states (N·P·H), one micro-batch's working set (prefill or decode, whichever is larger;
 attention scores materialised in f32 as `model.attention` does), the logits of a micro-batch and a GPU KV
-cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the pinned pool) and the pinned pool
-of streamed experts, reserved at `PINNED_POOL_OVERHEAD` × what it holds (DESIGN.md §3: with a 72 GB cap the
-BFC pool held only 60 GB).
+cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the pinned pool) and XLA's pinned-host
+pool, which reserves about its cap (`moe_jax.pinned_pool`): the cap the engine sets for the streamed experts
+(5% + 2 GiB above them), or the cap already in force when JAX started before the policy was chosen (then
+the streamed experts must fit it).
 
 Search. A NumPy grid over μ (1..8192, 3% steps), n_ub (1..128) and the three (attention, KV)
 placements. For each point R is the most resident experts that fit the GPU, counted in single experts of
@@ -53,12 +54,12 @@ from moe_jax.config import ModelConfig
 from moe_jax.hrm.costs import (activation_bytes, decode_ops, itemsize, kv_bytes_per_token, lm_head_op,
                                prefill_ops)
 from moe_jax.hrm.hardware import GiB, Hardware, hardware_profile
+from moe_jax import pinned_pool
 from moe_jax.offload_policy import Policy
 from moe_jax.params import global_bytes, layer_bytes
 
 GPU_USABLE = 0.9  # of the GPU memory cap: XLA workspace and fragmentation
 HOST_USABLE = 0.9  # of host memory: OS, Python, the JAX runtime
-PINNED_POOL_OVERHEAD = 1.2  # pinned-host BFC pool reserved per byte it holds (DESIGN.md §3)
 TIE_TOLERANCE = 0.005  # throughputs this close count as equal; the smaller batch, then fewer micro-batches, win
 MICRO_BATCH_SIZES = np.unique(np.round(np.geomspace(1, 8192, 320)))
 NUM_MICRO_BATCHES = np.arange(1, 129)
@@ -111,12 +112,13 @@ def _most_resident(c, L: int, E: int):
 
 
 def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, kv_gpu, *, resident=None,
-              batch=None, gpu_budget=np.inf, host_budget=np.inf, prefill_len=None) -> dict:
+              batch=None, gpu_budget=np.inf, host_budget=np.inf, prefill_len=None, pinned_pool_bytes=None) -> dict:
     """Times (seconds) and memory (bytes) of policies, as broadcast arrays over the arguments.
 
     mu, n_ub: micro-batch size and count; attn_gpu, kv_gpu: booleans of the placement; resident: R, the
     (layer, expert) pairs resident on the GPU (None: the most the GPU budget holds); batch: N sequences
-    (default μ·n_ub, the last micro-batch full). The engine spreads
+    (default μ·n_ub, the last micro-batch full); pinned_pool_bytes: the pinned-host pool's cap if fixed
+    already (None: sized for the streamed experts). The engine spreads
     R over the layers (`ExpertPages.plan`): R mod L layers hold ⌊R/L⌋ + 1, the others ⌊R/L⌋, and each
     layer streams the rest of its experts; decode contexts average P + G/2, the KV cache holds P + G
     positions per sequence; prefill runs prompts padded to `prefill_len` tokens (default P)."""
@@ -145,13 +147,14 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     gpu_fixed = (L * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype) + N * T * H * it
                  + np.maximum(work_pre, work_dec) + 4 * mu * cfg.vocab_size + np.where(kv_gpu, kv_cache, 0.0))
     host_fixed = np.where(kv_gpu, 0.0, kv_cache)
-    pool_per_expert = PINNED_POOL_OVERHEAD * w  # pinned host bytes per streamed (layer, expert)
     if resident is None:
         resident = _most_resident((gpu_budget - gpu_fixed) / w - 2 * E, L, E)
     R = np.asarray(resident)
     gpu_memory = gpu_fixed + w * (R + 2 * (E - R // L))
-    host_memory = host_fixed + pool_per_expert * (L * E - R)
-    feasible = (R >= 0) & (gpu_memory <= gpu_budget) & (host_memory <= host_budget)
+    streamed = w * (L * E - R)
+    pool = pinned_pool.cap_bytes(streamed) if pinned_pool_bytes is None else pinned_pool_bytes
+    host_memory = host_fixed + pool
+    feasible = (R >= 0) & (gpu_memory <= gpu_budget) & (host_memory <= host_budget) & (streamed <= pool)
 
     more, q = R % L, R // L  # `more` layers hold q + 1 resident experts, the other L − more hold q
     def layers(term, fixed):  # Σ over layers of max(term(experts streamed), fixed)
@@ -164,7 +167,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
                h2d=((L - more) * h2d(E - q) + more * h2d(E - q - 1)) / L, cpu=t_cpu, gpu=t_gpu,
                prefill=prefill, step=step, decode=(G - 1) * step, decode_tps=N / step,
                tps=np.where(feasible, N * G / (prefill + (G - 1) * step), 0.0),
-               gpu_memory=gpu_memory, host_memory=host_memory, pinned_pool=pool_per_expert * (L * E - R),
+               gpu_memory=gpu_memory, host_memory=host_memory, pinned_pool=pool, streamed=streamed,
                gpu_min=gpu_fixed + w * (2 * E + min(0, E * (L - 2))))
     return dict(zip(out, np.broadcast_arrays(*out.values())))
 
@@ -177,10 +180,13 @@ def _infeasible(g: dict, placement: int, gpu_budget: float, host_budget: float, 
         return (f"GPU memory too small: one sequence needs {g['gpu_min'][i] / GiB:.1f} GiB on the GPU (non-expert "
                 f"weights, a double buffer of one layer's experts, activations) but {gpu_budget / GiB:.1f} GiB "
                 f"are usable ({GPU_USABLE:.0%} of {gpu_cap / GiB:.1f} GiB)")
+    if g["streamed"][i] > g["pinned_pool"][i]:
+        return (f"pinned host pool too small: its cap of {g['pinned_pool'][i] / GiB:.1f} GiB ({pinned_pool.LIMIT_VAR}, "
+                f"fixed when JAX started) cannot hold the {g['streamed'][i] / GiB:.1f} GiB of experts the GPU does "
+                f"not hold; set {pinned_pool.LIMIT_VAR} before JAX starts")
     return (f"host memory too small: one sequence needs {g['host_memory'][i] / GiB:.1f} GiB on the host (the "
-            f"streamed expert weights with the pinned pool's {PINNED_POOL_OVERHEAD:.0%} reserve, the KV cache) "
-            f"with all the experts the GPU can hold resident, but {host_budget / GiB:.1f} GiB are usable "
-            f"({HOST_USABLE:.0%} of {host_cap / GiB:.1f} GiB)")
+            f"pinned pool for the streamed expert weights, the KV cache) with all the experts the GPU can hold "
+            f"resident, but {host_budget / GiB:.1f} GiB are usable ({HOST_USABLE:.0%} of {host_cap / GiB:.1f} GiB)")
 
 
 def _memory_cap(name: str, gb: float | None, available: float) -> float:
@@ -193,13 +199,16 @@ def _memory_cap(name: str, gb: float | None, available: float) -> float:
 
 def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, gen_len: int, *,
                   prefill_len: int | None = None, gpu_memory_gb: float | None = None,
-                  host_memory_gb: float | None = None, max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16") -> SearchResult:
+                  host_memory_gb: float | None = None, pinned_pool_gb: float | None = None,
+                  max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16") -> SearchResult:
     """The policy maximising predicted end-to-end tok/s for prompts of `prompt_len` tokens and `gen_len`
     generated tokens each, within GPU and host memory (GiB caps, default the hardware's), at most
     `max_batch_size` sequences and one of `placements` ((attention_device, kv_device) pairs, e.g. only
     ("cpu", "cpu") for an engine without GPU attention). Lengths are taken as given: an engine that pads
-    prompts for the prefill passes the padded length as `prefill_len` (default prompt_len). Raises
-    InfeasibleError if no policy fits, ValueError on bad arguments."""
+    prompts for the prefill passes the padded length as `prefill_len` (default prompt_len).
+    `pinned_pool_gb`: the pinned-host pool's cap when it is fixed already (JAX started before the policy
+    was chosen; `moe_jax.pinned_pool.fixed_cap_bytes`); None: the engine sizes it for the chosen policy.
+    Raises InfeasibleError if no policy fits, ValueError on bad arguments."""
     hw = hardware_profile(hardware)
     if not placements or any(p not in PLACEMENTS for p in placements):
         raise ValueError(f"placements must be a non-empty subset of {PLACEMENTS}, got {placements!r}")
@@ -211,6 +220,8 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     if prompt_len + gen_len > cfg.max_positions:
         raise ValueError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds the model's context of "
                          f"{cfg.max_positions} positions")
+    if pinned_pool_gb is not None and not pinned_pool_gb > 0:
+        raise ValueError(f"pinned_pool_gb must be a positive number of GiB or None, got {pinned_pool_gb!r}")
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     gpu_cap = _memory_cap("gpu_memory_gb", gpu_memory_gb, hw.gpu_memory)
@@ -221,7 +232,7 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     kv_gpu = np.array([k == "gpu" for _, k in PLACEMENTS])[:, None, None]
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, MICRO_BATCH_SIZES[None, :, None],
                   NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget,
-                  prefill_len=prefill_len)
+                  prefill_len=prefill_len, pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None)
     allowed = np.array([p in placements for p in PLACEMENTS])[:, None, None]
     tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
     if not tps.max() > 0:

@@ -7,7 +7,8 @@ import pytest
 
 from moe_jax.hrm import PROFILES, InfeasibleError, choose_policy, predict
 from moe_jax.hrm.costs import kv_bytes_per_token
-from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE, PINNED_POOL_OVERHEAD, _most_resident
+from moe_jax import pinned_pool
+from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE, _most_resident
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.params import global_bytes, layer_bytes
 
@@ -47,7 +48,7 @@ def _assert_fits(cfg, r, prompt_len, gen_len, gpu_cap, host_cap):
     kv = p.batch_size * (prompt_len + gen_len) * L * kv_bytes_per_token(cfg, BF16)
     gpu = (L * layer_bytes(cfg, BF16, expert=False) + global_bytes(cfg, BF16) + (pages.num_slots + pages.max_streamed) * w
            + p.batch_size * prompt_len * cfg.hidden_size * 2 + (kv if p.kv_device == "gpu" else 0))
-    host = PINNED_POOL_OVERHEAD * sum(map(len, pages.streamed)) * w + (kv if p.kv_device == "cpu" else 0)
+    host = pinned_pool.cap_bytes(sum(map(len, pages.streamed)) * w) + (kv if p.kv_device == "cpu" else 0)
     assert gpu <= r.gpu_memory_bytes * (1 + 1e-12) and r.gpu_memory_bytes <= GPU_USABLE * gpu_cap
     assert host <= r.host_memory_bytes * (1 + 1e-12) and r.host_memory_bytes <= HOST_USABLE * host_cap
 
@@ -149,7 +150,7 @@ def test_resident_experts_counted_per_layer(mixtral):
     assert same.per_layer_seconds == pytest.approx(r.per_layer_seconds, rel=1e-12)
     none = predict(mixtral, "h100-80gb", dataclasses.replace(r.policy, resident_expert_fraction=0.0), 77, 64)
     assert none.per_layer_seconds["h2d"] > r.per_layer_seconds["h2d"]
-    # streaming every expert, this batch's KV would not fit beside the larger pinned pool
+    # streaming every expert, this batch's KV would not fit beside the larger pinned-host pool
     assert none.host_memory_bytes > HOST_USABLE * PROFILES["h100-80gb"].host_memory >= r.host_memory_bytes
 
 
@@ -170,3 +171,19 @@ def test_offload_engine_accepts_the_chosen_policy(preset, hardware, cap, P, G):
     need = (planned_gpu_bytes(cfg, BF16, p.micro_batch_size, pages)
             + prefill_gpu_bytes(cfg, BF16, p.batch_size, p.micro_batch_size, P))
     assert need <= (cap * GiB if cap else PROFILES[hardware].gpu_memory)
+
+
+def test_pinned_pool_fixed_before_the_choice(mixtral):
+    """When JAX started before HRM chose (its pinned-host pool's cap fixed), the pool counts at that cap,
+    the streamed experts must fit in it, and a cap too small for them is a clear error."""
+    free = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, placements=[("cpu", "cpu")])
+    fixed = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, placements=[("cpu", "cpu")],
+                          pinned_pool_gb=90)
+    assert fixed.pinned_pool_bytes == 90 * GiB > free.pinned_pool_bytes
+    assert fixed.policy.batch_size < free.policy.batch_size  # less host memory left for KV
+    streamed = (1 - fixed.policy.resident_expert_fraction) * mixtral.num_layers * layer_bytes(mixtral, BF16, expert=True)
+    assert streamed <= 90 * GiB and fixed.host_memory_bytes <= HOST_USABLE * PROFILES["h100-80gb"].host_memory
+    with pytest.raises(InfeasibleError, match="pinned host pool too small: its cap of 64.0 GiB"):
+        choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, pinned_pool_gb=64)
+    with pytest.raises(ValueError, match="pinned_pool_gb must be a positive number"):
+        choose_policy(mixtral, "h100-80gb", 77, 64, pinned_pool_gb=0)

@@ -1,0 +1,80 @@
+"""XLA's pinned-host memory pool, which holds the experts the offload engine streams.
+
+On a GPU backend, `pinned_host` arrays come from a BFC allocator whose cap, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB,
+is read once, when JAX starts the backend (DESIGN.md §3). The pool grows by doubling regions up to the cap,
+so once it holds more than half of the cap it has reserved about all of it: the cap is what host memory
+loses to the pool. The engine's pinned arrays are one transfer chunk of one weight each (at most one
+layer's streamed experts, 0.94 GB for Mixtral 8x7B), small next to the regions, so a cap 5% + 2 GiB above
+the streamed bytes holds them (DESIGN.md's fragmentation was with 5 GB arrays). HRM counts the same cap.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from moe_jax.expert_pages import ExpertPages
+from moe_jax.params import layer_bytes
+
+log = logging.getLogger("moe_jax")
+
+LIMIT_VAR = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+DEFAULT_CAP_GIB = 64  # XLA's cap when LIMIT_VAR is unset (DESIGN.md §3: 5 GB arrays failed at 60 GB)
+MARGIN, SLACK_GIB = 1.05, 2
+GiB = 2**30
+
+
+def cap_bytes(streamed_bytes):
+    """Upper bound of the cap `setting_gib` writes for `streamed_bytes` of experts (NumPy arrays broadcast)."""
+    return MARGIN * streamed_bytes + SLACK_GIB * GiB
+
+
+def setting_gib(streamed_bytes: float) -> int:
+    """The cap, in whole GiB, for `streamed_bytes` of streamed experts."""
+    return int(MARGIN * streamed_bytes / GiB) + SLACK_GIB
+
+
+def streamed_bytes(cfg, dtype, policy=None) -> int:
+    """Bytes of the experts the offload engine keeps in pinned host memory under `policy` (None: all)."""
+    L, E = cfg.num_layers, cfg.num_experts
+    n = L * E if policy is None else sum(map(len, ExpertPages.plan(L, E, policy.resident_expert_fraction, 1).streamed))
+    return n * layer_bytes(cfg, dtype, expert=True) // E
+
+
+def _gpu_backend_started() -> bool | None:
+    """True: a GPU backend runs (its cap is fixed); False: one runs, not a GPU; None: none started yet."""
+    from jax._src import xla_bridge
+
+    backends = getattr(xla_bridge, "_backends", None) or {}
+    if not backends:
+        return None
+    return any(name in ("cuda", "rocm", "gpu") for name in backends)
+
+
+def fixed_cap_bytes() -> int | None:
+    """The cap in force on a running GPU backend (LIMIT_VAR, else XLA's default); None while it can still be
+    set (no backend yet) or where there is no pool (a CPU backend)."""
+    if not _gpu_backend_started():
+        return None
+    return int(float(os.environ.get(LIMIT_VAR, DEFAULT_CAP_GIB)) * GiB)
+
+
+_ours: str | None = None  # the LIMIT_VAR value this module set (it may revise it until the backend starts)
+
+
+def reserve(streamed: int) -> None:
+    """Set the cap for `streamed` bytes of experts before JAX starts its GPU backend. A setting of the
+    caller's is left alone; a backend already running keeps its cap (a warning says when it is too small)."""
+    global _ours
+    gb = setting_gib(streamed)
+    current = os.environ.get(LIMIT_VAR)
+    if current is not None and current != _ours:
+        log.info("%s=%s set by the caller (the streamed experts need %d GiB)", LIMIT_VAR, current, gb)
+        return
+    started = _gpu_backend_started()
+    if started is not None:  # too late: the backend read its settings already (it matters only for a GPU)
+        if started and float(current or DEFAULT_CAP_GIB) < gb:
+            log.warning("JAX started with a %s GiB pinned-host pool; set %s=%d before it starts to stream %.1f GiB "
+                        "of experts", current or DEFAULT_CAP_GIB, LIMIT_VAR, gb, streamed / GiB)
+        return
+    os.environ[LIMIT_VAR] = _ours = str(gb)
+    log.info("%s=%d (pinned host pool for %.1f GiB of streamed experts)", LIMIT_VAR, gb, streamed / GiB)
