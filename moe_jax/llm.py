@@ -73,8 +73,8 @@ class LLM:
             self.hardware = hardware_profile(hardware)  # a bad name or file fails here, not mid-job
         self.engine = None
         self.hrm_prediction = None  # the HRM SearchResult behind an offload policy it chose
-        if policy == "auto" or (policy == "offload" and self.hardware is None):
-            # JAX starts before HRM chooses (to size the device or detect it): a pool for every expert
+        if policy == "auto" or (policy == "offload" and (self.hardware is None or gpu_memory_gb is None)):
+            # JAX starts before HRM chooses (to detect the device or read its memory): a pool for every expert
             pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype))
         if policy == "auto":
             policy = "resident" if self._fits_on_device() else "offload"
@@ -121,9 +121,11 @@ class LLM:
 
         budgets = [token_budget(r, self.cfg.max_positions) for r in requests]  # as the engine
         P, G, T = hrm_lengths([len(r.prompt) for r in requests], budgets)
-        limit = device_memory_limit()  # JAX's own cap, below the card's size
-        caps = [c for c in (self.gpu_memory_gb, limit / 2**30 if limit else None) if c]
-        pool = pinned_pool.fixed_cap_bytes()  # None: HRM sizes the pool, set before JAX starts
+        caps = [self.gpu_memory_gb] if self.gpu_memory_gb else []
+        if not caps or pinned_pool.fixed_cap_bytes() is not None:  # JAX's own cap, below the card's (starts JAX)
+            limit = device_memory_limit()
+            caps += [limit / 2**30] if limit else []
+        pool = pinned_pool.fixed_cap_bytes()  # None: no GPU backend yet; HRM sizes the pool, set before it starts
         result = hrm.choose_policy(self.cfg, hardware, P, G, prefill_len=T, gpu_memory_gb=min(caps) if caps else None,
                                    pinned_pool_gb=pool / 2**30 if pool else None, max_batch_size=n,
                                    placements=[("cpu", "cpu")], dtype=str(self.dtype))

@@ -2,8 +2,6 @@
 whatever the policy: micro-batches, resident expert fraction, more requests than rows, ragged prompts."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -94,41 +92,6 @@ def test_host_memory_is_checked_before_generation(monkeypatch):
     with pytest.raises(OffloadMemoryError, match="streamed experts"):
         OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                      num_micro_batches=2))
-
-
-def test_pinned_pool_sized_for_the_streamed_experts(monkeypatch):
-    """XLA's pinned-host pool is set for what the policy streams (+ 5% + 2 GiB): all 84 GiB of Mixtral
-    8x7B's experts before a policy is chosen, about half at r_w = 0.5. The setting can be revised until
-    JAX starts; a caller's setting and a running backend's are kept."""
-    from moe_jax import pinned_pool
-    from moe_jax.params import layer_bytes
-    from moe_jax.presets import preset_config
-
-    cfg = preset_config("mixtral-8x7b")
-    experts = cfg.num_layers * layer_bytes(cfg, "bfloat16", expert=True)
-    half = Policy(batch_size=8, micro_batch_size=4, num_micro_batches=2, resident_expert_fraction=0.5)
-    assert pinned_pool.streamed_bytes(cfg, "bfloat16") == experts
-    assert pinned_pool.streamed_bytes(cfg, "bfloat16", half) == experts // 2
-    assert pinned_pool.setting_gib(experts) == int(experts / 2**30 * 1.05) + 2 == 90
-    assert pinned_pool.setting_gib(experts) * 2**30 <= pinned_pool.cap_bytes(experts)  # HRM's count covers it
-
-    var = pinned_pool.LIMIT_VAR
-    monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(pinned_pool, "_ours", None)
-    started = None
-    monkeypatch.setattr(pinned_pool, "_gpu_backend_started", lambda: started)
-    pinned_pool.reserve(experts)
-    assert os.environ[var] == "90" and pinned_pool.fixed_cap_bytes() is None
-    pinned_pool.reserve(experts // 2)  # ours, the backend not started: revised for the chosen policy
-    assert os.environ[var] == str(pinned_pool.setting_gib(experts // 2))
-    started = True
-    pinned_pool.reserve(experts)  # too late: the running backend keeps its cap
-    assert os.environ[var] == str(pinned_pool.setting_gib(experts // 2))
-    assert pinned_pool.fixed_cap_bytes() == pinned_pool.setting_gib(experts // 2) * 2**30
-    monkeypatch.setenv(var, "100")
-    started = None
-    pinned_pool.reserve(experts // 2)  # the caller's
-    assert os.environ[var] == "100"
 
 
 def test_streamed_experts_must_fit_the_fixed_pinned_pool(monkeypatch):
