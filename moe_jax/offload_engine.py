@@ -181,7 +181,9 @@ class OffloadStats:
     worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). h2d_bytes: expert bytes streamed. prefill_s: the
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
-    finished ones (interleaved with decode steps)."""
+    finished ones (interleaved with decode steps). kv_bytes: the host KV cache; host_free_bytes: the host's
+    MemAvailable at the end of the run, the cache still held (what the pinned pool, the cache and the rest
+    left), None where unknown."""
 
     layers: int
     cpu: np.ndarray
@@ -193,6 +195,8 @@ class OffloadStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     peak_gpu_bytes: int | None = None
+    kv_bytes: int = 0
+    host_free_bytes: int | None = None
 
     @classmethod
     def empty(cls, layers: int) -> "OffloadStats":
@@ -205,10 +209,12 @@ class OffloadStats:
     def summary(self) -> str:
         per = max(self.decode_steps, 1) * self.layers
         peak = f", peak GPU {self.peak_gpu_bytes / 2**30:.2f} GiB" if self.peak_gpu_bytes else ""
+        free = f", host free {self.host_free_bytes / 2**30:.1f} GiB" if self.host_free_bytes is not None else ""
         return (f"offload: prefill {self.prefill_s:.2f} s, decode {self.decode_s:.2f} s over {self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms, waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
-                f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; {self.refilled} requests refilled rows; "
+                f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB{free}; "
+                f"{self.refilled} requests refilled rows; "
                 f"bottleneck: {self.bottleneck()}")
 
 
@@ -347,8 +353,10 @@ class OffloadEngine:
         self._check_gpu_memory(prefill_gpu_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T),
                                f"prefill of prompts up to {T} tokens")
         cache = HostKVCache(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        self.stats.kv_bytes = cache.nbytes
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
             yield from _Run(self, cache, cpu, requests, budget).run()
+        self.stats.host_free_bytes = host_available_bytes()  # the cache's pages written, still held
         stats = jax.devices()[0].memory_stats() or {}
         self.stats.peak_gpu_bytes = stats.get("peak_bytes_in_use")
         log.info("%s", self.stats.summary())

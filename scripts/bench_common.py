@@ -250,7 +250,8 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
     row = {"policy": policy_dict(policy), **{k: v for k, v in run.items() if k not in ("stats", "completions")},
            "stats_summary": run["stats"].summary(), "h2d_bytes": run["stats"].h2d_bytes,
            "per_layer_s": terms, "overlap_efficiency": overlap_efficiency(terms),
-           "peak_gpu_gib": peak / GiB if peak else None, "hrm": None, "measured_over_predicted": None}
+           "peak_gpu_gib": peak / GiB if peak else None, "host": host_memory(run["stats"], cfg, policy, dtype),
+           "hrm": None, "measured_over_predicted": None}
     if hardware is not None:
         n = min(len(prompts), policy.batch_size)  # the rows the run fills, micro-batches as the engine forms them
         wave = _wave_policy(policy, n)
@@ -265,6 +266,19 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
             **{k: (terms[m] / pred["per_layer_s"][k] if terms[m] is not None and pred["per_layer_s"][k] else None)
                for k, m in (("h2d", "h2d_est"), ("cpu", "cpu"), ("gpu", "gpu_probe"))}}
     return row
+
+
+def host_memory(stats, cfg, policy, dtype: str) -> dict:
+    """Host memory of a run, GiB: the KV cache, the experts streamed from the pinned-host pool and the pool's
+    cap (it reserves about that, `moe_jax.pinned_pool`), and MemAvailable at the end of the run: the check
+    of the pool model HRM plans with."""
+    from moe_jax import pinned_pool
+
+    cap = os.environ.get(pinned_pool.LIMIT_VAR)
+    return {"kv_gib": stats.kv_bytes / GiB,
+            "streamed_gib": pinned_pool.streamed_bytes(cfg, np.dtype(dtype), policy) / GiB,
+            "pool_cap_gib": float(cap) if cap else None,
+            "free_gib": stats.host_free_bytes / GiB if stats.host_free_bytes is not None else None}
 
 
 def _wave_policy(policy, n: int):
