@@ -105,7 +105,7 @@ class LLM:
                                     prefetch=self.prefetch)
 
     def _choose_offload_policy(self, requests: Sequence[Request]) -> Policy:
-        """HRM's policy for this workload (lengths rounded as the engine rounds them), N at most the requests."""
+        """HRM's policy for this workload (lengths as the engine runs them, `hrm_lengths`), N at most the requests."""
         from moe_jax import hrm
 
         hardware = self.hardware or detect_hardware()
@@ -120,7 +120,7 @@ class LLM:
         from moe_jax.offload_engine import hrm_lengths
 
         budgets = [token_budget(r, self.cfg.max_positions) for r in requests]  # as the engine
-        P, G, T = hrm_lengths([len(r.prompt) for r in requests], budgets)
+        P, G, T = hrm_lengths([len(r.prompt) for r in requests], budgets, self.cfg.max_positions)
         caps = [self.gpu_memory_gb] if self.gpu_memory_gb else []
         if not caps or pinned_pool.fixed_cap_bytes() is not None:  # JAX's own cap, below the card's (starts JAX)
             limit = device_memory_limit()

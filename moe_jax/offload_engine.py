@@ -40,28 +40,15 @@ from moe_jax import model, pinned_pool
 from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
+from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_rows_per_call
 from moe_jax.offload_policy import Policy
 from moe_jax.params import global_bytes, layer_bytes, layer_param_specs
 from moe_jax.requests import Request, finish_reason, token_budget
-from moe_jax.resident_engine import bucket, device_memory_limit, precise
+from moe_jax.resident_engine import device_memory_limit, precise
 from moe_jax.sampling import sample, sampling_rows, set_sampling_rows
+from moe_jax.shape_buckets import bucket
 
 log = logging.getLogger("moe_jax")
-PREFILL_SCORE_BYTES = 1 << 30  # cap on one prefill call's attention scores [rows, Hq, T, T] float32
-
-
-def prefill_rows_per_call(cfg: ModelConfig, T: int, rows: int) -> int:
-    """Rows of a prefill call at prompt bucket T: its float32 scores [rows, Hq, T, T] stay under the cap."""
-    return bucket(min(max(1, PREFILL_SCORE_BYTES // (cfg.num_heads * T * T * 4)), rows), 1)
-
-
-def prefill_gpu_bytes(cfg: ModelConfig, dtype, batch: int, mu: int, T: int) -> int:
-    """GPU bytes of a prefill at prompt bucket T beyond the weights: every row's hidden state [batch, T, H]
-    (all micro-batches advance layer by layer) plus one call's scores and routed float32 activations."""
-    rows = prefill_rows_per_call(cfg, T, mu)
-    call = rows * T * (cfg.num_heads * T * 4 + cfg.experts_per_token * (3 * cfg.expert_ffn_size + 2 * cfg.hidden_size) * 4
-                       + 4 * cfg.hidden_size * 4)
-    return batch * T * cfg.hidden_size * np.dtype(dtype).itemsize + call
 
 
 def non_expert_bytes(cfg: ModelConfig, dtype) -> int:
@@ -70,20 +57,19 @@ def non_expert_bytes(cfg: ModelConfig, dtype) -> int:
 
 
 def planned_gpu_bytes(cfg: ModelConfig, dtype, micro_batch_size: int, pages: ExpertPages) -> int:
-    """GPU bytes of the engine's plan before a prefill (`prefill_gpu_bytes` comes on top): the non-expert
-    weights, the expert slots (resident, streamed and the next layer's chunks in flight) and one
-    micro-batch's routed activations in float32."""
+    """GPU bytes of the engine's plan before a prefill (`offload_memory.prefill_bytes` comes on top): the
+    non-expert weights, the expert slots (resident, streamed and the next layer's chunks in flight) and one
+    decode micro-batch's working set."""
     slots = (pages.num_slots + pages.max_streamed) * layer_bytes(cfg, dtype, expert=True) // cfg.num_experts
-    routed = 4 * micro_batch_size * cfg.experts_per_token * (cfg.hidden_size + 3 * cfg.expert_ffn_size) * 4
-    return non_expert_bytes(cfg, dtype) + slots + routed
+    return int(non_expert_bytes(cfg, dtype) + slots + decode_bytes(cfg, micro_batch_size))
 
 
-def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int]) -> tuple[int, int, int]:
+def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_positions: int) -> tuple[int, int, int]:
     """(prompt_len, gen_len, prefill_len) of a job for HRM's search, as the engine runs it: its host KV
-    cache holds max(prompt + budget) positions per row (within prompt_len + gen_len), the decode steps
-    number up to the largest budget, and the prefill pads the prompts to bucket(longest prompt)."""
+    cache holds max(prompt + budget) positions per row (within prompt_len + gen_len <= max_positions), the
+    decode steps number up to the largest budget, and the prefill pads the prompts to bucket(longest prompt)."""
     P = max(prompt_lens)
-    G = max(max(budgets), max(p + b for p, b in zip(prompt_lens, budgets)) - P)
+    G = max(min(max(budgets), max_positions - P), max(p + b for p, b in zip(prompt_lens, budgets)) - P)
     return P, G, bucket(P)
 
 
@@ -240,12 +226,13 @@ class OffloadEngine:
                                       policy.num_micro_batches if prefetch == "split" else 1)
         self.specs = layer_param_specs(cfg)
         self.gpu_bytes = self._check_gpu_memory()
-        streamed = sum(map(len, self.pages.streamed)) * self._expert_bytes()
+        streamed = pinned_pool.streamed_bytes(cfg, self.dtype, policy)
         check_host_memory(policy, "the streamed experts (pinned)", streamed)
         pool = pinned_pool.fixed_cap_bytes()
-        if pool is not None and streamed > pool:
+        if pool is not None and pinned_pool.cap_bytes(streamed) > pool:
             raise OffloadMemoryError(
-                f"policy {policy} streams {streamed / 2**30:.2f} GiB of experts from pinned host memory but XLA's "
+                f"policy {policy} streams {streamed / 2**30:.2f} GiB of experts from pinned host memory (a pool of "
+                f"{pinned_pool.setting_gib(streamed)} GiB with its margin) but XLA's "
                 f"pinned-host pool is capped at {pool / 2**30:.1f} GiB ({pinned_pool.LIMIT_VAR}, read when JAX "
                 f"started): set {pinned_pool.LIMIT_VAR}={pinned_pool.setting_gib(streamed)} before JAX starts, or "
                 f"raise resident_expert_fraction")
@@ -350,7 +337,7 @@ class OffloadEngine:
                           HostKVCache.footprint(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads,
                                                 cfg.head_dim, self.dtype))
         T = bucket(max(len(r.prompt) for r in requests))
-        self._check_gpu_memory(prefill_gpu_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T),
+        self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
                                f"prefill of prompts up to {T} tokens")
         cache = HostKVCache(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         self.stats.kv_bytes = cache.nbytes

@@ -5,12 +5,15 @@ is read once, when JAX starts the backend (DESIGN.md §3). The pool grows by dou
 so once it holds more than half of the cap it has reserved about all of it: the cap is what host memory
 loses to the pool. The engine's pinned arrays are one transfer chunk of one weight each (at most one
 layer's streamed experts, 0.94 GB for Mixtral 8x7B), small next to the regions, so a cap 5% + 2 GiB above
-the streamed bytes holds them (DESIGN.md's fragmentation was with 5 GB arrays). HRM counts the same cap.
+the streamed bytes holds them (DESIGN.md's fragmentation was with 5 GB arrays). HRM counts the same cap,
+and a cap fixed already must be at least that.
 """
 from __future__ import annotations
 
 import logging
 import os
+
+import numpy as np
 
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.params import layer_bytes
@@ -24,13 +27,13 @@ GiB = 2**30
 
 
 def cap_bytes(streamed_bytes):
-    """Upper bound of the cap `setting_gib` writes for `streamed_bytes` of experts (NumPy arrays broadcast)."""
-    return MARGIN * streamed_bytes + SLACK_GIB * GiB
+    """The cap, in bytes, that `streamed_bytes` of streamed experts need (NumPy arrays broadcast)."""
+    return (np.floor(MARGIN * np.asarray(streamed_bytes) / GiB) + SLACK_GIB) * GiB
 
 
 def setting_gib(streamed_bytes: float) -> int:
-    """The cap, in whole GiB, for `streamed_bytes` of streamed experts."""
-    return int(MARGIN * streamed_bytes / GiB) + SLACK_GIB
+    """The cap, in whole GiB (as LIMIT_VAR takes it), that `streamed_bytes` of streamed experts need."""
+    return int(cap_bytes(streamed_bytes) // GiB)
 
 
 def streamed_bytes(cfg, dtype, policy=None) -> int:
@@ -55,7 +58,10 @@ def fixed_cap_bytes() -> int | None:
     set (no backend yet) or where there is no pool (a CPU backend)."""
     if not _gpu_backend_started():
         return None
-    return int(float(os.environ.get(LIMIT_VAR, DEFAULT_CAP_GIB)) * GiB)
+    try:
+        return int(os.environ.get(LIMIT_VAR, DEFAULT_CAP_GIB)) * GiB
+    except ValueError:  # XLA reads a whole number of GiB, else keeps its default
+        return DEFAULT_CAP_GIB * GiB
 
 
 _ours: str | None = None  # the LIMIT_VAR value this module set (it may revise it until the backend starts)
@@ -68,11 +74,12 @@ def reserve(streamed: int) -> None:
     gb = setting_gib(streamed)
     current = os.environ.get(LIMIT_VAR)
     if current is not None and current != _ours:
-        log.info("%s=%s set by the caller (the streamed experts need %d GiB)", LIMIT_VAR, current, gb)
+        log.log(logging.INFO if current.isdigit() and int(current) >= gb else logging.WARNING,
+                "%s=%s set by the caller (the streamed experts need %d GiB)", LIMIT_VAR, current, gb)
         return
     started = _gpu_backend_started()
     if started is not None:  # too late: the backend read its settings already (it matters only for a GPU)
-        if started and float(current or DEFAULT_CAP_GIB) < gb:
+        if started and (fixed_cap_bytes() or 0) < gb * GiB:
             log.warning("JAX started with a %s GiB pinned-host pool; set %s=%d before it starts to stream %.1f GiB "
                         "of experts", current or DEFAULT_CAP_GIB, LIMIT_VAR, gb, streamed / GiB)
         return

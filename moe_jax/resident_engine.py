@@ -26,15 +26,9 @@ from moe_jax.config import ModelConfig
 from moe_jax.params import layer_param_specs, model_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.sampling import sample, sampling_rows, set_sampling_rows
+from moe_jax.shape_buckets import bucket
 
 log = logging.getLogger("moe_jax")
-
-
-def bucket(n: int, minimum: int = 8) -> int:
-    """The smallest 2^k or 3·2^(k-1) that is >= max(n, minimum): at most 1.5x padding, few shapes."""
-    n = max(n, minimum)
-    p = 1 << (n - 1).bit_length()
-    return 3 * p // 4 if 3 * p // 4 >= n and p >= 4 else p
 
 
 def device_memory_limit() -> int | None:

@@ -91,12 +91,12 @@ def parse_policy(spec: str):
         raise SystemExit(f"policy {spec!r}: {e}") from None
 
 
-def engine_lengths(prompts, gen_len: int) -> tuple[int, int, int]:
+def engine_lengths(prompts, gen_len: int, max_positions: int) -> tuple[int, int, int]:
     """(prompt_len, gen_len, prefill_len) for HRM, as the engine runs these prompts
     (`moe_jax.offload_engine.hrm_lengths`)."""
     from moe_jax.offload_engine import hrm_lengths
 
-    return hrm_lengths([len(p) for p in prompts], [gen_len] * len(prompts))
+    return hrm_lengths([len(p) for p in prompts], [gen_len] * len(prompts), max_positions)
 
 
 def resolve_policy(spec: str, cfg, hardware, prompts, gen_len: int, gpu_memory_gb: float,
@@ -110,7 +110,7 @@ def resolve_policy(spec: str, cfg, hardware, prompts, gen_len: int, gpu_memory_g
     if spec == "auto":
         if hardware is None:
             raise SystemExit("policy auto needs an HRM hardware profile: pass --hardware (no known GPU detected)")
-        P, G, T = engine_lengths(prompts, gen_len)
+        P, G, T = engine_lengths(prompts, gen_len, cfg.max_positions)
         pool = pinned_pool.fixed_cap_bytes()
         policy = hrm.choose_policy(cfg, hardware, P, G, prefill_len=T, gpu_memory_gb=gpu_memory_gb,
                                    pinned_pool_gb=pool / GiB if pool else None, max_batch_size=max_batch_size,
@@ -149,13 +149,9 @@ def hrm_predict(cfg, hardware, policy, prompt_len: float, gen_len: int, dtype: s
 
 def streamed_bytes_per_layer(cfg, policy, dtype: str) -> int:
     """Expert bytes the engine sends to the GPU per layer execution, on average over layers."""
-    from moe_jax.expert_pages import ExpertPages
-    from moe_jax.params import layer_param_specs
+    from moe_jax import pinned_pool
 
-    pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, policy.resident_expert_fraction,
-                             policy.num_micro_batches)
-    expert = sum(s.nbytes(np.dtype(dtype)) // s.shape[0] for s in layer_param_specs(cfg).values() if s.expert)
-    return sum(map(len, pages.streamed)) * expert // cfg.num_layers
+    return pinned_pool.streamed_bytes(cfg, np.dtype(dtype), policy) // cfg.num_layers
 
 
 def probe_link_bandwidth(mib: int) -> float:
@@ -257,7 +253,7 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
         wave = _wave_policy(policy, n)
         mean_prompt = float(np.mean([len(p) for p in prompts]))
         pred = hrm_predict(cfg, hardware, wave, mean_prompt, gen_len, dtype,
-                           prefill_len=engine_lengths(prompts, gen_len)[2])
+                           prefill_len=engine_lengths(prompts, gen_len, cfg.max_positions)[2])
         row["hrm"] = pred
         row["measured_over_predicted"] = {
             "tok_s": run["tok_s"] / pred["tok_s"],

@@ -19,7 +19,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The HRM profile by name on an H100: the offload benchmarks then size the pinned-host pool for HRM's
 # policy before JAX starts (detected after it starts, the pool must hold every expert).
 HW=""
-if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H100"; then HW="--hardware h100-80gb"; fi
+if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q "H100 80GB"; then HW="--hardware h100-80gb"; fi
 
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 CORE="tests bench_host_attention bench_expert_kernel_core bench_offload_quick"

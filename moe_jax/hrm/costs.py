@@ -110,13 +110,3 @@ def lm_head_op(cfg: ModelConfig, dtype, rows) -> Op:
     w = specs["final_norm"].nbytes(dtype) + specs["embed" if cfg.tie_embeddings else "lm_head"].nbytes(dtype)
     H, V = cfg.hidden_size, cfg.vocab_size
     return Op("lm_head", 2 * rows * H * V, w + rows * (H * itemsize(dtype) + V * 4))
-
-
-def activation_bytes(cfg: ModelConfig, tokens):
-    """Peak GPU working set of one layer over `tokens` tokens, every element counted at 4 bytes
-    (f32 accumulators): input and residual, q/k/v and attention output, router probabilities, the
-    k routed rows through the experts (gathered input, gate, up, SwiGLU, output) and the shared expert."""
-    H, F, Fs = cfg.hidden_size, cfg.expert_ffn_size, cfg.shared_expert_ffn_size
-    per_token = (2 * H + 2 * cfg.q_size + 2 * cfg.kv_size + cfg.num_experts
-                 + cfg.experts_per_token * (2 * H + 3 * F) + (3 * Fs + H if Fs else 0))
-    return 4 * tokens * per_token

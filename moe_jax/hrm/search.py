@@ -14,12 +14,12 @@ decode steps; each adds the LM head of the N sequences.
 
 Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, the expert slots of the engine's page
 table (`moe_jax.expert_pages`: R resident (layer, expert) pairs plus twice M = E − ⌊R/L⌋ streamed slots),
-the batch's hidden states (N·P·H), one micro-batch's working set (prefill or decode, whichever is larger;
-attention scores materialised in f32 as `model.attention` does), the logits of a micro-batch and a GPU KV
-cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the pinned pool) and XLA's pinned-host
+the working sets of a decode micro-batch and of the prefill (`moe_jax.offload_memory`, the formula the
+engine checks: hidden states of the batch's padded prompts, one prefill call's activations and attention
+scores materialised in f32 as `model.attention` does), GPU attention's scores and a GPU KV cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the pinned pool) and XLA's pinned-host
 pool, which reserves about its cap (`moe_jax.pinned_pool`): the cap the engine sets for the streamed experts
 (5% + 2 GiB above them), or the cap already in force when JAX started before the policy was chosen (then
-the streamed experts must fit it).
+it must be at least that).
 
 Search. A NumPy grid over μ (1..8192, 3% steps), n_ub (1..128) and the three (attention, KV)
 placements. For each point R is the most resident experts that fit the GPU, counted in single experts of
@@ -51,10 +51,10 @@ import dataclasses
 import numpy as np
 
 from moe_jax.config import ModelConfig
-from moe_jax.hrm.costs import (activation_bytes, decode_ops, itemsize, kv_bytes_per_token, lm_head_op,
-                               prefill_ops)
+from moe_jax.hrm.costs import decode_ops, itemsize, kv_bytes_per_token, lm_head_op, prefill_ops
 from moe_jax.hrm.hardware import GiB, Hardware, hardware_profile
 from moe_jax import pinned_pool
+from moe_jax.offload_memory import decode_bytes, prefill_bytes
 from moe_jax.offload_policy import Policy
 from moe_jax.params import global_bytes, layer_bytes
 
@@ -122,7 +122,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     R over the layers (`ExpertPages.plan`): R mod L layers hold ⌊R/L⌋ + 1, the others ⌊R/L⌋, and each
     layer streams the rest of its experts; decode contexts average P + G/2, the KV cache holds P + G
     positions per sequence; prefill runs prompts padded to `prefill_len` tokens (default P)."""
-    L, E, H, it = cfg.num_layers, cfg.num_experts, cfg.hidden_size, itemsize(dtype)
+    L, E, it = cfg.num_layers, cfg.num_experts, itemsize(dtype)
     kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it
     W_e = layer_bytes(cfg, dtype, expert=True)
     w = W_e / E  # one expert of one layer
@@ -140,12 +140,11 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     t_gpu_pre = n_ub * (sum(hw.gpu_seconds(op) for op in pre.values()) + hw.launch_seconds)
     t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
 
-    work_pre = activation_bytes(cfg, mu * T) + 4 * mu * cfg.num_heads * T * T
-    work_dec = activation_bytes(cfg, mu) + np.where(
-        attn_gpu, 4 * mu * cfg.num_heads * ctx_max + np.where(kv_gpu, 0.0, 2 * mu * ctx_max * kvt), 0.0)
+    # GPU attention's scores, and the copy of a host KV cache it reads
+    attn_dec = np.where(attn_gpu, 4 * mu * cfg.num_heads * ctx_max + np.where(kv_gpu, 0.0, 2 * mu * ctx_max * kvt), 0.0)
     kv_cache = N * ctx_max * L * kvt
-    gpu_fixed = (L * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype) + N * T * H * it
-                 + np.maximum(work_pre, work_dec) + 4 * mu * cfg.vocab_size + np.where(kv_gpu, kv_cache, 0.0))
+    gpu_fixed = (L * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype) + decode_bytes(cfg, mu) + attn_dec
+                 + prefill_bytes(cfg, dtype, N, mu, T) + np.where(kv_gpu, kv_cache, 0.0))
     host_fixed = np.where(kv_gpu, 0.0, kv_cache)
     if resident is None:
         resident = _most_resident((gpu_budget - gpu_fixed) / w - 2 * E, L, E)
@@ -154,7 +153,8 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     streamed = w * (L * E - R)
     pool = pinned_pool.cap_bytes(streamed) if pinned_pool_bytes is None else pinned_pool_bytes
     host_memory = host_fixed + pool
-    feasible = (R >= 0) & (gpu_memory <= gpu_budget) & (host_memory <= host_budget) & (streamed <= pool)
+    feasible = ((R >= 0) & (gpu_memory <= gpu_budget) & (host_memory <= host_budget)
+                & (pinned_pool.cap_bytes(streamed) <= pool))
 
     more, q = R % L, R // L  # `more` layers hold q + 1 resident experts, the other L − more hold q
     def layers(term, fixed):  # Σ over layers of max(term(experts streamed), fixed)
@@ -180,10 +180,11 @@ def _infeasible(g: dict, placement: int, gpu_budget: float, host_budget: float, 
         return (f"GPU memory too small: one sequence needs {g['gpu_min'][i] / GiB:.1f} GiB on the GPU (non-expert "
                 f"weights, a double buffer of one layer's experts, activations) but {gpu_budget / GiB:.1f} GiB "
                 f"are usable ({GPU_USABLE:.0%} of {gpu_cap / GiB:.1f} GiB)")
-    if g["streamed"][i] > g["pinned_pool"][i]:
+    if pinned_pool.cap_bytes(g["streamed"][i]) > g["pinned_pool"][i]:
         return (f"pinned host pool too small: its cap of {g['pinned_pool'][i] / GiB:.1f} GiB ({pinned_pool.LIMIT_VAR}, "
                 f"fixed when JAX started) cannot hold the {g['streamed'][i] / GiB:.1f} GiB of experts the GPU does "
-                f"not hold; set {pinned_pool.LIMIT_VAR} before JAX starts")
+                f"not hold (with its margin: {pinned_pool.cap_bytes(g['streamed'][i]) / GiB:.0f} GiB); set "
+                f"{pinned_pool.LIMIT_VAR} before JAX starts")
     return (f"host memory too small: one sequence needs {g['host_memory'][i] / GiB:.1f} GiB on the host (the "
             f"pinned pool for the streamed expert weights, the KV cache) with all the experts the GPU can hold "
             f"resident, but {host_budget / GiB:.1f} GiB are usable ({HOST_USABLE:.0%} of {host_cap / GiB:.1f} GiB)")
@@ -249,15 +250,17 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
 
 
 def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_len: float, gen_len: int, *,
-            dtype="bfloat16", prefill_len: int | None = None) -> SearchResult:
+            dtype="bfloat16", prefill_len: int | None = None, pinned_pool_gb: float | None = None) -> SearchResult:
     """HRM's prediction for a given `policy` (no memory limit applied): decode over contexts averaging
     prompt_len + gen_len / 2 (prompt_len may be a mean), prefill of prompts padded to `prefill_len`
-    (default prompt_len), the policy's resident experts spread over layers as the engine spreads them."""
+    (default prompt_len), the policy's resident experts spread over layers as the engine spreads them, the
+    pinned pool as in `choose_policy`."""
     hw = hardware_profile(hardware)
     resident = round(policy.resident_expert_fraction * cfg.num_layers * cfg.num_experts)  # as ExpertPages.plan
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, policy.micro_batch_size, policy.num_micro_batches,
                   policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,
-                  batch=policy.batch_size, prefill_len=prefill_len)
+                  batch=policy.batch_size, prefill_len=prefill_len,
+                  pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None)
     return _result(policy, {k: float(v) for k, v in g.items()})
 
 

@@ -109,9 +109,10 @@ def test_hrm_lengths_are_what_the_engine_allocates():
     prompt + budget, gen_len the most decode steps, the prefill padded as the engine pads it."""
     from moe_jax.offload_engine import hrm_lengths
 
-    assert hrm_lengths([77, 77], [64, 64]) == (77, 64, 96)
-    assert hrm_lengths([77, 10], [64, 200]) == (77, 200, 96)  # the short prompt's long budget
-    assert hrm_lengths([100, 10], [4, 60]) == (100, 60, 128)  # 60 decode steps
+    assert hrm_lengths([77, 77], [64, 64], 4096) == (77, 64, 96)
+    assert hrm_lengths([77, 10], [64, 200], 4096) == (77, 200, 96)  # the short prompt's long budget
+    assert hrm_lengths([100, 10], [4, 60], 4096) == (100, 60, 128)  # 60 decode steps
+    assert hrm_lengths([2043, 3], [5, 2045], 2048) == (2043, 5, 2048)  # within the model's context
 
 
 def test_decode_step_lowers_for_gpu_with_the_copy_inside():
@@ -189,6 +190,11 @@ def test_hrm_policy_for_a_prompt_near_the_context_limit():
     llm = moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", hardware="l4")
     out = llm.generate([[1 + i % 250 for i in range(1600)]], SamplingParams(max_new_tokens=4))[0]
     assert len(out.token_ids) == 4
+    # beside a prompt near the end of the context, a short one whose budget runs to it: HRM's prompt_len +
+    # gen_len stay within the context
+    near = Request(0, tuple(1 + i % 250 for i in range(llm.cfg.max_positions - 5)), GREEDY.replace(max_new_tokens=5))
+    short = Request(1, (1, 2, 3), GREEDY.replace(max_new_tokens=llm.cfg.max_positions - 3))
+    assert llm._choose_offload_policy([near, short]).batch_size <= 2
 
 
 def test_finished_rows_take_waiting_requests_mid_run():

@@ -154,35 +154,51 @@ def test_resident_experts_counted_per_layer(mixtral):
     assert none.host_memory_bytes > HOST_USABLE * PROFILES["h100-80gb"].host_memory >= r.host_memory_bytes
 
 
-@pytest.mark.parametrize("preset, hardware, cap, P, G", [
-    ("mixtral-8x7b", "h100-80gb", 16, 128, 64), ("mixtral-8x7b", "h100-80gb", 24, 128, 128),
-    ("mixtral-8x7b", "l4", None, 128, 32), ("qwen3-30b-a3b", "h100-80gb", 16, 128, 64),
-    ("qwen3-30b-a3b", "t4", None, 256, 64), ("olmoe-1b-7b", "t4", 4, 64, 64)])
+def _engine_cases():
+    """HRM's choices over presets, profiles, caps and lengths (prompts padded to a bucket as the LLM pads them)."""
+    rng = np.random.default_rng(0)
+    presets = {"mixtral-8x7b": ["h100-80gb", "l4", "a100-80gb"], "qwen3-30b-a3b": ["t4", "h100-80gb", "l4"],
+               "olmoe-1b-7b": ["t4", "l4"]}
+    for preset, profiles in presets.items():
+        for hardware in profiles:
+            for _ in range(4):
+                P, G = int(rng.integers(8, 1500)), int(rng.integers(1, 500))
+                yield preset, hardware, round(float(rng.uniform(4, PROFILES[hardware].gpu_memory / GiB)), 2), P, G
+
+
+@pytest.mark.parametrize("preset, hardware, cap, P, G", list(_engine_cases()))
 def test_offload_engine_accepts_the_chosen_policy(preset, hardware, cap, P, G):
-    """The engine's own GPU plan for HRM's policy (expert slots, activations, the prefill) fits the cap
-    it is given: a policy HRM returns is never refused before generation."""
-    from moe_jax.offload_engine import planned_gpu_bytes, prefill_gpu_bytes
+    """The engine's own GPU plan for HRM's policy (expert slots, decode and prefill working sets,
+    `moe_jax.offload_memory`) fits the cap it is given: a policy HRM returns is never refused before
+    generation."""
+    from moe_jax.offload_engine import planned_gpu_bytes
+    from moe_jax.offload_memory import prefill_bytes
     from moe_jax.presets import preset_config
+    from moe_jax.shape_buckets import bucket
 
     cfg = preset_config(preset)
-    r = choose_policy(cfg, hardware, P, G, gpu_memory_gb=cap, placements=[("cpu", "cpu")])
+    try:
+        r = choose_policy(cfg, hardware, P, G, prefill_len=bucket(P), gpu_memory_gb=cap, placements=[("cpu", "cpu")])
+    except InfeasibleError:
+        return
     p = r.policy
     pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, p.resident_expert_fraction, p.num_micro_batches)
-    need = (planned_gpu_bytes(cfg, BF16, p.micro_batch_size, pages)
-            + prefill_gpu_bytes(cfg, BF16, p.batch_size, p.micro_batch_size, P))
-    assert need <= (cap * GiB if cap else PROFILES[hardware].gpu_memory)
+    need = planned_gpu_bytes(cfg, BF16, p.micro_batch_size, pages) + prefill_bytes(cfg, BF16, p.batch_size,
+                                                                                   p.micro_batch_size, bucket(P))
+    assert need <= cap * GiB
 
 
 def test_pinned_pool_fixed_before_the_choice(mixtral):
     """When JAX started before HRM chose (its pinned-host pool's cap fixed), the pool counts at that cap,
-    the streamed experts must fit in it, and a cap too small for them is a clear error."""
+    the streamed experts must fit in it with the pool's margin, and a cap too small is a clear error."""
     free = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, placements=[("cpu", "cpu")])
     fixed = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, placements=[("cpu", "cpu")],
                           pinned_pool_gb=90)
     assert fixed.pinned_pool_bytes == 90 * GiB > free.pinned_pool_bytes
     assert fixed.policy.batch_size < free.policy.batch_size  # less host memory left for KV
     streamed = (1 - fixed.policy.resident_expert_fraction) * mixtral.num_layers * layer_bytes(mixtral, BF16, expert=True)
-    assert streamed <= 90 * GiB and fixed.host_memory_bytes <= HOST_USABLE * PROFILES["h100-80gb"].host_memory
+    assert pinned_pool.cap_bytes(streamed) <= 90 * GiB  # with the pool's margin
+    assert fixed.host_memory_bytes <= HOST_USABLE * PROFILES["h100-80gb"].host_memory
     with pytest.raises(InfeasibleError, match="pinned host pool too small: its cap of 64.0 GiB"):
         choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, pinned_pool_gb=64)
     with pytest.raises(ValueError, match="pinned_pool_gb must be a positive number"):

@@ -1,0 +1,8 @@
+"""Lengths rounded to a few sizes, so that jitted calls compile few shapes."""
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+    """The smallest 2^k or 3·2^(k-1) that is >= max(n, minimum): at most 1.5x padding, few shapes."""
+    n = max(n, minimum)
+    p = 1 << (n - 1).bit_length()
+    return 3 * p // 4 if 3 * p // 4 >= n and p >= 4 else p
