@@ -13,13 +13,7 @@ import numpy as np
 from moe_jax.config import ModelConfig
 from moe_jax.shape_buckets import bucket
 
-PREFILL_SCORE_BYTES = 1 << 30  # cap on one prefill call's attention scores [rows, Hq, T, T] float32
-
-
-def prefill_rows_per_call(cfg: ModelConfig, T: int, rows: int) -> int:
-    """Rows of a prefill call at prompt bucket T: its float32 scores [rows, Hq, T, T] stay under the cap,
-    rounded up to a bucket (few shapes compile)."""
-    return bucket(min(max(1, PREFILL_SCORE_BYTES // (cfg.num_heads * T * T * 4)), rows), 1)
+PREFILL_CALL_BYTES = 1 << 30  # cap on one prefill call's working set: activations and attention scores
 
 
 def activation_bytes(cfg: ModelConfig, tokens):
@@ -30,6 +24,14 @@ def activation_bytes(cfg: ModelConfig, tokens):
     per_token = (2 * H + 2 * cfg.q_size + 2 * cfg.kv_size + cfg.num_experts
                  + cfg.experts_per_token * (2 * H + 3 * F) + (3 * Fs + H if Fs else 0))
     return 4 * tokens * per_token
+
+
+def prefill_rows_per_call(cfg: ModelConfig, T: int, rows: int) -> int:
+    """Rows of a prefill call at prompt bucket T: its working set (activations over rows·T tokens, float32
+    scores [rows, Hq, T, T]) stays under the cap, rounded up to a bucket (few shapes compile). The cap,
+    not μ, bounds the call, so a larger micro-batch costs the decode little GPU memory."""
+    per_row = activation_bytes(cfg, T) + 4 * cfg.num_heads * T * T
+    return bucket(min(max(1, PREFILL_CALL_BYTES // per_row), rows), 1)
 
 
 def decode_bytes(cfg: ModelConfig, mu):

@@ -1,7 +1,9 @@
 """HRM policy search: the offload policy with the highest predicted end-to-end throughput.
 
 Time, per layer (MoE-Lightning §3-4, DESIGN.md §1). A decode step of N = μ·n_ub sequences costs
-`T = max(T_h2d, T_cpu, T_gpu)` per layer, the three overlapped by CGOPipe:
+`T = max(T_h2d, T_cpu, T_gpu, (max(T_gpu, T_h2d) + T_cpu) / n_ub)` per layer: the three overlapped by
+CGOPipe, and each micro-batch's GPU call (carrying 1/n_ub of the copy) and CPU attention in sequence
+(with one micro-batch nothing overlaps: T = max(T_gpu, T_h2d) + T_cpu):
   T_h2d: link seconds, max(host→GPU, GPU→host bytes) / link_bandwidth: the layer's streamed experts
          (all but its resident ones), plus q, k, v down and the attention output up (CPU attention), or the host KV
          cache up and the new k, v down (GPU attention over a host cache).
@@ -27,22 +29,24 @@ single layers (r_w = R / (L·E)): the engine spreads them evenly, so R mod L lay
 than the others, and each resident expert both shortens T_h2d and leaves the pinned pool, making room
 for KV on the host. The best point maximises end-to-end tok/s; among the points within `TIE_TOLERANCE`
 of it the smallest N wins, then the fewest micro-batches (when the link binds, μ·n_ub at a given N
-prices the same, but each micro-batch costs the engine a GPU call and a CPU task the model does not see). `predict` prices one given policy with the same formulas.
+prices the same, but each micro-batch costs the engine a GPU call and a CPU task the model does not
+see). `predict` prices one given policy with the same formulas.
 
 Against the original (Mixtral 8x7B on l4, prompt 77, gen 32). The original's LP
 (fastmoe/backend/optimizer.py in the MoE-Lightning artifact) chose μ=324, n_ub=14 (N=4536), r_w=0.056;
 its per-layer terms were T_h2d=0.155 s, T_gpu=0.13 s, T_cpu=0.02 s, and it reports
-N·G / ((G−1)·L·T) = 944.7 tok/s. This model picks μ=254, n_ub=17 (N=4318), r_w=0.016 (4 experts),
-with T_h2d ≈ T_gpu ≈ 0.177 s, T_cpu=0.023 s: 754 tok/s decode (0.80×), 533 tok/s end to end. Why:
+N·G / ((G−1)·L·T) = 944.7 tok/s. This model picks μ=529, n_ub=13 (N=6877), r_w=0.094 (24 experts),
+with T_h2d=0.163 s, T_gpu=0.140 s, T_cpu=0.036 s: 1313 tok/s decode (1.39×), 752 tok/s end to end. Why:
 - bandwidths here are GB/s = 1e9 B/s, the original's GiB/s: the same "16 GB/s" link is 7% slower
   (T_h2d = 0.176 s at r_w=0, plus 2.5 ms of q and attention-output traffic);
 - decode tok/s here is N / T_step, without the original's G/(G−1) credit for the prefill's token;
-- GPU memory: the prefill working set per routed row is 4 B·(2H + 3F) here, 2.4 B·(H + 3F) in the
-  original, and it counts on top of a decode micro-batch's, with the prefill call's rows rounded up to a
-  bucket as the engine runs them; the reserve is 10% (original 14%); every parameter of `moe_jax.params`
-  counts (the original omits embeddings, LM head, router and norms). Prefill memory bounds μ·n_ub in both. Each micro-batch
-  re-reads all 8 experts from GPU memory (~10 ms on l4), so a layer runs ≈ μ / 10 ms sequences per
-  second: GPU memory buys more as a larger μ than as resident experts (each 0.33 GiB);
+- GPU memory: the original prefills a whole micro-batch of μ prompts per call, so the prefill working
+  set grows with μ and bounds μ·n_ub; the engine here prefills in calls of at most 1 GiB of working set
+  (`moe_jax.offload_memory`), so μ costs the GPU little memory: what is left holds more experts (24
+  here) and the batch's hidden states, and N grows until the link binds (each micro-batch re-reads all
+  8 experts from GPU memory, ~10 ms on l4, so a larger μ also shortens T_gpu). The reserve is 10%
+  (original 14%); every parameter of `moe_jax.params` counts (the original omits embeddings, LM head,
+  router and norms);
 - the CPU term uses the mean decode context P + G/2 (the original: P + G) at 76 GB/s (original 100).
 """
 from __future__ import annotations
@@ -158,12 +162,18 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
                 & (pinned_pool.cap_bytes(streamed) <= pool))
 
     more, q = R % L, R // L  # `more` layers hold q + 1 resident experts, the other L − more hold q
-    def layers(term, fixed):  # Σ over layers of max(term(experts streamed), fixed)
-        return (L - more) * np.maximum(term(E - q), fixed) + more * np.maximum(term(E - q - 1), fixed)
+
+    def layers(layer_seconds):  # Σ over layers of layer_seconds(experts it streams)
+        return (L - more) * layer_seconds(E - q) + more * layer_seconds(E - q - 1)
+
     h2d = lambda s: np.maximum(s * w + up, down) / hw.link_bandwidth
     h2d_pre = lambda s: np.maximum(s * w, np.where(kv_gpu, 0.0, N * P * kvt)) / hw.link_bandwidth
-    step = layers(h2d, np.maximum(t_cpu, t_gpu)) + t_head
-    prefill = layers(h2d_pre, t_gpu_pre) + t_head
+    # a decode layer: the three terms overlapped, and each micro-batch's own GPU call (which carries its
+    # share of the copy) then CPU attention, one after the other within the layer's time
+    decode_layer = lambda s: np.maximum(np.maximum(np.maximum(h2d(s), t_cpu), t_gpu),
+                                        (np.maximum(t_gpu, h2d(s)) + t_cpu) / n_ub)
+    step = layers(decode_layer) + t_head
+    prefill = layers(lambda s: np.maximum(h2d_pre(s), t_gpu_pre)) + t_head
     out = dict(N=N, mu=mu, n_ub=n_ub, r=R / (L * E), feasible=feasible,
                h2d=((L - more) * h2d(E - q) + more * h2d(E - q - 1)) / L, cpu=t_cpu, gpu=t_gpu,
                prefill=prefill, step=step, decode=(G - 1) * step, decode_tps=N / step,
@@ -241,8 +251,8 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
         raise InfeasibleError(_infeasible(g, PLACEMENTS.index(tuple(placements[0])), gpu_budget, host_budget,
                                           gpu_cap, host_cap))
     near = np.flatnonzero(tps >= tps.max() * (1 - TIE_TOLERANCE))
-    near = near[g["N"].flat[near] == g["N"].flat[near].min()]
     near = near[g["n_ub"].flat[near] == g["n_ub"].flat[near].min()]
+    near = near[g["N"].flat[near] == g["N"].flat[near].min()]
     i = np.unravel_index(near[np.argmax(tps.flat[near])], tps.shape)
     attention, kv = PLACEMENTS[i[0]]
     policy = Policy(int(g["N"][i]), int(g["mu"][i]), int(g["n_ub"][i]), float(g["r"][i]), attention, kv,

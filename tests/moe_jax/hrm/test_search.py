@@ -9,6 +9,7 @@ from moe_jax.hrm import PROFILES, InfeasibleError, choose_policy, predict
 from moe_jax.hrm.costs import kv_bytes_per_token
 from moe_jax import pinned_pool
 from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE, _most_resident
+from moe_jax.offload_policy import Policy
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.params import global_bytes, layer_bytes
 
@@ -29,9 +30,11 @@ def test_paper_example_neighbourhood(mixtral):
     assert p.batch_size == p.micro_batch_size * p.num_micro_batches
     assert p.resident_expert_fraction <= 0.15
     assert (p.attention_device, p.kv_device) == ("cpu", "cpu")
-    # the link and the GPU balanced near the original's 0.155 s; CPU attention far from binding
+    # the link and the GPU the two large terms, near the original's 0.155 s and 0.13 s (GPU/link 0.84 there);
+    # CPU attention far from binding
     t = r.per_layer_seconds
-    assert 0.155 / 2 <= t["h2d"] <= 0.155 * 2 and t["gpu"] == pytest.approx(t["h2d"], rel=0.1)
+    assert 0.155 / 2 <= t["h2d"] <= 0.155 * 2
+    assert 0.75 * max(t["h2d"], t["gpu"]) <= min(t["h2d"], t["gpu"])
     assert t["cpu"] < t["h2d"] / 3
     assert r.bottleneck in ("h2d", "gpu")
     assert r.tokens_per_s < r.decode_tokens_per_s
@@ -203,3 +206,14 @@ def test_pinned_pool_fixed_before_the_choice(mixtral):
         choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, pinned_pool_gb=64)
     with pytest.raises(ValueError, match="pinned_pool_gb must be a positive number"):
         choose_policy(mixtral, "h100-80gb", 77, 64, pinned_pool_gb=0)
+
+
+def test_one_micro_batch_overlaps_nothing(mixtral):
+    """With one micro-batch its CPU attention waits for its GPU call and the next call for it: a layer
+    costs max(GPU, H2D) + CPU; with several, the three terms overlap."""
+    one = predict(mixtral, "h100-80gb", Policy(256, 256, 1), 77, 64)
+    t, L = one.per_layer_seconds, mixtral.num_layers
+    assert t["cpu"] > 0.001 and one.step_seconds >= L * (max(t["gpu"], t["h2d"]) + t["cpu"])
+    four = predict(mixtral, "h100-80gb", Policy(256, 64, 4), 77, 64)
+    t4 = four.per_layer_seconds
+    assert L * max(t4.values()) <= four.step_seconds < one.step_seconds
