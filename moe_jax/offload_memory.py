@@ -2,18 +2,19 @@
 with and for what the engine checks before it runs. Arguments may be NumPy arrays (HRM's grid).
 
 Decode: one micro-batch of μ rows, its activations (`activation_bytes`, float32) and its
-logits [μ, V] float32. Prefill: every row's hidden state [batch, T, H] (all micro-batches advance layer by
+logits [μ, V] float32. Prefill: every call's hidden states [rows, T, H] (all micro-batches advance layer by
 layer) plus one call of `prefill_rows_per_call` rows: its activations over rows·T tokens and its attention
 scores [rows, Hq, T, T] float32.
 """
 from __future__ import annotations
 
+import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
 from moe_jax.config import ModelConfig
-from moe_jax.shape_buckets import bucket
+from moe_jax.shape_buckets import bucket, bucket_below
 
-PREFILL_CALL_BYTES = 1 << 30  # cap on one prefill call's working set: activations and attention scores
+PREFILL_CALL_BYTES = 1 << 30  # one prefill call's working set (activations, attention scores) stays within this
 
 
 def activation_bytes(cfg: ModelConfig, tokens):
@@ -27,11 +28,12 @@ def activation_bytes(cfg: ModelConfig, tokens):
 
 
 def prefill_rows_per_call(cfg: ModelConfig, T: int, rows: int) -> int:
-    """Rows of a prefill call at prompt bucket T: its working set (activations over rows·T tokens, float32
-    scores [rows, Hq, T, T]) stays under the cap, rounded up to a bucket (few shapes compile). The cap,
-    not μ, bounds the call, so a larger micro-batch costs the decode little GPU memory."""
+    """Rows of a prefill call at prompt bucket T for a micro-batch of `rows` rows: a bucket (few shapes
+    compile) whose working set (activations over rows·T tokens, float32 scores [rows, Hq, T, T]) stays
+    within PREFILL_CALL_BYTES. The limit, not μ, bounds the call, so a larger micro-batch costs the decode
+    little GPU memory; a micro-batch takes ceil(rows / this) calls, the last one padded."""
     per_row = activation_bytes(cfg, T) + 4 * cfg.num_heads * T * T
-    return bucket(min(max(1, PREFILL_CALL_BYTES // per_row), rows), 1)
+    return min(bucket(rows, 1), bucket_below(PREFILL_CALL_BYTES // per_row))
 
 
 def decode_bytes(cfg: ModelConfig, mu):
@@ -39,9 +41,16 @@ def decode_bytes(cfg: ModelConfig, mu):
     return activation_bytes(cfg, mu) + 4 * mu * cfg.vocab_size
 
 
-def prefill_bytes(cfg: ModelConfig, dtype, batch, mu, T: int):
-    """A prefill of `batch` prompts padded to T tokens in micro-batches of μ: the hidden states of all of
-    them and one call's working set."""
+def prefill_calls(cfg: ModelConfig, mu, T: int):
+    """(rows per call, calls per micro-batch) of μ prompts padded to T tokens; μ may be a NumPy array."""
     rows = np.vectorize(lambda m: prefill_rows_per_call(cfg, T, int(m)), otypes=[np.int64])(mu)
-    return (batch * T * cfg.hidden_size * np.dtype(dtype).itemsize
+    return rows, -(-np.asarray(mu) // rows)
+
+
+def prefill_bytes(cfg: ModelConfig, dtype, batch, mu, T: int):
+    """A prefill of `batch` prompts padded to T tokens in micro-batches of μ: the hidden states of every
+    call's rows (all advance layer by layer; a micro-batch's last call is padded) and one call's working set."""
+    rows, calls = prefill_calls(cfg, mu, T)
+    alive = -(-np.asarray(batch) // np.asarray(mu)) * calls * rows
+    return (alive * T * cfg.hidden_size * np.dtype(dtype).itemsize
             + activation_bytes(cfg, rows * T) + 4 * rows * cfg.num_heads * T * T)

@@ -1,17 +1,19 @@
 """HRM policy search: the offload policy with the highest predicted end-to-end throughput.
 
-Time, per layer (MoE-Lightning §3-4, DESIGN.md §1). A decode step of N = μ·n_ub sequences costs
-`T = max(T_h2d, T_cpu, T_gpu, (max(T_gpu, T_h2d) + T_cpu) / n_ub)` per layer: the three overlapped by
-CGOPipe, and each micro-batch's GPU call (carrying 1/n_ub of the copy) and CPU attention in sequence
-(with one micro-batch nothing overlaps: T = max(T_gpu, T_h2d) + T_cpu):
+Time, per layer (MoE-Lightning §3-4, DESIGN.md §1). A decode step of N = μ·n_ub sequences costs about
+`T = max(T_h2d, T_cpu, T_gpu)` per layer, the three overlapped by CGOPipe, with two refinements
+(`decode_layer`): the next layer's experts travel in min(n_ub, streamed experts) chunks, one per GPU call,
+so calls without a chunk overlap no copy; and each micro-batch's GPU call and CPU attention run in
+sequence within the layer (with one micro-batch nothing overlaps: T = max(T_gpu, T_h2d) + T_cpu):
   T_h2d: link seconds, max(host→GPU, GPU→host bytes) / link_bandwidth: the layer's streamed experts
          (all but its resident ones), plus q, k, v down and the attention output up (CPU attention), or the host KV
          cache up and the new k, v down (GPU attention over a host cache).
   T_cpu: CPU attention of the N sequences over the mean decode context P + G/2 (roofline on the CPU).
   T_gpu: n_ub × (the GPU roofline time of one micro-batch of μ + a fixed launch time): every
          micro-batch re-reads the weights it touches from GPU memory, so larger μ amortises them.
-Prefill runs every op on the GPU in the same micro-batches, streaming the next layer's experts and
-writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
+Prefill runs every op on the GPU, each micro-batch in calls of at most 1 GiB of working set
+(`moe_jax.offload_memory.prefill_calls`, each re-reading the layer's weights), streaming the next layer's
+experts and writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
 decode steps; each adds the LM head of the N sequences.
 
 Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, the expert slots of the engine's page
@@ -28,23 +30,24 @@ placements. For each point R is the most resident experts that fit the GPU, coun
 single layers (r_w = R / (L·E)): the engine spreads them evenly, so R mod L layers stream one expert fewer
 than the others, and each resident expert both shortens T_h2d and leaves the pinned pool, making room
 for KV on the host. The best point maximises end-to-end tok/s; among the points within `TIE_TOLERANCE`
-of it the smallest N wins, then the fewest micro-batches (when the link binds, μ·n_ub at a given N
-prices the same, but each micro-batch costs the engine a GPU call and a CPU task the model does not
-see). `predict` prices one given policy with the same formulas.
+of it the fewest micro-batches win (each costs the engine a GPU call and a CPU task that the model's
+launch time hardly sees), then the smallest N. `predict` prices one given policy with the same formulas.
 
 Against the original (Mixtral 8x7B on l4, prompt 77, gen 32). The original's LP
 (fastmoe/backend/optimizer.py in the MoE-Lightning artifact) chose μ=324, n_ub=14 (N=4536), r_w=0.056;
 its per-layer terms were T_h2d=0.155 s, T_gpu=0.13 s, T_cpu=0.02 s, and it reports
-N·G / ((G−1)·L·T) = 944.7 tok/s. This model picks μ=529, n_ub=13 (N=6877), r_w=0.094 (24 experts),
-with T_h2d=0.163 s, T_gpu=0.140 s, T_cpu=0.036 s: 1313 tok/s decode (1.39×), 752 tok/s end to end. Why:
+N·G / ((G−1)·L·T) = 944.7 tok/s. This model picks μ=1684, n_ub=4 (N=6736), r_w=0.090 (23 experts),
+with T_h2d=0.164 s, T_gpu=0.051 s, T_cpu=0.035 s: 1281 tok/s decode (1.36×), 737 tok/s end to end. Why:
 - bandwidths here are GB/s = 1e9 B/s, the original's GiB/s: the same "16 GB/s" link is 7% slower
   (T_h2d = 0.176 s at r_w=0, plus 2.5 ms of q and attention-output traffic);
 - decode tok/s here is N / T_step, without the original's G/(G−1) credit for the prefill's token;
 - GPU memory: the original prefills a whole micro-batch of μ prompts per call, so the prefill working
   set grows with μ and bounds μ·n_ub; the engine here prefills in calls of at most 1 GiB of working set
-  (`moe_jax.offload_memory`), so μ costs the GPU little memory: what is left holds more experts (24
-  here) and the batch's hidden states, and N grows until the link binds (each micro-batch re-reads all
-  8 experts from GPU memory, ~10 ms on l4, so a larger μ also shortens T_gpu). The reserve is 10%
+  (`moe_jax.offload_memory`), so μ costs the GPU little memory: what is left holds more experts (23
+  here) and the batch's hidden states, and N grows until the link binds. Once it binds, how N splits
+  into micro-batches barely changes the prediction and the fewest win (see Search): each micro-batch
+  re-reads all 8 experts from GPU memory (~10 ms on l4), so 4 large ones leave T_gpu far below the
+  original's 14 × ~10 ms. The reserve is 10%
   (original 14%); every parameter of `moe_jax.params` counts (the original omits embeddings, LM head,
   router and norms);
 - the CPU term uses the mean decode context P + G/2 (the original: P + G) at 76 GB/s (original 100).
@@ -59,13 +62,13 @@ from moe_jax.config import ModelConfig
 from moe_jax.hrm.costs import decode_ops, itemsize, kv_bytes_per_token, lm_head_op, prefill_ops
 from moe_jax.hrm.hardware import GiB, Hardware, hardware_profile
 from moe_jax import pinned_pool
-from moe_jax.offload_memory import decode_bytes, prefill_bytes
+from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_calls
 from moe_jax.offload_policy import Policy
 from moe_jax.params import global_bytes, layer_bytes
 
 GPU_USABLE = 0.9  # of the GPU memory cap: XLA workspace and fragmentation
 HOST_USABLE = 0.9  # of host memory: OS, Python, the JAX runtime
-TIE_TOLERANCE = 0.005  # throughputs this close count as equal; the smaller batch, then fewer micro-batches, win
+TIE_TOLERANCE = 0.005  # throughputs this close count as equal; fewer micro-batches, then the smaller batch, win
 MICRO_BATCH_SIZES = np.unique(np.round(np.geomspace(1, 8192, 320)))
 NUM_MICRO_BATCHES = np.arange(1, 129)
 PLACEMENTS = (("cpu", "cpu"), ("gpu", "cpu"), ("gpu", "gpu"))  # (attention_device, kv_device)
@@ -141,8 +144,9 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * q_bytes)
     down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
     T = prefill_len or P
-    pre = prefill_ops(cfg, dtype, mu, T)
-    t_gpu_pre = n_ub * (sum(hw.gpu_seconds(op) for op in pre.values()) + hw.launch_seconds)
+    rows, calls = prefill_calls(cfg, mu, T)  # each call re-reads the layer's weights
+    t_gpu_pre = n_ub * calls * (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T).values())
+                                + hw.launch_seconds)
     t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
 
     # GPU attention's scores, and the copy of a host KV cache it reads
@@ -168,10 +172,21 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
 
     h2d = lambda s: np.maximum(s * w + up, down) / hw.link_bandwidth
     h2d_pre = lambda s: np.maximum(s * w, np.where(kv_gpu, 0.0, N * P * kvt)) / hw.link_bandwidth
-    # a decode layer: the three terms overlapped, and each micro-batch's own GPU call (which carries its
-    # share of the copy) then CPU attention, one after the other within the layer's time
-    decode_layer = lambda s: np.maximum(np.maximum(np.maximum(h2d(s), t_cpu), t_gpu),
-                                        (np.maximum(t_gpu, h2d(s)) + t_cpu) / n_ub)
+
+    def decode_layer(s):
+        """A decode layer streaming s experts: its n_ub GPU calls, the first min(n_ub, s) each carrying a
+        chunk of the next layer's experts (`ExpertPages.chunks`) and every one 1/n_ub of the rest of the
+        link traffic, a call lasting as long as its compute or its copies; the CPU attention overlapped with
+        them, and each micro-batch's own call and attention in sequence within the layer."""
+        c = np.minimum(n_ub, s)
+        experts = s * w / hw.link_bandwidth
+        rest = h2d(s) - experts
+        g = t_gpu / n_ub
+        carrying = np.maximum(g, experts / np.maximum(c, 1) + rest / n_ub)
+        plain = np.maximum(g, rest / n_ub)
+        calls = c * carrying + (n_ub - c) * plain
+        return np.maximum(np.maximum(calls, t_cpu), np.where(c > 0, carrying, plain) + t_cpu / n_ub)
+
     step = layers(decode_layer) + t_head
     prefill = layers(lambda s: np.maximum(h2d_pre(s), t_gpu_pre)) + t_head
     out = dict(N=N, mu=mu, n_ub=n_ub, r=R / (L * E), feasible=feasible,

@@ -26,17 +26,16 @@ def test_paper_example_neighbourhood(mixtral):
     p = r.policy
     assert 0.5 * 944.7 <= r.decode_tokens_per_s <= 2 * 944.7
     assert 4536 / 2 <= p.batch_size <= 4536 * 2
-    assert 150 <= p.micro_batch_size <= 650 and 7 <= p.num_micro_batches <= 28
+    # large micro-batches (prefill memory does not bound μ here, see moe_jax.hrm.search), at least two so
+    # that CPU attention overlaps the GPU
+    assert p.micro_batch_size >= 150 and 2 <= p.num_micro_batches <= 28
     assert p.batch_size == p.micro_batch_size * p.num_micro_batches
     assert p.resident_expert_fraction <= 0.15
     assert (p.attention_device, p.kv_device) == ("cpu", "cpu")
-    # the link and the GPU the two large terms, near the original's 0.155 s and 0.13 s (GPU/link 0.84 there);
-    # CPU attention far from binding
+    # the link binds near the original's 0.155 s; the GPU and CPU attention below it
     t = r.per_layer_seconds
-    assert 0.155 / 2 <= t["h2d"] <= 0.155 * 2
-    assert 0.75 * max(t["h2d"], t["gpu"]) <= min(t["h2d"], t["gpu"])
-    assert t["cpu"] < t["h2d"] / 3
-    assert r.bottleneck in ("h2d", "gpu")
+    assert 0.155 / 2 <= t["h2d"] <= 0.155 * 2 and r.bottleneck == "h2d"
+    assert t["cpu"] < t["h2d"] / 3 and t["gpu"] < t["h2d"]
     assert r.tokens_per_s < r.decode_tokens_per_s
 
 
@@ -217,3 +216,13 @@ def test_one_micro_batch_overlaps_nothing(mixtral):
     four = predict(mixtral, "h100-80gb", Policy(256, 64, 4), 77, 64)
     t4 = four.per_layer_seconds
     assert L * max(t4.values()) <= four.step_seconds < one.step_seconds
+
+
+def test_calls_without_a_chunk_overlap_no_copy(mixtral):
+    """The next layer's 8 streamed experts travel in 8 chunks, one per GPU call: of 64 micro-batches, 56
+    calls carry none, and their compute adds to the link's time instead of hiding under it."""
+    many = predict(mixtral, "h100-80gb", Policy(1024, 16, 64), 77, 64)
+    t, L = many.per_layer_seconds, mixtral.num_layers
+    assert t["gpu"] > 0.01 and many.step_seconds >= L * (0.95 * t["h2d"] + 56 / 64 * t["gpu"])
+    few = predict(mixtral, "h100-80gb", Policy(1024, 128, 8), 77, 64)
+    assert few.step_seconds < many.step_seconds
