@@ -15,9 +15,10 @@ inside the same jitted calls, the only way JAX overlaps a copy with compute (DES
 chunk is a separate output, independent of the step's compute (the measured overlapping pattern);
 when layer i+1 starts, one device-local call installs the chunks into the streamed slots. The last
 layer samples the next token and starts layer 0 of the next step. Prefill runs whole layers on the
-GPU per micro-batch (attention over the prompt itself), writing k/v to the host cache: first for the
-first N requests, then, for requests that take the rows of finished ones (continuous batching), as one
-more GPU call per layer within the decode steps, while that layer's weights are on the GPU anyway.
+GPU (attention over the prompt itself), each micro-batch in calls of at most
+`offload_memory.PREFILL_CALL_BYTES` of working set, writing k/v to the host cache: first for the first N
+requests, then, for requests that take the rows of finished ones (continuous batching), as more GPU
+calls per layer within the decode steps, while that layer's weights are on the GPU anyway.
 The layer math is `moe_jax.model`'s, shared with the resident engine.
 """
 from __future__ import annotations
