@@ -44,7 +44,8 @@ def summary(r: SearchResult) -> str:
         f"-> bound by {r.bottleneck}",
         f"predicted: decode {r.decode_tokens_per_s:.1f} tok/s, end to end {r.tokens_per_s:.1f} tok/s "
         f"(prefill {r.prefill_seconds:.1f} s + decode {r.decode_seconds:.1f} s)",
-        f"memory: GPU {r.gpu_memory_bytes / gib:.1f} GiB, host {r.host_memory_bytes / gib:.1f} GiB",
+        f"memory: GPU {r.gpu_memory_bytes / gib:.1f} GiB, host {r.host_memory_bytes / gib:.1f} GiB (of it the "
+        f"pinned-host pool for the streamed experts, {r.pinned_pool_bytes / gib:.0f} GiB)",
     ])
 
 
