@@ -43,7 +43,7 @@ from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_rows_per_call
 from moe_jax.offload_policy import Policy
-from moe_jax.params import global_bytes, layer_bytes, layer_param_specs
+from moe_jax.params import expert_bytes, layer_param_specs, non_expert_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.resident_engine import device_memory_limit, precise
 from moe_jax.sampling import sample, sampling_rows, set_sampling_rows
@@ -52,16 +52,11 @@ from moe_jax.shape_buckets import bucket
 log = logging.getLogger("moe_jax")
 
 
-def non_expert_bytes(cfg: ModelConfig, dtype) -> int:
-    """Bytes of the weights that stay on the GPU: every layer's non-expert ones and the global ones."""
-    return cfg.num_layers * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype)
-
-
 def planned_gpu_bytes(cfg: ModelConfig, dtype, micro_batch_size: int, pages: ExpertPages) -> int:
     """GPU bytes of the engine's plan before a prefill (`offload_memory.prefill_bytes` comes on top): the
     non-expert weights, the expert slots (resident, streamed and the next layer's chunks in flight) and one
     decode micro-batch's working set."""
-    slots = (pages.num_slots + pages.max_streamed) * layer_bytes(cfg, dtype, expert=True) // cfg.num_experts
+    slots = (pages.num_slots + pages.max_streamed) * expert_bytes(cfg, dtype)
     return int(non_expert_bytes(cfg, dtype) + slots + decode_bytes(cfg, micro_batch_size))
 
 
@@ -249,7 +244,7 @@ class OffloadEngine:
     # ---- memory plan and weight placement ----
 
     def _expert_bytes(self) -> int:
-        return layer_bytes(self.cfg, self.dtype, expert=True) // self.cfg.num_experts
+        return expert_bytes(self.cfg, self.dtype)
 
     def _check_gpu_memory(self, extra: int = 0, extra_what: str = "") -> int:
         """Bytes the GPU must hold (`planned_gpu_bytes`, + `extra` bytes for `extra_what`)."""

@@ -79,8 +79,19 @@ def layer_bytes(cfg: ModelConfig, dtype, *, expert: bool | None = None) -> int:
                if expert is None or s.expert == expert)
 
 
+def expert_bytes(cfg: ModelConfig, dtype) -> int:
+    """Bytes of one expert of one layer (the unit the offload engine places and streams)."""
+    return layer_bytes(cfg, dtype, expert=True) // cfg.num_experts
+
+
 def global_bytes(cfg: ModelConfig, dtype) -> int:
     return sum(s.nbytes(dtype) for s in global_param_specs(cfg).values())
+
+
+def non_expert_bytes(cfg: ModelConfig, dtype) -> int:
+    """Bytes of the weights the offload engine keeps on the GPU: every layer's non-expert ones and the
+    global ones."""
+    return cfg.num_layers * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype)
 
 
 def model_bytes(cfg: ModelConfig, dtype) -> int:

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from moe_jax.expert_pages import ExpertPages
-from moe_jax.params import layer_bytes
+from moe_jax.params import expert_bytes
 
 log = logging.getLogger("moe_jax")
 
@@ -40,7 +40,7 @@ def streamed_bytes(cfg, dtype, policy=None) -> int:
     """Bytes of the experts the offload engine keeps in pinned host memory under `policy` (None: all)."""
     L, E = cfg.num_layers, cfg.num_experts
     n = L * E if policy is None else sum(map(len, ExpertPages.plan(L, E, policy.resident_expert_fraction, 1).streamed))
-    return n * layer_bytes(cfg, dtype, expert=True) // E
+    return n * expert_bytes(cfg, dtype)
 
 
 def _gpu_backend_started() -> bool | None:

@@ -64,7 +64,7 @@ from moe_jax.hrm.hardware import GiB, Hardware, hardware_profile
 from moe_jax import pinned_pool
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_calls
 from moe_jax.offload_policy import Policy
-from moe_jax.params import global_bytes, layer_bytes
+from moe_jax.params import expert_bytes, non_expert_bytes
 
 GPU_USABLE = 0.9  # of the GPU memory cap: XLA workspace and fragmentation
 HOST_USABLE = 0.9  # of host memory: OS, Python, the JAX runtime
@@ -132,8 +132,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     positions per sequence; prefill runs prompts padded to `prefill_len` tokens (default P)."""
     L, E, it = cfg.num_layers, cfg.num_experts, itemsize(dtype)
     kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it
-    W_e = layer_bytes(cfg, dtype, expert=True)
-    w = W_e / E  # one expert of one layer
+    w = expert_bytes(cfg, dtype)  # one expert of one layer
     N = mu * n_ub if batch is None else batch
     ctx, ctx_max = P + G / 2, P + G
 
@@ -152,7 +151,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     # GPU attention's scores, and the copy of a host KV cache it reads
     attn_dec = np.where(attn_gpu, 4 * mu * cfg.num_heads * ctx_max + np.where(kv_gpu, 0.0, 2 * mu * ctx_max * kvt), 0.0)
     kv_cache = N * ctx_max * L * kvt
-    gpu_fixed = (L * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype) + decode_bytes(cfg, mu) + attn_dec
+    gpu_fixed = (non_expert_bytes(cfg, dtype) + decode_bytes(cfg, mu) + attn_dec
                  + prefill_bytes(cfg, dtype, N, mu, T) + np.where(kv_gpu, kv_cache, 0.0))
     host_fixed = np.where(kv_gpu, 0.0, kv_cache)
     if resident is None:
