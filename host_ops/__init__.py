@@ -2,6 +2,7 @@
 release the GIL). Imports neither jax nor anything GPU-related.
 
     HostKVCache(num_layers, num_slots, max_context, kv_heads, head_dim, dtype)  # .write/.append/.attend
+                # max_context: positions of every slot, or one number per slot
     decode_attention(q, k, v, lengths)          # dense [B, S, Hk, D] K/V, one query per sequence
     prefill_attention(q, k, v, lengths_before)  # dense, T causal queries per sequence
 """

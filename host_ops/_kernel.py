@@ -2,8 +2,9 @@
 
 One kernel covers decode and causal prefill: query ``(b, t)`` attends to KV positions
 ``[0, min(starts[b] + t + 1, ends[b]))`` of KV row ``rows[b]`` (decode: ``T = 1``,
-``starts = lengths - 1``, ``ends = lengths``). K/V are passed flat, with element strides, so that
-the cache's head-major layout and the dense ``[B, S, Hk, D]`` layout share one compiled kernel per
+``starts = lengths - 1``, ``ends = lengths``). K/V are passed flat, with per-row element offsets and
+head strides and one position stride, so that the cache's head-major layout (one region per slot, as
+long as that slot's capacity) and the dense ``[B, S, Hk, D]`` layout share one compiled kernel per
 KV dtype. bfloat16 is read as its uint16 bits and widened to float32 by a shift; all arithmetic is
 float32. Inputs are validated by the callers; nothing here checks shapes.
 """
@@ -153,8 +154,9 @@ def _attend_group(q, k, v, base, pos_stride, n, out, acc, s, m, l):
 
 
 @njit(parallel=True, **_JIT)
-def _attention_kernel(q, k, v, strides, rows, starts, ends, threads, out):
-    """q, out [B, T, Hk, G, D] float32; k, v flat; strides (row, head, position) in elements;
+def _attention_kernel(q, k, v, offsets, head_strides, pos_stride, starts, ends, threads, out):
+    """q, out [B, T, Hk, G, D] float32; k, v flat; query row b's KV head h, position p is the D elements at
+    offsets[b] + h * head_strides[b] + p * pos_stride;
     threads: numba's thread count (numba.get_num_threads() inside a kernel defeats caching).
 
     Tasks are (query, KV head) pairs, sorted by context length and dealt round-robin to the threads
@@ -178,28 +180,56 @@ def _attention_kernel(q, k, v, strides, rows, starts, ends, threads, out):
             bt = order[i // Hk]
             h = i % Hk
             b, t = bt // T, bt % T
-            _attend_group(q[b, t, h], k, v, rows[b] * strides[0] + h * strides[1], strides[2], n_ctx[bt],
+            _attend_group(q[b, t, h], k, v, offsets[b] + h * head_strides[b], pos_stride, n_ctx[bt],
                           out[b, t, h], acc, s, m, l)
+
+
+@njit(**_JIT)
+def _scatter_rows(dst, src, offsets, head_strides):
+    """dst[offsets[m] + h * head_strides[m] :][:D] = src[m, h] for every row m and head h (src [M, Hk, D],
+    both as uint16 bits or float32; offsets already include each row's position)."""
+    M, Hk, D = src.shape
+    for m in range(M):
+        for h in range(Hk):
+            o = offsets[m] + h * head_strides[m]
+            for d in range(D):
+                dst[o + d] = src[m, h, d]
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return x.view(np.uint16 if x.dtype == BFLOAT16 else np.float32)
 
 
 def flat_kv(x: np.ndarray) -> np.ndarray:
     """C-contiguous bf16/f32 array -> read-only flat view the kernel reads (uint16 bits for bf16).
     Always read-only, so writable and read-only inputs share one compiled specialisation."""
-    flat = x.reshape(-1).view(np.uint16 if x.dtype == BFLOAT16 else np.float32)
+    flat = _bits(x.reshape(-1))
     flat.flags.writeable = False
     return flat
 
 
-def run(q, k_flat, v_flat, kv_heads, strides, rows, starts, ends, scale, out) -> None:
+def _int64(x, n: int) -> np.ndarray:
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(x, dtype=np.int64), (n,)))
+
+
+def run(q, k_flat, v_flat, kv_heads, offsets, head_strides, pos_stride, starts, ends, scale, out) -> None:
     """Attention on validated inputs, written into out [B, T, Hq, D] float32 (C-contiguous).
 
-    q [B, T, Hq, D] (any float dtype castable to float32); k_flat, v_flat from `flat_kv`;
-    strides: element offsets of one KV row, head and position; rows, starts, ends: [B] ints (see
-    module doc); scale: softmax scale.
+    q [B, T, Hq, D] (any float dtype castable to float32); k_flat, v_flat from `flat_kv`; offsets,
+    head_strides: [B] ints (or one for all), element offset of each query row's KV and of its next head;
+    pos_stride: elements from one position to the next; starts, ends: [B] ints (see module doc);
+    scale: softmax scale.
     """
     B, T, Hq, D = q.shape
     shape5 = (B, T, kv_heads, Hq // kv_heads, D)
     qs = np.multiply(q, np.float32(scale), dtype=np.float32).reshape(shape5)
-    ints = [np.array(a, dtype=np.int64).reshape(B) for a in (rows, starts, ends)]
-    _attention_kernel(qs, k_flat, v_flat, tuple(int(x) for x in strides), *ints,
+    ints = [_int64(a, B) for a in (offsets, head_strides)]
+    _attention_kernel(qs, k_flat, v_flat, *ints, int(pos_stride), *(_int64(a, B) for a in (starts, ends)),
                       numba.get_num_threads(), out.reshape(shape5))
+
+
+def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides) -> None:
+    """Rows src [M, Hk, D] (already in dst's dtype) into the flat C-contiguous array dst (bf16/f32): row m,
+    head h at element offsets[m] + h * head_strides[m]. Releases the GIL."""
+    M = src.shape[0]
+    _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), _int64(offsets, M), _int64(head_strides, M))

@@ -34,8 +34,7 @@ def _run_dense(q, k, v, starts, ends, out, scale) -> None:
     """q, out [B, T, Hq, D]; k, v [B, S, Hk, D] C-contiguous (strided reads: the cache's head-major
     layout is the faster one)."""
     B, S, Hk, D = k.shape
-    strides = (S * Hk * D, D, Hk * D)  # row, head, position
-    _kernel.run(q, _kernel.flat_kv(k), _kernel.flat_kv(v), Hk, strides, np.arange(B), starts, ends,
+    _kernel.run(q, _kernel.flat_kv(k), _kernel.flat_kv(v), Hk, np.arange(B) * (S * Hk * D), D, Hk * D, starts, ends,
                 _validate.scale(scale, D), out)
 
 

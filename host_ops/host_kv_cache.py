@@ -15,50 +15,72 @@ def _host_ram_bytes() -> int | None:
         return None
 
 
-class HostKVCache:
-    """K and V for `num_slots` sequences × `max_context` positions, every layer, in host memory.
+def _capacities(num_slots: int, max_context) -> np.ndarray:
+    """[num_slots] int64 positions per slot from one positive int or `num_slots` of them."""
+    caps = np.asarray(max_context)
+    if caps.ndim == 0:
+        caps = np.full(num_slots, caps)
+    if caps.shape != (num_slots,) or caps.dtype.kind not in "iu" or (caps < 1).any():
+        raise ValueError(f"max_context must be a positive integer or {num_slots} of them (one per slot), "
+                         f"got {max_context!r}")
+    return caps.astype(np.int64)
 
-    Storage (preallocated, zero-filled lazily by the OS): `k`, `v` of shape
-    [num_layers, num_slots, kv_heads, max_context, head_dim], bfloat16 or float32. Head-major, so the
-    positions of one (slot, KV head) are one contiguous block that attention streams.
+
+class HostKVCache:
+    """K and V for `num_slots` sequences, every layer, in host memory; slot s holds up to capacities[s]
+    positions (`max_context`: one int for every slot, or one per slot, so that each slot is as long as the
+    sequences it will hold and no more).
+
+    Storage (preallocated, zero-filled lazily by the OS): `k`, `v` of shape [num_layers, elements],
+    bfloat16 or float32, where slot s of a layer is the region [kv_heads, capacities[s], head_dim] at
+    element offsets[s] (`slot_kv` gives it that shape). Head-major, so the positions of one (slot, KV head)
+    are one contiguous block that attention streams.
     `lengths` [num_layers, num_slots] int64: per layer, 1 + the highest position written to each slot
     since it was last freed; attention uses it unless given lengths explicitly.
     """
 
-    def __init__(self, num_layers: int, num_slots: int, max_context: int, kv_heads: int, head_dim: int,
+    def __init__(self, num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
                  dtype="bfloat16"):
         nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype)
-        shape = (num_layers, num_slots, kv_heads, max_context, head_dim)
+        caps = _capacities(num_slots, max_context)
         dtype = _validate.kv_dtype("dtype", dtype)
-        what = (f"HostKVCache of {nbytes / 1e9:,.2f} GB ({num_layers} layers x {num_slots} slots x {max_context} "
-                f"positions x {kv_heads} KV heads x {head_dim} x {dtype.itemsize} bytes x 2 for K and V = "
-                f"{nbytes:,} bytes)")
+        positions = (f"{caps[0]} positions" if (caps == caps[0]).all() else
+                     f"{caps.sum():,} positions in all (per slot {caps.min()} to {caps.max()})")
+        what = (f"HostKVCache of {nbytes / 1e9:,.2f} GB ({num_layers} layers x {num_slots} slots x {positions} "
+                f"x {kv_heads} KV heads x {head_dim} x {dtype.itemsize} bytes x 2 for K and V = {nbytes:,} bytes)")
         ram = _host_ram_bytes()
         if ram is not None and nbytes > ram:
             raise MemoryError(f"{what} does not fit in this host's {ram / 1e9:.1f} GB of RAM")
+        shape = (num_layers, int(caps.sum()) * kv_heads * head_dim)
         try:
             self.k = np.zeros(shape, dtype)
             self.v = np.zeros(shape, dtype)
         except (MemoryError, ValueError) as e:
             raise MemoryError(f"cannot allocate {what}: {e}") from e
+        self.capacities = caps
+        self.offsets = np.concatenate([[0], np.cumsum(caps[:-1])]) * (kv_heads * head_dim)
         self.lengths = np.zeros((num_layers, num_slots), np.int64)
         self._in_use = np.zeros(num_slots, bool)
-        self.num_layers, self.num_slots, self.max_context = num_layers, num_slots, max_context
+        self.num_layers, self.num_slots, self.max_context = num_layers, num_slots, int(caps.max())
         self.kv_heads, self.head_dim = kv_heads, head_dim
 
     @staticmethod
-    def footprint(num_layers: int, num_slots: int, max_context: int, kv_heads: int, head_dim: int,
+    def footprint(num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
                   dtype="bfloat16") -> int:
         """Bytes of K and V storage such a cache allocates (= its `nbytes`), computed without allocating."""
-        dims = {"num_layers": num_layers, "num_slots": num_slots, "max_context": max_context,
-                "kv_heads": kv_heads, "head_dim": head_dim}
+        dims = {"num_layers": num_layers, "num_slots": num_slots, "kv_heads": kv_heads, "head_dim": head_dim}
         for name, n in dims.items():
             if not isinstance(n, (int, np.integer)) or n < 1:
                 raise ValueError(f"{name} must be a positive integer, got {n!r}")
-        nbytes = 2 * _validate.kv_dtype("dtype", dtype).itemsize
-        for n in dims.values():
-            nbytes *= int(n)  # Python ints: no overflow
-        return nbytes
+        positions = int(_capacities(num_slots, max_context).sum())  # Python ints from here: no overflow
+        return 2 * _validate.kv_dtype("dtype", dtype).itemsize * positions * int(num_layers) * int(kv_heads) * int(head_dim)
+
+    def slot_kv(self, layer: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views of slot `slot`'s K and V in `layer`, each [kv_heads, capacities[slot], head_dim]."""
+        layer, slot = self._layer(layer), int(self._slots([slot])[0])
+        shape = (self.kv_heads, int(self.capacities[slot]), self.head_dim)
+        a = self.offsets[slot]
+        return tuple(x[layer, a:a + np.prod(shape)].reshape(shape) for x in (self.k, self.v))
 
     @property
     def nbytes(self) -> int:
@@ -105,8 +127,11 @@ class HostKVCache:
         slots = self._slots(slots, (M,), f"M from k {k.shape}")
         positions = _validate.ints("positions", positions, (M,), f"M from k {k.shape}", 0, self.max_context - 1,
                                    f"max_context={self.max_context}")
-        self.k[layer, slots, :, positions] = k
-        self.v[layer, slots, :, positions] = v
+        self._within_capacity("positions", positions + 1, slots)
+        D = self.head_dim
+        offsets, head_strides = self.offsets[slots] + positions * D, self.capacities[slots] * D
+        for cache, x in ((self.k, k), (self.v, v)):
+            _kernel.scatter(cache[layer], x.astype(self.dtype, copy=False), offsets, head_strides)
         np.maximum.at(self.lengths[layer], slots, positions + 1)
 
     def append(self, layer: int, slots, k, v) -> np.ndarray:
@@ -116,9 +141,9 @@ class HostKVCache:
         if np.unique(slots).size != slots.size:
             raise ValueError(f"append needs distinct slots, got {slots.tolist()}")
         positions = self.lengths[self._layer(layer), slots]
-        if positions.size and positions.max() >= self.max_context:
-            raise ValueError(f"slots {slots[positions >= self.max_context].tolist()} are full "
-                             f"(max_context={self.max_context})")
+        full = positions >= self.capacities[slots]
+        if full.any():
+            raise ValueError(f"slots {slots[full].tolist()} are full (capacities {self.capacities[slots[full]].tolist()})")
         self.write(layer, slots, positions, k, v)
         return positions + 1
 
@@ -155,9 +180,17 @@ class HostKVCache:
     # ---- helpers ----
 
     def _run(self, layer, q, slots, starts, ends, out, scale):
-        S, Hk, D = self.max_context, self.kv_heads, self.head_dim
-        _kernel.run(q, _kernel.flat_kv(self.k[layer]), _kernel.flat_kv(self.v[layer]), Hk, (Hk * S * D, S * D, D),
-                    slots, starts, ends, _validate.scale(scale, D), out)
+        D = self.head_dim
+        _kernel.run(q, _kernel.flat_kv(self.k[layer]), _kernel.flat_kv(self.v[layer]), self.kv_heads,
+                    self.offsets[slots], self.capacities[slots] * D, D, starts, ends, _validate.scale(scale, D), out)
+
+    def _within_capacity(self, name: str, ends: np.ndarray, slots: np.ndarray) -> None:
+        """ends [B] (one past the last position used) must not pass the capacity of slots [B]."""
+        bad = np.flatnonzero(ends > self.capacities[slots])
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{name}[{i}] reaches position {ends[i] - 1} of slot {slots[i]}, which holds "
+                             f"{self.capacities[slots[i]]} positions")
 
     def _layer(self, layer) -> int:
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
@@ -184,4 +217,5 @@ class HostKVCache:
             lengths = self.lengths[layer, slots]
         lengths = _validate.ints("lengths", lengths, (B,), f"B from q {q.shape}", 1, self.max_context,
                                  f"max_context={self.max_context}; a slot with nothing written has length 0")
+        self._within_capacity("lengths", lengths, slots)
         return slots, lengths

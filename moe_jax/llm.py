@@ -22,7 +22,7 @@ log = logging.getLogger("moe_jax")
 
 POLICIES = ("auto", "resident", "offload")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "f32": "float32"}
-_GPU_PROFILES = (("H100", "h100-80gb"), ("A100", None), ("L4", "l4"), ("T4", "t4"))
+_GPU_PROFILES = (("H100", "h100-80gb"), ("H200", "h200"), ("A100", None), ("L4", "l4"), ("T4", "t4"))
 
 
 class PolicyUnavailable(ValueError):
@@ -120,18 +120,18 @@ class LLM:
         from moe_jax.offload_engine import hrm_lengths
 
         budgets = [token_budget(r, self.cfg.max_positions) for r in requests]  # as the engine
-        P, G, T = hrm_lengths([len(r.prompt) for r in requests], budgets, self.cfg.max_positions)
+        job = hrm_lengths([len(r.prompt) for r in requests], budgets, self.cfg.max_positions)
         caps = [self.gpu_memory_gb] if self.gpu_memory_gb else []
         if not caps or pinned_pool.fixed_cap_bytes() is not None:  # JAX's own cap, below the card's (starts JAX)
             limit = device_memory_limit()
             caps += [limit / 2**30] if limit else []
         pool = pinned_pool.fixed_cap_bytes()  # None: no GPU backend yet; HRM sizes the pool, set before it starts
-        result = hrm.choose_policy(self.cfg, hardware, P, G, prefill_len=T, gpu_memory_gb=min(caps) if caps else None,
+        result = hrm.choose_policy(self.cfg, hardware, **job._asdict(), gpu_memory_gb=min(caps) if caps else None,
                                    pinned_pool_gb=pool / 2**30 if pool else None, max_batch_size=n,
                                    placements=[("cpu", "cpu")], dtype=str(self.dtype))
         self.hrm_prediction = result
         log.info("HRM (%s, prompt %d, gen %d) chose %s; predicted %.1f tok/s, bottleneck %s",
-                 hardware, P, G, result.policy, result.tokens_per_s, result.bottleneck)
+                 hardware, job.prompt_len, job.gen_len, result.policy, result.tokens_per_s, result.bottleneck)
         return result.policy
 
     @property

@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +60,30 @@ def planned_gpu_bytes(cfg: ModelConfig, dtype, micro_batch_size: int, pages: Exp
     return int(non_expert_bytes(cfg, dtype) + slots + decode_bytes(cfg, micro_batch_size))
 
 
-def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_positions: int) -> tuple[int, int, int]:
-    """(prompt_len, gen_len, prefill_len) of a job for HRM's search, as the engine runs it: its host KV
-    cache holds max(prompt + budget) positions per row (within prompt_len + gen_len <= max_positions), the
-    decode steps number up to the largest budget, and the prefill pads the prompts to bucket(longest prompt)."""
+def admission_order(prompt_lens: Sequence[int], budgets: Sequence[int]) -> list[int]:
+    """Request indices in the order the engine admits them: the largest KV need (prompt + budget positions)
+    first, the longer prompt first among equal needs. A row's host KV slot holds the need of the first
+    request it takes, so every request admitted later fits every row."""
+    return sorted(range(len(prompt_lens)), key=lambda i: (-(prompt_lens[i] + budgets[i]), -prompt_lens[i]))
+
+
+class JobShape(NamedTuple):
+    """A job as HRM's search takes it (`hrm.choose_policy`'s arguments of the same names)."""
+
+    prompt_len: int
+    gen_len: int
+    prefill_len: int
+    kv_positions: np.ndarray
+
+
+def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_positions: int) -> JobShape:
+    """A job's shape for HRM's search, as the engine runs it: the longest prompt (within prompt_len + gen_len
+    <= max_positions), decode steps up to the largest budget, the prefill padding prompts to bucket(longest
+    prompt), and kv_positions [R + 1]: the host KV cache's positions for a batch of n rows (n = 0..R), the
+    needs of the first n requests of `admission_order`, its n largest."""
     P = max(prompt_lens)
-    G = max(min(max(budgets), max_positions - P), max(p + b for p, b in zip(prompt_lens, budgets)) - P)
-    return P, G, bucket(P)
+    needs = np.sort(np.add(prompt_lens, budgets))[::-1]
+    return JobShape(P, min(max(budgets), max_positions - P), bucket(P), np.concatenate([[0], np.cumsum(needs)]))
 
 
 class OffloadMemoryError(MemoryError):
@@ -328,17 +345,21 @@ class OffloadEngine:
         cfg, pol = self.cfg, self.policy
         self.stats = OffloadStats.empty(cfg.num_layers)  # the stats of this call
         budget = [token_budget(r, cfg.max_positions) for r in requests]
-        context = max(len(r.prompt) + b for r, b in zip(requests, budget))  # positions a row can fill
-        check_host_memory(pol, f"the KV cache ({pol.batch_size} sequences x {context} positions)",
-                          HostKVCache.footprint(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads,
+        lengths = [len(r.prompt) for r in requests]
+        order = admission_order(lengths, budget)
+        first = balanced_micro_batches(order[:pol.batch_size], lengths, pol.micro_batch_size)
+        # row b of micro-batch k owns KV slot (rows before it) + b, as long as its first request's need
+        capacities = np.array([lengths[i] + budget[i] for group in first for i in group])
+        check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions)",
+                          HostKVCache.footprint(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads,
                                                 cfg.head_dim, self.dtype))
-        T = bucket(max(len(r.prompt) for r in requests))
+        T = bucket(max(lengths))
         self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
                                f"prefill of prompts up to {T} tokens")
-        cache = HostKVCache(cfg.num_layers, pol.batch_size, context, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         self.stats.kv_bytes = cache.nbytes
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
-            yield from _Run(self, cache, cpu, requests, budget).run()
+            yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:]).run()
         self.stats.host_free_bytes = host_available_bytes()  # the cache's pages written, still held
         stats = jax.devices()[0].memory_stats() or {}
         self.stats.peak_gpu_bytes = stats.get("peak_bytes_in_use")
@@ -361,24 +382,23 @@ class _PrefillCall:
 
 
 class _Run:
-    """All requests of one `generate` call on N rows: n_ub micro-batches of at most μ rows, row b of
-    micro-batch k owning host KV slot kv_slots[k][b].
+    """All requests of one `generate` call on N rows: n_ub micro-batches of at most μ rows (`first`: the
+    requests that fill them at the start), row b of micro-batch k owning host KV slot kv_slots[k][b], which
+    holds the positions its first request needs (`admission_order`: the `waiting` requests need no more).
 
     A row is FREE, in PREFILL (its prompt runs through the layers, one GPU call per layer interleaved
     with the decode step, k/v written to its KV slot), JOIN (prompt done: its first token is sampled by
-    the micro-batch's next last-layer call) or ACTIVE (decoding). The first N requests (longest prompts
-    first, in balanced micro-batches) fill every row at the start; after that, at each step's layer 0, the
+    the micro-batch's next last-layer call) or ACTIVE (decoding). The first N requests (in micro-batches
+    balanced by prompt tokens) fill every row at the start; after that, at each step's layer 0, the
     rows of finished requests take the next waiting ones (continuous batching), so no KV slot idles while
     requests wait and a long request does not hold back the rest.
     """
 
-    def __init__(self, eng: OffloadEngine, cache, cpu, requests: Sequence[Request], budgets: Sequence[int]):
+    def __init__(self, eng: OffloadEngine, cache, cpu, requests: Sequence[Request], budgets: Sequence[int],
+                 first: list[list[int]], waiting: Sequence[int]):
         self.eng, self.cache, self.cpu, self.requests, self.budgets = eng, cache, cpu, requests, budgets
         self.mu, H = eng.policy.micro_batch_size, eng.cfg.hidden_size
-        lengths = [len(r.prompt) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: -lengths[i])
-        self.first = balanced_micro_batches(order[:eng.policy.batch_size], lengths, self.mu)
-        self.waiting = collections.deque(order[eng.policy.batch_size:])
+        self.first, self.waiting = list(first), collections.deque(waiting)
         sizes = [len(g) for g in self.first]
         starts = np.cumsum([0] + sizes)
         self.kv_slots = [np.arange(starts[k], starts[k + 1]) for k in range(len(sizes))]
@@ -398,9 +418,9 @@ class _Run:
         return out
 
     def _positions(self, k: int, ahead: int = 0) -> np.ndarray:
-        """[μ, 1] position of each row's last token (+ ahead), kept inside the cache for rows not decoding."""
+        """[μ, 1] position of each row's last token (+ ahead), kept inside its KV slot for rows not decoding."""
         pos = self.lens[k] + np.array([len(g) for g in self.generated[k]]) - 1 + ahead
-        return self._pad(np.minimum(pos, self.cache.max_context - 1).astype(np.int32)[:, None])
+        return self._pad(np.minimum(pos, self.cache.capacities[self.kv_slots[k]] - 1).astype(np.int32)[:, None])
 
     def _counters(self, k: int) -> np.ndarray:
         return self._pad(np.array([len(g) for g in self.generated[k]], np.int32))

@@ -72,10 +72,10 @@ def open_source(model: str, layers: int | None = None, seed: int = 0):
 
 def synthetic_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     """`n` prompts of uniformly random lengths in [min_len, max_len] and random token ids >= 3
-    (above the usual special tokens)."""
-    rng = np.random.default_rng([seed, min_len, max_len])
-    lengths = rng.integers(min_len, max_len + 1, n)
-    return [rng.integers(3, vocab_size, int(length)).tolist() for length in lengths]
+    (above the usual special tokens). The first m of n prompts are the m prompts of the same arguments."""
+    lengths = np.random.default_rng([seed, min_len, max_len]).integers(min_len, max_len + 1, n)
+    tokens = np.random.default_rng([seed, min_len, max_len, 1])
+    return [tokens.integers(3, vocab_size, int(length)).tolist() for length in lengths]
 
 
 def parse_policy(spec: str):
@@ -91,28 +91,31 @@ def parse_policy(spec: str):
         raise SystemExit(f"policy {spec!r}: {e}") from None
 
 
-def engine_lengths(prompts, gen_len: int, max_positions: int) -> tuple[int, int, int]:
-    """(prompt_len, gen_len, prefill_len) for HRM, as the engine runs these prompts
-    (`moe_jax.offload_engine.hrm_lengths`)."""
+def engine_lengths(prompts, gen_len: int, max_positions: int, *, first_n: bool = False):
+    """The `JobShape` (prompt_len, gen_len, prefill_len, kv_positions) HRM plans with for these prompts, each
+    generating gen_len tokens: as the engine runs all of them (`moe_jax.offload_engine.hrm_lengths`), or with
+    `first_n` for a job of the first n of them, whatever n HRM picks (kv_positions: their prefix sums)."""
     from moe_jax.offload_engine import hrm_lengths
 
-    return hrm_lengths([len(p) for p in prompts], [gen_len] * len(prompts), max_positions)
+    lengths = [len(p) for p in prompts]
+    job = hrm_lengths(lengths, [gen_len] * len(prompts), max_positions)
+    if first_n:
+        job = job._replace(kv_positions=np.concatenate([[0], np.cumsum(np.add(lengths, job.gen_len))]))
+    return job
 
 
-def resolve_policy(spec: str, cfg, hardware, prompts, gen_len: int, gpu_memory_gb: float,
-                   max_batch_size: int | None, dtype: str):
-    """The Policy to run under the GPU cap: a fixed 'N,mu,n_ub,rw', or for 'auto' HRM's choice for this
-    workload, at most `max_batch_size` sequences (lengths as `engine_lengths`, CPU attention as the engine
-    runs it)."""
+def resolve_policy(spec: str, cfg, hardware, job, gpu_memory_gb: float, max_batch_size: int | None, dtype: str):
+    """The Policy to run under the GPU cap: a fixed 'N,mu,n_ub,rw', or for 'auto' HRM's choice for the
+    workload `job` (a `JobShape`, e.g. `engine_lengths`), at most `max_batch_size` sequences, CPU attention
+    as the engine runs it."""
     from moe_jax import hrm, pinned_pool
     from moe_jax.offload_policy import Policy
 
     if spec == "auto":
         if hardware is None:
             raise SystemExit("policy auto needs an HRM hardware profile: pass --hardware (no known GPU detected)")
-        P, G, T = engine_lengths(prompts, gen_len, cfg.max_positions)
         pool = pinned_pool.fixed_cap_bytes()
-        policy = hrm.choose_policy(cfg, hardware, P, G, prefill_len=T, gpu_memory_gb=gpu_memory_gb,
+        policy = hrm.choose_policy(cfg, hardware, **job._asdict(), gpu_memory_gb=gpu_memory_gb,
                                    pinned_pool_gb=pool / GiB if pool else None, max_batch_size=max_batch_size,
                                    placements=[("cpu", "cpu")], dtype=dtype).policy
     else:
@@ -135,13 +138,14 @@ def policy_before_jax(spec: str, hardware_name: str | None, resolve):
 
 
 def hrm_predict(cfg, hardware, policy, prompt_len: float, gen_len: int, dtype: str = "bfloat16",
-                prefill_len: int | None = None) -> dict:
+                prefill_len: int | None = None, kv_positions=None) -> dict:
     """`moe_jax.hrm.predict` for `policy` as a JSON-ready dict: the per-layer decode terms at the mean
     context prompt_len + gen_len / 2, the decode step, the prefill (of prompts padded to `prefill_len`,
     default prompt_len) and throughputs."""
     from moe_jax import hrm
 
-    r = hrm.predict(cfg, hardware, policy, prompt_len, gen_len, dtype=dtype, prefill_len=prefill_len)
+    r = hrm.predict(cfg, hardware, policy, prompt_len, gen_len, dtype=dtype, prefill_len=prefill_len,
+                    kv_positions=kv_positions)
     return {"hardware": hrm.hardware_profile(hardware).name, "per_layer_s": r.per_layer_seconds,
             "bottleneck": r.bottleneck, "step_s": r.step_seconds, "prefill_s": r.prefill_seconds,
             "decode_tok_s": r.decode_tokens_per_s, "tok_s": r.tokens_per_s}
@@ -252,8 +256,9 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
         n = min(len(prompts), policy.batch_size)  # the rows the run fills, micro-batches as the engine forms them
         wave = _wave_policy(policy, n)
         mean_prompt = float(np.mean([len(p) for p in prompts]))
-        pred = hrm_predict(cfg, hardware, wave, mean_prompt, gen_len, dtype,
-                           prefill_len=engine_lengths(prompts, gen_len, cfg.max_positions)[2])
+        job = engine_lengths(prompts, gen_len, cfg.max_positions)
+        pred = hrm_predict(cfg, hardware, wave, mean_prompt, gen_len, dtype, prefill_len=job.prefill_len,
+                           kv_positions=job.kv_positions)
         row["hrm"] = pred
         row["measured_over_predicted"] = {
             "tok_s": run["tok_s"] / pred["tok_s"],

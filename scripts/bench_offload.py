@@ -82,9 +82,12 @@ def policy_specs(args) -> list[str]:
 
 def resolve(spec: str, cfg, args, hardware):
     """The Policy of `spec` for this run's workload (HRM's choice for "auto")."""
-    one = bc.synthetic_prompts(1, args.prompt_len, args.prompt_len, cfg.vocab_size, args.seed)
-    return bc.resolve_policy(spec, cfg, hardware, one, args.gen_len, args.gpu_memory_gb,
-                             args.max_batch_size or args.num_prompts, args.dtype)
+    from moe_jax.offload_engine import JobShape
+    from moe_jax.shape_buckets import bucket
+
+    job = JobShape(args.prompt_len, args.gen_len, bucket(args.prompt_len), None)  # P + G KV positions per prompt
+    return bc.resolve_policy(spec, cfg, hardware, job, args.gpu_memory_gb, args.max_batch_size or args.num_prompts,
+                             args.dtype)
 
 
 def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:

@@ -40,6 +40,7 @@ from pathlib import Path
 import bench_common as bc
 
 WORKLOADS = {"mtbench": (20, 134, 64), "reasoning": (192, 256, 50), "summarization": (1536, 1984, 64)}
+POOL_PROMPTS = 8192  # HRM's batch at most this many prompts when neither --max-batch-size nor --num-prompts says
 PUBLISHED = {"tok_s": 294.5, "link": 16e9, "model": "mixtral-8x7b", "workload": ("mtbench", 64)}
 DEFAULT_RESULTS = str(bc.ROOT / "benchmarks" / "RESULTS.md")
 
@@ -113,10 +114,13 @@ def run_baseline(args, prompts, cap: float) -> dict:
 
 
 def policy_for(args, cfg, hardware, cap: float, workload: str, gen_len: int, spec: str):
-    """The Policy of `spec` for one workload under one cap; HRM sizes "auto" for the workload's longest prompt."""
-    longest = [[3] * WORKLOADS[workload][1]]
-    return bc.resolve_policy(spec, cfg, hardware, longest, gen_len, cap, args.max_batch_size or args.num_prompts,
-                             args.dtype)
+    """The Policy of `spec` for one workload under one cap; for "auto", HRM's for the run's prompts: the
+    --num-prompts of the workload, or without it a job of the first N (N at most --max-batch-size or
+    POOL_PROMPTS)."""
+    n = args.num_prompts or args.max_batch_size or POOL_PROMPTS
+    job = bc.engine_lengths(workload_prompts(workload, n, cfg.vocab_size, args.seed), gen_len, cfg.max_positions,
+                            first_n=not args.num_prompts)
+    return bc.resolve_policy(spec, cfg, hardware, job, cap, args.max_batch_size or n, args.dtype)
 
 
 class Runner:
@@ -161,8 +165,8 @@ class Runner:
     def run_baseline_workload(self, cap: float, spec: str, prompts, gen_len: int) -> dict:
         """Ours on the baseline's prompts, with `spec`'s policy for that workload (HRM: at most that batch)."""
         args = self.args
-        policy = bc.resolve_policy(spec, self.source.cfg, self.hardware, prompts, gen_len, cap, len(prompts),
-                                   args.dtype)
+        job = bc.engine_lengths(prompts, gen_len, self.source.cfg.max_positions)
+        policy = bc.resolve_policy(spec, self.source.cfg, self.hardware, job, cap, len(prompts), args.dtype)
         bc.log(f"baseline workload ({len(prompts)} prompts, gen {gen_len}), cap {cap:g} GiB, policy {spec}: {policy}")
         llm, load_s = self.engine_for(policy)
         run = bc.timed_generate(llm, prompts, gen_len)
@@ -283,7 +287,8 @@ def main(argv=None) -> int:
                 for cap in caps for w, g in workloads for spec in specs]
     if args.baseline:
         pool_for.append(bc.policy_before_jax(specs[0], args.hardware, lambda: bc.resolve_policy(
-            specs[0], cfg, args.hardware, base_prompts, args.baseline_gen_len, caps[0], len(base_prompts), args.dtype)))
+            specs[0], cfg, args.hardware, bc.engine_lengths(base_prompts, args.baseline_gen_len, cfg.max_positions),
+            caps[0], len(base_prompts), args.dtype)))
     bc.set_memory_env(cfg, args.dtype, pool_for, args.host_pool_gb)
     base = run_baseline(args, base_prompts, caps[0]) if args.baseline else None  # before JAX takes the GPU
     hardware = bc.detect_hardware_profile(args.hardware)

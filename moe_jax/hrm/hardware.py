@@ -106,6 +106,12 @@ PROFILES: dict[str, Hardware] = {
     "h100-80gb": Hardware("h100-80gb", gpu_memory=79.6 * GiB, gpu_bandwidth=3350 * GB, gpu_flops=796 * TFLOPS,
                           cpu_flops=2 * TFLOPS, host_memory=125 * GiB, host_bandwidth=56.6 * GB,
                           link_bandwidth=52 * GB, attention_bandwidth=43 * GB),
+    # The H200 machines lent here: the H100's chip with 141 GB of HBM3e at 4.8 TB/s (datasheet; bf16 matmul
+    # measured at 769-798 TFLOP/s on one), on the same class of host (16 cores, 125 GiB). Host, link and CPU
+    # attention are the H100 machine's figures, not measured on an H200's host: `calibrate` measures them.
+    "h200": Hardware("h200", gpu_memory=139 * GiB, gpu_bandwidth=4800 * GB, gpu_flops=790 * TFLOPS,
+                     cpu_flops=2 * TFLOPS, host_memory=125 * GiB, host_bandwidth=56.6 * GB,
+                     link_bandwidth=52 * GB, attention_bandwidth=43 * GB),
 }
 
 

@@ -120,7 +120,8 @@ def _most_resident(c, L: int, E: int):
 
 
 def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, kv_gpu, *, resident=None,
-              batch=None, gpu_budget=np.inf, host_budget=np.inf, prefill_len=None, pinned_pool_bytes=None) -> dict:
+              batch=None, gpu_budget=np.inf, host_budget=np.inf, prefill_len=None, pinned_pool_bytes=None,
+              kv_positions=None) -> dict:
     """Times (seconds) and memory (bytes) of policies, as broadcast arrays over the arguments.
 
     mu, n_ub: micro-batch size and count; attn_gpu, kv_gpu: booleans of the placement; resident: R, the
@@ -128,8 +129,9 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     (default μ·n_ub, the last micro-batch full); pinned_pool_bytes: the pinned-host pool's cap if fixed
     already (None: sized for the streamed experts). The engine spreads
     R over the layers (`ExpertPages.plan`): R mod L layers hold ⌊R/L⌋ + 1, the others ⌊R/L⌋, and each
-    layer streams the rest of its experts; decode contexts average P + G/2, the KV cache holds P + G
-    positions per sequence; prefill runs prompts padded to `prefill_len` tokens (default P)."""
+    layer streams the rest of its experts; decode contexts average P + G/2; the KV cache holds
+    kv_positions[min(N, R)] positions for N sequences (kv_positions [R + 1], a job's `JobShape`; default
+    P + G per sequence); prefill runs prompts padded to `prefill_len` tokens (default P)."""
     L, E, it = cfg.num_layers, cfg.num_experts, itemsize(dtype)
     kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it
     w = expert_bytes(cfg, dtype)  # one expert of one layer
@@ -150,7 +152,11 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
 
     # GPU attention's scores, and the copy of a host KV cache it reads
     attn_dec = np.where(attn_gpu, 4 * mu * cfg.num_heads * ctx_max + np.where(kv_gpu, 0.0, 2 * mu * ctx_max * kvt), 0.0)
-    kv_cache = N * ctx_max * L * kvt
+    if kv_positions is None:
+        kv_cache = N * ctx_max * L * kvt
+    else:
+        kv_positions = np.asarray(kv_positions)
+        kv_cache = kv_positions[np.minimum(N, kv_positions.size - 1).astype(int)] * L * kvt
     gpu_fixed = (non_expert_bytes(cfg, dtype) + decode_bytes(cfg, mu) + attn_dec
                  + prefill_bytes(cfg, dtype, N, mu, T) + np.where(kv_gpu, kv_cache, 0.0))
     host_fixed = np.where(kv_gpu, 0.0, kv_cache)
@@ -224,14 +230,17 @@ def _memory_cap(name: str, gb: float | None, available: float) -> float:
 
 
 def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, gen_len: int, *,
-                  prefill_len: int | None = None, gpu_memory_gb: float | None = None,
+                  prefill_len: int | None = None, kv_positions=None, gpu_memory_gb: float | None = None,
                   host_memory_gb: float | None = None, pinned_pool_gb: float | None = None,
                   max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16") -> SearchResult:
     """The policy maximising predicted end-to-end tok/s for prompts of `prompt_len` tokens and `gen_len`
     generated tokens each, within GPU and host memory (GiB caps, default the hardware's), at most
     `max_batch_size` sequences and one of `placements` ((attention_device, kv_device) pairs, e.g. only
     ("cpu", "cpu") for an engine without GPU attention). Lengths are taken as given: an engine that pads
-    prompts for the prefill passes the padded length as `prefill_len` (default prompt_len).
+    prompts for the prefill passes the padded length as `prefill_len` (default prompt_len), and one that
+    sizes its KV cache to each sequence passes `kv_positions` [R + 1]: the positions it allocates for a
+    batch of n sequences of the job (n = 0..R; `moe_jax.offload_engine.hrm_lengths`), N at most R; default
+    prompt_len + gen_len per sequence.
     `pinned_pool_gb`: the pinned-host pool's cap when it is fixed already (JAX started before the policy
     was chosen; `moe_jax.pinned_pool.fixed_cap_bytes`); None: the engine sizes it for the chosen policy.
     Raises InfeasibleError if no policy fits, ValueError on bad arguments."""
@@ -250,6 +259,12 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
         raise ValueError(f"pinned_pool_gb must be a positive number of GiB or None, got {pinned_pool_gb!r}")
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+    if kv_positions is not None:
+        kv_positions = np.asarray(kv_positions)
+        if kv_positions.ndim != 1 or kv_positions.size < 2 or kv_positions[0] != 0 or (np.diff(kv_positions) < 1).any():
+            raise ValueError("kv_positions must be the KV positions of batches of 0..R sequences: increasing from 0, "
+                             f"got {kv_positions!r}")
+        max_batch_size = min(max_batch_size or np.inf, kv_positions.size - 1)
     gpu_cap = _memory_cap("gpu_memory_gb", gpu_memory_gb, hw.gpu_memory)
     host_cap = _memory_cap("host_memory_gb", host_memory_gb, hw.host_memory)
     gpu_budget, host_budget = GPU_USABLE * gpu_cap, HOST_USABLE * host_cap
@@ -258,7 +273,8 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     kv_gpu = np.array([k == "gpu" for _, k in PLACEMENTS])[:, None, None]
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, MICRO_BATCH_SIZES[None, :, None],
                   NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget,
-                  prefill_len=prefill_len, pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None)
+                  prefill_len=prefill_len, pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None,
+                  kv_positions=kv_positions)
     allowed = np.array([p in placements for p in PLACEMENTS])[:, None, None]
     tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
     if not tps.max() > 0:
@@ -275,16 +291,17 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
 
 
 def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_len: float, gen_len: int, *,
-            dtype="bfloat16", prefill_len: int | None = None, pinned_pool_gb: float | None = None) -> SearchResult:
+            dtype="bfloat16", prefill_len: int | None = None, kv_positions=None,
+            pinned_pool_gb: float | None = None) -> SearchResult:
     """HRM's prediction for a given `policy` (no memory limit applied): decode over contexts averaging
     prompt_len + gen_len / 2 (prompt_len may be a mean), prefill of prompts padded to `prefill_len`
     (default prompt_len), the policy's resident experts spread over layers as the engine spreads them, the
-    pinned pool as in `choose_policy`."""
+    KV cache and the pinned pool as in `choose_policy`."""
     hw = hardware_profile(hardware)
     resident = round(policy.resident_expert_fraction * cfg.num_layers * cfg.num_experts)  # as ExpertPages.plan
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, policy.micro_batch_size, policy.num_micro_batches,
                   policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,
-                  batch=policy.batch_size, prefill_len=prefill_len,
+                  batch=policy.batch_size, prefill_len=prefill_len, kv_positions=kv_positions,
                   pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None)
     return _result(policy, {k: float(v) for k, v in g.items()})
 

@@ -18,8 +18,15 @@ KV_DTYPES = [BF16, np.dtype(np.float32)]
 
 
 def dense(cache: HostKVCache, layer: int, slots) -> tuple[np.ndarray, np.ndarray]:
-    """The slots' K and V as [B, S, Hk, D] (the dense entry points' layout)."""
-    return tuple(x[layer, slots].transpose(0, 2, 1, 3) for x in (cache.k, cache.v))
+    """The slots' K and V as [B, S, Hk, D] (the dense entry points' layout), S the largest of their
+    capacities, shorter slots padded with random values that no query may see."""
+    S = int(cache.capacities[slots].max())
+    pad = np.random.default_rng(1).standard_normal((len(slots), S, cache.kv_heads, cache.head_dim))
+    kv = [pad.astype(cache.dtype), pad.astype(cache.dtype)]
+    for b, s in enumerate(slots):
+        for x, stored in zip(kv, cache.slot_kv(layer, s)):
+            x[b, :stored.shape[1]] = stored.transpose(1, 0, 2)
+    return tuple(kv)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", BF16, np.float32])
@@ -27,7 +34,8 @@ def test_footprint_equals_nbytes(dtype):
     dims = (3, 5, 37, 3, 96)
     cache = HostKVCache(*dims, dtype)
     assert HostKVCache.footprint(*dims, dtype) == cache.nbytes == cache.k.nbytes + cache.v.nbytes
-    assert cache.k.shape == (3, 5, 3, 37, 96) and cache.k.dtype == np.dtype(dtype)
+    assert cache.k.shape == (3, 5 * 37 * 3 * 96) and cache.k.dtype == np.dtype(dtype)
+    assert cache.slot_kv(2, 4)[1].shape == (3, 37, 96) and np.shares_memory(cache.slot_kv(2, 4)[1], cache.v)
     assert cache.dtype.itemsize == (2 if np.dtype(dtype) == BF16 else 4)
 
 
@@ -53,13 +61,33 @@ def test_allocation_failure_from_numpy_is_rewrapped(monkeypatch):
         HostKVCache(250, 1000, 1000, 1000, 1000, "bfloat16")
 
 
+def test_ragged_capacities():
+    """One capacity per slot: the storage is their sum, each slot's region as long as its capacity."""
+    caps = np.array([5, 1, 70, 33])
+    cache = HostKVCache(2, 4, caps, 3, 64, "float32")
+    assert cache.nbytes == HostKVCache.footprint(2, 4, caps, 3, 64, "float32") == 2 * 2 * 109 * 3 * 64 * 4
+    assert cache.max_context == 70 and [cache.slot_kv(1, s)[0].shape[1] for s in range(4)] == caps.tolist()
+    row = np.ones((1, 3, 64), np.float32)
+    with pytest.raises(ValueError, match=r"positions\[0\] reaches position 1 of slot 1, which holds 1 positions"):
+        cache.write(0, [1], [1], row, row)
+    cache.write(0, [1], [0], row, row)
+    with pytest.raises(ValueError, match=r"slots \[1\] are full \(capacities \[1\]\)"):
+        cache.append(0, [1], row, row)
+    with pytest.raises(ValueError, match=r"lengths\[0\] reaches position 5 of slot 0, which holds 5 positions"):
+        cache.attend(0, [0], np.ones((1, 3, 64), np.float32), [6])
+    for bad in ([5, 1, 0, 3], [5, 1, 70], [5.0, 1.0, 70.0, 33.0]):
+        with pytest.raises(ValueError, match=r"max_context must be a positive integer or 4 of them \(one per slot\)"):
+            HostKVCache(1, 4, np.array(bad), 3, 64)
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "ragged"])
 @pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
-def test_append_for_a_micro_batch_of_slots_then_attend(ref, rng, dtype):
+def test_append_for_a_micro_batch_of_slots_then_attend(ref, rng, dtype, ragged):
     L, N, S, Hk, G, D = 2, 6, 150, 2, 4, 96
-    cache = HostKVCache(L, N, S, Hk, D, dtype)
+    prompt = [5, 1, 70, 33]
+    cache = HostKVCache(L, N, np.array([8, 4, 73, 36, 1, 150]) if ragged else S, Hk, D, dtype)  # ragged: prompt + 3
     slots = cache.allocate(4)
     np.testing.assert_array_equal(slots, [0, 1, 2, 3])
-    prompt = [5, 1, 70, 33]
     for s, n in zip(slots, prompt):  # prompts written the way prefill does: positions 0..n-1 of one slot
         cache.write(1, np.full(n, s), np.arange(n), *(ref.random_kv(rng, (n, Hk, D), np.float32) for _ in range(2)))
     np.testing.assert_array_equal(cache.lengths[1, slots], prompt)
@@ -69,8 +97,9 @@ def test_append_for_a_micro_batch_of_slots_then_attend(ref, rng, dtype):
         new_lengths = cache.append(1, slots, k_new, v_new)
         np.testing.assert_array_equal(new_lengths, np.array(prompt) + step + 1)
         for b, s in enumerate(slots):
-            np.testing.assert_array_equal(cache.k[1, s, :, prompt[b] + step], k_new[b].astype(dtype))
-            np.testing.assert_array_equal(cache.v[1, s, :, prompt[b] + step], v_new[b].astype(dtype))
+            k_s, v_s = cache.slot_kv(1, s)
+            np.testing.assert_array_equal(k_s[:, prompt[b] + step], k_new[b].astype(dtype))
+            np.testing.assert_array_equal(v_s[:, prompt[b] + step], v_new[b].astype(dtype))
         q = rng.standard_normal((4, Hk * G, D), np.float32)
         out = cache.attend(1, slots, q)
         k, v = dense(cache, 1, slots)
@@ -158,7 +187,7 @@ def test_cache_validation_errors():
     with pytest.raises(ValueError, match=r"slots must have shape \(1,\) \(B from q \(1, 4, 64\)\), got \(2,\)"):
         cache.attend(0, [0, 1], q, [1])
     cache.write(0, np.zeros(8, int), np.arange(8), np.ones((8, 2, 64)), np.ones((8, 2, 64)))
-    with pytest.raises(ValueError, match=r"slots \[0\] are full \(max_context=8\)"):
+    with pytest.raises(ValueError, match=r"slots \[0\] are full \(capacities \[8\]\)"):
         cache.append(0, [0], row, row)
     with pytest.raises(ValueError, match="append needs distinct slots"):
         cache.append(1, [1, 1], np.ones((2, 2, 64)), np.ones((2, 2, 64)))

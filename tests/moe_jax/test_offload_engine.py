@@ -86,9 +86,9 @@ def test_host_memory_is_checked_before_generation(monkeypatch):
     eng = OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                       num_micro_batches=2))
     monkeypatch.setattr(oe, "host_available_bytes", lambda: 1000)
-    # the host cache holds what a row can fill, prompt + budget = 3 + 7 positions (no bucket padding)
-    with pytest.raises(OffloadMemoryError, match=r"host memory for the KV cache \(2 sequences x 10 positions\)"):
-        list(eng.generate([Request(0, (1, 2, 3), GREEDY)]))
+    # each row's slot holds what its request can fill, prompt + budget = 3 + 7 and 5 + 7 positions (no padding)
+    with pytest.raises(OffloadMemoryError, match=r"host memory for the KV cache \(2 sequences, 22 positions\)"):
+        list(eng.generate([Request(0, (1, 2, 3), GREEDY), Request(1, (1, 2, 3, 4, 5), GREEDY)]))
     with pytest.raises(OffloadMemoryError, match="streamed experts"):
         OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                      num_micro_batches=2))
@@ -105,14 +105,35 @@ def test_streamed_experts_must_fit_the_fixed_pinned_pool(monkeypatch):
 
 
 def test_hrm_lengths_are_what_the_engine_allocates():
-    """HRM's (prompt_len, gen_len, prefill_len) of a job: KV for prompt_len + gen_len >= every row's
-    prompt + budget, gen_len the most decode steps, the prefill padded as the engine pads it."""
+    """HRM's shape of a job: the longest prompt, gen_len the most decode steps, the prefill padded as the
+    engine pads it, and the KV positions of a batch of n: the n largest prompt + budget."""
     from moe_jax.offload_engine import hrm_lengths
 
-    assert hrm_lengths([77, 77], [64, 64], 4096) == (77, 64, 96)
-    assert hrm_lengths([77, 10], [64, 200], 4096) == (77, 200, 96)  # the short prompt's long budget
-    assert hrm_lengths([100, 10], [4, 60], 4096) == (100, 60, 128)  # 60 decode steps
-    assert hrm_lengths([2043, 3], [5, 2045], 2048) == (2043, 5, 2048)  # within the model's context
+    assert hrm_lengths([77, 77], [64, 64], 4096)[:3] == (77, 64, 96)
+    assert hrm_lengths([77, 10], [64, 200], 4096)[:3] == (77, 200, 96)  # the short prompt's long budget
+    assert hrm_lengths([100, 10], [4, 60], 4096)[:3] == (100, 60, 128)  # 60 decode steps
+    assert hrm_lengths([2043, 3], [5, 2045], 2048)[:3] == (2043, 5, 2048)  # within the model's context
+    np.testing.assert_array_equal(hrm_lengths([77, 10, 30], [64, 200, 4], 4096).kv_positions, [0, 210, 351, 385])
+
+
+def test_kv_slots_hold_each_first_request_need():
+    """Requests are admitted by KV need (prompt + budget), largest first, and each row's KV slot holds its
+    first request's need, which every later request fits: with budgets that reorder the prompts, over
+    several waves, the tokens are the resident engine's and the cache is what HRM counts for N rows."""
+    from host_ops import HostKVCache
+    from moe_jax.offload_engine import hrm_lengths
+
+    source = open_model("tiny-mixtral")
+    budgets = [7, 40, 3, 20, 2, 9, 5]  # needs 16, 41, 20, 24, 32, 11, 16: the 1-token prompt comes first
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in budgets]
+    got, eng = offload_tokens(source, Policy(batch_size=3, micro_batch_size=2, num_micro_batches=2), params)
+    assert got == resident_tokens(source, params)
+    kv = hrm_lengths([len(p) for p in PROMPTS], budgets, source.cfg.max_positions).kv_positions
+    assert kv[3] == 41 + 32 + 24
+    cfg = source.cfg
+    assert eng.stats.kv_bytes == HostKVCache.footprint(cfg.num_layers, 3, np.array([41, 32, 24]), cfg.num_kv_heads,
+                                                       cfg.head_dim, "float32")
+    assert eng.stats.refilled == 4
 
 
 def test_decode_step_lowers_for_gpu_with_the_copy_inside():

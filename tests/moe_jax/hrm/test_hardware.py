@@ -10,13 +10,18 @@ from moe_jax.presets import preset_config
 
 
 def test_builtin_profiles():
-    assert set(PROFILES) == {"t4", "l4", "a100-40gb", "a100-80gb", "h100-80gb"}
+    assert set(PROFILES) == {"t4", "l4", "a100-40gb", "a100-80gb", "h100-80gb", "h200"}
     l4, h100 = hardware_profile("l4"), hardware_profile("h100-80gb")
     assert (l4.gpu_memory, l4.gpu_bandwidth, l4.gpu_flops, l4.cpu_flops) == (24 * 2**30, 285e9, 104e12, 1.6e12)
     assert (l4.link_bandwidth, l4.host_memory, l4.host_bandwidth) == (16e9, 192 * 2**30, 76e9)
     # DESIGN.md §3, measured: dense bf16, pinned H2D, host DRAM read (16 threads), numba attention, host RAM
     assert (h100.gpu_flops, h100.link_bandwidth, h100.host_bandwidth) == (796e12, 52e9, 56.6e9)
     assert (h100.attention_bandwidth, h100.host_memory) == (43e9, 125 * 2**30)
+    # the H200 machine: its own GPU, the H100 machine's host and link (until calibrated)
+    h200 = hardware_profile("h200")
+    assert (h200.gpu_memory, h200.gpu_bandwidth) == (139 * 2**30, 4.8e12)
+    assert dataclasses.replace(h200, name=h100.name, gpu_memory=h100.gpu_memory, gpu_bandwidth=h100.gpu_bandwidth,
+                               gpu_flops=h100.gpu_flops) == h100
 
 
 def test_json_profile(tmp_path):

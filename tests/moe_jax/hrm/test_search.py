@@ -110,6 +110,8 @@ def test_impossible_workload(mixtral, kwargs, message):
     ((77, 32), dict(gpu_memory_gb=25), r"gpu_memory_gb must be in \(0, 24.0\]"),
     ((77, 32), dict(max_batch_size=0), "max_batch_size"),
     ((77, 32), dict(prefill_len=64), "prefill_len must be an integer >= prompt_len"),
+    ((77, 32), dict(kv_positions=[0, 100, 100]), "kv_positions must be the KV positions of batches of 0..R"),
+    ((77, 32), dict(kv_positions=[100, 200]), "kv_positions must be the KV positions of batches of 0..R"),
 ])
 def test_bad_arguments(mixtral, args, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -125,6 +127,25 @@ def test_h100_capped(mixtral):
     assert 100 < r.decode_tokens_per_s < 5000
     d = r.to_dict()
     assert d["per_layer_seconds"] == r.per_layer_seconds and d["predicted_tokens_per_s"] == r.tokens_per_s
+
+
+def test_kv_positions_per_sequence(mixtral):
+    """An engine that gives each sequence the KV it needs: host memory counts kv_positions[N], so prompts of
+    77 tokens on average (20..134) hold as many sequences as prompts of 77, more than prompts of 134; N is at
+    most the job's requests."""
+    rng = np.random.default_rng(0)
+    needs = rng.integers(20, 135, 8192) + 64
+    kv = np.concatenate([[0], np.cumsum(needs)])
+    longest = choose_policy(mixtral, "h100-80gb", 134, 64, gpu_memory_gb=16)
+    ragged = choose_policy(mixtral, "h100-80gb", 134, 64, gpu_memory_gb=16, kv_positions=kv)
+    mean = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16)
+    assert ragged.policy.batch_size > 1.25 * longest.policy.batch_size
+    assert ragged.policy.batch_size == pytest.approx(mean.policy.batch_size, rel=0.1)
+    kvt = kv_bytes_per_token(mixtral, BF16) * mixtral.num_layers
+    assert ragged.host_memory_bytes - ragged.pinned_pool_bytes == pytest.approx(kv[ragged.policy.batch_size] * kvt)
+    assert predict(mixtral, "h100-80gb", ragged.policy, 134, 64, kv_positions=kv).host_memory_bytes == ragged.host_memory_bytes
+    few = choose_policy(mixtral, "h100-80gb", 134, 64, gpu_memory_gb=16, kv_positions=kv[:11])
+    assert few.policy.batch_size == 10
 
 
 @pytest.mark.parametrize("L, E", [(1, 8), (2, 8), (3, 4), (32, 8), (48, 128)])
