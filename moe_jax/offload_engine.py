@@ -68,12 +68,13 @@ def admission_order(prompt_lens: Sequence[int], budgets: Sequence[int]) -> list[
 
 
 class JobShape(NamedTuple):
-    """A job as HRM's search takes it (`hrm.choose_policy`'s arguments of the same names)."""
+    """A job as HRM's search takes it (`hrm.choose_policy`'s arguments of the same names; kv_positions None:
+    prompt_len + gen_len per sequence)."""
 
     prompt_len: int
     gen_len: int
     prefill_len: int
-    kv_positions: np.ndarray
+    kv_positions: np.ndarray | None
 
 
 def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_positions: int) -> JobShape:
