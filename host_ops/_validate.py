@@ -37,20 +37,21 @@ def heads(q_name: str, hq: int, kv_name: str, hk: int) -> None:
                          f"Hq % Hk == 0)")
 
 
-def ints(name: str, x, shape: tuple[int, ...], shape_note: str, lo: int, hi: int, range_note: str) -> np.ndarray:
-    """x as an int64 array of `shape` with lo <= x <= hi; the notes say where shape and bounds come from."""
+def ints(name: str, x, shape: tuple[int, ...], shape_note: str, lo: int, hi: int | None, range_note: str) -> np.ndarray:
+    """x as an int64 array of `shape` with lo <= x <= hi (hi None: no upper bound); the notes say where
+    shape and bounds come from."""
     x = np.asarray(x)
     if x.shape != shape:
         raise ValueError(f"{name} must have shape {shape} ({shape_note}), got {x.shape}")
     if x.dtype.kind not in "iu":
         raise ValueError(f"{name} must be integers, got {x.dtype} with shape {x.shape}")
     x = x.astype(np.int64)
-    bad = np.flatnonzero((x < lo) | (x > hi))
+    bad = np.flatnonzero((x < lo) | (x > hi) if hi is not None else x < lo)
     if bad.size:
         i = np.unravel_index(bad[0], x.shape)
         where = ", ".join(str(int(j)) for j in i)
-        raise ValueError(f"{name} must lie in [{lo}, {hi}] ({range_note}), got {name}[{where}] = {x[i]} "
-                         f"(shape {x.shape})")
+        bounds = f"lie in [{lo}, {hi}]" if hi is not None else f"be >= {lo}"
+        raise ValueError(f"{name} must {bounds} ({range_note}), got {name}[{where}] = {x[i]} (shape {x.shape})")
     return x
 
 

@@ -61,7 +61,7 @@ class HostKVCache:
         self.offsets = np.concatenate([[0], np.cumsum(caps[:-1])]) * (kv_heads * head_dim)
         self.lengths = np.zeros((num_layers, num_slots), np.int64)
         self._in_use = np.zeros(num_slots, bool)
-        self.num_layers, self.num_slots, self.max_context = num_layers, num_slots, int(caps.max())
+        self.num_layers, self.num_slots = num_layers, num_slots
         self.kv_heads, self.head_dim = kv_heads, head_dim
 
     @staticmethod
@@ -125,8 +125,7 @@ class HostKVCache:
                 raise ValueError(f"{name} must have a float dtype, got {x.dtype} with shape {x.shape}")
         M = k.shape[0]
         slots = self._slots(slots, (M,), f"M from k {k.shape}")
-        positions = _validate.ints("positions", positions, (M,), f"M from k {k.shape}", 0, self.max_context - 1,
-                                   f"max_context={self.max_context}")
+        positions = _validate.ints("positions", positions, (M,), f"M from k {k.shape}", 0, None, "positions from 0")
         self._within_capacity("positions", positions + 1, slots)
         D = self.head_dim
         offsets, head_strides = self.offsets[slots] + positions * D, self.capacities[slots] * D
@@ -151,7 +150,7 @@ class HostKVCache:
 
     def attend(self, layer: int, slots, q, lengths=None, out=None, scale=None) -> np.ndarray:
         """Decode attention: q [B, Hq, D]; query row b attends to positions [0, lengths[b]) of slot
-        slots[b] (lengths: [B] ints in [1, max_context], default the tracked lengths).
+        slots[b] (lengths: [B] ints from 1 to the slot's capacity, default the tracked lengths).
         Returns out [B, Hq, D] float32 (written into `out` if given)."""
         q = _validate.query("q", q, "B, Hq, D")
         slots, lengths = self._slots_lengths(layer, slots, q, lengths)
@@ -167,8 +166,8 @@ class HostKVCache:
         lengths_before[b] < lengths[b]. Returns out [B, T, Hq, D] float32."""
         q = _validate.query("q", q, "B, T, Hq, D")
         slots, lengths = self._slots_lengths(layer, slots, q, lengths)
-        before = _validate.ints("lengths_before", lengths_before, lengths.shape, f"B from q {q.shape}", 0,
-                                self.max_context - 1, f"max_context={self.max_context}")
+        before = _validate.ints("lengths_before", lengths_before, lengths.shape, f"B from q {q.shape}", 0, None,
+                                "positions from 0")
         if (before >= lengths).any():
             b = int(np.flatnonzero(before >= lengths)[0])
             raise ValueError(f"lengths_before[{b}] = {before[b]} must be < lengths[{b}] = {lengths[b]} "
@@ -215,7 +214,7 @@ class HostKVCache:
         slots = self._slots(slots, (B,), f"B from q {q.shape}")
         if lengths is None:
             lengths = self.lengths[layer, slots]
-        lengths = _validate.ints("lengths", lengths, (B,), f"B from q {q.shape}", 1, self.max_context,
-                                 f"max_context={self.max_context}; a slot with nothing written has length 0")
+        lengths = _validate.ints("lengths", lengths, (B,), f"B from q {q.shape}", 1, None,
+                                 "a slot with nothing written has length 0")
         self._within_capacity("lengths", lengths, slots)
         return slots, lengths

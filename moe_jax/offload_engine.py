@@ -77,14 +77,19 @@ class JobShape(NamedTuple):
     kv_positions: np.ndarray | None
 
 
-def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_positions: int) -> JobShape:
-    """A job's shape for HRM's search, as the engine runs it: the longest prompt (within prompt_len + gen_len
-    <= max_positions), decode steps up to the largest budget, the prefill padding prompts to bucket(longest
-    prompt), and kv_positions [R + 1]: the host KV cache's positions for a batch of n rows (n = 0..R), the
-    needs of the first n requests of `admission_order`, its n largest."""
+def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_positions: int, *,
+                in_order: bool = False) -> JobShape:
+    """A job's shape for HRM's search, as the engine runs it (budgets within the model's positions, as
+    `token_budget`): the longest prompt; gen_len, the largest budget within max_positions − prompt_len (HRM
+    prices decode contexts of prompt_len + gen_len / 2); the prefill padding prompts to bucket(longest prompt);
+    and kv_positions [R + 1], the host KV cache's positions for a batch of n rows (n = 0..R): the needs
+    (prompt + budget) of the first n requests of `admission_order`, its n largest, or with `in_order` of the
+    first n as given (a job that will be the first n of these requests)."""
     P = max(prompt_lens)
-    needs = np.sort(np.add(prompt_lens, budgets))[::-1]
-    return JobShape(P, min(max(budgets), max_positions - P), bucket(P), np.concatenate([[0], np.cumsum(needs)]))
+    budgets = np.minimum(budgets, max_positions - np.asarray(prompt_lens))
+    needs = np.add(prompt_lens, budgets)
+    needs = needs if in_order else needs[admission_order(prompt_lens, budgets)]
+    return JobShape(P, int(min(budgets.max(), max_positions - P)), bucket(P), np.concatenate([[0], np.cumsum(needs)]))
 
 
 class OffloadMemoryError(MemoryError):
@@ -419,9 +424,11 @@ class _Run:
         return out
 
     def _positions(self, k: int, ahead: int = 0) -> np.ndarray:
-        """[μ, 1] position of each row's last token (+ ahead), kept inside its KV slot for rows not decoding."""
+        """[μ, 1] position of each row's last token (+ ahead); rows not decoding are kept inside their KV slot
+        (a decoding row past its slot reaches the cache's capacity check)."""
         pos = self.lens[k] + np.array([len(g) for g in self.generated[k]]) - 1 + ahead
-        return self._pad(np.minimum(pos, self.cache.capacities[self.kv_slots[k]] - 1).astype(np.int32)[:, None])
+        pos = np.where(self.state[k] == ACTIVE, pos, np.minimum(pos, self.cache.capacities[self.kv_slots[k]] - 1))
+        return self._pad(pos.astype(np.int32)[:, None])
 
     def _counters(self, k: int) -> np.ndarray:
         return self._pad(np.array([len(g) for g in self.generated[k]], np.int32))

@@ -94,14 +94,10 @@ def parse_policy(spec: str):
 def engine_lengths(prompts, gen_len: int, max_positions: int, *, first_n: bool = False):
     """The `JobShape` (prompt_len, gen_len, prefill_len, kv_positions) HRM plans with for these prompts, each
     generating gen_len tokens: as the engine runs all of them (`moe_jax.offload_engine.hrm_lengths`), or with
-    `first_n` for a job of the first n of them, whatever n HRM picks (kv_positions: their prefix sums)."""
+    `first_n` for a job of the first n of them, whatever n HRM picks."""
     from moe_jax.offload_engine import hrm_lengths
 
-    lengths = [len(p) for p in prompts]
-    job = hrm_lengths(lengths, [gen_len] * len(prompts), max_positions)
-    if first_n:
-        job = job._replace(kv_positions=np.concatenate([[0], np.cumsum(np.add(lengths, job.gen_len))]))
-    return job
+    return hrm_lengths([len(p) for p in prompts], [gen_len] * len(prompts), max_positions, in_order=first_n)
 
 
 def resolve_policy(spec: str, cfg, hardware, job, gpu_memory_gb: float, max_batch_size: int | None, dtype: str):

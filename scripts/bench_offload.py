@@ -82,10 +82,10 @@ def policy_specs(args) -> list[str]:
 
 def resolve(spec: str, cfg, args, hardware):
     """The Policy of `spec` for this run's workload (HRM's choice for "auto")."""
-    from moe_jax.offload_engine import JobShape
-    from moe_jax.shape_buckets import bucket
+    from moe_jax.offload_engine import hrm_lengths
 
-    job = JobShape(args.prompt_len, args.gen_len, bucket(args.prompt_len), None)  # P + G KV positions per prompt
+    # every prompt alike: prompt + budget KV positions each, for any batch size
+    job = hrm_lengths([args.prompt_len], [args.gen_len], cfg.max_positions)._replace(kv_positions=None)
     return bc.resolve_policy(spec, cfg, hardware, job, args.gpu_memory_gb, args.max_batch_size or args.num_prompts,
                              args.dtype)
 

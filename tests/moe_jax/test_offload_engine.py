@@ -114,6 +114,9 @@ def test_hrm_lengths_are_what_the_engine_allocates():
     assert hrm_lengths([100, 10], [4, 60], 4096)[:3] == (100, 60, 128)  # 60 decode steps
     assert hrm_lengths([2043, 3], [5, 2045], 2048)[:3] == (2043, 5, 2048)  # within the model's context
     np.testing.assert_array_equal(hrm_lengths([77, 10, 30], [64, 200, 4], 4096).kv_positions, [0, 210, 351, 385])
+    # budgets within the model's positions, as the engine's; in_order: a job of the first n as given
+    np.testing.assert_array_equal(hrm_lengths([40, 10], [30, 30], 48).kv_positions, [0, 48, 88])
+    np.testing.assert_array_equal(hrm_lengths([10, 40], [30, 30], 48, in_order=True).kv_positions, [0, 40, 88])
 
 
 def test_kv_slots_hold_each_first_request_need():
@@ -134,6 +137,19 @@ def test_kv_slots_hold_each_first_request_need():
     assert eng.stats.kv_bytes == HostKVCache.footprint(cfg.num_layers, 3, np.array([41, 32, 24]), cfg.num_kv_heads,
                                                        cfg.head_dim, "float32")
     assert eng.stats.refilled == 4
+
+
+def test_a_row_past_its_kv_slot_is_an_error(monkeypatch):
+    """The invariant the slots rely on, broken on purpose (smallest needs admitted first): a row whose request
+    outgrows its slot (its prompt's k/v, or a decoded token's) stops the run with the cache's error, never
+    writes clamped positions."""
+    import moe_jax.offload_engine as oe
+
+    monkeypatch.setattr(oe, "admission_order", lambda lens, budgets: sorted(range(len(lens)),
+                                                                             key=lambda i: lens[i] + budgets[i]))
+    source = open_model("tiny-mixtral")
+    with pytest.raises(ValueError, match=r"positions\[\d+\] reaches position \d+ of slot \d+, which holds"):
+        offload_tokens(source, Policy(batch_size=2, micro_batch_size=1, num_micro_batches=2))
 
 
 def test_decode_step_lowers_for_gpu_with_the_copy_inside():
