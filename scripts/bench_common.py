@@ -267,15 +267,18 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
 
 def host_memory(stats, cfg, policy, dtype: str) -> dict:
     """Host memory of a run, GiB: the KV cache, the experts streamed from the pinned-host pool and the pool's
-    cap (it reserves about that, `moe_jax.pinned_pool`), and MemAvailable at the end of the run: the check
-    of the pool model HRM plans with."""
+    cap (it reserves about that, `moe_jax.pinned_pool`), MemAvailable at the end of the run, and the rest of
+    the host's memory (total − KV − pool cap − available: the process, JAX's runtime, the OS): the checks of
+    the pool model and of the reserve (`hrm.search.HOST_USABLE`) HRM plans with."""
     from moe_jax import pinned_pool
 
     cap = os.environ.get(pinned_pool.LIMIT_VAR)
+    free = stats.host_free_bytes / GiB if stats.host_free_bytes is not None else None
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
     return {"kv_gib": stats.kv_bytes / GiB,
             "streamed_gib": pinned_pool.streamed_bytes(cfg, np.dtype(dtype), policy) / GiB,
-            "pool_cap_gib": float(cap) if cap else None,
-            "free_gib": stats.host_free_bytes / GiB if stats.host_free_bytes is not None else None}
+            "pool_cap_gib": float(cap) if cap else None, "free_gib": free, "total_gib": total,
+            "rest_gib": total - stats.kv_bytes / GiB - float(cap) - free if cap and free is not None else None}
 
 
 def _wave_policy(policy, n: int):

@@ -121,7 +121,7 @@ def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:
 
 
 TABLE_HEADERS = ["policy", "load s", "tok/s e2e", "tok/s decode", "H2D est. ms", "CPU ms", "GPU ms", "step ms",
-                 "overlap", "peak GiB / cap", "host GiB KV / pool / free", "HRM tok/s", "e2e meas/HRM",
+                 "overlap", "peak GiB / cap", "host GiB KV / pool / free / rest", "HRM tok/s", "e2e meas/HRM",
                  "HRM H2D/CPU/GPU ms"]
 
 
@@ -136,7 +136,8 @@ def table_row(r: dict, cap: float) -> list[str]:
             bc.fmt(t["h2d_est"], ".2f", 1e3), bc.fmt(t["cpu"], ".2f", 1e3), bc.fmt(t["gpu_probe"], ".2f", 1e3),
             bc.fmt(t["step"], ".2f", 1e3), bc.fmt(r["overlap_efficiency"], ".2f"),
             f"{bc.fmt(r['peak_gpu_gib'], '.2f')} / {cap:g}",
-            f"{bc.fmt(r['host']['kv_gib'])} / {bc.fmt(r['host']['pool_cap_gib'], '.0f')} / {bc.fmt(r['host']['free_gib'])}",
+            f"{bc.fmt(r['host']['kv_gib'])} / {bc.fmt(r['host']['pool_cap_gib'], '.0f')} / {bc.fmt(r['host']['free_gib'])}"
+            f" / {bc.fmt(r['host']['rest_gib'])}",
             bc.fmt(h and h["tok_s"]),
             bc.fmt(r["measured_over_predicted"] and r["measured_over_predicted"]["tok_s"], ".2f"), hrm_terms]
 
@@ -146,8 +147,9 @@ at start (the engine does not time its copies). CPU: attention in the worker thr
 GPU: the layer's GPU step for all micro-batches, timed alone. step: decode wall time per layer.
 overlap: step / max(H2D, CPU, GPU), 1.0 = perfect overlap. peak: JAX's peak_bytes_in_use, which
 cannot be reset: from the second policy of a run on, the peak over the policies so far. host: the KV
-cache, the pinned-host pool's cap (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB; HRM counts the pool at its cap) and
-MemAvailable at the end of the run. HRM: prediction for the same policy (engine placement: CPU
+cache, the pinned-host pool's cap (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB; HRM counts the pool at its cap),
+MemAvailable at the end of the run and the rest of the host's memory (the process, JAX, the OS: what
+HRM's HOST_USABLE leaves for it). HRM: prediction for the same policy (engine placement: CPU
 attention, host KV) on the profile named above."""
 
 
