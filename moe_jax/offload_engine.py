@@ -458,11 +458,15 @@ class _Run:
             self.writes.remove(w)
 
     def _start_prefill(self, k: int, rows: np.ndarray) -> None:
+        """Prefill calls for micro-batch k's `rows`: longest prompts first, as many rows per call as the
+        longest prompt's working set allows (`prefill_rows_per_call`), each call padded only to the bucket
+        of its own longest prompt (shorter calls pad less, within the same memory bound)."""
         cfg, eng = self.eng.cfg, self.eng
-        T = bucket(int(self.lens[k][rows].max()))
-        per_call = prefill_rows_per_call(cfg, T, len(rows))
+        rows = rows[np.argsort(-self.lens[k][rows], kind="stable")]
+        per_call = prefill_rows_per_call(cfg, bucket(int(self.lens[k][rows[0]])), len(rows))
         for s in range(0, len(rows), per_call):
             part = rows[s:s + per_call]
+            T = bucket(int(self.lens[k][part[0]]))
             tokens = np.zeros((per_call, T), np.int32)
             for r, b in enumerate(part):
                 tokens[r, :self.lens[k][b]] = self.requests[self.req[k][b]].prompt

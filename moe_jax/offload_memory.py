@@ -49,7 +49,8 @@ def prefill_calls(cfg: ModelConfig, mu, T: int):
 
 def prefill_bytes(cfg: ModelConfig, dtype, batch, mu, T: int):
     """A prefill of `batch` prompts padded to T tokens in micro-batches of μ: the hidden states of every
-    call's rows (all advance layer by layer; a micro-batch's last call is padded) and one call's working set."""
+    call's rows (all advance layer by layer; a micro-batch's last call is padded) and one call's working set.
+    An upper bound where prompts differ: the engine pads each call only to its own longest prompt."""
     rows, calls = prefill_calls(cfg, mu, T)
     alive = -(-np.asarray(batch) // np.asarray(mu)) * calls * rows
     return (alive * T * cfg.hidden_size * np.dtype(dtype).itemsize

@@ -12,8 +12,9 @@ sequence within the layer (with one micro-batch nothing overlaps: T = max(T_gpu,
   T_gpu: n_ub × (the GPU roofline time of one micro-batch of μ + a fixed launch time): every
          micro-batch re-reads the weights it touches from GPU memory, so larger μ amortises them.
 Prefill runs every op on the GPU, each micro-batch in calls of at most 1 GiB of working set
-(`moe_jax.offload_memory.prefill_calls`, each re-reading the layer's weights), streaming the next layer's
-experts and writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
+(`moe_jax.offload_memory.prefill_calls`, each re-reading the layer's weights; all priced at the longest
+prompt's padding, an upper bound: the engine pads each call to its own longest prompt), streaming the next
+layer's experts and writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
 decode steps; each adds the LM head of the N sequences.
 
 Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, the expert slots of the engine's page

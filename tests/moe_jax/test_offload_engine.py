@@ -12,6 +12,7 @@ from moe_jax.offload_policy import Policy
 from moe_jax.presets import TINY_PRESETS
 from moe_jax.requests import Request
 from moe_jax.sampling import SamplingParams
+from moe_jax.shape_buckets import bucket
 from tests.conftest import FAMILIES
 
 PROMPTS = [tuple(range(3, 3 + n)) for n in (9, 1, 17, 4, 30, 2, 11)]  # 7 prompts on N = 4 rows: 3 wait
@@ -137,6 +138,22 @@ def test_kv_slots_hold_each_first_request_need():
     assert eng.stats.kv_bytes == HostKVCache.footprint(cfg.num_layers, 3, np.array([41, 32, 24]), cfg.num_kv_heads,
                                                        cfg.head_dim, "float32")
     assert eng.stats.refilled == 4
+
+
+def test_prefill_calls_pad_to_their_own_longest_prompt(monkeypatch):
+    """With two rows per prefill call, each call pads only to its own longest prompt's bucket (longest
+    prompts first), and the tokens stay the resident engine's."""
+    import moe_jax.offload_engine as oe
+
+    shapes, call = [], oe._PrefillCall
+    monkeypatch.setattr(oe, "prefill_rows_per_call", lambda cfg, T, rows: 2)
+    monkeypatch.setattr(oe, "_PrefillCall", lambda k, rows, lens, positions, x: shapes.append(
+        (positions.shape[1], int(lens.max()))) or call(k, rows, lens, positions, x))
+    source = open_model("tiny-mixtral")
+    got, _ = offload_tokens(source, Policy(batch_size=7, micro_batch_size=4, num_micro_batches=2))
+    assert got == resident_tokens(source)
+    assert len(shapes) == 4 and len({T for T, _ in shapes}) > 1
+    assert all(T == bucket(longest) for T, longest in shapes)
 
 
 def test_a_row_past_its_kv_slot_is_an_error(monkeypatch):
