@@ -1,7 +1,7 @@
 """The numba attention kernel shared by the dense entry points and the host KV cache.
 
 One kernel covers decode and causal prefill: query ``(b, t)`` attends to KV positions
-``[0, min(starts[b] + t + 1, ends[b]))`` of KV row ``rows[b]`` (decode: ``T = 1``,
+``[0, min(starts[b] + t + 1, ends[b]))`` of its row's KV (decode: ``T = 1``,
 ``starts = lengths - 1``, ``ends = lengths``). K/V are passed flat, with per-row element offsets and
 head strides and one position stride, so that the cache's head-major layout (one region per slot, as
 long as that slot's capacity) and the dense ``[B, S, Hk, D]`` layout share one compiled kernel per
