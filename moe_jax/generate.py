@@ -64,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop string (repeatable); an input line's own \"stop\" replaces these")
     p.add_argument("--dtype", choices=sorted(set(DTYPES.values())), default="bfloat16")
     p.add_argument("--policy", choices=POLICIES, default="auto")
-    p.add_argument("--max-batch-size", type=int, default=64,
-                   help="resident policy: sequences decoding at once (default 64)")
+    p.add_argument("--max-batch-size", type=int,
+                   help="sequences decoding at once (default: 64 resident; HRM's choice, capped by this, offload)")
     p.add_argument("--gpu-memory-gb", type=float, help="GPU memory the engine may use, GiB (offload/auto)")
     p.add_argument("--hardware", help="HRM hardware profile name or JSON file (default: detected)")
     p.add_argument("--resume", action="store_true", help="keep the finished lines of --output and run the rest")

@@ -14,7 +14,7 @@ from moe_jax.offload_policy import Policy
 from moe_jax.params import model_bytes
 from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request, token_budget
-from moe_jax.resident_engine import ResidentEngine, device_memory_limit
+from moe_jax.resident_engine import DEFAULT_MAX_BATCH, ResidentEngine, device_memory_limit
 from moe_jax.sampling import SamplingParams
 from moe_jax.stop_strings import StopStrings, cut_at_stop
 
@@ -49,6 +49,8 @@ class LLM:
     policy: "resident" (everything on the accelerator), "offload" (CGOPipe with the policy HRM picks
       for the first `generate` call's workload), "auto" (resident when the model fits the accelerator,
       else offload), or a `moe_jax.Policy` (offload with exactly that policy).
+    max_batch_size: the most sequences decoding at once (default: 64 on the resident engine, HRM's choice
+      when it picks the offload policy, which it then caps).
     gpu_memory_gb: the GPU memory the engine may use (GiB); hardware: HRM profile name or JSON file
       (default: detected from the device); prefetch: "split" or "whole" (see OffloadEngine).
     The engine (and the weights' placement) is built when first needed: at construction for
@@ -56,7 +58,7 @@ class LLM:
     """
 
     def __init__(self, model: str | ModelSource, *, dtype: str = "bfloat16", policy="auto",
-                 max_batch_size: int = 64, gpu_memory_gb: float | None = None, hardware: str | None = None,
+                 max_batch_size: int | None = None, gpu_memory_gb: float | None = None, hardware: str | None = None,
                  moe_impl: str = "auto", prefetch: str = "split", seed: int = 0):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -105,15 +107,16 @@ class LLM:
                                     prefetch=self.prefetch)
 
     def _choose_offload_policy(self, requests: Sequence[Request]) -> Policy:
-        """HRM's policy for this workload (lengths as the engine runs them, `hrm_lengths`), N at most the requests."""
+        """HRM's policy for this workload (lengths as the engine runs them, `hrm_lengths`), N at most the requests
+        and max_batch_size."""
         from moe_jax import hrm
 
         hardware = self.hardware or detect_hardware()
         n = len(requests)
         if hardware is None:
             n_ub = min(2, n)
-            policy = Policy(batch_size=min(n, self.max_batch_size), micro_batch_size=-(-min(n, self.max_batch_size) // n_ub),
-                            num_micro_batches=n_ub)
+            batch = min(n, self.max_batch_size or DEFAULT_MAX_BATCH)
+            policy = Policy(batch_size=batch, micro_batch_size=-(-batch // n_ub), num_micro_batches=n_ub)
             log.warning("policy offload: no HRM hardware profile for device %s (pass hardware=...); using %s",
                         jax.devices()[0].device_kind, policy)
             return policy
@@ -127,7 +130,8 @@ class LLM:
             caps += [limit / 2**30] if limit else []
         pool = pinned_pool.fixed_cap_bytes()  # None: no GPU backend yet; HRM sizes the pool, set before it starts
         result = hrm.choose_policy(self.cfg, hardware, **job._asdict(), gpu_memory_gb=min(caps) if caps else None,
-                                   pinned_pool_gb=pool / 2**30 if pool else None, max_batch_size=n,
+                                   pinned_pool_gb=pool / 2**30 if pool else None,
+                                   max_batch_size=min(n, self.max_batch_size or n),
                                    placements=[("cpu", "cpu")], dtype=str(self.dtype))
         self.hrm_prediction = result
         log.info("HRM (%s, prompt %d, gen %d) chose %s; predicted %.1f tok/s, bottleneck %s",

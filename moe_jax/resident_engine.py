@@ -80,10 +80,13 @@ def step(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, last,
     return sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, keys), cache_k, cache_v
 
 
+DEFAULT_MAX_BATCH = 64  # rows decoding at once when the caller does not say
+
+
 class ResidentEngine:
-    def __init__(self, cfg: ModelConfig, weights, dtype, *, max_batch_size: int = 64, moe_impl: str = "auto",
+    def __init__(self, cfg: ModelConfig, weights, dtype, *, max_batch_size: int | None = None, moe_impl: str = "auto",
                  gpu_memory_bytes: int | None = None):
-        self.cfg, self.dtype, self.max_batch_size = cfg, np.dtype(dtype), max_batch_size
+        self.cfg, self.dtype, self.max_batch_size = cfg, np.dtype(dtype), max_batch_size or DEFAULT_MAX_BATCH
         self._check_fits(gpu_memory_bytes)
         self.glob = jax.device_put(weights.globals(self.dtype))
         stacked = {k: np.empty((cfg.num_layers, *s.shape), self.dtype) for k, s in layer_param_specs(cfg).items()}

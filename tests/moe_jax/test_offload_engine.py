@@ -78,6 +78,10 @@ def test_llm_api_with_a_fixed_policy_and_with_hrm():
     assert [c.token_ids for c in hrm.generate(prompts, params)] == want
     assert hrm.hrm_prediction is not None and hrm.policy.batch_size <= len(prompts)
     assert hrm.policy.gpu_memory_gb == 1
+    capped = moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", hardware="l4", gpu_memory_gb=1,
+                         max_batch_size=2)
+    assert [c.token_ids for c in capped.generate(prompts, params)] == want
+    assert capped.policy.batch_size == 2 < hrm.policy.batch_size
 
 
 def test_host_memory_is_checked_before_generation(monkeypatch):
