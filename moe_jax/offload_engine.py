@@ -300,11 +300,27 @@ class OffloadEngine:
                 resident = jax.device_put({k: w[k][ids] for k in experts}, self.on_device)
                 self.slots = self._install(self.slots, [resident], [p.resident_slot(i, ids[0])])
             ids = np.asarray(p.streamed[i], np.int64)
-            self.host_chunks.append([jax.device_put({k: np.ascontiguousarray(w[k][ids[a:b]]) for k in experts},
-                                                    self.on_host) for a, b in p.chunks(i)])
+            try:
+                self.host_chunks.append([jax.device_put({k: np.ascontiguousarray(w[k][ids[a:b]]) for k in experts},
+                                                        self.on_host) for a, b in p.chunks(i)])
+            except jax.errors.JaxRuntimeError as e:
+                if "out of host memory" not in str(e).lower():
+                    raise
+                raise self._pool_exhausted(i) from e
         self.tables = [jnp.asarray(p.page_table(i)) for i in range(self.cfg.num_layers)]
         self.installed = None  # the layer whose streamed experts are in the streamed slots
         self._fetch_for(0)
+
+    def _pool_exhausted(self, layer: int) -> OffloadMemoryError:
+        """The error for XLA's pinned-host pool running out while placing `layer`'s streamed experts."""
+        cap = pinned_pool.fixed_cap_bytes()
+        streamed = pinned_pool.streamed_bytes(self.cfg, self.dtype, self.policy)
+        return OffloadMemoryError(
+            f"policy {self.policy}: XLA's pinned-host pool (cap {f'{cap / 2**30:.0f} GiB' if cap else 'unknown'}, "
+            f"{pinned_pool.LIMIT_VAR}) ran out placing layer {layer} of {self.cfg.num_layers}'s streamed experts "
+            f"({streamed / 2**30:.2f} GiB in all): set {pinned_pool.LIMIT_VAR} higher before JAX starts (the pool "
+            f"fragments; the cap moe-jax sets is the streamed experts x {pinned_pool.MARGIN} + {pinned_pool.SLACK_GIB} "
+            f"GiB) or raise resident_expert_fraction")
 
     def _fetch_for(self, layer: int) -> None:
         """Chunks in flight from now on belong to `layer`."""

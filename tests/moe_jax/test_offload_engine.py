@@ -99,6 +99,27 @@ def test_host_memory_is_checked_before_generation(monkeypatch):
                                                                      num_micro_batches=2))
 
 
+def test_pinned_pool_running_out_while_loading_is_a_clear_error(monkeypatch):
+    """XLA's "Out of host memory" from the pinned-host pool (fragmentation past the cap) becomes an
+    OffloadMemoryError naming the policy, the layer and the setting to raise."""
+    import jax
+
+    put = jax.device_put
+
+    def device_put(x, device=None, **kw):
+        if getattr(device, "memory_kind", None) == "pinned_host":
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of host memory while trying to allocate "
+                                             "1048576 bytes.")
+        return put(x, device, **kw)
+
+    monkeypatch.setattr(jax, "device_put", device_put)
+    source = open_model("tiny-mixtral")
+    with pytest.raises(OffloadMemoryError, match=r"pinned-host pool .* ran out placing layer 0 of 2's streamed "
+                                                 r"experts .* set XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB higher"):
+        OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
+                                                                     num_micro_batches=2))
+
+
 def test_streamed_experts_must_fit_the_fixed_pinned_pool(monkeypatch):
     from moe_jax import pinned_pool
 
