@@ -104,14 +104,26 @@ class LLM:
         self.policy = policy
         pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype, policy))
         self.engine = OffloadEngine(self.cfg, self.source.weights, self.dtype, policy, moe_impl=self.moe_impl,
-                                    prefetch=self.prefetch)
+                                    prefetch=self.prefetch, host_memory_bytes=self._planned_host_bytes())
+
+    def _hardware(self):
+        """The HRM profile of this machine: the one given, else the detected one's name, else None."""
+        return self.hardware or detect_hardware()
+
+    def _planned_host_bytes(self) -> float | None:
+        """The host memory of this GPU machine's HRM profile (what its policies are planned with); None on
+        another backend (a profile named there describes some other machine) or without a profile."""
+        from moe_jax.hrm import hardware_profile
+
+        hardware = self._hardware() if jax.devices()[0].platform == "gpu" else None
+        return hardware_profile(hardware).host_memory if hardware is not None else None
 
     def _choose_offload_policy(self, requests: Sequence[Request]) -> Policy:
         """HRM's policy for this workload (lengths as the engine runs them, `hrm_lengths`), N at most the requests
         and max_batch_size."""
         from moe_jax import hrm
 
-        hardware = self.hardware or detect_hardware()
+        hardware = self._hardware()
         n = len(requests)
         if hardware is None:
             n_ub = min(2, n)

@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from host_ops import HostKVCache
-from moe_jax import model, pinned_pool
+from moe_jax import host_memory, model, pinned_pool
 from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
@@ -96,20 +96,10 @@ class OffloadMemoryError(MemoryError):
     """The policy does not fit the GPU memory cap or the host memory; raised before any work."""
 
 
-def host_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_host_memory(policy, what: str, need: int) -> None:
-    avail = host_available_bytes()
+def check_host_memory(policy, what: str, need: int, planned: float | None = None) -> None:
+    """Raise OffloadMemoryError if `need` bytes for `what` exceed what the host can still give
+    (`moe_jax.host_memory.available_bytes`; planned: the host memory the job is planned with, bytes)."""
+    avail = host_memory.available_bytes(planned)
     if avail is not None and need > avail:
         raise OffloadMemoryError(f"policy {policy} needs {need / 2**30:.2f} GiB of host memory for {what} but "
                                  f"only {avail / 2**30:.2f} GiB is available: lower batch_size or raise "
@@ -188,7 +178,7 @@ class OffloadStats:
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
     finished ones (interleaved with decode steps). kv_bytes: the host KV cache; host_free_bytes: the host's
     MemAvailable at the end of the run, the cache still held (what the pinned pool, the cache and the rest
-    left), None where unknown."""
+    left), and host_total_bytes its MemTotal then, None where unknown."""
 
     layers: int
     cpu: np.ndarray
@@ -202,6 +192,7 @@ class OffloadStats:
     peak_gpu_bytes: int | None = None
     kv_bytes: int = 0
     host_free_bytes: int | None = None
+    host_total_bytes: int | None = None
 
     @classmethod
     def empty(cls, layers: int) -> "OffloadStats":
@@ -214,7 +205,8 @@ class OffloadStats:
     def summary(self) -> str:
         per = max(self.decode_steps, 1) * self.layers
         peak = f", peak GPU {self.peak_gpu_bytes / 2**30:.2f} GiB" if self.peak_gpu_bytes else ""
-        free = f", host free {self.host_free_bytes / 2**30:.1f} GiB" if self.host_free_bytes is not None else ""
+        free = (f", host free {self.host_free_bytes / 2**30:.1f} of {self.host_total_bytes / 2**30:.1f} GiB"
+                if self.host_free_bytes is not None else "")
         return (f"offload: prefill {self.prefill_s:.2f} s, decode {self.decode_s:.2f} s over {self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms, waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
@@ -228,16 +220,18 @@ PREFETCH = ("split", "whole")
 
 class OffloadEngine:
     """prefetch: "split" sends the next layer's streamed experts in one chunk per micro-batch step (as the
-    original), "whole" sends them all with the first micro-batch's step."""
+    original), "whole" sends them all with the first micro-batch's step. host_memory_bytes: the host memory
+    the policy was planned with (the HRM profile's), for the host checks on a VM that shows less than it
+    has (`moe_jax.host_memory`); None: what /proc/meminfo shows."""
 
     def __init__(self, cfg: ModelConfig, weights, dtype, policy: Policy, *, moe_impl: str = "auto",
-                 prefetch: str = "split"):
+                 prefetch: str = "split", host_memory_bytes: float | None = None):
         if prefetch not in PREFETCH:
             raise ValueError(f"prefetch must be one of {PREFETCH}, got {prefetch!r}")
         if policy.attention_device != "cpu" or policy.kv_device != "cpu":
             raise ValueError(f"offload engine: attention_device={policy.attention_device!r}, kv_device="
                              f"{policy.kv_device!r} is not implemented; only CPU attention over a host KV cache")
-        self.cfg, self.dtype, self.policy = cfg, np.dtype(dtype), policy
+        self.cfg, self.dtype, self.policy, self.host_memory_bytes = cfg, np.dtype(dtype), policy, host_memory_bytes
         dev = jax.devices()[0]
         self.on_device = SingleDeviceSharding(dev, memory_kind="device")
         self.on_host = SingleDeviceSharding(dev, memory_kind="pinned_host")
@@ -246,7 +240,7 @@ class OffloadEngine:
         self.specs = layer_param_specs(cfg)
         self.gpu_bytes = self._check_gpu_memory()
         streamed = pinned_pool.streamed_bytes(cfg, self.dtype, policy)
-        check_host_memory(policy, "the streamed experts (pinned)", streamed)
+        check_host_memory(policy, "the streamed experts (pinned)", streamed, host_memory_bytes)
         pool = pinned_pool.fixed_cap_bytes()
         if pool is not None and pinned_pool.cap_bytes(streamed) > pool:
             raise OffloadMemoryError(
@@ -374,7 +368,7 @@ class OffloadEngine:
         capacities = np.array([lengths[i] + budget[i] for group in first for i in group])
         check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions)",
                           HostKVCache.footprint(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads,
-                                                cfg.head_dim, self.dtype))
+                                                cfg.head_dim, self.dtype), self.host_memory_bytes)
         T = bucket(max(lengths))
         self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
                                f"prefill of prompts up to {T} tokens")
@@ -382,7 +376,8 @@ class OffloadEngine:
         self.stats.kv_bytes = cache.nbytes
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
             yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:]).run()
-        self.stats.host_free_bytes = host_available_bytes()  # the cache's pages written, still held
+        mem = host_memory.meminfo()  # the cache's pages written, still held
+        self.stats.host_free_bytes, self.stats.host_total_bytes = mem or (None, None)
         stats = jax.devices()[0].memory_stats() or {}
         self.stats.peak_gpu_bytes = stats.get("peak_bytes_in_use")
         log.info("%s", self.stats.summary())

@@ -274,7 +274,8 @@ def host_memory(stats, cfg, policy, dtype: str) -> dict:
 
     cap = os.environ.get(pinned_pool.LIMIT_VAR)
     free = stats.host_free_bytes / GiB if stats.host_free_bytes is not None else None
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    total = (stats.host_total_bytes if stats.host_total_bytes is not None  # MemTotal then (a VM may grow it)
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GiB
     return {"kv_gib": stats.kv_bytes / GiB,
             "streamed_gib": pinned_pool.streamed_bytes(cfg, np.dtype(dtype), policy) / GiB,
             "pool_cap_gib": float(cap) if cap else None, "free_gib": free, "total_gib": total,

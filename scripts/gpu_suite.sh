@@ -26,6 +26,10 @@ case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 
   *) HW="" ;;
 esac
 
+# MemTotal and MemAvailable in GiB: the offload steps plan with the HRM profile's 125 GiB, and a VM may show
+# less until its memory is used (moe_jax/host_memory.py); each step's row records them after it ran.
+mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /proc/meminfo; }
+
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 CORE="tests bench_host_attention bench_expert_kernel_core bench_offload_quick"
 STEPS=(
@@ -52,6 +56,7 @@ STEPS=(
   echo "date: $(date -u +%FT%TZ)  host: $(hostname)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
   $PY -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())' 2>&1
+  echo "host memory: $(mem)"
 } | tee "$OUT/env.log"
 
 declare -a SUMMARY
@@ -68,11 +73,11 @@ for step in "${STEPS[@]}"; do
   case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status="fail($rc)" ;; esac
   [ "$rc" -eq 0 ] || failed=1
   tail -n 25 "$OUT/$name.log"
-  SUMMARY+=("$(printf '| %-24s | %-9s | %5ss | %s |' "$name" "$status" "$secs" "$OUT/$name.log")")
+  SUMMARY+=("$(printf '| %-24s | %-9s | %5ss | %s | %s |' "$name" "$status" "$secs" "$(mem)" "$OUT/$name.log")")
 done
 
 echo
-printf '| %-24s | %-9s | %6s | %s |\n' step status time log
-echo "|---|---|---|---|"
+printf '| %-24s | %-9s | %6s | %s | %s |\n' step status time "host GiB after" log
+echo "|---|---|---|---|---|"
 printf '%s\n' "${SUMMARY[@]}"
 exit $failed

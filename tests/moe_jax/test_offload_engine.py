@@ -84,19 +84,26 @@ def test_llm_api_with_a_fixed_policy_and_with_hrm():
     assert capped.policy.batch_size == 2 < hrm.policy.batch_size
 
 
-def test_host_memory_is_checked_before_generation(monkeypatch):
+def test_host_memory_is_checked_before_generation(monkeypatch, caplog):
     import moe_jax.offload_engine as oe
+    from moe_jax.host_memory import MemInfo
 
     source = open_model("tiny-mixtral")
     eng = OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                       num_micro_batches=2))
-    monkeypatch.setattr(oe, "host_available_bytes", lambda: 1000)
+    monkeypatch.setattr(oe.host_memory, "meminfo", lambda: MemInfo(total=4000, available=1000))
     # each row's slot holds what its request can fill, prompt + budget = 3 + 7 and 5 + 7 positions (no padding)
     with pytest.raises(OffloadMemoryError, match=r"host memory for the KV cache \(2 sequences, 22 positions\)"):
         list(eng.generate([Request(0, (1, 2, 3), GREEDY), Request(1, (1, 2, 3, 4, 5), GREEDY)]))
     with pytest.raises(OffloadMemoryError, match="streamed experts"):
         OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                      num_micro_batches=2))
+    # planned with more host memory than MemTotal shows (a VM that grows with use): the difference counts
+    grown = OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
+                                                                        num_micro_batches=2), host_memory_bytes=2**30)
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        assert len(list(grown.generate([Request(0, (1, 2, 3), GREEDY), Request(1, (1, 2, 3, 4, 5), GREEDY)]))) == 2
+    assert "counting the 1.0 GiB it does not show yet as available" in caplog.text
 
 
 def test_pinned_pool_running_out_while_loading_is_a_clear_error(monkeypatch):
@@ -309,3 +316,22 @@ def test_gpu_offload_streams_from_pinned_memory_and_equals_resident():
     kinds = {a.sharding.memory_kind for chunks in eng.host_chunks for a in jax.tree.leaves(chunks)}
     assert kinds == {"pinned_host"} and eng.stats.h2d_bytes > 0 and eng.stats.refilled == 4
     assert eng.stats.peak_gpu_bytes and eng.stats.peak_gpu_bytes > 0
+
+
+def test_gpu_machines_host_checks_use_their_profiles_host_memory(monkeypatch):
+    """On a GPU whose HRM profile is known, the engine's host checks take the profile's host memory as
+    planned (a VM may show less until used); on the CPU backend a named profile is some other machine."""
+    import jax
+    from types import SimpleNamespace
+
+    from moe_jax.hrm import hardware_profile
+
+    llm = moe_jax.LLM("tiny-mixtral", policy="offload")
+    assert llm._planned_host_bytes() is None
+    llm = moe_jax.LLM("tiny-mixtral", policy="offload", hardware="l4")
+    assert llm._planned_host_bytes() is None
+    fake = SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(jax, "devices", lambda *a: [fake])
+    assert llm._planned_host_bytes() == hardware_profile("l4").host_memory
+    llm.hardware = None
+    assert llm._planned_host_bytes() == hardware_profile("h100-80gb").host_memory
