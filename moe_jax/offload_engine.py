@@ -37,12 +37,13 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from host_ops import HostKVCache
-from moe_jax import host_memory, model, pinned_pool
+from moe_jax import expert_codec, host_memory, model, pinned_pool
 from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_rows_per_call
 from moe_jax.offload_policy import Policy
+from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, layer_param_specs, non_expert_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.resident_engine import device_memory_limit, precise
@@ -52,12 +53,16 @@ from moe_jax.shape_buckets import bucket
 log = logging.getLogger("moe_jax")
 
 
-def planned_gpu_bytes(cfg: ModelConfig, dtype, micro_batch_size: int, pages: ExpertPages) -> int:
+def planned_gpu_bytes(cfg: ModelConfig, dtype, micro_batch_size: int, pages: ExpertPages, codec: str = "none",
+                      escape_bytes: int | None = None) -> int:
     """GPU bytes of the engine's plan before a prefill (`offload_memory.prefill_bytes` comes on top): the
-    non-expert weights, the expert slots (resident, streamed and the next layer's chunks in flight) and one
+    non-expert weights, the expert slots (resident and streamed), the next layer's chunks in flight (coded
+    as `codec` says, with its decoding overhead: `escape_bytes` of escapes, None: the allowance) and one
     decode micro-batch's working set."""
-    slots = (pages.num_slots + pages.max_streamed) * expert_bytes(cfg, dtype)
-    return int(non_expert_bytes(cfg, dtype) + slots + decode_bytes(cfg, micro_batch_size))
+    slots = pages.num_slots * expert_bytes(cfg, dtype) + pages.max_streamed * streamed_expert_bytes(cfg, dtype, codec)
+    codec_bytes = decode_overhead_bytes(cfg, dtype, codec, pages.num_layers * pages.num_experts - pages.num_resident,
+                                        escape_bytes)
+    return int(non_expert_bytes(cfg, dtype) + slots + codec_bytes + decode_bytes(cfg, micro_batch_size))
 
 
 def admission_order(prompt_lens: Sequence[int], budgets: Sequence[int]) -> list[int]:
@@ -119,10 +124,20 @@ def _fetch(to_device, chunk):
     return None if chunk is None else jax.device_put(chunk, to_device)
 
 
-def _install(slots, fetched, starts):
-    """Write the fetched chunks into the streamed slots: chunk c at slot starts[c]."""
-    for chunk, at in zip(fetched, starts):
-        slots = {k: jax.lax.dynamic_update_slice_in_dim(slots[k], chunk[k], at, 0) for k in slots}
+def _install(slots, fetched, starts, escapes):
+    """Write the fetched chunks into the streamed slots: chunk c at slot starts[c]. escapes: None (chunks
+    as they are) or per chunk {name: (base [c], index [c, n], bits [c, n])} of its `expert_codec`-coded
+    chunks ({name: {"sm", "nib"}}), decoded here one expert at a time."""
+    slots = dict(slots)
+    for c, (chunk, at) in enumerate(zip(fetched, starts)):
+        for k in slots:
+            if escapes is None:
+                slots[k] = jax.lax.dynamic_update_slice_in_dim(slots[k], chunk[k], at, 0)
+                continue
+            sm, nib, (base, index, bits) = chunk[k]["sm"], chunk[k]["nib"], escapes[c][k]
+            for j in range(sm.shape[0]):
+                expert = expert_codec.decode(sm[j], nib[j], base[j], index[j], bits[j]).astype(slots[k].dtype)
+                slots[k] = jax.lax.dynamic_update_slice_in_dim(slots[k], expert[None], at + j, 0)
     return slots
 
 
@@ -232,6 +247,8 @@ class OffloadEngine:
             raise ValueError(f"offload engine: attention_device={policy.attention_device!r}, kv_device="
                              f"{policy.kv_device!r} is not implemented; only CPU attention over a host KV cache")
         self.cfg, self.dtype, self.policy, self.host_memory_bytes = cfg, np.dtype(dtype), policy, host_memory_bytes
+        expert_codec.check(policy.expert_codec, self.dtype)
+        self.escape_bytes = None  # GPU bytes of the coded experts' escapes, once loaded
         dev = jax.devices()[0]
         self.on_device = SingleDeviceSharding(dev, memory_kind="device")
         self.on_host = SingleDeviceSharding(dev, memory_kind="pinned_host")
@@ -267,7 +284,8 @@ class OffloadEngine:
         """Bytes the GPU must hold (`planned_gpu_bytes`, + `extra` bytes for `extra_what`)."""
         p = self.pages
         dense = non_expert_bytes(self.cfg, self.dtype)
-        need = planned_gpu_bytes(self.cfg, self.dtype, self.policy.micro_batch_size, p) + extra
+        need = planned_gpu_bytes(self.cfg, self.dtype, self.policy.micro_batch_size, p, self.policy.expert_codec,
+                                 self.escape_bytes) + extra
         cap = self.policy.gpu_memory_gb
         limit = device_memory_limit()
         for name, value in (("gpu_memory_gb cap", cap * 2**30 if cap else None), ("device memory", limit)):
@@ -285,25 +303,62 @@ class OffloadEngine:
         self.glob = jax.device_put(weights.globals(dt), self.on_device)
         experts = [k for k, s in self.specs.items() if s.expert]
         self.slots = {k: jnp.zeros((p.num_slots, *self.specs[k].shape[1:]), dt, device=self.on_device) for k in experts}
-        self.dense, self.host_chunks = [], []
+        self.dense, self.host_chunks, escapes = [], [], []
         for i in range(self.cfg.num_layers):
             w = weights.layer(i, dt)
             self.dense.append(jax.device_put({k: v for k, v in w.items() if not self.specs[k].expert}, self.on_device))
             if p.resident[i]:  # this layer's resident experts fill consecutive slots
                 ids = list(p.resident[i])
                 resident = jax.device_put({k: w[k][ids] for k in experts}, self.on_device)
-                self.slots = self._install(self.slots, [resident], [p.resident_slot(i, ids[0])])
+                self.slots = self._install(self.slots, [resident], [p.resident_slot(i, ids[0])], None)
             ids = np.asarray(p.streamed[i], np.int64)
+            chunks = [self._host_chunk({k: w[k][ids[a:b]] for k in experts}) for a, b in p.chunks(i)]
+            escapes.append([e for _, e in chunks])
             try:
-                self.host_chunks.append([jax.device_put({k: np.ascontiguousarray(w[k][ids[a:b]]) for k in experts},
-                                                        self.on_host) for a, b in p.chunks(i)])
+                self.host_chunks.append([jax.device_put(c, self.on_host) for c, _ in chunks])
             except jax.errors.JaxRuntimeError as e:
                 if "out of host memory" not in str(e).lower():
                     raise
                 raise self._pool_exhausted(i) from e
+        self.escapes = self._place_escapes(escapes)
         self.tables = [jnp.asarray(p.page_table(i)) for i in range(self.cfg.num_layers)]
         self.installed = None  # the layer whose streamed experts are in the streamed slots
         self._fetch_for(0)
+
+    def _host_chunk(self, experts: dict[str, np.ndarray]):
+        """(what the pinned pool holds of a chunk {name: [c, ...]}, its escapes): the arrays as they are and
+        None, or coded ({name: {"sm", "nib"}}) and per name a list of (base, index, bits, bits of element 0)."""
+        if self.policy.expert_codec == "none":
+            return {k: np.ascontiguousarray(x) for k, x in experts.items()}, None
+        coded = {k: [expert_codec.encode(m) for m in x] for k, x in experts.items()}
+        host = {k: {"sm": np.stack([c.sm for c in cs]), "nib": np.stack([c.nib for c in cs])} for k, cs in coded.items()}
+        return host, {k: [(c.base, c.escape_index, c.escape_bits, x[j].reshape(-1)[:1].view(np.uint16))
+                          for j, c in enumerate(cs)] for (k, cs), x in zip(coded.items(), experts.values())}
+
+    def _place_escapes(self, escapes):
+        """Per layer, per chunk: {name: (base [c], index [c, n], bits [c, n])} on the GPU, every expert's
+        escapes padded to the model's most (bucketed, so that one compiled install serves every chunk) with
+        element 0 and its own bits; None without a codec. Sets escape_bytes."""
+        if self.policy.expert_codec == "none":
+            self.escape_bytes = 0
+            return [None] * len(escapes)
+        n = bucket(max([1] + [len(e[1]) for layer in escapes for chunk in layer for es in chunk.values() for e in es]), 1)
+
+        def padded(es):
+            index = np.zeros((len(es), n), np.int32)
+            bits = np.repeat(np.stack([e[3] for e in es]), n, axis=1)
+            for j, (_, idx, b, _) in enumerate(es):
+                index[j, :len(idx)], bits[j, :len(b)] = idx, b
+            return np.array([e[0] for e in es], np.int32), index, bits
+
+        placed = [[jax.device_put({k: padded(es) for k, es in chunk.items()}, self.on_device) for chunk in layer]
+                  for layer in escapes]
+        self.escape_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(placed))
+        log.info("expert codec %s: streamed experts coded at %.3f of their bytes, escapes padded to %d per "
+                 "expert matrix, %.1f MiB on the GPU", self.policy.expert_codec,
+                 streamed_expert_bytes(self.cfg, self.dtype, self.policy.expert_codec) / self._expert_bytes(), n,
+                 self.escape_bytes / 2**20)
+        return placed
 
     def _pool_exhausted(self, layer: int) -> OffloadMemoryError:
         """The error for XLA's pinned-host pool running out while placing `layer`'s streamed experts."""
@@ -328,7 +383,7 @@ class OffloadEngine:
             self._complete_fetch()
             if self.fetched:
                 starts = [self.pages.chunk_slot(a) for a, _ in self.pages.chunks(layer)]
-                self.slots = self._install(self.slots, self.fetched, starts)
+                self.slots = self._install(self.slots, self.fetched, starts, self.escapes[layer])
             self._fetch_for((layer + 1) % self.cfg.num_layers)
         self.installed = layer
         return self.tables[layer]
@@ -339,7 +394,7 @@ class OffloadEngine:
         if step >= len(self.fetched) or self.fetched[step] is not None:
             return None
         a, b = self.pages.chunks(self.fetching)[step]
-        self.stats.h2d_bytes += (b - a) * self._expert_bytes()
+        self.stats.h2d_bytes += (b - a) * streamed_expert_bytes(self.cfg, self.dtype, self.policy.expert_codec)
         return self.host_chunks[self.fetching][step]
 
     def _store(self, step: int, fetched) -> None:
@@ -377,7 +432,7 @@ class OffloadEngine:
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
             yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:]).run()
         mem = host_memory.meminfo()  # the cache's pages written, still held
-        self.stats.host_free_bytes, self.stats.host_total_bytes = mem or (None, None)
+        self.stats.host_free_bytes, self.stats.host_total_bytes = (mem.available, mem.total) if mem else (None, None)
         stats = jax.devices()[0].memory_stats() or {}
         self.stats.peak_gpu_bytes = stats.get("peak_bytes_in_use")
         log.info("%s", self.stats.summary())

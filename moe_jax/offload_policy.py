@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 DEVICES = ("cpu", "gpu")
+CODECS = ("none", "exp4")  # moe_jax.expert_codec
 
 
 class PolicyError(ValueError):
@@ -21,6 +22,8 @@ class Policy:
     attention_device: where decode attention runs; kv_device: where the KV cache lives. CPU attention
       reads a host KV cache; GPU attention reads it from either (a host cache crosses the link).
     gpu_memory_gb: GPU memory the engine may use, in GiB (2**30 bytes); None: all of it.
+    expert_codec: how the streamed experts are held in pinned memory and cross the link: "none" (as they
+      are) or "exp4" (bfloat16 coded losslessly in 12 bits, decoded on the GPU: `moe_jax.expert_codec`).
     """
 
     batch_size: int
@@ -30,6 +33,7 @@ class Policy:
     attention_device: str = "cpu"
     kv_device: str = "cpu"
     gpu_memory_gb: float | None = None
+    expert_codec: str = "none"
 
     def __post_init__(self):
         for name in ("batch_size", "micro_batch_size", "num_micro_batches"):
@@ -52,3 +56,5 @@ class Policy:
         cap = self.gpu_memory_gb
         if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0):
             raise PolicyError(f"Policy.gpu_memory_gb must be a positive number of GiB or None, got {cap!r}")
+        if self.expert_codec not in CODECS:
+            raise PolicyError(f"Policy.expert_codec must be one of {CODECS}, got {self.expert_codec!r}")

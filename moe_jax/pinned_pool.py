@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from moe_jax.expert_pages import ExpertPages
-from moe_jax.params import expert_bytes
+from moe_jax.expert_codec import streamed_expert_bytes
 
 log = logging.getLogger("moe_jax")
 
@@ -37,10 +37,13 @@ def setting_gib(streamed_bytes: float) -> int:
 
 
 def streamed_bytes(cfg, dtype, policy=None) -> int:
-    """Bytes of the experts the offload engine keeps in pinned host memory under `policy` (None: all)."""
+    """Bytes of the experts the offload engine keeps in pinned host memory under `policy` (None: all, uncoded),
+    coded as the policy's expert_codec says."""
     L, E = cfg.num_layers, cfg.num_experts
-    n = L * E if policy is None else sum(map(len, ExpertPages.plan(L, E, policy.resident_expert_fraction, 1).streamed))
-    return n * expert_bytes(cfg, dtype)
+    if policy is None:
+        return L * E * streamed_expert_bytes(cfg, dtype, "none")
+    n = sum(map(len, ExpertPages.plan(L, E, policy.resident_expert_fraction, 1).streamed))
+    return n * streamed_expert_bytes(cfg, dtype, policy.expert_codec)
 
 
 def _gpu_backend_started() -> bool | None:
