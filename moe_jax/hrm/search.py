@@ -65,6 +65,7 @@ from moe_jax.hrm.hardware import GiB, Hardware, hardware_profile
 from moe_jax import pinned_pool
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_calls
 from moe_jax.offload_policy import Policy
+from moe_jax.expert_codec import check as check_codec, decode_overhead_bytes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, non_expert_bytes
 
 GPU_USABLE = 0.9  # of the GPU memory cap: XLA workspace and fragmentation
@@ -106,23 +107,24 @@ class SearchResult:
                 "host_memory_gib": self.host_memory_bytes / GiB, "pinned_pool_gib": self.pinned_pool_bytes / GiB}
 
 
-def _most_resident(c, L: int, E: int):
-    """The largest R in [0, L·E] with R − 2·⌊R/L⌋ ≤ c, elementwise; −1 where none is.
+def _most_resident(c, L: int, E: int, f: float = 2.0):
+    """The largest R in [0, L·E] with R − f·⌊R/L⌋ ≤ c, elementwise; −1 where none is.
 
-    R − 2⌊R/L⌋ is the GPU's expert slots beyond the 2·E of a double buffer with nothing resident, in
-    experts: R resident slots plus twice M = E − ⌊R/L⌋ streamed ones (`moe_jax.expert_pages`). Writing
-    R = k·L + j (0 ≤ j < L) it is k·(L − 2) + j: it rises within each k and falls by one where j wraps."""
-    c = np.floor(np.asarray(c, float))
-    if L <= 2:  # every R's slots are at least those of R = L·E (L = 1: −E, L = 2: 0)
-        return np.where(c >= E * (L - 2), L * E, -1)
-    k = np.clip(np.floor(c / (L - 2)), 0, E)
-    R = np.minimum(k * L + np.minimum(L - 1, c - k * (L - 2)), L * E)
+    R − f⌊R/L⌋ is the GPU's expert memory beyond the f·E of a double buffer with nothing resident, in
+    experts: R resident slots and M = E − ⌊R/L⌋ streamed ones plus M in flight, each of those 1 − f of an
+    expert (f = 2 uncoded; 1.75 under the exp4 codec, `moe_jax.expert_pages`). Writing R = k·L + j
+    (0 ≤ j < L) it is k·(L − f) + j: it rises within each k and falls where j wraps."""
+    c = np.asarray(c, float)
+    if L <= f:  # every R's memory is at least that of R = L·E
+        return np.where(c >= E * (L - f), L * E, -1)
+    k = np.clip(np.floor(c / (L - f)), 0, E)
+    R = np.minimum(k * L + np.minimum(L - 1, np.floor(c - k * (L - f))), L * E)
     return np.where(c < 0, -1, R).astype(int)
 
 
 def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, kv_gpu, *, resident=None,
               batch=None, gpu_budget=np.inf, host_budget=np.inf, prefill_len=None, pinned_pool_bytes=None,
-              kv_positions=None) -> dict:
+              kv_positions=None, codec="none") -> dict:
     """Times (seconds) and memory (bytes) of policies, as broadcast arrays over the arguments.
 
     mu, n_ub: micro-batch size and count; attn_gpu, kv_gpu: booleans of the placement; resident: R, the
@@ -132,10 +134,13 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     R over the layers (`ExpertPages.plan`): R mod L layers hold ⌊R/L⌋ + 1, the others ⌊R/L⌋, and each
     layer streams the rest of its experts; decode contexts average P + G/2; the KV cache holds
     kv_positions[min(N, R)] positions for N sequences (kv_positions [R + 1], a job's `JobShape`; default
-    P + G per sequence); prefill runs prompts padded to `prefill_len` tokens (default P)."""
+    P + G per sequence); prefill runs prompts padded to `prefill_len` tokens (default P); `codec`: how the
+    streamed experts are held and sent (`moe_jax.expert_codec`: fewer bytes on the link and in the pool,
+    decoded into full slots on the GPU)."""
     L, E, it = cfg.num_layers, cfg.num_experts, itemsize(dtype)
     kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it
-    w = expert_bytes(cfg, dtype)  # one expert of one layer
+    w = expert_bytes(cfg, dtype)  # one expert of one layer, in a GPU slot
+    w_link = streamed_expert_bytes(cfg, dtype, codec)  # the same in the pinned pool, on the link, in flight
     N = mu * n_ub if batch is None else batch
     ctx, ctx_max = P + G / 2, P + G
 
@@ -159,13 +164,15 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
         kv_positions = np.asarray(kv_positions)
         kv_cache = kv_positions[np.minimum(N, kv_positions.size - 1).astype(int)] * L * kvt
     gpu_fixed = (non_expert_bytes(cfg, dtype) + decode_bytes(cfg, mu) + attn_dec
-                 + prefill_bytes(cfg, dtype, N, mu, T) + np.where(kv_gpu, kv_cache, 0.0))
+                 + prefill_bytes(cfg, dtype, N, mu, T) + np.where(kv_gpu, kv_cache, 0.0)
+                 + decode_overhead_bytes(cfg, dtype, codec, L * E))
     host_fixed = np.where(kv_gpu, 0.0, kv_cache)
+    f = 1 + w_link / w  # a streamed expert's slot and its copy in flight, in experts
     if resident is None:
-        resident = _most_resident((gpu_budget - gpu_fixed) / w - 2 * E, L, E)
+        resident = _most_resident((gpu_budget - gpu_fixed) / w - f * E, L, E, f)
     R = np.asarray(resident)
-    gpu_memory = gpu_fixed + w * (R + 2 * (E - R // L))
-    streamed = w * (L * E - R)
+    gpu_memory = gpu_fixed + w * R + (w + w_link) * (E - R // L)
+    streamed = w_link * (L * E - R)
     pool = pinned_pool.cap_bytes(streamed) if pinned_pool_bytes is None else pinned_pool_bytes
     host_memory = host_fixed + pool
     feasible = ((R >= 0) & (gpu_memory <= gpu_budget) & (host_memory <= host_budget)
@@ -176,8 +183,8 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     def layers(layer_seconds):  # Σ over layers of layer_seconds(experts it streams)
         return (L - more) * layer_seconds(E - q) + more * layer_seconds(E - q - 1)
 
-    h2d = lambda s: np.maximum(s * w + up, down) / hw.link_bandwidth
-    h2d_pre = lambda s: np.maximum(s * w, np.where(kv_gpu, 0.0, N * P * kvt)) / hw.link_bandwidth
+    h2d = lambda s: np.maximum(s * w_link + up, down) / hw.link_bandwidth
+    h2d_pre = lambda s: np.maximum(s * w_link, np.where(kv_gpu, 0.0, N * P * kvt)) / hw.link_bandwidth
 
     def decode_layer(s):
         """A decode layer streaming s experts: its n_ub GPU calls, the first min(n_ub, s) each carrying a
@@ -185,7 +192,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
         link traffic, a call lasting as long as its compute or its copies; the CPU attention overlapped with
         them, and each micro-batch's own call and attention in sequence within the layer."""
         c = np.minimum(n_ub, s)
-        experts = s * w / hw.link_bandwidth
+        experts = s * w_link / hw.link_bandwidth
         rest = h2d(s) - experts
         g = t_gpu / n_ub
         carrying = np.maximum(g, experts / np.maximum(c, 1) + rest / n_ub)
@@ -200,7 +207,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
                prefill=prefill, step=step, decode=(G - 1) * step, decode_tps=N / step,
                tps=np.where(feasible, N * G / (prefill + (G - 1) * step), 0.0),
                gpu_memory=gpu_memory, host_memory=host_memory, pinned_pool=pool, streamed=streamed,
-               gpu_min=gpu_fixed + w * (2 * E + min(0, E * (L - 2))))
+               gpu_min=gpu_fixed + min((w + w_link) * E, w * L * E))
     return dict(zip(out, np.broadcast_arrays(*out.values())))
 
 
@@ -233,7 +240,8 @@ def _memory_cap(name: str, gb: float | None, available: float) -> float:
 def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, gen_len: int, *,
                   prefill_len: int | None = None, kv_positions=None, gpu_memory_gb: float | None = None,
                   host_memory_gb: float | None = None, pinned_pool_gb: float | None = None,
-                  max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16") -> SearchResult:
+                  max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16",
+                  expert_codec: str = "none") -> SearchResult:
     """The policy maximising predicted end-to-end tok/s for prompts of `prompt_len` tokens and `gen_len`
     generated tokens each, within GPU and host memory (GiB caps, default the hardware's), at most
     `max_batch_size` sequences and one of `placements` ((attention_device, kv_device) pairs, e.g. only
@@ -244,8 +252,11 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     prompt_len + gen_len per sequence.
     `pinned_pool_gb`: the pinned-host pool's cap when it is fixed already (JAX started before the policy
     was chosen; `moe_jax.pinned_pool.fixed_cap_bytes`); None: the engine sizes it for the chosen policy.
+    `expert_codec`: how the engine will hold and send the streamed experts (`moe_jax.expert_codec`); the
+    policy carries it.
     Raises InfeasibleError if no policy fits, ValueError on bad arguments."""
     hw = hardware_profile(hardware)
+    check_codec(expert_codec, dtype)
     if not placements or any(p not in PLACEMENTS for p in placements):
         raise ValueError(f"placements must be a non-empty subset of {PLACEMENTS}, got {placements!r}")
     for name, v in (("prompt_len", prompt_len), ("gen_len", gen_len)):
@@ -275,7 +286,7 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, MICRO_BATCH_SIZES[None, :, None],
                   NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget,
                   prefill_len=prefill_len, pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None,
-                  kv_positions=kv_positions)
+                  kv_positions=kv_positions, codec=expert_codec)
     allowed = np.array([p in placements for p in PLACEMENTS])[:, None, None]
     tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
     if not tps.max() > 0:
@@ -287,7 +298,7 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     i = np.unravel_index(near[np.argmax(tps.flat[near])], tps.shape)
     attention, kv = PLACEMENTS[i[0]]
     policy = Policy(int(g["N"][i]), int(g["mu"][i]), int(g["n_ub"][i]), float(g["r"][i]), attention, kv,
-                    gpu_memory_gb)
+                    gpu_memory_gb, expert_codec)
     return _result(policy, {k: float(v[i]) for k, v in g.items()})
 
 
@@ -303,7 +314,7 @@ def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_l
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, policy.micro_batch_size, policy.num_micro_batches,
                   policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,
                   batch=policy.batch_size, prefill_len=prefill_len, kv_positions=kv_positions,
-                  pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None)
+                  pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None, codec=policy.expert_codec)
     return _result(policy, {k: float(v) for k, v in g.items()})
 
 

@@ -148,15 +148,17 @@ def test_kv_positions_per_sequence(mixtral):
     assert few.policy.batch_size == 10
 
 
+@pytest.mark.parametrize("f", [2.0, 1.75])
 @pytest.mark.parametrize("L, E", [(1, 8), (2, 8), (3, 4), (32, 8), (48, 128)])
-def test_most_resident_is_the_largest_that_fits(L, E):
-    """The closed form against a scan of every R: the most resident experts whose slots (R + 2·(E − ⌊R/L⌋),
-    the engine's page table) fit c + 2E slots."""
-    slots = np.array([ExpertPages.plan(L, E, R / (L * E), 1) for R in range(L * E + 1)], dtype=object)
-    used = np.array([p.num_slots + p.max_streamed for p in slots]) - 2 * E
-    for c in np.arange(-E - 2.0, E * L + 3.0, 0.5):
+def test_most_resident_is_the_largest_that_fits(L, E, f):
+    """The closed form against a scan of every R: the most resident experts whose memory (R slots, M streamed
+    slots and M in flight at f − 1 of an expert each: the engine's page table; f = 1.75 under the exp4
+    codec) fits c + f·E experts."""
+    pages = [ExpertPages.plan(L, E, R / (L * E), 1) for R in range(L * E + 1)]
+    used = np.array([p.num_resident + f * p.max_streamed for p in pages]) - f * E
+    for c in np.arange(-E - 2.0, E * L + 3.0, 0.25):
         fits = np.flatnonzero(used <= c)
-        assert _most_resident(c, L, E) == (fits.max() if fits.size else -1), c
+        assert _most_resident(c, L, E, f) == (fits.max() if fits.size else -1), c
 
 
 def test_resident_experts_counted_per_layer(mixtral):
@@ -247,3 +249,25 @@ def test_calls_without_a_chunk_overlap_no_copy(mixtral):
     assert t["gpu"] > 0.01 and many.step_seconds >= L * (0.95 * t["h2d"] + 56 / 64 * t["gpu"])
     few = predict(mixtral, "h100-80gb", Policy(1024, 128, 8), 77, 64)
     assert few.step_seconds < many.step_seconds
+
+
+def test_exp4_codec_plans_fewer_link_and_pool_bytes_within_both_limits(mixtral):
+    """With the experts coded (3/4 of the bytes on the link and in the pinned pool, full slots on the GPU
+    plus the codec's escapes and one decoded expert), the policy still fits both limits and, the link and
+    the host binding at a 16 GiB cap, batches more and streams faster than uncoded."""
+    kw = dict(gpu_memory_gb=16, placements=[("cpu", "cpu")])
+    plain = choose_policy(mixtral, "h100-80gb", 77, 64, **kw)
+    coded = choose_policy(mixtral, "h100-80gb", 77, 64, expert_codec="exp4", **kw)
+    assert coded.policy.expert_codec == "exp4" and plain.policy.expert_codec == "none"
+    assert coded.gpu_memory_bytes <= GPU_USABLE * 16 * GiB
+    assert coded.host_memory_bytes <= HOST_USABLE * PROFILES["h100-80gb"].host_memory
+    streamed = pinned_pool.streamed_bytes(mixtral, BF16, coded.policy)
+    assert streamed == 0.75 * pinned_pool.streamed_bytes(mixtral, BF16, Policy(**{**coded.policy.__dict__,
+                                                                                  "expert_codec": "none"}))
+    assert coded.pinned_pool_bytes == pinned_pool.cap_bytes(streamed)
+    assert coded.policy.batch_size > plain.policy.batch_size
+    assert coded.per_layer_seconds["h2d"] < plain.per_layer_seconds["h2d"]
+    again = predict(mixtral, "h100-80gb", coded.policy, 77, 64)
+    assert again.per_layer_seconds == pytest.approx(coded.per_layer_seconds)
+    with pytest.raises(ValueError, match="codes bfloat16"):
+        choose_policy(mixtral, "h100-80gb", 77, 64, expert_codec="exp4", dtype="float32", **kw)
