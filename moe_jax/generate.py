@@ -31,7 +31,7 @@ from moe_jax.job_requests import BadLine, JobRequest
 from moe_jax.jsonl_jobs import OPENAI, Job, JobInputError, read_job
 from moe_jax.llm import DTYPES, LLM, POLICIES, PolicyUnavailable
 from moe_jax.model_source import ModelNotFound, ModelSource, open_model
-from moe_jax.offload_policy import PolicyError
+from moe_jax.offload_policy import CODECS, PolicyError
 from moe_jax.presets import DEFAULT_PRESET
 from moe_jax.progress import Progress
 from moe_jax.prompts import PromptError, encode_prompt
@@ -68,10 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sequences decoding at once (default: 64 resident; HRM's choice, capped by this, offload)")
     p.add_argument("--gpu-memory-gb", type=float, help="GPU memory the engine may use, GiB (offload/auto)")
     p.add_argument("--hardware", help="HRM hardware profile name or JSON file (default: detected)")
+    p.add_argument("--expert-codec", choices=CODECS, default="none",
+                   help="offload: stream the experts as they are, or coded losslessly in 12 bits (exp4, bfloat16)")
     p.add_argument("--resume", action="store_true", help="keep the finished lines of --output and run the rest")
     p.add_argument("--skip-invalid", action="store_true",
                    help="write invalid input lines to OUT.errors.jsonl (with the reason) and run the rest")
     args = p.parse_args(argv)
+    if args.expert_codec != "none" and args.dtype != "bfloat16":
+        p.error(f"--expert-codec {args.expert_codec} codes bfloat16 weights; --dtype is {args.dtype}")
     for flag in ("resume", "skip_invalid"):
         if getattr(args, flag) and not (args.input and args.output):
             p.error(f"--{flag.replace('_', '-')} needs --input and --output")
@@ -174,7 +178,7 @@ def open_output(args: argparse.Namespace, job: Job, ready: Ready) -> Ready:
 
 def make_llm(args: argparse.Namespace, source: ModelSource) -> LLM:
     return LLM(source, dtype=args.dtype, policy=args.policy, max_batch_size=args.max_batch_size,
-               gpu_memory_gb=args.gpu_memory_gb, hardware=args.hardware)
+               gpu_memory_gb=args.gpu_memory_gb, hardware=args.hardware, expert_codec=args.expert_codec)
 
 
 def report(llm: LLM, prompts: int, generated: int, start: float, dtype: str) -> None:

@@ -8,7 +8,7 @@ import jax
 import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
-from moe_jax import pinned_pool
+from moe_jax import expert_codec as codec, pinned_pool
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import Policy
 from moe_jax.params import model_bytes
@@ -53,13 +53,15 @@ class LLM:
       when it picks the offload policy, which it then caps).
     gpu_memory_gb: the GPU memory the engine may use (GiB); hardware: HRM profile name or JSON file
       (default: detected from the device); prefetch: "split" or "whole" (see OffloadEngine).
+    expert_codec: how the offload policies HRM picks hold and stream the experts: "none" or "exp4" (coded
+      losslessly in 12 bits, bfloat16 only: `moe_jax.expert_codec`); a `moe_jax.Policy` carries its own.
     The engine (and the weights' placement) is built when first needed: at construction for
     "resident" or a Policy, at the first `generate` for "offload" and "auto" when they choose offload.
     """
 
     def __init__(self, model: str | ModelSource, *, dtype: str = "bfloat16", policy="auto",
                  max_batch_size: int | None = None, gpu_memory_gb: float | None = None, hardware: str | None = None,
-                 moe_impl: str = "auto", prefetch: str = "split", seed: int = 0):
+                 moe_impl: str = "auto", prefetch: str = "split", expert_codec: str = "none", seed: int = 0):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not isinstance(policy, Policy) and policy not in POLICIES:
@@ -67,6 +69,11 @@ class LLM:
         self.source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
         self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer
         self.dtype = np.dtype(DTYPES[dtype])
+        codec.check(expert_codec, self.dtype)
+        if isinstance(policy, Policy) and expert_codec not in ("none", policy.expert_codec):
+            raise PolicyUnavailable(f"expert_codec={expert_codec!r} differs from the given policy's "
+                                    f"expert_codec={policy.expert_codec!r}: set it in the Policy")
+        self.expert_codec = expert_codec
         self.max_batch_size, self.gpu_memory_gb, self.hardware, self.moe_impl, self.prefetch = (
             max_batch_size, gpu_memory_gb, hardware, moe_impl, prefetch)
         if hardware is not None:
@@ -128,7 +135,8 @@ class LLM:
         if hardware is None:
             n_ub = min(2, n)
             batch = min(n, self.max_batch_size or DEFAULT_MAX_BATCH)
-            policy = Policy(batch_size=batch, micro_batch_size=-(-batch // n_ub), num_micro_batches=n_ub)
+            policy = Policy(batch_size=batch, micro_batch_size=-(-batch // n_ub), num_micro_batches=n_ub,
+                            expert_codec=self.expert_codec)
             log.warning("policy offload: no HRM hardware profile for device %s (pass hardware=...); using %s",
                         jax.devices()[0].device_kind, policy)
             return policy
@@ -144,7 +152,8 @@ class LLM:
         result = hrm.choose_policy(self.cfg, hardware, **job._asdict(), gpu_memory_gb=min(caps) if caps else None,
                                    pinned_pool_gb=pool / 2**30 if pool else None,
                                    max_batch_size=min(n, self.max_batch_size or n),
-                                   placements=[("cpu", "cpu")], dtype=str(self.dtype))
+                                   placements=[("cpu", "cpu")], dtype=str(self.dtype),
+                                   expert_codec=self.expert_codec)
         self.hrm_prediction = result
         log.info("HRM (%s, prompt %d, gen %d) chose %s; predicted %.1f tok/s, bottleneck %s",
                  hardware, job.prompt_len, job.gen_len, result.policy, result.tokens_per_s, result.bottleneck)

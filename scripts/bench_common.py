@@ -78,7 +78,7 @@ def synthetic_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed:
     return [tokens.integers(3, vocab_size, int(length)).tolist() for length in lengths]
 
 
-def parse_policy(spec: str):
+def parse_policy(spec: str, expert_codec: str = "none"):
     """'N,mu,n_ub,rw' -> Policy (batch size, micro-batch size, micro-batches, resident expert fraction)."""
     from moe_jax.offload_policy import Policy
 
@@ -86,7 +86,7 @@ def parse_policy(spec: str):
     if len(parts) != 4:
         raise SystemExit(f"a policy is 'auto' or 'N,mu,n_ub,rw', got {spec!r}")
     try:
-        return Policy(int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3]))
+        return Policy(int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3]), expert_codec=expert_codec)
     except ValueError as e:
         raise SystemExit(f"policy {spec!r}: {e}") from None
 
@@ -100,10 +100,11 @@ def engine_lengths(prompts, gen_len: int, max_positions: int, *, first_n: bool =
     return hrm_lengths([len(p) for p in prompts], [gen_len] * len(prompts), max_positions, in_order=first_n)
 
 
-def resolve_policy(spec: str, cfg, hardware, job, gpu_memory_gb: float, max_batch_size: int | None, dtype: str):
-    """The Policy to run under the GPU cap: a fixed 'N,mu,n_ub,rw', or for 'auto' HRM's choice for the
-    workload `job` (a `JobShape`, e.g. `engine_lengths`), at most `max_batch_size` sequences, CPU attention
-    as the engine runs it."""
+def resolve_policy(spec: str, cfg, hardware, job, gpu_memory_gb: float, max_batch_size: int | None, dtype: str,
+                   expert_codec: str = "none"):
+    """The Policy to run under the GPU cap with `expert_codec` (`moe_jax.expert_codec`): a fixed 'N,mu,n_ub,rw',
+    or for 'auto' HRM's choice for the workload `job` (a `JobShape`, e.g. `engine_lengths`), at most
+    `max_batch_size` sequences, CPU attention as the engine runs it."""
     from moe_jax import hrm, pinned_pool
     from moe_jax.offload_policy import Policy
 
@@ -113,9 +114,9 @@ def resolve_policy(spec: str, cfg, hardware, job, gpu_memory_gb: float, max_batc
         pool = pinned_pool.fixed_cap_bytes()
         policy = hrm.choose_policy(cfg, hardware, **job._asdict(), gpu_memory_gb=gpu_memory_gb,
                                    pinned_pool_gb=pool / GiB if pool else None, max_batch_size=max_batch_size,
-                                   placements=[("cpu", "cpu")], dtype=dtype).policy
+                                   placements=[("cpu", "cpu")], dtype=dtype, expert_codec=expert_codec).policy
     else:
-        policy = parse_policy(spec)
+        policy = parse_policy(spec, expert_codec)
     return Policy(**{**policy.__dict__, "gpu_memory_gb": gpu_memory_gb})
 
 
@@ -293,11 +294,14 @@ def _wave_policy(policy, n: int):
 def policy_dict(policy) -> dict:
     return {"batch_size": policy.batch_size, "micro_batch_size": policy.micro_batch_size,
             "num_micro_batches": policy.num_micro_batches,
-            "resident_expert_fraction": policy.resident_expert_fraction, "gpu_memory_gb": policy.gpu_memory_gb}
+            "resident_expert_fraction": policy.resident_expert_fraction, "gpu_memory_gb": policy.gpu_memory_gb,
+            "expert_codec": policy.expert_codec}
 
 
 def policy_label(p: dict) -> str:
-    return f"N={p['batch_size']} μ={p['micro_batch_size']} n_ub={p['num_micro_batches']} r_w={p['resident_expert_fraction']:.3g}"
+    codec = p.get("expert_codec", "none")
+    return (f"N={p['batch_size']} μ={p['micro_batch_size']} n_ub={p['num_micro_batches']} "
+            f"r_w={p['resident_expert_fraction']:.3g}" + (f" {codec}" if codec != "none" else ""))
 
 
 def fmt(x, spec: str = ".1f", scale: float = 1.0) -> str:

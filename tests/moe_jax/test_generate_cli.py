@@ -159,6 +159,8 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
     (["--prompt", "x", "--output", "o.jsonl", "--skip-invalid"], "--skip-invalid needs --input and --output"),
     (["--input", "in.jsonl", "--output", "no/such/dir/o.jsonl"], "directory"),
     (["--input", "in.jsonl", "--output", "in.jsonl"], "--output must not be the --input file"),
+    (["--prompt", "x", "--expert-codec", "exp4", "--dtype", "float32"],
+     "--expert-codec exp4 codes bfloat16 weights; --dtype is float32"),
 ])
 def test_bad_flag_combinations(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -186,6 +188,9 @@ def test_offload_policy_from_the_cli_matches_resident(tmp_path, capsys):
         outs[policy] = {json.loads(l)["id"]: json.loads(l)["token_ids"] for l in out.read_text().splitlines()}
     assert outs["offload"] == outs["resident"] and len(outs["offload"]) == 5
     assert "bottleneck:" in err  # the offload run ends with its per-layer summary
+    rc, _, err = run_cli(capsys, "--prompt", "xyz", "--policy", "offload", "--expert-codec", "exp4",
+                         "--max-new-tokens", "2")
+    assert rc == 0 and "expert_codec='exp4'" in err, err
 
 
 def test_many_bad_lines_are_listed_up_to_a_limit(tmp_path, capsys):

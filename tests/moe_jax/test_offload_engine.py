@@ -356,3 +356,15 @@ def test_exp4_coded_experts_generate_the_same_tokens(prefetch):
     assert stats.host_free_bytes is None or 0 < stats.host_free_bytes <= stats.host_total_bytes
     with pytest.raises(ValueError, match="codes bfloat16 weights"):
         OffloadEngine(source.cfg, source.weights, np.float32, Policy(4, 2, 2, expert_codec="exp4"))
+
+
+def test_llm_expert_codec_reaches_hrm_and_is_checked():
+    prompts, params = ["abc", "hello world", "x"], SamplingParams(max_new_tokens=3)
+    plain = moe_jax.LLM("tiny-olmoe", policy="offload", hardware="l4", gpu_memory_gb=1)
+    coded = moe_jax.LLM("tiny-olmoe", policy="offload", hardware="l4", gpu_memory_gb=1, expert_codec="exp4")
+    assert [c.token_ids for c in coded.generate(prompts, params)] == [c.token_ids for c in plain.generate(prompts, params)]
+    assert coded.policy.expert_codec == "exp4" and coded.hrm_prediction.policy.expert_codec == "exp4"
+    with pytest.raises(ValueError, match="codes bfloat16 weights; the model runs in float32"):
+        moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", expert_codec="exp4")
+    with pytest.raises(moe_jax.llm.PolicyUnavailable, match="differs from the given policy's"):
+        moe_jax.LLM("tiny-olmoe", policy=Policy(2, 1, 2), expert_codec="exp4")

@@ -46,7 +46,8 @@ def test_bench_continuous_batching(tmp_path):
 def test_bench_offload(tmp_path):
     out, results = tmp_path / "offload.json", tmp_path / "RESULTS.md"
     p = run_script("bench_offload.py", *TINY, "--prompt-len", "8", "--gen-len", "4", "--num-prompts", "6",
-                   "--policies", "auto;6,3,2,0.5", "--json", str(out), "--append-results", str(results))
+                   "--policies", "auto;6,3,2,0.5", "--expert-codec", "exp4", "--json", str(out),
+                   "--append-results", str(results))
     assert "overlap" in last_table_header(p.stdout) and p.stdout.rstrip().splitlines()[-1]
     d = json.loads(out.read_text())
     assert {"command", "device", "layers", "link_bytes_per_s", "runs"} <= d.keys() and len(d["runs"]) == 2
@@ -56,6 +57,7 @@ def test_bench_offload(tmp_path):
         assert set(run["per_layer_s"]) == {"h2d_est", "cpu", "gpu_probe", "gpu_wait", "main_wait", "step"}
         assert run["tokens"] == 6 * 4
     assert d["runs"][1]["policy"]["micro_batch_size"] == 3
+    assert [run["policy"]["expert_codec"] for run in d["runs"]] == ["exp4", "exp4"]
     assert "bench_offload.py" in results.read_text()
 
 
