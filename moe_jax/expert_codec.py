@@ -131,8 +131,9 @@ def _gather_escapes(bits, base, starts, index, values):
                 k += 1
 
 
-def encode(x: np.ndarray) -> Coded:
-    """Code a bfloat16 matrix [rows, cols] (rows * cols < 2**31)."""
+def encode(x: np.ndarray, sm: np.ndarray | None = None, nib: np.ndarray | None = None) -> Coded:
+    """Code a bfloat16 matrix [rows, cols] (rows * cols < 2**31), into `sm` and `nib` where given (e.g. one
+    expert's rows of a chunk's arrays, C-contiguous)."""
     if x.dtype != BF16 or x.ndim != 2:
         raise ValueError(f"expert codec: needs a bfloat16 matrix, got {x.dtype} {x.shape}")
     if x.size >= 2**31:
@@ -141,8 +142,8 @@ def encode(x: np.ndarray) -> Coded:
     counts = _exponent_counts(bits)
     base = int(np.argmax(np.convolve(counts, np.ones(ESCAPE, np.int64), "valid")))
     rows, cols = bits.shape
-    sm = np.empty((rows, cols), np.uint8)
-    nib = np.empty((rows, (cols + 1) // 2), np.uint8)
+    sm = np.empty((rows, cols), np.uint8) if sm is None else sm
+    nib = np.empty((rows, (cols + 1) // 2), np.uint8) if nib is None else nib
     per_row = np.empty(rows, np.int64)
     _code(bits, base, sm, nib, per_row)
     starts = np.concatenate([[0], np.cumsum(per_row)])

@@ -312,7 +312,7 @@ class OffloadEngine:
                 resident = jax.device_put({k: w[k][ids] for k in experts}, self.on_device)
                 self.slots = self._install(self.slots, [resident], [p.resident_slot(i, ids[0])], None)
             ids = np.asarray(p.streamed[i], np.int64)
-            chunks = [self._host_chunk({k: w[k][ids[a:b]] for k in experts}) for a, b in p.chunks(i)]
+            chunks = [self._host_chunk({k: w[k] for k in experts}, ids[a:b]) for a, b in p.chunks(i)]
             escapes.append([e for _, e in chunks])
             try:
                 self.host_chunks.append([jax.device_put(c, self.on_host) for c, _ in chunks])
@@ -325,15 +325,21 @@ class OffloadEngine:
         self.installed = None  # the layer whose streamed experts are in the streamed slots
         self._fetch_for(0)
 
-    def _host_chunk(self, experts: dict[str, np.ndarray]):
-        """(what the pinned pool holds of a chunk {name: [c, ...]}, its escapes): the arrays as they are and
-        None, or coded ({name: {"sm", "nib"}}) and per name a list of (base, index, bits, bits of element 0)."""
+    def _host_chunk(self, weights: dict[str, np.ndarray], ids: np.ndarray):
+        """(what the pinned pool holds of the chunk of experts `ids` of a layer's expert `weights` {name:
+        [E, ...]}, its escapes): the experts as they are and None, or coded ({name: {"sm", "nib"}}, each expert
+        coded in place) and per name a list of (base, index, bits, bits of element 0) per expert."""
         if self.policy.expert_codec == "none":
-            return {k: np.ascontiguousarray(x) for k, x in experts.items()}, None
-        coded = {k: [expert_codec.encode(m) for m in x] for k, x in experts.items()}
-        host = {k: {"sm": np.stack([c.sm for c in cs]), "nib": np.stack([c.nib for c in cs])} for k, cs in coded.items()}
-        return host, {k: [(c.base, c.escape_index, c.escape_bits, x[j].reshape(-1)[:1].view(np.uint16))
-                          for j, c in enumerate(cs)] for (k, cs), x in zip(coded.items(), experts.values())}
+            return {k: np.ascontiguousarray(x[ids]) for k, x in weights.items()}, None
+        host, escapes = {}, {}
+        for k, x in weights.items():
+            rows, cols = x.shape[1:]
+            sm, nib = np.empty((len(ids), rows, cols), np.uint8), np.empty((len(ids), rows, (cols + 1) // 2), np.uint8)
+            coded = [expert_codec.encode(x[e], sm[j], nib[j]) for j, e in enumerate(ids)]
+            host[k] = {"sm": sm, "nib": nib}
+            escapes[k] = [(c.base, c.escape_index, c.escape_bits, x[e, :1, :1].reshape(1).view(np.uint16))
+                          for c, e in zip(coded, ids)]
+        return host, escapes
 
     def _place_escapes(self, escapes):
         """Per layer, per chunk: {name: (base [c], index [c, n], bits [c, n])} on the GPU, every expert's

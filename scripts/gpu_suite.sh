@@ -8,7 +8,9 @@
 # A device command is capped at 10 minutes and a session has 15 minutes of device time, the machine's start
 # included, and a warm machine goes back after 30 s idle: run the core steps first (timeout_s 600), then at
 # once one long step by name if the time left allows (bench_host_attention alone resolves issue 3; issue 4
-# needs bench_expert_kernel, issue 5 bench_offload, issue 6 bench_policies, issue 7 bench_throughput_g64/g128). PYTHON picks the interpreter (default: python).
+# needs bench_expert_kernel, issue 5 bench_offload, issue 6 bench_policies, issue 7 bench_throughput_g64/g128,
+# and bench_throughput_g64_exp4 for the experts coded in 12 bits, predicted to beat MoE-Lightning's figure).
+# PYTHON picks the interpreter (default: python).
 # Logs go to $OUT/<step>.log (OUT defaults to ./gpu_suite_out), benchmark results next to them.
 # A step that passes its time limit is killed and reported as "timeout"; the table comes last.
 set -u
@@ -43,12 +45,14 @@ STEPS=(
   # first and the scripts still print what they measured.
   "bench_offload_quick|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $OUT/bench_offload_quick.json --append-results $OUT/bench_offload_quick.md"
   "bench_offload|560|$PY scripts/bench_offload.py $HW --json $OUT/bench_offload.json --append-results $OUT/bench_offload.md"
+  "bench_offload_quick_exp4|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --expert-codec exp4 --json $OUT/bench_offload_quick_exp4.json --append-results $OUT/bench_offload_quick_exp4.md"
   "bench_prefetch_whole|300|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --prefetch whole --json $OUT/bench_prefetch_whole.json --append-results $OUT/bench_prefetch_whole.md"
   "bench_policies|560|$PY scripts/bench_offload.py $HW --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $OUT/bench_policies.json --append-results $OUT/bench_policies.md"
   "bench_continuous_batching|420|$PY scripts/bench_continuous_batching.py --layers 4 --append-results $OUT/bench_continuous_batching.md"
   "bench_vs_pytorch|560|$PY scripts/bench_throughput.py $HW --workloads '' --json $OUT/bench_vs_pytorch.json --plot $OUT/bench_vs_pytorch.png --append-results $OUT/bench_vs_pytorch.md"
   "bench_throughput_g64|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --no-baseline --json $OUT/bench_throughput_g64.json --plot $OUT/bench_throughput_g64.png --append-results $OUT/bench_throughput_g64.md"
   "bench_throughput_g64_24|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --gpu-memory-gb 24 --no-baseline --json $OUT/bench_throughput_g64_24.json --plot $OUT/bench_throughput_g64_24.png --append-results $OUT/bench_throughput_g64_24.md"
+  "bench_throughput_g64_exp4|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --expert-codec exp4 --no-baseline --json $OUT/bench_throughput_g64_exp4.json --plot $OUT/bench_throughput_g64_exp4.png --append-results $OUT/bench_throughput_g64_exp4.md"
   "bench_throughput_g128|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:128 --no-baseline --json $OUT/bench_throughput_g128.json --plot $OUT/bench_throughput_g128.png --append-results $OUT/bench_throughput_g128.md"
 )
 

@@ -60,3 +60,14 @@ def test_streamed_expert_bytes():
     full = expert_codec.streamed_expert_bytes(cfg, BF16, "none")
     assert full == 3 * 4096 * 14336 * 2
     assert expert_codec.streamed_expert_bytes(cfg, BF16, "exp4") == 0.75 * full
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_decode_is_exact_at_mixtral_shape():
+    """The offload engine's decoding, on the GPU, of one Mixtral 8x7B expert matrix [4096, 14336]."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((4096, 14336), np.float32) * 4096**-0.5).astype(BF16)
+    coded = encode(x)
+    y = jax.jit(decode)(coded.sm, coded.nib, np.int32(coded.base), coded.escape_index, coded.escape_bits)
+    assert (np.asarray(y).view(np.uint16) == x.view(np.uint16)).all()
