@@ -152,15 +152,6 @@ def encode(x: np.ndarray, sm: np.ndarray | None = None, nib: np.ndarray | None =
     return Coded(sm, nib, base, index, values)
 
 
-def decode_reference(coded: Coded) -> np.ndarray:
-    """NumPy decoding (tests): the bfloat16 matrix `encode` took."""
-    sm, nib = coded.sm.astype(np.uint16), coded.nib.astype(np.uint16)
-    codes = np.stack([nib & 15, nib >> 4], axis=-1).reshape(nib.shape[0], -1)[:, :sm.shape[1]]
-    bits = ((sm & 0x80) << 8) | ((codes + coded.base) << 7) | (sm & 0x7F)
-    bits.reshape(-1)[coded.escape_index] = coded.escape_bits
-    return bits.astype(np.uint16).view(BF16)
-
-
 def decode(sm, nib, base, escape_index, escape_bits) -> jax.Array:
     """JAX decoding (runs on the GPU): sm [..., cols], nib [..., ceil(cols / 2)], a scalar base and the escapes
     (flat indices into [..., cols], their uint16 bits; an index may repeat with the same bits) -> the exact

@@ -19,7 +19,8 @@ layer's experts and writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A
 decode steps; each adds the LM head of the N sequences.
 
 Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, the expert slots of the engine's page
-table (`moe_jax.expert_pages`: R resident (layer, expert) pairs plus twice M = E − ⌊R/L⌋ streamed slots),
+table (`moe_jax.expert_pages`: R resident (layer, expert) pairs, M = E − ⌊R/L⌋ streamed slots and M
+experts in flight, these coded under the exp4 codec, which adds its escapes and one decoded expert),
 the working sets of a decode micro-batch and of the prefill (`moe_jax.offload_memory`, the formula the
 engine checks: hidden states of the batch's padded prompts, one prefill call's activations and attention
 scores materialised in f32 as `model.attention` does), GPU attention's scores and a GPU KV cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the pinned pool) and XLA's pinned-host

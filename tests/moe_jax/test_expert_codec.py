@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moe_jax import expert_codec
-from moe_jax.expert_codec import BF16, coded_nbytes, decode, decode_reference, encode
+from moe_jax.expert_codec import BF16, coded_nbytes, decode, encode
 from moe_jax.presets import preset_config
 
 SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, -3e-39, 3.3e38, -1.0, 65504.0], np.float32)
@@ -27,7 +27,6 @@ def test_round_trip_is_exact(name):
     x = _matrices()[name]
     coded = encode(x)
     assert coded.sm.nbytes + coded.nib.nbytes == coded_nbytes(x.shape)
-    assert (decode_reference(coded).view(np.uint16) == x.view(np.uint16)).all()
     y = jax.jit(decode)(coded.sm, coded.nib, np.int32(coded.base), coded.escape_index, coded.escape_bits)
     assert y.dtype == jax.numpy.bfloat16
     assert (np.asarray(y).view(np.uint16) == x.view(np.uint16)).all()
