@@ -18,7 +18,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.hrm.costs import decode_ops
 from moe_jax.hrm.hardware import Hardware
 from moe_jax.offload_policy import Policy
-from moe_jax.params import layer_bytes
+from moe_jax.expert_codec import streamed_expert_bytes
 
 
 def plot_roofline(cfg: ModelConfig, hw: Hardware, policy: Policy, prompt_len: int, gen_len: int,
@@ -26,7 +26,8 @@ def plot_roofline(cfg: ModelConfig, hw: Hardware, policy: Policy, prompt_len: in
     """Writes the picture for a decode step at the mean context P + G/2 to `path` (PNG, SVG, PDF)."""
     n_ub = policy.num_micro_batches
     ops = decode_ops(cfg, dtype, policy.micro_batch_size, prompt_len + gen_len / 2)
-    link_bytes = {"experts": (1 - policy.resident_expert_fraction) * layer_bytes(cfg, dtype, expert=True) / n_ub}
+    streamed = (1 - policy.resident_expert_fraction) * cfg.num_experts  # per layer, on average
+    link_bytes = {"experts": streamed * streamed_expert_bytes(cfg, dtype, policy.expert_codec) / n_ub}
     if policy.attention_device == "gpu" and policy.kv_device == "cpu":
         link_bytes["attention"] = ops["attention"].bytes
 

@@ -38,10 +38,23 @@ def test_summary_from_checkpoint_dir(tmp_path):
     assert "policy: N=" in p.stdout and "tok/s" in p.stdout
 
 
+def test_expert_codec_plans_coded_streaming(tmp_path):
+    args = ("--model", "mixtral-8x7b", "--hardware", "h100-80gb", "--prompt-len", "77", "--gen-len", "64",
+            "--gpu-memory-gb", "16", "--json")
+    plain, coded = (json.loads(run(*args, *extra).stdout) for extra in ([], ["--expert-codec", "exp4"]))
+    assert (plain["expert_codec"], coded["expert_codec"]) == ("none", "exp4")
+    assert coded["per_layer_seconds"]["h2d"] < plain["per_layer_seconds"]["h2d"]
+    assert coded["pinned_pool_gib"] < plain["pinned_pool_gib"] and coded["batch_size"] > plain["batch_size"]
+    plot = tmp_path / "roofline.png"
+    p = run(*args[:-1], "--expert-codec", "exp4", "--plot", str(plot))
+    assert p.returncode == 0 and "experts streamed coded (exp4)" in p.stdout and plot.stat().st_size > 0
+
+
 @pytest.mark.parametrize("hardware, extra, message", [
     ("v100", [], "unknown hardware 'v100'"),
     ("BAD_JSON", [], "invalid JSON"),
     ("l4", ["--host-memory-gb", "40"], "host memory too small"),
+    ("l4", ["--expert-codec", "exp4", "--dtype", "float32"], "codes bfloat16 weights"),
 ])
 def test_errors(tmp_path, hardware, extra, message):
     if hardware == "BAD_JSON":
