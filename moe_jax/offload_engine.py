@@ -108,7 +108,8 @@ def check_host_memory(policy, what: str, need: int, planned: float | None = None
     if avail is not None and need > avail:
         raise OffloadMemoryError(f"policy {policy} needs {need / 2**30:.2f} GiB of host memory for {what} but "
                                  f"only {avail / 2**30:.2f} GiB is available: lower batch_size or raise "
-                                 f"resident_expert_fraction")
+                                 f"resident_expert_fraction (on a VM that shows less memory than it has until "
+                                 f"used, set {host_memory.HOST_MEMORY_VAR} to its memory in GiB)")
 
 
 # ---- jitted pieces (cfg, moe_impl and the two shardings are bound with functools.partial) ----

@@ -22,14 +22,16 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # The HRM profile by name on an H100 or H200: the offload benchmarks then size the pinned-host pool for
 # HRM's policy before JAX starts (detected after it starts, the pool must hold every expert).
+# These machines have 128 GiB (125 usable, as the profiles say) even where the VM's MemTotal starts lower
+# and grows with use: MOE_JAX_HOST_MEMORY_GB tells the engine's host checks (moe_jax/host_memory.py).
 case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)" in
-  *"H100 80GB"*) HW="--hardware h100-80gb" ;;
-  *H200*) HW="--hardware h200" ;;
+  *"H100 80GB"*) HW="--hardware h100-80gb"; export MOE_JAX_HOST_MEMORY_GB="${MOE_JAX_HOST_MEMORY_GB:-125}" ;;
+  *H200*) HW="--hardware h200"; export MOE_JAX_HOST_MEMORY_GB="${MOE_JAX_HOST_MEMORY_GB:-125}" ;;
   *) HW="" ;;
 esac
 
 # MemTotal and MemAvailable in GiB: the offload steps plan with the HRM profile's 125 GiB, and a VM may show
-# less until its memory is used (moe_jax/host_memory.py); each step's row records them after it ran.
+# less until its memory is used; each step's row records them after it ran.
 mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /proc/meminfo; }
 
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.

@@ -98,12 +98,13 @@ def test_host_memory_is_checked_before_generation(monkeypatch, caplog):
     with pytest.raises(OffloadMemoryError, match="streamed experts"):
         OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                      num_micro_batches=2))
-    # planned with more host memory than MemTotal shows (a VM that grows with use): the difference counts
+    # planned with more host memory than MemTotal shows, which a balloon holds (a VM that grows with use)
+    monkeypatch.setattr(oe.host_memory, "balloon_bytes", lambda: 2**40)
     grown = OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                         num_micro_batches=2), host_memory_bytes=2**30)
     with caplog.at_level("WARNING", logger="moe_jax"):
         assert len(list(grown.generate([Request(0, (1, 2, 3), GREEDY), Request(1, (1, 2, 3, 4, 5), GREEDY)]))) == 2
-    assert "counting the 1.0 GiB it does not show yet as available" in caplog.text
+    assert "counting 1.0 GiB beyond MemTotal 0.0 GiB as available" in caplog.text
 
 
 def test_pinned_pool_running_out_while_loading_is_a_clear_error(monkeypatch):
