@@ -43,7 +43,7 @@ class Coded(NamedTuple):
 
 
 ESCAPE_ALLOWANCE = 1e-3  # escapes per element planned before the weights are seen (Gaussian: ~2e-4)
-ESCAPE_BYTES = 6  # an escape's int32 index and uint16 bits, held on the GPU
+ESCAPE_BYTES = 10  # an escape's int32 expert and index and its uint16 bits, held on the GPU
 
 
 def check(codec: str, dtype) -> None:
@@ -152,12 +152,13 @@ def encode(x: np.ndarray, sm: np.ndarray | None = None, nib: np.ndarray | None =
     return Coded(sm, nib, base, index, values)
 
 
-def decode(sm, nib, base, escape_index, escape_bits) -> jax.Array:
-    """JAX decoding (runs on the GPU): sm [..., cols], nib [..., ceil(cols / 2)], a scalar base and the escapes
-    (flat indices into [..., cols], their uint16 bits; an index may repeat with the same bits) -> the exact
-    bfloat16 [..., cols]."""
+def decode(sm, nib, base, escape_index=None, escape_bits=None) -> jax.Array:
+    """JAX decoding (runs on the GPU): sm [..., cols], nib [..., ceil(cols / 2)] and a scalar base -> bfloat16
+    [..., cols], exact but at the escapes, which the given ones (flat indices into [..., cols] and their
+    uint16 bits; an index may repeat with the same bits) set; without them the caller sets them."""
     sm, nib = sm.astype(jnp.uint16), nib.astype(jnp.uint16)
     codes = jnp.stack([nib & 15, nib >> 4], axis=-1).reshape(*nib.shape[:-1], -1)[..., :sm.shape[-1]]
     bits = ((sm & 0x80) << 8) | ((codes + jnp.asarray(base).astype(jnp.uint16)) << 7) | (sm & 0x7F)
-    bits = bits.reshape(-1).at[escape_index].set(escape_bits.astype(jnp.uint16)).reshape(sm.shape)
+    if escape_index is not None:
+        bits = bits.reshape(-1).at[escape_index].set(escape_bits.astype(jnp.uint16)).reshape(sm.shape)
     return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)

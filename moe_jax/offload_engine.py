@@ -125,21 +125,23 @@ def _fetch(to_device, chunk):
     return None if chunk is None else jax.device_put(chunk, to_device)
 
 
-def _install(slots, fetched, starts, escapes):
-    """Write the fetched chunks into the streamed slots: chunk c at slot starts[c]. escapes: None (chunks
-    as they are) or per chunk {name: (base [c], index [c, n], bits [c, n])} of its `expert_codec`-coded
-    chunks ({name: {"sm", "nib"}}), decoded here one expert at a time."""
-    slots = dict(slots)
-    for c, (chunk, at) in enumerate(zip(fetched, starts)):
-        for k in slots:
-            if escapes is None:
-                slots[k] = jax.lax.dynamic_update_slice_in_dim(slots[k], chunk[k], at, 0)
-                continue
-            sm, nib, (base, index, bits) = chunk[k]["sm"], chunk[k]["nib"], escapes[c][k]
-            for j in range(sm.shape[0]):
-                expert = expert_codec.decode(sm[j], nib[j], base[j], index[j], bits[j]).astype(slots[k].dtype)
-                slots[k] = jax.lax.dynamic_update_slice_in_dim(slots[k], expert[None], at + j, 0)
+def _install(slots, fetched, starts):
+    """Write the fetched chunks ({name: [c, ...]}) into the streamed slots: chunk c at slot starts[c]."""
+    for chunk, at in zip(fetched, starts):
+        slots = {k: jax.lax.dynamic_update_slice_in_dim(slots[k], chunk[k], at, 0) for k in slots}
     return slots
+
+
+def _install_coded(s, sm, nib, base, expert, index, bits, j, at):
+    """Write expert j of a fetched `expert_codec`-coded chunk of one weight (sm, nib [c, ...], base [c]) into
+    slot at + j of its slot array s, setting the chunk's escapes of expert j (expert [n], flat index [n] within
+    it, bits [n]; the other experts' fall outside and are dropped). One call per expert and weight, so that
+    one decoded matrix at most is alive whatever the compiler fuses."""
+    decoded = expert_codec.decode(sm[j], nib[j], base[j]).astype(s.dtype)
+    mine = jnp.where(expert == j, index, decoded.size)
+    values = jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(s.dtype)
+    decoded = decoded.reshape(-1).at[mine].set(values, mode="drop").reshape(decoded.shape)
+    return jax.lax.dynamic_update_slice_in_dim(s, decoded[None], at + j, 0)
 
 
 def _post(cfg, impl, to_device, p, slots, table, x, attn):
@@ -183,6 +185,7 @@ def _jitted(cfg: ModelConfig, moe_impl: str, to_device, to_host):
     bind = lambda f: functools.partial(f, cfg, moe_impl, to_device, to_host)
     return (jax.jit(bind(_decode_mid)), jax.jit(bind(_decode_last)), jax.jit(bind(_prefill_layer)),
             jax.jit(functools.partial(_fetch, to_device)), jax.jit(_install, donate_argnames="slots"),
+            jax.jit(_install_coded, donate_argnums=0),
             jax.jit(functools.partial(_start_token, cfg, to_host)))
 
 
@@ -267,10 +270,12 @@ class OffloadEngine:
                 f"pinned-host pool is capped at {pool / 2**30:.1f} GiB ({pinned_pool.LIMIT_VAR}, read when JAX "
                 f"started): set {pinned_pool.LIMIT_VAR}={pinned_pool.setting_gib(streamed)} before JAX starts, or "
                 f"raise resident_expert_fraction")
-        mid, last, prefill, self._fetch, self._install, start = _jitted(cfg, moe_impl, self.on_device, self.on_host)
+        mid, last, prefill, self._fetch, self._install, self._install_coded, start = _jitted(
+            cfg, moe_impl, self.on_device, self.on_host)
         self._mid, self._last, self._prefill, self._start = (precise(f, dtype) for f in (mid, last, prefill, start))
         self._embed = jax.jit(model.embed)
         self._load(weights)
+        self.gpu_bytes = self._check_gpu_memory()  # again, with the codec's escapes as loaded
         self.stats = OffloadStats.empty(cfg.num_layers)
         log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed (slots + chunks in flight, up "
                  "to %d per layer); GPU plan %.2f GiB", policy, self.pages.num_resident, self.pages.max_streamed,
@@ -311,7 +316,7 @@ class OffloadEngine:
             if p.resident[i]:  # this layer's resident experts fill consecutive slots
                 ids = list(p.resident[i])
                 resident = jax.device_put({k: w[k][ids] for k in experts}, self.on_device)
-                self.slots = self._install(self.slots, [resident], [p.resident_slot(i, ids[0])], None)
+                self.slots = self._install(self.slots, [resident], [p.resident_slot(i, ids[0])])
             ids = np.asarray(p.streamed[i], np.int64)
             chunks = [self._host_chunk({k: w[k] for k in experts}, ids[a:b]) for a, b in p.chunks(i)]
             escapes.append([e for _, e in chunks])
@@ -329,7 +334,8 @@ class OffloadEngine:
     def _host_chunk(self, weights: dict[str, np.ndarray], ids: np.ndarray):
         """(what the pinned pool holds of the chunk of experts `ids` of a layer's expert `weights` {name:
         [E, ...]}, its escapes): the experts as they are and None, or coded ({name: {"sm", "nib"}}, each expert
-        coded in place) and per name a list of (base, index, bits, bits of element 0) per expert."""
+        coded in place) and {name: (base [c], expert [n], index [n], bits [n], bits of expert 0's element 0)},
+        the chunk's escapes."""
         if self.policy.expert_codec == "none":
             return {k: np.ascontiguousarray(x[ids]) for k, x in weights.items()}, None
         host, escapes = {}, {}
@@ -338,32 +344,35 @@ class OffloadEngine:
             sm, nib = np.empty((len(ids), rows, cols), np.uint8), np.empty((len(ids), rows, (cols + 1) // 2), np.uint8)
             coded = [expert_codec.encode(x[e], sm[j], nib[j]) for j, e in enumerate(ids)]
             host[k] = {"sm": sm, "nib": nib}
-            escapes[k] = [(c.base, c.escape_index, c.escape_bits, x[e, :1, :1].reshape(1).view(np.uint16))
-                          for c, e in zip(coded, ids)]
+            escapes[k] = (np.array([c.base for c in coded], np.int32),
+                          np.concatenate([np.full(len(c.escape_index), j, np.int32) for j, c in enumerate(coded)]),
+                          np.concatenate([c.escape_index for c in coded]), np.concatenate([c.escape_bits for c in coded]),
+                          x[ids[0], 0, 0].view(np.uint16))
         return host, escapes
 
     def _place_escapes(self, escapes):
-        """Per layer, per chunk: {name: (base [c], index [c, n], bits [c, n])} on the GPU, every expert's
-        escapes padded to the model's most (bucketed, so that one compiled install serves every chunk) with
-        element 0 and its own bits; None without a codec. Sets escape_bytes."""
+        """Per layer, per chunk: its escapes on the GPU, every weight's padded to one bucketed length per chunk
+        (few shapes to compile, at most 1.5x the bytes) with expert 0's element 0 and its own bits; None
+        without a codec. Sets escape_bytes."""
         if self.policy.expert_codec == "none":
             self.escape_bytes = 0
             return [None] * len(escapes)
-        n = bucket(max([1] + [len(e[1]) for layer in escapes for chunk in layer for es in chunk.values() for e in es]), 1)
 
-        def padded(es):
-            index = np.zeros((len(es), n), np.int32)
-            bits = np.repeat(np.stack([e[3] for e in es]), n, axis=1)
-            for j, (_, idx, b, _) in enumerate(es):
-                index[j, :len(idx)], bits[j, :len(b)] = idx, b
-            return np.array([e[0] for e in es], np.int32), index, bits
+        def padded(chunk):
+            n = bucket(max(len(e[1]) for e in chunk.values()), 1)
+            out = {}
+            for k, (base, expert, index, bits, first) in chunk.items():
+                pad = n - len(index)
+                out[k] = (base, np.concatenate([expert, np.zeros(pad, np.int32)]),
+                          np.concatenate([index, np.zeros(pad, np.int32)]),
+                          np.concatenate([bits, np.full(pad, first, np.uint16)]))
+            return out
 
-        placed = [[jax.device_put({k: padded(es) for k, es in chunk.items()}, self.on_device) for chunk in layer]
-                  for layer in escapes]
+        placed = [[jax.device_put(padded(chunk), self.on_device) for chunk in layer] for layer in escapes]
         self.escape_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(placed))
-        log.info("expert codec %s: streamed experts coded at %.3f of their bytes, escapes padded to %d per "
-                 "expert matrix, %.1f MiB on the GPU", self.policy.expert_codec,
-                 streamed_expert_bytes(self.cfg, self.dtype, self.policy.expert_codec) / self._expert_bytes(), n,
+        log.info("expert codec %s: streamed experts coded at %.3f of their bytes, %.1f MiB of escapes on the GPU",
+                 self.policy.expert_codec,
+                 streamed_expert_bytes(self.cfg, self.dtype, self.policy.expert_codec) / self._expert_bytes(),
                  self.escape_bytes / 2**20)
         return placed
 
@@ -390,10 +399,21 @@ class OffloadEngine:
             self._complete_fetch()
             if self.fetched:
                 starts = [self.pages.chunk_slot(a) for a, _ in self.pages.chunks(layer)]
-                self.slots = self._install(self.slots, self.fetched, starts, self.escapes[layer])
+                self._install_fetched(starts, self.escapes[layer])
             self._fetch_for((layer + 1) % self.cfg.num_layers)
         self.installed = layer
         return self.tables[layer]
+
+    def _install_fetched(self, starts: list[int], escapes) -> None:
+        """The fetched chunks into the streamed slots at `starts`: as they are (escapes None), or decoded
+        expert by expert with their escapes (per chunk {name: (base, expert, index, bits)})."""
+        if escapes is None:
+            self.slots = self._install(self.slots, self.fetched, starts)
+            return
+        for chunk, at, esc in zip(self.fetched, starts, escapes):
+            for k, coded in chunk.items():
+                for j in range(coded["sm"].shape[0]):
+                    self.slots[k] = self._install_coded(self.slots[k], coded["sm"], coded["nib"], *esc[k], j, at)
 
     def _chunk(self, step: int):
         """The host chunk that a layer's `step`-th call carries to the GPU, or None when none is left (or it is

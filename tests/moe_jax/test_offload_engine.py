@@ -369,3 +369,31 @@ def test_llm_expert_codec_reaches_hrm_and_is_checked():
         moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", expert_codec="exp4")
     with pytest.raises(moe_jax.llm.PolicyUnavailable, match="differs from the given policy's"):
         moe_jax.LLM("tiny-olmoe", policy=Policy(2, 1, 2), expert_codec="exp4")
+
+
+def test_exp4_escapes_are_checked_once_loaded_and_decoding_holds_two_matrices(monkeypatch):
+    """The codec's escapes, known only once the experts are coded, are checked against the GPU cap before
+    the engine is returned (not at the first generate); and installing a coded expert keeps at most two
+    decoded matrices alive (XLA:CPU's memory analysis), however many experts its chunk holds."""
+    import jax
+    import ml_dtypes
+
+    from moe_jax import expert_codec
+    from moe_jax.expert_pages import ExpertPages
+    from moe_jax.offload_engine import _install_coded, planned_gpu_bytes
+
+    source = open_model("tiny-mixtral")
+    policy = Policy(2, 1, 2, 0.0, expert_codec="exp4")
+    monkeypatch.setattr(expert_codec, "ESCAPE_ALLOWANCE", 0.0)  # the plan before loading counts no escapes
+    pages = ExpertPages.plan(source.cfg.num_layers, source.cfg.num_experts, 0.0, 2)
+    cap = planned_gpu_bytes(source.cfg, ml_dtypes.bfloat16, 1, pages, "exp4") / 2**30
+    with pytest.raises(OffloadMemoryError, match="needs .* GiB on the GPU"):
+        OffloadEngine(source.cfg, source.weights, ml_dtypes.bfloat16, Policy(**{**policy.__dict__, "gpu_memory_gb": cap}))
+
+    H, F, S, n = 256, 896, 8, 64
+    sd = jax.ShapeDtypeStruct
+    for c in (1, 4):
+        args = (sd((S, H, F), jax.numpy.bfloat16), sd((c, H, F), np.uint8), sd((c, H, F // 2), np.uint8),
+                sd((c,), np.int32), sd((n,), np.int32), sd((n,), np.int32), sd((n,), np.uint16), 0, 4)
+        temp = jax.jit(_install_coded, donate_argnums=0).lower(*args).compile().memory_analysis().temp_size_in_bytes
+        assert temp <= 2 * H * F * 2 + 16 * n, (c, temp)  # two matrices and the escapes
