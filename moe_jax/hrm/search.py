@@ -69,7 +69,7 @@ from moe_jax.hrm.hardware import GiB, Hardware, hardware_profile
 from moe_jax import pinned_pool
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_calls
 from moe_jax.offload_policy import Policy
-from moe_jax.expert_codec import check as check_codec, decode_overhead_bytes, streamed_expert_bytes
+from moe_jax.expert_codec import check as check_codec, decode_overhead_bytes, expert_shapes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, non_expert_bytes
 
 GPU_USABLE = 0.9  # of the GPU memory cap: XLA workspace and fragmentation
@@ -192,8 +192,10 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
 
     def install(s):
         """The GPU writing a layer's s fetched experts into their slots before its first call (reading them as
-        they came, coded or not, and writing them whole), while the link waits for that call."""
-        return s * (w_link + w) / hw.gpu_bandwidth
+        they came, coded or not, and writing them whole; one call, or one per coded expert and weight), while
+        the link waits for that call."""
+        calls = s * len(expert_shapes(cfg)) if codec != "none" else 1
+        return s * (w_link + w) / hw.gpu_bandwidth + calls * hw.launch_seconds
 
     def decode_layer(s):
         """A decode layer streaming s experts: its install, then its n_ub GPU calls, the first min(n_ub, s)
