@@ -84,7 +84,7 @@ class LLM:
         self.hrm_prediction = None  # the HRM SearchResult behind an offload policy it chose
         if policy == "auto" or (policy == "offload" and (self.hardware is None or gpu_memory_gb is None)):
             # JAX starts before HRM chooses (to detect the device or read its memory): a pool for every expert
-            pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype))
+            pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype, codec=expert_codec))
         if policy == "auto":
             policy = "resident" if self._fits_on_device() else "offload"
             log.info("policy auto -> %s", policy)

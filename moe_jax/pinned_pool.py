@@ -36,12 +36,12 @@ def setting_gib(streamed_bytes: float) -> int:
     return int(cap_bytes(streamed_bytes) // GiB)
 
 
-def streamed_bytes(cfg, dtype, policy=None) -> int:
-    """Bytes of the experts the offload engine keeps in pinned host memory under `policy` (None: all, uncoded),
-    coded as the policy's expert_codec says."""
+def streamed_bytes(cfg, dtype, policy=None, codec: str = "none") -> int:
+    """Bytes of the experts the offload engine keeps in pinned host memory under `policy`, coded as its
+    expert_codec says (None: every expert, coded as `codec` says)."""
     L, E = cfg.num_layers, cfg.num_experts
     if policy is None:
-        return L * E * streamed_expert_bytes(cfg, dtype, "none")
+        return L * E * streamed_expert_bytes(cfg, dtype, codec)
     n = sum(map(len, ExpertPages.plan(L, E, policy.resident_expert_fraction, 1).streamed))
     return n * streamed_expert_bytes(cfg, dtype, policy.expert_codec)
 

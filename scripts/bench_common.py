@@ -35,20 +35,20 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def set_memory_env(cfg, dtype: str, policies=(None,), pool_gib: int | None = None) -> None:
+def set_memory_env(cfg, dtype: str, policies=(None,), pool_gib: int | None = None, codec: str = "none") -> None:
     """XLA memory settings; call before anything touches a JAX device. Values already in the environment win.
 
     XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default `pool_gib`, else what `moe_jax.pinned_pool` sets for the
-    largest of `policies`' streamed experts, None meaning all of them): the pinned-host pool must hold the
-    streamed experts (its default, 64 GiB, is below Mixtral 8x7B's 84 GiB of experts) but not much more
-    (DESIGN.md §3: the pool reserves up to its cap).
+    largest of `policies`' streamed experts, None meaning all of them, coded as `codec` says): the
+    pinned-host pool must hold the streamed experts (its default, 64 GiB, is below Mixtral 8x7B's 84 GiB of
+    experts) but not much more (DESIGN.md §3: the pool reserves up to its cap).
     XLA_PYTHON_CLIENT_PREALLOCATE=false: the GPU holds what the engine allocates, so that the peak can be
     compared with the cap and a PyTorch baseline can share the device.
     """
     from moe_jax import pinned_pool
 
     if pool_gib is None:
-        pool_gib = max(pinned_pool.setting_gib(pinned_pool.streamed_bytes(cfg, np.dtype(dtype), p))
+        pool_gib = max(pinned_pool.setting_gib(pinned_pool.streamed_bytes(cfg, np.dtype(dtype), p, codec))
                        for p in policies or [None])
     os.environ.setdefault(pinned_pool.LIMIT_VAR, str(pool_gib))
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     source = bc.open_source(args.model, args.layers, args.seed)
     specs = policy_specs(args)
     bc.set_memory_env(source.cfg, args.dtype, [bc.policy_before_jax(s, args.hardware, lambda: resolve(
-        s, source.cfg, args, args.hardware)) for s in specs], args.host_pool_gb)
+        s, source.cfg, args, args.hardware)) for s in specs], args.host_pool_gb, args.expert_codec)
     hardware = bc.detect_hardware_profile(args.hardware)
     device = bc.device_kind()
     link_bw = bc.probe_link_bandwidth(args.link_probe_mib)

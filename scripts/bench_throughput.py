@@ -294,7 +294,7 @@ def main(argv=None) -> int:
         pool_for.append(bc.policy_before_jax(specs[0], args.hardware, lambda: bc.resolve_policy(
             specs[0], cfg, args.hardware, bc.engine_lengths(base_prompts, args.baseline_gen_len, cfg.max_positions),
             caps[0], len(base_prompts), args.dtype, args.expert_codec)))
-    bc.set_memory_env(cfg, args.dtype, pool_for, args.host_pool_gb)
+    bc.set_memory_env(cfg, args.dtype, pool_for, args.host_pool_gb, args.expert_codec)
     base = run_baseline(args, base_prompts, caps[0]) if args.baseline else None  # before JAX takes the GPU
     hardware = bc.detect_hardware_profile(args.hardware)
     device = bc.device_kind()
