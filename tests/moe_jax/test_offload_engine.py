@@ -342,6 +342,32 @@ def test_gpu_machines_host_checks_use_their_profiles_host_memory(monkeypatch):
 def test_exp4_coded_experts_generate_the_same_tokens(prefetch):
     """Streamed experts coded with exp4 (12 bits on the link, decoded on the GPU) are bit-exact: bfloat16
     greedy tokens equal those of uncoded streaming; the link carries 3/4 of the bytes."""
+    assert_exp4_tokens_equal(prefetch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(__import__("jax").default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_exp4_is_exact_and_installs_one_matrix_at_a_time():
+    """On a GPU: coded experts give the uncoded tokens, and the GPU compiler's install of one coded expert
+    of a Mixtral 8x7B matrix keeps at most two decoded matrices alive."""
+    assert_exp4_tokens_equal("split")
+    H, F, n = 4096, 14336, 65536
+    assert coded_install_temp_bytes(4, H, F, n, slots=24) <= 2 * H * F * 2 + 16 * n
+
+
+def coded_install_temp_bytes(c: int, H: int, F: int, n: int, slots: int) -> int:
+    """Temporary bytes the compiled install of one expert of a coded chunk of c experts [H, F] needs."""
+    import jax
+
+    from moe_jax.offload_engine import _install_coded
+
+    sd = jax.ShapeDtypeStruct
+    args = (sd((slots, H, F), jax.numpy.bfloat16), sd((c, H, F), np.uint8), sd((c, H, F // 2), np.uint8),
+            sd((c,), np.int32), sd((n,), np.int32), sd((n,), np.int32), sd((n,), np.uint16), 0, 4)
+    return jax.jit(_install_coded, donate_argnums=0).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def assert_exp4_tokens_equal(prefetch: str):
     import ml_dtypes
 
     source = open_model("tiny-qwen2-moe")
@@ -375,12 +401,11 @@ def test_exp4_escapes_are_checked_once_loaded_and_decoding_holds_two_matrices(mo
     """The codec's escapes, known only once the experts are coded, are checked against the GPU cap before
     the engine is returned (not at the first generate); and installing a coded expert keeps at most two
     decoded matrices alive (XLA:CPU's memory analysis), however many experts its chunk holds."""
-    import jax
     import ml_dtypes
 
     from moe_jax import expert_codec
     from moe_jax.expert_pages import ExpertPages
-    from moe_jax.offload_engine import _install_coded, planned_gpu_bytes
+    from moe_jax.offload_engine import planned_gpu_bytes
 
     source = open_model("tiny-mixtral")
     policy = Policy(2, 1, 2, 0.0, expert_codec="exp4")
@@ -390,10 +415,7 @@ def test_exp4_escapes_are_checked_once_loaded_and_decoding_holds_two_matrices(mo
     with pytest.raises(OffloadMemoryError, match="needs .* GiB on the GPU"):
         OffloadEngine(source.cfg, source.weights, ml_dtypes.bfloat16, Policy(**{**policy.__dict__, "gpu_memory_gb": cap}))
 
-    H, F, S, n = 256, 896, 8, 64
-    sd = jax.ShapeDtypeStruct
+    H, F, n = 256, 896, 64
     for c in (1, 4):
-        args = (sd((S, H, F), jax.numpy.bfloat16), sd((c, H, F), np.uint8), sd((c, H, F // 2), np.uint8),
-                sd((c,), np.int32), sd((n,), np.int32), sd((n,), np.int32), sd((n,), np.uint16), 0, 4)
-        temp = jax.jit(_install_coded, donate_argnums=0).lower(*args).compile().memory_analysis().temp_size_in_bytes
+        temp = coded_install_temp_bytes(c, H, F, n, slots=8)
         assert temp <= 2 * H * F * 2 + 16 * n, (c, temp)  # two matrices and the escapes
