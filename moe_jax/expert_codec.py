@@ -26,7 +26,8 @@ from moe_jax.offload_policy import CODECS
 from moe_jax.params import expert_bytes, layer_param_specs
 
 ESCAPE = 15  # the nibble of an element whose exponent is outside [base, base + 15)
-RATIO = 0.75  # coded bytes (sm + nib) per bfloat16 byte, escapes apart, for an even number of columns
+ESCAPE_ALLOWANCE = 1e-3  # escapes per element planned before the weights are seen (Gaussian: ~2e-4)
+ESCAPE_BYTES = 10  # an escape's int32 expert and index and its uint16 bits, held on the GPU
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 _JIT = dict(nogil=True, cache=True)
@@ -42,11 +43,8 @@ class Coded(NamedTuple):
     escape_bits: np.ndarray  # uint16 [n]
 
 
-ESCAPE_ALLOWANCE = 1e-3  # escapes per element planned before the weights are seen (Gaussian: ~2e-4)
-ESCAPE_BYTES = 10  # an escape's int32 expert and index and its uint16 bits, held on the GPU
-
-
 def check(codec: str, dtype) -> None:
+    """Raise ValueError for an unknown codec, or a codec that cannot code `dtype`."""
     if codec not in CODECS:
         raise ValueError(f"expert codec must be one of {CODECS}, got {codec!r}")
     if codec != "none" and np.dtype(dtype) != BF16:
