@@ -83,3 +83,14 @@ def available_bytes(planned: float | None = None) -> int | None:
         log.warning("host memory: counting %.1f GiB beyond MemTotal %.1f GiB as available (MemAvailable %.1f "
                     "GiB): %s", unseen / GiB, info.total / GiB, info.available / GiB, why)
     return info.available + unseen
+
+
+def total_bytes() -> int:
+    """The machine's host memory, bytes: MOE_JAX_HOST_MEMORY_GB where declared, else MemTotal plus what a
+    balloon holds (the physical pages where /proc/meminfo is unknown)."""
+    declared = _declared_bytes()
+    if declared is not None:
+        return int(declared)
+    info = meminfo()
+    total = info.total if info else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total + balloon_bytes()

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from moe_jax.host_memory import total_bytes as host_memory_bytes
 from moe_jax.hrm.hardware import Hardware
 
 log = logging.getLogger("moe_jax.hrm")
@@ -148,7 +149,7 @@ def _optional(what: str, fn, notes: dict):
 def calibrate(sizes: Sizes = FULL, name: str | None = None) -> tuple[Hardware, dict]:
     """Measures this machine: (profile, notes with every measured figure)."""
     dev = jax.devices()[0]
-    host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    host_memory = host_memory_bytes()  # with what a VM's balloon holds, or as MOE_JAX_HOST_MEMORY_GB declares
     gpu_memory = (dev.memory_stats() or {}).get("bytes_limit", host_memory)
     threads = os.cpu_count() or 1
     notes: dict = {"device": f"{dev.platform} {dev.device_kind}", "host_threads": threads,

@@ -52,3 +52,16 @@ def test_only_a_balloon_or_a_declared_size_counts_beyond_memtotal(monkeypatch, c
         available_bytes()
     monkeypatch.setattr(host_memory, "meminfo", lambda: None)
     assert available_bytes(125 * GiB) is None
+
+
+def test_total_is_declared_or_memtotal_with_the_balloon(monkeypatch):
+    from moe_jax.host_memory import total_bytes
+
+    monkeypatch.delenv(HOST_MEMORY_VAR, raising=False)
+    monkeypatch.setattr(host_memory, "meminfo", lambda: MemInfo(total=40 * GiB, available=30 * GiB))
+    monkeypatch.setattr(host_memory, "balloon_bytes", lambda: 85 * GiB)
+    assert total_bytes() == 125 * GiB
+    monkeypatch.setattr(host_memory, "balloon_bytes", lambda: 0)
+    assert total_bytes() == 40 * GiB
+    monkeypatch.setenv(HOST_MEMORY_VAR, "128")
+    assert total_bytes() == 128 * GiB
