@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from numba import njit, prange
 
 from moe_jax.offload_policy import CODECS
 from moe_jax.params import expert_bytes, layer_param_specs
@@ -29,8 +28,6 @@ ESCAPE = 15  # the nibble of an element whose exponent is outside [base, base + 
 ESCAPE_ALLOWANCE = 1e-3  # escapes per element planned before the weights are seen (Gaussian: ~2e-4)
 ESCAPE_BYTES = 10  # an escape's int32 expert and index and its uint16 bits, held on the GPU
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-_JIT = dict(nogil=True, cache=True)
 
 
 class Coded(NamedTuple):
@@ -83,52 +80,6 @@ def coded_nbytes(shape) -> int:
     return rows * (cols + (cols + 1) // 2)
 
 
-@njit(parallel=True, **_JIT)
-def _exponent_counts(bits):
-    """bits uint16 [rows, cols] -> int64 [256]: elements per exponent."""
-    rows = bits.shape[0]
-    parts = np.zeros((rows, 256), np.int64)
-    for r in prange(rows):
-        row, part = bits[r], parts[r]
-        for c in range(bits.shape[1]):
-            part[(row[c] >> 7) & 0xFF] += 1
-    return parts.sum(axis=0)
-
-
-@njit(parallel=True, **_JIT)
-def _code(bits, base, sm, nib, escapes_per_row):
-    """Fill sm and nib; count each row's escapes."""
-    rows, cols = bits.shape
-    for r in prange(rows):
-        row, srow, nrow = bits[r], sm[r], nib[r]
-        n = 0
-        for c in range(cols):
-            b = np.int32(row[c])
-            srow[c] = np.uint8(((b >> 8) & 0x80) | (b & 0x7F))
-            e = ((b >> 7) & 0xFF) - base
-            if e < 0 or e >= ESCAPE:
-                e = ESCAPE
-                n += 1
-            if c % 2 == 0:
-                nrow[c // 2] = np.uint8(e)
-            else:
-                nrow[c // 2] = np.uint8(nrow[c // 2] | (e << 4))
-        escapes_per_row[r] = n
-
-
-@njit(parallel=True, **_JIT)
-def _gather_escapes(bits, base, starts, index, values):
-    rows, cols = bits.shape
-    for r in prange(rows):
-        row, k = bits[r], starts[r]
-        for c in range(cols):
-            e = ((np.int32(row[c]) >> 7) & 0xFF) - base
-            if e < 0 or e >= ESCAPE:
-                index[k] = r * cols + c
-                values[k] = row[c]
-                k += 1
-
-
 def encode(x: np.ndarray, sm: np.ndarray | None = None, nib: np.ndarray | None = None) -> Coded:
     """Code a bfloat16 matrix [rows, cols] (rows * cols < 2**31), into `sm` and `nib` where given (e.g. one
     expert's rows of a chunk's arrays, C-contiguous)."""
@@ -136,17 +87,19 @@ def encode(x: np.ndarray, sm: np.ndarray | None = None, nib: np.ndarray | None =
         raise ValueError(f"expert codec: needs a bfloat16 matrix, got {x.dtype} {x.shape}")
     if x.size >= 2**31:
         raise ValueError(f"expert codec: {x.shape} has too many elements for int32 escape indices")
+    from host_ops.expert_coding import code, exponent_counts, gather_escapes  # numba, loaded when first coding
+
     bits = np.ascontiguousarray(x).view(np.uint16)
-    counts = _exponent_counts(bits)
+    counts = exponent_counts(bits)
     base = int(np.argmax(np.convolve(counts, np.ones(ESCAPE, np.int64), "valid")))
     rows, cols = bits.shape
     sm = np.empty((rows, cols), np.uint8) if sm is None else sm
     nib = np.empty((rows, (cols + 1) // 2), np.uint8) if nib is None else nib
     per_row = np.empty(rows, np.int64)
-    _code(bits, base, sm, nib, per_row)
+    code(bits, base, ESCAPE, sm, nib, per_row)
     starts = np.concatenate([[0], np.cumsum(per_row)])
     index, values = np.empty(starts[-1], np.int32), np.empty(starts[-1], np.uint16)
-    _gather_escapes(bits, base, starts[:-1], index, values)
+    gather_escapes(bits, base, ESCAPE, starts[:-1], index, values)
     return Coded(sm, nib, base, index, values)
 
 

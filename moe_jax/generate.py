@@ -24,6 +24,7 @@ from pathlib import Path
 from moe_jax.chat_template import ChatTemplate, ChatTemplateError
 from moe_jax.checkpoint import CheckpointError
 from moe_jax.config import ConfigError
+from moe_jax.expert_codec import check as check_codec
 from moe_jax.hrm import HardwareError, InfeasibleError
 from moe_jax.job_output import (CompletionWriter, ResumeError, check_meta, finished_ids, sidecar, start_output,
                                 write_errors)
@@ -74,8 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-invalid", action="store_true",
                    help="write invalid input lines to OUT.errors.jsonl (with the reason) and run the rest")
     args = p.parse_args(argv)
-    if args.expert_codec != "none" and args.dtype != "bfloat16":
-        p.error(f"--expert-codec {args.expert_codec} codes bfloat16 weights; --dtype is {args.dtype}")
+    try:
+        check_codec(args.expert_codec, args.dtype)
+    except ValueError as e:
+        p.error(f"--expert-codec: {e}")
     for flag in ("resume", "skip_invalid"):
         if getattr(args, flag) and not (args.input and args.output):
             p.error(f"--{flag.replace('_', '-')} needs --input and --output")

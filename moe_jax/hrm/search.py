@@ -115,7 +115,7 @@ def _most_resident(c, L: int, E: int, f: float = 2.0):
     """The largest R in [0, L·E] with R − f·⌊R/L⌋ ≤ c, elementwise; −1 where none is.
 
     R − f⌊R/L⌋ is the GPU's expert memory beyond the f·E of a double buffer with nothing resident, in
-    experts: R resident slots and M = E − ⌊R/L⌋ streamed ones plus M in flight, each of those 1 − f of an
+    experts: R resident slots and M = E − ⌊R/L⌋ streamed ones plus M in flight, each of those f − 1 of an
     expert (f = 2 uncoded; 1.75 under the exp4 codec, `moe_jax.expert_pages`). Writing R = k·L + j
     (0 ≤ j < L) it is k·(L − f) + j: it rises within each k and falls where j wraps."""
     c = np.asarray(c, float)

@@ -160,7 +160,7 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
     (["--input", "in.jsonl", "--output", "no/such/dir/o.jsonl"], "directory"),
     (["--input", "in.jsonl", "--output", "in.jsonl"], "--output must not be the --input file"),
     (["--prompt", "x", "--expert-codec", "exp4", "--dtype", "float32"],
-     "--expert-codec exp4 codes bfloat16 weights; --dtype is float32"),
+     "--expert-codec: expert codec 'exp4' codes bfloat16 weights; the model runs in float32"),
 ])
 def test_bad_flag_combinations(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
