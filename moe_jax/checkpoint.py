@@ -98,6 +98,9 @@ def _with_generation_eos(cfg: ModelConfig, path: Path) -> ModelConfig:
     return cfg.replace(eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + tuple(extra))))
 
 
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors dtype names this loader converts
+
+
 class Checkpoint:
     """A Hugging Face model directory. Tensors are read on demand from memory-mapped shards."""
 
@@ -143,6 +146,9 @@ class Checkpoint:
     def _read(self, tensor: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> np.ndarray:
         f = self._handle(tensor)
         sl = f.get_slice(tensor)
+        if sl.get_dtype() not in FLOAT_DTYPES:  # e.g. F8_E4M3 or packed integers: values need scales we do not read
+            raise CheckpointError(f"{self.path / self._shard_of[tensor]}: tensor '{tensor}' is stored as "
+                                  f"{sl.get_dtype()}; moe-jax reads {', '.join(FLOAT_DTYPES)} weights")
         full = tuple(sl.get_shape())
         got = (rows[1] - rows[0], *full[1:]) if rows and len(full) >= 1 else full
         if got != shape:

@@ -77,7 +77,13 @@ class ModelConfig:
         if parser is None:
             raise ConfigError(f"{source}: model_type={model_type!r} is not supported "
                               f"(supported: {', '.join(sorted(_PARSERS))})")
-        return parser(_Fields(d, source))
+        f = _Fields(d, source)
+        quant = f.get("quantization_config")
+        if quant is not None:  # quantized weights read as plain floats would give wrong output, not an error
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise f.error("quantization_config", f"quantized checkpoints (quant_method {method!r}) are not "
+                          "supported; moe-jax reads float32, float16 and bfloat16 weights")
+        return parser(f)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":

@@ -56,6 +56,28 @@ def test_errors_name_tensor_shard_and_shape(tmp_path, hf_checkpoints):
         Checkpoint(d)
 
 
+def test_quantized_tensors_are_refused_by_name_and_dtype(tmp_path, hf_checkpoints):
+    """An FP8 weight read as a plain float would drop its scale: wrong output, so an error instead."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = hf_checkpoints["mixtral"][0]
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for shard in sorted(set(index.values())):
+        with safe_open(str(src / shard), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    name = next(k for k in sorted(index) if ".layers.0." in k and ".experts.1." in k)
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(src / "config.json", d / "config.json")
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor '{name}' is stored as F8_E4M3"):
+        Checkpoint(d).layer(0, np.float32)
+
+
 def test_generation_config_eos_ids_join_the_config_ones(tmp_path, hf_checkpoints):
     d = tmp_path / "m"
     shutil.copytree(hf_checkpoints["olmoe"][0], d)

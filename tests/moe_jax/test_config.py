@@ -27,6 +27,8 @@ def test_family_specific_fields():
     ("mixtral", dict(hidden_act="gelu"), "hidden_act"),
     ("mixtral", dict(num_local_experts=0), "num_local_experts"),
     ("olmoe", dict(hidden_size="64"), "hidden_size"),
+    ("mixtral", dict(quantization_config={"quant_method": "fp8", "weight_block_size": None}), "quantization_config"),
+    ("dbrx", dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config"),
 ])
 def test_unsupported_options_name_the_field(family, changes, field):
     with pytest.raises(ConfigError, match=f"field '{field}'"):
