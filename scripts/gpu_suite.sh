@@ -2,22 +2,31 @@
 # The first thing a GPU session runs: the GPU tests, then the benchmarks in scripts/.
 #
 #   bash scripts/gpu_suite.sh                             # the core steps: one device command (< 10 min)
+#   bash scripts/gpu_suite.sh bench_throughput_g64_exp4 bench_offload   # the named steps, in that order
 #   bash scripts/gpu_suite.sh all                         # every step (more than one command allows)
-#   bash scripts/gpu_suite.sh bench_offload               # only the named steps
 #
 # A device command is capped at 10 minutes and a session has 15 minutes of device time, the machine's start
 # included, and a warm machine goes back after 30 s idle: run the core steps first (timeout_s 600), then at
 # once one long step by name if the time left allows (bench_host_attention alone resolves issue 3; issue 4
 # needs bench_expert_kernel, issue 5 bench_offload, issue 6 bench_policies, issue 7 bench_throughput_g64/g128,
 # and bench_throughput_g64_exp4 for the experts coded in 12 bits, predicted to beat MoE-Lightning's figure).
-# PYTHON picks the interpreter (default: python).
-# Logs go to $OUT/<step>.log (OUT defaults to ./gpu_suite_out), benchmark results next to them.
-# A step that passes its time limit is killed and reported as "timeout"; the table comes last.
+# The steps share a time budget, GPU_SUITE_BUDGET_S seconds from the start (default 570, inside one device
+# command's 600): each step's limit shrinks to what is left, and a step with under a minute left is skipped.
+# PYTHON picks the interpreter (default: python3).
+#
+# What comes back: a device command returns at most 8 files from $OUT, so every step's log and result files
+# go to $GPU_SUITE_LOGS (default /tmp/gpu_suite_logs), and $OUT receives two files, rewritten after each
+# step so that a killed command still returns what ran: summary.md (the table) and gpu_suite_logs.tgz (the
+# whole log folder; `tar -xzf gpu_suite_logs.tgz -C DIR`). A step that passes its time limit is
+# interrupted (SIGINT: the benchmarks still print what they measured) and reported as "timeout".
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_suite_out}"
-PY="${PYTHON:-python}"
-mkdir -p "$OUT"
+LOGS="${GPU_SUITE_LOGS:-/tmp/gpu_suite_logs}"
+BUDGET="${GPU_SUITE_BUDGET_S:-570}"
+PY="${PYTHON:-$(command -v python3 || echo python)}"  # the device image's python3 holds jax, torch and transformers
+mkdir -p "$OUT" "$LOGS"
+SUITE_START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # The HRM profile by name on an H100 or H200: the offload benchmarks then size the pinned-host pool for
@@ -39,23 +48,23 @@ CORE="tests bench_host_attention bench_expert_kernel_core bench_offload_quick"
 STEPS=(
   "tests|180|$PY -m pytest -m gpu tests -q -rs"
   "bench_host_attention|60|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 --stream-gib 8 --max-kv-gib 16"
-  "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $OUT/bench_expert_kernel_core.json --out $OUT/bench_expert_kernel_core.md"
-  "bench_expert_kernel|420|$PY scripts/bench_expert_kernel.py --json $OUT/bench_expert_kernel.json --out $OUT/bench_expert_kernel.md"
+  "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $LOGS/bench_expert_kernel_core.json --out $LOGS/bench_expert_kernel_core.md"
+  "bench_expert_kernel|420|$PY scripts/bench_expert_kernel.py --json $LOGS/bench_expert_kernel.json --out $LOGS/bench_expert_kernel.md"
   # Offload engine benchmarks (scripts/bench_offload.py, scripts/bench_throughput.py): Mixtral 8x7B shapes,
   # random weights. Each step fits one 10-minute device command; --append-results writes the markdown
   # section to paste into benchmarks/RESULTS.md. Limits stay under 600 s so that the suite's SIGINT comes
   # first and the scripts still print what they measured.
-  "bench_offload_quick|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $OUT/bench_offload_quick.json --append-results $OUT/bench_offload_quick.md"
-  "bench_offload|560|$PY scripts/bench_offload.py $HW --json $OUT/bench_offload.json --append-results $OUT/bench_offload.md"
-  "bench_offload_quick_exp4|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --expert-codec exp4 --json $OUT/bench_offload_quick_exp4.json --append-results $OUT/bench_offload_quick_exp4.md"
-  "bench_prefetch_whole|300|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --prefetch whole --json $OUT/bench_prefetch_whole.json --append-results $OUT/bench_prefetch_whole.md"
-  "bench_policies|560|$PY scripts/bench_offload.py $HW --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $OUT/bench_policies.json --append-results $OUT/bench_policies.md"
-  "bench_continuous_batching|420|$PY scripts/bench_continuous_batching.py --layers 4 --append-results $OUT/bench_continuous_batching.md"
-  "bench_vs_pytorch|560|$PY scripts/bench_throughput.py $HW --workloads '' --json $OUT/bench_vs_pytorch.json --plot $OUT/bench_vs_pytorch.png --append-results $OUT/bench_vs_pytorch.md"
-  "bench_throughput_g64|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --no-baseline --json $OUT/bench_throughput_g64.json --plot $OUT/bench_throughput_g64.png --append-results $OUT/bench_throughput_g64.md"
-  "bench_throughput_g64_24|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --gpu-memory-gb 24 --no-baseline --json $OUT/bench_throughput_g64_24.json --plot $OUT/bench_throughput_g64_24.png --append-results $OUT/bench_throughput_g64_24.md"
-  "bench_throughput_g64_exp4|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --expert-codec exp4 --no-baseline --json $OUT/bench_throughput_g64_exp4.json --plot $OUT/bench_throughput_g64_exp4.png --append-results $OUT/bench_throughput_g64_exp4.md"
-  "bench_throughput_g128|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:128 --no-baseline --json $OUT/bench_throughput_g128.json --plot $OUT/bench_throughput_g128.png --append-results $OUT/bench_throughput_g128.md"
+  "bench_offload_quick|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick.json --append-results $LOGS/bench_offload_quick.md"
+  "bench_offload|560|$PY scripts/bench_offload.py $HW --json $LOGS/bench_offload.json --append-results $LOGS/bench_offload.md"
+  "bench_offload_quick_exp4|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --expert-codec exp4 --json $LOGS/bench_offload_quick_exp4.json --append-results $LOGS/bench_offload_quick_exp4.md"
+  "bench_prefetch_whole|300|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --prefetch whole --json $LOGS/bench_prefetch_whole.json --append-results $LOGS/bench_prefetch_whole.md"
+  "bench_policies|560|$PY scripts/bench_offload.py $HW --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $LOGS/bench_policies.json --append-results $LOGS/bench_policies.md"
+  "bench_continuous_batching|420|$PY scripts/bench_continuous_batching.py --layers 4 --append-results $LOGS/bench_continuous_batching.md"
+  "bench_vs_pytorch|560|$PY scripts/bench_throughput.py $HW --workloads '' --json $LOGS/bench_vs_pytorch.json --plot $LOGS/bench_vs_pytorch.png --append-results $LOGS/bench_vs_pytorch.md"
+  "bench_throughput_g64|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --no-baseline --json $LOGS/bench_throughput_g64.json --plot $LOGS/bench_throughput_g64.png --append-results $LOGS/bench_throughput_g64.md"
+  "bench_throughput_g64_24|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --gpu-memory-gb 24 --no-baseline --json $LOGS/bench_throughput_g64_24.json --plot $LOGS/bench_throughput_g64_24.png --append-results $LOGS/bench_throughput_g64_24.md"
+  "bench_throughput_g64_exp4|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:64 --expert-codec exp4 --no-baseline --json $LOGS/bench_throughput_g64_exp4.json --plot $LOGS/bench_throughput_g64_exp4.png --append-results $LOGS/bench_throughput_g64_exp4.md"
+  "bench_throughput_g128|560|$PY scripts/bench_throughput.py $HW --workloads mtbench:128 --no-baseline --json $LOGS/bench_throughput_g128.json --plot $LOGS/bench_throughput_g128.png --append-results $LOGS/bench_throughput_g128.md"
 )
 
 {
@@ -63,27 +72,56 @@ STEPS=(
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
   $PY -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())' 2>&1
   echo "host memory: $(mem)"
-} | tee "$OUT/env.log"
+} | tee "$LOGS/env.log"
 
 declare -a SUMMARY
 failed=0
-for step in "${STEPS[@]}"; do
+table() {
+  printf '| %-24s | %-12s | %6s | %s | %s |\n' step status time "host GiB after" log
+  echo "|---|---|---|---|---|"
+  printf '%s\n' "${SUMMARY[@]}"
+}
+# summary.md and the log tarball in $OUT, replaced whole (a command killed mid-write leaves the previous ones).
+save() {
+  table >"$OUT/.summary.md.tmp" && mv "$OUT/.summary.md.tmp" "$OUT/summary.md"
+  tar -czf "$OUT/.logs.tgz.tmp" -C "$LOGS" . && mv "$OUT/.logs.tgz.tmp" "$OUT/gpu_suite_logs.tgz"
+}
+
+wanted=("${@:-$CORE}")
+[ "${wanted[*]}" = all ] && wanted=($(for step in "${STEPS[@]}"; do echo "${step%%|*}"; done))
+wanted=($(echo "${wanted[*]}"))  # "$CORE" as one argument -> its words
+for name in "${wanted[@]}"; do
+  step=""
+  for s in "${STEPS[@]}"; do [ "${s%%|*}" = "$name" ] && step="$s"; done
+  if [ -z "$step" ]; then
+    echo "unknown step '$name' (steps: $(for s in "${STEPS[@]}"; do printf '%s ' "${s%%|*}"; done))" >&2
+    exit 2
+  fi
+done
+for name in "${wanted[@]}"; do
+  for s in "${STEPS[@]}"; do [ "${s%%|*}" = "$name" ] && step="$s"; done
   IFS='|' read -r name limit cmd <<<"$step"
-  wanted="${*:-$CORE}"
-  if [[ " $wanted " != *" all "* && " $wanted " != *" $name "* ]]; then continue; fi
-  echo "=== $name: $cmd" >"$OUT/$name.log"
+  left=$(( BUDGET - ($(date +%s) - SUITE_START) ))
+  if [ "$left" -lt 60 ]; then
+    SUMMARY+=("$(printf '| %-24s | %-12s | %5ss | %s | %s |' "$name" "skipped" 0 "$(mem)" "(${left} s of the budget left)")")
+    failed=1
+    continue
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (limit ${limit} s): $cmd" >"$LOGS/$name.log"
   start=$(date +%s)
-  timeout --signal=INT --kill-after=20 "$limit" bash -c "$cmd" >>"$OUT/$name.log" 2>&1
+  timeout --signal=INT --kill-after=20 "$limit" bash -c "$cmd" >>"$LOGS/$name.log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
   case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status="fail($rc)" ;; esac
   [ "$rc" -eq 0 ] || failed=1
-  tail -n 25 "$OUT/$name.log"
-  SUMMARY+=("$(printf '| %-24s | %-9s | %5ss | %s | %s |' "$name" "$status" "$secs" "$(mem)" "$OUT/$name.log")")
+  tail -n 25 "$LOGS/$name.log"
+  SUMMARY+=("$(printf '| %-24s | %-12s | %5ss | %s | %s |' "$name" "$status" "$secs" "$(mem)" "$name.log")")
+  save
 done
 
+save
 echo
-printf '| %-24s | %-9s | %6s | %s | %s |\n' step status time "host GiB after" log
-echo "|---|---|---|---|---|"
-printf '%s\n' "${SUMMARY[@]}"
+echo "logs: $LOGS (all of them in $OUT/gpu_suite_logs.tgz)"
+table
 exit $failed
