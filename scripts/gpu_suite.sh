@@ -33,11 +33,19 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # HRM's policy before JAX starts (detected after it starts, the pool must hold every expert).
 # These machines have 128 GiB (125 usable, as the profiles say) even where the VM's MemTotal starts lower
 # and grows with use: MOE_JAX_HOST_MEMORY_GB tells the engine's host checks (moe_jax/host_memory.py).
+# A profile measured on such a machine (the `calibrate` step's JSON, committed as
+# benchmarks/profiles/NAME-measured.json) replaces the named one: HRM then predicts with measured figures.
 case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)" in
-  *"H100 80GB"*) HW="--hardware h100-80gb"; export MOE_JAX_HOST_MEMORY_GB="${MOE_JAX_HOST_MEMORY_GB:-125}" ;;
-  *H200*) HW="--hardware h200"; export MOE_JAX_HOST_MEMORY_GB="${MOE_JAX_HOST_MEMORY_GB:-125}" ;;
-  *) HW="" ;;
+  *"H100 80GB"*) PROFILE=h100-80gb ;;
+  *H200*) PROFILE=h200 ;;
+  *) PROFILE="" ;;
 esac
+HW=""
+if [ -n "$PROFILE" ]; then
+  export MOE_JAX_HOST_MEMORY_GB="${MOE_JAX_HOST_MEMORY_GB:-125}"
+  MEASURED="benchmarks/profiles/$PROFILE-measured.json"
+  if [ -f "$MEASURED" ]; then HW="--hardware $MEASURED"; else HW="--hardware $PROFILE"; fi
+fi
 
 # MemTotal and MemAvailable in GiB: the offload steps plan with the HRM profile's 125 GiB, and a VM may show
 # less until its memory is used; each step's row records them after it ran.
@@ -47,6 +55,8 @@ mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /p
 CORE="tests bench_host_attention bench_expert_kernel_core bench_offload_quick"
 STEPS=(
   "tests|180|$PY -m pytest -m gpu tests -q -rs"
+  # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
+  "calibrate|150|$PY -m moe_jax.hrm.calibrate --output $LOGS/${PROFILE:-gpu}-measured.json"
   "bench_host_attention|60|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 --stream-gib 8 --max-kv-gib 16"
   "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $LOGS/bench_expert_kernel_core.json --out $LOGS/bench_expert_kernel_core.md"
   "bench_expert_kernel|420|$PY scripts/bench_expert_kernel.py --json $LOGS/bench_expert_kernel.json --out $LOGS/bench_expert_kernel.md"
@@ -72,6 +82,7 @@ STEPS=(
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
   $PY -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())' 2>&1
   echo "host memory: $(mem)"
+  echo "HRM profile: ${HW:-none (no H100/H200 detected)}"
 } | tee "$LOGS/env.log"
 
 declare -a SUMMARY
