@@ -57,3 +57,18 @@ def test_calibrate_quick(tmp_path, capsys):
     assert hw.gpu_flops > 0 and hw.link_bandwidth > 0 and hw.launch_seconds > 0
     assert "notes" in json.loads(path.read_text())
     assert choose_policy(preset_config("tiny-mixtral"), hw, 16, 16).policy.batch_size >= 1
+
+
+def test_calibrate_survives_a_kernel_that_fails_here(tmp_path, monkeypatch):
+    """A kernel that cannot compile or run on a new machine costs its figure, noted, not the profile."""
+    from moe_jax.hrm import calibrate
+
+    def broken(*args):
+        raise RuntimeError("Mosaic GPU lowering failed")
+
+    monkeypatch.setattr(calibrate, "expert_flops", broken)
+    path = tmp_path / "me.json"
+    assert calibrate_main(["--quick", "--output", str(path)]) == 0
+    d = json.loads(path.read_text())
+    assert d["expert_flops"] is None and hardware_profile(str(path)).link_bandwidth > 0
+    assert any("not measured: RuntimeError: Mosaic GPU lowering failed" in str(v) for v in d["notes"].values())
