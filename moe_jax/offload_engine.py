@@ -73,28 +73,35 @@ def admission_order(prompt_lens: Sequence[int], budgets: Sequence[int]) -> list[
 
 
 class JobShape(NamedTuple):
-    """A job as HRM's search takes it (`hrm.choose_policy`'s arguments of the same names; kv_positions None:
-    prompt_len + gen_len per sequence)."""
+    """A job as HRM's search takes it (`hrm.choose_policy`'s arguments of the same names; the arrays None:
+    every sequence as prompt_len, prefill_len and gen_len say)."""
 
     prompt_len: int
     gen_len: int
     prefill_len: int
     kv_positions: np.ndarray | None
+    prompt_positions: np.ndarray | None = None
+    prefill_positions: np.ndarray | None = None
 
 
 def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_positions: int, *,
                 in_order: bool = False) -> JobShape:
     """A job's shape for HRM's search, as the engine runs it (budgets within the model's positions, as
     `token_budget`): the longest prompt; gen_len, the largest budget within max_positions − prompt_len (HRM
-    prices decode contexts of prompt_len + gen_len / 2); the prefill padding prompts to bucket(longest prompt);
-    and kv_positions [R + 1], the host KV cache's positions for a batch of n rows (n = 0..R): the needs
-    (prompt + budget) of the first n requests of `admission_order`, its n largest, or with `in_order` of the
-    first n as given (a job that will be the first n of these requests)."""
-    P = max(prompt_lens)
+    prices decode contexts of the mean prompt + gen_len / 2); prefill_len, bucket(longest prompt), the padding
+    the prefill's GPU memory is planned for; and, for a batch of the job's first n requests (n = 0..R), arrays
+    [R + 1] of their totals: kv_positions, the host KV cache's positions (needs: prompt + budget);
+    prompt_positions, their prompt tokens; prefill_positions, their prompts' tokens padded to bucket(length),
+    as the engine pads each prefill call to its longest prompt's bucket after sorting a micro-batch's prompts
+    by length. The first n requests are those of `admission_order` (the n largest needs), or with `in_order`
+    the first n as given (a job that will be the first n of these requests)."""
+    P = int(max(prompt_lens))
     budgets = np.minimum(budgets, max_positions - np.asarray(prompt_lens))
-    needs = np.add(prompt_lens, budgets)
-    needs = needs if in_order else needs[admission_order(prompt_lens, budgets)]
-    return JobShape(P, int(min(budgets.max(), max_positions - P)), bucket(P), np.concatenate([[0], np.cumsum(needs)]))
+    order = np.arange(len(prompt_lens)) if in_order else np.array(admission_order(prompt_lens, budgets))
+    prompts = np.asarray(prompt_lens)[order]
+    totals = lambda x: np.concatenate([[0], np.cumsum(x)])
+    return JobShape(P, int(min(budgets.max(), max_positions - P)), bucket(P), totals(prompts + budgets[order]),
+                    totals(prompts), totals([bucket(int(n)) for n in prompts]))
 
 
 class OffloadMemoryError(MemoryError):

@@ -134,15 +134,13 @@ def policy_before_jax(spec: str, hardware_name: str | None, resolve):
         return None
 
 
-def hrm_predict(cfg, hardware, policy, prompt_len: float, gen_len: int, dtype: str = "bfloat16",
-                prefill_len: int | None = None, kv_positions=None) -> dict:
-    """`moe_jax.hrm.predict` for `policy` as a JSON-ready dict: the per-layer decode terms at the mean
-    context prompt_len + gen_len / 2, the decode step, the prefill (of prompts padded to `prefill_len`,
-    default prompt_len) and throughputs."""
+def hrm_predict(cfg, hardware, policy, job, dtype: str = "bfloat16") -> dict:
+    """`moe_jax.hrm.predict` for `policy` on the workload `job` (a `JobShape`, e.g. `engine_lengths`) as a
+    JSON-ready dict: the per-layer decode terms at the job's mean decode context, the decode step, the
+    prefill and throughputs."""
     from moe_jax import hrm
 
-    r = hrm.predict(cfg, hardware, policy, prompt_len, gen_len, dtype=dtype, prefill_len=prefill_len,
-                    kv_positions=kv_positions)
+    r = hrm.predict(cfg, hardware, policy, dtype=dtype, **job._asdict())
     return {"hardware": hrm.hardware_profile(hardware).name, "per_layer_s": r.per_layer_seconds,
             "bottleneck": r.bottleneck, "step_s": r.step_seconds, "prefill_s": r.prefill_seconds,
             "decode_tok_s": r.decode_tokens_per_s, "tok_s": r.tokens_per_s}
@@ -165,22 +163,31 @@ def probe_link_bandwidth(mib: int) -> float:
 def probe_gpu_layer_seconds(source, policy, dtype: str, moe_impl: str) -> float:
     """GPU seconds of one decode layer for every micro-batch, measured alone: the engine's GPU step
     (post-attention with the experts, then the next layer's pre-attention) on μ random rows, n_ub calls
-    dispatched back to back, with layer 0's weights (all experts) in device memory and no copies.
-    Run it before building the engine: its memory is freed by then and stays out of the engine's peak."""
+    dispatched back to back, with layer 0's weights in device memory and no copies. Its experts sit in a
+    slot array of the engine's size at the engine's slots (`ExpertPages`), as the expert kernel sees them
+    there (its cost can grow with the slots of other layers). Run it before building the engine: its
+    memory is freed by then and stays out of the engine's peak."""
     import jax
     import jax.numpy as jnp
 
     from moe_jax import model
+    from moe_jax.expert_pages import ExpertPages
     from moe_jax.hrm.calibrate import best_seconds
+    from moe_jax.params import layer_param_specs
 
     cfg, mu = source.cfg, policy.micro_batch_size
+    pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, policy.resident_expert_fraction, 1)
+    table = jnp.asarray(pages.page_table(0))
     p = jax.device_put(source.weights.layer(0, np.dtype(dtype)))
+    for name, spec in layer_param_specs(cfg).items():
+        if spec.expert:
+            p[name] = jnp.zeros((pages.num_slots, *spec.shape[1:]), dtype).at[table].set(p[name])
     kx, ka = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (mu, 1, cfg.hidden_size), dtype)
     attn = jax.random.normal(ka, (mu, 1, cfg.num_heads, cfg.head_dim), dtype)
     positions = jnp.full((mu, 1), 100, jnp.int32)
     step = jax.jit(lambda p, x, a, pos: model.pre_attention(
-        cfg, p, model.post_attention(cfg, p, x, a, moe_impl=moe_impl), pos))
+        cfg, p, model.post_attention(cfg, p, x, a, expert_slots=table, moe_impl=moe_impl), pos))
     return best_seconds(lambda: jax.block_until_ready(
         [step(p, x, attn, positions) for _ in range(policy.num_micro_batches)]))
 
@@ -252,10 +259,7 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
     if hardware is not None:
         n = min(len(prompts), policy.batch_size)  # the rows the run fills, micro-batches as the engine forms them
         wave = _wave_policy(policy, n)
-        mean_prompt = float(np.mean([len(p) for p in prompts]))
-        job = engine_lengths(prompts, gen_len, cfg.max_positions)
-        pred = hrm_predict(cfg, hardware, wave, mean_prompt, gen_len, dtype, prefill_len=job.prefill_len,
-                           kv_positions=job.kv_positions)
+        pred = hrm_predict(cfg, hardware, wave, engine_lengths(prompts, gen_len, cfg.max_positions), dtype)
         row["hrm"] = pred
         row["measured_over_predicted"] = {
             "tok_s": run["tok_s"] / pred["tok_s"],

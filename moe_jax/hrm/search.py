@@ -9,21 +9,25 @@ the layer starts by installing its fetched experts into their slots (GPU memory 
   T_h2d: link seconds, max(host→GPU, GPU→host bytes) / link_bandwidth: the layer's streamed experts
          (all but its resident ones), plus q, k, v down and the attention output up (CPU attention), or the host KV
          cache up and the new k, v down (GPU attention over a host cache).
-  T_cpu: CPU attention of the N sequences over the mean decode context P + G/2 (roofline on the CPU).
+  T_cpu: CPU attention of the N sequences over the mean decode context P̄ + G/2 (roofline on the CPU; P̄
+         the mean prompt of the N sequences).
   T_gpu: n_ub × (the GPU roofline time of one micro-batch of μ + a fixed launch time): every
          micro-batch re-reads the weights it touches from GPU memory, so larger μ amortises them.
 Prefill runs every op on the GPU, each micro-batch in calls of at most 1 GiB of working set
-(`moe_jax.offload_memory.prefill_calls`, each re-reading the layer's weights; all priced at the longest
-prompt's padding, an upper bound: the engine pads each call to its own longest prompt), streaming the next
-layer's experts and writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
+(`moe_jax.offload_memory.prefill_calls`, each re-reading the layer's weights; as many rows per call as the
+longest prompt allows, each prompt's compute at its own padding: the engine sorts a micro-batch's prompts
+by length and pads each call to its longest), streaming the next layer's experts and writing KV to the
+host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
 decode steps; each adds the LM head of the N sequences.
 
 Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, the expert slots of the engine's page
 table (`moe_jax.expert_pages`: R resident (layer, expert) pairs, M = E − ⌊R/L⌋ streamed slots and M
 experts in flight, these coded under the exp4 codec, which adds its escapes and one decoded expert),
 the working sets of a decode micro-batch and of the prefill (`moe_jax.offload_memory`, the formula the
-engine checks: hidden states of the batch's padded prompts, one prefill call's activations and attention
-scores materialised in f32 as `model.attention` does), GPU attention's scores and a GPU KV cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the pinned pool) and XLA's pinned-host
+engine checks: hidden states of the batch's prompts, all at the longest one's padding (an upper bound),
+one prefill call's activations and attention scores materialised in f32 as `model.attention` does), GPU
+attention's scores and a GPU KV cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the
+pinned pool) and XLA's pinned-host
 pool, which reserves about its cap (`moe_jax.pinned_pool`): the cap the engine sets for the streamed experts
 (5% + 2 GiB above them), or the cap already in force when JAX started before the policy was chosen (then
 it must be at least that).
@@ -128,7 +132,7 @@ def _most_resident(c, L: int, E: int, f: float = 2.0):
 
 def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, kv_gpu, *, resident=None,
               batch=None, gpu_budget=np.inf, host_budget=np.inf, prefill_len=None, pinned_pool_bytes=None,
-              kv_positions=None, codec="none") -> dict:
+              kv_positions=None, prompt_positions=None, prefill_positions=None, codec="none") -> dict:
     """Times (seconds) and memory (bytes) of policies, as broadcast arrays over the arguments.
 
     mu, n_ub: micro-batch size and count; attn_gpu, kv_gpu: booleans of the placement; resident: R, the
@@ -136,9 +140,11 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     (default μ·n_ub, the last micro-batch full); pinned_pool_bytes: the pinned-host pool's cap if fixed
     already (None: sized for the streamed experts). The engine spreads
     R over the layers (`ExpertPages.plan`): R mod L layers hold ⌊R/L⌋ + 1, the others ⌊R/L⌋, and each
-    layer streams the rest of its experts; decode contexts average P + G/2; the KV cache holds
-    kv_positions[min(N, R)] positions for N sequences (kv_positions [R + 1], a job's `JobShape`; default
-    P + G per sequence); prefill runs prompts padded to `prefill_len` tokens (default P); `codec`: how the
+    layer streams the rest of its experts; decode contexts average P̄ + G/2, P̄ the mean prompt of the N
+    sequences (prompt_positions[N] / N, default P); the KV cache holds kv_positions[min(N, R)] positions for
+    N sequences (kv_positions [R + 1], a job's `JobShape`; default P + G per sequence); the prefill computes
+    prefill_positions[N] / N tokens per prompt (their padding; default `prefill_len`, or P) in calls sized
+    for prompts of prefill_len tokens, the padding its GPU memory is planned for; `codec`: how the
     streamed experts are held and sent (`moe_jax.expert_codec`: fewer bytes on the link and in the pool,
     decoded into full slots on the GPU)."""
     L, E, it = cfg.num_layers, cfg.num_experts, itemsize(dtype)
@@ -146,7 +152,9 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     w = expert_bytes(cfg, dtype)  # one expert of one layer, in a GPU slot
     w_link = streamed_expert_bytes(cfg, dtype, codec)  # the same in the pinned pool, on the link, in flight
     N = mu * n_ub if batch is None else batch
-    ctx, ctx_max = P + G / 2, P + G
+    T = prefill_len or P
+    P_mean, T_mean = _mean_of_first(prompt_positions, N, P), _mean_of_first(prefill_positions, N, T)
+    ctx, ctx_max = P_mean + G / 2, P + G
 
     dec = decode_ops(cfg, dtype, mu, ctx)
     gpu_mb = sum(hw.gpu_seconds(op) for name, op in dec.items() if name != "attention")
@@ -154,9 +162,8 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"]))
     up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * q_bytes)
     down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
-    T = prefill_len or P
     rows, calls = prefill_calls(cfg, mu, T)  # each call re-reads the layer's weights
-    t_gpu_pre = n_ub * calls * (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T).values())
+    t_gpu_pre = n_ub * calls * (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T_mean).values())
                                 + hw.launch_seconds)
     t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
 
@@ -188,7 +195,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
         return (L - more) * layer_seconds(E - q) + more * layer_seconds(E - q - 1)
 
     h2d = lambda s: np.maximum(s * w_link + up, down) / hw.link_bandwidth
-    h2d_pre = lambda s: np.maximum(s * w_link, np.where(kv_gpu, 0.0, N * P * kvt)) / hw.link_bandwidth
+    h2d_pre = lambda s: np.maximum(s * w_link, np.where(kv_gpu, 0.0, N * P_mean * kvt)) / hw.link_bandwidth
 
     def install(s):
         """The GPU writing a layer's s fetched experts into their slots before its first call (reading them as
@@ -222,6 +229,32 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     return dict(zip(out, np.broadcast_arrays(*out.values())))
 
 
+def _mean_of_first(totals, N, default):
+    """The mean per sequence of the first N of a job's sequences, from totals [R + 1] of its first 0..R (N > R:
+    of all R); None: `default` each."""
+    if totals is None:
+        return default
+    n = np.clip(N, 1, len(totals) - 1).astype(int)
+    return np.asarray(totals)[n] / n
+
+
+def _check_totals(**arrays) -> int | None:
+    """Arrays as `JobShape` gives them (kv_positions, prompt_positions, prefill_positions): [R + 1] totals over
+    the first 0..R sequences of a job, increasing from 0, all of one length. Returns R (None: no arrays)."""
+    sizes = set()
+    for name, totals in arrays.items():
+        if totals is None:
+            continue
+        totals = np.asarray(totals)
+        if totals.ndim != 1 or totals.size < 2 or totals[0] != 0 or (np.diff(totals) < 1).any():
+            raise ValueError(f"{name} must be totals over batches of 0..R sequences: increasing from 0, "
+                             f"got {totals!r}")
+        sizes.add(totals.size)
+    if len(sizes) > 1:
+        raise ValueError(f"{', '.join(arrays)} must have one length (R + 1), got {sorted(sizes)}")
+    return sizes.pop() - 1 if sizes else None
+
+
 def _infeasible(g: dict, placement: int, gpu_budget: float, host_budget: float, gpu_cap: float,
                 host_cap: float) -> str:
     """Why even one sequence (μ = n_ub = 1) fits nowhere with PLACEMENTS[placement]."""
@@ -249,7 +282,8 @@ def _memory_cap(name: str, gb: float | None, available: float) -> float:
 
 
 def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, gen_len: int, *,
-                  prefill_len: int | None = None, kv_positions=None, gpu_memory_gb: float | None = None,
+                  prefill_len: int | None = None, kv_positions=None, prompt_positions=None,
+                  prefill_positions=None, gpu_memory_gb: float | None = None,
                   host_memory_gb: float | None = None, pinned_pool_gb: float | None = None,
                   max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16",
                   expert_codec: str = "none") -> SearchResult:
@@ -257,10 +291,12 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     generated tokens each, within GPU and host memory (GiB caps, default the hardware's), at most
     `max_batch_size` sequences and one of `placements` ((attention_device, kv_device) pairs, e.g. only
     ("cpu", "cpu") for an engine without GPU attention). Lengths are taken as given: an engine that pads
-    prompts for the prefill passes the padded length as `prefill_len` (default prompt_len), and one that
-    sizes its KV cache to each sequence passes `kv_positions` [R + 1]: the positions it allocates for a
-    batch of n sequences of the job (n = 0..R; `moe_jax.offload_engine.hrm_lengths`), N at most R; default
-    prompt_len + gen_len per sequence.
+    prompts for the prefill passes the padded length as `prefill_len` (default prompt_len). A job of
+    different lengths passes, for a batch of its first n sequences (n = 0..R, N at most R;
+    `moe_jax.offload_engine.hrm_lengths`), arrays [R + 1] of their totals: `kv_positions`, the KV positions
+    the engine allocates (default prompt_len + gen_len per sequence); `prompt_positions`, their prompt
+    tokens (decode contexts; default prompt_len each); `prefill_positions`, their prompt tokens as the
+    prefill pads them (its compute; default prefill_len each; its GPU memory is planned at prefill_len).
     `pinned_pool_gb`: the pinned-host pool's cap when it is fixed already (JAX started before the policy
     was chosen; `moe_jax.pinned_pool.fixed_cap_bytes`); None: the engine sizes it for the chosen policy.
     `expert_codec`: how the engine will hold and send the streamed experts (`moe_jax.expert_codec`); the
@@ -282,12 +318,10 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
         raise ValueError(f"pinned_pool_gb must be a positive number of GiB or None, got {pinned_pool_gb!r}")
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
-    if kv_positions is not None:
-        kv_positions = np.asarray(kv_positions)
-        if kv_positions.ndim != 1 or kv_positions.size < 2 or kv_positions[0] != 0 or (np.diff(kv_positions) < 1).any():
-            raise ValueError("kv_positions must be the KV positions of batches of 0..R sequences: increasing from 0, "
-                             f"got {kv_positions!r}")
-        max_batch_size = min(max_batch_size or np.inf, kv_positions.size - 1)
+    R = _check_totals(kv_positions=kv_positions, prompt_positions=prompt_positions,
+                      prefill_positions=prefill_positions)
+    if R is not None:
+        max_batch_size = min(max_batch_size or np.inf, R)
     gpu_cap = _memory_cap("gpu_memory_gb", gpu_memory_gb, hw.gpu_memory)
     host_cap = _memory_cap("host_memory_gb", host_memory_gb, hw.host_memory)
     gpu_budget, host_budget = GPU_USABLE * gpu_cap, HOST_USABLE * host_cap
@@ -297,7 +331,8 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, MICRO_BATCH_SIZES[None, :, None],
                   NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget,
                   prefill_len=prefill_len, pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None,
-                  kv_positions=kv_positions, codec=expert_codec)
+                  kv_positions=kv_positions, prompt_positions=prompt_positions,
+                  prefill_positions=prefill_positions, codec=expert_codec)
     allowed = np.array([p in placements for p in PLACEMENTS])[:, None, None]
     tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
     if not tps.max() > 0:
@@ -314,17 +349,20 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
 
 
 def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_len: float, gen_len: int, *,
-            dtype="bfloat16", prefill_len: int | None = None, kv_positions=None,
+            dtype="bfloat16", prefill_len: int | None = None, kv_positions=None, prompt_positions=None,
+            prefill_positions=None,
             pinned_pool_gb: float | None = None) -> SearchResult:
     """HRM's prediction for a given `policy` (no memory limit applied): decode over contexts averaging
     prompt_len + gen_len / 2 (prompt_len may be a mean), prefill of prompts padded to `prefill_len`
-    (default prompt_len), the policy's resident experts spread over layers as the engine spreads them, the
-    KV cache and the pinned pool as in `choose_policy`."""
+    (default prompt_len), the lengths of a job of different lengths from the arrays of `choose_policy`,
+    the policy's resident experts spread over layers as the engine spreads them, the KV cache and the
+    pinned pool as in `choose_policy`."""
     hw = hardware_profile(hardware)
     resident = round(policy.resident_expert_fraction * cfg.num_layers * cfg.num_experts)  # as ExpertPages.plan
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, policy.micro_batch_size, policy.num_micro_batches,
                   policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,
                   batch=policy.batch_size, prefill_len=prefill_len, kv_positions=kv_positions,
+                  prompt_positions=prompt_positions, prefill_positions=prefill_positions,
                   pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None, codec=policy.expert_codec)
     return _result(policy, {k: float(v) for k, v in g.items()})
 

@@ -147,7 +147,10 @@ def test_hrm_lengths_are_what_the_engine_allocates():
     assert hrm_lengths([77, 10], [64, 200], 4096)[:3] == (77, 200, 96)  # the short prompt's long budget
     assert hrm_lengths([100, 10], [4, 60], 4096)[:3] == (100, 60, 128)  # 60 decode steps
     assert hrm_lengths([2043, 3], [5, 2045], 2048)[:3] == (2043, 5, 2048)  # within the model's context
-    np.testing.assert_array_equal(hrm_lengths([77, 10, 30], [64, 200, 4], 4096).kv_positions, [0, 210, 351, 385])
+    job = hrm_lengths([77, 10, 30], [64, 200, 4], 4096)  # admitted: 10 (need 210), 77 (141), 30 (34)
+    np.testing.assert_array_equal(job.kv_positions, [0, 210, 351, 385])
+    np.testing.assert_array_equal(job.prompt_positions, [0, 10, 87, 117])
+    np.testing.assert_array_equal(job.prefill_positions, [0, 12, 12 + 96, 12 + 96 + 32])
     # budgets within the model's positions, as the engine's; in_order: a job of the first n as given
     np.testing.assert_array_equal(hrm_lengths([40, 10], [30, 30], 48).kv_positions, [0, 48, 88])
     np.testing.assert_array_equal(hrm_lengths([10, 40], [30, 30], 48, in_order=True).kv_positions, [0, 40, 88])

@@ -82,11 +82,12 @@ def test_bench_throughput_with_baseline(tmp_path):
                                                      ("qwen3-30b-a3b", "t4", None, 256, 64)])
 def test_hrm_predict_agrees_with_the_search(preset, hardware, cap, P, G):
     from moe_jax import hrm
+    from moe_jax.offload_engine import JobShape
     from moe_jax.presets import preset_config
 
     cfg = preset_config(preset)
     r = hrm.choose_policy(cfg, hardware, P, G, gpu_memory_gb=cap, placements=[("cpu", "cpu")])
-    pred = bench_common.hrm_predict(cfg, hardware, r.policy, P, G)
+    pred = bench_common.hrm_predict(cfg, hardware, r.policy, JobShape(P, G, P, None))
     for k, v in r.per_layer_seconds.items():
         assert pred["per_layer_s"][k] == pytest.approx(v, rel=1e-9)
     assert pred["tok_s"] == pytest.approx(r.tokens_per_s, rel=1e-9)

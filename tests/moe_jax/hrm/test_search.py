@@ -110,8 +110,10 @@ def test_impossible_workload(mixtral, kwargs, message):
     ((77, 32), dict(gpu_memory_gb=25), r"gpu_memory_gb must be in \(0, 24.0\]"),
     ((77, 32), dict(max_batch_size=0), "max_batch_size"),
     ((77, 32), dict(prefill_len=64), "prefill_len must be an integer >= prompt_len"),
-    ((77, 32), dict(kv_positions=[0, 100, 100]), "kv_positions must be the KV positions of batches of 0..R"),
-    ((77, 32), dict(kv_positions=[100, 200]), "kv_positions must be the KV positions of batches of 0..R"),
+    ((77, 32), dict(kv_positions=[0, 100, 100]), "kv_positions must be totals over batches of 0..R"),
+    ((77, 32), dict(kv_positions=[100, 200]), "kv_positions must be totals over batches of 0..R"),
+    ((77, 32), dict(prompt_positions=[0, 5, 5]), "prompt_positions must be totals over batches of 0..R"),
+    ((77, 32), dict(kv_positions=[0, 100, 200], prefill_positions=[0, 96]), "must have one length"),
 ])
 def test_bad_arguments(mixtral, args, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -146,6 +148,28 @@ def test_kv_positions_per_sequence(mixtral):
     assert predict(mixtral, "h100-80gb", ragged.policy, 134, 64, kv_positions=kv).host_memory_bytes == ragged.host_memory_bytes
     few = choose_policy(mixtral, "h100-80gb", 134, 64, gpu_memory_gb=16, kv_positions=kv[:11])
     assert few.policy.batch_size == 10
+
+
+def test_ragged_prompts_are_priced_at_their_mean_and_own_padding(mixtral):
+    """A job of prompts 20..134 tokens (MTBench-like) as `hrm_lengths` describes it: the decode's CPU
+    attention is priced at the mean prompt, the prefill's compute at each prompt's own bucket, both below
+    pricing every prompt at the longest (134, padded to 192); for one policy, the decode terms equal those
+    of a job of prompts of the mean length."""
+    from moe_jax.offload_engine import hrm_lengths
+
+    prompts = np.random.default_rng(0).integers(20, 135, 2048)
+    job = hrm_lengths(prompts, [64] * len(prompts), mixtral.max_positions)
+    assert (job.prompt_len, job.prefill_len) == (134, 192)
+    r = choose_policy(mixtral, "h100-80gb", **job._asdict(), gpu_memory_gb=16, placements=[("cpu", "cpu")])
+    N = r.policy.batch_size
+    longest = predict(mixtral, "h100-80gb", r.policy, **job._replace(prompt_positions=None, prefill_positions=None)._asdict())
+    mean = predict(mixtral, "h100-80gb", r.policy, job.prompt_positions[N] / N, 64, prefill_len=192,
+                   kv_positions=job.kv_positions)
+    assert r.per_layer_seconds["cpu"] == pytest.approx(mean.per_layer_seconds["cpu"], rel=1e-9)
+    assert r.per_layer_seconds["cpu"] < 0.8 * longest.per_layer_seconds["cpu"]
+    assert r.prefill_seconds < 0.75 * longest.prefill_seconds
+    assert r.gpu_memory_bytes == longest.gpu_memory_bytes  # the prefill's memory stays planned at 192 tokens
+    assert r.tokens_per_s > longest.tokens_per_s
 
 
 @pytest.mark.parametrize("f", [2.0, 1.75])
