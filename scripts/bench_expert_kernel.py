@@ -119,14 +119,17 @@ def main(argv=None):
     interpret = jax.default_backend() != "gpu"
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.devices()[0]}", flush=True)
     rows = []
-    for model, (H, F, E, k) in models.items():
-        for T in tokens:
-            for routing in ("uniform", "skewed"):
-                rows.append(bench_row(model, H, F, E, k, T, routing, interpret))
-                print(json.dumps(rows[-1]), flush=True)
-                if a.json:
-                    with open(a.json, "w") as f:
-                        json.dump(rows, f, indent=1)
+    try:
+        for model, (H, F, E, k) in models.items():
+            for T in tokens:
+                for routing in ("uniform", "skewed"):
+                    rows.append(bench_row(model, H, F, E, k, T, routing, interpret))
+                    print(json.dumps(rows[-1]), flush=True)
+                    if a.json:
+                        with open(a.json, "w") as f:
+                            json.dump(rows, f, indent=1)
+    except KeyboardInterrupt:  # Ctrl-C or gpu_suite's time limit: the table of the rows measured so far
+        print(f"interrupted after {len(rows)} rows", flush=True)
     table = markdown(rows)
     if a.out:
         with open(a.out, "w") as f:

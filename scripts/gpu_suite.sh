@@ -6,10 +6,13 @@
 #   bash scripts/gpu_suite.sh all                         # every step (more than one command allows)
 #
 # A device command is capped at 10 minutes and a session has 15 minutes of device time, the machine's start
-# included, and a warm machine goes back after 30 s idle: run the core steps first (timeout_s 600), then at
-# once one long step by name if the time left allows (bench_host_attention alone resolves issue 3; issue 4
-# needs bench_expert_kernel, issue 5 bench_offload, issue 6 bench_policies, issue 7 bench_throughput_g64/g128,
-# and bench_throughput_g64_exp4 for the experts coded in 12 bits, predicted to beat MoE-Lightning's figure).
+# included, and a warm machine goes back after 30 s idle. A session's plan:
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600): the GPU tests, then the figures that can resolve issues
+#      3 (bench_host_attention), 4 (bench_expert_kernel, the full sweep, last) and a first engine run;
+#   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
+#      − 30): `calibrate` (HRM's profile measured), or later sessions one long step by name: issue 5
+#      bench_offload, issue 6 bench_policies, issue 7 bench_throughput_g64_exp4 (the experts coded in 12
+#      bits, predicted to beat MoE-Lightning's figure), bench_throughput_g64/g128, bench_vs_pytorch.
 # The steps share a time budget, GPU_SUITE_BUDGET_S seconds from the start (default 570, inside one device
 # command's 600): each step's limit shrinks to what is left, and a step with under a minute left is skipped.
 # PYTHON picks the interpreter (default: python3).
@@ -52,7 +55,9 @@ fi
 mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /proc/meminfo; }
 
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
-CORE="tests bench_host_attention bench_expert_kernel_core bench_offload_quick"
+# bench_expert_kernel last: it writes each row as it goes and prints the table of those measured when the
+# budget's end interrupts it (Mixtral's rows first).
+CORE="tests bench_host_attention bench_offload_quick bench_expert_kernel"
 STEPS=(
   "tests|180|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
