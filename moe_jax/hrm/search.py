@@ -27,10 +27,9 @@ the working sets of a decode micro-batch and of the prefill (`moe_jax.offload_me
 engine checks: hidden states of the batch's prompts, all at the longest one's padding (an upper bound),
 one prefill call's activations and attention scores materialised in f32 as `model.attention` does), GPU
 attention's scores and a GPU KV cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the
-pinned pool) and XLA's pinned-host
-pool, which reserves about its cap (`moe_jax.pinned_pool`): the cap the engine sets for the streamed experts
-(5% + 2 GiB above them), or the cap already in force when JAX started before the policy was chosen (then
-it must be at least that).
+pinned pool) and XLA's pinned-host pool, which reserves about its cap (`moe_jax.pinned_pool`): the cap the
+engine sets for the streamed experts (5% + 2 GiB above them), or the cap already in force when JAX started
+before the policy was chosen (then it must be at least that).
 
 Search. A NumPy grid over μ (1..8192, 3% steps), n_ub (1..128) and the three (attention, KV)
 placements. For each point R is the most resident experts that fit the GPU, counted in single experts of
@@ -350,8 +349,7 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
 
 def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_len: float, gen_len: int, *,
             dtype="bfloat16", prefill_len: int | None = None, kv_positions=None, prompt_positions=None,
-            prefill_positions=None,
-            pinned_pool_gb: float | None = None) -> SearchResult:
+            prefill_positions=None, pinned_pool_gb: float | None = None) -> SearchResult:
     """HRM's prediction for a given `policy` (no memory limit applied): decode over contexts averaging
     prompt_len + gen_len / 2 (prompt_len may be a mean), prefill of prompts padded to `prefill_len`
     (default prompt_len), the lengths of a job of different lengths from the arrays of `choose_policy`,
