@@ -91,10 +91,11 @@ def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_position
     prices decode contexts of the mean prompt + gen_len / 2); prefill_len, bucket(longest prompt), the padding
     the prefill's GPU memory is planned for; and, for a batch of the job's first n requests (n = 0..R), arrays
     [R + 1] of their totals: kv_positions, the host KV cache's positions (needs: prompt + budget);
-    prompt_positions, their prompt tokens; prefill_positions, their prompts' tokens padded to bucket(length),
-    as the engine pads each prefill call to its longest prompt's bucket after sorting a micro-batch's prompts
-    by length. The first n requests are those of `admission_order` (the n largest needs), or with `in_order`
-    the first n as given (a job that will be the first n of these requests)."""
+    prompt_positions, their prompt tokens; prefill_positions, their prompts' tokens each padded to its own
+    bucket (HRM's approximation of the engine's prefill calls, each padded to the bucket of its longest
+    prompt after a micro-batch's prompts are sorted by length). The first n requests are those of
+    `admission_order` (the n largest needs), or with `in_order` the first n as given (a job that will be the
+    first n of these requests)."""
     P = int(max(prompt_lens))
     budgets = np.minimum(budgets, max_positions - np.asarray(prompt_lens))
     order = np.arange(len(prompt_lens)) if in_order else np.array(admission_order(prompt_lens, budgets))

@@ -92,7 +92,7 @@ def parse_policy(spec: str, expert_codec: str = "none"):
 
 
 def engine_lengths(prompts, gen_len: int, max_positions: int, *, first_n: bool = False):
-    """The `JobShape` (prompt_len, gen_len, prefill_len, kv_positions) HRM plans with for these prompts, each
+    """The `JobShape` (lengths and per-batch totals, `hrm_lengths`) HRM plans with for these prompts, each
     generating gen_len tokens: as the engine runs all of them (`moe_jax.offload_engine.hrm_lengths`), or with
     `first_n` for a job of the first n of them, whatever n HRM picks."""
     from moe_jax.offload_engine import hrm_lengths

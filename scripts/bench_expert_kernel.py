@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -125,9 +126,10 @@ def main(argv=None):
                 for routing in ("uniform", "skewed"):
                     rows.append(bench_row(model, H, F, E, k, T, routing, interpret))
                     print(json.dumps(rows[-1]), flush=True)
-                    if a.json:
-                        with open(a.json, "w") as f:
+                    if a.json:  # whole or not at all: an interrupt may come at any moment
+                        with open(a.json + ".tmp", "w") as f:
                             json.dump(rows, f, indent=1)
+                        os.replace(a.json + ".tmp", a.json)
     except KeyboardInterrupt:  # Ctrl-C or gpu_suite's time limit: the table of the rows measured so far
         print(f"interrupted after {len(rows)} rows", flush=True)
     table = markdown(rows)

@@ -14,21 +14,27 @@
 #      bench_offload, issue 6 bench_policies, issue 7 bench_throughput_g64_exp4 (the experts coded in 12
 #      bits, predicted to beat MoE-Lightning's figure), bench_throughput_g64/g128, bench_vs_pytorch.
 # The steps share a time budget, GPU_SUITE_BUDGET_S seconds from the start (default 570, inside one device
-# command's 600): each step's limit shrinks to what is left, and a step with under a minute left is skipped.
+# command's 600): each step's limit shrinks to what is left, and a step with less than GPU_SUITE_MIN_STEP_S
+# left (default 60) is skipped.
 # PYTHON picks the interpreter (default: python3).
 #
 # What comes back: a device command returns at most 8 files from $OUT, so every step's log and result files
 # go to $GPU_SUITE_LOGS (default /tmp/gpu_suite_logs), and $OUT receives two files, rewritten after each
 # step so that a killed command still returns what ran: summary.md (the table) and gpu_suite_logs.tgz (the
-# whole log folder; `tar -xzf gpu_suite_logs.tgz -C DIR`). A step that passes its time limit is
-# interrupted (SIGINT: the benchmarks still print what they measured) and reported as "timeout".
+# whole log folder, which keeps earlier runs' files on a warm machine; `tar -xzf gpu_suite_logs.tgz -C DIR`).
+# A step that passes its own time limit is interrupted (SIGINT: the benchmarks still print what they
+# measured) and reported as "timeout", a failure; one ended by the budget is reported as "cut", not one.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_suite_out}"
 LOGS="${GPU_SUITE_LOGS:-/tmp/gpu_suite_logs}"
 BUDGET="${GPU_SUITE_BUDGET_S:-570}"
+MIN_STEP="${GPU_SUITE_MIN_STEP_S:-60}"
 PY="${PYTHON:-$(command -v python3 || echo python)}"  # the device image's python3 holds jax, torch and transformers
 mkdir -p "$OUT" "$LOGS"
+case "$(cd "$LOGS" && pwd -P)/" in
+  "$(cd "$OUT" && pwd -P)/"*) echo "GPU_SUITE_LOGS ($LOGS) must lie outside OUT ($OUT): OUT returns at most 8 files" >&2; exit 2 ;;
+esac
 SUITE_START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -118,19 +124,21 @@ for name in "${wanted[@]}"; do
   for s in "${STEPS[@]}"; do [ "${s%%|*}" = "$name" ] && step="$s"; done
   IFS='|' read -r name limit cmd <<<"$step"
   left=$(( BUDGET - ($(date +%s) - SUITE_START) ))
-  if [ "$left" -lt 60 ]; then
+  if [ "$left" -lt "$MIN_STEP" ]; then
     SUMMARY+=("$(printf '| %-24s | %-12s | %5ss | %s | %s |' "$name" "skipped" 0 "$(mem)" "(${left} s of the budget left)")")
     failed=1
     continue
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  cut=0
+  [ "$limit" -gt "$left" ] && limit=$left && cut=1
   echo "=== $name (limit ${limit} s): $cmd" >"$LOGS/$name.log"
   start=$(date +%s)
   timeout --signal=INT --kill-after=20 "$limit" bash -c "$cmd" >>"$LOGS/$name.log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
-  case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status="fail($rc)" ;; esac
-  [ "$rc" -eq 0 ] || failed=1
+  # timeout: past its own limit (a failure); cut: ended by the budget (what it printed is what it measured)
+  case $rc in 0) status=ok ;; 124|137) status=$([ "$cut" -eq 1 ] && echo cut || echo timeout) ;; *) status="fail($rc)" ;; esac
+  [ "$rc" -eq 0 ] || [ "$status" = cut ] || failed=1
   tail -n 25 "$LOGS/$name.log"
   SUMMARY+=("$(printf '| %-24s | %-12s | %5ss | %s | %s |' "$name" "$status" "$secs" "$(mem)" "$name.log")")
   save

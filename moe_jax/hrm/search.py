@@ -15,9 +15,9 @@ the layer starts by installing its fetched experts into their slots (GPU memory 
          micro-batch re-reads the weights it touches from GPU memory, so larger μ amortises them.
 Prefill runs every op on the GPU, each micro-batch in calls of at most 1 GiB of working set
 (`moe_jax.offload_memory.prefill_calls`, each re-reading the layer's weights; as many rows per call as the
-longest prompt allows, each prompt's compute at its own padding: the engine sorts a micro-batch's prompts
-by length and pads each call to its longest), streaming the next layer's experts and writing KV to the
-host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
+longest prompt allows; the engine sorts a micro-batch's prompts by length and pads each call to its
+longest, priced as a first call at the longest prompt's padding and the others at the prompts' own),
+streaming the next layer's experts and writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
 decode steps; each adds the LM head of the N sequences.
 
 Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, the expert slots of the engine's page
@@ -141,9 +141,11 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     R over the layers (`ExpertPages.plan`): R mod L layers hold ⌊R/L⌋ + 1, the others ⌊R/L⌋, and each
     layer streams the rest of its experts; decode contexts average P̄ + G/2, P̄ the mean prompt of the N
     sequences (prompt_positions[N] / N, default P); the KV cache holds kv_positions[min(N, R)] positions for
-    N sequences (kv_positions [R + 1], a job's `JobShape`; default P + G per sequence); the prefill computes
-    prefill_positions[N] / N tokens per prompt (their padding; default `prefill_len`, or P) in calls sized
-    for prompts of prefill_len tokens, the padding its GPU memory is planned for; `codec`: how the
+    N sequences (kv_positions [R + 1], a job's `JobShape`; default P + G per sequence); the prefill runs calls
+    sized for prompts of `prefill_len` tokens (default P; the padding its GPU memory is planned for), each
+    micro-batch's first call padded to prefill_len and the others to the mean of the prompts' own paddings
+    (prefill_positions[N] / N; default prefill_len): an approximation of the engine's calls, each padded to
+    its longest prompt; `codec`: how the
     streamed experts are held and sent (`moe_jax.expert_codec`: fewer bytes on the link and in the pool,
     decoded into full slots on the GPU)."""
     L, E, it = cfg.num_layers, cfg.num_experts, itemsize(dtype)
@@ -162,7 +164,10 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * q_bytes)
     down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
     rows, calls = prefill_calls(cfg, mu, T)  # each call re-reads the layer's weights
-    t_gpu_pre = n_ub * calls * (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T_mean).values())
+    # The engine pads each call to its longest prompt: a micro-batch's first call to about the job's longest
+    # (the partition gives each micro-batch one of the longest), the others to about their own prompts' buckets.
+    T_call = (T + (calls - 1) * T_mean) / calls
+    t_gpu_pre = n_ub * calls * (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T_call).values())
                                 + hw.launch_seconds)
     t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
 
@@ -294,8 +299,9 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     different lengths passes, for a batch of its first n sequences (n = 0..R, N at most R;
     `moe_jax.offload_engine.hrm_lengths`), arrays [R + 1] of their totals: `kv_positions`, the KV positions
     the engine allocates (default prompt_len + gen_len per sequence); `prompt_positions`, their prompt
-    tokens (decode contexts; default prompt_len each); `prefill_positions`, their prompt tokens as the
-    prefill pads them (its compute; default prefill_len each; its GPU memory is planned at prefill_len).
+    tokens (decode contexts; default prompt_len each); `prefill_positions`, their prompt tokens each padded
+    to its own bucket (the prefill's compute beyond each micro-batch's first call, which is padded to
+    prefill_len; default prefill_len each; its GPU memory is planned at prefill_len).
     `pinned_pool_gb`: the pinned-host pool's cap when it is fixed already (JAX started before the policy
     was chosen; `moe_jax.pinned_pool.fixed_cap_bytes`); None: the engine sizes it for the chosen policy.
     `expert_codec`: how the engine will hold and send the streamed experts (`moe_jax.expert_codec`); the
@@ -356,6 +362,7 @@ def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_l
     the policy's resident experts spread over layers as the engine spreads them, the KV cache and the
     pinned pool as in `choose_policy`."""
     hw = hardware_profile(hardware)
+    _check_totals(kv_positions=kv_positions, prompt_positions=prompt_positions, prefill_positions=prefill_positions)
     resident = round(policy.resident_expert_fraction * cfg.num_layers * cfg.num_experts)  # as ExpertPages.plan
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, policy.micro_batch_size, policy.num_micro_batches,
                   policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,

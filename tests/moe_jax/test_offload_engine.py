@@ -153,7 +153,10 @@ def test_hrm_lengths_are_what_the_engine_allocates():
     np.testing.assert_array_equal(job.prefill_positions, [0, 12, 12 + 96, 12 + 96 + 32])
     # budgets within the model's positions, as the engine's; in_order: a job of the first n as given
     np.testing.assert_array_equal(hrm_lengths([40, 10], [30, 30], 48).kv_positions, [0, 48, 88])
-    np.testing.assert_array_equal(hrm_lengths([10, 40], [30, 30], 48, in_order=True).kv_positions, [0, 40, 88])
+    in_order = hrm_lengths([10, 40], [30, 30], 48, in_order=True)
+    np.testing.assert_array_equal(in_order.kv_positions, [0, 40, 88])
+    np.testing.assert_array_equal(in_order.prompt_positions, [0, 10, 50])
+    np.testing.assert_array_equal(in_order.prefill_positions, [0, 12, 12 + 48])
 
 
 def test_kv_slots_hold_each_first_request_need():

@@ -170,6 +170,11 @@ def test_ragged_prompts_are_priced_at_their_mean_and_own_padding(mixtral):
     assert r.prefill_seconds < 0.75 * longest.prefill_seconds
     assert r.gpu_memory_bytes == longest.gpu_memory_bytes  # the prefill's memory stays planned at 192 tokens
     assert r.tokens_per_s > longest.tokens_per_s
+    # micro-batches of one prefill call each: the engine pads that call to (about) the longest prompt
+    small = Policy(batch_size=8, micro_batch_size=4, num_micro_batches=2, resident_expert_fraction=0.0)
+    one_call = predict(mixtral, "h100-80gb", small, **job._replace(prompt_positions=None)._asdict())
+    padded = predict(mixtral, "h100-80gb", small, **job._replace(prompt_positions=None, prefill_positions=None)._asdict())
+    assert one_call.prefill_seconds == pytest.approx(padded.prefill_seconds, rel=1e-12)
 
 
 @pytest.mark.parametrize("f", [2.0, 1.75])
