@@ -171,17 +171,16 @@ def probe_gpu_layer_seconds(source, policy, dtype: str, moe_impl: str) -> float:
     import jax.numpy as jnp
 
     from moe_jax import model
+    from moe_jax.expert_codec import expert_shapes
     from moe_jax.expert_pages import ExpertPages
     from moe_jax.hrm.calibrate import best_seconds
-    from moe_jax.params import layer_param_specs
 
     cfg, mu = source.cfg, policy.micro_batch_size
     pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, policy.resident_expert_fraction, 1)
     table = jnp.asarray(pages.page_table(0))
     p = jax.device_put(source.weights.layer(0, np.dtype(dtype)))
-    for name, spec in layer_param_specs(cfg).items():
-        if spec.expert:
-            p[name] = jnp.zeros((pages.num_slots, *spec.shape[1:]), dtype).at[table].set(p[name])
+    for name, shape in expert_shapes(cfg).items():
+        p[name] = jnp.zeros((pages.num_slots, *shape), dtype).at[table].set(p[name])
     kx, ka = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (mu, 1, cfg.hidden_size), dtype)
     attn = jax.random.normal(ka, (mu, 1, cfg.num_heads, cfg.head_dim), dtype)

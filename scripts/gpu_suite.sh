@@ -111,20 +111,20 @@ save() {
   tar -czf "$OUT/.logs.tgz.tmp" -C "$LOGS" . && mv "$OUT/.logs.tgz.tmp" "$OUT/gpu_suite_logs.tgz"
 }
 
+declare -A STEP  # name -> its line
+NAMES=()
+for s in "${STEPS[@]}"; do STEP[${s%%|*}]=$s; NAMES+=("${s%%|*}"); done
 wanted=("${@:-$CORE}")
-[ "${wanted[*]}" = all ] && wanted=($(for step in "${STEPS[@]}"; do echo "${step%%|*}"; done))
+[ "${wanted[*]}" = all ] && wanted=("${NAMES[@]}")
 wanted=($(echo "${wanted[*]}"))  # "$CORE" as one argument -> its words
 for name in "${wanted[@]}"; do
-  step=""
-  for s in "${STEPS[@]}"; do [ "${s%%|*}" = "$name" ] && step="$s"; done
-  if [ -z "$step" ]; then
-    echo "unknown step '$name' (steps: $(for s in "${STEPS[@]}"; do printf '%s ' "${s%%|*}"; done))" >&2
+  if [ -z "${STEP[$name]+x}" ]; then
+    echo "unknown step '$name' (steps: ${NAMES[*]})" >&2
     exit 2
   fi
 done
 for name in "${wanted[@]}"; do
-  for s in "${STEPS[@]}"; do [ "${s%%|*}" = "$name" ] && step="$s"; done
-  IFS='|' read -r name limit cmd <<<"$step"
+  IFS='|' read -r name limit cmd <<<"${STEP[$name]}"
   left=$(( BUDGET - ($(date +%s) - SUITE_START) ))
   if [ "$left" -lt "$MIN_STEP" ]; then
     SUMMARY+=("$(printf '| %-24s | %-12s | %5ss | %s | %s |' "$name" "skipped" 0 "$(mem)" "(${left} s of the budget left)")")
