@@ -3,7 +3,7 @@
 Each slot's rows are padded to a multiple of `block_m`, so every `block_m`-row tile belongs to
 exactly one slot: a grouped-GEMM kernel can then handle a tile as one dense matmul, and slots
 without tokens get no tile at all. `block_m=1` gives the plain sorted layout (no padding) that
-`lax.ragged_dot` and `ragged_dot_mgpu` take.
+`lax.ragged_dot` and the Mosaic GPU kernel (`mgpu.ragged_dot`) take.
 """
 
 from __future__ import annotations

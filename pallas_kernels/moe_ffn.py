@@ -3,9 +3,10 @@
 Kernels (what `impl` resolves to; the choice and every fallback are logged once per distinct
 case on the "pallas_kernels" logger):
   "xla"            `lax.ragged_dot` over pairs sorted by slot. CPU default and the reference.
-  "pallas_mgpu"    JAX's shipped Mosaic GPU `ragged_dot_mgpu` (Hopper, bf16/f16): measured
-                   2.5-5× `lax.ragged_dot` on H100 (DESIGN.md §3). Interpret mode (jax's GPU
-                   simulator on the CPU) exists from jax 0.11 on, not in jax 0.10 (CI).
+  "pallas_mgpu"    our Mosaic GPU grouped GEMM (`mgpu.ragged_dot`, Hopper wgmma, bf16/f16): jax's
+                   shipped `ragged_dot_mgpu` (2.5-5× `lax.ragged_dot` on H100, DESIGN.md §3)
+                   made to skip the tiles of empty slots. Interpret mode (jax's GPU simulator on
+                   the CPU) exists from jax 0.11 on, not in jax 0.10 (CI).
   "pallas_triton"  our Pallas grouped GEMM (`grouped_matmul`) over slot-aligned tiles with a
                    fused gate/up SwiGLU; Triton on GPU, interpret mode on CPU (so CI tests it).
                    jax 0.11 deprecates its Pallas Triton backend: on Hopper, mgpu is the path.
@@ -52,7 +53,7 @@ def resolve_impl(impl: str, dtype, H: int, F: int, interpret: bool = False) -> s
         if reason and kernel == "pallas_mgpu":
             raise ValueError(f"impl='pallas_mgpu' cannot run here: {reason}")
         if reason:
-            _log_once("moe_ffn: ragged_dot_mgpu unavailable (%s); using pallas_triton", reason)
+            _log_once("moe_ffn: Mosaic GPU kernel unavailable (%s); using pallas_triton", reason)
         kernel = "pallas_triton" if reason else "pallas_mgpu"
     if kernel == "pallas_triton" and backend == "gpu" and not triton_compatible(H, F):
         _log_once("moe_ffn: H=%d, F=%d not multiples of 16 for Triton; falling back to xla", H, F)
@@ -79,8 +80,9 @@ def expert_ffn(kernel: str, xs, layout: GroupedLayout, w_gate, w_up, w_down, *, 
                            config=pick_config(bm, H, F, fused=True), interpret=interpret)
         return grouped_matmul(h, layout.tile_slot, (w_down,), out_dtype=f32,
                               config=pick_config(bm, F, H, fused=False), interpret=interpret)
-    if kernel == "pallas_mgpu":
-        dot = lambda a, w: mgpu.ragged_dot(a, w, layout.group_sizes, interpret=interpret)
+    if kernel in ("pallas_mgpu", "jax_mgpu"):  # jax_mgpu: jax's own kernel, bench_expert_kernel's baseline
+        dot = lambda a, w: mgpu.ragged_dot(a, w, layout.group_sizes, interpret=interpret,
+                                           jax_kernel=kernel == "jax_mgpu")
     else:
         precision = jax.lax.Precision.HIGHEST if xs.dtype == f32 else jax.lax.Precision.DEFAULT
         dot = lambda a, w: jax.lax.ragged_dot(a, w, layout.group_sizes, precision=precision,

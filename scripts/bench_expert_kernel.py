@@ -2,7 +2,9 @@
 
 For each model shape, routed token count T and routing (uniform / skewed), times the expert FFN
 (gate, up, down: 6·T·k·H·F useful FLOPs) of every kernel that can run here on rows already
-grouped by expert, a dense bf16 FFN of the same FLOPs in the same run, and the whole `moe_ffn`
+grouped by expert (ours, and as baselines `lax.ragged_dot` and jax's shipped Mosaic GPU
+`ragged_dot_mgpu`, from which `pallas_mgpu` is built), a dense bf16 FFN of the same FLOPs in the
+same run, and the whole `moe_ffn`
 (impl="auto": routing, gather, FFN, combine). Prints one line per row as it goes and a markdown
 table last. `--small` scales shapes down so the script runs on CPU (Pallas in interpret mode)
 as a smoke test.
@@ -30,7 +32,7 @@ from pallas_kernels.layout import grouped_layout
 MODELS = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8)}
 SMALL_MODELS = {"mixtral-small": (256, 512, 8, 2), "qwen3-small": (128, 96, 32, 8)}
 TOKENS, SMALL_TOKENS = (256, 1024, 4096, 16384), (64, 256)
-KERNELS = ("pallas_mgpu", "pallas_triton", "xla")
+KERNELS = ("pallas_mgpu", "jax_mgpu", "pallas_triton", "xla")  # jax_mgpu runs where pallas_mgpu does
 
 
 def route(key, T, E, k, routing):
@@ -74,7 +76,8 @@ def bench_row(model, H, F, E, k, T, routing, interpret):
     for kernel in KERNELS:
         row[f"{kernel}_tflops"] = None
         try:
-            if resolve_impl(kernel, dt, H, F) != kernel:
+            impl = "pallas_mgpu" if kernel == "jax_mgpu" else kernel
+            if resolve_impl(impl, dt, H, F) != impl:
                 raise ValueError(f"{kernel} falls back to another kernel here")
             layout = jax.jit(grouped_layout, static_argnums=(1, 2, 3))(
                 ids, None, E, block_m_for(kernel, M, E))
@@ -92,14 +95,14 @@ def bench_row(model, H, F, E, k, T, routing, interpret):
 
 def markdown(rows):
     """Markdown table; each kernel cell is `TFLOP/s (fraction of dense)`."""
-    cols = ["model", "routing", "T", "T·k", "dense TF/s", "ragged_dot TF/s",
+    cols = ["model", "routing", "T", "T·k", "dense TF/s", "ragged_dot TF/s", "jax ragged_dot_mgpu TF/s",
             "pallas_triton TF/s", "pallas_mgpu TF/s", "auto →", "moe_ffn(auto) ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         d = r["dense_tflops"]
         cell = lambda v: "n/a" if v is None else f"{v:.3g} ({v / d:.2f})"
         cells = [r["model"], r["routing"], r["T"], r["M"], f"{d:.3g}", cell(r["xla_tflops"]),
-                 cell(r["pallas_triton_tflops"]), cell(r["pallas_mgpu_tflops"]), r["auto"],
+                 cell(r["jax_mgpu_tflops"]), cell(r["pallas_triton_tflops"]), cell(r["pallas_mgpu_tflops"]), r["auto"],
                  f"{r['moe_ffn_auto_ms']:.2f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
