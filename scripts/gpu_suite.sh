@@ -78,7 +78,7 @@ STEPS=(
   "bench_offload_quick|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick.json --append-results $LOGS/bench_offload_quick.md"
   "bench_offload|560|$PY scripts/bench_offload.py $HW --json $LOGS/bench_offload.json --append-results $LOGS/bench_offload.md"
   "bench_offload_quick_exp4|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --expert-codec exp4 --json $LOGS/bench_offload_quick_exp4.json --append-results $LOGS/bench_offload_quick_exp4.md"
-  # the same with the Triton expert kernel, which skips tiles of empty slots (Mosaic's ragged_dot runs them all)
+  # the same with the Triton expert kernel: compare the GPU column with bench_offload_quick (our Mosaic kernel)
   "bench_offload_quick_triton|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --moe-impl pallas_triton --json $LOGS/bench_offload_quick_triton.json --append-results $LOGS/bench_offload_quick_triton.md"
   "bench_prefetch_whole|300|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --prefetch whole --json $LOGS/bench_prefetch_whole.json --append-results $LOGS/bench_prefetch_whole.md"
   "bench_policies|560|$PY scripts/bench_offload.py $HW --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $LOGS/bench_policies.json --append-results $LOGS/bench_policies.md"
