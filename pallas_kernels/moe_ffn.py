@@ -7,6 +7,9 @@ case on the "pallas_kernels" logger):
                    shipped `ragged_dot_mgpu` (2.5-5× `lax.ragged_dot` on H100, DESIGN.md §3)
                    made to skip the tiles of empty slots. Interpret mode (jax's GPU simulator on
                    the CPU) exists from jax 0.11 on, not in jax 0.10 (CI).
+  "jax_mgpu"       jax's shipped `ragged_dot_mgpu` as it is (a tile per slot, used or not): the
+                   benchmark's baseline, and what gpu_suite.sh runs the engine with should our
+                   kernel fail its check on a GPU. Only when asked for.
   "pallas_triton"  our Pallas grouped GEMM (`grouped_matmul`) over slot-aligned tiles with a
                    fused gate/up SwiGLU; Triton on GPU, interpret mode on CPU (so CI tests it).
                    jax 0.11 deprecates its Pallas Triton backend: on Hopper, mgpu is the path.
@@ -27,7 +30,7 @@ from pallas_kernels.grouped_matmul import (grouped_matmul, pick_block_m, pick_co
                                            triton_compatible)
 from pallas_kernels.layout import GroupedLayout, grouped_layout
 
-IMPLS = ("auto", "pallas", "pallas_mgpu", "pallas_triton", "xla")
+IMPLS = ("auto", "pallas", "pallas_mgpu", "jax_mgpu", "pallas_triton", "xla")
 log = logging.getLogger("pallas_kernels")
 _logged: set[tuple] = set()
 
@@ -39,22 +42,24 @@ def _log_once(msg: str, *args) -> None:
 
 
 def resolve_impl(impl: str, dtype, H: int, F: int, interpret: bool = False) -> str:
-    """The kernel `impl` runs as here: "xla", "pallas_mgpu" or "pallas_triton" (logged once).
-    interpret: only an explicit "pallas_mgpu" uses the Mosaic GPU simulator."""
+    """The kernel `impl` runs as here: "xla", "pallas_mgpu", "jax_mgpu" or "pallas_triton" (logged once).
+    interpret: only an explicit "pallas_mgpu" or "jax_mgpu" uses the Mosaic GPU simulator."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     backend = jax.default_backend()
     kernel = impl
     if kernel == "auto":
         kernel = "pallas" if backend == "gpu" else "xla"
-    if kernel in ("pallas", "pallas_mgpu"):
-        sim = interpret and kernel == "pallas_mgpu"
+    if kernel in ("pallas", "pallas_mgpu", "jax_mgpu"):
+        sim = interpret and kernel != "pallas"
         reason = mgpu.unavailable_reason(dtype, H, F, sim) or mgpu.unavailable_reason(dtype, F, H, sim)
-        if reason and kernel == "pallas_mgpu":
-            raise ValueError(f"impl='pallas_mgpu' cannot run here: {reason}")
+        if reason and kernel != "pallas":
+            raise ValueError(f"impl={kernel!r} cannot run here: {reason}")
         if reason:
             _log_once("moe_ffn: Mosaic GPU kernel unavailable (%s); using pallas_triton", reason)
-        kernel = "pallas_triton" if reason else "pallas_mgpu"
+            kernel = "pallas_triton"
+        elif kernel == "pallas":
+            kernel = "pallas_mgpu"
     if kernel == "pallas_triton" and backend == "gpu" and not triton_compatible(H, F):
         _log_once("moe_ffn: H=%d, F=%d not multiples of 16 for Triton; falling back to xla", H, F)
         kernel = "xla"
@@ -80,7 +85,7 @@ def expert_ffn(kernel: str, xs, layout: GroupedLayout, w_gate, w_up, w_down, *, 
                            config=pick_config(bm, H, F, fused=True), interpret=interpret)
         return grouped_matmul(h, layout.tile_slot, (w_down,), out_dtype=f32,
                               config=pick_config(bm, F, H, fused=False), interpret=interpret)
-    if kernel in ("pallas_mgpu", "jax_mgpu"):  # jax_mgpu: jax's own kernel, bench_expert_kernel's baseline
+    if kernel in ("pallas_mgpu", "jax_mgpu"):
         dot = lambda a, w: mgpu.ragged_dot(a, w, layout.group_sizes, interpret=interpret,
                                            jax_kernel=kernel == "jax_mgpu")
     else:

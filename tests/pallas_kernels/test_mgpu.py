@@ -81,11 +81,14 @@ def test_gpu_ragged_dot_matches_reference(case, jax_kernel):
     check_against_reference(*case, interpret=False, jax_kernel=jax_kernel)
 
 
-def test_ragged_dot_lowers_for_cuda():
-    """The Mosaic GPU path lowers on CPU (moe_ffn only selects it on a Hopper GPU)."""
+@pytest.mark.parametrize("jax_kernel", [False, True], ids=["ours", "jax"])
+@pytest.mark.parametrize("M", [1024, 4, 70, 1327])
+def test_ragged_dot_lowers_for_cuda(M, jax_kernel):
+    """The Mosaic GPU path lowers on CPU (moe_ffn only selects it on a Hopper GPU), also for row counts
+    that are not a multiple of the TMA's 8-row tiling (a Mosaic GPU layout check that interpret mode skips)."""
     sd = jax.ShapeDtypeStruct
-    M, H, F, S = 1024, 2048, 768, 8
-    f = jax.jit(lambda xs, w, gs: mgpu.ragged_dot(xs, w, gs))
+    H, F, S = 2048, 768, 8
+    f = jax.jit(lambda xs, w, gs: mgpu.ragged_dot(xs, w, gs, jax_kernel=jax_kernel))
     text = f.trace(sd((M, H), jnp.bfloat16), sd((S, H, F), jnp.bfloat16),
                    sd((S,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

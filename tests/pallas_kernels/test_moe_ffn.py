@@ -70,26 +70,29 @@ def test_unknown_impl_names_allowed_values(make_problem):
         run(problem, impl="cuda")
 
 
-def test_mgpu_refuses_without_hopper(make_problem):
+@pytest.mark.parametrize("impl", ["pallas_mgpu", "jax_mgpu"])
+def test_mgpu_refuses_without_hopper(make_problem, impl):
     if ON_GPU:
         pytest.skip("CPU behaviour")
     problem = make_problem(4, 128, 128, 2, 1, "bfloat16")
-    with pytest.raises(ValueError, match="pallas_mgpu.*no GPU"):
-        run(problem, impl="pallas_mgpu", interpret=False)
+    with pytest.raises(ValueError, match=f"{impl}.*no GPU"):
+        run(problem, impl=impl, interpret=False)
     if mgpu.unavailable_reason(jnp.bfloat16, 128, 128, interpret=True):  # jax 0.10: no simulator either
-        with pytest.raises(ValueError, match="pallas_mgpu.*no Mosaic GPU interpret mode"):
-            run(problem, impl="pallas_mgpu")
+        with pytest.raises(ValueError, match=f"{impl}.*no Mosaic GPU interpret mode"):
+            run(problem, impl=impl)
 
 
+@pytest.mark.parametrize("impl", ["pallas_mgpu", "jax_mgpu"])
 @pytest.mark.parametrize("case", [(100, 128, 256, 6, 2, "skewed", 9), (33, 256, 128, 4, 1, "uniform", None)],
                          ids=["skewed-S9", "uniform"])
-def test_mgpu_kernel_in_interpret_mode_matches_reference(make_problem, assert_matches_reference, case):
-    """jax's Mosaic GPU simulator (jax >= 0.11) runs the kernel that `auto` picks on an H100."""
+def test_mgpu_kernel_in_interpret_mode_matches_reference(make_problem, assert_matches_reference, case, impl):
+    """jax's Mosaic GPU simulator (jax >= 0.11) runs the kernel that `auto` picks on an H100 (pallas_mgpu)
+    and jax's own, the fallback (jax_mgpu)."""
     T, H, F, E, k, routing, S = case
     if reason := mgpu.unavailable_reason(jnp.bfloat16, H, F, interpret=True):
         pytest.skip(reason)
     problem = make_problem(T, H, F, E, k, "bfloat16", routing, S)
-    assert_matches_reference(run(problem, impl="pallas_mgpu", interpret=True), problem)
+    assert_matches_reference(run(problem, impl=impl, interpret=True), problem)
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 16])
@@ -135,8 +138,8 @@ def _on_abstract_h100():
     return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100))
 
 
-@pytest.mark.parametrize("shape", [(512, 4096, 14336, 8, 2), (256, 2048, 768, 128, 8)],
-                         ids=["mixtral", "qwen3"])
+@pytest.mark.parametrize("shape", [(512, 4096, 14336, 8, 2), (33, 4096, 14336, 8, 2), (256, 2048, 768, 128, 8)],
+                         ids=["mixtral", "mixtral-odd-T", "qwen3"])
 def test_triton_kernel_lowers_for_cuda(shape):
     """Pallas → Triton IR lowering runs on CPU; compiling that IR to PTX needs a GPU (untested)."""
     assert _lower_for_cuda(*shape, "pallas_triton").count("xla.gpu.triton") == 2
@@ -144,7 +147,7 @@ def test_triton_kernel_lowers_for_cuda(shape):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("impl", ["auto", "pallas_mgpu", "pallas_triton", "xla"])
+@pytest.mark.parametrize("impl", ["auto", "pallas_mgpu", "jax_mgpu", "pallas_triton", "xla"])
 @pytest.mark.parametrize("routing", ["uniform", "skewed"])
 def test_gpu_matches_reference(make_problem, assert_matches_reference, impl, routing):
     problem = make_problem(1000, 256, 512, 8, 2, "bfloat16", routing, num_slots=10)
