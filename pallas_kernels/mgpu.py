@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 BLOCK_M, BLOCK_N, BLOCK_K, STAGES = 128, 128, 64, 4
 ROW_ALIGN = 8  # lhs rows are padded to a multiple of this (the TMA tiling of the lhs tile)
-H100_SMS = 132  # streaming multiprocessors of an H100/H200 SXM: the persistent grid off a GPU
+H100_SMS = 132  # streaming multiprocessors of an H100/H200 SXM: the persistent grid where the device has no count
 
 
 def _interpret_mode():
@@ -119,11 +119,11 @@ def ragged_dot(lhs, rhs, group_sizes, *, interpret: bool = False, jax_kernel: bo
                 lhs, rhs, group_sizes=group_sizes, block_m=BLOCK_M, block_n=BLOCK_N, block_k=BLOCK_K,
                 max_concurrent_steps=STAGES, grid_block_n=grid_block_n)
         else:
-            out = _ragged_dot(lhs, rhs, group_sizes, grid_block_n, jax.default_backend() == "gpu" and not interpret)
+            out = _ragged_dot(lhs, rhs, group_sizes, grid_block_n)
     return out[:M]
 
 
-def _ragged_dot(lhs, rhs, group_sizes, grid_block_n: int, on_gpu: bool):
+def _ragged_dot(lhs, rhs, group_sizes, grid_block_n: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -174,6 +174,6 @@ def _ragged_dot(lhs, rhs, group_sizes, grid_block_n: int, on_gpu: bool):
 
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((M, N), lhs.dtype),
-        grid=(jax.devices()[0].core_count if on_gpu else H100_SMS,), grid_names=("sm",),
+        grid=(getattr(jax.devices()[0], "core_count", H100_SMS),), grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return kernel(*tasks, lhs, rhs)
