@@ -2,8 +2,6 @@
 transformers in a temp dir (sharded, with non-trivial random weights)."""
 from __future__ import annotations
 
-
-
 import pytest
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx")
@@ -54,3 +52,13 @@ def hf_checkpoints(tmp_path_factory):
         model.save_pretrained(path, max_shard_size="100KB")
         out[family] = (path, model)
     return out
+
+
+@pytest.fixture
+def lowering_for_h100():
+    """Context for lowering GPU kernels for CUDA on a CPU-only machine: jax >= 0.11's Triton lowering asks
+    the target GPU's compute capability, which only an abstract device can give here."""
+    import jax
+
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100))

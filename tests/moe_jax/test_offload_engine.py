@@ -427,11 +427,13 @@ def test_exp4_escapes_are_checked_once_loaded_and_decoding_holds_two_matrices(mo
         assert temp <= 2 * H * F * 2 + 16 * n, (c, temp)  # two matrices and the escapes
 
 
+@pytest.mark.parametrize("impl,marker", [("pallas_mgpu", "mosaic_gpu"), ("pallas_triton", "xla.gpu.triton")])
 @pytest.mark.parametrize("model", ["mixtral-8x7b", "qwen3-30b-a3b"])
-def test_engine_steps_lower_for_cuda_with_the_mosaic_kernel_at_real_shapes(monkeypatch, model):
-    """What an H100 compiles: the decode and prefill steps with the Hopper expert kernel, at the model's
+def test_engine_steps_lower_for_cuda_with_the_gpu_kernels_at_real_shapes(monkeypatch, lowering_for_h100, model, impl,
+                                                                         marker):
+    """What an H100 compiles: the decode and prefill steps with each GPU expert kernel, at the model's
     shapes and row counts the policy makes (odd micro-batches, prompts, one row), as if on a GPU. Kernel
-    shape limits show up in this lowering (e.g. the TMA's 8-row tiling), never in interpret mode."""
+    shape limits show up in this lowering (e.g. the Mosaic TMA's 8-row tiling), never in interpret mode."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
@@ -446,18 +448,19 @@ def test_engine_steps_lower_for_cuda_with_the_mosaic_kernel_at_real_shapes(monke
     cfg = preset_config(model)
     dev = jax.devices()[0]
     on_dev, on_host = (SingleDeviceSharding(dev, memory_kind=k) for k in ("device", "pinned_host"))
-    mid, _, prefill = _jitted(cfg, "pallas_mgpu", on_dev, on_host)[:3]
+    mid, _, prefill = _jitted(cfg, impl, on_dev, on_host)[:3]
     sd = lambda shape, dt=jnp.bfloat16, sh=on_dev: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
     specs = layer_param_specs(cfg)
     p = {k: sd(s.shape) for k, s in specs.items() if not s.expert}
     slots = {k: sd((cfg.num_experts + 11, *s.shape[1:])) for k, s in specs.items() if s.expert}
     chunk = {k: sd((2, *s.shape[1:]), sh=on_host) for k, s in specs.items() if s.expert}
     table = sd((cfg.num_experts,), jnp.int32)
-    for mu in (663, 1):
-        text = mid.trace(p, p, slots, table, sd((mu, 1, cfg.hidden_size)),
-                         sd((mu, 1, cfg.num_heads, cfg.head_dim), sh=on_host), sd((mu, 1), jnp.int32), chunk
-                         ).lower(lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
-    text = prefill.trace(p, slots, table, sd((3, 77, cfg.hidden_size)), sd((3, 77), jnp.int32), chunk
-                         ).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+    with lowering_for_h100:
+        for mu in (663, 1):
+            text = mid.trace(p, p, slots, table, sd((mu, 1, cfg.hidden_size)),
+                             sd((mu, 1, cfg.num_heads, cfg.head_dim), sh=on_host), sd((mu, 1), jnp.int32), chunk
+                             ).lower(lowering_platforms=("cuda",)).as_text()
+            assert marker in text
+        text = prefill.trace(p, slots, table, sd((3, 77, cfg.hidden_size)), sd((3, 77), jnp.int32), chunk
+                             ).lower(lowering_platforms=("cuda",)).as_text()
+        assert marker in text

@@ -127,22 +127,15 @@ def _lower_for_cuda(T, H, F, S, k, impl):
     args = (sd((T, H), bf16), sd((T, k), jnp.int32), sd((T, k), jnp.float32),
             sd((S, H, F), bf16), sd((S, H, F), bf16), sd((S, F, H), bf16))
     f = jax.jit(lambda *a: moe_ffn(*a, impl=impl, interpret=False))
-    with _on_abstract_h100():
-        return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def _on_abstract_h100():
-    """Lower as for an H100 without one: jax >= 0.11's Triton lowering asks the target GPU's compute
-    capability, which a CPU-only machine can only give through an abstract device."""
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100))
+    return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("shape", [(512, 4096, 14336, 8, 2), (33, 4096, 14336, 8, 2), (256, 2048, 768, 128, 8)],
                          ids=["mixtral", "mixtral-odd-T", "qwen3"])
-def test_triton_kernel_lowers_for_cuda(shape):
+def test_triton_kernel_lowers_for_cuda(shape, lowering_for_h100):
     """Pallas → Triton IR lowering runs on CPU; compiling that IR to PTX needs a GPU (untested)."""
-    assert _lower_for_cuda(*shape, "pallas_triton").count("xla.gpu.triton") == 2
+    with lowering_for_h100:
+        assert _lower_for_cuda(*shape, "pallas_triton").count("xla.gpu.triton") == 2
 
 
 @pytest.mark.gpu
