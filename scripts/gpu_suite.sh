@@ -131,7 +131,7 @@ engine_steps=0
 for name in "${wanted[@]}"; do case "${STEP[$name]}" in *MOE_IMPL*) engine_steps=1 ;; esac; done
 if [ "$engine_steps" -eq 1 ] && [ -n "$PROFILE" ]; then
   start=$(date +%s)
-  if timeout --kill-after=10 150 $PY -m pytest -q -m gpu -k ours tests/pallas_kernels/test_mgpu.py >"$LOGS/mgpu_check.log" 2>&1; then
+  if timeout --kill-after=10 100 $PY -m pytest -q -m gpu -k ours tests/pallas_kernels/test_mgpu.py >"$LOGS/mgpu_check.log" 2>&1; then
     status=ok
   else
     status=fail; failed=1; MOE_IMPL="--moe-impl jax_mgpu"
