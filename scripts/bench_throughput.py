@@ -3,14 +3,16 @@
 Metric (the paper's): generated tokens / (prefill + decode wall time), EOS ignored; also decode-only
 tok/s. For every GPU cap x workload x policy ('auto' = HRM's choice for that workload, or a fixed
 'N,mu,n_ub,rw'): a warm-up, the timed run, HRM's prediction for the same policy (measured/predicted),
-the overlap efficiency (see bench_offload.py), and our tok/s normalised to MoE-Lightning's link:
-tok/s x 16 GB/s / our measured link bandwidth, next to its published 294.5 tok/s (Mixtral 8x7B, L4,
-MTBench, gen 64).
+the overlap efficiency (see bench_offload.py), and, where a published figure has the same model and
+workload (PUBLISHED), our figure on its metric normalised to its link (ours x their link / our measured
+link) over theirs: MoE-Lightning's 294.5 tok/s (Mixtral 8x7B, L4, MTBench gen 64, prefill + decode) and
+MoE-Gen's 469 decode tok/s (Mixtral 8x7B, A5000 24 GB, prompt 512, gen 256).
 
 Workloads (prompt lengths uniform in a range; no dataset is downloaded; ':G' sets the generation length):
   mtbench        20..134 tokens (mean 77, MTBench's), gen 32/64/128/256 in the paper (default 64)
   reasoning      192..256 tokens (the paper's synthetic reasoning: prompts <= 256), gen 50
   summarization  1536..1984 tokens (prompts <= 1984), gen 64
+  moegen         512 tokens, gen 256 (the setting of MoE-Gen's published figures)
 
 Baseline (first, in a subprocess: scripts/hf_baseline.py): transformers `generate` with accelerate
 CPU offload under the first GPU cap, on the same random weights, truncated to --baseline-layers layers
@@ -39,9 +41,18 @@ from pathlib import Path
 
 import bench_common as bc
 
-WORKLOADS = {"mtbench": (20, 134, 64), "reasoning": (192, 256, 50), "summarization": (1536, 1984, 64)}
+WORKLOADS = {"mtbench": (20, 134, 64), "reasoning": (192, 256, 50), "summarization": (1536, 1984, 64),
+             "moegen": (512, 512, 256)}
 POOL_PROMPTS = 8192  # HRM's batch at most this many prompts when neither --max-batch-size nor --num-prompts says
-PUBLISHED = {"tok_s": 294.5, "link": 16e9, "model": "mixtral-8x7b", "workload": ("mtbench", 64)}
+# Published figures to compare with where model and workload are the same: theirs on `metric` (a key of our
+# rows) at their host-to-device link (bytes/s).
+PUBLISHED = (
+    {"system": "MoE-Lightning", "value": 294.5, "metric": "tok_s", "link": 16e9, "model": "mixtral-8x7b",
+     "workload": ("mtbench", 64), "source": "paper (ASPLOS 2025): L4 24 GB, 16 GB/s link, prefill + decode"},
+    {"system": "MoE-Gen", "value": 469.0, "metric": "decode_tok_s", "link": 25e9, "model": "mixtral-8x7b",
+     "workload": ("moegen", 256), "source": "README of github.com/EfficientMoE/MoE-Gen: A5000 24 GB, decode only; "
+     "link not published (PCIe 4.0 x16): 25 GB/s assumed"},
+)
 DEFAULT_RESULTS = str(bc.ROOT / "benchmarks" / "RESULTS.md")
 
 
@@ -162,7 +173,7 @@ class Runner:
             return {**head, "policy": bc.policy_dict(policy), "error": f"OffloadMemoryError: {e}"}
         row = bc.measure_policy(llm, self.source, prompts, gen_len, dtype=args.dtype, link_bw=self.link_bw,
                                 hardware=self.hardware, gpu_s=gpu_s)
-        row.update(head, load_s=load_s, tok_s_at_16gbps=row["tok_s"] * PUBLISHED["link"] / self.link_bw)
+        row.update(head, load_s=load_s)
         bc.log(f"  {row['stats_summary']}")
         return row
 
@@ -180,17 +191,29 @@ class Runner:
                 "decode_tok_s": run["decode_tok_s"], "first_tokens": [c.token_ids[0] for c in run["completions"]]}
 
 
-def published_ratio(row: dict, model: str, full: bool) -> str:
-    """Our link-normalised tok/s over MoE-Lightning's published figure, where the setting is the same."""
-    same = model == PUBLISHED["model"] and full and (row["workload"], row["gen_len"]) == PUBLISHED["workload"]
-    return bc.fmt(row["tok_s_at_16gbps"] / PUBLISHED["tok_s"], ".2f") if same else ""
+def versus_published(row: dict, model: str, full: bool, link_bw: float) -> dict | None:
+    """Our figure at the published one's link over it, where model and workload are the same: {system, ours at
+    their link, ratio}."""
+    for pub in PUBLISHED:
+        if model == pub["model"] and full and (row["workload"], row["gen_len"]) == pub["workload"]:
+            ours = row[pub["metric"]] * pub["link"] / link_bw
+            return {"system": pub["system"], "metric": pub["metric"], "ours_at_their_link": ours,
+                    "published": pub["value"], "ratio": ours / pub["value"]}
+    return None
+
+
+def published_cell(vs: dict | None) -> str:
+    if vs is None:
+        return ""
+    what = "decode" if vs["metric"] == "decode_tok_s" else "e2e"
+    return f"{vs['ratio']:.2f}× {vs['system']} ({what} {vs['ours_at_their_link']:.0f} vs {vs['published']:g})"
 
 
 MAIN_HEADERS = ["workload", "gen", "cap GiB", "policy", "prompts", "tok/s e2e", "tok/s decode", "HRM tok/s",
-                "e2e meas/HRM", "overlap", "peak GiB", "load s", "tok/s @16 GB/s", "÷ 294.5 (MoE-Lightning)"]
+                "e2e meas/HRM", "overlap", "peak GiB", "load s", "vs published, at its link"]
 
 
-def main_table(rows: list[dict], model: str, full: bool) -> str:
+def main_table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         label = ("HRM: " if r["spec"] == "auto" else "") + (bc.policy_label(r["policy"]) if "policy" in r else r["spec"])
@@ -202,7 +225,7 @@ def main_table(rows: list[dict], model: str, full: bool) -> str:
         out.append(head + [str(r["prompts"]), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
                            bc.fmt(r["hrm"] and r["hrm"]["tok_s"]), bc.fmt(ratio and ratio["tok_s"], ".2f"),
                            bc.fmt(r["overlap_efficiency"], ".2f"), bc.fmt(r["peak_gpu_gib"], ".2f"),
-                           bc.fmt(r["load_s"]), bc.fmt(r["tok_s_at_16gbps"]), published_ratio(r, model, full)])
+                           bc.fmt(r["load_s"]), published_cell(r.get("vs_published"))])
     return bc.markdown_table(MAIN_HEADERS, out)
 
 
@@ -262,14 +285,15 @@ def plot(path: str, rows: list[dict], base: dict | None, ours_base: dict | None)
     bc.log(f"wrote {path}")
 
 
-def report(rows, base, ours_base, agreement, model: str, layers: int, full: bool, link_bw: float, hardware,
+def report(rows, base, ours_base, agreement, layers: int, full: bool, link_bw: float, hardware,
            interrupted: bool) -> str:
     """The markdown tables and notes."""
     parts = []
     if rows:
-        parts.append(main_table(rows, model, full) + f"\n\nlink {link_bw / 1e9:.1f} GB/s (pinned host -> device); "
-                     f"HRM profile {hardware or 'none'}; tok/s @16 GB/s = tok/s x 16 / link GB/s; MoE-Lightning "
-                     "published 294.5 tok/s (Mixtral 8x7B, L4, MTBench, gen 64)")
+        sources = "; ".join(f"{p['system']} {p['value']:g} ({p['source']})" for p in PUBLISHED)
+        parts.append(main_table(rows) + f"\n\nlink {link_bw / 1e9:.1f} GB/s (pinned host -> device); "
+                     f"HRM profile {hardware or 'none'}; vs published = our figure on the published metric x their "
+                     f"link / ours, over theirs. Published: {sources}")
     if base is not None:
         parts.append("PyTorch baseline, same random weights, same prompts:\n\n" + baseline_table(base, ours_base, layers, full))
         if agreement is not None:
@@ -312,9 +336,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         interrupted = True
         bc.log("interrupted: reporting what was measured")
+    for r in rows:
+        if "tok_s" in r:
+            r["vs_published"] = versus_published(r, args.model, full, link_bw)
     agreement = first_token_agreement(base, ours_base, cfg.num_layers) if base else None
     title = f"bench_throughput: {source.name}, caps {args.gpu_memory_gb} GiB, workloads {args.workloads or 'none'}"
-    body = report(rows, base, ours_base, agreement, args.model, cfg.num_layers, full, link_bw, hardware, interrupted)
+    body = report(rows, base, ours_base, agreement, cfg.num_layers, full, link_bw, hardware, interrupted)
     if args.plot:
         plot(args.plot, rows, base, ours_base)
     if args.json:

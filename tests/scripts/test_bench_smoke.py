@@ -69,12 +69,26 @@ def test_bench_throughput_with_baseline(tmp_path):
     assert "MoE-Lightning" in p.stdout and "PyTorch baseline" in p.stdout
     d = json.loads(out.read_text())
     assert {"runs", "baseline", "ours_on_baseline_workload", "link_bytes_per_s", "first_token_agreement"} <= d.keys()
-    assert {"tok_s", "hrm", "tok_s_at_16gbps"} <= d["runs"][0].keys()
+    assert {"tok_s", "hrm", "vs_published"} <= d["runs"][0].keys()
     base = d["baseline"]
     assert "error" not in base, base
     assert {"mode", "tok_s_measured", "tok_s_full_model", "scale_to_full", "experts_implementation"} <= base.keys()
     assert d["ours_on_baseline_workload"]["tokens"] == base["tokens"] == 4 * 3
     assert png.stat().st_size > 0
+
+
+def test_published_figures_are_compared_on_their_own_metric_and_link():
+    import bench_throughput as bt
+
+    row = {"workload": "moegen", "gen_len": 256, "tok_s": 400.0, "decode_tok_s": 520.0}
+    vs = bt.versus_published(row, "mixtral-8x7b", True, link_bw=50e9)
+    assert vs["system"] == "MoE-Gen" and vs["ratio"] == pytest.approx(520.0 * 25 / 50 / 469)  # decode-only, 25 GB/s
+    vs = bt.versus_published(dict(row, workload="mtbench", gen_len=64), "mixtral-8x7b", True, link_bw=50e9)
+    assert vs["system"] == "MoE-Lightning" and vs["ratio"] == pytest.approx(400.0 * 16 / 50 / 294.5)  # end to end
+    assert "MoE-Lightning (e2e 128 vs 294.5)" in bt.published_cell(vs)
+    assert bt.versus_published(row, "mixtral-8x7b", False, link_bw=50e9) is None  # a truncated model
+    assert bt.versus_published(dict(row, gen_len=64), "mixtral-8x7b", True, link_bw=50e9) is None
+    assert bt.parse_workloads("moegen") == [("moegen", 256)]
 
 
 @pytest.mark.parametrize("preset,hardware,cap,P,G", [("mixtral-8x7b", "l4", None, 77, 32),
