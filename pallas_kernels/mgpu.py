@@ -7,9 +7,9 @@ and each group stores only its own rows). Two changes make its cost follow the r
     one vectorised pass, instead of an unrolled select chain over all S groups in every tile;
   - tasks without rows (tasks past the last real one: the static grid has room for every group
     having rows) skip their K loop and store.
-Jax's kernel runs the full K loop for every one of its `cdiv(M, 128) + S - 1` row tiles, so empty
-slots cost as much as full ones: with the offload engine's slot array (every layer's resident
-experts plus the streamed ones) or Qwen3's 128 experts that is most of its work.
+Jax's kernel runs the full K loop for every one of its `cdiv(M, 128) + S - 1` row tiles, so each
+empty slot costs a full tile per column block: with the offload engine's slot array (every layer's
+resident experts plus the streamed ones) or Qwen3's 128 experts that is most of its work.
 `scripts/bench_expert_kernel.py` times both in one run.
 
 Block config: the best of a small H100 sweep of jax's kernel (DESIGN.md §3): 128×128 tiles,

@@ -7,9 +7,10 @@ case on the "pallas_kernels" logger):
                    shipped `ragged_dot_mgpu` (2.5-5× `lax.ragged_dot` on H100, DESIGN.md §3)
                    made to skip the tiles of empty slots. Interpret mode (jax's GPU simulator on
                    the CPU) exists from jax 0.11 on, not in jax 0.10 (CI).
-  "jax_mgpu"       jax's shipped `ragged_dot_mgpu` as it is (a tile per slot, used or not): the
-                   benchmark's baseline, and what gpu_suite.sh runs the engine with should our
-                   kernel fail its check on a GPU. Only when asked for.
+  "jax_mgpu"       jax's shipped `ragged_dot_mgpu` (a full tile per slot, used or not), rows padded
+                   to a multiple of 8 as ours (it does not compile otherwise): the benchmark's
+                   baseline, and what gpu_suite.sh runs the engine with should our kernel fail its
+                   check on a GPU. Only when asked for.
   "pallas_triton"  our Pallas grouped GEMM (`grouped_matmul`) over slot-aligned tiles with a
                    fused gate/up SwiGLU; Triton on GPU, interpret mode on CPU (so CI tests it).
                    jax 0.11 deprecates its Pallas Triton backend: on Hopper, mgpu is the path.

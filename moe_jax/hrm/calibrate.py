@@ -1,15 +1,15 @@
 """Measure this machine into a hardware profile for HRM.
 
-    python -m moe_jax.hrm.calibrate --output PROFILE.json [--quick] [--name NAME]
+    python -m moe_jax.hrm.calibrate --output PROFILE.json [--quick] [--name NAME] [--moe-impl IMPL]
 
 The accelerator is whatever JAX runs on (on a CPU-only machine the CPU backend stands in for the GPU):
 dense bf16 matmul FLOP/s, device-memory copy bandwidth, pinned host→device copy bandwidth and the
 wall time of a tiny jitted call (launch_seconds). The host:
 DRAM read bandwidth (NumPy sums, one thread per core) and f32 matmul FLOP/s (NumPy's BLAS). When
 importable, the CPU decode attention of `host_ops.HostKVCache` gives `attention_bandwidth` and the expert
-kernel `pallas_kernels.moe_ffn`, timed at a few token counts, gives `expert_flops` (the largest count's
-rate); the profile's "notes" keep the device, the sizes, the per-size expert rates and what was not
-measured. Each figure is the best of 3 runs after a warm-up.
+kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default "auto": the engine's), timed at a few token counts,
+gives `expert_flops` (the largest count's rate); the profile's "notes" keep the device, the sizes, the
+expert kernel, the per-size expert rates and what was not measured. Each figure is the best of 3 runs after a warm-up.
 `--quick` uses small sizes and finishes in seconds; its figures only check the plumbing.
 """
 from __future__ import annotations
@@ -121,8 +121,8 @@ def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: i
     return kv_bytes / best_seconds(lambda: cache.attend(0, slots, q, lengths))
 
 
-def expert_flops(tokens: int, experts: int, top_k: int, hidden: int, ffn: int) -> float:
-    """FLOP/s of `pallas_kernels.moe_ffn` (bf16) for `tokens` tokens routed uniformly at random."""
+def expert_flops(tokens: int, experts: int, top_k: int, hidden: int, ffn: int, impl: str = "auto") -> float:
+    """FLOP/s of `pallas_kernels.moe_ffn` (bf16, kernel `impl`) for `tokens` tokens routed uniformly at random."""
     import pallas_kernels
 
     rng = np.random.default_rng(0)
@@ -131,7 +131,7 @@ def expert_flops(tokens: int, experts: int, top_k: int, hidden: int, ffn: int) -
     x = jnp.ones((tokens, hidden), jnp.bfloat16)
     w_in = jnp.ones((experts, hidden, ffn), jnp.bfloat16) * 0.01
     w_out = jnp.ones((experts, ffn, hidden), jnp.bfloat16) * 0.01
-    f = jax.jit(pallas_kernels.moe_ffn)
+    f = jax.jit(lambda *a: pallas_kernels.moe_ffn(*a, impl=impl))
     seconds = best_seconds(lambda: f(x, ids, weights, w_in, w_in, w_out).block_until_ready())
     return 2 * tokens * top_k * 3 * hidden * ffn / seconds
 
@@ -147,15 +147,15 @@ def _optional(what: str, fn, notes: dict):
         return None
 
 
-def calibrate(sizes: Sizes = FULL, name: str | None = None) -> tuple[Hardware, dict]:
-    """Measures this machine: (profile, notes with every measured figure)."""
+def calibrate(sizes: Sizes = FULL, name: str | None = None, moe_impl: str = "auto") -> tuple[Hardware, dict]:
+    """Measures this machine: (profile, notes with every measured figure); moe_impl: the expert kernel timed."""
     dev = jax.devices()[0]
     host_memory = host_memory_bytes()  # with what a VM's balloon holds, or as MOE_JAX_HOST_MEMORY_GB declares
     gpu_memory = (dev.memory_stats() or {}).get("bytes_limit", host_memory)
     threads = os.cpu_count() or 1
     notes: dict = {"device": f"{dev.platform} {dev.device_kind}", "host_threads": threads,
-                   "sizes": dataclasses.asdict(sizes)}
-    rates = {e: _optional(f"expert_flops[{e}]", lambda e=e: expert_flops(e, *sizes.expert_layer), notes)
+                   "sizes": dataclasses.asdict(sizes), "moe_impl": moe_impl}
+    rates = {e: _optional(f"expert_flops[{e}]", lambda e=e: expert_flops(e, *sizes.expert_layer, moe_impl), notes)
              for e in sizes.expert_tokens}
     hw = Hardware(
         name=name or f"calibrated-{dev.platform}-{dev.device_kind}".replace(" ", "-"),
@@ -180,9 +180,11 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True, help="JSON profile to write (accepted by --hardware)")
     ap.add_argument("--quick", action="store_true", help="small sizes: seconds, rough figures")
     ap.add_argument("--name", help="profile name (default: from the device)")
+    ap.add_argument("--moe-impl", default="auto", help="expert kernel timed for expert_flops (pallas_kernels.moe_ffn "
+                                                       "impl; the engine's default: auto)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    hw, notes = calibrate(QUICK if args.quick else FULL, args.name)
+    hw, notes = calibrate(QUICK if args.quick else FULL, args.name, args.moe_impl)
     profile = {**dataclasses.asdict(hw), "notes": notes}
     Path(args.output).write_text(json.dumps(profile, indent=2) + "\n")
     print(f"wrote {args.output}: " + ", ".join(f"{k}={v:.3g}" for k, v in dataclasses.asdict(hw).items()

@@ -25,27 +25,30 @@ def test_row_tasks_cover_every_row_once_with_work_first(block_m):
     for _ in range(10):
         S, M = int(rng.integers(1, 40)), int(rng.integers(1, 600))
         sizes = _random_sizes(rng, S, M) if rng.random() < 0.5 else rng.multinomial(M, np.ones(S) / S)
-        tasks = row_tasks(jnp.asarray(sizes, jnp.int32), M, block_m)
+        rows_in = M + int(rng.integers(0, 9))  # rows past the groups' (ragged_dot pads to a multiple of 8)
+        tasks = row_tasks(jnp.asarray(sizes, jnp.int32), rows_in, block_m)
         group, block, first, rows = map(np.asarray, tasks)
-        assert len(rows) == mgpu.num_tasks(M, S, block_m)
+        assert len(rows) == mgpu.num_tasks(rows_in, S, block_m)
         work = rows > 0
         assert work[: work.sum()].all()  # tasks without rows only at the end
         assert ((first + rows)[work] <= block_m).all()
-        owner = np.full(M, -1)
+        owner = np.full(rows_in, -1)
         for g, b, f, r in zip(group[work], block[work], first[work], rows[work]):
             span = slice(b * block_m + f, b * block_m + f + r)
             assert (owner[span] == -1).all()
             owner[span] = g
-        np.testing.assert_array_equal(owner, np.repeat(np.arange(S), sizes))
+        np.testing.assert_array_equal(owner, np.concatenate([np.repeat(np.arange(S), sizes),
+                                                             np.full(rows_in - M, -1)]))
 
 
 ON_GPU = jax.default_backend() == "gpu"
 # (M, K, N, S, sizes): a group spanning blocks and sharing blocks, most slots empty (as in the
-# offload engine's slot array), a single group, fewer rows than one tile.
+# offload engine's slot array), a single group, fewer rows than one tile, one token's two rows (a decode of one).
 CASES = [
     (300, 128, 256, 40, "sparse"),
     (256, 64, 128, 1, "one"),
     (70, 128, 128, 6, "uniform"),
+    (2, 128, 128, 3, "uniform"),
 ]
 
 

@@ -77,6 +77,17 @@ def test_bench_throughput_with_baseline(tmp_path):
     assert png.stat().st_size > 0
 
 
+def test_bench_expert_kernel_small(tmp_path):
+    out = tmp_path / "expert.json"
+    p = run_script("bench_expert_kernel.py", "--small", "--tokens", "64", "--models", "mixtral-small", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [r["routing"] for r in rows] == ["uniform", "skewed"]
+    for r in rows:  # on CPU: ragged_dot and the Triton kernel (interpreted) run, the Mosaic GPU kernels cannot
+        assert r["xla_tflops"] > 0 and r["pallas_triton_tflops"] > 0 and r["moe_ffn_auto_ms"] > 0
+        assert r["pallas_mgpu_tflops"] is None and "pallas_mgpu_error" in r and "jax_mgpu_error" in r
+    assert "| jax ragged_dot_mgpu TF/s |" in p.stdout
+
+
 def test_published_figures_are_compared_on_their_own_metric_and_link():
     import bench_throughput as bt
 

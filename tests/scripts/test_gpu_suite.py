@@ -12,16 +12,77 @@ from pathlib import Path
 SUITE = Path(__file__).resolve().parents[2] / "scripts" / "gpu_suite.sh"
 
 
+def _script(path: Path, body: str) -> Path:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
 def run_suite(tmp_path: Path, *steps: str, budget: int = 570, python: str = 'echo "ran: $*"', logs: Path | None = None,
-              min_step: int = 60) -> tuple[subprocess.CompletedProcess, Path, Path]:
-    """The suite with a stand-in interpreter: a shell script whose body is `python`."""
-    fake = tmp_path / "fake_python"
-    fake.write_text(f"#!/bin/sh\n{python}\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+              min_step: int = 60, hopper: bool = False) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """The suite with a stand-in interpreter: a shell script whose body is `python`; hopper: a stand-in
+    nvidia-smi on PATH that reports an H100 (compute capability 9.0)."""
+    fake = _script(tmp_path / "fake_python", python)
     out, logs = tmp_path / "out", logs or tmp_path / "logs"
     env = dict(os.environ, PYTHON=str(fake), OUT=str(out), GPU_SUITE_LOGS=str(logs), GPU_SUITE_BUDGET_S=str(budget),
                GPU_SUITE_MIN_STEP_S=str(min_step))
+    if hopper:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        _script(bin_dir / "nvidia-smi", 'case "$*" in *compute_cap*) echo 9.0 ;; *) echo "NVIDIA H100 80GB HBM3" ;; esac')
+        env["PATH"] = f"{bin_dir}:{env['PATH']}"
     return subprocess.run(["bash", str(SUITE), *steps], env=env, capture_output=True, text=True, timeout=60), out, logs
+
+
+def _rows(out: Path) -> dict[str, str]:
+    """summary.md as {step: status}, in order."""
+    cells = [line.split("|") for line in (out / "summary.md").read_text().splitlines()[2:]]
+    return {c[1].strip(): c[2].strip() for c in cells}
+
+
+# The stand-in for our kernel's GPU tests (run by the check) and for every step.
+KERNEL_TESTS = 'case "$*" in *test_mgpu.py*) {} ;; *) echo "ran: $*" ;; esac'
+
+
+def test_a_failing_kernel_check_sends_the_engine_steps_to_jax_kernel(tmp_path):
+    proc, out, logs = run_suite(tmp_path, "bench_host_attention", "bench_offload_quick", "bench_offload_quick_triton",
+                                hopper=True, python=KERNEL_TESTS.format('echo "1 failed, 4 passed"; exit 1'))
+    assert proc.returncode == 1  # the failed check fails the suite, the steps still run
+    assert list(_rows(out).items()) == [("bench_host_attention", "ok"), ("mgpu_check", "fail"),
+                                        ("bench_offload_quick", "ok"), ("bench_offload_quick_triton", "ok")]
+    assert "--moe-impl jax_mgpu --layers 4" in (logs / "bench_offload_quick.log").read_text()
+    triton = (logs / "bench_offload_quick_triton.log").read_text()
+    assert "--moe-impl pallas_triton" in triton and "jax_mgpu" not in triton.split("\n", 1)[1]
+
+
+def test_a_passing_kernel_check_leaves_the_default_kernel(tmp_path):
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick", hopper=True,
+                                python=KERNEL_TESTS.format('echo "5 passed in 9.1s"'))
+    assert proc.returncode == 0, proc.stdout
+    assert list(_rows(out)) == ["mgpu_check", "bench_offload_quick"] and _rows(out)["mgpu_check"] == "ok"
+    ran = (logs / "bench_offload_quick.log").read_text().split("\n", 1)[1]
+    assert "ran: scripts/bench_offload.py --hardware" in ran and "--moe-impl" not in ran
+
+
+def test_kernel_tests_that_only_skip_fail_the_check(tmp_path):
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick", hopper=True,
+                                python=KERNEL_TESTS.format('echo "5 skipped in 0.1s"'))
+    assert _rows(out)["mgpu_check"] == "fail" and "--moe-impl jax_mgpu" in (logs / "bench_offload_quick.log").read_text()
+
+
+def test_the_tests_step_stands_for_the_check_when_it_passed(tmp_path):
+    proc, out, logs = run_suite(tmp_path, "tests", "bench_offload_quick", hopper=True,
+                                python=KERNEL_TESTS.format("exit 1"))  # the check itself would fail
+    assert proc.returncode == 0, proc.stdout
+    assert _rows(out)["mgpu_check"] == "ok" and "the tests step" in (out / "summary.md").read_text()
+    assert not (logs / "mgpu_check.log").exists()
+
+
+def test_no_kernel_check_off_hopper_or_without_engine_steps(tmp_path):
+    proc, out, _ = run_suite(tmp_path, "bench_offload_quick")  # no nvidia-smi: not Hopper
+    assert list(_rows(out)) == ["bench_offload_quick"]
+    proc, out, _ = run_suite(tmp_path, "bench_host_attention", hopper=True)
+    assert list(_rows(out)) == ["bench_host_attention"]
 
 
 def test_steps_run_in_the_order_named_and_only_two_files_come_back(tmp_path):
