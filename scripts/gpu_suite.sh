@@ -65,7 +65,7 @@ mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /p
 # budget's end interrupts it (Mixtral's rows first).
 CORE="tests bench_host_attention bench_offload_quick bench_expert_kernel"
 STEPS=(
-  "tests|180|$PY -m pytest -m gpu tests -q -rs"
+  "tests|240|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
   "calibrate|150|$PY -m moe_jax.hrm.calibrate \${MOE_IMPL:-} --output $LOGS/${PROFILE:-gpu}-measured.json"
   "bench_host_attention|60|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 --stream-gib 8 --max-kv-gib 16"
