@@ -8,6 +8,7 @@ import jax
 import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
+import pallas_kernels
 from moe_jax import expert_codec as codec, pinned_pool
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import Policy
@@ -66,6 +67,8 @@ class LLM:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not isinstance(policy, Policy) and policy not in POLICIES:
             raise PolicyUnavailable(f"policy must be one of {', '.join(POLICIES)} or a moe_jax.Policy, got {policy!r}")
+        if moe_impl not in pallas_kernels.IMPLS:  # the name only: whether it runs here needs the backend
+            raise ValueError(f"moe_impl must be one of {', '.join(pallas_kernels.IMPLS)}, got {moe_impl!r}")
         self.source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
         self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer
         self.dtype = np.dtype(DTYPES[dtype])

@@ -54,3 +54,9 @@ def test_gpu_expert_kernels_agree_inside_the_model(caplog):
     for a, b in zip(pallas, xla):
         assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
         assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("policy", ["resident", "offload"])
+def test_an_unknown_expert_kernel_is_refused_at_construction(policy):
+    with pytest.raises(ValueError, match=r"moe_impl must be one of auto, pallas, .*got 'cuda'"):
+        moe_jax.LLM("tiny-mixtral", policy=policy, moe_impl="cuda")
