@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Iterator, Sequence
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pallas_kernels
 from moe_jax import expert_codec as codec, pinned_pool
 from moe_jax.model_source import ModelSource, open_model
-from moe_jax.offload_policy import Policy
+from moe_jax.offload_policy import PREFETCH, Policy
 from moe_jax.params import model_bytes
 from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request, token_budget
@@ -24,6 +25,11 @@ log = logging.getLogger("moe_jax")
 POLICIES = ("auto", "resident", "offload")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "f32": "float32"}
 _GPU_PROFILES = (("H100", "h100-80gb"), ("H200", "h200"), ("A100", None), ("L4", "l4"), ("T4", "t4"))
+
+
+def _integer(v) -> bool:
+    """An integer (Python's or NumPy's), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 class PolicyUnavailable(ValueError):
@@ -69,6 +75,13 @@ class LLM:
             raise PolicyUnavailable(f"policy must be one of {', '.join(POLICIES)} or a moe_jax.Policy, got {policy!r}")
         if moe_impl not in pallas_kernels.IMPLS:  # the name only: whether it runs here needs the backend
             raise ValueError(f"moe_impl must be one of {', '.join(pallas_kernels.IMPLS)}, got {moe_impl!r}")
+        if prefetch not in PREFETCH:
+            raise ValueError(f"prefetch must be one of {', '.join(PREFETCH)}, got {prefetch!r}")
+        if max_batch_size is not None and (not _integer(max_batch_size) or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
+        if gpu_memory_gb is not None and (not isinstance(gpu_memory_gb, numbers.Real) or isinstance(gpu_memory_gb, bool)
+                                          or not gpu_memory_gb > 0):
+            raise ValueError(f"gpu_memory_gb must be a positive number of GiB or None, got {gpu_memory_gb!r}")
         self.source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
         self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer
         self.dtype = np.dtype(DTYPES[dtype])

@@ -42,7 +42,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_rows_per_call
-from moe_jax.offload_policy import Policy
+from moe_jax.offload_policy import PREFETCH, Policy
 from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, layer_param_specs, non_expert_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
@@ -240,9 +240,6 @@ class OffloadStats:
                 f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB{free}; "
                 f"{self.refilled} requests refilled rows; "
                 f"bottleneck: {self.bottleneck()}")
-
-
-PREFETCH = ("split", "whole")
 
 
 class OffloadEngine:

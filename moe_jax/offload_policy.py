@@ -5,6 +5,7 @@ import dataclasses
 
 DEVICES = ("cpu", "gpu")
 CODECS = ("none", "exp4")  # moe_jax.expert_codec
+PREFETCH = ("split", "whole")  # how the engine sends the next layer's experts (moe_jax.offload_engine)
 
 
 class PolicyError(ValueError):

@@ -6,6 +6,7 @@ ones for benchmarking. Configs are Hugging Face `config.json` dicts, parsed like
 """
 from __future__ import annotations
 
+import numbers
 import zlib
 
 import numpy as np
@@ -83,6 +84,8 @@ class RandomWeights:
     POOL = 1 << 24
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.cfg, self.seed = cfg, seed
         self._pools: dict[tuple[float, str], np.ndarray] = {}
 

@@ -57,6 +57,22 @@ def test_gpu_expert_kernels_agree_inside_the_model(caplog):
 
 
 @pytest.mark.parametrize("policy", ["resident", "offload"])
-def test_an_unknown_expert_kernel_is_refused_at_construction(policy):
-    with pytest.raises(ValueError, match=r"moe_impl must be one of auto, pallas, .*got 'cuda'"):
-        moe_jax.LLM("tiny-mixtral", policy=policy, moe_impl="cuda")
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(moe_impl="cuda"), r"moe_impl must be one of auto, pallas, .*got 'cuda'"),
+    (dict(prefetch="half"), r"prefetch must be one of split, whole, got 'half'"),
+    (dict(max_batch_size=0), r"max_batch_size must be a positive integer or None, got 0"),
+    (dict(max_batch_size=True), r"max_batch_size must be a positive integer or None, got True"),
+    (dict(gpu_memory_gb=0), r"gpu_memory_gb must be a positive number of GiB or None, got 0"),
+    (dict(gpu_memory_gb=-1.5), r"gpu_memory_gb must be a positive number of GiB or None, got -1.5"),
+    (dict(seed=-1), r"seed must be a non-negative integer, got -1"),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+def test_bad_arguments_are_refused_at_construction(policy, kwargs, message):
+    """Each names the argument and its value before any engine is built (offload: before the first generate,
+    which used to be where some of these failed, or went unnoticed: a batch of 0 or a cap of 0 meant none)."""
+    with pytest.raises(ValueError, match=message):
+        moe_jax.LLM("tiny-mixtral", policy=policy, **kwargs)
+
+
+def test_numpy_integers_are_arguments_too():
+    llm = moe_jax.LLM("tiny-mixtral", policy="resident", max_batch_size=np.int64(4), seed=np.int64(3))
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
