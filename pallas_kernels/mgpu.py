@@ -108,7 +108,7 @@ def ragged_dot(lhs, rhs, group_sizes, *, interpret: bool = False, jax_kernel: bo
     grid_n = rhs.shape[2] // BLOCK_N
     grid_block_n = next(g for g in (4, 2, 1) if grid_n % g == 0)
     # The lhs tile's TMA is tiled by 8 rows: a row count above 8 that is not a multiple of 8 does not
-    # compile (in jax's kernel too). Pad rows belong to no group, so they are neither read nor written.
+    # compile (in jax's kernel too). Pad rows belong to no group: a tile may compute them, none stores them.
     M = lhs.shape[0]
     lhs = jnp.pad(lhs, ((0, -M % ROW_ALIGN), (0, 0)))
     with _interpret_mode()() if interpret else contextlib.nullcontext():
