@@ -1,7 +1,7 @@
 """`python -m moe_jax.generate`: generate for one prompt or a JSONL file of prompts.
 
     python -m moe_jax.generate --prompt "Once upon a time"                  # default: tiny-mixtral
-    python -m moe_jax.generate --model DIR --input in.jsonl --output out.jsonl [--resume] [--skip-invalid]
+    python -m moe_jax.generate --model DIR --input in.jsonl --output out.jsonl [--resume | --overwrite] [--skip-invalid]
 
 Input lines are plain ({"prompt"} or {"prompt_token_ids"}, optional "id", "max_new_tokens") or OpenAI
 batch requests (/v1/completions, /v1/chat/completions), whose output lines mirror OpenAI's.
@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--expert-codec", choices=CODECS, default="none",
                    help="offload: stream the experts as they are, or coded losslessly in 12 bits (exp4, bfloat16)")
     p.add_argument("--resume", action="store_true", help="keep the finished lines of --output and run the rest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output (without --resume or this, such an output is refused)")
     p.add_argument("--skip-invalid", action="store_true",
                    help="write invalid input lines to OUT.errors.jsonl (with the reason) and run the rest")
     args = p.parse_args(argv)
@@ -86,6 +88,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--output {args.output}: directory {args.output.resolve().parent} does not exist")
     if args.output and args.input and args.output.resolve() == args.input.resolve():
         p.error("--output must not be the --input file")
+    if args.resume and args.overwrite:
+        p.error("--resume keeps --output's finished lines, --overwrite replaces them: give one")
+    if args.output and args.output.is_file() and args.output.stat().st_size and not (args.resume or args.overwrite):
+        p.error(f"--output {args.output} already holds finished lines: --resume to continue that job, --overwrite "
+                "to replace them, or another file")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        p.error(f"--max-batch-size must be a positive integer, got {args.max_batch_size}")
+    if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
+        p.error(f"--gpu-memory-gb must be a positive number of GiB, got {args.gpu_memory_gb}")
     return args
 
 

@@ -84,7 +84,7 @@ def check_meta(out: Path, meta: dict) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ResumeError(f"cannot resume {out}: {path} is missing, so the model and sampling settings it was "
-                          f"made with are unknown (run without --resume to start over)") from None
+                          f"made with are unknown (--overwrite instead of --resume starts over)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ResumeError(f"cannot resume {out}: {path} is not valid JSON") from None
     diffs = [f"cannot resume {out}: it was started with {k} {old.get(k)!r}, this run has {v!r}"

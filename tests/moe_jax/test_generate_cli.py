@@ -159,6 +159,9 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
     (["--prompt", "x", "--output", "o.jsonl", "--skip-invalid"], "--skip-invalid needs --input and --output"),
     (["--input", "in.jsonl", "--output", "no/such/dir/o.jsonl"], "directory"),
     (["--input", "in.jsonl", "--output", "in.jsonl"], "--output must not be the --input file"),
+    (["--input", "in.jsonl", "--output", "o.jsonl", "--resume", "--overwrite"], "give one"),
+    (["--prompt", "x", "--max-batch-size", "0"], "--max-batch-size must be a positive integer, got 0"),
+    (["--prompt", "x", "--gpu-memory-gb", "-1"], "--gpu-memory-gb must be a positive number of GiB, got -1.0"),
     (["--prompt", "x", "--expert-codec", "exp4", "--dtype", "float32"],
      "--expert-codec: expert codec 'exp4' codes bfloat16 weights; the model runs in float32"),
 ])
@@ -213,7 +216,7 @@ def test_skip_invalid_writes_the_bad_lines_aside_and_runs_the_rest(tmp_path, cap
     assert "prompt has 3001 tokens" in errors[2]["error"]
     assert "skipping 3 invalid input lines" in caplog.text
     inp.write_text("not json\n")
-    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--skip-invalid")
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--skip-invalid", "--overwrite")
     assert rc == 2 and "no valid requests (1 invalid lines, listed in" in err
 
 
@@ -237,7 +240,10 @@ def test_resume_is_refused_for_other_settings_or_foreign_output(tmp_path, capsys
     rc, _, err = run_cli(capsys, *job, "--resume")
     assert rc == 2 and "out.meta.json is missing" in err
     out.write_text('{"id": "a"}\nnot a line\n')
-    rc, _, err = run_cli(capsys, *job)  # without --resume: a fresh start over anything there
+    with pytest.raises(SystemExit) as e:  # neither --resume nor --overwrite: finished work is not thrown away
+        run_cli(capsys, *job)
+    assert e.value.code == 2 and "already holds finished lines: --resume to continue that job" in capsys.readouterr().err
+    rc, _, err = run_cli(capsys, *job, "--overwrite")  # a fresh start over anything there
     assert rc == 0 and list(records(out)) == ["b"]
 
 
@@ -317,7 +323,7 @@ def test_stop_strings_from_the_flag_and_from_lines(tmp_path, capsys):
                       for t in (full["a"]["text"], full["b"]["text"]))
     inp.write_text(json.dumps({"id": "a", "prompt": prompts["a"]}) + "\n"
                    + json.dumps({"id": "b", "prompt": prompts["b"], "stop": [stop_b]}) + "\n")
-    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--stop", stop_a, *common)
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--stop", stop_a, *common, "--overwrite")
     assert rc == 0, err
     got = records(out)
     for k, stop in (("a", stop_a), ("b", stop_b)):
