@@ -39,10 +39,11 @@ from moe_jax.prompts import PromptError, encode_prompt
 from moe_jax.sampling import SamplingParams
 from moe_jax.saved_model import SavedModelError
 from moe_jax.stop_signals import Interrupted, interruptible
+from moe_jax.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, CheckpointError, ModelNotFound, PolicyUnavailable, PolicyError, JobInputError,
                ResumeError, ChatTemplateError, PromptError, HardwareError, InfeasibleError, MemoryError,
-               SavedModelError)
+               SavedModelError, TokenizerError)
 MAX_REPORTED = 50  # bad input lines listed on stderr; --skip-invalid writes them all
 log = logging.getLogger("moe_jax")
 

@@ -188,6 +188,8 @@ class LLM:
         """float32 [len_i, vocab] logits for every position of every sequence (resident policy only)."""
         if not isinstance(self.engine, ResidentEngine):
             raise PolicyUnavailable(f"LLM.logits needs policy 'resident'; this LLM runs {self.policy}")
+        if len(token_ids) and isinstance(token_ids[0], (int, np.integer)):
+            raise TypeError("token_ids must be a list of sequences of token ids; got one sequence: wrap it in a list")
         prompts = [self.encode(t, f"sequence {i}") for i, t in enumerate(token_ids)]
         return self.engine.logits(prompts)
 
@@ -196,6 +198,9 @@ class LLM:
                       ) -> Iterator[tuple[int, Completion]]:
         """Yields (prompt index, Completion) in the order requests finish. All prompts are validated
         before any work starts."""
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+            raise TypeError("prompts must be a list of prompts (each a string or a list of token ids); got one "
+                            f"{'string' if isinstance(prompts, str) else 'list of token ids'}: wrap it in a list")
         params = params if params is not None else SamplingParams()
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per) != len(prompts):

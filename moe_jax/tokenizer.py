@@ -10,6 +10,10 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 BYTE_BOS, BYTE_EOS = 256, 257  # ids of <s> and </s> in the byte-level tokenizer
 
 
+class TokenizerError(ValueError):
+    """A tokenizer.json that cannot be loaded; the message names the file."""
+
+
 class Tokenizer:
     """Text <-> token ids. `encode` applies the tokenizer's own post-processor (e.g. BOS)."""
 
@@ -21,7 +25,7 @@ class Tokenizer:
         try:
             return cls(tokenizers.Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"{path}: cannot load tokenizer: {e}") from None
+            raise TokenizerError(f"{path}: cannot load tokenizer: {e}") from None
 
     @classmethod
     def byte_level(cls) -> "Tokenizer":

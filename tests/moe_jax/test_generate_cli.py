@@ -154,6 +154,16 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
     assert rc == 2 and "bad sampling flag: temperature must be >= 0" in err
 
 
+def test_a_broken_tokenizer_is_an_error_line_not_a_traceback(tmp_path, capsys, hf_checkpoints):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(hf_checkpoints["mixtral"][0], model)
+    (model / "tokenizer.json").write_text("{}")
+    rc, _, err = run_cli(capsys, "--model", model, "--prompt", "hi")
+    assert rc == 2 and "tokenizer.json: cannot load tokenizer" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--input", "in.jsonl", "--resume"], "--resume needs --input and --output"),
     (["--prompt", "x", "--output", "o.jsonl", "--skip-invalid"], "--skip-invalid needs --input and --output"),

@@ -76,3 +76,15 @@ def test_bad_arguments_are_refused_at_construction(policy, kwargs, message):
 def test_numpy_integers_are_arguments_too():
     llm = moe_jax.LLM("tiny-mixtral", policy="resident", max_batch_size=np.int64(4), seed=np.int64(3))
     assert len(llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
+
+
+def test_a_single_prompt_must_be_wrapped_in_a_list():
+    """A bare string is a sequence of characters and a bare list of ints a sequence of ints: both used to run as
+    one prompt per character or token."""
+    llm = moe_jax.LLM("tiny-mixtral", policy="resident")
+    for one in ("The capital", [1, 2, 3]):
+        with pytest.raises(TypeError, match="prompts must be a list of prompts .* wrap it in a list"):
+            llm.generate(one, SamplingParams(max_new_tokens=1))
+    with pytest.raises(TypeError, match="token_ids must be a list of sequences .* wrap it in a list"):
+        llm.logits([1, 2, 3])
+    assert len(llm.generate(["The capital"], SamplingParams(max_new_tokens=1))) == 1
