@@ -53,6 +53,34 @@ def optional(obj: dict, key: str, valid: Callable[[Any], bool], expected: str, w
     return v
 
 
+SAMPLING_CHECKS = {  # the SamplingParams fields a request line may set: (check, what the value must be)
+    "max_new_tokens": (is_positive_int, "a positive integer"),
+    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "seed": (is_int, "an integer"),
+}
+
+
+def sampling_fields(obj: dict, keys: dict[str, str], where: str = "") -> dict:
+    """The SamplingParams fields a line sets; keys maps the line's key to its field (a key of SAMPLING_CHECKS)."""
+    out = {}
+    for key, field in keys.items():
+        v = optional(obj, key, *SAMPLING_CHECKS[field], where)
+        if v is not None:
+            out[field] = v
+    return out
+
+
+def refuse_unknown(obj: dict, known, where: str = "") -> None:
+    """ValueError naming the keys of obj outside `known`: a field this line cannot honour is never dropped
+    silently (a misspelt or unsupported sampling field would change what the user gets)."""
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise ValueError(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(repr(where + k) for k in unknown)} "
+                         f"(known: {', '.join(sorted(known))})")
+
+
 def stop_strings(obj: dict, where: str = "") -> tuple[str, ...]:
     """obj["stop"]: a string or a list of non-empty strings (absent or null: none); ValueError naming it."""
     stop = optional(obj, "stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(

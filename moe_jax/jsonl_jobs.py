@@ -2,7 +2,8 @@
 output and error lines.
 
 Plain input line: {"prompt": TEXT} or {"prompt_token_ids": [INT, ...]}, optional "id" (string or int,
-unique; default: the line number), "max_new_tokens" and "stop" (a string or a list of them). Output
+unique; default: the line number), "stop" (a string or a list of them) and the sampling fields
+"max_new_tokens", "temperature", "top_p", "top_k", "seed"; any other field makes the line invalid. Output
 line: {"id", "token_ids", "text", "finish_reason"}; error line: {"line", "id", "error"}. OpenAI batch
 lines: see `moe_jax.openai_batch`.
 A file holds one format; every bad line is found, none stops the reading.
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from moe_jax import openai_batch
-from moe_jax.job_requests import BadLine, JobRequest, is_int, is_positive_int, is_token_ids, optional, stop_strings
+from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, is_int, is_token_ids, refuse_unknown,
+                                  sampling_fields, stop_strings)
 from moe_jax.requests import Completion
 
 
@@ -32,10 +34,14 @@ class JobFormat:
     error_record: Callable[[BadLine], dict]
 
 
+_PLAIN_KEYS = ("prompt", "prompt_token_ids", "id", "stop", *SAMPLING_CHECKS)
+
+
 def _parse_plain(n: int, obj: dict) -> JobRequest:
     has_text, has_ids = "prompt" in obj, "prompt_token_ids" in obj
     if has_text == has_ids:
         raise ValueError("needs exactly one of 'prompt' (text) or 'prompt_token_ids' (list of ints)")
+    refuse_unknown(obj, _PLAIN_KEYS)
     if has_text:
         prompt = obj["prompt"]
         if not isinstance(prompt, str):
@@ -50,8 +56,8 @@ def _parse_plain(n: int, obj: dict) -> JobRequest:
     rid = obj.get("id", n)
     if not isinstance(rid, str) and not is_int(rid):
         raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
-    m = optional(obj, "max_new_tokens", is_positive_int, "a positive integer")
-    return JobRequest(n, rid, prompt, sampling={"max_new_tokens": m} if m else {}, stop=stop_strings(obj))
+    sampling = sampling_fields(obj, {f: f for f in SAMPLING_CHECKS})
+    return JobRequest(n, rid, prompt, sampling=sampling, stop=stop_strings(obj))
 
 
 def _plain_record(req: JobRequest, c: Completion, model: str) -> dict:

@@ -4,27 +4,23 @@ documents them.
 Request: {"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions", "body": {...}}
 with "prompt" (text or token ids) or "messages" ([{"role", "content"}, ...]) and optional "max_tokens"
 (or "max_completion_tokens"), "temperature", "top_p", "seed", "stop" (a string or a list of them);
-"model" and other fields are ignored, "n" must be 1. Fields a body leaves out take the CLI's values.
+"model", "user", "metadata" and "store" are ignored, "n" must be 1, and any other body field (e.g.
+"logprobs") makes the line invalid rather than be dropped. Fields a body leaves out take the CLI's values.
 """
 from __future__ import annotations
 
 import time
 import uuid
 
-from moe_jax.job_requests import (BadLine, JobRequest, is_int, is_number, is_positive_int, is_token_ids, optional,
-                                  stop_strings)
+from moe_jax.job_requests import BadLine, JobRequest, is_token_ids, refuse_unknown, sampling_fields, stop_strings
 from moe_jax.requests import Completion
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 ID_KEY = "custom_id"  # what identifies a request in input and output lines
 
-_SAMPLING = (  # body key, SamplingParams field, check, what it must be
-    ("max_tokens", "max_new_tokens", is_positive_int, "a positive integer"),
-    ("max_completion_tokens", "max_new_tokens", is_positive_int, "a positive integer"),
-    ("temperature", "temperature", lambda v: is_number(v) and v >= 0, "a number >= 0"),
-    ("top_p", "top_p", lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    ("seed", "seed", is_int, "an integer"),
-)
+_SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
+             "top_p": "top_p", "seed": "seed"}  # body key -> SamplingParams field
+_BODY_KEYS = ("model", "user", "metadata", "store", "n", "prompt", "messages", "stop", *_SAMPLING)
 
 
 def is_request(obj: dict) -> bool:
@@ -44,15 +40,12 @@ def parse_request(n: int, obj: dict) -> JobRequest:
     body = obj.get("body")
     if not isinstance(body, dict):
         raise ValueError("'body' must be a JSON object")
+    refuse_unknown(body, _BODY_KEYS, "body.")
     if body.get("n") not in (None, 1):
         raise ValueError(f"'body.n' must be 1 (one completion per request), got {body['n']!r}")
     prompt, messages = (None, _messages(body)) if url == CHAT else (_prompt(body), None)
-    sampling = {}
-    for key, field, valid, expected in _SAMPLING:
-        v = optional(body, key, valid, expected, "body.")
-        if v is not None:
-            sampling[field] = v
-    return JobRequest(n, cid, prompt, messages, sampling, stop_strings(body, "body."), url)
+    return JobRequest(n, cid, prompt, messages, sampling_fields(body, _SAMPLING, "body."), stop_strings(body, "body."),
+                      url)
 
 
 def _prompt(body: dict) -> str | tuple[int, ...]:

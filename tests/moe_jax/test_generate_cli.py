@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+import moe_jax
 from moe_jax.generate import main
 from moe_jax.progress import Progress
+from moe_jax.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
 # Long enough (300 requests of 32 tokens on 2 rows, a few seconds) to be interrupted after its first lines.
@@ -102,6 +104,11 @@ def test_resume_skips_finished_ids_and_repairs_a_torn_line(tmp_path, capsys):
     ('{"text": "x"}\n', "in.jsonl:1: needs exactly one of 'prompt'"),
     ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "in.jsonl:2: duplicate id 'a'"),
     ('{"prompt": "x", "max_new_tokens": 0}\n', "in.jsonl:1: 'max_new_tokens' must be a positive integer"),
+    ('{"prompt": "x", "max_tokens": 2, "temprature": 1}\n', "in.jsonl:1: unknown fields 'max_tokens', 'temprature' "
+     "(known: id, max_new_tokens, prompt, prompt_token_ids, seed, stop, temperature, top_k, top_p)"),
+    ('{"prompt": "x", "top_p": 0}\n', "in.jsonl:1: 'top_p' must be a number in (0, 1]"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "y", "logprobs": true}}\n',
+     "in.jsonl:1: unknown field 'body.logprobs' (known: "),
     ('{"prompt_token_ids": [1, 99999]}\n', "in.jsonl:1: prompt: token id 99999 is outside the vocabulary"),
     ('{"prompt": "' + "x" * 3000 + '"}\n', "in.jsonl:1: prompt has 3001 tokens; the model allows at most 2047"),
     ('{"prompt_token_ids": [1, "2"]}\n', "in.jsonl:1: 'prompt_token_ids' must be a list of integers"),
@@ -155,8 +162,6 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
 
 
 def test_a_broken_tokenizer_is_an_error_line_not_a_traceback(tmp_path, capsys, hf_checkpoints):
-    import shutil
-
     model = tmp_path / "model"
     shutil.copytree(hf_checkpoints["mixtral"][0], model)
     (model / "tokenizer.json").write_text("{}")
@@ -312,12 +317,17 @@ def test_progress_logs_plain_lines_when_not_a_terminal(caplog):
 
 
 def test_duplicate_prompts_sample_independently_unless_seeded(tmp_path, capsys):
+    """Each request draws from its own seed (the job's seed and its id); a line's "seed" fixes it, and a line's
+    sampling fields replace the flags for that line."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "prompt": "same prompt"}) + "\n" for i in range(3))
-                   + json.dumps({"id": "s1", "prompt": "same prompt", "seed": 5}) + "\n")
+                   + "".join(json.dumps({"id": f"s{i}", "prompt": "same prompt", "seed": 5}) + "\n" for i in range(2))
+                   + json.dumps({"id": "greedy", "prompt": "same prompt", "temperature": 0, "max_new_tokens": 3}) + "\n")
     assert run_cli(capsys, "--input", inp, "--output", out, "--temperature", "1.0", "--max-new-tokens", "8")[0] == 0
     toks = {json.loads(l)["id"]: tuple(json.loads(l)["token_ids"]) for l in out.read_text().splitlines()}
-    assert len({toks[0], toks[1], toks[2]}) == 3
+    assert len({toks[0], toks[1], toks[2]}) == 3 and toks["s0"] == toks["s1"]
+    greedy = moe_jax.LLM("tiny-mixtral", policy="resident").generate(["same prompt"], SamplingParams(max_new_tokens=3))
+    assert toks["greedy"] == tuple(greedy[0].token_ids)
 
 
 def test_stop_strings_from_the_flag_and_from_lines(tmp_path, capsys):
