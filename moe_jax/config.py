@@ -83,7 +83,12 @@ class ModelConfig:
             method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
             raise f.error("quantization_config", f"quantized checkpoints (quant_method {method!r}) are not "
                           "supported; moe-jax reads float32, float16 and bfloat16 weights")
-        return parser(f)
+        try:
+            return parser(f)
+        except ConfigError as e:  # __post_init__'s checks of the parsed values do not know the file
+            if str(e).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":

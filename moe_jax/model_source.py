@@ -47,6 +47,8 @@ def open_model(model: str | Path, seed: int = 0) -> ModelSource:
     if str(model) in PRESETS:
         cfg = preset_config(str(model))
         return ModelSource(str(model), cfg, RandomWeights(cfg, seed), Tokenizer.byte_level())
+    if path.is_file():
+        raise ModelNotFound(f"model {model} is a file: give the directory that holds config.json and the weights")
     if "/" in str(model) or path.suffix:
         raise ModelNotFound(f"model directory {model} does not exist")
     raise ModelNotFound(f"model {str(model)!r} is neither a directory nor a preset (presets: {', '.join(PRESETS)})")

@@ -1,9 +1,14 @@
 """config.json parsing: each family's fields, and a clear error naming the field for what is unsupported."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from moe_jax.config import ConfigError, ModelConfig
+from moe_jax.model_source import ModelNotFound, open_model
+from moe_jax.presets import preset_hf_config
 from tests.conftest import HF_CONFIGS
 
 
@@ -72,3 +77,20 @@ def test_defaults_of_missing_fields_are_transformers_defaults():
 def test_attention_bias_is_refused_where_it_would_need_an_output_bias():
     with pytest.raises(ConfigError, match="field 'attention_bias'"):
         cfg("olmoe", attention_bias=True)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(num_attention_heads=5), "num_attention_heads=5 is not a multiple of num_key_value_heads=2"),
+    (dict(num_experts_per_tok=9), r"experts per token \(9\) must be in 1..num_experts \(4\)"),
+])
+def test_inconsistent_values_name_the_file(tmp_path, changes, message):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**preset_hf_config("tiny-mixtral"), **changes}))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: {message}"):
+        ModelConfig.from_file(path)
+
+
+def test_a_file_given_as_the_model_says_so(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFound, match="is a file: give the directory that holds config.json"):
+        open_model(tmp_path / "config.json")
