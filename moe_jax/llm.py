@@ -89,6 +89,9 @@ class LLM:
         if isinstance(policy, Policy) and expert_codec not in ("none", policy.expert_codec):
             raise PolicyUnavailable(f"expert_codec={expert_codec!r} differs from the given policy's "
                                     f"expert_codec={policy.expert_codec!r}: set it in the Policy")
+        if policy == "resident" and expert_codec != "none":
+            raise PolicyUnavailable(f"expert_codec={expert_codec!r} codes the experts the offload engine streams; "
+                                    "policy 'resident' streams none")
         self.expert_codec = expert_codec
         self.max_batch_size, self.gpu_memory_gb, self.hardware, self.moe_impl, self.prefetch = (
             max_batch_size, gpu_memory_gb, hardware, moe_impl, prefetch)
@@ -103,7 +106,8 @@ class LLM:
             pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype, codec=expert_codec))
         if policy == "auto":
             policy = "resident" if self._fits_on_device() else "offload"
-            log.info("policy auto -> %s", policy)
+            log.info("policy auto -> %s%s", policy, f" (expert_codec {expert_codec!r} unused: nothing is streamed)"
+                     if policy == "resident" and expert_codec != "none" else "")
         self.policy = policy
         if policy == "resident":
             self.engine = ResidentEngine(self.cfg, self.source.weights, self.dtype, max_batch_size=max_batch_size,

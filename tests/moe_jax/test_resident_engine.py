@@ -88,3 +88,8 @@ def test_a_single_prompt_must_be_wrapped_in_a_list():
     with pytest.raises(TypeError, match="token_ids must be a list of sequences .* wrap it in a list"):
         llm.logits([1, 2, 3])
     assert len(llm.generate(["The capital"], SamplingParams(max_new_tokens=1))) == 1
+
+
+def test_an_expert_codec_is_refused_under_the_resident_policy():
+    with pytest.raises(moe_jax.llm.PolicyUnavailable, match="policy 'resident' streams none"):
+        moe_jax.LLM("tiny-mixtral", policy="resident", expert_codec="exp4")
