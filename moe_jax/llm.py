@@ -32,6 +32,14 @@ def _integer(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _require_batch(items, name: str, each: str) -> None:
+    """TypeError when `items`, meant as a list of sequences, is a single string or list of token ids (which
+    would otherwise run as one sequence per character or token)."""
+    if isinstance(items, str) or (len(items) and isinstance(items[0], (int, np.integer))):
+        raise TypeError(f"{name} must be a list of {each}; got one "
+                        f"{'string' if isinstance(items, str) else 'list of token ids'}: wrap it in a list")
+
+
 class PolicyUnavailable(ValueError):
     pass
 
@@ -192,8 +200,7 @@ class LLM:
         """float32 [len_i, vocab] logits for every position of every sequence (resident policy only)."""
         if not isinstance(self.engine, ResidentEngine):
             raise PolicyUnavailable(f"LLM.logits needs policy 'resident'; this LLM runs {self.policy}")
-        if len(token_ids) and isinstance(token_ids[0], (int, np.integer)):
-            raise TypeError("token_ids must be a list of sequences of token ids; got one sequence: wrap it in a list")
+        _require_batch(token_ids, "token_ids", "sequences of token ids")
         prompts = [self.encode(t, f"sequence {i}") for i, t in enumerate(token_ids)]
         return self.engine.logits(prompts)
 
@@ -202,9 +209,7 @@ class LLM:
                       ) -> Iterator[tuple[int, Completion]]:
         """Yields (prompt index, Completion) in the order requests finish. All prompts are validated
         before any work starts."""
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
-            raise TypeError("prompts must be a list of prompts (each a string or a list of token ids); got one "
-                            f"{'string' if isinstance(prompts, str) else 'list of token ids'}: wrap it in a list")
+        _require_batch(prompts, "prompts", "prompts (each a string or a list of token ids)")
         params = params if params is not None else SamplingParams()
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per) != len(prompts):
