@@ -5,8 +5,11 @@ One kernel covers decode and causal prefill: query ``(b, t)`` attends to KV posi
 ``starts = lengths - 1``, ``ends = lengths``). K/V are passed flat, with per-row element offsets and
 head strides and one position stride, so that the cache's head-major layout (one region per slot, as
 long as that slot's capacity) and the dense ``[B, S, Hk, D]`` layout share one compiled kernel per
-KV dtype. bfloat16 is read as its uint16 bits and widened to float32 by a shift; all arithmetic is
-float32. Inputs are validated by the callers; nothing here checks shapes.
+KV dtype. bfloat16 is read as its uint16 bits and widened to float32 by a shift; int8 (the cache's
+quantised storage, `quantize_scatter`) is widened and multiplied by its row's float32 scale (one per D
+elements: the scale of the row at element offset o is scales[o // D]), folded into the score for K and
+into the probability for V. All arithmetic is float32. Inputs are validated by the callers; nothing here
+checks shapes.
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from numba.extending import intrinsic
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT32 = np.dtype(np.float32)
-KV_DTYPES = (BFLOAT16, FLOAT32)
+INT8 = np.dtype(np.int8)
+KV_DTYPES = (BFLOAT16, FLOAT32)  # what the kernel reads as they are
+_NO_SCALES = np.ones(1, np.float32)  # bf16/f32 rows: every row's scale is _NO_SCALES[0] (row mask 0)
 
 # No nnan/ninf: the running max starts at -inf. Reassociation lets LLVM vectorise the dot products.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -30,10 +35,12 @@ _I32 = ir.IntType(32)
 
 @intrinsic
 def _as_f32(typingctx, x):
-    """One KV element as float32: uint16 (bfloat16 bits) shifted into the top half, or float32 as is.
-    Done in LLVM so the widening stays 32-bit (numba would promote integer arithmetic to int64)."""
+    """One KV element as float32: uint16 (bfloat16 bits) shifted into the top half, int8 converted, or
+    float32 as is. Done in LLVM so the widening stays 32-bit (numba would promote integer arithmetic to int64)."""
     if x == types.float32:
         return types.float32(x), lambda context, builder, sig, args: args[0]
+    if x == types.int8:
+        return types.float32(x), lambda context, builder, sig, args: builder.sitofp(args[0], ir.FloatType())
     if x == types.uint16:
         def codegen(context, builder, sig, args):
             bits = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
@@ -76,10 +83,11 @@ def _four_rows(row0, j, nb, pos_stride):
 
 
 @njit(**_JIT)
-def _attend_group(q, k, v, base, pos_stride, n, out, acc, s, m, l):
+def _attend_group(q, k, v, k_scales, v_scales, row_mask, base, pos_stride, n, out, acc, s, m, l):
     """Softmax attention of the G query heads sharing one KV head, single pass over n positions.
 
-    q, out: [G, D] float32 (q pre-scaled); position p's K/V row is k/v[base + p*pos_stride :][:D].
+    q, out: [G, D] float32 (q pre-scaled); position p's K/V row is k/v[base + p*pos_stride :][:D], its
+    scales k/v_scales[(o // D) & row_mask] for o its element offset (row_mask 0: one scale for all).
     acc [Ge, D], s [Ge, _BLOCK], m, l [Ge]: float32 scratch, Ge = G rounded up to even (an odd G's
     last head is computed twice and the copy dropped). Each K and V row is read once per group;
     the inner loops take two heads by four rows, so each widened K/V element and each load of q
@@ -98,22 +106,24 @@ def _attend_group(q, k, v, base, pos_stride, n, out, acc, s, m, l):
         for j in range(0, nb, 4):  # scores s = q k^T; s[:, nb:] get junk, zeroed below
             o0, o1, o2, o3 = _four_rows(row0, j, nb, pos_stride)
             k0, k1, k2, k3 = k[o0:o0 + D], k[o1:o1 + D], k[o2:o2 + D], k[o3:o3 + D]
+            c0, c1, c2, c3 = (k_scales[(o0 // D) & row_mask], k_scales[(o1 // D) & row_mask],
+                              k_scales[(o2 // D) & row_mask], k_scales[(o3 // D) & row_mask])
             for g in range(0, Ge, 2):
                 qg, qh = q[g], q[min(g + 1, G - 1)]
                 a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
                 for d in range(D):
-                    c0, c1, c2, c3 = _as_f32(k0[d]), _as_f32(k1[d]), _as_f32(k2[d]), _as_f32(k3[d])
+                    e0, e1, e2, e3 = _as_f32(k0[d]), _as_f32(k1[d]), _as_f32(k2[d]), _as_f32(k3[d])
                     x, y = qg[d], qh[d]
-                    a0 += x * c0
-                    a1 += x * c1
-                    a2 += x * c2
-                    a3 += x * c3
-                    b0 += y * c0
-                    b1 += y * c1
-                    b2 += y * c2
-                    b3 += y * c3
-                s[g, j], s[g, j + 1], s[g, j + 2], s[g, j + 3] = a0, a1, a2, a3
-                s[g + 1, j], s[g + 1, j + 1], s[g + 1, j + 2], s[g + 1, j + 3] = b0, b1, b2, b3
+                    a0 += x * e0
+                    a1 += x * e1
+                    a2 += x * e2
+                    a3 += x * e3
+                    b0 += y * e0
+                    b1 += y * e1
+                    b2 += y * e2
+                    b3 += y * e3
+                s[g, j], s[g, j + 1], s[g, j + 2], s[g, j + 3] = a0 * c0, a1 * c1, a2 * c2, a3 * c3
+                s[g + 1, j], s[g + 1, j + 1], s[g + 1, j + 2], s[g + 1, j + 3] = b0 * c0, b1 * c1, b2 * c2, b3 * c3
         for g in range(Ge):  # online softmax: probabilities, rescaled by the new running max
             sg, ag = s[g], acc[g]
             mx = m[g]
@@ -129,10 +139,12 @@ def _attend_group(q, k, v, base, pos_stride, n, out, acc, s, m, l):
         for j in range(0, nb, 4):  # acc += s v
             o0, o1, o2, o3 = _four_rows(row0, j, nb, pos_stride)
             v0, v1, v2, v3 = v[o0:o0 + D], v[o1:o1 + D], v[o2:o2 + D], v[o3:o3 + D]
+            f0, f1, f2, f3 = (v_scales[(o0 // D) & row_mask], v_scales[(o1 // D) & row_mask],
+                              v_scales[(o2 // D) & row_mask], v_scales[(o3 // D) & row_mask])
             for g in range(0, Ge, 2):
                 ag, ah = acc[g], acc[g + 1]
-                p0, p1, p2, p3 = s[g, j], s[g, j + 1], s[g, j + 2], s[g, j + 3]
-                r0, r1, r2, r3 = s[g + 1, j], s[g + 1, j + 1], s[g + 1, j + 2], s[g + 1, j + 3]
+                p0, p1, p2, p3 = s[g, j] * f0, s[g, j + 1] * f1, s[g, j + 2] * f2, s[g, j + 3] * f3
+                r0, r1, r2, r3 = s[g + 1, j] * f0, s[g + 1, j + 1] * f1, s[g + 1, j + 2] * f2, s[g + 1, j + 3] * f3
                 for d in range(D):
                     c0, c1, c2, c3 = _as_f32(v0[d]), _as_f32(v1[d]), _as_f32(v2[d]), _as_f32(v3[d])
                     a = ag[d]
@@ -154,9 +166,10 @@ def _attend_group(q, k, v, base, pos_stride, n, out, acc, s, m, l):
 
 
 @njit(parallel=True, **_JIT)
-def _attention_kernel(q, k, v, offsets, head_strides, pos_stride, starts, ends, threads, out):
+def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strides, pos_stride, starts, ends,
+                      threads, out):
     """q, out [B, T, Hk, G, D] float32; k, v flat; query row b's KV head h, position p is the D elements at
-    offsets[b] + h * head_strides[b] + p * pos_stride;
+    offsets[b] + h * head_strides[b] + p * pos_stride; k/v_scales, row_mask: see `_attend_group`;
     threads: numba's thread count (numba.get_num_threads() inside a kernel defeats caching).
 
     Tasks are (query, KV head) pairs, sorted by context length and dealt round-robin to the threads
@@ -180,8 +193,8 @@ def _attention_kernel(q, k, v, offsets, head_strides, pos_stride, starts, ends, 
             bt = order[i // Hk]
             h = i % Hk
             b, t = bt // T, bt % T
-            _attend_group(q[b, t, h], k, v, offsets[b] + h * head_strides[b], pos_stride, n_ctx[bt],
-                          out[b, t, h], acc, s, m, l)
+            _attend_group(q[b, t, h], k, v, k_scales, v_scales, row_mask, offsets[b] + h * head_strides[b],
+                          pos_stride, n_ctx[bt], out[b, t, h], acc, s, m, l)
 
 
 @njit(**_JIT)
@@ -196,13 +209,32 @@ def _scatter_rows(dst, src, offsets, head_strides):
                 dst[o + d] = src[m, h, d]
 
 
+@njit(**_JIT)
+def _quantize_rows(dst, scales, src, offsets, head_strides):
+    """As `_scatter_rows` into int8 dst, each row (m, h) symmetric-quantised: scales[o // D] = max|row| / 127
+    (1 for a row of zeros), dst[o + d] = round(src[m, h, d] / scale) in [-127, 127] (src float32)."""
+    M, Hk, D = src.shape
+    for m in range(M):
+        for h in range(Hk):
+            o = offsets[m] + h * head_strides[m]
+            row = src[m, h]
+            amax = np.float32(0.0)
+            for d in range(D):
+                amax = max(amax, abs(row[d]))
+            scale = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+            inv = np.float32(1.0) / scale
+            for d in range(D):
+                dst[o + d] = np.int8(np.rint(row[d] * inv))
+            scales[o // D] = scale
+
+
 def _bits(x: np.ndarray) -> np.ndarray:
-    return x.view(np.uint16 if x.dtype == BFLOAT16 else np.float32)
+    return x.view(np.uint16 if x.dtype == BFLOAT16 else x.dtype)
 
 
 def flat_kv(x: np.ndarray) -> np.ndarray:
-    """C-contiguous bf16/f32 array -> read-only flat view the kernel reads (uint16 bits for bf16).
-    Always read-only, so writable and read-only inputs share one compiled specialisation."""
+    """C-contiguous bf16/f32/int8 array (or float32 scales) -> read-only flat view the kernel reads (uint16
+    bits for bf16). Always read-only, so writable and read-only inputs share one compiled specialisation."""
     flat = _bits(x.reshape(-1))
     flat.flags.writeable = False
     return flat
@@ -212,24 +244,33 @@ def _int64(x, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(np.asarray(x, dtype=np.int64), (n,)))
 
 
-def run(q, k_flat, v_flat, kv_heads, offsets, head_strides, pos_stride, starts, ends, scale, out) -> None:
+def run(q, k_flat, v_flat, kv_heads, offsets, head_strides, pos_stride, starts, ends, scale, out,
+        k_scales=None, v_scales=None) -> None:
     """Attention on validated inputs, written into out [B, T, Hq, D] float32 (C-contiguous).
 
     q [B, T, Hq, D] (any float dtype castable to float32); k_flat, v_flat from `flat_kv`; offsets,
     head_strides: [B] ints (or one for all), element offset of each query row's KV and of its next head;
     pos_stride: elements from one position to the next; starts, ends: [B] ints (see module doc);
-    scale: softmax scale.
+    scale: softmax scale; k_scales, v_scales: flat float32 row scales of int8 K/V (see module doc; None for
+    bf16/f32 K/V).
     """
     B, T, Hq, D = q.shape
     shape5 = (B, T, kv_heads, Hq // kv_heads, D)
     qs = np.multiply(q, np.float32(scale), dtype=np.float32).reshape(shape5)
+    quantised = k_scales is not None
+    k_scales, v_scales = (flat_kv(x) for x in ((k_scales, v_scales) if quantised else (_NO_SCALES, _NO_SCALES)))
     ints = [_int64(a, B) for a in (offsets, head_strides)]
-    _attention_kernel(qs, k_flat, v_flat, *ints, int(pos_stride), *(_int64(a, B) for a in (starts, ends)),
-                      numba.get_num_threads(), out.reshape(shape5))
+    _attention_kernel(qs, k_flat, v_flat, k_scales, v_scales, -1 if quantised else 0, *ints, int(pos_stride),
+                      *(_int64(a, B) for a in (starts, ends)), numba.get_num_threads(), out.reshape(shape5))
 
 
-def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides) -> None:
-    """Rows src [M, Hk, D] (already in dst's dtype) into the flat C-contiguous array dst (bf16/f32): row m,
-    head h at element offsets[m] + h * head_strides[m]. Releases the GIL."""
+def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides, scales=None) -> None:
+    """Rows src [M, Hk, D] into the flat C-contiguous array dst: row m, head h at element offsets[m] +
+    h * head_strides[m]. dst bf16/f32: src already in dst's dtype, copied. dst int8: src float32, quantised
+    per row, each row's scale into the flat float32 `scales` (see `_quantize_rows`). Releases the GIL."""
     M = src.shape[0]
-    _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), _int64(offsets, M), _int64(head_strides, M))
+    offsets, head_strides = _int64(offsets, M), _int64(head_strides, M)
+    if dst.dtype == INT8:
+        _quantize_rows(dst, scales, np.ascontiguousarray(src, np.float32), offsets, head_strides)
+    else:
+        _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), offsets, head_strides)

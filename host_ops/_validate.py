@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from host_ops._kernel import BFLOAT16, KV_DTYPES
+from host_ops._kernel import BFLOAT16, INT8, KV_DTYPES
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), BFLOAT16)
 
@@ -28,6 +28,14 @@ def kv_dtype(name: str, dtype) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype not in KV_DTYPES:
         raise ValueError(f"{name} must be bfloat16 (ml_dtypes) or float32, got {dtype}")
+    return dtype
+
+
+def cache_dtype(dtype) -> np.dtype:
+    """A `HostKVCache` storage dtype: the kernel's K/V dtypes, or int8 (quantised per row)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (*KV_DTYPES, INT8):
+        raise ValueError(f"HostKVCache dtype must be bfloat16 (ml_dtypes), float32 or int8, got {dtype}")
     return dtype
 
 

@@ -26,15 +26,26 @@ def _capacities(num_slots: int, max_context) -> np.ndarray:
     return caps.astype(np.int64)
 
 
+def row_bytes(head_dim: int, dtype) -> int:
+    """Bytes of one cached row (one position of one KV head, K or V) of a cache of `dtype`: head_dim
+    elements, plus a float32 scale for int8."""
+    dtype = _validate.cache_dtype(dtype)
+    return head_dim * dtype.itemsize + (4 if dtype == _kernel.INT8 else 0)
+
+
 class HostKVCache:
     """K and V for `num_slots` sequences, every layer, in host memory; slot s holds up to capacities[s]
     positions (`max_context`: one int for every slot, or one per slot, so that each slot is as long as the
     sequences it will hold and no more).
 
     Storage (preallocated, zero-filled lazily by the OS): `k`, `v` of shape [num_layers, elements],
-    bfloat16 or float32, where slot s of a layer is the region [kv_heads, capacities[s], head_dim] at
+    bfloat16, float32 or int8, where slot s of a layer is the region [kv_heads, capacities[s], head_dim] at
     element offsets[s] (`slot_kv` gives it that shape). Head-major, so the positions of one (slot, KV head)
     are one contiguous block that attention streams.
+    int8 (lossy, half of bfloat16's bytes for attention to read and the host to hold): each row of
+    head_dim elements (one position of one KV head) is quantised symmetrically on write, its float32
+    scale max|row| / 127 in `k_scales`/`v_scales` [num_layers, elements // head_dim] at the row's element
+    offset // head_dim; None for the float dtypes.
     `lengths` [num_layers, num_slots] int64: per layer, 1 + the highest position written to each slot
     since it was last freed; attention uses it unless given lengths explicitly.
     """
@@ -43,11 +54,13 @@ class HostKVCache:
                  dtype="bfloat16"):
         nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype)
         caps = _capacities(num_slots, max_context)
-        dtype = _validate.kv_dtype("dtype", dtype)
+        dtype = _validate.cache_dtype(dtype)
         positions = (f"{caps[0]} positions" if (caps == caps[0]).all() else
                      f"{caps.sum():,} positions in all (per slot {caps.min()} to {caps.max()})")
+        row_bytes = (f"({head_dim} x 1 byte + a 4-byte scale)" if dtype == _kernel.INT8 else
+                     f"{head_dim} x {dtype.itemsize} bytes")
         what = (f"HostKVCache of {nbytes / 1e9:,.2f} GB ({num_layers} layers x {num_slots} slots x {positions} "
-                f"x {kv_heads} KV heads x {head_dim} x {dtype.itemsize} bytes x 2 for K and V = {nbytes:,} bytes)")
+                f"x {kv_heads} KV heads x {row_bytes} x 2 for K and V = {nbytes:,} bytes)")
         ram = _host_ram_bytes()
         if ram is not None and nbytes > ram:
             raise MemoryError(f"{what} does not fit in this host's {ram / 1e9:.1f} GB of RAM")
@@ -55,6 +68,10 @@ class HostKVCache:
         try:
             self.k = np.zeros(shape, dtype)
             self.v = np.zeros(shape, dtype)
+            self.k_scales = self.v_scales = None
+            if dtype == _kernel.INT8:
+                self.k_scales = np.zeros((num_layers, shape[1] // head_dim), np.float32)
+                self.v_scales = np.zeros((num_layers, shape[1] // head_dim), np.float32)
         except (MemoryError, ValueError) as e:
             raise MemoryError(f"cannot allocate {what}: {e}") from e
         self.capacities = caps
@@ -67,16 +84,18 @@ class HostKVCache:
     @staticmethod
     def footprint(num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
                   dtype="bfloat16") -> int:
-        """Bytes of K and V storage such a cache allocates (= its `nbytes`), computed without allocating."""
+        """Bytes of K and V storage (with int8's scales) such a cache allocates (= its `nbytes`), computed
+        without allocating."""
         dims = {"num_layers": num_layers, "num_slots": num_slots, "kv_heads": kv_heads, "head_dim": head_dim}
         for name, n in dims.items():
             if not isinstance(n, (int, np.integer)) or n < 1:
                 raise ValueError(f"{name} must be a positive integer, got {n!r}")
         positions = int(_capacities(num_slots, max_context).sum())  # Python ints from here: no overflow
-        return 2 * _validate.kv_dtype("dtype", dtype).itemsize * positions * int(num_layers) * int(kv_heads) * int(head_dim)
+        return 2 * positions * int(num_layers) * int(kv_heads) * row_bytes(head_dim, dtype)
 
     def slot_kv(self, layer: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of slot `slot`'s K and V in `layer`, each [kv_heads, capacities[slot], head_dim]."""
+        """Views of slot `slot`'s K and V in `layer`, each [kv_heads, capacities[slot], head_dim] (int8: the
+        quantised values, without their scales)."""
         layer, slot = self._layer(layer), int(self._slots([slot])[0])
         shape = (self.kv_heads, int(self.capacities[slot]), self.head_dim)
         a = self.offsets[slot]
@@ -84,8 +103,10 @@ class HostKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of K and V storage (the bookkeeping arrays, O(num_layers × num_slots), not counted)."""
-        return self.k.nbytes + self.v.nbytes
+        """Bytes of K and V storage with int8's scales (the bookkeeping arrays, O(num_layers × num_slots),
+        not counted)."""
+        scales = 0 if self.k_scales is None else self.k_scales.nbytes + self.v_scales.nbytes
+        return self.k.nbytes + self.v.nbytes + scales
 
     @property
     def dtype(self) -> np.dtype:
@@ -114,7 +135,7 @@ class HostKVCache:
 
     def write(self, layer: int, slots, positions, k, v) -> None:
         """Row m of k, v [M, Hk, D] goes to position positions[m] of slot slots[m] in `layer`
-        (cast to the cache dtype). slots, positions: [M] ints."""
+        (cast to the cache dtype; int8: quantised per row). slots, positions: [M] ints."""
         layer = self._layer(layer)
         k, v = np.asarray(k), np.asarray(v)
         for name, x in (("k", k), ("v", v)):
@@ -129,8 +150,10 @@ class HostKVCache:
         self._within_capacity("positions", positions + 1, slots)
         D = self.head_dim
         offsets, head_strides = self.offsets[slots] + positions * D, self.capacities[slots] * D
-        for cache, x in ((self.k, k), (self.v, v)):
-            _kernel.scatter(cache[layer], x.astype(self.dtype, copy=False), offsets, head_strides)
+        quantised = self.k_scales is not None
+        for cache, x, scales in ((self.k, k, self.k_scales), (self.v, v, self.v_scales)):
+            _kernel.scatter(cache[layer], x if quantised else x.astype(self.dtype, copy=False), offsets, head_strides,
+                            None if scales is None else scales[layer])
         np.maximum.at(self.lengths[layer], slots, positions + 1)
 
     def append(self, layer: int, slots, k, v) -> np.ndarray:
@@ -180,8 +203,10 @@ class HostKVCache:
 
     def _run(self, layer, q, slots, starts, ends, out, scale):
         D = self.head_dim
+        scales = (None, None) if self.k_scales is None else (self.k_scales[layer], self.v_scales[layer])
         _kernel.run(q, _kernel.flat_kv(self.k[layer]), _kernel.flat_kv(self.v[layer]), self.kv_heads,
-                    self.offsets[slots], self.capacities[slots] * D, D, starts, ends, _validate.scale(scale, D), out)
+                    self.offsets[slots], self.capacities[slots] * D, D, starts, ends, _validate.scale(scale, D), out,
+                    *scales)
 
     def _within_capacity(self, name: str, ends: np.ndarray, slots: np.ndarray) -> None:
         """ends [B] (one past the last position used) must not pass the capacity of slots [B]."""

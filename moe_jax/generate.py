@@ -32,7 +32,7 @@ from moe_jax.job_requests import BadLine, JobRequest
 from moe_jax.jsonl_jobs import OPENAI, Job, JobInputError, read_job
 from moe_jax.llm import DTYPES, LLM, POLICIES, PolicyUnavailable
 from moe_jax.model_source import ModelNotFound, ModelSource, open_model
-from moe_jax.offload_policy import CODECS, PolicyError
+from moe_jax.offload_policy import CODECS, KV_CACHE_DTYPES, PolicyError
 from moe_jax.presets import DEFAULT_PRESET
 from moe_jax.progress import Progress
 from moe_jax.prompts import PromptError, encode_prompt
@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hardware", help="HRM hardware profile name or JSON file (default: detected)")
     p.add_argument("--expert-codec", choices=CODECS, default="none",
                    help="offload: stream the experts as they are, or coded losslessly in 12 bits (exp4, bfloat16)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="offload: the host KV cache in the model's dtype, or int8 (lossy: about half the bytes, "
+                        "so about twice the sequences per GiB of host memory)")
     p.add_argument("--resume", action="store_true", help="keep the finished lines of --output and run the rest")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --output (without --resume or this, such an output is refused)")
@@ -119,9 +122,11 @@ def request_seed(seed: int, request_id) -> int:
 
 
 def job_meta(args: argparse.Namespace, job: Job) -> dict:
-    """What an output depends on, beyond its input lines: a resume must match all of it."""
+    """What an output depends on, beyond its input lines: a resume must match all of it (a lossy KV cache
+    only where asked for, so that outputs started before the option existed still resume)."""
     model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
-    return {"model": model, "dtype": args.dtype, "input_format": job.format.name,
+    lossy = {"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype != "auto" else {}
+    return {"model": model, "dtype": args.dtype, "input_format": job.format.name, **lossy,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
 
@@ -193,7 +198,8 @@ def open_output(args: argparse.Namespace, job: Job, ready: Ready) -> Ready:
 
 def make_llm(args: argparse.Namespace, source: ModelSource) -> LLM:
     return LLM(source, dtype=args.dtype, policy=args.policy, max_batch_size=args.max_batch_size,
-               gpu_memory_gb=args.gpu_memory_gb, hardware=args.hardware, expert_codec=args.expert_codec)
+               gpu_memory_gb=args.gpu_memory_gb, hardware=args.hardware, expert_codec=args.expert_codec,
+               kv_cache_dtype=args.kv_cache_dtype)
 
 
 def report(llm: LLM, prompts: int, generated: int, start: float, dtype: str) -> None:

@@ -87,8 +87,9 @@ def check_meta(out: Path, meta: dict) -> None:
                           f"made with are unknown (--overwrite instead of --resume starts over)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ResumeError(f"cannot resume {out}: {path} is not valid JSON") from None
-    diffs = [f"cannot resume {out}: it was started with {k} {old.get(k)!r}, this run has {v!r}"
-             for k, v in meta.items() if old.get(k) != v]
+    keys = [*meta, *(k for k in old if k not in meta)]  # a setting either run left out counts as None
+    diffs = [f"cannot resume {out}: it was started with {k} {old.get(k)!r}, this run has {meta.get(k)!r}"
+             for k in keys if old.get(k) != meta.get(k)]
     if diffs:
         hint = "resume with the settings it was started with, or write to a new --output"
         raise ResumeError("\n".join([*diffs, hint]))

@@ -12,7 +12,7 @@ import numpy as np
 import pallas_kernels
 from moe_jax import expert_codec as codec, pinned_pool
 from moe_jax.model_source import ModelSource, open_model
-from moe_jax.offload_policy import PREFETCH, Policy
+from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
 from moe_jax.params import model_bytes
 from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request, token_budget
@@ -24,6 +24,13 @@ log = logging.getLogger("moe_jax")
 
 POLICIES = ("auto", "resident", "offload")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "f32": "float32"}
+# The Policy fields LLM also takes, for the offload policies HRM picks: their defaults, and why policy
+# "resident" has no use for anything else.
+_OFFLOAD_OPTIONS = {
+    "expert_codec": ("none", "codes the experts the offload engine streams; policy 'resident' streams none"),
+    "kv_cache_dtype": ("auto", "sets how the offload engine's host KV cache stores K and V; policy 'resident' "
+                               "keeps its KV cache on the accelerator in the model's dtype"),
+}
 _GPU_PROFILES = (("H100", "h100-80gb"), ("H200", "h200"), ("A100", None), ("L4", "l4"), ("T4", "t4"))
 
 
@@ -69,14 +76,17 @@ class LLM:
     gpu_memory_gb: the GPU memory the engine may use (GiB); hardware: HRM profile name or JSON file
       (default: detected from the device); prefetch: "split" or "whole" (see OffloadEngine).
     expert_codec: how the offload policies HRM picks hold and stream the experts: "none" or "exp4" (coded
-      losslessly in 12 bits, bfloat16 only: `moe_jax.expert_codec`); a `moe_jax.Policy` carries its own.
+      losslessly in 12 bits, bfloat16 only: `moe_jax.expert_codec`); kv_cache_dtype: how their host KV
+      cache stores K and V: "auto" (the model's dtype) or "int8" (lossy, about half the bytes: twice the
+      sequences in the same host memory; `moe_jax.Policy`). A `moe_jax.Policy` carries its own of both.
     The engine (and the weights' placement) is built when first needed: at construction for
     "resident" or a Policy, at the first `generate` for "offload" and "auto" when they choose offload.
     """
 
     def __init__(self, model: str | ModelSource, *, dtype: str = "bfloat16", policy="auto",
                  max_batch_size: int | None = None, gpu_memory_gb: float | None = None, hardware: str | None = None,
-                 moe_impl: str = "auto", prefetch: str = "split", expert_codec: str = "none", seed: int = 0):
+                 moe_impl: str = "auto", prefetch: str = "split", expert_codec: str = "none",
+                 kv_cache_dtype: str = "auto", seed: int = 0):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not isinstance(policy, Policy) and policy not in POLICIES:
@@ -94,13 +104,15 @@ class LLM:
         self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer
         self.dtype = np.dtype(DTYPES[dtype])
         codec.check(expert_codec, self.dtype)
-        if isinstance(policy, Policy) and expert_codec not in ("none", policy.expert_codec):
-            raise PolicyUnavailable(f"expert_codec={expert_codec!r} differs from the given policy's "
-                                    f"expert_codec={policy.expert_codec!r}: set it in the Policy")
-        if policy == "resident" and expert_codec != "none":
-            raise PolicyUnavailable(f"expert_codec={expert_codec!r} codes the experts the offload engine streams; "
-                                    "policy 'resident' streams none")
-        self.expert_codec = expert_codec
+        kv_storage_dtype(kv_cache_dtype, self.dtype)
+        self.offload_options = {"expert_codec": expert_codec, "kv_cache_dtype": kv_cache_dtype}
+        unused = {k: v for k, v in self.offload_options.items() if v != _OFFLOAD_OPTIONS[k][0]}
+        for name, value in unused.items():
+            if isinstance(policy, Policy) and value != getattr(policy, name):
+                raise PolicyUnavailable(f"{name}={value!r} differs from the given policy's "
+                                        f"{name}={getattr(policy, name)!r}: set it in the Policy")
+            if policy == "resident":
+                raise PolicyUnavailable(f"{name}={value!r} {_OFFLOAD_OPTIONS[name][1]}")
         self.max_batch_size, self.gpu_memory_gb, self.hardware, self.moe_impl, self.prefetch = (
             max_batch_size, gpu_memory_gb, hardware, moe_impl, prefetch)
         if hardware is not None:
@@ -114,8 +126,8 @@ class LLM:
             pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype, codec=expert_codec))
         if policy == "auto":
             policy = "resident" if self._fits_on_device() else "offload"
-            log.info("policy auto -> %s%s", policy, f" (expert_codec {expert_codec!r} unused: nothing is streamed)"
-                     if policy == "resident" and expert_codec != "none" else "")
+            log.info("policy auto -> %s%s", policy, "".join(f" ({k}={v!r} unused: {_OFFLOAD_OPTIONS[k][1]})"
+                                                            for k, v in unused.items()) if policy == "resident" else "")
         self.policy = policy
         if policy == "resident":
             self.engine = ResidentEngine(self.cfg, self.source.weights, self.dtype, max_batch_size=max_batch_size,
@@ -164,7 +176,7 @@ class LLM:
             n_ub = min(2, n)
             batch = min(n, self.max_batch_size or DEFAULT_MAX_BATCH)
             policy = Policy(batch_size=batch, micro_batch_size=-(-batch // n_ub), num_micro_batches=n_ub,
-                            expert_codec=self.expert_codec)
+                            **self.offload_options)
             log.warning("policy offload: no HRM hardware profile for device %s (pass hardware=...); using %s",
                         jax.devices()[0].device_kind, policy)
             return policy
@@ -180,8 +192,7 @@ class LLM:
         result = hrm.choose_policy(self.cfg, hardware, **job._asdict(), gpu_memory_gb=min(caps) if caps else None,
                                    pinned_pool_gb=pool / 2**30 if pool else None,
                                    max_batch_size=min(n, self.max_batch_size or n),
-                                   placements=[("cpu", "cpu")], dtype=str(self.dtype),
-                                   expert_codec=self.expert_codec)
+                                   placements=[("cpu", "cpu")], dtype=str(self.dtype), **self.offload_options)
         self.hrm_prediction = result
         log.info("HRM (%s, prompt %d, gen %d) chose %s; predicted %.1f tok/s, bottleneck %s",
                  hardware, job.prompt_len, job.gen_len, result.policy, result.tokens_per_s, result.bottleneck)

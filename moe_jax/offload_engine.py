@@ -42,7 +42,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_rows_per_call
-from moe_jax.offload_policy import PREFETCH, Policy
+from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
 from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, layer_param_specs, non_expert_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
@@ -203,7 +203,7 @@ class OffloadStats:
     worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). h2d_bytes: expert bytes streamed. prefill_s: the
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
-    finished ones (interleaved with decode steps). kv_bytes: the host KV cache; host_free_bytes: the host's
+    finished ones (interleaved with decode steps). kv_bytes, kv_dtype: the host KV cache; host_free_bytes: the host's
     MemAvailable at the end of the run, the cache still held (what the pinned pool, the cache and the rest
     left), and host_total_bytes its MemTotal then, None where unknown."""
 
@@ -218,6 +218,7 @@ class OffloadStats:
     decode_s: float = 0.0
     peak_gpu_bytes: int | None = None
     kv_bytes: int = 0
+    kv_dtype: str = ""
     host_free_bytes: int | None = None
     host_total_bytes: int | None = None
 
@@ -237,7 +238,7 @@ class OffloadStats:
         return (f"offload: prefill {self.prefill_s:.2f} s, decode {self.decode_s:.2f} s over {self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms, waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
-                f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB{free}; "
+                f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB {self.kv_dtype}{free}; "
                 f"{self.refilled} requests refilled rows; "
                 f"bottleneck: {self.bottleneck()}")
 
@@ -453,14 +454,15 @@ class OffloadEngine:
         first = balanced_micro_batches(order[:pol.batch_size], lengths, pol.micro_batch_size)
         # row b of micro-batch k owns KV slot (rows before it) + b, as long as its first request's need
         capacities = np.array([lengths[i] + budget[i] for group in first for i in group])
-        check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions)",
+        kv_dtype = kv_storage_dtype(pol.kv_cache_dtype, self.dtype)
+        check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions, {kv_dtype})",
                           HostKVCache.footprint(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads,
-                                                cfg.head_dim, self.dtype), self.host_memory_bytes)
+                                                cfg.head_dim, kv_dtype), self.host_memory_bytes)
         T = bucket(max(lengths))
         self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
                                f"prefill of prompts up to {T} tokens")
-        cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, self.dtype)
-        self.stats.kv_bytes = cache.nbytes
+        cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+        self.stats.kv_bytes, self.stats.kv_dtype = cache.nbytes, str(kv_dtype)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
             yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:]).run()
         mem = host_memory.meminfo()  # the cache's pages written, still held

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 DEVICES = ("cpu", "gpu")
 CODECS = ("none", "exp4")  # moe_jax.expert_codec
+KV_CACHE_DTYPES = ("auto", "int8")  # the host KV cache's storage: the model's dtype, or int8 (host_ops.HostKVCache)
 PREFETCH = ("split", "whole")  # how the engine sends the next layer's experts (moe_jax.offload_engine)
 
 
@@ -25,6 +28,10 @@ class Policy:
     gpu_memory_gb: GPU memory the engine may use, in GiB (2**30 bytes); None: all of it.
     expert_codec: how the streamed experts are held in pinned memory and cross the link: "none" (as they
       are) or "exp4" (bfloat16 coded losslessly in 12 bits, decoded on the GPU: `moe_jax.expert_codec`).
+    kv_cache_dtype: how the host KV cache stores keys and values: "auto" (in the model's dtype) or "int8"
+      (lossy: each row of head_dim values quantised with its own float32 scale, `host_ops.HostKVCache`;
+      about half of bfloat16's bytes, so twice the sequences per GiB of host and half the bytes for CPU
+      attention to read). CPU attention only.
     """
 
     batch_size: int
@@ -35,6 +42,7 @@ class Policy:
     kv_device: str = "cpu"
     gpu_memory_gb: float | None = None
     expert_codec: str = "none"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         for name in ("batch_size", "micro_batch_size", "num_micro_batches"):
@@ -59,3 +67,15 @@ class Policy:
             raise PolicyError(f"Policy.gpu_memory_gb must be a positive number of GiB or None, got {cap!r}")
         if self.expert_codec not in CODECS:
             raise PolicyError(f"Policy.expert_codec must be one of {CODECS}, got {self.expert_codec!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise PolicyError(f"Policy.kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "int8" and self.attention_device != "cpu":
+            raise PolicyError("Policy: kv_cache_dtype='int8' needs attention_device='cpu' (the int8 cache is read "
+                              "by the CPU attention kernel)")
+
+
+def kv_storage_dtype(kv_cache_dtype: str, dtype) -> np.dtype:
+    """The host KV cache's storage dtype for a model run in `dtype`: `dtype` itself ("auto") or int8."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise PolicyError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    return np.dtype(np.int8) if kv_cache_dtype == "int8" else np.dtype(dtype)

@@ -1,7 +1,8 @@
 """`python -m moe_jax.policy`: the offload policy HRM chooses for a model, a machine and a workload.
 
     python -m moe_jax.policy --model mixtral-8x7b --hardware l4 --prompt-len 77 --gen-len 32 [--json]
-        [--gpu-memory-gb X] [--host-memory-gb Y] [--max-batch-size N] [--expert-codec none|exp4] [--plot roofline.png]
+        [--gpu-memory-gb X] [--host-memory-gb Y] [--max-batch-size N] [--expert-codec none|exp4]
+        [--kv-cache-dtype auto|int8] [--plot roofline.png]
 
 --model: a preset name or a directory with config.json; --hardware: a profile name or a JSON profile
 (`python -m moe_jax.hrm.calibrate`). Memory sizes in GiB. Bad arguments: one line on stderr, exit 2.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from moe_jax.config import ConfigError, ModelConfig
 from moe_jax.hrm import PROFILES, SearchResult, choose_policy, hardware_profile
-from moe_jax.offload_policy import CODECS
+from moe_jax.offload_policy import CODECS, KV_CACHE_DTYPES
 from moe_jax.presets import PRESETS, preset_config
 
 
@@ -40,7 +41,8 @@ def summary(r: SearchResult) -> str:
     return "\n".join([
         f"policy: N={p.batch_size} = {p.num_micro_batches} micro-batch(es) x {p.micro_batch_size}, "
         f"resident experts r_w={p.resident_expert_fraction:.3f}, attention on {p.attention_device}, "
-        f"KV cache on {p.kv_device}" + (f", experts streamed coded ({p.expert_codec})" if p.expert_codec != "none" else ""),
+        f"KV cache on {p.kv_device}" + (f" ({p.kv_cache_dtype})" if p.kv_cache_dtype != "auto" else "")
+        + (f", experts streamed coded ({p.expert_codec})" if p.expert_codec != "none" else ""),
         f"per layer (decode): h2d {t['h2d']:.4f} s, cpu {t['cpu']:.4f} s, gpu {t['gpu']:.4f} s "
         f"-> bound by {r.bottleneck}",
         f"predicted: decode {r.decode_tokens_per_s:.1f} tok/s, end to end {r.tokens_per_s:.1f} tok/s "
@@ -62,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--expert-codec", choices=CODECS, default="none",
                     help="streamed experts as they are, or coded losslessly in 12 bits (exp4, bfloat16)")
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                    help="the host KV cache in the model's dtype, or int8 (lossy; CPU attention only)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--plot", metavar="FILE.png", help="write the hierarchical roofline picture")
     args = ap.parse_args(argv)
@@ -70,7 +74,8 @@ def main(argv=None) -> int:
         hw = hardware_profile(args.hardware)
         result = choose_policy(cfg, hw, args.prompt_len, args.gen_len, gpu_memory_gb=args.gpu_memory_gb,
                                host_memory_gb=args.host_memory_gb, max_batch_size=args.max_batch_size,
-                               dtype=args.dtype, expert_codec=args.expert_codec)
+                               dtype=args.dtype, expert_codec=args.expert_codec,
+                               kv_cache_dtype=args.kv_cache_dtype)
     except ValueError as e:  # ConfigError, HardwareError, InfeasibleError, bad numbers
         ap.error(str(e))
     if args.plot:

@@ -3,6 +3,7 @@
 * `set_memory_env`: the XLA memory settings, made before JAX starts its backend;
 * `open_source`: a preset or checkpoint, optionally cut to its first N layers;
 * `synthetic_prompts`: random token ids with a given length range;
+* `add_policy_options`, `policy_options`: the flags --expert-codec and --kv-cache-dtype, the Policy fields they set;
 * `resolve_policy`: "auto" (HRM's choice for the workload) or "N,mu,n_ub,rw", under the GPU cap;
 * `policy_before_jax`: the policy to size the pinned-host pool for, before JAX starts;
 * `hrm_predict`: HRM's prediction for a given policy (the engine's placement: CPU attention, host KV);
@@ -78,15 +79,31 @@ def synthetic_prompts(n: int, min_len: int, max_len: int, vocab_size: int, seed:
     return [tokens.integers(3, vocab_size, int(length)).tolist() for length in lengths]
 
 
-def parse_policy(spec: str, expert_codec: str = "none"):
-    """'N,mu,n_ub,rw' -> Policy (batch size, micro-batch size, micro-batches, resident expert fraction)."""
+def add_policy_options(ap) -> None:
+    """--expert-codec and --kv-cache-dtype, the Policy fields a benchmark's policies all take (`policy_options`)."""
+    from moe_jax.offload_policy import CODECS, KV_CACHE_DTYPES
+
+    ap.add_argument("--expert-codec", default="none", choices=CODECS,
+                    help="streamed experts as they are, or coded losslessly in 12 bits (exp4; bfloat16)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                    help="host KV cache in the model's dtype, or int8 (lossy; about half the bytes)")
+
+
+def policy_options(args) -> dict:
+    """The Policy fields `add_policy_options` parsed."""
+    return {"expert_codec": args.expert_codec, "kv_cache_dtype": args.kv_cache_dtype}
+
+
+def parse_policy(spec: str, **options):
+    """'N,mu,n_ub,rw' -> Policy (batch size, micro-batch size, micro-batches, resident expert fraction) with
+    `options` (Policy fields, e.g. `policy_options`)."""
     from moe_jax.offload_policy import Policy
 
     parts = spec.split(",")
     if len(parts) != 4:
         raise SystemExit(f"a policy is 'auto' or 'N,mu,n_ub,rw', got {spec!r}")
     try:
-        return Policy(int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3]), expert_codec=expert_codec)
+        return Policy(int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3]), **options)
     except ValueError as e:
         raise SystemExit(f"policy {spec!r}: {e}") from None
 
@@ -101,10 +118,10 @@ def engine_lengths(prompts, gen_len: int, max_positions: int, *, first_n: bool =
 
 
 def resolve_policy(spec: str, cfg, hardware, job, gpu_memory_gb: float, max_batch_size: int | None, dtype: str,
-                   expert_codec: str = "none"):
-    """The Policy to run under the GPU cap with `expert_codec` (`moe_jax.expert_codec`): a fixed 'N,mu,n_ub,rw',
-    or for 'auto' HRM's choice for the workload `job` (a `JobShape`, e.g. `engine_lengths`), at most
-    `max_batch_size` sequences, CPU attention as the engine runs it."""
+                   **options):
+    """The Policy to run under the GPU cap with `options` (Policy fields: expert_codec, kv_cache_dtype): a fixed
+    'N,mu,n_ub,rw', or for 'auto' HRM's choice for the workload `job` (a `JobShape`, e.g. `engine_lengths`),
+    at most `max_batch_size` sequences, CPU attention as the engine runs it."""
     from moe_jax import hrm, pinned_pool
     from moe_jax.offload_policy import Policy
 
@@ -114,9 +131,9 @@ def resolve_policy(spec: str, cfg, hardware, job, gpu_memory_gb: float, max_batc
         pool = pinned_pool.fixed_cap_bytes()
         policy = hrm.choose_policy(cfg, hardware, **job._asdict(), gpu_memory_gb=gpu_memory_gb,
                                    pinned_pool_gb=pool / GiB if pool else None, max_batch_size=max_batch_size,
-                                   placements=[("cpu", "cpu")], dtype=dtype, expert_codec=expert_codec).policy
+                                   placements=[("cpu", "cpu")], dtype=dtype, **options).policy
     else:
-        policy = parse_policy(spec, expert_codec)
+        policy = parse_policy(spec, **options)
     return Policy(**{**policy.__dict__, "gpu_memory_gb": gpu_memory_gb})
 
 
@@ -298,13 +315,14 @@ def policy_dict(policy) -> dict:
     return {"batch_size": policy.batch_size, "micro_batch_size": policy.micro_batch_size,
             "num_micro_batches": policy.num_micro_batches,
             "resident_expert_fraction": policy.resident_expert_fraction, "gpu_memory_gb": policy.gpu_memory_gb,
-            "expert_codec": policy.expert_codec}
+            "expert_codec": policy.expert_codec, "kv_cache_dtype": policy.kv_cache_dtype}
 
 
 def policy_label(p: dict) -> str:
-    codec = p.get("expert_codec", "none")
+    codec, kv = p.get("expert_codec", "none"), p.get("kv_cache_dtype", "auto")
     return (f"N={p['batch_size']} μ={p['micro_batch_size']} n_ub={p['num_micro_batches']} "
-            f"r_w={p['resident_expert_fraction']:.3g}" + (f" {codec}" if codec != "none" else ""))
+            f"r_w={p['resident_expert_fraction']:.3g}" + (f" {codec}" if codec != "none" else "")
+            + (f" KV {kv}" if kv != "auto" else ""))
 
 
 def fmt(x, spec: str = ".1f", scale: float = 1.0) -> str:

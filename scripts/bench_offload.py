@@ -34,8 +34,6 @@ DEFAULT_RESULTS = str(bc.ROOT / "benchmarks" / "RESULTS.md")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from moe_jax.offload_policy import CODECS  # no JAX backend starts here
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mixtral-8x7b", help="preset name or checkpoint directory")
     ap.add_argument("--layers", type=int, help="run only the model's first N layers (quick runs)")
@@ -57,8 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--moe-impl", default="auto", help="expert kernel (pallas_kernels.moe_ffn impl)")
     ap.add_argument("--prefetch", default="split", choices=("split", "whole"),
                     help="next layer's experts: one chunk per micro-batch step, or all in the first step")
-    ap.add_argument("--expert-codec", default="none", choices=CODECS,
-                    help="streamed experts as they are, or coded losslessly in 12 bits (exp4; bfloat16)")
+    bc.add_policy_options(ap)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and the prompts")
     ap.add_argument("--link-probe-mib", type=int, default=512, help="size of the link bandwidth probe (MiB)")
     ap.add_argument("--no-gpu-probe", action="store_true", help="skip the GPU-term probe of each policy")
@@ -92,7 +89,7 @@ def resolve(spec: str, cfg, args, hardware):
     job = hrm_lengths([args.prompt_len], [args.gen_len], cfg.max_positions)._replace(
         kv_positions=None, prompt_positions=None, prefill_positions=None)
     return bc.resolve_policy(spec, cfg, hardware, job, args.gpu_memory_gb, args.max_batch_size or args.num_prompts,
-                             args.dtype, args.expert_codec)
+                             args.dtype, **bc.policy_options(args))
 
 
 def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:

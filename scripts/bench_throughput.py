@@ -57,8 +57,6 @@ DEFAULT_RESULTS = str(bc.ROOT / "benchmarks" / "RESULTS.md")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from moe_jax.offload_policy import CODECS  # no JAX backend starts here
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mixtral-8x7b", help="preset name (mixtral-8x7b, dbrx, ...)")
     ap.add_argument("--layers", type=int, help="run only the model's first N layers")
@@ -71,8 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--hardware", help="HRM profile name or JSON file (default: detected from the GPU)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--moe-impl", default="auto", help="expert kernel (pallas_kernels.moe_ffn impl)")
-    ap.add_argument("--expert-codec", default="none", choices=CODECS,
-                    help="streamed experts as they are, or coded losslessly in 12 bits (exp4; bfloat16)")
+    bc.add_policy_options(ap)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and the prompts")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the PyTorch baseline")
     ap.add_argument("--baseline-layers", type=int, default=2, help="layers of the truncated baseline model")
@@ -135,7 +132,8 @@ def policy_for(args, cfg, hardware, cap: float, workload: str, gen_len: int, spe
     n = args.num_prompts or args.max_batch_size or POOL_PROMPTS
     job = bc.engine_lengths(workload_prompts(workload, n, cfg.vocab_size, args.seed), gen_len, cfg.max_positions,
                             first_n=not args.num_prompts)
-    return bc.resolve_policy(spec, cfg, hardware, job, cap, args.max_batch_size or n, args.dtype, args.expert_codec)
+    return bc.resolve_policy(spec, cfg, hardware, job, cap, args.max_batch_size or n, args.dtype,
+                             **bc.policy_options(args))
 
 
 class Runner:
@@ -182,7 +180,7 @@ class Runner:
         args = self.args
         job = bc.engine_lengths(prompts, gen_len, self.source.cfg.max_positions)
         policy = bc.resolve_policy(spec, self.source.cfg, self.hardware, job, cap, len(prompts), args.dtype,
-                                   args.expert_codec)
+                                   **bc.policy_options(args))
         bc.log(f"baseline workload ({len(prompts)} prompts, gen {gen_len}), cap {cap:g} GiB, policy {spec}: {policy}")
         llm, load_s = self.engine_for(policy)
         run = bc.timed_generate(llm, prompts, gen_len)
@@ -317,7 +315,7 @@ def main(argv=None) -> int:
     if args.baseline:
         pool_for.append(bc.policy_before_jax(specs[0], args.hardware, lambda: bc.resolve_policy(
             specs[0], cfg, args.hardware, bc.engine_lengths(base_prompts, args.baseline_gen_len, cfg.max_positions),
-            caps[0], len(base_prompts), args.dtype, args.expert_codec)))
+            caps[0], len(base_prompts), args.dtype, **bc.policy_options(args))))
     bc.set_memory_env(cfg, args.dtype, pool_for, args.host_pool_gb, args.expert_codec)
     base = run_baseline(args, base_prompts, caps[0]) if args.baseline else None  # before JAX takes the GPU
     hardware = bc.detect_hardware_profile(args.hardware)

@@ -16,7 +16,9 @@ import math
 import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
+from host_ops.host_kv_cache import row_bytes
 from moe_jax.config import ModelConfig
+from moe_jax.offload_policy import kv_storage_dtype
 from moe_jax.params import ParamSpec, global_param_specs, layer_param_specs
 
 OPS = ("qkv_proj", "attention", "o_proj", "router", "experts", "shared_experts")
@@ -68,9 +70,10 @@ def weight_bytes(cfg: ModelConfig, dtype) -> dict[str, int]:
     return {op: sum(s.nbytes(dtype) for s in specs.values()) for op, specs in _specs_by_op(cfg).items()}
 
 
-def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
-    """Bytes of one token's keys and values in one layer."""
-    return 2 * cfg.kv_size * itemsize(dtype)
+def kv_bytes_per_token(cfg: ModelConfig, dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of one token's keys and values in one layer, in a KV cache of `kv_cache_dtype` (`moe_jax.Policy`:
+    "auto", the model's `dtype`; "int8", a byte per element and a float32 scale per head)."""
+    return 2 * cfg.num_kv_heads * row_bytes(cfg.head_dim, kv_storage_dtype(kv_cache_dtype, dtype))
 
 
 def experts_touched(cfg: ModelConfig, tokens):
@@ -79,12 +82,13 @@ def experts_touched(cfg: ModelConfig, tokens):
     return cfg.num_experts * (1.0 - (1.0 - cfg.experts_per_token / cfg.num_experts) ** tokens)
 
 
-def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens) -> dict[str, Op]:
+def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_dtype: str = "auto") -> dict[str, Op]:
     """The ops of one layer over `tokens` query tokens whose attention scores `attn_pairs` (query, key)
-    pairs and reads `kv_tokens` cached keys and values. Experts read only the experts they touch."""
+    pairs and reads `kv_tokens` cached keys and values (stored as `kv_cache_dtype` says). Experts read only
+    the experts they touch."""
     it, weights = itemsize(dtype), weight_bytes(cfg, dtype)
     ops = {"attention": Op("attention", 4 * attn_pairs * cfg.q_size,
-                           (2 * tokens * cfg.q_size + kv_tokens * 2 * cfg.kv_size) * it)}
+                           2 * tokens * cfg.q_size * it + kv_tokens * kv_bytes_per_token(cfg, dtype, kv_cache_dtype))}
     for op, specs in _specs_by_op(cfg).items():
         rows, w = tokens, weights[op]
         if op == "experts":
@@ -93,9 +97,10 @@ def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens) -> dict[st
     return {name: ops[name] for name in OPS if name in ops}
 
 
-def decode_ops(cfg: ModelConfig, dtype, batch, context) -> dict[str, Op]:
-    """One decode step of `batch` sequences, each attending over `context` cached tokens."""
-    return layer_ops(cfg, dtype, batch, batch * context, batch * context)
+def decode_ops(cfg: ModelConfig, dtype, batch, context, kv_cache_dtype: str = "auto") -> dict[str, Op]:
+    """One decode step of `batch` sequences, each attending over `context` cached tokens of a KV cache of
+    `kv_cache_dtype`."""
+    return layer_ops(cfg, dtype, batch, batch * context, batch * context, kv_cache_dtype)
 
 
 def prefill_ops(cfg: ModelConfig, dtype, batch, prompt_len) -> dict[str, Op]:

@@ -25,7 +25,7 @@ def plot_roofline(cfg: ModelConfig, hw: Hardware, policy: Policy, prompt_len: in
                   path: str | Path, dtype="bfloat16") -> None:
     """Writes the picture for a decode step at the mean context P + G/2 to `path` (PNG, SVG, PDF)."""
     n_ub = policy.num_micro_batches
-    ops = decode_ops(cfg, dtype, policy.micro_batch_size, prompt_len + gen_len / 2)
+    ops = decode_ops(cfg, dtype, policy.micro_batch_size, prompt_len + gen_len / 2, policy.kv_cache_dtype)
     streamed = (1 - policy.resident_expert_fraction) * cfg.num_experts  # per layer, on average
     link_bytes = {"experts": streamed * streamed_expert_bytes(cfg, dtype, policy.expert_codec) / n_ub}
     if policy.attention_device == "gpu" and policy.kv_device == "cpu":

@@ -71,7 +71,7 @@ from moe_jax.hrm.costs import decode_ops, itemsize, kv_bytes_per_token, lm_head_
 from moe_jax.hrm.hardware import GiB, Hardware, hardware_profile
 from moe_jax import pinned_pool
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_calls
-from moe_jax.offload_policy import Policy
+from moe_jax.offload_policy import Policy, kv_storage_dtype
 from moe_jax.expert_codec import check as check_codec, decode_overhead_bytes, expert_shapes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, non_expert_bytes
 
@@ -131,7 +131,8 @@ def _most_resident(c, L: int, E: int, f: float = 2.0):
 
 def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, kv_gpu, *, resident=None,
               batch=None, gpu_budget=np.inf, host_budget=np.inf, prefill_len=None, pinned_pool_bytes=None,
-              kv_positions=None, prompt_positions=None, prefill_positions=None, codec="none") -> dict:
+              kv_positions=None, prompt_positions=None, prefill_positions=None, codec="none",
+              kv_cache_dtype="auto") -> dict:
     """Times (seconds) and memory (bytes) of policies, as broadcast arrays over the arguments.
 
     mu, n_ub: micro-batch size and count; attn_gpu, kv_gpu: booleans of the placement; resident: R, the
@@ -147,9 +148,12 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     (prefill_positions[N] / N; default prefill_len): an approximation of the engine's calls, each padded to
     its longest prompt; `codec`: how the
     streamed experts are held and sent (`moe_jax.expert_codec`: fewer bytes on the link and in the pool,
-    decoded into full slots on the GPU)."""
+    decoded into full slots on the GPU); `kv_cache_dtype`: how the host KV cache stores K and V (`Policy`;
+    its bytes per token in host memory and for CPU attention to read; the new k, v cross the link in
+    `dtype` and are quantised on the host)."""
     L, E, it = cfg.num_layers, cfg.num_experts, itemsize(dtype)
-    kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it
+    kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it  # on the link
+    kv_stored = kv_bytes_per_token(cfg, dtype, kv_cache_dtype)  # in the cache
     w = expert_bytes(cfg, dtype)  # one expert of one layer, in a GPU slot
     w_link = streamed_expert_bytes(cfg, dtype, codec)  # the same in the pinned pool, on the link, in flight
     N = mu * n_ub if batch is None else batch
@@ -157,7 +161,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     P_mean, T_mean = _mean_of_first(prompt_positions, N, P), _mean_of_first(prefill_positions, N, T)
     ctx, ctx_max = P_mean + G / 2, P + G
 
-    dec = decode_ops(cfg, dtype, mu, ctx)
+    dec = decode_ops(cfg, dtype, mu, ctx, kv_cache_dtype)
     gpu_mb = sum(hw.gpu_seconds(op) for name, op in dec.items() if name != "attention")
     t_gpu = n_ub * (gpu_mb + hw.launch_seconds + np.where(attn_gpu, hw.gpu_seconds(dec["attention"]), 0.0))
     t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"]))
@@ -174,10 +178,10 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     # GPU attention's scores, and the copy of a host KV cache it reads
     attn_dec = np.where(attn_gpu, 4 * mu * cfg.num_heads * ctx_max + np.where(kv_gpu, 0.0, 2 * mu * ctx_max * kvt), 0.0)
     if kv_positions is None:
-        kv_cache = N * ctx_max * L * kvt
+        kv_cache = N * ctx_max * L * kv_stored
     else:
         kv_positions = np.asarray(kv_positions)
-        kv_cache = kv_positions[np.minimum(N, kv_positions.size - 1).astype(int)] * L * kvt
+        kv_cache = kv_positions[np.minimum(N, kv_positions.size - 1).astype(int)] * L * kv_stored
     gpu_fixed = (non_expert_bytes(cfg, dtype) + decode_bytes(cfg, mu) + attn_dec
                  + prefill_bytes(cfg, dtype, N, mu, T) + np.where(kv_gpu, kv_cache, 0.0)
                  + decode_overhead_bytes(cfg, dtype, codec, L * E))
@@ -290,7 +294,7 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
                   prefill_positions=None, gpu_memory_gb: float | None = None,
                   host_memory_gb: float | None = None, pinned_pool_gb: float | None = None,
                   max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16",
-                  expert_codec: str = "none") -> SearchResult:
+                  expert_codec: str = "none", kv_cache_dtype: str = "auto") -> SearchResult:
     """The policy maximising predicted end-to-end tok/s for prompts of `prompt_len` tokens and `gen_len`
     generated tokens each, within GPU and host memory (GiB caps, default the hardware's), at most
     `max_batch_size` sequences and one of `placements` ((attention_device, kv_device) pairs, e.g. only
@@ -304,13 +308,19 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     prefill_len; default prefill_len each; its GPU memory is planned at prefill_len).
     `pinned_pool_gb`: the pinned-host pool's cap when it is fixed already (JAX started before the policy
     was chosen; `moe_jax.pinned_pool.fixed_cap_bytes`); None: the engine sizes it for the chosen policy.
-    `expert_codec`: how the engine will hold and send the streamed experts (`moe_jax.expert_codec`); the
-    policy carries it.
+    `expert_codec`: how the engine will hold and send the streamed experts (`moe_jax.expert_codec`);
+    `kv_cache_dtype`: how its host KV cache stores K and V ("int8": CPU attention only); the policy carries both.
     Raises InfeasibleError if no policy fits, ValueError on bad arguments."""
     hw = hardware_profile(hardware)
     check_codec(expert_codec, dtype)
+    kv_storage_dtype(kv_cache_dtype, dtype)
     if not placements or any(p not in PLACEMENTS for p in placements):
         raise ValueError(f"placements must be a non-empty subset of {PLACEMENTS}, got {placements!r}")
+    if kv_cache_dtype == "int8":
+        if ("cpu", "cpu") not in placements:
+            raise ValueError(f"kv_cache_dtype='int8' needs CPU attention over a host KV cache, which placements "
+                             f"{placements!r} leave out")
+        placements = [("cpu", "cpu")]
     for name, v in (("prompt_len", prompt_len), ("gen_len", gen_len)):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -337,7 +347,7 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
                   NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget,
                   prefill_len=prefill_len, pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None,
                   kv_positions=kv_positions, prompt_positions=prompt_positions,
-                  prefill_positions=prefill_positions, codec=expert_codec)
+                  prefill_positions=prefill_positions, codec=expert_codec, kv_cache_dtype=kv_cache_dtype)
     allowed = np.array([p in placements for p in PLACEMENTS])[:, None, None]
     tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
     if not tps.max() > 0:
@@ -349,7 +359,7 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     i = np.unravel_index(near[np.argmax(tps.flat[near])], tps.shape)
     attention, kv = PLACEMENTS[i[0]]
     policy = Policy(int(g["N"][i]), int(g["mu"][i]), int(g["n_ub"][i]), float(g["r"][i]), attention, kv,
-                    gpu_memory_gb, expert_codec)
+                    gpu_memory_gb, expert_codec, kv_cache_dtype)
     return _result(policy, {k: float(v[i]) for k, v in g.items()})
 
 
@@ -368,7 +378,8 @@ def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_l
                   policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,
                   batch=policy.batch_size, prefill_len=prefill_len, kv_positions=kv_positions,
                   prompt_positions=prompt_positions, prefill_positions=prefill_positions,
-                  pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None, codec=policy.expert_codec)
+                  pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None, codec=policy.expert_codec,
+                  kv_cache_dtype=policy.kv_cache_dtype)
     return _result(policy, {k: float(v) for k, v in g.items()})
 
 

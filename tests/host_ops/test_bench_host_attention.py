@@ -7,13 +7,31 @@ import pathlib
 import host_ops
 
 
-def test_bench_prints_bandwidths_and_ratio(capsys):
+def _bench():
     path = pathlib.Path(host_ops.__file__).parents[1] / "scripts" / "bench_host_attention.py"
     spec = importlib.util.spec_from_file_location("bench_host_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--batch", "2", "3", "--context", "64", "--q-heads", "8", "--kv-heads", "2", "--head-dim", "64",
-                "--stream-gib", "0.01", "--max-kv-gib", "0.00008", "--repeats", "1"])
+    return bench
+
+
+TINY = ["--batch", "2", "3", "--context", "64", "--q-heads", "8", "--kv-heads", "2", "--head-dim", "64",
+        "--stream-gib", "0.01", "--max-kv-gib", "0.00008", "--repeats", "1"]
+
+
+def test_bench_prints_bandwidths_and_ratio(capsys):
+    _bench().main([*TINY, "--kv-dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert "host read bandwidth" in out and "skipped (> --max-kv-gib)" in out
     assert out.strip().splitlines()[-1].count("|") == 4  # the summary row: read GB/s | attention GB/s | ratio
+
+
+def test_bench_times_int8_beside_bfloat16_by_default(capsys):
+    _bench().main(TINY)
+    lines = capsys.readouterr().out.strip().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("decode attention"))
+    assert "int8's speed-up over it" in lines[i] and lines[i + 1].split()[-3:] == ["int8", "ms", "x"]
+    assert len(lines[i + 2].split()) == 8  # batch, context, MiB, ms, GB/s, ratio, int8 ms, speed-up
+    cells = lines[-1].strip("|").split("|")  # read GB/s | attention GB/s | ratio | int8 speed-up range
+    low, high = (float(x) for x in cells[3].strip().rstrip("x").split("-"))
+    assert len(cells) == 4 and 0 < low <= high

@@ -44,8 +44,10 @@ def test_footprint_of_mixtral_cache_without_allocating():
     assert HostKVCache.footprint(32, 256, 4096, 8, 128, "bfloat16") == 137_438_953_472
     with pytest.raises(ValueError, match="kv_heads must be a positive integer, got 0"):
         HostKVCache.footprint(32, 256, 4096, 0, 128)
-    with pytest.raises(ValueError, match="dtype must be bfloat16 .* or float32, got float16"):
+    with pytest.raises(ValueError, match="dtype must be bfloat16 .*, float32 or int8, got float16"):
         HostKVCache.footprint(1, 1, 1, 1, 1, np.float16)
+    # int8: a byte per element and a float32 scale per row of head_dim: (128 + 4) / 256 of bf16's bytes
+    assert HostKVCache.footprint(32, 256, 4096, 8, 128, "int8") == 137_438_953_472 * 132 // 256
 
 
 def test_absurd_allocation_gives_clear_error():
@@ -106,6 +108,52 @@ def test_append_for_a_micro_batch_of_slots_then_attend(ref, rng, dtype, ragged):
         expected = ref.attention(q[:, None], k, v, new_lengths[:, None])[:, 0]
         assert ref.error(out, expected) < ref.tolerance[dtype]
         np.testing.assert_allclose(out, decode_attention(q, k, v, new_lengths), rtol=0, atol=1e-6)
+
+
+def test_int8_cache_quantises_rows_and_attends_to_them(ref, rng):
+    """int8 storage: each row of D elements within half a step (scale / 2) of what was written, scale max|row|
+    / 127; attention equals the float64 reference over the dequantised K/V (f32 tolerance) and stays within
+    2% of the one over the values written; the footprint counts the scales."""
+    L, N, S, Hk, G, D = 2, 4, 50, 2, 4, 96
+    cache = HostKVCache(L, N, S, Hk, D, "int8")
+    assert cache.k.dtype == np.int8 and cache.k_scales.shape == (L, N * S * Hk)
+    assert HostKVCache.footprint(L, N, S, Hk, D, "int8") == cache.nbytes == 2 * L * N * S * Hk * (D + 4)
+    before, new = np.array([0, 31, 1, 12]), np.array([50, 6, 6, 6])
+    written = [[ref.random_kv(rng, (n, Hk, D), np.float32) * rng.uniform(0.1, 30) for _ in range(2)]
+               for n in before + new]
+    written[1][0][3, 1] = 0.0  # a row of zeros (scale 1, all zero)
+    written[2][1][:, 0, 5] = 500.0  # an outlier channel: its rows quantise coarsely
+    for s, (k, v) in enumerate(written):
+        cache.write(1, np.full(len(k), s), np.arange(len(k)), k, v)
+    dequantised = []
+    for s, (k, v) in enumerate(written):
+        n, rows = len(k), cache.offsets[s] // D + np.arange(Hk)[:, None] * S + np.arange(len(k))  # [Hk, n]
+        pair = []
+        for x, stored, scales in zip((k, v), cache.slot_kv(1, s), (cache.k_scales[1], cache.v_scales[1])):
+            sc = scales[rows][..., None]
+            amax = np.abs(x).max(-1).T[..., None]  # [Hk, n, 1]
+            np.testing.assert_allclose(sc, np.where(amax > 0, amax / 127, 1.0), rtol=1e-6)
+            deq = stored[:, :n].astype(np.float32) * sc  # [Hk, n, D]
+            assert (np.abs(deq - x.transpose(1, 0, 2)) <= sc * 0.5 * (1 + 1e-5)).all()
+            pair.append(np.pad(deq.transpose(1, 0, 2), ((0, S - n), (0, 0), (0, 0))))
+        dequantised.append(pair)
+    assert not cache.k[1, cache.offsets[1] + 1 * S * D + 3 * D:][:D].any()
+    k_deq, v_deq = (np.stack([p[i] for p in dequantised]) for i in range(2))
+    k_true, v_true = (np.stack([np.pad(w[i], ((0, S - len(w[i])), (0, 0), (0, 0))) for w in written]) for i in range(2))
+    slots = np.arange(N)
+    q = rng.standard_normal((N, Hk * G, D), np.float32) * 0.2
+    out = cache.attend(1, slots, q)
+    n_ctx = (before + new)[:, None]
+    assert ref.error(out, ref.attention(q[:, None], k_deq, v_deq, n_ctx)[:, 0]) < 1e-5
+    assert ref.error(out, ref.attention(q[:, None], k_true, v_true, n_ctx)[:, 0]) < 2e-2
+    T = 6
+    qp = rng.standard_normal((N, T, Hk * G, D), np.float32) * 0.2
+    out = cache.attend_prefill(1, slots, qp, before)
+    n_ctx = np.minimum(before[:, None] + np.arange(1, T + 1), (before + new)[:, None])
+    assert ref.error(out, ref.attention(qp, k_deq, v_deq, n_ctx)) < 1e-5
+    with pytest.raises(ValueError, match="k must be bfloat16 .* or float32, got int8"):
+        decode_attention(q, cache.slot_kv(1, 0)[0][None].transpose(0, 2, 1, 3), cache.slot_kv(1, 0)[1][None]
+                         .transpose(0, 2, 1, 3), [1])
 
 
 def test_slot_reuse_after_free(ref, rng):

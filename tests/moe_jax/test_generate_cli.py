@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -209,6 +210,11 @@ def test_offload_policy_from_the_cli_matches_resident(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--prompt", "xyz", "--policy", "offload", "--expert-codec", "exp4",
                          "--max-new-tokens", "2")
     assert rc == 0 and "expert_codec='exp4'" in err, err
+    rc, _, err = run_cli(capsys, "--prompt", "xyz", "--policy", "offload", "--kv-cache-dtype", "int8",
+                         "--max-new-tokens", "2")
+    assert rc == 0 and "kv_cache_dtype='int8'" in err and re.search(r"host KV cache [0-9.]+ GiB int8", err), err
+    rc, _, err = run_cli(capsys, "--prompt", "xyz", "--policy", "resident", "--kv-cache-dtype", "int8")
+    assert rc == 2 and "error: kv_cache_dtype='int8' sets how the offload engine's host KV cache" in err, err
 
 
 def test_many_bad_lines_are_listed_up_to_a_limit(tmp_path, capsys):
@@ -246,6 +252,12 @@ def test_resume_is_refused_for_other_settings_or_foreign_output(tmp_path, capsys
     assert rc == 2
     assert f"cannot resume {out}: it was started with model 'tiny-mixtral', this run has 'tiny-olmoe'" in err
     assert "it was started with temperature 0.0, this run has 0.5" in err
+    rc, _, err = run_cli(capsys, *job, "--resume", "--policy", "offload", "--kv-cache-dtype", "int8")
+    assert rc == 2 and "it was started with kv_cache_dtype None, this run has 'int8'" in err, err  # lossy KV: not mixed
+    (tmp_path / "out.meta.json").write_text(json.dumps({**meta, "kv_cache_dtype": "int8"}))
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 2 and "it was started with kv_cache_dtype 'int8', this run has None" in err, err
+    (tmp_path / "out.meta.json").write_text(json.dumps(meta))
     rc, _, err = run_cli(capsys, *job, "--resume")
     assert rc == 0 and "nothing to do: all 1 requests are in" in caplog.text and "done:" not in err  # no model load
     inp.write_text('{"id": "b", "prompt": "x"}\n')

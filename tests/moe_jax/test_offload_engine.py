@@ -93,7 +93,7 @@ def test_host_memory_is_checked_before_generation(monkeypatch, caplog):
                                                                       num_micro_batches=2))
     monkeypatch.setattr(oe.host_memory, "meminfo", lambda: MemInfo(total=4000, available=1000))
     # each row's slot holds what its request can fill, prompt + budget = 3 + 7 and 5 + 7 positions (no padding)
-    with pytest.raises(OffloadMemoryError, match=r"host memory for the KV cache \(2 sequences, 22 positions\)"):
+    with pytest.raises(OffloadMemoryError, match=r"host memory for the KV cache \(2 sequences, 22 positions, float32\)"):
         list(eng.generate([Request(0, (1, 2, 3), GREEDY), Request(1, (1, 2, 3, 4, 5), GREEDY)]))
     with pytest.raises(OffloadMemoryError, match="streamed experts"):
         OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
@@ -401,6 +401,40 @@ def test_llm_expert_codec_reaches_hrm_and_is_checked():
         moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", expert_codec="exp4")
     with pytest.raises(moe_jax.llm.PolicyUnavailable, match="differs from the given policy's"):
         moe_jax.LLM("tiny-olmoe", policy=Policy(2, 1, 2), expert_codec="exp4")
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen2-moe"])
+def test_int8_kv_cache_is_what_attention_reads(name):
+    """kv_cache_dtype='int8': the host cache holds int8 rows and their scales (the bytes HRM counts), and the
+    tokens follow the resident engine's. int8 is lossy, so only the first token (prefill, attention on the
+    GPU) must be equal; greedy decode over rows within 0.4% of their max agrees on most of the rest (a wrong
+    scale would not: `tests/host_ops` checks the kernel's numbers)."""
+    from moe_jax.hrm.costs import kv_bytes_per_token
+
+    source = open_model(name)
+    want = resident_tokens(source)
+    got, eng = offload_tokens(source, Policy(4, 2, 2, 0.5, kv_cache_dtype="int8"))
+    assert [g[0] for g in got] == [w[0] for w in want]
+    agree = np.mean([a == b for g, w in zip(got, want) for a, b in zip(g, w)])
+    assert agree >= 0.85, (got, want)
+    cfg = source.cfg
+    positions = eng.stats.kv_bytes / (cfg.num_layers * kv_bytes_per_token(cfg, np.float32, "int8"))
+    assert eng.stats.kv_dtype == "int8" and positions == int(positions) > 0
+    assert kv_bytes_per_token(cfg, np.float32, "int8") == 2 * cfg.num_kv_heads * (cfg.head_dim + 4)
+
+
+def test_llm_kv_cache_dtype_reaches_hrm_and_is_checked():
+    llm = moe_jax.LLM("tiny-olmoe", policy="offload", hardware="l4", gpu_memory_gb=1, kv_cache_dtype="int8")
+    assert len(llm.generate(["abc", "hello world", "x"], SamplingParams(max_new_tokens=3))) == 3
+    assert llm.policy.kv_cache_dtype == "int8" and llm.hrm_prediction.policy.kv_cache_dtype == "int8"
+    assert llm.stats.kv_dtype == "int8"
+    with pytest.raises(moe_jax.llm.PolicyUnavailable, match="kv_cache_dtype='int8' sets how the offload engine's "
+                                                            "host KV cache stores K and V; policy 'resident'"):
+        moe_jax.LLM("tiny-olmoe", policy="resident", kv_cache_dtype="int8")
+    with pytest.raises(moe_jax.llm.PolicyUnavailable, match="kv_cache_dtype='int8' differs from the given policy's"):
+        moe_jax.LLM("tiny-olmoe", policy=Policy(2, 1, 2), kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \('auto', 'int8'\), got 'fp8'"):
+        moe_jax.LLM("tiny-olmoe", policy="offload", kv_cache_dtype="fp8")
 
 
 def test_exp4_escapes_are_checked_once_loaded_and_decoding_holds_two_matrices(monkeypatch):

@@ -10,6 +10,7 @@ def test_valid_policy():
     p = Policy(batch_size=4536, micro_batch_size=324, num_micro_batches=14, resident_expert_fraction=0.056)
     assert (p.attention_device, p.kv_device, p.gpu_memory_gb) == ("cpu", "cpu", None)
     assert Policy(10, 4, 3, 1, "gpu", "gpu", 16).batch_size == 10  # last micro-batch holds 2
+    assert p.kv_cache_dtype == "auto" and Policy(4, 2, 2, kv_cache_dtype="int8").kv_cache_dtype == "int8"
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.batch_size = 1
 
@@ -25,6 +26,8 @@ def test_valid_policy():
     ((4, 2, 2, 0.0, "gpu", "disk"), "kv_device must be one of"),
     ((4, 2, 2, 0.0, "cpu", "gpu"), "needs kv_device='cpu'"),
     ((4, 2, 2, 0.0, "cpu", "cpu", 0), "gpu_memory_gb must be a positive number"),
+    ((4, 2, 2, 0.0, "cpu", "cpu", None, "none", "fp8"), r"kv_cache_dtype must be one of \('auto', 'int8'\)"),
+    ((4, 2, 2, 0.0, "gpu", "cpu", None, "none", "int8"), "kv_cache_dtype='int8' needs attention_device='cpu'"),
 ])
 def test_invalid_policy(args, message):
     with pytest.raises(PolicyError, match=message):

@@ -50,6 +50,16 @@ def test_expert_codec_plans_coded_streaming(tmp_path):
     assert p.returncode == 0 and "experts streamed coded (exp4)" in p.stdout and plot.stat().st_size > 0
 
 
+def test_int8_kv_cache_plans_a_larger_batch():
+    args = ("--model", "mixtral-8x7b", "--hardware", "h100-80gb", "--prompt-len", "512", "--gen-len", "256",
+            "--gpu-memory-gb", "24")
+    plain, small = (json.loads(run(*args, "--json", *extra).stdout) for extra in ([], ["--kv-cache-dtype", "int8"]))
+    assert (plain["kv_cache_dtype"], small["kv_cache_dtype"]) == ("auto", "int8")
+    assert small["batch_size"] > 1.6 * plain["batch_size"]
+    p = run(*args, "--kv-cache-dtype", "int8")
+    assert p.returncode == 0 and "KV cache on cpu (int8)" in p.stdout
+
+
 @pytest.mark.parametrize("hardware, extra, message", [
     ("v100", [], "unknown hardware 'v100'"),
     ("BAD_JSON", [], "invalid JSON"),

@@ -46,7 +46,7 @@ def test_bench_continuous_batching(tmp_path):
 def test_bench_offload(tmp_path):
     out, results = tmp_path / "offload.json", tmp_path / "RESULTS.md"
     p = run_script("bench_offload.py", *TINY, "--prompt-len", "8", "--gen-len", "4", "--num-prompts", "6",
-                   "--policies", "auto;6,3,2,0.5", "--expert-codec", "exp4", "--json", str(out),
+                   "--policies", "auto;6,3,2,0.5", "--expert-codec", "exp4", "--kv-cache-dtype", "int8", "--json", str(out),
                    "--append-results", str(results))
     assert "overlap" in last_table_header(p.stdout) and p.stdout.rstrip().splitlines()[-1]
     d = json.loads(out.read_text())
@@ -58,6 +58,7 @@ def test_bench_offload(tmp_path):
         assert run["tokens"] == 6 * 4
     assert d["runs"][1]["policy"]["micro_batch_size"] == 3
     assert [run["policy"]["expert_codec"] for run in d["runs"]] == ["exp4", "exp4"]
+    assert [run["policy"]["kv_cache_dtype"] for run in d["runs"]] == ["int8", "int8"]
     assert "bench_offload.py" in results.read_text()
 
 

@@ -300,3 +300,32 @@ def test_exp4_codec_plans_fewer_link_and_pool_bytes_within_both_limits(mixtral):
     assert again.per_layer_seconds == pytest.approx(coded.per_layer_seconds)
     with pytest.raises(ValueError, match="codes bfloat16"):
         choose_policy(mixtral, "h100-80gb", 77, 64, expert_codec="exp4", dtype="float32", **kw)
+
+
+def test_int8_kv_cache_doubles_the_batch_where_host_kv_binds(mixtral):
+    """MoE-Gen's workload (prompt 512, gen 256) at a 24 GiB cap: the host KV cache binds N. An int8 cache (a
+    byte per element + a float32 scale per head row: 132 / 256 of bfloat16's bytes) fits about twice the
+    sequences in the same host memory, and CPU attention reads fewer bytes per sequence; both limits hold, and
+    only CPU attention over a host cache is planned."""
+    kw = dict(gpu_memory_gb=24, expert_codec="exp4")
+    plain = choose_policy(mixtral, "h100-80gb", 512, 256, **kw)
+    small = choose_policy(mixtral, "h100-80gb", 512, 256, kv_cache_dtype="int8", **kw)
+    assert small.policy.kv_cache_dtype == "int8" and plain.policy.kv_cache_dtype == "auto"
+    assert (small.policy.attention_device, small.policy.kv_device) == ("cpu", "cpu")
+    assert kv_bytes_per_token(mixtral, BF16, "int8") == 2 * 8 * (128 + 4) == kv_bytes_per_token(mixtral, BF16) * 132 / 256
+    host = HOST_USABLE * PROFILES["h100-80gb"].host_memory
+    for r in (plain, small):
+        kv = r.policy.batch_size * 768 * mixtral.num_layers * kv_bytes_per_token(mixtral, BF16, r.policy.kv_cache_dtype)
+        assert r.host_memory_bytes == pytest.approx(kv + r.pinned_pool_bytes)
+        assert r.host_memory_bytes <= host and r.gpu_memory_bytes <= GPU_USABLE * 24 * GiB
+    assert plain.host_memory_bytes > 0.97 * host  # the host binds
+    assert 1.6 < small.policy.batch_size / plain.policy.batch_size < 2.1
+    assert (small.per_layer_seconds["cpu"] / small.policy.batch_size
+            < 0.6 * plain.per_layer_seconds["cpu"] / plain.policy.batch_size)
+    assert small.decode_tokens_per_s > 1.6 * plain.decode_tokens_per_s
+    again = predict(mixtral, "h100-80gb", small.policy, 512, 256)
+    assert again.per_layer_seconds == pytest.approx(small.per_layer_seconds)
+    with pytest.raises(ValueError, match="kv_cache_dtype='int8' needs CPU attention over a host KV cache"):
+        choose_policy(mixtral, "h100-80gb", 512, 256, kv_cache_dtype="int8", placements=[("gpu", "gpu")])
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        choose_policy(mixtral, "h100-80gb", 512, 256, kv_cache_dtype="int4")
