@@ -197,34 +197,35 @@ def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strid
                           pos_stride, n_ctx[bt], out[b, t, h], acc, s, m, l)
 
 
-@njit(**_JIT)
+@njit(parallel=True, **_JIT)
 def _scatter_rows(dst, src, offsets, head_strides):
     """dst[offsets[m] + h * head_strides[m] :][:D] = src[m, h] for every row m and head h (src [M, Hk, D],
-    both as uint16 bits or float32; offsets already include each row's position)."""
+    both as uint16 bits or float32; offsets already include each row's position). Rows in parallel."""
     M, Hk, D = src.shape
-    for m in range(M):
+    for m in prange(M):
         for h in range(Hk):
             o = offsets[m] + h * head_strides[m]
             for d in range(D):
                 dst[o + d] = src[m, h, d]
 
 
-@njit(**_JIT)
+@njit(parallel=True, **_JIT)
 def _quantize_rows(dst, scales, src, offsets, head_strides):
     """As `_scatter_rows` into int8 dst, each row (m, h) symmetric-quantised: scales[o // D] = max|row| / 127
-    (1 for a row of zeros), dst[o + d] = round(src[m, h, d] / scale) in [-127, 127] (src float32)."""
+    (1 for a row of zeros), dst[o + d] = round(src[m, h, d] / scale) in [-127, 127] (src float32, or
+    bfloat16 as its uint16 bits)."""
     M, Hk, D = src.shape
-    for m in range(M):
+    for m in prange(M):
         for h in range(Hk):
             o = offsets[m] + h * head_strides[m]
             row = src[m, h]
             amax = np.float32(0.0)
             for d in range(D):
-                amax = max(amax, abs(row[d]))
+                amax = max(amax, abs(_as_f32(row[d])))
             scale = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
             inv = np.float32(1.0) / scale
             for d in range(D):
-                dst[o + d] = np.int8(np.rint(row[d] * inv))
+                dst[o + d] = np.int8(np.rint(_as_f32(row[d]) * inv))
             scales[o // D] = scale
 
 
@@ -266,11 +267,13 @@ def run(q, k_flat, v_flat, kv_heads, offsets, head_strides, pos_stride, starts, 
 
 def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides, scales=None) -> None:
     """Rows src [M, Hk, D] into the flat C-contiguous array dst: row m, head h at element offsets[m] +
-    h * head_strides[m]. dst bf16/f32: src already in dst's dtype, copied. dst int8: src float32, quantised
-    per row, each row's scale into the flat float32 `scales` (see `_quantize_rows`). Releases the GIL."""
+    h * head_strides[m]. dst bf16/f32: src already in dst's dtype, copied. dst int8: src of any float dtype
+    (bf16 and f32 read as they are), quantised per row, each row's scale into the flat float32 `scales` (see
+    `_quantize_rows`). Rows in parallel; releases the GIL."""
     M = src.shape[0]
     offsets, head_strides = _int64(offsets, M), _int64(head_strides, M)
     if dst.dtype == INT8:
-        _quantize_rows(dst, scales, np.ascontiguousarray(src, np.float32), offsets, head_strides)
+        src = np.ascontiguousarray(src if src.dtype in KV_DTYPES else src.astype(FLOAT32))
+        _quantize_rows(dst, scales, _bits(src), offsets, head_strides)
     else:
         _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), offsets, head_strides)

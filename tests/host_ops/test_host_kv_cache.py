@@ -151,6 +151,14 @@ def test_int8_cache_quantises_rows_and_attends_to_them(ref, rng):
     out = cache.attend_prefill(1, slots, qp, before)
     n_ctx = np.minimum(before[:, None] + np.arange(1, T + 1), (before + new)[:, None])
     assert ref.error(out, ref.attention(qp, k_deq, v_deq, n_ctx)) < 1e-5
+    for src in (BF16, np.float16):  # rows given in the model's dtype quantise as their float32 values do
+        x = written[0][0][:5].astype(src)
+        other = HostKVCache(1, 2, S, Hk, D, "int8")
+        other.write(0, [0] * 5, np.arange(5), x, x)
+        other.write(0, [1] * 5, np.arange(5), x.astype(np.float32), x.astype(np.float32))
+        np.testing.assert_array_equal(other.slot_kv(0, 0)[0][:, :5], other.slot_kv(0, 1)[0][:, :5])
+        np.testing.assert_array_equal(other.k_scales[0, :S * Hk].reshape(Hk, S)[:, :5],
+                                      other.k_scales[0, S * Hk:].reshape(Hk, S)[:, :5])
     with pytest.raises(ValueError, match="k must be bfloat16 .* or float32, got int8"):
         decode_attention(q, cache.slot_kv(1, 0)[0][None].transpose(0, 2, 1, 3), cache.slot_kv(1, 0)[1][None]
                          .transpose(0, 2, 1, 3), [1])
