@@ -24,6 +24,7 @@ BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT32 = np.dtype(np.float32)
 INT8 = np.dtype(np.int8)
 KV_DTYPES = (BFLOAT16, FLOAT32)  # what the kernel reads as they are
+_TINY = np.float32(1e-30)  # int8 rows whose largest magnitude is at most this are stored as zeros
 _NO_SCALES = np.ones(1, np.float32)  # bf16/f32 rows: every row's scale is _NO_SCALES[0] (row mask 0)
 
 # No nnan/ninf: the running max starts at -inf. Reassociation lets LLVM vectorise the dot products.
@@ -211,21 +212,30 @@ def _scatter_rows(dst, src, offsets, head_strides):
 
 @njit(parallel=True, **_JIT)
 def _quantize_rows(dst, scales, src, offsets, head_strides):
-    """As `_scatter_rows` into int8 dst, each row (m, h) symmetric-quantised: scales[o // D] = max|row| / 127
-    (1 for a row of zeros), dst[o + d] = round(src[m, h, d] / scale) in [-127, 127] (src float32, or
-    bfloat16 as its uint16 bits)."""
+    """As `_scatter_rows` into int8 dst, each row (m, h) symmetric-quantised: scales[o // D] = max|row| / 127,
+    dst[o + d] = round(src[m, h, d] / scale) in [-127, 127] (src float32, or bfloat16 as its uint16 bits).
+    A row of zeros (max|row| <= _TINY) is stored as zeros with scale 1; a row holding a NaN or an infinity as
+    zeros with scale NaN, so that attention over it gives NaN as it would over the row itself."""
     M, Hk, D = src.shape
     for m in prange(M):
         for h in range(Hk):
             o = offsets[m] + h * head_strides[m]
             row = src[m, h]
             amax = np.float32(0.0)
+            finite = np.float32(0.0)  # stays 0 unless an element is NaN or infinite (x * 0 is NaN then)
             for d in range(D):
-                amax = max(amax, abs(_as_f32(row[d])))
-            scale = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
-            inv = np.float32(1.0) / scale
+                x = _as_f32(row[d])
+                amax = max(amax, abs(x))
+                finite += x * np.float32(0.0)
+            if finite != 0:
+                scale, inv = np.float32(np.nan), np.float32(0.0)
+            elif amax > _TINY:
+                scale = amax / np.float32(127.0)
+                inv = np.float32(127.0) / amax
+            else:
+                scale, inv = np.float32(1.0), np.float32(0.0)
             for d in range(D):
-                dst[o + d] = np.int8(np.rint(_as_f32(row[d]) * inv))
+                dst[o + d] = np.int8(np.rint(min(max(_as_f32(row[d]) * inv, np.float32(-127.0)), np.float32(127.0))))
             scales[o // D] = scale
 
 

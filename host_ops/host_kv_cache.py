@@ -7,6 +7,8 @@ import numpy as np
 
 from host_ops import _kernel, _validate
 
+SCALE_BYTES = 4  # the float32 scale of each int8 row
+
 
 def _host_ram_bytes() -> int | None:
     try:
@@ -27,10 +29,10 @@ def _capacities(num_slots: int, max_context) -> np.ndarray:
 
 
 def row_bytes(head_dim: int, dtype) -> int:
-    """Bytes of one cached row (one position of one KV head, K or V) of a cache of `dtype`: head_dim
-    elements, plus a float32 scale for int8."""
-    dtype = _validate.cache_dtype(dtype)
-    return head_dim * dtype.itemsize + (4 if dtype == _kernel.INT8 else 0)
+    """Bytes of one cached row (one position of one KV head, K or V) of `dtype` elements: head_dim of them,
+    plus a float32 scale for int8 (the cache's quantised rows)."""
+    dtype = np.dtype(dtype)
+    return head_dim * dtype.itemsize + (SCALE_BYTES if dtype == _kernel.INT8 else 0)
 
 
 class HostKVCache:
@@ -57,10 +59,10 @@ class HostKVCache:
         dtype = _validate.cache_dtype(dtype)
         positions = (f"{caps[0]} positions" if (caps == caps[0]).all() else
                      f"{caps.sum():,} positions in all (per slot {caps.min()} to {caps.max()})")
-        row_bytes = (f"({head_dim} x 1 byte + a 4-byte scale)" if dtype == _kernel.INT8 else
-                     f"{head_dim} x {dtype.itemsize} bytes")
+        per_row = (f"({head_dim} x 1 byte + a {SCALE_BYTES}-byte scale)" if dtype == _kernel.INT8 else
+                   f"{head_dim} x {dtype.itemsize} bytes")
         what = (f"HostKVCache of {nbytes / 1e9:,.2f} GB ({num_layers} layers x {num_slots} slots x {positions} "
-                f"x {kv_heads} KV heads x {row_bytes} x 2 for K and V = {nbytes:,} bytes)")
+                f"x {kv_heads} KV heads x {per_row} x 2 for K and V = {nbytes:,} bytes)")
         ram = _host_ram_bytes()
         if ram is not None and nbytes > ram:
             raise MemoryError(f"{what} does not fit in this host's {ram / 1e9:.1f} GB of RAM")
@@ -91,7 +93,7 @@ class HostKVCache:
             if not isinstance(n, (int, np.integer)) or n < 1:
                 raise ValueError(f"{name} must be a positive integer, got {n!r}")
         positions = int(_capacities(num_slots, max_context).sum())  # Python ints from here: no overflow
-        return 2 * positions * int(num_layers) * int(kv_heads) * row_bytes(head_dim, dtype)
+        return 2 * positions * int(num_layers) * int(kv_heads) * row_bytes(head_dim, _validate.cache_dtype(dtype))
 
     def slot_kv(self, layer: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of slot `slot`'s K and V in `layer`, each [kv_heads, capacities[slot], head_dim] (int8: the

@@ -177,23 +177,22 @@ def handle_invalid(args: argparse.Namespace, job: Job, ready: Ready) -> None:
         log.warning("skipping %d invalid input lines (listed with the reason in %s)", len(job.bad), path)
 
 
-def open_output(args: argparse.Namespace, job: Job, ready: Ready) -> Ready:
-    """The requests still to run: with --resume, those whose ids are not yet in OUT (which must have been
-    started with this run's settings); otherwise all, in a fresh OUT."""
+def pending(args: argparse.Namespace, job: Job, ready: Ready) -> tuple[Ready, bool]:
+    """(the requests still to run, whether OUT starts fresh): with --resume of an existing OUT (which must have
+    been started with this run's settings), those whose ids are not in it yet; otherwise all. Writes nothing:
+    a fresh OUT replaces the old one only once the model has loaded (`run_job`)."""
     if args.output is None:
-        return ready
-    meta = job_meta(args, job)
+        return ready, False
     if not (args.resume and args.output.exists()):
-        start_output(args.output, meta)
-        return ready
-    check_meta(args.output, meta)
+        return ready, True
+    check_meta(args.output, job_meta(args, job))
     done = finished_ids(args.output, job.format.id_key)
     unknown = done - {req.id for req, _ in ready}
     if unknown:
         raise ResumeError(f"cannot resume {args.output}: it holds {job.format.id_key}s that are not valid requests "
                           f"of {job.path}: {', '.join(map(repr, sorted(unknown, key=str)[:5]))}")
     log.info("resuming: %d of %d requests already in %s", len(done), len(ready), args.output)
-    return [(req, ids) for req, ids in ready if req.id not in done]
+    return [(req, ids) for req, ids in ready if req.id not in done], False
 
 
 def make_llm(args: argparse.Namespace, source: ModelSource) -> LLM:
@@ -230,11 +229,13 @@ def run_job(args: argparse.Namespace) -> int:
     base = base_params(args, source)
     ready = encode_job(job, source, args.model)
     handle_invalid(args, job, ready)
-    todo = open_output(args, job, ready)
+    todo, fresh = pending(args, job, ready)
     if not todo:
         log.info("nothing to do: all %d requests are in %s", len(ready), args.output)
         return 0
-    llm = make_llm(args, source)
+    llm = make_llm(args, source)  # before an old OUT is replaced: a model or policy error loses nothing
+    if fresh:
+        start_output(args.output, job_meta(args, job))
     start = time.perf_counter()
     generated = write_completions(llm, job, todo, base, args.output)
     report(llm, len(todo), generated, start, args.dtype)

@@ -6,8 +6,8 @@ The accelerator is whatever JAX runs on (on a CPU-only machine the CPU backend s
 dense bf16 matmul FLOP/s, device-memory copy bandwidth, pinned host→device copy bandwidth and the
 wall time of a tiny jitted call (launch_seconds). The host:
 DRAM read bandwidth (NumPy sums, one thread per core) and f32 matmul FLOP/s (NumPy's BLAS). When
-importable, the CPU decode attention of `host_ops.HostKVCache` gives `attention_bandwidth` and the expert
-kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default "auto": the engine's), timed at a few token counts,
+importable, the CPU decode attention of `host_ops.HostKVCache` gives `attention_bandwidth` (over an int8
+cache, `int8_attention_bandwidth`) and the expert kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default "auto": the engine's), timed at a few token counts,
 gives `expert_flops` (the largest count's rate); the profile's "notes" keep the device, the sizes, the
 expert kernel, the per-size expert rates and what was not measured. Each figure is the best of 3 runs after a warm-up.
 `--quick` uses small sizes and finishes in seconds; its figures only check the plumbing.
@@ -105,20 +105,20 @@ def host_matmul_flops(n: int) -> float:
     return 2 * n**3 / best_seconds(lambda: a @ a)
 
 
-def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int) -> float:
-    """KV bytes/s (at bf16 size, as HRM counts them) of `host_ops.HostKVCache.attend`: one layer, `batch`
-    sequences of `context` cached tokens, as the offload engine calls it."""
+def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
+                             dtype: str = "bfloat16") -> float:
+    """KV bytes/s (int8: with their scales, as HRM counts them) of `host_ops.HostKVCache.attend` over a
+    `dtype` cache: one layer, `batch` sequences of `context` cached tokens, as the offload engine calls it."""
     from host_ops import HostKVCache
 
     rng = np.random.default_rng(0)
-    cache = HostKVCache(1, batch, context, kv_heads, head_dim, np.dtype("bfloat16"))
+    cache = HostKVCache(1, batch, context, kv_heads, head_dim, dtype)
     slots = np.arange(batch)
     kv = rng.standard_normal((batch * context, kv_heads, head_dim), np.float32).astype("bfloat16")
     cache.write(0, np.repeat(slots, context), np.tile(np.arange(context), batch), kv, kv)
     q = rng.standard_normal((batch, q_heads, head_dim), np.float32)
     lengths = np.full((batch,), context)
-    kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
-    return kv_bytes / best_seconds(lambda: cache.attend(0, slots, q, lengths))
+    return cache.nbytes / best_seconds(lambda: cache.attend(0, slots, q, lengths))
 
 
 def expert_flops(tokens: int, experts: int, top_k: int, hidden: int, ffn: int, impl: str = "auto") -> float:
@@ -168,6 +168,8 @@ def calibrate(sizes: Sizes = FULL, name: str | None = None, moe_impl: str = "aut
         link_bandwidth=link_bandwidth(sizes.link_copy),
         attention_bandwidth=_optional("attention_bandwidth", lambda: host_attention_bandwidth(*sizes.attention),
                                       notes),
+        int8_attention_bandwidth=_optional("int8_attention_bandwidth",
+                                           lambda: host_attention_bandwidth(*sizes.attention, "int8"), notes),
         expert_flops=rates[max(sizes.expert_tokens)],
         launch_seconds=launch_seconds(),
     )

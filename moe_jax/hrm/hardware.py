@@ -27,6 +27,9 @@ class Hardware:
     link_bandwidth: host→GPU copies from pinned host memory (GPU→host is assumed as fast).
     host_bandwidth: host DRAM read by all cores.
     attention_bandwidth: KV bytes/s of the CPU decode-attention kernel (None: host_bandwidth).
+    int8_attention_bandwidth: the same over an int8 KV cache, its bytes counted with their scales (None:
+      attention_bandwidth, as where the kernel is memory-bound; on a few cores it is compute-bound and
+      int8 moves fewer bytes per second: `calibrate` measures it).
     expert_flops: FLOP/s of the GPU expert kernel (None: gpu_flops).
     launch_seconds: fixed GPU time per micro-batch and layer (dispatch of a jitted call, kernel launches).
     """
@@ -40,6 +43,7 @@ class Hardware:
     host_bandwidth: float
     link_bandwidth: float
     attention_bandwidth: float | None = None
+    int8_attention_bandwidth: float | None = None
     expert_flops: float | None = None
     launch_seconds: float = 50e-6
 
@@ -58,9 +62,13 @@ class Hardware:
         peak = (self.expert_flops or self.gpu_flops) if op.name == "experts" else self.gpu_flops
         return np.maximum(op.flops / peak, op.bytes / self.gpu_bandwidth)
 
-    def cpu_seconds(self, op: Op):
-        """Roofline time of `op` (decode attention) on the CPU, its data in host memory."""
-        return np.maximum(op.flops / self.cpu_flops, op.bytes / (self.attention_bandwidth or self.host_bandwidth))
+    def cpu_seconds(self, op: Op, kv_cache_dtype: str = "auto"):
+        """Roofline time of `op` (decode attention over a KV cache of `kv_cache_dtype`) on the CPU, its data in
+        host memory."""
+        bandwidth = self.attention_bandwidth or self.host_bandwidth
+        if kv_cache_dtype == "int8":
+            bandwidth = self.int8_attention_bandwidth or bandwidth
+        return np.maximum(op.flops / self.cpu_flops, op.bytes / bandwidth)
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "Hardware":

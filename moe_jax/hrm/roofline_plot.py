@@ -44,7 +44,7 @@ def plot_roofline(cfg: ModelConfig, hw: Hardware, policy: Policy, prompt_len: in
 
     for name, op in ops.items():
         on_cpu = name == "attention" and policy.attention_device == "cpu"
-        seconds = hw.cpu_seconds(op) if on_cpu else hw.gpu_seconds(op)
+        seconds = hw.cpu_seconds(op, policy.kv_cache_dtype) if on_cpu else hw.gpu_seconds(op)
         if name in link_bytes:
             seconds = max(seconds, link_bytes[name] / hw.link_bandwidth)
             ax.plot(op.flops / link_bytes[name], op.flops / seconds, "C2^")

@@ -164,7 +164,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     dec = decode_ops(cfg, dtype, mu, ctx, kv_cache_dtype)
     gpu_mb = sum(hw.gpu_seconds(op) for name, op in dec.items() if name != "attention")
     t_gpu = n_ub * (gpu_mb + hw.launch_seconds + np.where(attn_gpu, hw.gpu_seconds(dec["attention"]), 0.0))
-    t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"]))
+    t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"], kv_cache_dtype))
     up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * q_bytes)
     down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
     rows, calls = prefill_calls(cfg, mu, T)  # each call re-reads the layer's weights

@@ -159,6 +159,18 @@ def test_int8_cache_quantises_rows_and_attends_to_them(ref, rng):
         np.testing.assert_array_equal(other.slot_kv(0, 0)[0][:, :5], other.slot_kv(0, 1)[0][:, :5])
         np.testing.assert_array_equal(other.k_scales[0, :S * Hk].reshape(Hk, S)[:, :5],
                                       other.k_scales[0, S * Hk:].reshape(Hk, S)[:, :5])
+    odd = np.ones((4, Hk, D), np.float32)
+    odd[0, 0, 0], odd[1, 0, 0], odd[2] = np.nan, np.inf, 1e-35  # NaN, infinity, (nearly) zeros
+    other = HostKVCache(1, 1, 4, Hk, D, "int8")
+    other.write(0, [0] * 4, np.arange(4), odd, odd)
+    assert np.isnan(other.k_scales[0, [0, 1]]).all() and (other.k_scales[0, [2, 4 + 2]] == 1).all()
+    assert not other.k[0].reshape(Hk, 4, D)[0, :3].any() and (other.k[0].reshape(Hk, 4, D)[1, :2] == 127).all()
+    q1 = np.ones((1, Hk * G, D), np.float32)
+    for n in (1, 2):  # KV head 0 sees the NaN / the infinity, head 1 rows of ones
+        out = other.attend(0, [0], q1, [n])
+        assert np.isnan(out[:, :G]).all() and (out[:, G:] == 1).all()
+    # head 1: three rows of ones (score sqrt(D)) and the zeros row (score 0, value 0)
+    np.testing.assert_allclose(other.attend(0, [0], q1, [4])[:, G:], 3 / (3 + np.exp(-np.sqrt(D))), rtol=1e-6)
     with pytest.raises(ValueError, match="k must be bfloat16 .* or float32, got int8"):
         decode_attention(q, cache.slot_kv(1, 0)[0][None].transpose(0, 2, 1, 3), cache.slot_kv(1, 0)[1][None]
                          .transpose(0, 2, 1, 3), [1])

@@ -213,8 +213,11 @@ def test_offload_policy_from_the_cli_matches_resident(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--prompt", "xyz", "--policy", "offload", "--kv-cache-dtype", "int8",
                          "--max-new-tokens", "2")
     assert rc == 0 and "kv_cache_dtype='int8'" in err and re.search(r"host KV cache [0-9.]+ GiB int8", err), err
-    rc, _, err = run_cli(capsys, "--prompt", "xyz", "--policy", "resident", "--kv-cache-dtype", "int8")
+    before = out.read_text()
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--overwrite", "--policy", "resident",
+                         "--kv-cache-dtype", "int8")
     assert rc == 2 and "error: kv_cache_dtype='int8' sets how the offload engine's host KV cache" in err, err
+    assert out.read_text() == before  # refused before the old output was replaced: nothing lost
 
 
 def test_many_bad_lines_are_listed_up_to_a_limit(tmp_path, capsys):

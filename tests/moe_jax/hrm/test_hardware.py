@@ -55,6 +55,7 @@ def test_calibrate_quick(tmp_path, capsys):
     hw = hardware_profile(str(path))
     assert isinstance(hw, Hardware) and hw.name == "here"
     assert hw.gpu_flops > 0 and hw.link_bandwidth > 0 and hw.launch_seconds > 0
+    assert hw.attention_bandwidth > 0 and hw.int8_attention_bandwidth > 0
     assert "notes" in json.loads(path.read_text())
     assert choose_policy(preset_config("tiny-mixtral"), hw, 16, 16).policy.batch_size >= 1
 

@@ -325,6 +325,11 @@ def test_int8_kv_cache_doubles_the_batch_where_host_kv_binds(mixtral):
     assert small.decode_tokens_per_s > 1.6 * plain.decode_tokens_per_s
     again = predict(mixtral, "h100-80gb", small.policy, 512, 256)
     assert again.per_layer_seconds == pytest.approx(small.per_layer_seconds)
+    # a host where the kernel is compute-bound (int8 no faster per element, as on 2 cores): the CPU term per
+    # sequence is bf16's, so the same policy predicts a larger CPU term
+    slow = dataclasses.replace(PROFILES["h100-80gb"], int8_attention_bandwidth=43e9 * 132 / 256)
+    per_seq = lambda r: r.per_layer_seconds["cpu"] / r.policy.batch_size
+    assert per_seq(predict(mixtral, slow, small.policy, 512, 256)) == pytest.approx(per_seq(plain), rel=0.02)
     with pytest.raises(ValueError, match="kv_cache_dtype='int8' needs CPU attention over a host KV cache"):
         choose_policy(mixtral, "h100-80gb", 512, 256, kv_cache_dtype="int8", placements=[("gpu", "gpu")])
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
