@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,12 @@ from safetensors import safe_open
 
 from moe_jax.config import ConfigError, ModelConfig
 from moe_jax.params import ParamSpec, global_param_specs, layer_param_specs
+
+
+log = logging.getLogger("moe_jax")
+
+# Tensors a checkpoint may carry that no model reads (transformers' own `_keys_to_ignore_on_load_unexpected`).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class CheckpointError(ValueError):
@@ -112,6 +119,11 @@ class Checkpoint:
                                         self.path / "generation_config.json")
         self._shard_of = self._index()
         self._open: dict[str, object] = {}
+        self.unused = self._unused_tensors()
+        if self.unused:
+            log.warning("%s: %d tensor(s) in the checkpoint are not read for the model config.json describes (%d "
+                        "layers, %d experts), e.g. %s: does config.json match the weights?", self.path,
+                        len(self.unused), self.cfg.num_layers, self.cfg.num_experts, ", ".join(self.unused[:3]))
 
     def _index(self) -> dict[str, str]:
         """tensor name -> shard file name."""
@@ -126,6 +138,22 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         with self._safe_open(single) as f:
             return {k: single.name for k in f.keys()}
+
+    def _layer_names(self, i: int) -> dict[str, _Src]:
+        return (_dbrx_names if self.cfg.family == "dbrx" else _llama_like_names)(self.cfg, i)
+
+    def _unused_tensors(self) -> list[str]:
+        """The checkpoint's tensors that no parameter reads (sorted), e.g. the layers or experts of a larger
+        model than config.json says; a tied model's lm_head.weight counts as read."""
+        cfg, read = self.cfg, {"lm_head.weight"}
+        sources = [(_global_names(cfg)[k], s) for k, s in global_param_specs(cfg).items()]
+        for i in range(cfg.num_layers):
+            names = self._layer_names(i)
+            sources += [(names[k], s) for k, s in layer_param_specs(cfg).items()]
+        for src, spec in sources:
+            experts = range(spec.shape[0]) if spec.expert and "{e}" in src.name else [None]
+            read.update(src.name.format(e=e) for e in experts)
+        return sorted(t for t in self._shard_of if t not in read and not t.endswith(_IGNORED_SUFFIXES))
 
     def _safe_open(self, file: Path):
         if not file.exists():
@@ -174,7 +202,7 @@ class Checkpoint:
 
     def layer(self, i: int, dtype) -> dict[str, np.ndarray]:
         """Layer i's parameters, `{name: array}` with shapes from `layer_param_specs`."""
-        names = (_dbrx_names if self.cfg.family == "dbrx" else _llama_like_names)(self.cfg, i)
+        names = self._layer_names(i)
         return {k: np.ascontiguousarray(self._param(names[k], spec, dtype))
                 for k, spec in layer_param_specs(self.cfg).items()}
 

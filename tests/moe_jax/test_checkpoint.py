@@ -86,3 +86,21 @@ def test_generation_config_eos_ids_join_the_config_ones(tmp_path, hf_checkpoints
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
     with pytest.raises(CheckpointError, match="generation_config.json: field 'eos_token_id'"):
         Checkpoint(d)
+
+
+def test_tensors_no_parameter_reads_are_named_in_a_warning(tmp_path, hf_checkpoints, caplog):
+    """A checkpoint of a larger model than config.json describes (here: config.json cut to one layer and
+    fewer experts) loads what config.json asks for, as transformers does, and says what it left unread."""
+    d = tmp_path / "m"
+    shutil.copytree(hf_checkpoints["mixtral"][0], d)
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        assert Checkpoint(d).unused == []
+    assert "not read" not in caplog.text
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=1)))
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        ck = Checkpoint(d)
+    assert ck.unused and all(t.startswith(tuple(f"model.layers.{i}." for i in range(1, cfg["num_hidden_layers"])))
+                             for t in ck.unused)
+    assert f"{len(ck.unused)} tensor(s) in the checkpoint are not read for the model config.json describes (1 " \
+           f"layers, {cfg['num_local_experts']} experts), e.g. model.layers.1." in caplog.text
