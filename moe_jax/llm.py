@@ -233,6 +233,12 @@ class LLM:
                     for i, (p, sp) in enumerate(zip(prompts, per))]
         if not requests:
             return
+        capped = [r for r in requests if token_budget(r, self.cfg.max_positions) < r.params.max_new_tokens]
+        if capped:
+            r = capped[0]
+            log.warning("%d request(s) end at the model's context of %d positions before max_new_tokens "
+                        "(finish_reason 'length'), e.g. prompt %d: %d tokens + max_new_tokens %d",
+                        len(capped), self.cfg.max_positions, r.index, len(r.prompt), r.params.max_new_tokens)
         if self.engine is None:
             self._build_offload(self._choose_offload_policy(requests))
         for req, ids, reason in self.engine.generate(requests):

@@ -93,3 +93,14 @@ def test_a_single_prompt_must_be_wrapped_in_a_list():
 def test_an_expert_codec_is_refused_under_the_resident_policy():
     with pytest.raises(moe_jax.llm.PolicyUnavailable, match="policy 'resident' streams none"):
         moe_jax.LLM("tiny-mixtral", policy="resident", expert_codec="exp4")
+
+
+def test_max_new_tokens_past_the_context_is_said_not_silently_cut(caplog):
+    llm = moe_jax.LLM("tiny-mixtral", policy="resident")
+    n = llm.cfg.max_positions
+    prompts = [[1 + i % 200 for i in range(n - 3)], [1, 2, 3]]  # the first has 3 positions left
+    with caplog.at_level(logging.WARNING, logger="moe_jax"):
+        out = llm.generate(prompts, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert [len(c.token_ids) for c in out] == [3, 5] and out[0].finish_reason == "length"
+    assert (f"1 request(s) end at the model's context of {n} positions before max_new_tokens (finish_reason "
+            f"'length'), e.g. prompt 0: {n - 3} tokens + max_new_tokens 5") in caplog.text
