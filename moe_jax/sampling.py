@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.prompts import integer_ids
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -24,7 +26,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", integer_ids(self.stop_token_ids, "stop_token_ids"))
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")

@@ -56,6 +56,17 @@ def test_invalid_sampling_params(bad):
         SamplingParams(**bad)
 
 
+def test_token_ids_must_be_integers(llm):
+    """A float or bool token id was truncated or taken as 0/1 without a word."""
+    assert SamplingParams(stop_token_ids=[np.int64(3), 4]).stop_token_ids == (3, 4)
+    for bad, shown in ((2.0, "2.0"), (True, "True")):
+        with pytest.raises(ValueError, match=f"stop_token_ids: token ids must be integers, got {shown} at position 1"):
+            SamplingParams(stop_token_ids=[5, bad])
+    with pytest.raises(moe_jax.prompts.PromptError, match="prompt 1: token ids must be integers, got 1.5 at position 0"):
+        llm.generate([[1, 2], [1.5, 2]])
+    assert len(llm.generate([np.arange(1, 4)], SamplingParams(max_new_tokens=2))[0].token_ids) == 2
+
+
 def test_top_p_applies_to_the_top_k_survivors():
     """probs [.3, .2, .2, .15, .15], top_k=2, top_p=0.5: after top-k the survivors are [.6, .4], and
     top-p 0.5 keeps only the first (transformers and vLLM agree); top-p on the full softmax would keep both."""
