@@ -212,7 +212,7 @@ class LLM:
         if not isinstance(self.engine, ResidentEngine):
             raise PolicyUnavailable(f"LLM.logits needs policy 'resident'; this LLM runs {self.policy}")
         _require_batch(token_ids, "token_ids", "sequences of token ids")
-        prompts = [self.encode(t, f"sequence {i}") for i, t in enumerate(token_ids)]
+        prompts = [encode_prompt(self.cfg, self.tokenizer, t, f"sequence {i}", room=0) for i, t in enumerate(token_ids)]
         return self.engine.logits(prompts)
 
     def generate_iter(self, prompts: Sequence[str | Sequence[int]],

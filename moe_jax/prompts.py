@@ -23,8 +23,9 @@ def integer_ids(values: Iterable, what: str, error: type[ValueError] = ValueErro
 
 
 def encode_prompt(cfg: ModelConfig, tokenizer: Tokenizer | None, prompt: str | Sequence[int],
-                  where: str = "prompt") -> tuple[int, ...]:
-    """Token ids of `prompt`: non-empty, inside the vocabulary, short enough to generate one token."""
+                  where: str = "prompt", room: int = 1) -> tuple[int, ...]:
+    """Token ids of `prompt`: non-empty, inside the vocabulary, leaving `room` of the model's positions free
+    (1: a token to generate; 0: a sequence only scored, `LLM.logits`)."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise PromptError(f"{where}: this model has no tokenizer.json; give token ids, not text")
@@ -38,7 +39,8 @@ def encode_prompt(cfg: ModelConfig, tokenizer: Tokenizer | None, prompt: str | S
     bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
     if bad:
         raise PromptError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
-    if len(ids) >= cfg.max_positions:
-        raise PromptError(f"{where} has {len(ids)} tokens; the model allows at most {cfg.max_positions - 1} "
-                          f"(max positions {cfg.max_positions}, one left to generate)")
+    if len(ids) > cfg.max_positions - room:
+        left = ", one left to generate" if room else ""
+        raise PromptError(f"{where} has {len(ids)} tokens; the model allows at most {cfg.max_positions - room} "
+                          f"(max positions {cfg.max_positions}{left})")
     return ids

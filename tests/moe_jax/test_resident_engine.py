@@ -104,3 +104,18 @@ def test_max_new_tokens_past_the_context_is_said_not_silently_cut(caplog):
     assert [len(c.token_ids) for c in out] == [3, 5] and out[0].finish_reason == "length"
     assert (f"1 request(s) end at the model's context of {n} positions before max_new_tokens (finish_reason "
             f"'length'), e.g. prompt 0: {n - 3} tokens + max_new_tokens 5") in caplog.text
+
+
+def test_logits_score_a_sequence_as_long_as_the_context():
+    """Scoring generates nothing, so a sequence may fill every position; one more is refused."""
+    llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident")
+    n = llm.cfg.max_positions
+    full = [1 + i % 200 for i in range(n)]
+    logits = llm.logits([full, full[:7]])
+    assert logits[0].shape == (n, llm.cfg.vocab_size) and np.isfinite(logits[0]).all()
+    np.testing.assert_allclose(logits[0][:7], logits[1], rtol=1e-4, atol=1e-4)  # causal: a prefix scores alike
+    with pytest.raises(moe_jax.prompts.PromptError, match=f"sequence 0 has {n + 1} tokens; the model allows at "
+                                                          fr"most {n} \(max positions {n}\)"):
+        llm.logits([full + [1]])
+    with pytest.raises(moe_jax.prompts.PromptError, match="one left to generate"):
+        llm.generate([full])
