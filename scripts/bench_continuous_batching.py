@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each mode; the best counts (default 2)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--moe-impl", default="auto", help="expert kernel (pallas_kernels.moe_ffn impl)")
+    bc.add_policy_options(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, metavar="FILE",
                     help=f"append the table to FILE (default {DEFAULT_RESULTS})")
@@ -68,8 +69,9 @@ def main(argv=None) -> int:
     from moe_jax.sampling import SamplingParams
 
     source = bc.open_source(args.model, args.layers, args.seed)
-    policy = dataclasses.replace(bc.parse_policy(args.policy), gpu_memory_gb=args.gpu_memory_gb)
-    bc.set_memory_env(source.cfg, args.dtype, [policy])
+    policy = dataclasses.replace(bc.parse_policy(args.policy, **bc.policy_options(args)),
+                                 gpu_memory_gb=args.gpu_memory_gb)
+    bc.set_memory_env(source.cfg, args.dtype, [policy], codec=args.expert_codec)
     n = args.num_prompts or 3 * policy.batch_size
     prompts = bc.synthetic_prompts(n, args.prompt_min, args.prompt_max, source.cfg.vocab_size, args.seed)
     gens = np.random.default_rng([args.seed, 7]).integers(args.gen_min, args.gen_max + 1, n)
