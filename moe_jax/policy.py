@@ -2,10 +2,12 @@
 
     python -m moe_jax.policy --model mixtral-8x7b --hardware l4 --prompt-len 77 --gen-len 32 [--json]
         [--gpu-memory-gb X] [--host-memory-gb Y] [--max-batch-size N] [--expert-codec none|exp4]
-        [--kv-cache-dtype auto|int8] [--plot roofline.png]
+        [--kv-cache-dtype auto|int8] [--gpu-attention] [--plot roofline.png|.svg|.pdf]
 
---model: a preset name or a directory with config.json; --hardware: a profile name or a JSON profile
-(`python -m moe_jax.hrm.calibrate`). Memory sizes in GiB. Bad arguments: one line on stderr, exit 2.
+--model: a preset name, a checkpoint directory (config.json) or a model saved by moe-jax; --hardware: a
+profile name or a JSON profile (`python -m moe_jax.hrm.calibrate`). Memory sizes in GiB. The search plans
+what the offload engine runs, CPU attention over a host KV cache; --gpu-attention also prices attention on
+the GPU (HRM's model only: the engine does not run it). Bad arguments: one line on stderr, exit 2.
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from pathlib import Path
 
 from moe_jax.config import ConfigError, ModelConfig
 from moe_jax.hrm import PROFILES, SearchResult, choose_policy, hardware_profile
+from moe_jax.hrm.search import PLACEMENTS
 from moe_jax.offload_policy import CODECS, KV_CACHE_DTYPES
 from moe_jax.presets import PRESETS, preset_config
+from moe_jax.saved_model import is_saved_model, read_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,10 +29,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
 def load_model(name: str) -> ModelConfig:
-    """A preset by name, or the config.json of a checkpoint directory."""
+    """A preset by name, or the config of a checkpoint directory (config.json) or of a model saved by moe-jax."""
     if name in PRESETS:
         return preset_config(name)
+    if is_saved_model(name):
+        return read_config(Path(name))
     if Path(name).is_dir():
         return ModelConfig.from_file(Path(name) / "config.json")
     raise ConfigError(f"unknown model {name!r}: neither a preset ({', '.join(PRESETS)}) nor a directory")
@@ -49,6 +58,8 @@ def summary(r: SearchResult) -> str:
         f"(prefill {r.prefill_seconds:.1f} s + decode {r.decode_seconds:.1f} s)",
         f"memory: GPU {r.gpu_memory_bytes / gib:.1f} GiB, host {r.host_memory_bytes / gib:.1f} GiB (of it the "
         f"pinned-host pool for the streamed experts, {r.pinned_pool_bytes / gib:.0f} GiB)",
+        *(["note: attention on the GPU is HRM's plan only; the offload engine runs attention on the CPU"]
+          if p.attention_device == "gpu" else []),
     ])
 
 
@@ -66,26 +77,34 @@ def main(argv=None) -> int:
                     help="streamed experts as they are, or coded losslessly in 12 bits (exp4, bfloat16)")
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                     help="the host KV cache in the model's dtype, or int8 (lossy; CPU attention only)")
+    ap.add_argument("--gpu-attention", action="store_true",
+                    help="also price attention on the GPU (HRM only: the offload engine runs it on the CPU)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--plot", metavar="FILE.png", help="write the hierarchical roofline picture")
+    ap.add_argument("--plot", metavar="FILE.png", help="write the hierarchical roofline picture (.png, .svg, .pdf)")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot = Path(args.plot)
+        if plot.suffix.lower() not in PLOT_SUFFIXES or not plot.parent.is_dir() or plot.is_dir():
+            ap.error(f"--plot {args.plot}: give a file name ending in {', '.join(PLOT_SUFFIXES)} in an existing "
+                     f"directory")
     try:
         cfg = load_model(args.model)
         hw = hardware_profile(args.hardware)
         result = choose_policy(cfg, hw, args.prompt_len, args.gen_len, gpu_memory_gb=args.gpu_memory_gb,
                                host_memory_gb=args.host_memory_gb, max_batch_size=args.max_batch_size,
                                dtype=args.dtype, expert_codec=args.expert_codec,
-                               kv_cache_dtype=args.kv_cache_dtype)
+                               kv_cache_dtype=args.kv_cache_dtype,
+                               placements=PLACEMENTS if args.gpu_attention else [("cpu", "cpu")])
     except ValueError as e:  # ConfigError, HardwareError, InfeasibleError, bad numbers
         ap.error(str(e))
-    if args.plot:
-        from moe_jax.hrm.roofline_plot import plot_roofline
-        plot_roofline(cfg, hw, result.policy, args.prompt_len, args.gen_len, args.plot, args.dtype)
     if args.json:
         print(json.dumps({"model": args.model, "hardware": hw.name, **result.to_dict()}))
     else:
         print(f"{args.model} on {hw.name}: prompt {args.prompt_len}, generate {args.gen_len} ({args.dtype})")
         print(summary(result))
+    if args.plot:
+        from moe_jax.hrm.roofline_plot import plot_roofline
+        plot_roofline(cfg, hw, result.policy, args.prompt_len, args.gen_len, args.plot, args.dtype)
     return 0
 
 

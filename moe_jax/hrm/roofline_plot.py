@@ -28,6 +28,7 @@ def plot_roofline(cfg: ModelConfig, hw: Hardware, policy: Policy, prompt_len: in
     ops = decode_ops(cfg, dtype, policy.micro_batch_size, prompt_len + gen_len / 2, policy.kv_cache_dtype)
     streamed = (1 - policy.resident_expert_fraction) * cfg.num_experts  # per layer, on average
     link_bytes = {"experts": streamed * streamed_expert_bytes(cfg, dtype, policy.expert_codec) / n_ub}
+    link_bytes = {k: v for k, v in link_bytes.items() if v > 0}  # all experts resident: nothing crosses the link
     if policy.attention_device == "gpu" and policy.kv_device == "cpu":
         link_bytes["attention"] = ops["attention"].bytes
 
@@ -54,7 +55,9 @@ def plot_roofline(cfg: ModelConfig, hw: Hardware, policy: Policy, prompt_len: in
 
     ax.set(xlabel="operational intensity (FLOP/byte)", ylabel="attained performance (FLOP/s)",
            title=f"{cfg.family} on {hw.name}: N={policy.batch_size} ({n_ub}×{policy.micro_batch_size}), "
-                 f"r_w={policy.resident_expert_fraction:.3f}, attention on {policy.attention_device}")
+                 f"r_w={policy.resident_expert_fraction:.3f}, attention on {policy.attention_device}"
+                 + "".join(f", {v}" for v in (policy.expert_codec, f"KV {policy.kv_cache_dtype}")
+                           if v not in ("none", "KV auto")))
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
     fig.savefig(path, dpi=120)

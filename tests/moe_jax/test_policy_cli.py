@@ -60,11 +60,37 @@ def test_int8_kv_cache_plans_a_larger_batch():
     assert p.returncode == 0 and "KV cache on cpu (int8)" in p.stdout
 
 
+def test_plans_what_the_engine_runs_unless_asked_and_plots_a_fully_resident_policy(tmp_path):
+    """By default only CPU attention over a host KV cache (what the offload engine runs) is planned; with
+    --gpu-attention HRM may plan attention on the GPU and says the engine does not run it. A policy with every
+    expert resident (nothing on the link) plots too."""
+    args = ("--model", "qwen3-30b-a3b", "--hardware", "h100-80gb", "--prompt-len", "77", "--gen-len", "64")
+    engine, hrm_only = (json.loads(run(*args, "--json", *extra).stdout) for extra in ([], ["--gpu-attention"]))
+    assert (engine["attention_device"], engine["kv_device"]) == ("cpu", "cpu")
+    assert hrm_only["attention_device"] == "gpu"
+    assert "HRM's plan only" in run(*args, "--gpu-attention").stdout
+    plot = tmp_path / "olmoe.svg"
+    p = run("--model", "olmoe-1b-7b", "--hardware", "h100-80gb", "--prompt-len", "77", "--gen-len", "64", "--plot",
+            str(plot))
+    assert p.returncode == 0, p.stderr
+    assert "r_w=1.000" in p.stdout and plot.stat().st_size > 0
+
+
+def test_a_model_saved_by_moe_jax(tmp_path):
+    from moe_jax.flax_model import MoEDecoder
+
+    MoEDecoder.from_pretrained("tiny-qwen3-moe").save(tmp_path / "saved")
+    p = run("--model", str(tmp_path / "saved"), "--hardware", "t4", "--prompt-len", "16", "--gen-len", "8")
+    assert p.returncode == 0 and "policy: N=" in p.stdout, p.stderr
+
+
 @pytest.mark.parametrize("hardware, extra, message", [
     ("v100", [], "unknown hardware 'v100'"),
     ("BAD_JSON", [], "invalid JSON"),
     ("l4", ["--host-memory-gb", "40"], "host memory too small"),
     ("l4", ["--expert-codec", "exp4", "--dtype", "float32"], "codes bfloat16 weights"),
+    ("l4", ["--plot", "/nonexistent/r.png"], "--plot /nonexistent/r.png: give a file name ending in .png"),
+    ("l4", ["--plot", "r.xyz"], "--plot r.xyz: give a file name ending in .png, .svg, .pdf"),
 ])
 def test_errors(tmp_path, hardware, extra, message):
     if hardware == "BAD_JSON":
