@@ -11,6 +11,8 @@ random weights); its forward pass is `moe_jax.model`'s functions, the ones the e
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +20,7 @@ from flax import nnx
 from moe_jax import model
 from moe_jax.config import ModelConfig
 from moe_jax.model_source import WeightSource, open_model
+from moe_jax.params import model_dtype
 from moe_jax.saved_model import save_model
 from moe_jax.tokenizer import Tokenizer
 
@@ -34,19 +37,26 @@ class MoEDecoder(nnx.Module):
     """Causal MoE decoder: `globals` (embed, final_norm[, lm_head]) and one parameter dict per layer."""
 
     def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype="float32", tokenizer: Tokenizer | None = None):
+        """dtype: a name `moe_jax.LLM` takes ("float32"/"fp32"/"f32", "bfloat16"/"bf16")."""
+        dtype = model_dtype(dtype)
         self.cfg, self.tokenizer = cfg, tokenizer
+        self.source_dir = None  # the model directory it came from, if any: `save` copies its chat template
         self.globals = _params(weights.globals(dtype))
         self.layers = nnx.List([_params(weights.layer(i, dtype)) for i in range(cfg.num_layers)])
 
     @classmethod
     def from_pretrained(cls, model_or_dir: str, dtype="float32", seed: int = 0) -> "MoEDecoder":
+        model_dtype(dtype)  # a bad name fails before the weights load
         source = open_model(model_or_dir, seed=seed)
-        return cls(source.cfg, source.weights, dtype, source.tokenizer)
+        decoder = cls(source.cfg, source.weights, dtype, source.tokenizer)
+        decoder.source_dir = Path(model_or_dir) if Path(model_or_dir).is_dir() else None
+        return decoder
 
     def save(self, path, overwrite: bool = False):
-        """The current parameters (and tokenizer) as a moe-jax saved model, which `moe_jax.LLM(path)` runs."""
+        """The current parameters (and tokenizer, and the source model's chat template) as a moe-jax saved
+        model, which `moe_jax.LLM(path)` runs."""
         return save_model(path, self.cfg, _values(self.globals), [_values(p) for p in self.layers], self.tokenizer,
-                          overwrite)
+                          overwrite, files_from=self.source_dir)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, T] int32 (each row starting at position 0) -> float32 logits [B, T, vocab]."""

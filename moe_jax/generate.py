@@ -30,9 +30,10 @@ from moe_jax.job_output import (CompletionWriter, ResumeError, check_meta, finis
                                 write_errors)
 from moe_jax.job_requests import BadLine, JobRequest
 from moe_jax.jsonl_jobs import OPENAI, Job, JobInputError, read_job
-from moe_jax.llm import DTYPES, LLM, POLICIES, PolicyUnavailable
+from moe_jax.llm import LLM, POLICIES, PolicyUnavailable
 from moe_jax.model_source import ModelNotFound, ModelSource, open_model
 from moe_jax.offload_policy import CODECS, KV_CACHE_DTYPES, PolicyError
+from moe_jax.params import DTYPES
 from moe_jax.presets import DEFAULT_PRESET
 from moe_jax.progress import Progress
 from moe_jax.prompts import PromptError, encode_prompt

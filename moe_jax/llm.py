@@ -13,7 +13,7 @@ import pallas_kernels
 from moe_jax import expert_codec as codec, pinned_pool
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
-from moe_jax.params import model_bytes
+from moe_jax.params import model_bytes, model_dtype
 from moe_jax.prompts import encode_prompt
 from moe_jax.requests import Completion, Request, token_budget
 from moe_jax.resident_engine import DEFAULT_MAX_BATCH, ResidentEngine, device_memory_limit
@@ -23,7 +23,6 @@ from moe_jax.stop_strings import StopStrings, cut_at_stop
 log = logging.getLogger("moe_jax")
 
 POLICIES = ("auto", "resident", "offload")
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "f32": "float32"}
 # The Policy fields LLM also takes, for the offload policies HRM picks: their defaults, and why policy
 # "resident" has no use for anything else.
 _OFFLOAD_OPTIONS = {
@@ -87,8 +86,7 @@ class LLM:
                  max_batch_size: int | None = None, gpu_memory_gb: float | None = None, hardware: str | None = None,
                  moe_impl: str = "auto", prefetch: str = "split", expert_codec: str = "none",
                  kv_cache_dtype: str = "auto", seed: int = 0):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        model_dtype(dtype)  # a bad name fails here, before the model opens
         if not isinstance(policy, Policy) and policy not in POLICIES:
             raise PolicyUnavailable(f"policy must be one of {', '.join(POLICIES)} or a moe_jax.Policy, got {policy!r}")
         if moe_impl not in pallas_kernels.IMPLS:  # the name only: whether it runs here needs the backend
@@ -102,7 +100,7 @@ class LLM:
             raise ValueError(f"gpu_memory_gb must be a positive number of GiB or None, got {gpu_memory_gb!r}")
         self.source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
         self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer
-        self.dtype = np.dtype(DTYPES[dtype])
+        self.dtype = model_dtype(dtype)
         codec.check(expert_codec, self.dtype)
         kv_storage_dtype(kv_cache_dtype, self.dtype)
         self.offload_options = {"expert_codec": expert_codec, "kv_cache_dtype": kv_cache_dtype}

@@ -9,9 +9,20 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
 from moe_jax.config import ModelConfig
+
+# The dtypes a model runs in, by the names the API takes.
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "f32": "float32"}
+
+
+def model_dtype(name) -> np.dtype:
+    """The NumPy dtype of a `DTYPES` name; ValueError naming the choices for any other."""
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return np.dtype(DTYPES[name])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@ one orbax item per layer (so loading streams layer by layer, as from safetensors
 `ModelConfig` as JSON and, when there is one, its `tokenizer.json`:
 
     DIR/moe_jax_config.json   DIR/globals/   DIR/layer_000/ ... DIR/layer_{L-1}/   [DIR/tokenizer.json]
+    [DIR/tokenizer_config.json, DIR/chat_template.jinja: the chat template, copied from the source model]
 
 `save_model` writes it (e.g. `MoEDecoder.save` after fine-tuning in a research pipeline); `open_model`,
 hence `LLM(DIR)` and the CLI's `--model DIR`, read it like a Hugging Face checkpoint.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -21,6 +23,7 @@ from moe_jax.config import ConfigError, ModelConfig
 from moe_jax.params import global_param_specs, layer_param_specs
 
 CONFIG_FILE = "moe_jax_config.json"
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where `moe_jax.chat_template` reads a template
 
 
 class SavedModelError(ValueError):
@@ -35,18 +38,35 @@ def _layer_item(i: int) -> str:
     return f"layer_{i:03d}"
 
 
+def _check_tree(where, arrays: Mapping, specs) -> None:
+    """`arrays` must hold exactly the parameters of `specs`, each of its shape."""
+    if set(arrays) != set(specs):
+        raise SavedModelError(f"{where}: holds {sorted(arrays)}, the config needs {sorted(specs)}")
+    for k, s in specs.items():
+        if tuple(np.shape(arrays[k])) != tuple(s.shape):
+            raise SavedModelError(f"{where}: {k} has shape {tuple(np.shape(arrays[k]))}, the config needs {s.shape}")
+
+
 def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.ndarray],
-               layers: Sequence[Mapping[str, np.ndarray]], tokenizer=None, overwrite: bool = False) -> Path:
-    """Write a model to `path` (created); refuses to replace a saved model unless `overwrite`."""
+               layers: Sequence[Mapping[str, np.ndarray]], tokenizer=None, overwrite: bool = False,
+               files_from: str | Path | None = None) -> Path:
+    """Write a model to `path` (created); refuses to replace a saved model unless `overwrite`. Every
+    parameter is checked against the config's specs first. files_from: a model directory whose chat template
+    files (`CHAT_FILES`) are copied beside the weights."""
     import orbax.checkpoint as ocp  # here, not at import: orbax is slow to import and only this needs it
 
     path = Path(path).absolute()  # orbax wants absolute paths
+    if path.exists() and not path.is_dir():
+        raise SavedModelError(f"{path} is a file: give a directory to save the model in")
     if is_saved_model(path) and not overwrite:
         raise SavedModelError(f"{path} already holds a saved model; pass overwrite=True to replace it")
     if len(layers) != cfg.num_layers:
         raise SavedModelError(f"{len(layers)} layers given for a {cfg.num_layers}-layer config")
+    _check_tree("globals", globals_, global_param_specs(cfg))
+    for i, p in enumerate(layers):
+        _check_tree(f"layer {i}", p, layer_param_specs(cfg))
     path.mkdir(parents=True, exist_ok=True)
-    for stale in (CONFIG_FILE, "tokenizer.json"):  # unmark first: an interrupted overwrite is no model
+    for stale in (CONFIG_FILE, "tokenizer.json", *CHAT_FILES):  # unmark first: an interrupted overwrite is no model
         (path / stale).unlink(missing_ok=True)
     host = lambda tree: {k: np.asarray(v) for k, v in tree.items()}
     with ocp.StandardCheckpointer() as ckpt:
@@ -55,6 +75,9 @@ def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.nda
             ckpt.save(path / _layer_item(i), host(p), force=True)
     if tokenizer is not None:
         tokenizer.save(path / "tokenizer.json")
+    for name in CHAT_FILES if files_from is not None else ():
+        if (Path(files_from) / name).is_file():
+            shutil.copyfile(Path(files_from) / name, path / name)
     tmp = path / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     tmp.replace(path / CONFIG_FILE)  # last, atomically: marks the model complete
@@ -96,11 +119,7 @@ class SavedWeights:
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
         except (OSError, ValueError, KeyError) as e:
             raise SavedModelError(f"{where}: cannot restore ({type(e).__name__}: {e})") from None
-        if set(arrays) != set(specs):
-            raise SavedModelError(f"{where}: holds {sorted(arrays)}, the config needs {sorted(specs)}")
-        for k, s in specs.items():
-            if tuple(arrays[k].shape) != tuple(s.shape):
-                raise SavedModelError(f"{where}: {k} has shape {tuple(arrays[k].shape)}, the config needs {s.shape}")
+        _check_tree(where, arrays, specs)
         return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}
 
     def layer(self, i: int, dtype) -> dict[str, np.ndarray]:

@@ -76,3 +76,40 @@ def test_broken_directories_name_what_is_missing(tuned, tmp_path, capsys):
     (broken / "moe_jax_config.json").write_text('{"family": "mixtral"}')
     with pytest.raises(moe_jax.config.ConfigError, match="moe_jax_config.json: not a moe-jax model config"):
         moe_jax.LLM(str(broken))
+
+
+def test_the_source_models_chat_template_is_saved_with_it(tmp_path, hf_checkpoints):
+    from moe_jax.chat_template import ChatTemplate
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_checkpoints["mixtral"][0], src)
+    (src / "tokenizer_config.json").write_text('{"chat_template": "{{ messages[0].content }}!", "eos_token": "</s>"}')
+    MoEDecoder.from_pretrained(str(src)).save(tmp_path / "saved")
+    chat = ChatTemplate.from_model_dir(tmp_path / "saved")
+    assert chat is not None and chat.render([{"role": "user", "content": "hi"}]) == "hi!"
+    MoEDecoder.from_pretrained("tiny-mixtral").save(tmp_path / "saved", overwrite=True)  # a preset: none
+    assert ChatTemplate.from_model_dir(tmp_path / "saved") is None
+
+
+def test_parameters_are_checked_when_saved_not_only_when_loaded(tmp_path):
+    from moe_jax.saved_model import save_model
+
+    decoder = MoEDecoder.from_pretrained("tiny-mixtral")
+    glob = {k: p[...] for k, p in decoder.globals.items()}
+    layers = [{k: p[...] for k, p in layer.items()} for layer in decoder.layers]
+    bad = [dict(layers[0]), *layers[1:]]
+    del bad[0]["attn_norm"]
+    with pytest.raises(SavedModelError, match=r"layer 0: holds .* the config needs .*'attn_norm'"):
+        save_model(tmp_path / "a", decoder.cfg, glob, bad)
+    with pytest.raises(SavedModelError, match=r"globals: embed has shape \(3, 4\), the config needs"):
+        save_model(tmp_path / "b", decoder.cfg, {**glob, "embed": np.zeros((3, 4))}, layers)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SavedModelError, match="is a file: give a directory"):
+        save_model(tmp_path / "file", decoder.cfg, glob, layers)
+
+
+def test_from_pretrained_takes_the_dtype_names_llm_takes():
+    assert MoEDecoder.from_pretrained("tiny-mixtral", dtype="bf16").globals["embed"][...].dtype == jax.numpy.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of bfloat16, bf16, float32, fp32, f32, got 'int8'"):
+        MoEDecoder.from_pretrained("tiny-mixtral", dtype="int8")
