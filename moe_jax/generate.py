@@ -122,14 +122,17 @@ def request_seed(seed: int, request_id) -> int:
     return zlib.crc32(f"{seed}:{request_id!r}".encode())
 
 
-def job_meta(args: argparse.Namespace, job: Job) -> dict:
-    """What an output depends on, beyond its input lines: a resume must match all of it (a lossy KV cache
-    only where asked for, so that outputs started before the option existed still resume)."""
+def job_meta(args: argparse.Namespace, job: Job, llm: LLM | None = None) -> dict:
+    """What an output depends on, beyond its input lines: a resume must match all of it. With `llm` (once it
+    is built), also the KV cache's dtype its engine runs with: an int8 request under a policy that chose the
+    resident engine ran exact."""
     model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
-    lossy = {"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype != "auto" else {}
-    return {"model": model, "dtype": args.dtype, "input_format": job.format.name, **lossy,
+    meta = {"model": model, "dtype": args.dtype, "input_format": job.format.name,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
+    if llm is not None:
+        meta["kv_cache_dtype"] = "auto" if llm.policy == "resident" else args.kv_cache_dtype
+    return meta
 
 
 def prompt_ids(req: JobRequest, source: ModelSource, chat: ChatTemplate | None) -> tuple[int, ...]:
@@ -236,7 +239,9 @@ def run_job(args: argparse.Namespace) -> int:
         return 0
     llm = make_llm(args, source)  # before an old OUT is replaced: a model or policy error loses nothing
     if fresh:
-        start_output(args.output, job_meta(args, job))
+        start_output(args.output, job_meta(args, job, llm))
+    elif args.output is not None:
+        check_meta(args.output, job_meta(args, job, llm))  # with what the engine runs, known now
     start = time.perf_counter()
     generated = write_completions(llm, job, todo, base, args.output)
     report(llm, len(todo), generated, start, args.dtype)

@@ -77,8 +77,13 @@ def start_output(out: Path, meta: dict) -> None:
     os.replace(tmp, sidecar(out, ".meta.json"))
 
 
+# Settings an OUT.meta.json may lack (written before they were recorded), as they were then.
+META_DEFAULTS = {"kv_cache_dtype": "auto"}
+
+
 def check_meta(out: Path, meta: dict) -> None:
-    """Refuses (ResumeError) to resume an output started with other settings than `meta`."""
+    """Refuses (ResumeError) to resume an output started with other settings than `meta` (the keys of `meta`;
+    one the file lacks counts as its `META_DEFAULTS` value)."""
     path = sidecar(out, ".meta.json")
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -87,9 +92,9 @@ def check_meta(out: Path, meta: dict) -> None:
                           f"made with are unknown (--overwrite instead of --resume starts over)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ResumeError(f"cannot resume {out}: {path} is not valid JSON") from None
-    keys = [*meta, *(k for k in old if k not in meta)]  # a setting either run left out counts as None
-    diffs = [f"cannot resume {out}: it was started with {k} {old.get(k)!r}, this run has {meta.get(k)!r}"
-             for k in keys if old.get(k) != meta.get(k)]
+    was = {k: old.get(k, META_DEFAULTS.get(k)) for k in meta}
+    diffs = [f"cannot resume {out}: it was started with {k} {was[k]!r}, this run has {v!r}"
+             for k, v in meta.items() if was[k] != v]
     if diffs:
         hint = "resume with the settings it was started with, or write to a new --output"
         raise ResumeError("\n".join([*diffs, hint]))

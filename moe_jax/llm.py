@@ -23,12 +23,12 @@ from moe_jax.stop_strings import StopStrings, cut_at_stop
 log = logging.getLogger("moe_jax")
 
 POLICIES = ("auto", "resident", "offload")
-# The Policy fields LLM also takes, for the offload policies HRM picks: their defaults, and why policy
-# "resident" has no use for anything else.
+# The Policy fields LLM also takes, for the offload policies HRM picks: (default, what the field does, why
+# policy "resident" has no use for any other value).
 _OFFLOAD_OPTIONS = {
-    "expert_codec": ("none", "codes the experts the offload engine streams; policy 'resident' streams none"),
-    "kv_cache_dtype": ("auto", "sets how the offload engine's host KV cache stores K and V; policy 'resident' "
-                               "keeps its KV cache on the accelerator in the model's dtype"),
+    "expert_codec": ("none", "codes the experts the offload engine streams", "streams none"),
+    "kv_cache_dtype": ("auto", "sets how the offload engine's host KV cache stores K and V",
+                       "keeps its KV cache on the accelerator in the model's dtype"),
 }
 _GPU_PROFILES = (("H100", "h100-80gb"), ("H200", "h200"), ("A100", None), ("L4", "l4"), ("T4", "t4"))
 
@@ -110,7 +110,15 @@ class LLM:
                 raise PolicyUnavailable(f"{name}={value!r} differs from the given policy's "
                                         f"{name}={getattr(policy, name)!r}: set it in the Policy")
             if policy == "resident":
-                raise PolicyUnavailable(f"{name}={value!r} {_OFFLOAD_OPTIONS[name][1]}")
+                _, does, ignored = _OFFLOAD_OPTIONS[name]
+                raise PolicyUnavailable(f"{name}={value!r} {does}; policy 'resident' {ignored}")
+        if isinstance(policy, Policy):
+            if gpu_memory_gb is not None and policy.gpu_memory_gb not in (None, gpu_memory_gb):
+                raise PolicyUnavailable(f"gpu_memory_gb={gpu_memory_gb!r} differs from the given policy's "
+                                        f"gpu_memory_gb={policy.gpu_memory_gb!r}: give one")
+            if max_batch_size is not None and max_batch_size < policy.batch_size:
+                raise PolicyUnavailable(f"max_batch_size={max_batch_size!r} is below the given policy's batch_size="
+                                        f"{policy.batch_size}: the Policy sets the batch")
         self.max_batch_size, self.gpu_memory_gb, self.hardware, self.moe_impl, self.prefetch = (
             max_batch_size, gpu_memory_gb, hardware, moe_impl, prefetch)
         if hardware is not None:
@@ -124,8 +132,10 @@ class LLM:
             pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype, codec=expert_codec))
         if policy == "auto":
             policy = "resident" if self._fits_on_device() else "offload"
-            log.info("policy auto -> %s%s", policy, "".join(f" ({k}={v!r} unused: {_OFFLOAD_OPTIONS[k][1]})"
-                                                            for k, v in unused.items()) if policy == "resident" else "")
+            log.info("policy auto -> %s", policy)
+            for k, v in unused.items() if policy == "resident" else ():
+                log.warning("%s=%r unused: policy auto chose resident (the model fits the accelerator), which %s",
+                            k, v, _OFFLOAD_OPTIONS[k][2])
         self.policy = policy
         if policy == "resident":
             self.engine = ResidentEngine(self.cfg, self.source.weights, self.dtype, max_batch_size=max_batch_size,

@@ -255,11 +255,22 @@ def test_resume_is_refused_for_other_settings_or_foreign_output(tmp_path, capsys
     assert rc == 2
     assert f"cannot resume {out}: it was started with model 'tiny-mixtral', this run has 'tiny-olmoe'" in err
     assert "it was started with temperature 0.0, this run has 0.5" in err
+    assert meta["kv_cache_dtype"] == "auto"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "z", "prompt": "y"}\n')  # one left to run
     rc, _, err = run_cli(capsys, *job, "--resume", "--policy", "offload", "--kv-cache-dtype", "int8")
-    assert rc == 2 and "it was started with kv_cache_dtype None, this run has 'int8'" in err, err  # lossy KV: not mixed
+    assert rc == 2 and "it was started with kv_cache_dtype 'auto', this run has 'int8'" in err, err  # not mixed
+    rc, _, err = run_cli(capsys, *job, "--resume", "--kv-cache-dtype", "int8")  # auto picks resident: exact
+    assert rc == 0, err
     (tmp_path / "out.meta.json").write_text(json.dumps({**meta, "kv_cache_dtype": "int8"}))
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "z", "prompt": "y"}\n{"id": "w", "prompt": "w"}\n')
     rc, _, err = run_cli(capsys, *job, "--resume")
-    assert rc == 2 and "it was started with kv_cache_dtype 'int8', this run has None" in err, err
+    assert rc == 2 and "it was started with kv_cache_dtype 'int8', this run has 'auto'" in err, err
+    legacy = {k: v for k, v in meta.items() if k != "kv_cache_dtype"}  # written before the setting was recorded
+    (tmp_path / "out.meta.json").write_text(json.dumps(legacy))
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 0, err
+    inp.write_text('{"id": "a", "prompt": "x"}\n')
+    out.write_text(next(line for line in out.read_text().splitlines(keepends=True) if '"a"' in line))
     (tmp_path / "out.meta.json").write_text(json.dumps(meta))
     rc, _, err = run_cli(capsys, *job, "--resume")
     assert rc == 0 and "nothing to do: all 1 requests are in" in caplog.text and "done:" not in err  # no model load
