@@ -11,6 +11,7 @@ import numpy as np
 
 import pallas_kernels
 from moe_jax import expert_codec as codec, pinned_pool
+from moe_jax.integers import is_integer
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
 from moe_jax.params import model_bytes, model_dtype
@@ -31,11 +32,6 @@ _OFFLOAD_OPTIONS = {
                        "keeps its KV cache on the accelerator in the model's dtype"),
 }
 _GPU_PROFILES = (("H100", "h100-80gb"), ("H200", "h200"), ("A100", None), ("L4", "l4"), ("T4", "t4"))
-
-
-def _integer(v) -> bool:
-    """An integer (Python's or NumPy's), not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _require_batch(items, name: str, each: str) -> None:
@@ -93,7 +89,7 @@ class LLM:
             raise ValueError(f"moe_impl must be one of {', '.join(pallas_kernels.IMPLS)}, got {moe_impl!r}")
         if prefetch not in PREFETCH:
             raise ValueError(f"prefetch must be one of {', '.join(PREFETCH)}, got {prefetch!r}")
-        if max_batch_size is not None and (not _integer(max_batch_size) or max_batch_size < 1):
+        if max_batch_size is not None and (not is_integer(max_batch_size) or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
         if gpu_memory_gb is not None and (not isinstance(gpu_memory_gb, numbers.Real) or isinstance(gpu_memory_gb, bool)
                                           or not gpu_memory_gb > 0):

@@ -5,6 +5,8 @@ import dataclasses
 
 import numpy as np
 
+from moe_jax.integers import is_integer
+
 DEVICES = ("cpu", "gpu")
 CODECS = ("none", "exp4")  # moe_jax.expert_codec
 KV_CACHE_DTYPES = ("auto", "int8")  # the host KV cache's storage: the model's dtype, or int8 (host_ops.HostKVCache)
@@ -47,8 +49,9 @@ class Policy:
     def __post_init__(self):
         for name in ("batch_size", "micro_batch_size", "num_micro_batches"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_integer(v) or v < 1:
                 raise PolicyError(f"Policy.{name} must be a positive integer, got {v!r}")
+            object.__setattr__(self, name, int(v))  # a NumPy integer as a Python int (JSON, hashing)
         mu, n_ub = self.micro_batch_size, self.num_micro_batches
         if not mu * (n_ub - 1) < self.batch_size <= mu * n_ub:
             raise PolicyError(f"Policy.batch_size={self.batch_size} does not fill {n_ub} micro-batches of at most "

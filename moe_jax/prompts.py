@@ -1,25 +1,15 @@
 """Turning a prompt (text or token ids) into validated token ids for a model."""
 from __future__ import annotations
 
-import numbers
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from moe_jax.config import ModelConfig
+from moe_jax.integers import integer_ids
 from moe_jax.tokenizer import Tokenizer
 
 
 class PromptError(ValueError):
     """A prompt that cannot be run; the message names the prompt (index, id or line)."""
-
-
-def integer_ids(values: Iterable, what: str, error: type[ValueError] = ValueError) -> tuple[int, ...]:
-    """`values` as Python ints; `error` names `what` and the first value that is not an integer (a float or a
-    bool would otherwise be truncated or taken as a token id without a word)."""
-    ids = tuple(values)
-    for i, t in enumerate(ids):
-        if not isinstance(t, numbers.Integral) or isinstance(t, bool):
-            raise error(f"{what}: token ids must be integers, got {t!r} at position {i}")
-    return tuple(int(t) for t in ids)
 
 
 def encode_prompt(cfg: ModelConfig, tokenizer: Tokenizer | None, prompt: str | Sequence[int],

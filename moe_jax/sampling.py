@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.prompts import integer_ids
+from moe_jax.integers import integer_ids, is_integer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,14 +32,25 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not is_integer(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        for name in ("temperature", "top_p"):
+            if not isinstance(getattr(self, name), numbers.Real) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_integer(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not is_integer(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be >= 0, got {list(self.stop_token_ids)}")
+        for name in ("max_new_tokens", "top_k", "seed"):  # NumPy integers as Python ints
+            object.__setattr__(self, name, int(getattr(self, name)))
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)

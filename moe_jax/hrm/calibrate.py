@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from moe_jax.host_memory import total_bytes as host_memory_bytes
+from pallas_kernels import IMPLS
 from moe_jax.hrm.hardware import Hardware
 
 log = logging.getLogger("moe_jax.hrm")
@@ -182,9 +183,12 @@ def main(argv=None) -> int:
     ap.add_argument("--output", required=True, help="JSON profile to write (accepted by --hardware)")
     ap.add_argument("--quick", action="store_true", help="small sizes: seconds, rough figures")
     ap.add_argument("--name", help="profile name (default: from the device)")
-    ap.add_argument("--moe-impl", default="auto", help="expert kernel timed for expert_flops (pallas_kernels.moe_ffn "
-                                                       "impl; the engine's default: auto)")
+    ap.add_argument("--moe-impl", default="auto", choices=IMPLS,
+                    help="expert kernel timed for expert_flops (pallas_kernels.moe_ffn impl; the engine's default: auto)")
     args = ap.parse_args(argv)
+    out = Path(args.output)
+    if out.is_dir() or not out.parent.is_dir():  # found now, not after minutes of measuring
+        ap.error(f"--output {args.output}: give a file in an existing directory")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hw, notes = calibrate(QUICK if args.quick else FULL, args.name, args.moe_impl)
     profile = {**dataclasses.asdict(hw), "notes": notes}

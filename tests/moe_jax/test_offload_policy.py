@@ -1,6 +1,7 @@
 """`Policy` validation."""
 import dataclasses
 
+import numpy as np
 import pytest
 
 from moe_jax.offload_policy import Policy, PolicyError
@@ -11,6 +12,8 @@ def test_valid_policy():
     assert (p.attention_device, p.kv_device, p.gpu_memory_gb) == ("cpu", "cpu", None)
     assert Policy(10, 4, 3, 1, "gpu", "gpu", 16).batch_size == 10  # last micro-batch holds 2
     assert p.kv_cache_dtype == "auto" and Policy(4, 2, 2, kv_cache_dtype="int8").kv_cache_dtype == "int8"
+    q = Policy(np.int64(4), np.int32(2), np.int64(2))  # NumPy integers, stored as Python ints
+    assert q == Policy(4, 2, 2) and type(q.batch_size) is int
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.batch_size = 1
 

@@ -50,10 +50,23 @@ def test_stop_tokens_and_lengths(llm):
     assert [len(o.token_ids) for o in outs] == [1, 4, 9] and all(o.finish_reason == "length" for o in outs)
 
 
-@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2)])
-def test_invalid_sampling_params(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),
+    (dict(temperature=-1.0), "temperature must be >= 0"), (dict(temperature="1"), "temperature must be a number"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_k=-2), "top_k must be an integer >= 0"),
+    (dict(seed="x"), "seed must be an integer, got 'x'"), (dict(seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(ignore_eos="no"), "ignore_eos must be True or False, got 'no'"),
+    (dict(stop_token_ids=[3, -1]), r"stop_token_ids must be >= 0, got \[3, -1\]"),
+])
+def test_invalid_sampling_params(bad, message):
+    with pytest.raises(ValueError, match=message):
         SamplingParams(**bad)
+
+
+def test_numpy_integers_are_integers():
+    p = SamplingParams(max_new_tokens=np.int64(3), top_k=np.int32(2), seed=np.uint32(5))
+    assert (p.max_new_tokens, p.top_k, p.seed) == (3, 2, 5) and type(p.seed) is int
 
 
 def test_token_ids_must_be_integers(llm):

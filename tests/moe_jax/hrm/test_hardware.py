@@ -73,3 +73,13 @@ def test_calibrate_survives_a_kernel_that_fails_here(tmp_path, monkeypatch):
     d = json.loads(path.read_text())
     assert d["expert_flops"] is None and hardware_profile(str(path)).link_bandwidth > 0
     assert any("not measured: RuntimeError: Mosaic GPU lowering failed" in str(v) for v in d["notes"].values())
+
+
+def test_calibrate_checks_its_arguments_before_measuring(tmp_path, capsys):
+    for argv, message in ((["--output", str(tmp_path / "missing" / "x.json")], "give a file in an existing directory"),
+                          (["--output", str(tmp_path)], "give a file in an existing directory"),
+                          (["--output", str(tmp_path / "x.json"), "--moe-impl", "palas"], "invalid choice: 'palas'")):
+        with pytest.raises(SystemExit) as e:
+            calibrate_main(["--quick", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
