@@ -59,8 +59,19 @@ class MoEDecoder(nnx.Module):
                           overwrite, files_from=self.source_dir)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens [B, T] int32 (each row starting at position 0) -> float32 logits [B, T, vocab]."""
+        """tokens [B, T] int32 (each row starting at position 0) -> float32 logits [B, T, vocab]. Shapes,
+        dtype and (outside a trace) the ids' range are checked."""
         cfg, glob = self.cfg, _values(self.globals)
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer token ids of shape [batch, seq], got {tokens.dtype} "
+                             f"{tuple(tokens.shape)}")
+        if tokens.shape[1] > cfg.max_positions:
+            raise ValueError(f"tokens has {tokens.shape[1]} positions; the model has {cfg.max_positions}")
+        if not isinstance(tokens, jax.core.Tracer) and tokens.size and not (
+                0 <= int(tokens.min()) and int(tokens.max()) < cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got {int(tokens.min())}.."
+                             f"{int(tokens.max())}")
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = model.embed(glob, tokens)
         for layer in self.layers:

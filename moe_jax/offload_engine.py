@@ -121,6 +121,16 @@ def check_host_memory(policy, what: str, need: int, planned: float | None = None
                                  f"used, set {host_memory.HOST_MEMORY_VAR} to its memory in GiB)")
 
 
+@functools.lru_cache(maxsize=None)
+def _warm_host_kernels(cfg: ModelConfig, kv_dtype, dtype) -> None:
+    """The CPU attention kernel and the KV writes for this cache dtype, compiled (or loaded from numba's cache)
+    on a one-slot cache once per process, so that the first run's per-layer CPU time is the attention's."""
+    warm = HostKVCache(1, 1, 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+    row = np.ones((1, cfg.num_kv_heads, cfg.head_dim), dtype)
+    warm.write(0, [0], [0], row, row)
+    warm.attend(0, [0], np.ones((1, cfg.num_heads, cfg.head_dim), np.float32))
+
+
 # ---- jitted pieces (cfg, moe_impl and the two shardings are bound with functools.partial) ----
 # Between the GPU and the CPU worker, q/k/v (and prefill k/v) leave each step in pinned host memory and
 # the attention output enters it from there: the copies are part of the jitted call, at pinned speed.
@@ -465,13 +475,14 @@ class OffloadEngine:
                                f"prefill of prompts up to {T} tokens")
         cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
         self.stats.kv_bytes, self.stats.kv_dtype = cache.nbytes, str(kv_dtype)
+        _warm_host_kernels(cfg, kv_dtype, self.dtype)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
             yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:]).run()
         mem = host_memory.meminfo()  # the cache's pages written, still held
         self.stats.host_free_bytes, self.stats.host_total_bytes = (mem.available, mem.total) if mem else (None, None)
         stats = jax.devices()[0].memory_stats() or {}
         self.stats.peak_gpu_bytes = stats.get("peak_bytes_in_use")
-        log.info("%s", self.stats.summary())
+        log.debug("%s", self.stats.summary())  # `LLM.stats.summary()`; the CLI prints it
 
 
 FREE, PREFILL, JOIN, ACTIVE = range(4)  # a row's state (see _Run)

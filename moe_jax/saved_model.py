@@ -89,7 +89,7 @@ def read_config(path: Path) -> ModelConfig:
     try:
         d = json.loads(file.read_text())
         return ModelConfig(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ()))})
-    except (json.JSONDecodeError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, TypeError, AttributeError, ConfigError) as e:
         raise ConfigError(f"{file}: not a moe-jax model config ({e})") from None
 
 

@@ -35,3 +35,15 @@ def test_gradients_reach_every_parameter():
     norms = {k: float(jnp.linalg.norm(g[...])) for k, g in grads.layers[0].items()}
     assert all(np.isfinite(v) for v in norms.values())
     assert norms["wq"] > 0 and norms["router"] > 0 and norms["w_gate"] > 0
+
+
+def test_bad_tokens_are_refused_with_what_is_wrong():
+    decoder = MoEDecoder.from_pretrained("tiny-mixtral")
+    n, vocab = decoder.cfg.max_positions, decoder.cfg.vocab_size
+    for bad, message in (([1, 2, 3], r"integer token ids of shape \[batch, seq\], got int32 \(3,\)"),
+                         ([[1.0, 2.0]], r"integer token ids of shape \[batch, seq\], got float32 \(1, 2\)"),
+                         ([[1, vocab]], rf"token ids must lie in \[0, {vocab}\), got 1..{vocab}"),
+                         ([[1] * (n + 1)], f"tokens has {n + 1} positions; the model has {n}")):
+        with pytest.raises(ValueError, match=message):
+            decoder(bad)
+    assert decoder([[1, 2, 3]]).shape == (1, 3, vocab)  # a nested list is fine

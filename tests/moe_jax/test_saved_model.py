@@ -2,6 +2,7 @@
 that saved it computes; broken directories give errors that name what is wrong."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import jax
@@ -76,6 +77,12 @@ def test_broken_directories_name_what_is_missing(tuned, tmp_path, capsys):
     (broken / "moe_jax_config.json").write_text('{"family": "mixtral"}')
     with pytest.raises(moe_jax.config.ConfigError, match="moe_jax_config.json: not a moe-jax model config"):
         moe_jax.LLM(str(broken))
+    good = json.loads((path / "moe_jax_config.json").read_text())
+    for field, value in (("family", "llama"), ("norm", "batch")):
+        (broken / "moe_jax_config.json").write_text(json.dumps({**good, field: value}))
+        with pytest.raises(moe_jax.config.ConfigError, match=f"moe_jax_config.json: not a moe-jax model config "
+                                                             f"\\({field}='{value}' is not one of"):
+            moe_jax.LLM(str(broken))
 
 
 def test_the_source_models_chat_template_is_saved_with_it(tmp_path, hf_checkpoints):
