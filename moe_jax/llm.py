@@ -82,7 +82,7 @@ class LLM:
                  max_batch_size: int | None = None, gpu_memory_gb: float | None = None, hardware: str | None = None,
                  moe_impl: str = "auto", prefetch: str = "split", expert_codec: str = "none",
                  kv_cache_dtype: str = "auto", seed: int = 0):
-        model_dtype(dtype)  # a bad name fails here, before the model opens
+        self.dtype = model_dtype(dtype)  # a bad name fails here, before the model opens
         if not isinstance(policy, Policy) and policy not in POLICIES:
             raise PolicyUnavailable(f"policy must be one of {', '.join(POLICIES)} or a moe_jax.Policy, got {policy!r}")
         if moe_impl not in pallas_kernels.IMPLS:  # the name only: whether it runs here needs the backend
@@ -96,7 +96,6 @@ class LLM:
             raise ValueError(f"gpu_memory_gb must be a positive number of GiB or None, got {gpu_memory_gb!r}")
         self.source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
         self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer
-        self.dtype = model_dtype(dtype)
         codec.check(expert_codec, self.dtype)
         kv_storage_dtype(kv_cache_dtype, self.dtype)
         self.offload_options = {"expert_codec": expert_codec, "kv_cache_dtype": kv_cache_dtype}
