@@ -196,7 +196,8 @@ def versus_published(row: dict, model: str, full: bool, link_bw: float) -> dict 
         if model == pub["model"] and full and (row["workload"], row["gen_len"]) == pub["workload"]:
             ours = row[pub["metric"]] * pub["link"] / link_bw
             return {"system": pub["system"], "metric": pub["metric"], "ours_at_their_link": ours,
-                    "published": pub["value"], "ratio": ours / pub["value"]}
+                    "published": pub["value"], "ratio": ours / pub["value"],
+                    "lossy_kv": row.get("policy", {}).get("kv_cache_dtype", "auto") != "auto"}
     return None
 
 
@@ -204,7 +205,8 @@ def published_cell(vs: dict | None) -> str:
     if vs is None:
         return ""
     what = "decode" if vs["metric"] == "decode_tok_s" else "e2e"
-    return f"{vs['ratio']:.2f}× {vs['system']} ({what} {vs['ours_at_their_link']:.0f} vs {vs['published']:g})"
+    lossy = ", ours with a lossy int8 KV cache" if vs.get("lossy_kv") else ""
+    return f"{vs['ratio']:.2f}× {vs['system']} ({what} {vs['ours_at_their_link']:.0f} vs {vs['published']:g}{lossy})"
 
 
 MAIN_HEADERS = ["workload", "gen", "cap GiB", "policy", "prompts", "tok/s e2e", "tok/s decode", "HRM tok/s",

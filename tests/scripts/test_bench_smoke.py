@@ -101,6 +101,9 @@ def test_published_figures_are_compared_on_their_own_metric_and_link():
     assert bt.versus_published(row, "mixtral-8x7b", False, link_bw=50e9) is None  # a truncated model
     assert bt.versus_published(dict(row, gen_len=64), "mixtral-8x7b", True, link_bw=50e9) is None
     assert bt.parse_workloads("moegen") == [("moegen", 256)]
+    lossy = bt.versus_published(dict(row, policy={"kv_cache_dtype": "int8"}), "mixtral-8x7b", True, link_bw=50e9)
+    assert bt.published_cell(lossy).endswith("vs 469, ours with a lossy int8 KV cache)")
+    assert "lossy" not in bt.published_cell(bt.versus_published(row, "mixtral-8x7b", True, link_bw=50e9))
 
 
 @pytest.mark.parametrize("preset,hardware,cap,P,G", [("mixtral-8x7b", "l4", None, 77, 32),
