@@ -49,8 +49,9 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {list(self.stop_token_ids)}")
-        for name in ("max_new_tokens", "top_k", "seed"):  # NumPy integers as Python ints
-            object.__setattr__(self, name, int(getattr(self, name)))
+        for name, kind in (("max_new_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
+                           ("top_p", float), ("ignore_eos", bool)):  # NumPy scalars as Python's
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
