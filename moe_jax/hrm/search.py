@@ -263,22 +263,28 @@ def _check_totals(**arrays) -> int | None:
     return sizes.pop() - 1 if sizes else None
 
 
+def _gib(nbytes) -> str:
+    """Bytes in GiB, to 3 significant digits below 100 (a tiny model's needs do not read as 0.0)."""
+    v = float(nbytes) / GiB
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def _infeasible(g: dict, placement: int, gpu_budget: float, host_budget: float, gpu_cap: float,
                 host_cap: float) -> str:
     """Why even one sequence (μ = n_ub = 1) fits nowhere with PLACEMENTS[placement]."""
     i = (placement, 0, 0)
     if g["gpu_min"][i] > gpu_budget:
-        return (f"GPU memory too small: one sequence needs {g['gpu_min'][i] / GiB:.1f} GiB on the GPU (non-expert "
-                f"weights, a double buffer of one layer's experts, activations) but {gpu_budget / GiB:.1f} GiB "
-                f"are usable ({GPU_USABLE:.0%} of {gpu_cap / GiB:.1f} GiB)")
+        return (f"GPU memory too small: one sequence needs {_gib(g['gpu_min'][i])} GiB on the GPU (non-expert "
+                f"weights, a double buffer of one layer's experts, activations) but {_gib(gpu_budget)} GiB "
+                f"are usable ({GPU_USABLE:.0%} of {_gib(gpu_cap)} GiB)")
     if pinned_pool.cap_bytes(g["streamed"][i]) > g["pinned_pool"][i]:
-        return (f"pinned host pool too small: its cap of {g['pinned_pool'][i] / GiB:.1f} GiB ({pinned_pool.LIMIT_VAR}, "
-                f"fixed when JAX started) cannot hold the {g['streamed'][i] / GiB:.1f} GiB of experts the GPU does "
+        return (f"pinned host pool too small: its cap of {_gib(g['pinned_pool'][i])} GiB ({pinned_pool.LIMIT_VAR}, "
+                f"fixed when JAX started) cannot hold the {_gib(g['streamed'][i])} GiB of experts the GPU does "
                 f"not hold (with its margin: {pinned_pool.cap_bytes(g['streamed'][i]) / GiB:.0f} GiB); set "
                 f"{pinned_pool.LIMIT_VAR} before JAX starts")
-    return (f"host memory too small: one sequence needs {g['host_memory'][i] / GiB:.1f} GiB on the host (the "
+    return (f"host memory too small: one sequence needs {_gib(g['host_memory'][i])} GiB on the host (the "
             f"pinned pool for the streamed expert weights, the KV cache) with all the experts the GPU can hold "
-            f"resident, but {host_budget / GiB:.1f} GiB are usable ({HOST_USABLE:.0%} of {host_cap / GiB:.1f} GiB)")
+            f"resident, but {_gib(host_budget)} GiB are usable ({HOST_USABLE:.0%} of {_gib(host_cap)} GiB)")
 
 
 def _memory_cap(name: str, gb: float | None, available: float) -> float:
