@@ -48,6 +48,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # config.json's sliding window where it caps max_positions, else None
 
     def __post_init__(self):
         for name, allowed in (("family", tuple(_PARSERS)), ("norm", ("rms", "layer")),
@@ -151,14 +152,15 @@ def _rope(f: _Fields, head_dim: int, default_theta: float) -> tuple[float, int]:
     return theta, int(head_dim * factor)
 
 
-def _max_positions(f: _Fields, key: str = "max_position_embeddings") -> int:
-    """Context limit. A sliding window at least as long as the context is never in effect; a shorter
-    one would be, so it caps the context (attention over <= window tokens is then exact)."""
+def _context(f: _Fields, key: str = "max_position_embeddings") -> dict[str, int | None]:
+    """Context limit: max_positions, and sliding_window where a window caps it. A sliding window at least as
+    long as the context is never in effect; a shorter one would be, so it caps the context (attention over
+    <= window tokens is then exact)."""
     n = f.int(key)
     window = f.get("sliding_window")
     if f.get("use_sliding_window", True) and isinstance(window, int) and 0 < window < n:
-        return window
-    return n
+        return {"max_positions": window, "sliding_window": window}
+    return {"max_positions": n, "sliding_window": None}
 
 
 def _eos(v: Any) -> tuple[int, ...]:
@@ -184,7 +186,7 @@ def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, no
         family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=hidden,
         num_layers=f.int("num_hidden_layers"), num_heads=heads,
         num_kv_heads=f.int("num_key_value_heads", default=heads), head_dim=head_dim,
-        rotary_dim=rotary, rope_theta=theta, max_positions=_max_positions(f), norm="rms",
+        rotary_dim=rotary, rope_theta=theta, **_context(f), norm="rms",
         norm_eps=float(f.get("rms_norm_eps", default_eps)), qkv_bias=qkv_bias, qk_norm=qk_norm,
         clip_qkv=clip_qkv, num_experts=num_experts, experts_per_token=top_k,
         expert_ffn_size=expert_ffn, router_norm_p=norm_p, shared_expert_ffn_size=shared_ffn,
@@ -248,7 +250,7 @@ def _dbrx(f: _Fields) -> ModelConfig:
     return ModelConfig(
         family="dbrx", vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=f.int("n_layers"),
         num_heads=heads, num_kv_heads=attn.int("kv_n_heads", default=1), head_dim=head_dim,
-        rotary_dim=rotary, rope_theta=theta, max_positions=_max_positions(f, "max_seq_len"),
+        rotary_dim=rotary, rope_theta=theta, **_context(f, "max_seq_len"),
         norm="layer", norm_eps=1e-5, qkv_bias=False, qk_norm=None, clip_qkv=attn.get("clip_qkv"),
         num_experts=ffn.int("moe_num_experts"), experts_per_token=ffn.int("moe_top_k"),
         expert_ffn_size=ffn.int("ffn_hidden_size"),

@@ -31,6 +31,7 @@ def encode_prompt(cfg: ModelConfig, tokenizer: Tokenizer | None, prompt: str | S
         raise PromptError(f"{where}: token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
     if len(ids) > cfg.max_positions - room:
         left = ", one left to generate" if room else ""
+        window = " (config.json's sliding_window, which caps the context)" if cfg.sliding_window else ""
         raise PromptError(f"{where} has {len(ids)} tokens; the model allows at most {cfg.max_positions - room} "
-                          f"(max positions {cfg.max_positions}{left})")
+                          f"(max positions {cfg.max_positions}{window}{left})")
     return ids

@@ -49,6 +49,18 @@ def test_sliding_window_caps_the_context_instead_of_changing_attention():
     assert cfg("mixtral", sliding_window=128).max_positions == 128
     assert cfg("mixtral", sliding_window=4096).max_positions == 256  # longer than the context: not in effect
     assert cfg("qwen2_moe", sliding_window=64, use_sliding_window=False).max_positions == 256
+    assert cfg("mixtral", sliding_window=128).sliding_window == 128
+    assert cfg("mixtral", sliding_window=4096).sliding_window is None
+
+
+def test_a_prompt_past_a_capping_sliding_window_names_it():
+    from moe_jax.prompts import PromptError, encode_prompt
+
+    with pytest.raises(PromptError, match=r"prompt has 128 tokens; the model allows at most 127 \(max positions 128 "
+                                          r"\(config.json's sliding_window, which caps the context\), one left"):
+        encode_prompt(cfg("mixtral", sliding_window=128), None, [1] * 128)
+    with pytest.raises(PromptError, match=r"\(max positions 256, one left to generate\)"):
+        encode_prompt(cfg("mixtral"), None, [1] * 256)
 
 
 def test_config_file_errors(tmp_path):
