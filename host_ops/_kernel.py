@@ -6,7 +6,7 @@ One kernel covers decode and causal prefill: query ``(b, t)`` attends to KV posi
 head strides and one position stride, so that the cache's head-major layout (one region per slot, as
 long as that slot's capacity) and the dense ``[B, S, Hk, D]`` layout share one compiled kernel per
 KV dtype. bfloat16 is read as its uint16 bits and widened to float32 by a shift; int8 (the cache's
-quantised storage, `quantize_scatter`) is widened and multiplied by its row's float32 scale (one per D
+quantised storage, written by `scatter`) is widened and multiplied by its row's float32 scale (one per D
 elements: the scale of the row at element offset o is scales[o // D]), folded into the score for K and
 into the probability for V. All arithmetic is float32. Inputs are validated by the callers; nothing here
 checks shapes.

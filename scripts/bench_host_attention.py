@@ -62,11 +62,12 @@ def attention_gbs(batch: int, context: int, q_heads: int, kv_heads: int, head_di
     slots, lengths = np.arange(batch), np.full(batch, context)
     out = np.empty_like(q)
     best = [float("inf")] * len(caches)
-    for r in range(repeats + 1):  # the first round warms up
+    for r in range(repeats + 1):  # round 0 warms up
         for i, cache in enumerate(caches):
             t0 = time.perf_counter()
             cache.attend(0, slots, q, lengths, out=out)
-            best[i] = min(best[i], time.perf_counter() - t0) if r else best[i]
+            if r:
+                best[i] = min(best[i], time.perf_counter() - t0)
     return [(s, cache.nbytes / s / 1e9) for s, cache in zip(best, caches)]
 
 

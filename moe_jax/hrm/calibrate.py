@@ -7,9 +7,10 @@ dense bf16 matmul FLOP/s, device-memory copy bandwidth, pinned host→device cop
 wall time of a tiny jitted call (launch_seconds). The host:
 DRAM read bandwidth (NumPy sums, one thread per core) and f32 matmul FLOP/s (NumPy's BLAS). When
 importable, the CPU decode attention of `host_ops.HostKVCache` gives `attention_bandwidth` (over an int8
-cache, `int8_attention_bandwidth`) and the expert kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default "auto": the engine's), timed at a few token counts,
-gives `expert_flops` (the largest count's rate); the profile's "notes" keep the device, the sizes, the
-expert kernel, the per-size expert rates and what was not measured. Each figure is the best of 3 runs after a warm-up.
+cache, `int8_attention_bandwidth`) and the expert kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default
+"auto": the engine's), timed at a few token counts, gives `expert_flops` (the largest count's rate); the
+profile's "notes" keep the device, the sizes, the expert kernel, the per-size expert rates and what was not
+measured. Each figure is the best of 3 runs after a warm-up.
 `--quick` uses small sizes and finishes in seconds; its figures only check the plumbing.
 """
 from __future__ import annotations
