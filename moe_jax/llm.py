@@ -244,9 +244,9 @@ class LLM:
                         len(capped), self.cfg.max_positions, r.index, len(r.prompt), r.params.max_new_tokens)
         if self.engine is None:
             self._build_offload(self._choose_offload_policy(requests))
-        for req, ids, reason in self.engine.generate(requests):
-            text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
-            c = Completion(list(ids), text, reason, list(req.prompt))
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        for req, ids, reason, logprobs in self.engine.generate(requests):
+            c = Completion.of(req, ids, reason, logprobs, decode)
             yield req.index, cut_at_stop(c, req.params.stop, self.tokenizer.decode) if req.params.stop else c
 
     def generate(self, prompts: Sequence[str | Sequence[int]],

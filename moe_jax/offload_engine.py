@@ -47,7 +47,7 @@ from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, layer_param_specs, non_expert_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.resident_engine import device_memory_limit, precise
-from moe_jax.sampling import sample, sampling_rows, set_sampling_rows
+from moe_jax.sampling import host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
 from moe_jax.shape_buckets import bucket
 
 log = logging.getLogger("moe_jax")
@@ -171,11 +171,11 @@ def _post(cfg, impl, to_device, p, slots, table, x, attn):
 
 def _start_token(cfg, to_host, glob, p0, h, positions, temperature, top_p, top_k, seeds, counters):
     """Sample from hidden h [b, H], embed the token, pre-attention of layer 0 at `positions` [b, 1];
-    returns tokens, x and q, k, v (these in pinned host memory)."""
+    returns the `Sampled` tokens, x and q, k, v (these in pinned host memory)."""
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
-    tokens = sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, keys)
-    x = model.embed(glob, tokens[:, None])
-    return (tokens, x, *jax.device_put(model.pre_attention(cfg, p0, x, positions), to_host))
+    sampled = sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, keys)
+    x = model.embed(glob, sampled.tokens[:, None])
+    return (sampled, x, *jax.device_put(model.pre_attention(cfg, p0, x, positions), to_host))
 
 
 def _decode_mid(cfg, impl, to_device, to_host, p, p_next, slots, table, x, attn, positions, chunk):
@@ -453,8 +453,9 @@ class OffloadEngine:
 
     # ---- generation ----
 
-    def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str]]:
-        """Yields (request, generated token ids, finish_reason) as requests finish."""
+    def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str, list | None]]:
+        """Yields (request, generated token ids, finish_reason, logprobs) as requests finish (logprobs as the
+        resident engine's)."""
         if not requests:
             return
         cfg, pol = self.cfg, self.policy
@@ -524,6 +525,7 @@ class _Run:
         self.req = [[None] * s for s in sizes]  # index into requests, per row
         self.state = [np.full(s, FREE) for s in sizes]
         self.generated = [[[] for _ in range(s)] for s in sizes]
+        self.logprobs: list[list[list | None]] = [[None] * s for s in sizes]  # per row, where its request asks
         self.lens = [np.ones(s, np.int64) for s in sizes]
         self.samp = [sampling_rows(self.mu) for _ in sizes]
         self.no_join = (jnp.zeros((self.mu, H), eng.dtype), np.zeros(self.mu, bool))
@@ -558,6 +560,7 @@ class _Run:
                 if i is None:
                     break
                 self.req[k][b], self.state[k][b], self.generated[k][b] = i, PREFILL, []
+                self.logprobs[k][b] = [] if self.requests[i].params.logprobs is not None else None
                 self.lens[k][b] = len(self.requests[i].prompt)
                 rows.append(b)
             self.eng.stats.refilled += len(rows) if first is None else 0
@@ -587,24 +590,28 @@ class _Run:
             self.prefills.append(_PrefillCall(k, part, self.lens[k][part].copy(), positions,
                                               eng._embed(eng.glob, tokens)))
 
-    def _record(self, k: int, tokens: np.ndarray):
-        """Append the sampled tokens of micro-batch k's ACTIVE rows; yield the requests that finish."""
+    def _record(self, k: int, sampled):
+        """Append the tokens (host-side `Sampled`) of micro-batch k's ACTIVE rows; yield the requests that finish."""
         for b in np.flatnonzero(self.state[k] == ACTIVE):
             i = self.req[k][b]
-            self.generated[k][b].append(int(tokens[b]))
+            self.generated[k][b].append(int(sampled.tokens[b]))
+            if self.logprobs[k][b] is not None:
+                self.logprobs[k][b].append(logprob_entry(sampled, b, self.requests[i].params.logprobs))
             reason = finish_reason(self.requests[i], self.generated[k][b], self.budgets[i], self.eng.cfg.eos_token_ids)
             if reason:
                 self.state[k][b] = FREE
-                yield self.requests[i], self.generated[k][b], reason
+                yield self.requests[i], self.generated[k][b], reason, self.logprobs[k][b]
 
     # ---- CPU worker tasks ----
 
-    def _attend(self, layer: int, k: int, rows: np.ndarray, positions: np.ndarray, q, kk, v, tokens=None):
-        """Wait for the GPU's q/k/v; for the decoding `rows`, write k/v to the host cache and attend."""
+    def _attend(self, layer: int, k: int, rows: np.ndarray, positions: np.ndarray, q, kk, v, tokens=None,
+                logprobs: bool = False):
+        """Wait for the GPU's q/k/v; for the decoding `rows`, write k/v to the host cache and attend.
+        tokens: the `Sampled` of the step's last layer, fetched with the log-probabilities when `logprobs`."""
         st = self.eng.stats
         t0 = time.perf_counter()
         q, kk, v = np.asarray(q)[rows, 0], np.asarray(kk)[rows, 0], np.asarray(v)[rows, 0]
-        tokens = None if tokens is None else np.asarray(tokens)
+        tokens = None if tokens is None else host_sampled(tokens, logprobs)
         t1 = time.perf_counter()
         pos = positions[rows, 0]
         self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v)
@@ -689,8 +696,9 @@ class _Run:
                                     eng._chunk(calls), join)
                             else:  # no decode in flight in this micro-batch: the joining rows alone
                                 tokens, xs[k], q, kk, v = eng._start(eng.glob, eng.dense[0], join[0], pos, *samp)
-                        futs[nxt, k] = self.cpu.submit(self._attend, nxt, k, np.flatnonzero(self.state[k] == ACTIVE),
-                                                       pos, q, kk, v, tokens)
+                        rows = np.flatnonzero(self.state[k] == ACTIVE)
+                        futs[nxt, k] = self.cpu.submit(self._attend, nxt, k, rows, pos, q, kk, v, tokens,
+                                                       any(self.logprobs[k][b] is not None for b in rows))
                         if decoding:  # the call carried chunk `calls` of the next layer's experts
                             eng._store(calls, fetched)
                             calls += 1

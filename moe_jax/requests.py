@@ -39,9 +39,24 @@ def finish_reason(request: Request, generated: Sequence[int], budget: int, eos_i
 class Completion:
     """token_ids: generated tokens only (a stop token that ended generation included; a stop string's
     tokens up to the one completing it); text: their decoding (None without a tokenizer), cut before a stop
-    string; finish_reason: "stop" (EOS, a stop token or a stop string) or "length"."""
+    string; finish_reason: "stop" (EOS, a stop token or a stop string) or "length".
+    Where the request's SamplingParams.logprobs is set (else None): logprobs, each token's log-probability
+    under the model's distribution; top_logprobs (logprobs >= 1), each position's `logprobs` most likely
+    (token id, log-probability), most likely first."""
 
     token_ids: list[int]
     text: str | None
     finish_reason: str
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+    @classmethod
+    def of(cls, request: Request, token_ids: list[int], finish_reason: str, logprobs: list | None,
+           decode: Callable[[Sequence[int]], str] | None) -> "Completion":
+        """What an engine yields for `request` (logprobs: its `sampling.logprob_entry` per token, or None),
+        with the text where `decode` (a tokenizer's) is given."""
+        top = request.params.logprobs
+        return cls(list(token_ids), None if decode is None else decode(token_ids), finish_reason,
+                   list(request.prompt), None if logprobs is None else [lp for lp, _ in logprobs],
+                   [t for _, t in logprobs] if logprobs is not None and top else None)

@@ -25,7 +25,7 @@ from moe_jax import model
 from moe_jax.config import ModelConfig
 from moe_jax.params import layer_param_specs, model_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
-from moe_jax.sampling import sample, sampling_rows, set_sampling_rows
+from moe_jax.sampling import host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
 from moe_jax.shape_buckets import bucket
 
 log = logging.getLogger("moe_jax")
@@ -73,7 +73,7 @@ def step(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, last,
          temperature, top_p, top_k, seeds, counters, rows=None):
     """Forward, then sample one token per row from the hidden state at index `last` [B].
     Row b's sampling key is fold_in(PRNGKey(seeds[b]), counters[b]): a request's samples depend only
-    on its own seed and step, never on its batch. Returns (tokens [B] int32, cache_k, cache_v)."""
+    on its own seed and step, never on its batch. Returns (`Sampled`, cache_k, cache_v)."""
     x, cache_k, cache_v = forward(cfg, moe_impl, glob, layers, tokens, positions, cache_k, cache_v, rows)
     h = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
@@ -134,8 +134,9 @@ class ResidentEngine:
                 out[i] = logits[r, :len(prompts[i])]
         return out
 
-    def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str]]:
-        """Yields (request, generated token ids, finish_reason) as each request finishes."""
+    def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str, list | None]]:
+        """Yields (request, generated token ids, finish_reason, logprobs) as each request finishes; logprobs:
+        one `logprob_entry` per token where the request asks for them (params.logprobs), else None."""
         if not requests:
             return
         cfg = self.cfg
@@ -148,14 +149,18 @@ class ResidentEngine:
         req: list[Request | None] = [None] * B
         budget = np.zeros(B, np.int64)
         generated: list[list[int]] = [[] for _ in range(B)]
+        logprobs: list[list | None] = [None] * B
         lens, last_token = np.ones(B, np.int32), np.zeros(B, np.int32)
         samp = sampling_rows(B)
 
-        def record(b: int, token: int):
-            generated[b].append(token)
-            last_token[b] = token
+        def record(b: int, s, r: int):
+            """Row b's request takes the token sampled in row r of host-side `s`."""
+            generated[b].append(int(s.tokens[r]))
+            last_token[b] = s.tokens[r]
+            if logprobs[b] is not None:
+                logprobs[b].append(logprob_entry(s, r, req[b].params.logprobs))
             if reason := finish_reason(req[b], generated[b], budget[b], cfg.eos_token_ids):
-                yield req[b], generated[b], reason
+                yield req[b], generated[b], reason, logprobs[b]
                 req[b] = None
 
         self.decode_steps = 0
@@ -166,10 +171,11 @@ class ResidentEngine:
                 for b in new:
                     req[b], budget[b] = waiting.popleft()
                     generated[b], lens[b] = [], len(req[b].prompt)
+                    logprobs[b] = [] if req[b].params.logprobs is not None else None
                 samp = set_sampling_rows(samp, new, [req[b].params for b in new])
                 nxt, cache = self._prefill(new, req, lens, samp, cache)
                 for r, b in enumerate(new):
-                    yield from record(b, int(nxt[r]))
+                    yield from record(b, nxt, r)
             active = np.array([r is not None for r in req])
             if not active.any():
                 if waiting:
@@ -179,10 +185,10 @@ class ResidentEngine:
             counters = np.array([len(g) for g in generated], np.int32)
             nxt, *cache = self._step(self.glob, self.layers, last_token[:, None], positions[:, None],
                                      np.zeros(B, np.int32), *cache, *samp, counters)
-            nxt = np.asarray(nxt)
+            nxt = host_sampled(nxt, any(logprobs[b] is not None for b in np.flatnonzero(active)))
             self.decode_steps += 1
             for b in np.flatnonzero(active):
-                yield from record(b, int(nxt[b]))
+                yield from record(b, nxt, b)
 
     def _prefill(self, new: list[int], req, lens, samp, cache):
         """Prefill the requests of rows `new` into their cache rows; returns their first tokens and the cache.
@@ -195,4 +201,4 @@ class ResidentEngine:
         positions = np.broadcast_to(np.arange(T, dtype=np.int32), (b, T))
         nxt, *cache = self._step(self.glob, self.layers, tokens, positions, lens[rows] - 1, *cache,
                                  *(a[rows] for a in samp), np.zeros(b, np.int32), rows)
-        return np.asarray(nxt), cache
+        return host_sampled(nxt, any(req[b].params.logprobs is not None for b in new)), cache

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +12,18 @@ import numpy as np
 from moe_jax.integers import integer_ids, is_integer
 
 
+MAX_TOP_LOGPROBS = 20  # most likely tokens a position reports at most (OpenAI's limit, as vLLM's default)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings. temperature 0 is greedy; top_k 0 and top_p 1 disable those
     filters; generation stops at `max_new_tokens`, at a stop token, (unless ignore_eos) at EOS, or at
-    a stop string (`stop`: a string or several; the text is cut before it; needs a tokenizer)."""
+    a stop string (`stop`: a string or several; the text is cut before it; needs a tokenizer).
+    logprobs: None, or return each generated token's log-probability (`Completion.logprobs`) and, when
+    >= 1, that many most likely tokens at each position (`Completion.top_logprobs`, at most
+    MAX_TOP_LOGPROBS), as vLLM's `logprobs`: under the model's own distribution (log-softmax of its
+    float32 logits, before temperature, top-k and top-p)."""
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -25,6 +33,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", integer_ids(self.stop_token_ids, "stop_token_ids"))
@@ -47,11 +56,15 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.logprobs is not None and not (is_integer(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {list(self.stop_token_ids)}")
         for name, kind in (("max_new_tokens", int), ("top_k", int), ("seed", int), ("temperature", float),
                            ("top_p", float), ("ignore_eos", bool)):  # NumPy scalars as Python's
             object.__setattr__(self, name, kind(getattr(self, name)))
+        if self.logprobs is not None:
+            object.__setattr__(self, "logprobs", int(self.logprobs))
 
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
@@ -71,9 +84,20 @@ def set_sampling_rows(arrays: list[np.ndarray], rows, params) -> list[np.ndarray
     return out
 
 
+class Sampled(NamedTuple):
+    """One sampling step, per row: tokens [B] int32; logprob [B] float32, the token's log-probability under
+    the model's distribution (log-softmax of the logits, before temperature, top-k and top-p); top_ids,
+    top_logprobs [B, K] the K = min(MAX_TOP_LOGPROBS, vocab) most likely tokens and theirs, descending."""
+
+    tokens: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
 def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
-           keys: jax.Array) -> jax.Array:
-    """logits [B, V] float32; temperature, top_p [B] float32; top_k [B] int32; keys [B, 2] uint32 -> [B] int32.
+           keys: jax.Array) -> Sampled:
+    """logits [B, V] float32; temperature, top_p [B] float32; top_k [B] int32; keys [B, 2] uint32.
     Rows with temperature 0 take the argmax."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
@@ -85,4 +109,23 @@ def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: j
     vals = jnp.where(drop_p, -jnp.inf, vals)
     choice = jax.vmap(jax.random.categorical)(keys, vals)
     sampled = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    tokens = jnp.where(temperature > 0, sampled, greedy)
+    # idx orders the raw logits too (dividing by t > 0 keeps the order): its first K are the top K.
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    top_ids = idx[:, :min(MAX_TOP_LOGPROBS, logits.shape[-1])].astype(jnp.int32)
+    return Sampled(tokens, jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0], top_ids,
+                   jnp.take_along_axis(log_probs, top_ids, axis=-1))
+
+
+def host_sampled(s: Sampled, logprobs: bool) -> Sampled:
+    """`s` fetched to the host as NumPy arrays: the tokens, and the log-probabilities only when `logprobs`
+    (some row's request asks for them; None otherwise, so that a job without them fetches nothing more)."""
+    if not logprobs:
+        return Sampled(np.asarray(s.tokens), None, None, None)
+    return Sampled(*(np.asarray(a) for a in s))
+
+
+def logprob_entry(s: Sampled, row: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """Row `row` of host-side `s`: (the token's log-probability, the n most likely (token id, log-probability))."""
+    top = zip(s.top_ids[row, :n].tolist(), s.top_logprobs[row, :n].tolist())
+    return float(s.logprob[row]), [(i, lp) for i, lp in top]

@@ -31,8 +31,8 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
 
 
 def cut_at_stop(c: Completion, stops: Sequence[str], decode: Callable[[Sequence[int]], str]) -> Completion:
-    """`c` ended at the first stop string of its text: the text before it, the tokens up to the one that
-    completed it, finish_reason "stop". Unchanged when no stop string occurs."""
+    """`c` ended at the first stop string of its text: the text before it, the tokens (and their logprobs) up
+    to the one that completed it, finish_reason "stop". Unchanged when no stop string occurs."""
     cut = _first_stop(c.text or "", stops)
     if cut is None:
         return c
@@ -43,4 +43,5 @@ def cut_at_stop(c: Completion, stops: Sequence[str], decode: Callable[[Sequence[
             lo = mid + 1
         else:
             hi = mid
-    return dataclasses.replace(c, token_ids=c.token_ids[:lo], text=c.text[:cut], finish_reason="stop")
+    return dataclasses.replace(c, token_ids=c.token_ids[:lo], text=c.text[:cut], finish_reason="stop",
+                               logprobs=c.logprobs and c.logprobs[:lo], top_logprobs=c.top_logprobs and c.top_logprobs[:lo])

@@ -22,7 +22,7 @@ GREEDY = SamplingParams(max_new_tokens=7, ignore_eos=True)
 def offload_tokens(source, policy, params=GREEDY, prompts=PROMPTS):
     eng = OffloadEngine(source.cfg, source.weights, np.float32, policy)
     per = params if isinstance(params, list) else [params] * len(prompts)
-    out = {r.index: ids for r, ids, _ in eng.generate([Request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, per))])}
+    out = {r.index: ids for r, ids, *_ in eng.generate([Request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, per))])}
     assert sorted(out) == list(range(len(prompts)))
     assert eng.stats.decode_steps > 0 and eng.stats.cpu.sum() > 0
     return [out[i] for i in range(len(prompts))], eng
@@ -56,6 +56,25 @@ def test_sampling_and_stops_match_resident():
     params = [SamplingParams(max_new_tokens=n, temperature=0.8, top_p=0.9, seed=s) for n, s in zip(range(3, 10), range(7))]
     got, _ = offload_tokens(source, Policy(batch_size=7, micro_batch_size=3, num_micro_batches=3), params)
     assert got == resident_tokens(source, params)
+
+
+def test_logprobs_match_resident():
+    """The offload engine's logprobs and top tokens are the resident engine's (float32, CPU attention)."""
+    prompts = ["The quick brown fox", "x", "hello world, again", "abc", "zz"]
+    params = [SamplingParams(max_new_tokens=6, temperature=0.7 * (i % 2), seed=i, logprobs=(None, 0, 2)[i % 3])
+              for i in range(len(prompts))]
+    policy = Policy(batch_size=3, micro_batch_size=2, num_micro_batches=2, resident_expert_fraction=0.5)
+    want = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident").generate(prompts, params)
+    got = moe_jax.LLM("tiny-mixtral", dtype="float32", policy=policy).generate(prompts, params)
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids and (g.logprobs is None) == (w.logprobs is None)
+        if w.logprobs is not None:
+            np.testing.assert_allclose(g.logprobs, w.logprobs, rtol=1e-4, atol=1e-5)
+        assert (g.top_logprobs is None) == (w.top_logprobs is None)
+        if w.top_logprobs is not None:
+            assert [[i for i, _ in t] for t in g.top_logprobs] == [[i for i, _ in t] for t in w.top_logprobs]
+            np.testing.assert_allclose([[lp for _, lp in t] for t in g.top_logprobs],
+                                       [[lp for _, lp in t] for t in w.top_logprobs], rtol=1e-4, atol=1e-5)
 
 
 def test_gpu_memory_cap_is_checked_before_loading():
@@ -245,7 +264,7 @@ def test_whole_layer_prefetch_equals_split():
     policy = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2)
     eng = OffloadEngine(source.cfg, source.weights, np.float32, policy, prefetch="whole")
     assert all(len(eng.pages.chunks(i)) == 1 for i in range(source.cfg.num_layers))
-    got = {r.index: ids for r, ids, _ in eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])}
+    got = {r.index: ids for r, ids, *_ in eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])}
     assert [got[i] for i in range(len(PROMPTS))] == resident_tokens(source)
 
 
@@ -384,7 +403,7 @@ def assert_exp4_tokens_equal(prefetch: str):
     for codec in ("none", "exp4"):
         eng = OffloadEngine(source.cfg, source.weights, ml_dtypes.bfloat16,
                             Policy(4, 2, 2, 0.25, expert_codec=codec), prefetch=prefetch)
-        runs[codec] = sorted((r.index, ids) for r, ids, _ in eng.generate(requests)), eng.stats
+        runs[codec] = sorted((r.index, ids) for r, ids, *_ in eng.generate(requests)), eng.stats
     assert runs["exp4"][0] == runs["none"][0]
     assert runs["exp4"][1].h2d_bytes == 0.75 * runs["none"][1].h2d_bytes > 0
     stats = runs["exp4"][1]

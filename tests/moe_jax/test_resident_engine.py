@@ -20,7 +20,7 @@ BUDGETS = (2, 9, 3, 12, 1, 5, 7)
 
 
 def run(engine, prompts, params):
-    out = {r.index: ids for r, ids, _ in engine.generate([Request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])}
+    out = {r.index: ids for r, ids, *_ in engine.generate([Request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])}
     assert sorted(out) == list(range(len(prompts)))
     return [out[i] for i in range(len(prompts))]
 

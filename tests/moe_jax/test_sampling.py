@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import moe_jax
-from moe_jax.sampling import SamplingParams, sample
+from moe_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams, sample
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,11 @@ def test_filters_on_random_logits():
     top3 = np.argsort(-logits, axis=1)[:, :3]
     for s in range(20):
         ks = jax.random.split(jax.random.PRNGKey(s), 4)
-        got = np.asarray(sample(logits, ones, ones, np.full(4, 3, np.int32), ks))
+        got = np.asarray(sample(logits, ones, ones, np.full(4, 3, np.int32), ks).tokens)
         assert all(got[b] in top3[b] for b in range(4))
-        tiny_p = np.asarray(sample(logits, ones, np.full(4, 1e-6, np.float32), np.zeros(4, np.int32), ks))
+        tiny_p = np.asarray(sample(logits, ones, np.full(4, 1e-6, np.float32), np.zeros(4, np.int32), ks).tokens)
         np.testing.assert_array_equal(tiny_p, logits.argmax(1))
-    greedy = np.asarray(sample(logits, np.zeros(4, np.float32), ones, np.zeros(4, np.int32), keys))
+    greedy = np.asarray(sample(logits, np.zeros(4, np.float32), ones, np.zeros(4, np.int32), keys).tokens)
     np.testing.assert_array_equal(greedy, logits.argmax(1))
 
 
@@ -58,6 +58,9 @@ def test_stop_tokens_and_lengths(llm):
     (dict(seed="x"), "seed must be an integer, got 'x'"), (dict(seed=1.5), "seed must be an integer, got 1.5"),
     (dict(ignore_eos="no"), "ignore_eos must be True or False, got 'no'"),
     (dict(stop_token_ids=[3, -1]), r"stop_token_ids must be >= 0, got \[3, -1\]"),
+    (dict(logprobs=-1), r"logprobs must be None or an integer in 0\.\.20, got -1"),
+    (dict(logprobs=21), "logprobs must be None or an integer in 0..20, got 21"),
+    (dict(logprobs=1.0), "got 1.0"), (dict(logprobs=True), "got True"),
 ])
 def test_invalid_sampling_params(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -86,5 +89,45 @@ def test_top_p_applies_to_the_top_k_survivors():
     logits = np.log(np.array([[0.3, 0.2, 0.2, 0.15, 0.15]], np.float32))
     one = np.ones(1, np.float32)
     draws = {int(sample(logits, one, np.full(1, 0.5, np.float32), np.full(1, 2, np.int32),
-                        jax.random.PRNGKey(s)[None])[0]) for s in range(40)}
+                        jax.random.PRNGKey(s)[None]).tokens[0]) for s in range(40)}
     assert draws == {0}
+
+
+def test_logprobs_are_the_models_distribution_whatever_the_filters():
+    """Each row's token log-probability and top tokens come from log-softmax of the raw logits (float64
+    reference), for greedy rows and for rows sampled with temperature, top-k and top-p alike."""
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(5, 60)) * 4).astype(np.float32)
+    temperature = np.array([0, 0.7, 1.3, 1, 0.5], np.float32)
+    top_p = np.array([1, 1, 0.8, 1, 0.9], np.float32)
+    top_k = np.array([0, 0, 0, 3, 5], np.int32)
+    s = sample(logits, temperature, top_p, top_k, jax.random.split(jax.random.PRNGKey(3), 5))
+    x = logits.astype(np.float64)
+    ref = x - x.max(1, keepdims=True) - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True))
+    tokens = np.asarray(s.tokens)
+    np.testing.assert_allclose(np.asarray(s.logprob), ref[np.arange(5), tokens], rtol=1e-5)
+    order = np.argsort(-x, axis=1)[:, :MAX_TOP_LOGPROBS]
+    np.testing.assert_array_equal(np.asarray(s.top_ids), order)
+    np.testing.assert_allclose(np.asarray(s.top_logprobs), np.take_along_axis(ref, order, 1), rtol=1e-5)
+    assert tokens[0] == order[0, 0] and tokens[3] in order[3, :3]
+
+
+def test_generated_logprobs_equal_the_logits_of_the_sequence(llm):
+    """Completion.logprobs[j] is log-softmax of LLM.logits at the position that predicted token j (greedy and
+    sampled); top_logprobs holds the `logprobs` most likely tokens, descending; None asks for nothing, 0 for
+    the tokens' own only."""
+    prompts = ["The quick brown fox", "x", "hello world"]
+    params = [SamplingParams(max_new_tokens=6, logprobs=3), SamplingParams(max_new_tokens=5, temperature=1.0,
+              seed=4, logprobs=0), SamplingParams(max_new_tokens=4)]
+    outs = llm.generate(prompts, params)
+    assert outs[2].logprobs is None and outs[2].top_logprobs is None and outs[1].top_logprobs is None
+    for c in outs[:2]:
+        n = len(c.prompt_token_ids)
+        x = llm.logits([c.prompt_token_ids + c.token_ids])[0][n - 1:-1].astype(np.float64)
+        ref = x - x.max(1, keepdims=True) - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True))
+        assert len(c.logprobs) == len(c.token_ids)
+        np.testing.assert_allclose(c.logprobs, ref[np.arange(len(c.token_ids)), c.token_ids], rtol=1e-4, atol=1e-5)
+    top = outs[0].top_logprobs
+    assert [len(t) for t in top] == [3] * len(outs[0].token_ids)
+    assert [t[0][0] for t in top] == outs[0].token_ids  # greedy: the token is the most likely one
+    assert all(a[1] >= b[1] for t in top for a, b in zip(t, t[1:]))

@@ -35,7 +35,7 @@ def a_stop_string_inside(text: str) -> str:
 def test_stop_strings_end_generation_early(source, unstopped, policy):
     tok = source.tokenizer
     stop = a_stop_string_inside(unstopped[0].text)
-    params = [SamplingParams(max_new_tokens=24, ignore_eos=True, stop=("\x00never", stop))] + \
+    params = [SamplingParams(max_new_tokens=24, ignore_eos=True, stop=("\x00never", stop), logprobs=1)] + \
              [SamplingParams(max_new_tokens=24, ignore_eos=True)] * (len(PROMPTS) - 1)
     got = moe_jax.LLM(source, dtype="float32", policy=policy).generate(PROMPTS, params)
     full = unstopped[0]
@@ -43,6 +43,7 @@ def test_stop_strings_end_generation_early(source, unstopped, policy):
     assert needed < 24
     assert got[0].token_ids == full.token_ids[:needed]  # generation stopped there, not only the text
     assert (got[0].text, got[0].finish_reason) == (full.text[:full.text.find(stop)], "stop")
+    assert len(got[0].logprobs) == len(got[0].top_logprobs) == needed  # cut with the tokens
     assert [dataclasses.astuple(c) for c in got[1:]] == [dataclasses.astuple(c) for c in unstopped[1:]]
 
 
