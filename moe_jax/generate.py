@@ -29,7 +29,7 @@ from moe_jax.hrm import HardwareError, InfeasibleError
 from moe_jax.job_output import (CompletionWriter, ResumeError, check_meta, finished_ids, sidecar, start_output,
                                 write_errors)
 from moe_jax.job_requests import BadLine, JobRequest
-from moe_jax.jsonl_jobs import OPENAI, Job, JobInputError, read_job
+from moe_jax.jsonl_jobs import OPENAI, PLAIN, Job, JobInputError, read_job
 from moe_jax.llm import LLM, POLICIES, PolicyUnavailable
 from moe_jax.model_source import ModelNotFound, ModelSource, open_model
 from moe_jax.offload_policy import CODECS, KV_CACHE_DTYPES, PolicyError
@@ -37,7 +37,7 @@ from moe_jax.params import DTYPES
 from moe_jax.presets import DEFAULT_PRESET
 from moe_jax.progress import Progress
 from moe_jax.prompts import PromptError, encode_prompt
-from moe_jax.sampling import SamplingParams
+from moe_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from moe_jax.saved_model import SavedModelError
 from moe_jax.stop_signals import Interrupted, interruptible
 from moe_jax.tokenizer import TokenizerError
@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--logprobs", type=int, metavar="N",
+                   help="return each generated token's log-probability and the N (0..20) most likely tokens at "
+                        "each position (output fields logprobs, top_logprobs; with --prompt, a JSON line)")
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop string (repeatable); an input line's own \"stop\" replaces these")
     p.add_argument("--dtype", choices=sorted(set(DTYPES.values())), default="bfloat16")
@@ -98,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.output and args.output.is_file() and args.output.stat().st_size and not (args.resume or args.overwrite):
         p.error(f"--output {args.output} already holds finished lines: --resume to continue that job, --overwrite "
                 "to replace them, or another file")
+    if args.logprobs is not None and not 0 <= args.logprobs <= MAX_TOP_LOGPROBS:
+        p.error(f"--logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {args.logprobs}")
     if args.max_batch_size is not None and args.max_batch_size < 1:
         p.error(f"--max-batch-size must be a positive integer, got {args.max_batch_size}")
     if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
@@ -111,7 +116,7 @@ def base_params(args: argparse.Namespace, source: ModelSource) -> SamplingParams
         raise JobInputError(f"--stop needs a model with tokenizer.json; {args.model} has none")
     try:
         return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), logprobs=args.logprobs)
     except ValueError as e:
         raise JobInputError(f"bad sampling flag: {e}") from None
 
@@ -129,7 +134,7 @@ def job_meta(args: argparse.Namespace, job: Job, llm: LLM | None = None) -> dict
     model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
     meta = {"model": model, "dtype": args.dtype, "input_format": job.format.name,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None}
+            "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None, "logprobs": args.logprobs}
     if llm is not None:
         meta["kv_cache_dtype"] = "auto" if llm.policy == "resident" else args.kv_cache_dtype
     return meta
@@ -222,7 +227,10 @@ def run_prompt(args: argparse.Namespace) -> int:
     start, generated = time.perf_counter(), 0
     for _, c in llm.generate_iter([prompt], params):
         generated += len(c.token_ids)
-        print(c.text if c.text is not None else json.dumps(c.token_ids))
+        if c.logprobs is not None:
+            print(json.dumps(PLAIN.completion_record(JobRequest(0, 0, prompt), c, llm), ensure_ascii=False))
+        else:
+            print(c.text if c.text is not None else json.dumps(c.token_ids))
     report(llm, 1, generated, start, args.dtype)
     return 0
 
@@ -259,7 +267,7 @@ def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, out
             for i, c in completions:
                 req = todo[i][0]
                 progress.update(1, len(c.token_ids))
-                writer.write(job.format.completion_record(req, c, llm.name))
+                writer.write(job.format.completion_record(req, c, llm))
     finally:
         progress.close()
         writer.close()

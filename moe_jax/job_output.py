@@ -78,7 +78,7 @@ def start_output(out: Path, meta: dict) -> None:
 
 
 # Settings an OUT.meta.json may lack (written before they were recorded), as they were then.
-META_DEFAULTS = {"kv_cache_dtype": "auto"}
+META_DEFAULTS = {"kv_cache_dtype": "auto", "logprobs": None}
 
 
 def check_meta(out: Path, meta: dict) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from moe_jax.sampling import MAX_TOP_LOGPROBS
+
 
 @dataclasses.dataclass(frozen=True)
 class JobRequest:
@@ -59,6 +61,7 @@ SAMPLING_CHECKS = {  # the SamplingParams fields a request line may set: (check,
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "seed": (is_int, "an integer"),
+    "logprobs": (lambda v: is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS, f"an integer in 0..{MAX_TOP_LOGPROBS}"),
 }
 
 

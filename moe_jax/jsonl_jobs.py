@@ -3,9 +3,11 @@ output and error lines.
 
 Plain input line: {"prompt": TEXT} or {"prompt_token_ids": [INT, ...]}, optional "id" (string or int,
 unique; default: the line number), "stop" (a string or a list of them) and the sampling fields
-"max_new_tokens", "temperature", "top_p", "top_k", "seed"; any other field makes the line invalid. Output
-line: {"id", "token_ids", "text", "finish_reason"}; error line: {"line", "id", "error"}. OpenAI batch
-lines: see `moe_jax.openai_batch`.
+"max_new_tokens", "temperature", "top_p", "top_k", "seed", "logprobs"; any other field makes the line
+invalid. Output line: {"id", "token_ids", "text", "finish_reason"}, plus, where the request asked for
+logprobs, "logprobs" (one per token) and, for logprobs >= 1, "top_logprobs" (per token, [[token id,
+logprob], ...] most likely first); error line: {"line", "id", "error"}. OpenAI batch lines: see
+`moe_jax.openai_batch`.
 A file holds one format; every bad line is found, none stops the reading.
 """
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from moe_jax import openai_batch
 from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, is_int, is_token_ids, refuse_unknown,
                                   sampling_fields, stop_strings)
 from moe_jax.requests import Completion
+
+if TYPE_CHECKING:
+    from moe_jax.llm import LLM
 
 
 class JobInputError(ValueError):
@@ -30,7 +35,7 @@ class JobFormat:
     name: str
     id_key: str  # the field that identifies a request in input and output lines
     parse: Callable[[int, dict], JobRequest]
-    completion_record: Callable[[JobRequest, Completion, str], dict]  # (request, completion, model name)
+    completion_record: Callable[[JobRequest, Completion, LLM], dict]  # (request, its completion, the model)
     error_record: Callable[[BadLine], dict]
 
 
@@ -60,8 +65,13 @@ def _parse_plain(n: int, obj: dict) -> JobRequest:
     return JobRequest(n, rid, prompt, sampling=sampling, stop=stop_strings(obj))
 
 
-def _plain_record(req: JobRequest, c: Completion, model: str) -> dict:
-    return {"id": req.id, "token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason}
+def _plain_record(req: JobRequest, c: Completion, llm: LLM) -> dict:
+    record = {"id": req.id, "token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        record["logprobs"] = c.logprobs
+    if c.top_logprobs is not None:
+        record["top_logprobs"] = [[list(pair) for pair in top] for top in c.top_logprobs]
+    return record
 
 
 def _plain_error(bad: BadLine) -> dict:

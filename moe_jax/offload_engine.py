@@ -112,13 +112,15 @@ class OffloadMemoryError(MemoryError):
 def check_host_memory(policy, what: str, need: int, planned: float | None = None, also: str = "") -> None:
     """Raise OffloadMemoryError if `need` bytes for `what` exceed what the host can still give
     (`moe_jax.host_memory.available_bytes`; planned: the host memory the job is planned with, bytes); `also`:
-    one more remedy to name."""
+    one more remedy to name, e.g. "use kv_cache_dtype='int8'"."""
     avail = host_memory.available_bytes(planned)
     if avail is not None and need > avail:
+        remedies = ["lower batch_size", *(["raise resident_expert_fraction"] if policy.resident_expert_fraction < 1
+                                          else []), *([also] if also else [])]
         raise OffloadMemoryError(f"policy {policy} needs {need / 2**30:.2f} GiB of host memory for {what} but "
-                                 f"only {avail / 2**30:.2f} GiB is available: lower batch_size or raise "
-                                 f"resident_expert_fraction{also} (on a VM that shows less memory than it has until "
-                                 f"used, set {host_memory.HOST_MEMORY_VAR} to its memory in GiB)")
+                                 f"only {avail / 2**30:.2f} GiB is available: {', '.join(remedies[:-1])}"
+                                 f"{' or ' * (len(remedies) > 1)}{remedies[-1]} (on a VM that shows less memory than "
+                                 f"it has until used, set {host_memory.HOST_MEMORY_VAR} to its memory in GiB)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -470,7 +472,7 @@ class OffloadEngine:
         check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions, {kv_dtype})",
                           HostKVCache.footprint(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads,
                                                 cfg.head_dim, kv_dtype), self.host_memory_bytes,
-                          ", or set kv_cache_dtype='int8' (lossy; about half the bytes)" if kv_dtype.kind == "f" else "")
+                          "set kv_cache_dtype='int8' (lossy; about half the bytes)" if kv_dtype.kind == "f" else "")
         T = bucket(max(lengths))
         self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
                                f"prefill of prompts up to {T} tokens")

@@ -3,24 +3,33 @@ documents them.
 
 Request: {"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions", "body": {...}}
 with "prompt" (text or token ids) or "messages" ([{"role", "content"}, ...]) and optional "max_tokens"
-(or "max_completion_tokens"), "temperature", "top_p", "seed", "stop" (a string or a list of them);
-"model", "user", "metadata" and "store" are ignored, "n" must be 1, and any other body field (e.g.
-"logprobs") makes the line invalid rather than be dropped. Fields a body leaves out take the CLI's values.
+(or "max_completion_tokens"), "temperature", "top_p", "seed", "stop" (a string or a list of them), and
+log-probabilities as each endpoint asks for them: "logprobs" (0..20 most likely tokens) for completions,
+"logprobs" (true) with "top_logprobs" (0..20) for chat; "model", "user", "metadata" and "store" are
+ignored, "n" must be 1, and any other body field makes the line invalid rather than be dropped. Fields a
+body leaves out take the CLI's values. The response's "logprobs" follow each endpoint's shape; a token's
+string is its own decoding (a token holding part of a UTF-8 character decodes to U+FFFD).
 """
 from __future__ import annotations
 
 import time
 import uuid
+from typing import TYPE_CHECKING, Callable
 
-from moe_jax.job_requests import BadLine, JobRequest, is_token_ids, refuse_unknown, sampling_fields, stop_strings
+from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, is_token_ids, optional, refuse_unknown,
+                                  sampling_fields, stop_strings)
 from moe_jax.requests import Completion
+
+if TYPE_CHECKING:
+    from moe_jax.llm import LLM
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 ID_KEY = "custom_id"  # what identifies a request in input and output lines
 
 _SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
              "top_p": "top_p", "seed": "seed"}  # body key -> SamplingParams field
-_BODY_KEYS = ("model", "user", "metadata", "store", "n", "prompt", "messages", "stop", *_SAMPLING)
+_BODY_KEYS = ("model", "user", "metadata", "store", "n", "stop", "logprobs", *_SAMPLING)
+_ENDPOINT_KEYS = {COMPLETIONS: ("prompt",), CHAT: ("messages", "top_logprobs")}
 
 
 def is_request(obj: dict) -> bool:
@@ -40,12 +49,24 @@ def parse_request(n: int, obj: dict) -> JobRequest:
     body = obj.get("body")
     if not isinstance(body, dict):
         raise ValueError("'body' must be a JSON object")
-    refuse_unknown(body, _BODY_KEYS, "body.")
+    refuse_unknown(body, (*_BODY_KEYS, *_ENDPOINT_KEYS[url]), "body.")
     if body.get("n") not in (None, 1):
         raise ValueError(f"'body.n' must be 1 (one completion per request), got {body['n']!r}")
     prompt, messages = (None, _messages(body)) if url == CHAT else (_prompt(body), None)
-    return JobRequest(n, cid, prompt, messages, sampling_fields(body, _SAMPLING, "body."), stop_strings(body, "body."),
-                      url)
+    sampling = {**sampling_fields(body, _SAMPLING, "body."), **_logprobs(body, url == CHAT)}
+    return JobRequest(n, cid, prompt, messages, sampling, stop_strings(body, "body."), url)
+
+
+def _logprobs(body: dict, chat: bool) -> dict:
+    """The SamplingParams.logprobs a body asks for ({} for none): completions' "logprobs" (the number of most
+    likely tokens), or chat's "logprobs" (true/false) with "top_logprobs" (that number)."""
+    if not chat:
+        return sampling_fields(body, {"logprobs": "logprobs"}, "body.")
+    want = optional(body, "logprobs", lambda v: isinstance(v, bool), "true or false", "body.")
+    top = optional(body, "top_logprobs", *SAMPLING_CHECKS["logprobs"], "body.")
+    if top is not None and not want:
+        raise ValueError("'body.top_logprobs' needs 'body.logprobs': true")
+    return {"logprobs": top or 0} if want else {}
 
 
 def _prompt(body: dict) -> str | tuple[int, ...]:
@@ -67,15 +88,33 @@ def _messages(body: dict) -> tuple[dict, ...]:
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)
 
 
-def response_record(req: JobRequest, c: Completion, model: str) -> dict:
+def _logprobs_record(c: Completion, chat: bool, token: Callable[[int], str]) -> dict | None:
+    """A choice's "logprobs" in the endpoint's shape (None where the request asked for none)."""
+    if c.logprobs is None:
+        return None
+    tops = c.top_logprobs or [[] for _ in c.token_ids]
+    if chat:
+        def entry(t, lp):
+            return {"token": token(t), "logprob": lp, "bytes": list(token(t).encode("utf-8"))}
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, x) for i, x in top]}
+                            for t, lp, top in zip(c.token_ids, c.logprobs, tops)], "refusal": None}
+    strings = [token(t) for t in c.token_ids]
+    offsets = [sum(map(len, strings[:j])) for j in range(len(strings))]
+    return {"tokens": strings, "token_logprobs": c.logprobs,
+            "top_logprobs": None if c.top_logprobs is None else [{token(i): x for i, x in top} for top in tops],
+            "text_offset": offsets}
+
+
+def response_record(req: JobRequest, c: Completion, llm: LLM) -> dict:
     """The output line of a finished request (HTTP 200, the body a completions or chat API response)."""
-    chat = req.endpoint == CHAT
+    chat, model = req.endpoint == CHAT, llm.name
+    logprobs = _logprobs_record(c, chat, lambda t: llm.tokenizer.decode([t]))
     choice = {"index": 0, "message": {"role": "assistant", "content": c.text}} if chat else {"index": 0, "text": c.text}
     usage = {"prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids),
              "total_tokens": len(c.prompt_token_ids) + len(c.token_ids)}
     body = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
             "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{**choice, "finish_reason": c.finish_reason, "logprobs": None}], "usage": usage}
+            "choices": [{**choice, "finish_reason": c.finish_reason, "logprobs": logprobs}], "usage": usage}
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": req.id,
             "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
 

@@ -176,14 +176,20 @@ class Runner:
         return row
 
     def run_baseline_workload(self, cap: float, spec: str, prompts, gen_len: int) -> dict:
-        """Ours on the baseline's prompts, with `spec`'s policy for that workload (HRM: at most that batch)."""
+        """Ours on the baseline's prompts, with `spec`'s policy for that workload (HRM: at most that batch); a
+        policy that cannot run gives {"error"}, so that the baseline's figure is still reported."""
+        from moe_jax import hrm
+
         args = self.args
         job = bc.engine_lengths(prompts, gen_len, self.source.cfg.max_positions)
-        policy = bc.resolve_policy(spec, self.source.cfg, self.hardware, job, cap, len(prompts), args.dtype,
-                                   **bc.policy_options(args))
-        bc.log(f"baseline workload ({len(prompts)} prompts, gen {gen_len}), cap {cap:g} GiB, policy {spec}: {policy}")
-        llm, load_s = self.engine_for(policy)
-        run = bc.timed_generate(llm, prompts, gen_len)
+        try:
+            policy = bc.resolve_policy(spec, self.source.cfg, self.hardware, job, cap, len(prompts), args.dtype,
+                                       **bc.policy_options(args))
+            bc.log(f"baseline workload ({len(prompts)} prompts, gen {gen_len}), cap {cap:g} GiB, policy {spec}: {policy}")
+            llm, load_s = self.engine_for(policy)
+            run = bc.timed_generate(llm, prompts, gen_len)
+        except (SystemExit, hrm.InfeasibleError, ValueError, MemoryError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
         return {"policy": bc.policy_dict(policy), "prompts": len(prompts), "gen_len": gen_len, "load_s": load_s,
                 "tokens": run["tokens"], "wall_s": run["wall_s"], "tok_s": run["tok_s"],
                 "decode_tok_s": run["decode_tok_s"], "first_tokens": [c.token_ids[0] for c in run["completions"]]}
@@ -239,7 +245,9 @@ def baseline_table(base: dict, ours: dict | None, layers: int, full: bool) -> st
                  f"layers resident (counted free), time x {base['scale_to_full']:.2f}",
                  str(base["layers_run"]), f"{base['prompts']} x {base['gen_len']}", bc.fmt(base["tok_s_measured"], ".2f"),
                  bc.fmt(base["tok_s_full_model"], ".2f")]]
-    if ours:
+    if ours and "error" in ours:
+        rows.append(["moe-jax offload", f"failed: {ours['error'][:150]}", "", "", "", ""])
+    elif ours:
         rows.append(["moe-jax offload", bc.policy_label(ours["policy"]), str(layers),
                      f"{ours['prompts']} x {ours['gen_len']}", bc.fmt(ours["tok_s"], ".2f"),
                      bc.fmt(ours["tok_s"] if full else None, ".2f")])
@@ -248,13 +256,15 @@ def baseline_table(base: dict, ours: dict | None, layers: int, full: bool) -> st
 
 def first_token_agreement(base: dict, ours: dict | None, layers: int):
     """Fraction of prompts whose first generated token is the same in both (same model only)."""
-    if not ours or "first_tokens" not in base or base["layers_run"] != layers:
+    if not ours or "first_tokens" not in base or "first_tokens" not in ours or base["layers_run"] != layers:
         return None
     same = [a == b for a, b in zip(base["first_tokens"], ours["first_tokens"])]
     return sum(same) / len(same)
 
 
-def plot(path: str, rows: list[dict], base: dict | None, ours_base: dict | None) -> None:
+def plot(path: str, rows: list[dict], base: dict | None, ours_base: dict | None, full: bool) -> None:
+    """Measured vs HRM per run; and the baseline workload's tok/s, ours beside transformers' full-model
+    estimate only where ours ran the full model too (`full`; else the table says n/a, and so does the plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,13 +282,14 @@ def plot(path: str, rows: list[dict], base: dict | None, ours_base: dict | None)
     axes[0].set_title("moe-jax offload engine")
     axes[0].legend()
     bars = []  # (label, tok/s, colour)
-    if base and "tok_s_full_model" in base:
+    if base and "tok_s_full_model" in base and full:
         how = "accelerate offload\n(full model, est.)" if base["mode"].startswith("accelerate") else "on CPU, no offload"
         bars.append((f"transformers\n{how}", base["tok_s_full_model"], "tab:gray"))
-    if ours_base:
+    if ours_base and "tok_s" in ours_base and full:
         bars.append(("moe-jax", ours_base["tok_s"], "tab:blue"))
     axes[1].bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
-    axes[1].set_title("baseline workload" + (f" ({ours_base['prompts']} x {ours_base['gen_len']})" if ours_base else ""))
+    axes[1].set_title("baseline workload" + (f" ({ours_base['prompts']} x {ours_base['gen_len']})" if bars else
+                                             ": full model not run (see the table)"))
     axes[1].set_ylabel("generated tok/s")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -324,11 +335,12 @@ def main(argv=None) -> int:
     device = bc.device_kind()
     link_bw = bc.probe_link_bandwidth(args.link_probe_mib)
     bc.log(f"{source.name} on {device}: link {link_bw / 1e9:.1f} GB/s, HRM profile {hardware or 'none'}")
-    runner, rows, ours_base, interrupted = Runner(args, source, hardware, link_bw), [], None, False
+    runner, rows, ours_base, interrupted, setup_error = Runner(args, source, hardware, link_bw), [], None, False, None
     try:
         if base is not None and "error" not in base:
             ours_base = runner.run_baseline_workload(caps[0], specs[0], base_prompts, args.baseline_gen_len)
-            bc.log(f"  ours on the baseline workload: {ours_base['tok_s']:.2f} tok/s")
+            got = ours_base["error"] if "error" in ours_base else f"{ours_base['tok_s']:.2f} tok/s"
+            bc.log(f"  ours on the baseline workload: {got}")
         for cap in caps:
             for workload, gen_len in workloads:
                 for spec in specs:
@@ -336,14 +348,19 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         interrupted = True
         bc.log("interrupted: reporting what was measured")
+    except SystemExit as e:  # a setup error (e.g. 'auto' with no HRM profile): the baseline's figure is still reported
+        setup_error = str(e.code)
+        bc.log(f"error: {setup_error}")
     for r in rows:
         if "tok_s" in r:
             r["vs_published"] = versus_published(r, args.model, full, link_bw)
     agreement = first_token_agreement(base, ours_base, cfg.num_layers) if base else None
     title = f"bench_throughput: {source.name}, caps {args.gpu_memory_gb} GiB, workloads {args.workloads or 'none'}"
     body = report(rows, base, ours_base, agreement, cfg.num_layers, full, link_bw, hardware, interrupted)
+    if setup_error:
+        body += f"\n\nERROR: {setup_error}"
     if args.plot:
-        plot(args.plot, rows, base, ours_base)
+        plot(args.plot, rows, base, ours_base, full)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": bc.run_command(), "device": device, "model": source.name, "layers": cfg.num_layers,
@@ -353,7 +370,7 @@ def main(argv=None) -> int:
     if args.append_results:
         bc.append_results(args.append_results, title, device, body)
     print(f"\n## {title} ({device})\n\n{body}")
-    failed = any("error" in r for r in rows) or (base is not None and "error" in base)
+    failed = setup_error or any("error" in r for r in (*rows, base or {}, ours_base or {}))
     return 130 if interrupted else int(failed)
 
 

@@ -133,21 +133,28 @@ done
 # simulator until a GPU session checks it: before the first step that runs it by default (those whose command
 # takes ${MOE_IMPL:-}), on a Hopper GPU, its GPU tests must have passed: in this run's `tests` step, or else
 # run now (~30 s). If they fail, skip or hang, those steps run with jax's shipped kernel instead
-# (--moe-impl jax_mgpu), and the table says so.
-export MOE_IMPL=""
+# (--moe-impl jax_mgpu), and the table says so. The outcome is kept in $LOGS/mgpu_check.status, so that a
+# later command on the same warm machine does not pay for the check again; a MOE_IMPL given to the suite
+# (e.g. MOE_IMPL="--moe-impl jax_mgpu") is used as it is, unchecked.
+export MOE_IMPL="${MOE_IMPL:-}"
 kernel_checked=0
+[ -n "$MOE_IMPL" ] && kernel_checked=1
 HOPPER=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | grep -c '^9\.0')
 check_kernel() {
   local start=$(date +%s) status how=mgpu_check.log
-  if [ "${tests_status:-}" = ok ] && ! grep -q "SKIPPED.*test_mgpu.py" "$LOGS/tests.log"; then
+  if [ -s "$LOGS/mgpu_check.status" ]; then
+    status=$(cat "$LOGS/mgpu_check.status") how="an earlier command's check on this machine"
+  elif [ "${tests_status:-}" = ok ] && ! grep -q "SKIPPED.*test_mgpu.py" "$LOGS/tests.log"; then
     status=ok how="the tests step"
   elif timeout --kill-after=10 100 $PY -m pytest -q -m gpu -k ours tests/pallas_kernels/test_mgpu.py \
          >"$LOGS/mgpu_check.log" 2>&1 && grep -Eq '^[0-9]+ passed' "$LOGS/mgpu_check.log" \
          && ! grep -q skipped "$LOGS/mgpu_check.log"; then
     status=ok
   else
-    status=fail failed=1 MOE_IMPL="--moe-impl jax_mgpu"
+    status=fail failed=1
   fi
+  echo "$status" >"$LOGS/mgpu_check.status"
+  [ "$status" = ok ] || MOE_IMPL="--moe-impl jax_mgpu"
   echo "expert kernel check: $status ($how); later steps run with ${MOE_IMPL:-the default kernel}" | tee -a "$LOGS/env.log"
   SUMMARY+=("$(printf '| %-24s | %-12s | %5ss | %s | %s |' mgpu_check "$status" $(( $(date +%s) - start )) "$(mem)" \
     "$how; later steps: ${MOE_IMPL:-default kernel}")")

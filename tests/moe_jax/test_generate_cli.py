@@ -15,10 +15,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import moe_jax
-from moe_jax.generate import main
+from moe_jax.generate import main, request_seed
 from moe_jax.progress import Progress
 from moe_jax.sampling import SamplingParams
 
@@ -106,10 +107,13 @@ def test_resume_skips_finished_ids_and_repairs_a_torn_line(tmp_path, capsys):
     ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "in.jsonl:2: duplicate id 'a'"),
     ('{"prompt": "x", "max_new_tokens": 0}\n', "in.jsonl:1: 'max_new_tokens' must be a positive integer"),
     ('{"prompt": "x", "max_tokens": 2, "temprature": 1}\n', "in.jsonl:1: unknown fields 'max_tokens', 'temprature' "
-     "(known: id, max_new_tokens, prompt, prompt_token_ids, seed, stop, temperature, top_k, top_p)"),
+     "(known: id, logprobs, max_new_tokens, prompt, prompt_token_ids, seed, stop, temperature, top_k, top_p)"),
+    ('{"prompt": "x", "logprobs": 21}\n', "in.jsonl:1: 'logprobs' must be an integer in 0..20, got 21"),
     ('{"prompt": "x", "top_p": 0}\n', "in.jsonl:1: 'top_p' must be a number in (0, 1]"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "y", "logprobs": true}}\n',
-     "in.jsonl:1: unknown field 'body.logprobs' (known: "),
+     "in.jsonl:1: 'body.logprobs' must be an integer in 0..20, got True"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "y", "top_logprobs": 2}}\n',
+     "in.jsonl:1: unknown field 'body.top_logprobs' (known: "),
     ('{"prompt_token_ids": [1, 99999]}\n', "in.jsonl:1: prompt: token id 99999 is outside the vocabulary"),
     ('{"prompt": "' + "x" * 3000 + '"}\n', "in.jsonl:1: prompt has 3001 tokens; the model allows at most 2047"),
     ('{"prompt_token_ids": [1, "2"]}\n', "in.jsonl:1: 'prompt_token_ids' must be a list of integers"),
@@ -255,6 +259,8 @@ def test_resume_is_refused_for_other_settings_or_foreign_output(tmp_path, capsys
     assert rc == 2
     assert f"cannot resume {out}: it was started with model 'tiny-mixtral', this run has 'tiny-olmoe'" in err
     assert "it was started with temperature 0.0, this run has 0.5" in err
+    rc, _, err = run_cli(capsys, *job, "--resume", "--logprobs", "1")  # lines with and without logprobs: not mixed
+    assert rc == 2 and "it was started with logprobs None, this run has 1" in err
     assert meta["kv_cache_dtype"] == "auto"
     inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "z", "prompt": "y"}\n')  # one left to run
     rc, _, err = run_cli(capsys, *job, "--resume", "--policy", "offload", "--kv-cache-dtype", "int8")
@@ -388,3 +394,25 @@ def test_stop_strings_need_a_tokenizer(tmp_path, capsys, hf_checkpoints):
     inp.write_text('{"prompt_token_ids": [1, 2, 3]}\n')
     rc, _, err = run_cli(capsys, "--model", model, "--input", inp, "--stop", "x")
     assert rc == 2 and "--stop needs a model with tokenizer.json" in err
+
+
+def test_logprobs_in_output_lines(tmp_path, capsys):
+    """--logprobs and a line's own "logprobs" put the completion's logprobs (and top tokens) in its line; a
+    line asking for none has neither field; --prompt prints the line as JSON."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "hello", "logprobs": 2}\n{"id": "b", "prompt": "abc"}\n'
+                   '{"id": "c", "prompt_token_ids": [5, 6, 7], "logprobs": 0}\n')
+    assert run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", "3", "--dtype", "float32")[0] == 0
+    got = records(out)
+    llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident")
+    want = llm.generate(["hello", [5, 6, 7]],
+                        [SamplingParams(max_new_tokens=3, logprobs=2, seed=request_seed(0, "a")),
+                         SamplingParams(max_new_tokens=3, logprobs=0, seed=request_seed(0, "c"))])
+    assert "logprobs" not in got["b"] and "top_logprobs" not in got["b"] and "top_logprobs" not in got["c"]
+    for rid, c in zip("ac", want):
+        assert got[rid]["token_ids"] == c.token_ids
+        np.testing.assert_allclose(got[rid]["logprobs"], c.logprobs, rtol=1e-6)
+    assert got["a"]["top_logprobs"] == [[list(p) for p in top] for top in want[0].top_logprobs]
+    rc, printed, _ = run_cli(capsys, "--prompt", "hello", "--logprobs", "1", "--max-new-tokens", "3", "--dtype", "float32")
+    line = json.loads(printed)
+    assert rc == 0 and line["token_ids"] == want[0].token_ids and len(line["top_logprobs"][0]) == 1

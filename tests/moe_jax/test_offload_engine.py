@@ -113,9 +113,13 @@ def test_host_memory_is_checked_before_generation(monkeypatch, caplog):
     monkeypatch.setattr(oe.host_memory, "meminfo", lambda: MemInfo(total=4000, available=1000))
     # each row's slot holds what its request can fill, prompt + budget = 3 + 7 and 5 + 7 positions (no padding)
     with pytest.raises(OffloadMemoryError, match=r"host memory for the KV cache \(2 sequences, 22 positions, "
-                                                  r"float32\).* raise resident_expert_fraction, or set "
-                                                  r"kv_cache_dtype='int8' \(lossy"):
+                                                  r"float32\).*: lower batch_size, raise resident_expert_fraction "
+                                                  r"or set kv_cache_dtype='int8' \(lossy"):
         list(eng.generate([Request(0, (1, 2, 3), GREEDY), Request(1, (1, 2, 3, 4, 5), GREEDY)]))
+    resident = OffloadEngine(source.cfg, source.weights, np.float32, Policy(  # nothing streamed: r_w is no remedy
+        batch_size=2, micro_batch_size=1, num_micro_batches=2, resident_expert_fraction=1.0))
+    with pytest.raises(OffloadMemoryError, match=r"available: lower batch_size or set kv_cache_dtype='int8'"):
+        list(resident.generate([Request(0, (1, 2, 3), GREEDY), Request(1, (1, 2, 3, 4, 5), GREEDY)]))
     with pytest.raises(OffloadMemoryError, match="streamed experts"):
         OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
                                                                      num_micro_batches=2))

@@ -3,6 +3,7 @@ chat templates and stop strings."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -155,3 +156,43 @@ def test_stop_strings_cut_the_text_and_the_tokens():
     cut = cut_at_stop(c, ["def", "XY"], tok.decode)
     assert (cut.text, cut.token_ids, cut.finish_reason) == ("abc", ids[:5], "stop")
     assert cut_at_stop(c, ["zz"], tok.decode) is c
+
+
+def test_logprobs_in_each_endpoints_shape(tmp_path, chat_model, capsys):
+    """Completions' "logprobs": n and chat's "logprobs": true with "top_logprobs": n come back in OpenAI's
+    shapes, with the values LLM.generate gives."""
+    llm = LLM(str(chat_model), dtype="float32", policy="resident")
+    chat_ids = llm.tokenizer.encode("<|system|>Be brief.\n<|user|>Hi!\n<|assistant|>", add_special_tokens=False)
+    want = llm.generate(["Hello there", chat_ids], [SamplingParams(max_new_tokens=4, logprobs=2)] * 2)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(completion("comp", prompt="Hello there", max_tokens=4, logprobs=2)
+                   + chat("chat", messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=2)
+                   + chat("none", messages=MESSAGES, max_tokens=4, logprobs=False))
+    assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32"]) == 0, \
+        capsys.readouterr().err
+    lines = {r["custom_id"]: r["response"]["body"]["choices"][0] for r in map(json.loads, out.read_text().splitlines())}
+    token = lambda t: llm.tokenizer.decode([t])  # noqa: E731
+    comp = lines["comp"]["logprobs"]
+    strings = [token(t) for t in want[0].token_ids]
+    assert comp["tokens"] == strings and comp["text_offset"] == [sum(map(len, strings[:j])) for j in range(4)]
+    assert comp["token_logprobs"] == pytest.approx(want[0].logprobs, rel=1e-6)
+    assert comp["top_logprobs"] == [pytest.approx({token(i): lp for i, lp in top}, rel=1e-6)
+                                    for top in want[0].top_logprobs]
+    content = lines["chat"]["logprobs"]["content"]
+    assert [e["token"] for e in content] == [token(t) for t in want[1].token_ids]
+    assert [e["bytes"] for e in content] == [list(token(t).encode()) for t in want[1].token_ids]
+    assert [e["logprob"] for e in content] == pytest.approx(want[1].logprobs, rel=1e-6)
+    assert [[(x["token"], x["logprob"]) for x in e["top_logprobs"]] for e in content] == \
+        [[(token(i), pytest.approx(lp, rel=1e-6)) for i, lp in top] for top in want[1].top_logprobs]
+    assert lines["none"]["logprobs"] is None
+
+
+@pytest.mark.parametrize("body, message", [
+    (dict(logprobs=False, top_logprobs=2), "'body.top_logprobs' needs 'body.logprobs': true"),
+    (dict(logprobs=3), "'body.logprobs' must be true or false, got 3"),
+    (dict(logprobs=True, top_logprobs=21), "'body.top_logprobs' must be an integer in 0..20, got 21"),
+])
+def test_bad_chat_logprobs(body, message):
+    from moe_jax.openai_batch import parse_request
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_request(1, json.loads(chat("a", messages=MESSAGES, **body)))

@@ -78,6 +78,20 @@ def test_bench_throughput_with_baseline(tmp_path):
     assert png.stat().st_size > 0
 
 
+def test_bench_throughput_reports_the_baseline_when_our_setup_fails(tmp_path):
+    """'auto' with no HRM profile (no --hardware, no GPU) fails after the PyTorch baseline ran: its figure is
+    still printed and saved, with our error beside it, and the exit code says it failed."""
+    out = tmp_path / "throughput.json"
+    p = subprocess.run([sys.executable, "scripts/bench_throughput.py", "--model", "tiny-mixtral", "--gpu-memory-gb", "1",
+                        "--link-probe-mib", "16", "--workloads", "mtbench:4", "--policies", "auto", "--baseline-batch",
+                        "2", "--baseline-gen-len", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=240)
+    assert p.returncode == 1, p.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["baseline"]["tokens"] == 2 * 2 and "needs an HRM hardware profile" in d["ours_on_baseline_workload"]["error"]
+    assert "PyTorch baseline" in p.stdout and "ERROR: policy auto needs an HRM hardware profile" in p.stdout
+
+
 def test_bench_expert_kernel_small(tmp_path):
     out = tmp_path / "expert.json"
     p = run_script("bench_expert_kernel.py", "--small", "--tokens", "64", "--models", "mixtral-small", "--json", str(out))

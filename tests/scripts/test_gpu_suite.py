@@ -19,13 +19,14 @@ def _script(path: Path, body: str) -> Path:
 
 
 def run_suite(tmp_path: Path, *steps: str, budget: int = 570, python: str = 'echo "ran: $*"', logs: Path | None = None,
-              min_step: int = 60, hopper: bool = False) -> tuple[subprocess.CompletedProcess, Path, Path]:
+              min_step: int = 60, hopper: bool = False, env: dict | None = None
+              ) -> tuple[subprocess.CompletedProcess, Path, Path]:
     """The suite with a stand-in interpreter: a shell script whose body is `python`; hopper: a stand-in
-    nvidia-smi on PATH that reports an H100 (compute capability 9.0)."""
+    nvidia-smi on PATH that reports an H100 (compute capability 9.0); env: more environment variables."""
     fake = _script(tmp_path / "fake_python", python)
     out, logs = tmp_path / "out", logs or tmp_path / "logs"
     env = dict(os.environ, PYTHON=str(fake), OUT=str(out), GPU_SUITE_LOGS=str(logs), GPU_SUITE_BUDGET_S=str(budget),
-               GPU_SUITE_MIN_STEP_S=str(min_step))
+               GPU_SUITE_MIN_STEP_S=str(min_step), **(env or {}))
     if hopper:
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir(exist_ok=True)
@@ -76,6 +77,28 @@ def test_the_tests_step_stands_for_the_check_when_it_passed(tmp_path):
     assert proc.returncode == 0, proc.stdout
     assert _rows(out)["mgpu_check"] == "ok" and "the tests step" in (out / "summary.md").read_text()
     assert not (logs / "mgpu_check.log").exists()
+
+
+def test_a_later_command_reuses_the_check_and_a_given_kernel_is_not_checked(tmp_path):
+    """On a warm machine the logs folder survives: the second command takes the first one's outcome."""
+    logs = tmp_path / "logs"
+    run_suite(tmp_path, "bench_offload_quick", hopper=True, logs=logs,
+              python=KERNEL_TESTS.format('echo "1 failed, 4 passed"; exit 1'))
+    assert (logs / "mgpu_check.status").read_text().strip() == "fail"
+    proc, out, _ = run_suite(tmp_path, "bench_offload_quick", hopper=True, logs=logs,
+                             python=KERNEL_TESTS.format('echo "never run"; exit 3'))
+    assert _rows(out)["mgpu_check"] == "fail" and "an earlier command's check" in (out / "summary.md").read_text()
+    assert "--moe-impl jax_mgpu --layers 4" in (logs / "bench_offload_quick.log").read_text()
+    assert proc.returncode == 0  # reported by the first command; this one ran what it was asked to
+    (logs / "mgpu_check.status").unlink()
+    proc, out, _ = run_suite(tmp_path, "bench_offload_quick", hopper=True, logs=logs,
+                             python=KERNEL_TESTS.format('echo "never run"; exit 3'))
+    assert _rows(out)["mgpu_check"] == "fail"  # checked afresh
+    env = dict(MOE_IMPL="--moe-impl pallas_triton")
+    proc, out, _ = run_suite(tmp_path, "bench_offload_quick", hopper=True, logs=tmp_path / "logs2", env=env,
+                             python=KERNEL_TESTS.format("exit 1"))
+    assert "mgpu_check" not in _rows(out) and proc.returncode == 0
+    assert "--moe-impl pallas_triton --layers 4" in (tmp_path / "logs2" / "bench_offload_quick.log").read_text()
 
 
 def test_no_kernel_check_off_hopper_or_without_engine_steps(tmp_path):
