@@ -7,8 +7,9 @@ from [--gen-min, --gen-max] (EOS ignored, so runs are comparable):
   * waves: the requests, longest prompts first, cut into groups of N, one `generate` call per group
     (what the engine did before continuous batching, and what a caller batching by hand gets).
 
-Reports generated tok/s of each (best of --repeats), decode steps, and their ratio. A warm-up run
-compiles the shapes first.
+Reports generated tok/s of each (best of --repeats), decode steps, and their ratio. The first round
+compiles what its calls need (each wave and each refill prefills its own prompt buckets; a short warm-up
+run covers only the first wave's), so the best of at least two rounds counts: --repeats must be >= 2.
 
   PYTHONPATH=. python scripts/bench_continuous_batching.py [--model mixtral-8x7b --layers 4] \\
       [--policy N,mu,n_ub,rw] [--num-prompts 3N] [--gen-min 8 --gen-max 128] [--append-results]
@@ -26,7 +27,7 @@ DEFAULT_RESULTS = str(bc.ROOT / "benchmarks" / "RESULTS.md")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mixtral-8x7b", help="preset name or checkpoint directory")
     ap.add_argument("--layers", type=int, help="run only the model's first N layers")
     ap.add_argument("--policy", default="64,32,2,0", help="fixed offload policy 'N,mu,n_ub,rw' (default 64,32,2,0)")
@@ -36,14 +37,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-max", type=int, default=134, help="longest prompt, tokens (default 134)")
     ap.add_argument("--gen-min", type=int, default=8, help="fewest tokens a request generates (default 8)")
     ap.add_argument("--gen-max", type=int, default=128, help="most tokens a request generates (default 128)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs of each mode; the best counts (default 2)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="rounds of each mode, >= 2 (the first also compiles); the best counts (default 2)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--moe-impl", default="auto", help="expert kernel (pallas_kernels.moe_ffn impl)")
     bc.add_policy_options(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, metavar="FILE",
                     help=f"append the table to FILE (default {DEFAULT_RESULTS})")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.repeats < 2:
+        ap.error(f"--repeats must be at least 2 (the first round also compiles), got {args.repeats}")
+    if not 1 <= args.gen_min <= args.gen_max:
+        ap.error(f"need 1 <= --gen-min <= --gen-max, got {args.gen_min} and {args.gen_max}")
+    return args
 
 
 def waves_of(prompts, n: int) -> list[list[int]]:

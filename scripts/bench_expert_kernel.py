@@ -112,7 +112,7 @@ def markdown(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="scaled-down shapes (CPU smoke test)")
     p.add_argument("--tokens", type=int, nargs="+", help="routed token counts T to run")
     p.add_argument("--models", nargs="+", help="subset of model names")

@@ -34,7 +34,7 @@ DEFAULT_RESULTS = str(bc.ROOT / "benchmarks" / "RESULTS.md")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mixtral-8x7b", help="preset name or checkpoint directory")
     ap.add_argument("--layers", type=int, help="run only the model's first N layers (quick runs)")
     ap.add_argument("--gpu-memory-gb", type=float, default=16.0, help="GPU memory cap, GiB (default 16)")

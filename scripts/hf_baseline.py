@@ -38,7 +38,7 @@ ACTIVATION_RESERVE = 2 * GiB  # GPU memory kept for activations when placing res
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mixtral-8x7b", help="preset name (random weights)")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of the truncated baseline model")
     ap.add_argument("--prompts", required=True, help="JSON file: a list of prompts, each a list of token ids")

@@ -35,7 +35,7 @@ def last_table_header(stdout: str) -> str:
 def test_bench_continuous_batching(tmp_path):
     results = tmp_path / "RESULTS.md"
     p = run_script("bench_continuous_batching.py", "--model", "tiny-mixtral", "--gpu-memory-gb", "1", "--policy",
-                   "4,2,2,0.5", "--num-prompts", "10", "--gen-min", "1", "--gen-max", "12", "--repeats", "1",
+                   "4,2,2,0.5", "--num-prompts", "10", "--gen-min", "1", "--gen-max", "12", "--repeats", "2",
                    "--append-results", str(results))
     rows = [line.split("|") for line in p.stdout.splitlines() if line.startswith(("| continuous", "| waves"))]
     assert [r[1].strip() for r in rows] == ["continuous", "waves"] and rows[0][2] == rows[1][2]  # same tokens
@@ -112,6 +112,9 @@ def test_published_figures_are_compared_on_their_own_metric_and_link():
     vs = bt.versus_published(dict(row, workload="mtbench", gen_len=64), "mixtral-8x7b", True, link_bw=50e9)
     assert vs["system"] == "MoE-Lightning" and vs["ratio"] == pytest.approx(400.0 * 16 / 50 / 294.5)  # end to end
     assert "MoE-Lightning (e2e 128 vs 294.5)" in bt.published_cell(vs)
+    bound = bt.versus_published(dict(row, workload="mtbench", gen_len=64, per_layer_s={
+        "h2d_est": 0.05, "cpu": 0.02, "gpu_probe": None}), "mixtral-8x7b", True, link_bw=50e9)
+    assert bt.published_cell(bound).endswith("(e2e 128 vs 294.5; our run h2d-bound)")
     assert bt.versus_published(row, "mixtral-8x7b", False, link_bw=50e9) is None  # a truncated model
     assert bt.versus_published(dict(row, gen_len=64), "mixtral-8x7b", True, link_bw=50e9) is None
     assert bt.parse_workloads("moegen") == [("moegen", 256)]
