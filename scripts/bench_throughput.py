@@ -81,11 +81,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--link-probe-mib", type=int, default=512, help="size of the link bandwidth probe (MiB)")
     ap.add_argument("--no-gpu-probe", action="store_true", help="skip the GPU-term probe of each run")
     ap.add_argument("--host-pool-gb", type=int, help="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default: the streamed experts + 5%% + 2)")
+    ap.add_argument("--predict-only", action="store_true",
+                    help="print HRM's policy and predictions for each run (needs --hardware) and run nothing")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a bar chart (PNG) here")
     ap.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, metavar="FILE",
                     help=f"append the tables to FILE (default {DEFAULT_RESULTS})")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for flag in ("num_prompts", "max_batch_size", "baseline_batch", "baseline_gen_len"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.predict_only and not args.hardware:
+        ap.error("--predict-only needs --hardware (the HRM profile to predict with)")
+    return args
 
 
 def parse_workloads(spec: str) -> list[tuple[str, int]]:
@@ -94,8 +102,47 @@ def parse_workloads(spec: str) -> list[tuple[str, int]]:
         name, _, gen = item.strip().partition(":")
         if name not in WORKLOADS:
             raise SystemExit(f"unknown workload {name!r} (workloads: {', '.join(WORKLOADS)})")
+        if gen and not (gen.isdigit() and int(gen) > 0):
+            raise SystemExit(f"workload {item.strip()!r}: the generation length must be a positive integer")
         out.append((name, int(gen) if gen else WORKLOADS[name][2]))
     return out
+
+
+def parse_caps(spec: str) -> list[float]:
+    try:
+        caps = [float(c) for c in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--gpu-memory-gb takes comma-separated GiB, got {spec!r}") from None
+    if not all(c > 0 for c in caps):
+        raise SystemExit(f"--gpu-memory-gb caps must be positive, got {spec!r}")
+    return caps
+
+
+def predictions(args, cfg, caps, workloads, specs) -> str:
+    """HRM's policy and predictions for every run this command would make, as a markdown table (no device
+    used): what RESULTS.md's prediction tables quote, with the command that made them."""
+    from moe_jax import hrm
+
+    link = hrm.hardware_profile(args.hardware).link_bandwidth
+    rows = []
+    for cap in caps:
+        for workload, gen_len in workloads:
+            for spec in specs:
+                head = [workload, str(gen_len), f"{cap:g}"]
+                try:
+                    policy = policy_for(args, cfg, args.hardware, cap, workload, gen_len, spec)
+                except (hrm.InfeasibleError, ValueError) as e:
+                    rows.append(head + [f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"] + [""] * 5)
+                    continue
+                prompts = workload_prompts(workload, args.num_prompts or policy.batch_size, cfg.vocab_size, args.seed)
+                pred = bc.hrm_predict(cfg, args.hardware, policy,
+                                      bc.engine_lengths(prompts, gen_len, cfg.max_positions), args.dtype)
+                terms = " / ".join(f"{pred['per_layer_s'][k] * 1e3:.1f}" for k in ("h2d", "cpu", "gpu"))
+                rows.append(head + [bc.policy_label(bc.policy_dict(policy)), bc.fmt(pred["tok_s"]),
+                                    bc.fmt(pred["decode_tok_s"]), terms, pred["bottleneck"],
+                                    bc.fmt(pred["tok_s"] * 16e9 / link)])
+    return bc.markdown_table(["workload", "gen", "cap GiB", "policy", "HRM tok/s e2e", "HRM tok/s decode",
+                              "per layer H2D / CPU / GPU ms", "bound", "e2e x 16 GB/s / profile link"], rows)
 
 
 def workload_prompts(name: str, n: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -327,10 +374,14 @@ def report(rows, base, ours_base, agreement, layers: int, full: bool, link_bw: f
 def main(argv=None) -> int:
     args = parse_args(argv)
     workloads = parse_workloads(args.workloads)
-    caps = [float(c) for c in args.gpu_memory_gb.split(",")]
+    caps = parse_caps(args.gpu_memory_gb)
     specs = [s.strip() for s in args.policies.split(";") if s.strip()]
     source = bc.open_source(args.model, args.layers, args.seed)
     cfg = source.cfg
+    if args.predict_only:
+        print(f"\n## HRM predictions: {source.name}, profile {args.hardware}\n\n`{bc.run_command()}`\n\n"
+              + predictions(args, cfg, caps, workloads, specs))
+        return 0
     full = cfg.num_layers == bc.open_source(args.model, seed=args.seed).cfg.num_layers
     base_prompts = workload_prompts(args.baseline_workload, args.baseline_batch, cfg.vocab_size, args.seed + 1)
     pool_for = [bc.policy_before_jax(spec, args.hardware, lambda: policy_for(args, cfg, args.hardware, cap, w, g, spec))

@@ -92,6 +92,20 @@ def test_bench_throughput_reports_the_baseline_when_our_setup_fails(tmp_path):
     assert "PyTorch baseline" in p.stdout and "ERROR: policy auto needs an HRM hardware profile" in p.stdout
 
 
+def test_bench_throughput_predicts_without_running(capsys):
+    """--predict-only: HRM's policy and figures for each run, as the runs would choose them, and nothing run."""
+    import bench_throughput as bt
+
+    assert bt.main(["--predict-only", "--hardware", "h100-80gb", "--workloads", "mtbench:64",
+                    "--policies", "auto;64,32,2,0"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| mtbench")]
+    assert [r[3].strip().startswith("N=") for r in rows] == [True, True] and rows[1][3].strip().startswith("N=64 ")
+    assert all(float(r[4]) > 0 and r[7].strip() in ("h2d", "cpu", "gpu") for r in rows)
+    with pytest.raises(SystemExit):
+        bt.parse_args(["--predict-only"])  # no profile to predict with
+
+
 def test_bench_expert_kernel_small(tmp_path):
     out = tmp_path / "expert.json"
     p = run_script("bench_expert_kernel.py", "--small", "--tokens", "64", "--models", "mixtral-small", "--json", str(out))
