@@ -348,19 +348,32 @@ def detect_hardware_profile(name: str | None):
     return name or detect_hardware()
 
 
+# Environment that changes what the benchmarks measure: the host memory the engine plans with, XLA's pinned-host
+# pool cap and flags. `run_command` puts those that are set in front of the command line.
+RESULT_ENV = ("MOE_JAX_HOST_MEMORY_GB", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "XLA_FLAGS", "NUMBA_NUM_THREADS")
+
+
 def run_command() -> str:
-    """This script's command line, as run from the repository root."""
+    """This script's command line, as run from the repository root, with the `RESULT_ENV` variables set."""
     script = Path(sys.argv[0]).resolve()
     try:
         script = script.relative_to(ROOT)
     except ValueError:
         pass
-    return "PYTHONPATH=. python " + shlex.join([str(script), *sys.argv[1:]])
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in RESULT_ENV if os.environ.get(k)]
+    return " ".join([*env, "PYTHONPATH=. python", shlex.join([str(script), *sys.argv[1:]])])
+
+
+def versions() -> str:
+    """The versions that decide what runs: "jax X, jaxlib Y"."""
+    from importlib.metadata import version
+
+    return f"jax {version('jax')}, jaxlib {version('jaxlib')}"
 
 
 def append_results(path: str, title: str, device: str, body: str) -> None:
     """Append a dated section (title, device, exact command, body) to a markdown file."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with open(path, "a") as f:
-        f.write(f"\n### {title}: {date}, {device}\n\n    {run_command()}\n\n{body}\n")
+        f.write(f"\n### {title}: {date}, {device}, {versions()}\n\n    {run_command()}\n\n{body}\n")
     log(f"appended results to {path}")
