@@ -58,10 +58,14 @@ def set_memory_env(cfg, dtype: str, policies=(None,), pool_gib: int | None = Non
 def open_source(model: str, layers: int | None = None, seed: int = 0):
     """The model (preset name or checkpoint directory); with `layers`, only its first `layers` layers.
     A layer's weights do not depend on the layer count, so layer i is the same as in the full model."""
-    from moe_jax.model_source import ModelSource, open_model
+    from moe_jax.config import ConfigError
+    from moe_jax.model_source import ModelNotFound, ModelSource, open_model
     from moe_jax.presets import RandomWeights
 
-    src = open_model(model, seed=seed)
+    try:
+        src = open_model(model, seed=seed)
+    except (ModelNotFound, ConfigError) as e:
+        raise SystemExit(f"--model: {e}") from None
     if layers is None or layers == src.cfg.num_layers:
         return src
     if not 1 <= layers <= src.cfg.num_layers:

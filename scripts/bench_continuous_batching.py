@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, metavar="FILE",
                     help=f"append the table to FILE (default {DEFAULT_RESULTS})")
     args = ap.parse_args(argv)
+    if args.policy.strip() == "auto":
+        ap.error("--policy takes a fixed 'N,mu,n_ub,rw' here (both modes must run the same rows)")
     if args.repeats < 2:
         ap.error(f"--repeats must be at least 2 (the first round also compiles), got {args.repeats}")
     if not 1 <= args.gen_min <= args.gen_max:

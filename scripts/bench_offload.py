@@ -63,7 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, metavar="FILE",
                     help=f"append the table to FILE (default {DEFAULT_RESULTS})")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for flag in ("prompt_len", "gen_len", "num_prompts"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    return args
 
 
 def policy_specs(args) -> list[str]:
