@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -23,7 +24,23 @@ def sidecar(out: Path, suffix: str) -> Path:
 
 
 def _dumps(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
+    """One JSON line. A non-finite float (a NaN logprob of a model whose logits are NaN) is written as null:
+    JSON has no NaN, and a line that other readers reject would be as good as lost."""
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(_finite(record), ensure_ascii=False) + "\n"
+
+
+def _finite(v):
+    """`v` with every non-finite float replaced by None, through dicts and lists."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 class CompletionWriter:

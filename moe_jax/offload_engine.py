@@ -109,14 +109,16 @@ class OffloadMemoryError(MemoryError):
     """The policy does not fit the GPU memory cap or the host memory; raised before any work."""
 
 
-def check_host_memory(policy, what: str, need: int, planned: float | None = None, also: str = "") -> None:
+def check_host_memory(policy, what: str, need: int, planned: float | None = None, also: str = "",
+                      batch_helps: bool = True) -> None:
     """Raise OffloadMemoryError if `need` bytes for `what` exceed what the host can still give
     (`moe_jax.host_memory.available_bytes`; planned: the host memory the job is planned with, bytes); `also`:
-    one more remedy to name, e.g. "use kv_cache_dtype='int8'"."""
+    one more remedy to name, e.g. "use kv_cache_dtype='int8'"; batch_helps: a smaller batch_size needs less."""
     avail = host_memory.available_bytes(planned)
     if avail is not None and need > avail:
-        remedies = ["lower batch_size", *(["raise resident_expert_fraction"] if policy.resident_expert_fraction < 1
-                                          else []), *([also] if also else [])]
+        remedies = [*(["lower batch_size"] if batch_helps else []),
+                    *(["raise resident_expert_fraction"] if policy.resident_expert_fraction < 1 else []),
+                    *([also] if also else [])]
         raise OffloadMemoryError(f"policy {policy} needs {need / 2**30:.2f} GiB of host memory for {what} but "
                                  f"only {avail / 2**30:.2f} GiB is available: {', '.join(remedies[:-1])}"
                                  f"{' or ' * (len(remedies) > 1)}{remedies[-1]} (on a VM that shows less memory than "
@@ -280,7 +282,7 @@ class OffloadEngine:
         self.specs = layer_param_specs(cfg)
         self.gpu_bytes = self._check_gpu_memory()
         streamed = pinned_pool.streamed_bytes(cfg, self.dtype, policy)
-        check_host_memory(policy, "the streamed experts (pinned)", streamed, host_memory_bytes)
+        check_host_memory(policy, "the streamed experts (pinned)", streamed, host_memory_bytes, batch_helps=False)
         pool = pinned_pool.fixed_cap_bytes()
         if pool is not None and pinned_pool.cap_bytes(streamed) > pool:
             raise OffloadMemoryError(

@@ -7,14 +7,19 @@ with "prompt" (text or token ids) or "messages" ([{"role", "content"}, ...]) and
 log-probabilities as each endpoint asks for them: "logprobs" (0..20 most likely tokens) for completions,
 "logprobs" (true) with "top_logprobs" (0..20) for chat; "model", "user", "metadata" and "store" are
 ignored, "n" must be 1, and any other body field makes the line invalid rather than be dropped. Fields a
-body leaves out take the CLI's values. The response's "logprobs" follow each endpoint's shape; a token's
-string is its own decoding (a token holding part of a UTF-8 character decodes to U+FFFD).
+body leaves out take the CLI's values ("logprobs": null or false asks for none, whatever the CLI says). The
+response's "logprobs" follow each endpoint's shape: a token's string is what it adds to the text after the
+tokens before it (a SentencePiece word keeps its leading space; a character split over several tokens goes to
+the one that completes it, the others read U+FFFD or ""; a special token, skipped in the text, reads ""),
+its "bytes" the bytes it stands for (none for a special token).
 """
 from __future__ import annotations
 
+import itertools
+import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, is_token_ids, optional, refuse_unknown,
                                   sampling_fields, stop_strings)
@@ -60,6 +65,9 @@ def parse_request(n: int, obj: dict) -> JobRequest:
 def _logprobs(body: dict, chat: bool) -> dict:
     """The SamplingParams.logprobs a body asks for ({} for none): completions' "logprobs" (the number of most
     likely tokens), or chat's "logprobs" (true/false) with "top_logprobs" (that number)."""
+    if "logprobs" in body and (body["logprobs"] is None or body["logprobs"] is False) and not (
+            chat and body.get("top_logprobs")):
+        return {"logprobs": None}  # asked for none: the CLI's --logprobs does not apply
     if not chat:
         return sampling_fields(body, {"logprobs": "logprobs"}, "body.")
     want = optional(body, "logprobs", lambda v: isinstance(v, bool), "true or false", "body.")
@@ -88,27 +96,44 @@ def _messages(body: dict) -> tuple[dict, ...]:
     return tuple({"role": m["role"], "content": m["content"]} for m in messages)
 
 
-def _logprobs_record(c: Completion, chat: bool, token: Callable[[int], str]) -> dict | None:
+_CONTEXT = 8  # tokens before a token that its string is decoded after (a split character takes at most 4)
+
+
+def _piece(decode: Callable[[Sequence[int]], str], context: Sequence[int], token: int) -> str:
+    """What `token` adds to the decoded text after `context`."""
+    before, after = decode(context), decode([*context, token])
+    return after[len(os.path.commonprefix([before, after])):]
+
+
+def _logprobs_record(c: Completion, chat: bool, decode: Callable[[Sequence[int]], str],
+                     token_bytes: Callable[[int], bytes]) -> dict | None:
     """A choice's "logprobs" in the endpoint's shape (None where the request asked for none)."""
     if c.logprobs is None:
         return None
-    tops = c.top_logprobs or [[] for _ in c.token_ids]
+    ids, tops = c.token_ids, c.top_logprobs or [[] for _ in c.token_ids]
+    context = [ids[max(0, j - _CONTEXT):j] for j in range(len(ids))]
+    strings = [_piece(decode, ctx, t) for ctx, t in zip(context, ids)]
+    alternatives = [[(_piece(decode, ctx, i), i, x) for i, x in top] for ctx, top in zip(context, tops)]
     if chat:
-        def entry(t, lp):
-            return {"token": token(t), "logprob": lp, "bytes": list(token(t).encode("utf-8"))}
-        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, x) for i, x in top]}
-                            for t, lp, top in zip(c.token_ids, c.logprobs, tops)], "refusal": None}
-    strings = [token(t) for t in c.token_ids]
-    offsets = [sum(map(len, strings[:j])) for j in range(len(strings))]
-    return {"tokens": strings, "token_logprobs": c.logprobs,
-            "top_logprobs": None if c.top_logprobs is None else [{token(i): x for i, x in top} for top in tops],
-            "text_offset": offsets}
+        def entry(s, t, lp):
+            return {"token": s, "logprob": lp, "bytes": list(token_bytes(t))}
+        return {"content": [{**entry(s, t, lp), "top_logprobs": [entry(*a) for a in alts]}
+                            for s, t, lp, alts in zip(strings, ids, c.logprobs, alternatives)], "refusal": None}
+    # As OpenAI's: the n likeliest and the sampled token (n + 1 at most), keyed by string (of two tokens that
+    # read the same, the likelier one's logprob).
+    top_logprobs = []
+    for s, lp, alts in zip(strings, c.logprobs, alternatives):
+        top = {a: x for a, _, x in reversed(alts)}
+        top.setdefault(s, lp)
+        top_logprobs.append(top)
+    return {"tokens": strings, "token_logprobs": c.logprobs, "top_logprobs": top_logprobs,
+            "text_offset": list(itertools.accumulate(map(len, strings[:-1]), initial=0)) if strings else []}
 
 
 def response_record(req: JobRequest, c: Completion, llm: LLM) -> dict:
     """The output line of a finished request (HTTP 200, the body a completions or chat API response)."""
     chat, model = req.endpoint == CHAT, llm.name
-    logprobs = _logprobs_record(c, chat, lambda t: llm.tokenizer.decode([t]))
+    logprobs = _logprobs_record(c, chat, llm.tokenizer.decode, llm.tokenizer.token_bytes)
     choice = {"index": 0, "message": {"role": "assistant", "content": c.text}} if chat else {"index": 0, "text": c.text}
     usage = {"prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids),
              "total_tokens": len(c.prompt_token_ids) + len(c.token_ids)}

@@ -19,6 +19,7 @@ class Tokenizer:
 
     def __init__(self, tok: tokenizers.Tokenizer):
         self._tok = tok
+        self._specials = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -47,12 +48,32 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for: a byte-fallback token's (`<0xE2>`) or a byte-level BPE
+        token's own bytes, even where they are part of a UTF-8 character (its decoding alone would be U+FFFD);
+        otherwise its piece as text (SentencePiece's "▁" a space). Empty for a special token (`decode` skips
+        them) and for an id outside the vocabulary."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None or token_id in self._specials:
+            return b""
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        if isinstance(self._tok.decoder, decoders.ByteLevel) and all(c in _BYTE_LEVEL for c in piece):
+            return bytes(_byte_of(c) for c in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
+
+
+_BYTE_LEVEL = frozenset(pre_tokenizers.ByteLevel.alphabet())
 
 
 def _byte_of(char: str) -> int:

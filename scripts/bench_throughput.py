@@ -113,7 +113,7 @@ def parse_caps(spec: str) -> list[float]:
         caps = [float(c) for c in spec.split(",")]
     except ValueError:
         raise SystemExit(f"--gpu-memory-gb takes comma-separated GiB, got {spec!r}") from None
-    if not all(c > 0 for c in caps):
+    if not all(0 < c < float("inf") for c in caps):
         raise SystemExit(f"--gpu-memory-gb caps must be positive, got {spec!r}")
     return caps
 
@@ -344,8 +344,8 @@ def plot(path: str, rows: list[dict], base: dict | None, ours_base: dict | None,
     if ours_base and "tok_s" in ours_base and full:
         bars.append(("moe-jax", ours_base["tok_s"], "tab:blue"))
     axes[1].bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
-    axes[1].set_title("baseline workload" + (f" ({ours_base['prompts']} x {ours_base['gen_len']})" if bars else
-                                             ": full model not run (see the table)"))
+    shape = f" ({base['prompts']} x {base['gen_len']})" if base and "prompts" in base else ""
+    axes[1].set_title("baseline workload" + (shape if bars else ": full model not run (see the table)"))
     axes[1].set_ylabel("generated tok/s")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
         bc.append_results(args.append_results, title, device, body)
     print(f"\n## {title} ({device})\n\n{body}")
     failed = setup_error or any("error" in r for r in (*rows, base or {}, ours_base or {}))
-    return 130 if interrupted else int(failed)
+    return 130 if interrupted else int(bool(failed))
 
 
 if __name__ == "__main__":

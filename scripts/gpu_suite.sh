@@ -134,18 +134,19 @@ done
 # takes ${MOE_IMPL:-}), on a Hopper GPU, its GPU tests must have passed: in this run's `tests` step, or else
 # run now (~30 s). If they fail, skip or hang, those steps run with jax's shipped kernel instead
 # (--moe-impl jax_mgpu), and the table says so. The outcome is kept in $LOGS/mgpu_check.status, so that a
-# later command on the same warm machine does not pay for the check again; a MOE_IMPL given to the suite
-# (e.g. MOE_IMPL="--moe-impl jax_mgpu") is used as it is, unchecked.
+# later command on the same warm machine without a tests step does not pay for the check again (one with a
+# tests step decides afresh); a MOE_IMPL given to the suite (e.g. MOE_IMPL="--moe-impl jax_mgpu") is used as
+# it is, unchecked.
 export MOE_IMPL="${MOE_IMPL:-}"
 kernel_checked=0
 [ -n "$MOE_IMPL" ] && kernel_checked=1
 HOPPER=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | grep -c '^9\.0')
 check_kernel() {
   local start=$(date +%s) status how=mgpu_check.log
-  if [ -s "$LOGS/mgpu_check.status" ]; then
-    status=$(cat "$LOGS/mgpu_check.status") how="an earlier command's check on this machine"
-  elif [ "${tests_status:-}" = ok ] && ! grep -q "SKIPPED.*test_mgpu.py" "$LOGS/tests.log"; then
+  if [ "${tests_status:-}" = ok ] && ! grep -q "SKIPPED.*test_mgpu.py" "$LOGS/tests.log"; then
     status=ok how="the tests step"
+  elif [ -z "${tests_status:-}" ] && [ -s "$LOGS/mgpu_check.status" ]; then  # this command ran no tests step
+    status=$(cat "$LOGS/mgpu_check.status") how="an earlier command's check on this machine"
   elif timeout --kill-after=10 100 $PY -m pytest -q -m gpu -k ours tests/pallas_kernels/test_mgpu.py \
          >"$LOGS/mgpu_check.log" 2>&1 && grep -Eq '^[0-9]+ passed' "$LOGS/mgpu_check.log" \
          && ! grep -q skipped "$LOGS/mgpu_check.log"; then

@@ -416,3 +416,16 @@ def test_logprobs_in_output_lines(tmp_path, capsys):
     rc, printed, _ = run_cli(capsys, "--prompt", "hello", "--logprobs", "1", "--max-new-tokens", "3", "--dtype", "float32")
     line = json.loads(printed)
     assert rc == 0 and line["token_ids"] == want[0].token_ids and len(line["top_logprobs"][0]) == 1
+
+
+def test_output_lines_stay_json_whatever_the_floats(tmp_path):
+    """JSON has no NaN or infinity: such a logprob is written as null, and the line still parses."""
+    from moe_jax.job_output import CompletionWriter
+
+    out = tmp_path / "out.jsonl"
+    writer = CompletionWriter(out)
+    writer.write({"id": "a", "logprobs": [-0.5, float("nan"), float("-inf")], "top_logprobs": [[[3, float("nan")]]]})
+    writer.close()
+    line = out.read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"id": "a", "logprobs": [-0.5, None, None], "top_logprobs": [[[3, None]]]}

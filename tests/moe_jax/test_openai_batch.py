@@ -3,6 +3,7 @@ chat templates and stop strings."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -171,20 +172,56 @@ def test_logprobs_in_each_endpoints_shape(tmp_path, chat_model, capsys):
     assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32"]) == 0, \
         capsys.readouterr().err
     lines = {r["custom_id"]: r["response"]["body"]["choices"][0] for r in map(json.loads, out.read_text().splitlines())}
-    token = lambda t: llm.tokenizer.decode([t])  # noqa: E731
-    comp = lines["comp"]["logprobs"]
-    strings = [token(t) for t in want[0].token_ids]
+    decode = llm.tokenizer.decode
+
+    def piece(ids, j, t):  # what token t adds after ids[:j], over the whole prefix
+        before, after = decode(ids[:j]), decode([*ids[:j], t])
+        return after[len(os.path.commonprefix([before, after])):]
+
+    comp, ids = lines["comp"]["logprobs"], want[0].token_ids
+    strings = [piece(ids, j, t) for j, t in enumerate(ids)]
     assert comp["tokens"] == strings and comp["text_offset"] == [sum(map(len, strings[:j])) for j in range(4)]
     assert comp["token_logprobs"] == pytest.approx(want[0].logprobs, rel=1e-6)
-    assert comp["top_logprobs"] == [pytest.approx({token(i): lp for i, lp in top}, rel=1e-6)
-                                    for top in want[0].top_logprobs]
-    content = lines["chat"]["logprobs"]["content"]
-    assert [e["token"] for e in content] == [token(t) for t in want[1].token_ids]
-    assert [e["bytes"] for e in content] == [list(token(t).encode()) for t in want[1].token_ids]
+    assert comp["top_logprobs"] == [pytest.approx({**{piece(ids, j, i): lp for i, lp in reversed(top)},
+                                                   **{strings[j]: want[0].logprobs[j]}}, rel=1e-6)
+                                    for j, top in enumerate(want[0].top_logprobs)]  # greedy: the top one
+    content, ids = lines["chat"]["logprobs"]["content"], want[1].token_ids
+    assert [e["token"] for e in content] == [piece(ids, j, t) for j, t in enumerate(ids)]
+    def byte(t):  # the byte-level tokenizer: token t < 256 is byte t; the specials (<s>, </s>) none
+        return [t] if t < 256 else []
+
+    assert [e["bytes"] for e in content] == [byte(t) for t in ids]
     assert [e["logprob"] for e in content] == pytest.approx(want[1].logprobs, rel=1e-6)
-    assert [[(x["token"], x["logprob"]) for x in e["top_logprobs"]] for e in content] == \
-        [[(token(i), pytest.approx(lp, rel=1e-6)) for i, lp in top] for top in want[1].top_logprobs]
+    assert [[(x["token"], x["bytes"], x["logprob"]) for x in e["top_logprobs"]] for e in content] == \
+        [[(piece(ids, j, i), byte(i), pytest.approx(lp, rel=1e-6)) for i, lp in top]
+         for j, top in enumerate(want[1].top_logprobs)]
     assert lines["none"]["logprobs"] is None
+
+
+def test_token_strings_and_bytes_of_a_sentencepiece_tokenizer():
+    """A SentencePiece word keeps its leading space after the first token, a byte-fallback token stands for
+    its byte, and of two top tokens that read the same the likelier one's logprob is kept."""
+    import tokenizers
+    from tokenizers import decoders, models
+
+    from moe_jax.openai_batch import _logprobs_record
+
+    vocab = {"<unk>": 0, "\u2581Hello": 1, "\u2581world": 2, "world": 3, "<0xE2>": 4, "<0x82>": 5, "<0xAC>": 6}
+    sp = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tok = Tokenizer(sp)
+    c = Completion([1, 2, 4, 5, 6], "Hello world\u20ac", "length", [], [-1.0, -0.2, -0.3, -0.1, -0.1],
+                   [[(1, -1.0)], [(2, -0.2), (3, -0.5)], [(4, -0.3)], [(5, -0.1)], [(6, -0.1)]])
+    comp = _logprobs_record(c, False, tok.decode, tok.token_bytes)
+    assert comp["tokens"][:2] == ["Hello", " world"] and comp["tokens"][4] == "\u20ac"
+    assert comp["text_offset"][:3] == [0, 5, 11]
+    assert comp["top_logprobs"][1] == {" world": -0.2, "world": -0.5}
+    c.top_logprobs = None  # logprobs 0: the sampled token alone
+    assert _logprobs_record(c, False, tok.decode, tok.token_bytes)["top_logprobs"][:2] == [{"Hello": -1.0},
+                                                                                           {" world": -0.2}]
+    chat = _logprobs_record(c, True, tok.decode, tok.token_bytes)["content"]
+    assert [e["bytes"] for e in chat] == [list(b" Hello"), list(b" world"), [0xE2], [0x82], [0xAC]]
 
 
 @pytest.mark.parametrize("body, message", [
@@ -196,3 +233,18 @@ def test_bad_chat_logprobs(body, message):
     from moe_jax.openai_batch import parse_request
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_request(1, json.loads(chat("a", messages=MESSAGES, **body)))
+
+
+def test_a_body_that_asks_for_no_logprobs_gets_none_whatever_the_cli():
+    """Absent: the CLI's --logprobs applies; false (chat) or null (completions): none."""
+    from moe_jax.openai_batch import parse_request
+
+    def sampling(line):
+        return parse_request(1, json.loads(line)).sampling
+
+    assert "logprobs" not in sampling(chat("a", messages=MESSAGES)) and "logprobs" not in sampling(completion("a", prompt="x"))
+    assert sampling(chat("a", messages=MESSAGES, logprobs=False))["logprobs"] is None
+    assert sampling(completion("a", prompt="x", logprobs=None))["logprobs"] is None
+    assert sampling(chat("a", messages=MESSAGES, logprobs=True))["logprobs"] == 0
+    assert sampling(completion("a", prompt="x", logprobs=3))["logprobs"] == 3
+    assert sampling(completion("a", prompt="x", logprobs=0))["logprobs"] == 0  # 0 is not "none"

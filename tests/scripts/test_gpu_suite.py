@@ -90,6 +90,14 @@ def test_a_later_command_reuses_the_check_and_a_given_kernel_is_not_checked(tmp_
     assert _rows(out)["mgpu_check"] == "fail" and "an earlier command's check" in (out / "summary.md").read_text()
     assert "--moe-impl jax_mgpu --layers 4" in (logs / "bench_offload_quick.log").read_text()
     assert proc.returncode == 0  # reported by the first command; this one ran what it was asked to
+    proc, out, _ = run_suite(tmp_path, "tests", "bench_offload_quick", hopper=True, logs=logs,
+                             python=KERNEL_TESTS.format("exit 1"))  # this command's tests pass: they decide
+    assert _rows(out)["mgpu_check"] == "ok" and (logs / "mgpu_check.status").read_text().strip() == "ok"
+    assert "--moe-impl" not in (logs / "bench_offload_quick.log").read_text().split("\n", 1)[1]
+    (logs / "mgpu_check.status").write_text("ok\n")
+    proc, out, _ = run_suite(tmp_path, "tests", "bench_offload_quick", hopper=True, logs=logs,
+                             python='case "$*" in *"-m gpu tests"*) exit 1 ;; *test_mgpu.py*) exit 1 ;; *) echo ok ;; esac')
+    assert _rows(out)["mgpu_check"] == "fail"  # a failing tests step: checked afresh, not the stale "ok"
     (logs / "mgpu_check.status").unlink()
     proc, out, _ = run_suite(tmp_path, "bench_offload_quick", hopper=True, logs=logs,
                              python=KERNEL_TESTS.format('echo "never run"; exit 3'))
