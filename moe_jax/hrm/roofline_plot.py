@@ -43,15 +43,21 @@ def plot_roofline(cfg: ModelConfig, hw: Hardware, policy: Policy, prompt_len: in
         ax.annotate(f"{name} = {value:.3g} FLOP/B", (value, 0.02), xycoords=ax.get_xaxis_transform(), rotation=90,
                     va="bottom", ha="right", fontsize=8)
 
+    placed = []  # labelled points: a label near earlier ones goes one line lower per neighbour (no overlap)
+
+    def point(text: str, x: float, y: float, style: str) -> None:
+        ax.plot(x, y, style)
+        near = sum(abs(np.log10(x / px)) < 0.3 and abs(np.log10(y / py)) < 0.3 for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(text, (x, y), xytext=(4, 3 - 11 * near), textcoords="offset points", fontsize=8)
+
     for name, op in ops.items():
         on_cpu = name == "attention" and policy.attention_device == "cpu"
         seconds = hw.cpu_seconds(op, policy.kv_cache_dtype) if on_cpu else hw.gpu_seconds(op)
         if name in link_bytes:
             seconds = max(seconds, link_bytes[name] / hw.link_bandwidth)
-            ax.plot(op.flops / link_bytes[name], op.flops / seconds, "C2^")
-            ax.annotate(f"{name} (link)", (op.flops / link_bytes[name], op.flops / seconds), fontsize=8)
-        ax.plot(op.intensity, op.flops / seconds, "C1s" if on_cpu else "C0o")
-        ax.annotate(name, (op.intensity, op.flops / seconds), fontsize=8)
+            point(f"{name} (link)", op.flops / link_bytes[name], op.flops / seconds, "C2^")
+        point(name, op.intensity, op.flops / seconds, "C1s" if on_cpu else "C0o")
 
     ax.set(xlabel="operational intensity (FLOP/byte)", ylabel="attained performance (FLOP/s)",
            title=f"{cfg.family} on {hw.name}: N={policy.batch_size} ({n_ub}×{policy.micro_batch_size}), "
