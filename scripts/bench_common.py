@@ -214,7 +214,8 @@ def probe_gpu_layer_seconds(source, policy, dtype: str, moe_impl: str) -> float:
 
 def timed_generate(llm, prompts, gen_len: int) -> dict:
     """A warm-up run on the same prompts (compiles every shape of the run), then the timed run.
-    Generation ignores EOS, so every prompt gets exactly `gen_len` tokens."""
+    Generation ignores EOS, so every prompt gets exactly `gen_len` tokens. A timed run interrupted (Ctrl-C, or
+    gpu_suite's time limit) after its prefill gives what it measured so far, marked "interrupted"."""
     from moe_jax.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=gen_len, ignore_eos=True)
@@ -222,7 +223,19 @@ def timed_generate(llm, prompts, gen_len: int) -> dict:
     llm.generate(prompts, params.replace(max_new_tokens=min(WARMUP_TOKENS, gen_len)))
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = llm.generate(prompts, params)
+    try:
+        out = llm.generate(prompts, params)
+    except KeyboardInterrupt:
+        st = llm.stats
+        if st is None or not st.decode_steps:
+            raise
+        log(f"  interrupted after {st.decode_steps} of {gen_len - 1} decode steps: reporting those")
+        # Each decode step gives every decoding row a token: all of them when the prompts fill one batch.
+        one_batch = len(prompts) <= llm.policy.batch_size
+        return {"prompts": len(prompts), "tokens": None, "warmup_s": warmup_s, "wall_s": time.perf_counter() - t0,
+                "prefill_s": st.prefill_s, "decode_s": st.decode_s, "decode_steps": st.decode_steps, "tok_s": None,
+                "decode_tok_s": len(prompts) * st.decode_steps / st.decode_s if one_batch else None, "stats": st,
+                "completions": [], "interrupted": True}
     wall = time.perf_counter() - t0
     st = llm.stats
     tokens = sum(len(c.token_ids) for c in out)
@@ -267,8 +280,9 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
     predicted ratios."""
     cfg, policy = source.cfg, llm.policy
     run = timed_generate(llm, prompts, gen_len)
-    log(f"  run: {run['tokens']} tokens in {run['wall_s']:.2f} s (prefill {run['prefill_s']:.2f} s, "
-        f"decode {run['decode_s']:.2f} s); warm-up {run['warmup_s']:.2f} s")
+    what = "interrupted" if run.get("interrupted") else f"{run['tokens']} tokens"
+    log(f"  run: {what} in {run['wall_s']:.2f} s (prefill {run['prefill_s']:.2f} s, decode {run['decode_s']:.2f} s); "
+        f"warm-up {run['warmup_s']:.2f} s")
     terms = per_layer_terms(run, cfg, policy, dtype, link_bw, gpu_s)
     peak = run["stats"].peak_gpu_bytes
     row = {"policy": policy_dict(policy), **{k: v for k, v in run.items() if k not in ("stats", "completions")},
@@ -282,7 +296,7 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
         pred = hrm_predict(cfg, hardware, wave, engine_lengths(prompts, gen_len, cfg.max_positions), dtype)
         row["hrm"] = pred
         row["measured_over_predicted"] = {
-            "tok_s": run["tok_s"] / pred["tok_s"],
+            "tok_s": run["tok_s"] / pred["tok_s"] if run["tok_s"] else None,
             "decode_tok_s": run["decode_tok_s"] / pred["decode_tok_s"] if run["decode_tok_s"] else None,
             "step": terms["step"] * cfg.num_layers / pred["step_s"],
             **{k: (terms[m] / pred["per_layer_s"][k] if terms[m] is not None and pred["per_layer_s"][k] else None)

@@ -137,7 +137,8 @@ def table_row(r: dict, cap: float) -> list[str]:
         return [label, r["error"].splitlines()[0][:120]] + [""] * (len(TABLE_HEADERS) - 2)
     t, h = r["per_layer_s"], r["hrm"]
     hrm_terms = "/".join(bc.fmt(h["per_layer_s"][k], ".1f", 1e3) for k in ("h2d", "cpu", "gpu")) if h else "n/a"
-    label = ("HRM: " if r["spec"] == "auto" else "") + bc.policy_label(r["policy"])
+    label = ("HRM: " if r["spec"] == "auto" else "") + bc.policy_label(r["policy"]) + (
+        f" (interrupted after {r['decode_steps']} decode steps)" if r.get("interrupted") else "")
     return [label, bc.fmt(r["load_s"]), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
             bc.fmt(t["h2d_est"], ".2f", 1e3), bc.fmt(t["cpu"], ".2f", 1e3), bc.fmt(t["gpu_probe"], ".2f", 1e3),
             bc.fmt(t["step"], ".2f", 1e3), bc.fmt(r["overlap_efficiency"], ".2f"),
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
     try:
         for spec in specs:
             rows.append(run_policy(spec, source, args, hardware, link_bw))
+            if rows[-1].get("interrupted"):  # its decode steps so far are in the row; stop here
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         bc.log("interrupted: reporting what was measured")

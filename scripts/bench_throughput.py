@@ -237,6 +237,8 @@ class Runner:
             run = bc.timed_generate(llm, prompts, gen_len)
         except (SystemExit, hrm.InfeasibleError, ValueError, MemoryError) as e:
             return {"error": f"{type(e).__name__}: {e}"}
+        if run.get("interrupted"):  # the comparison needs the whole run
+            raise KeyboardInterrupt
         return {"policy": bc.policy_dict(policy), "prompts": len(prompts), "gen_len": gen_len, "load_s": load_s,
                 "tokens": run["tokens"], "wall_s": run["wall_s"], "tok_s": run["tok_s"],
                 "decode_tok_s": run["decode_tok_s"], "first_tokens": [c.token_ids[0] for c in run["completions"]]}
@@ -246,7 +248,8 @@ def versus_published(row: dict, model: str, full: bool, link_bw: float) -> dict 
     """Our figure at the published one's link over it, where model and workload are the same: {system, ours at
     their link, ratio}."""
     for pub in PUBLISHED:
-        if model == pub["model"] and full and (row["workload"], row["gen_len"]) == pub["workload"]:
+        if model == pub["model"] and full and (row["workload"], row["gen_len"]) == pub["workload"] \
+                and row.get(pub["metric"]) is not None:
             ours = row[pub["metric"]] * pub["link"] / link_bw
             return {"system": pub["system"], "metric": pub["metric"], "ours_at_their_link": ours,
                     "published": pub["value"], "ratio": ours / pub["value"], "bound": run_bound(row),
@@ -279,6 +282,8 @@ def main_table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         label = ("HRM: " if r["spec"] == "auto" else "") + (bc.policy_label(r["policy"]) if "policy" in r else r["spec"])
+        if r.get("interrupted"):
+            label += f" (interrupted after {r['decode_steps']} decode steps)"
         head = [r["workload"], str(r["gen_len"]), f"{r['gpu_memory_gb']:g}", label]
         if "error" in r or "tok_s" not in r:
             out.append(head + [r.get("error", "").splitlines()[0][:120]] + [""] * (len(MAIN_HEADERS) - 5))
@@ -326,7 +331,7 @@ def plot(path: str, rows: list[dict], base: dict | None, ours_base: dict | None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if "tok_s" in r]
+    ok = [r for r in rows if r.get("tok_s") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [max(len(ok), 1), 2]})
     labels = [f"{r['workload']}:{r['gen_len']}\n{r['gpu_memory_gb']:g} GiB\n{'HRM' if r['spec'] == 'auto' else r['spec']}"
               for r in ok]
@@ -406,6 +411,8 @@ def main(argv=None) -> int:
             for workload, gen_len in workloads:
                 for spec in specs:
                     rows.append(runner.run(cap, workload, gen_len, spec))
+                    if rows[-1].get("interrupted"):  # its decode steps so far are in the row; stop here
+                        raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         bc.log("interrupted: reporting what was measured")

@@ -106,6 +106,31 @@ def test_bench_throughput_predicts_without_running(capsys):
         bt.parse_args(["--predict-only"])  # no profile to predict with
 
 
+def test_an_interrupted_timed_run_reports_its_decode_steps():
+    """Ctrl-C (gpu_suite's time limit) during the timed run, after some decode steps: the run reports their
+    decode tok/s, marked interrupted; before any decode step there is nothing to report."""
+    from types import SimpleNamespace
+
+    from moe_jax.offload_policy import Policy
+
+    class Interrupted:
+        policy = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2)
+
+        def __init__(self, steps):
+            self.stats = SimpleNamespace(decode_steps=steps, decode_s=0.5, prefill_s=0.2)
+
+        def generate(self, prompts, params):
+            if params.max_new_tokens > bench_common.WARMUP_TOKENS:  # the timed run, not the warm-up
+                raise KeyboardInterrupt
+
+    run = bench_common.timed_generate(Interrupted(3), [[1, 2]] * 4, 64)
+    assert run["interrupted"] and run["decode_steps"] == 3 and run["decode_tok_s"] == pytest.approx(4 * 3 / 0.5)
+    assert run["tok_s"] is None and run["tokens"] is None
+    assert bench_common.timed_generate(Interrupted(3), [[1, 2]] * 6, 64)["decode_tok_s"] is None  # waves: unknown
+    with pytest.raises(KeyboardInterrupt):
+        bench_common.timed_generate(Interrupted(0), [[1, 2]] * 4, 64)
+
+
 def test_bench_expert_kernel_small(tmp_path):
     out = tmp_path / "expert.json"
     p = run_script("bench_expert_kernel.py", "--small", "--tokens", "64", "--models", "mixtral-small", "--json", str(out))
