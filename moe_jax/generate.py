@@ -228,7 +228,7 @@ def run_prompt(args: argparse.Namespace) -> int:
     for _, c in llm.generate_iter([prompt], params):
         generated += len(c.token_ids)
         if c.logprobs is not None:
-            print(json.dumps(PLAIN.completion_record(JobRequest(0, 0, prompt), c, llm), ensure_ascii=False))
+            print(json.dumps(PLAIN.completion_record(JobRequest(0, 0, prompt), [c], llm), ensure_ascii=False))
         else:
             print(c.text if c.text is not None else json.dumps(c.token_ids))
     report(llm, 1, generated, start, args.dtype)
@@ -256,18 +256,35 @@ def run_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of completion `sample` of a request whose seed is `seed`: the first keeps it (so n = 1 samples
+    as a request without n), the others mix it with their number."""
+    return seed if sample == 0 else zlib.crc32(f"{seed}:{sample}".encode())
+
+
 def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, output: Path | None) -> int:
-    """Runs `todo`, writing each request's line as it finishes; returns the number of generated tokens.
-    On an exception (Interrupted included) the engine stops and what has finished is kept, synced."""
+    """Runs `todo`, writing each request's line once its n completions have finished; returns the number of
+    generated tokens. On an exception (Interrupted included) the engine stops and what has finished is kept,
+    synced (a request with some of its n completions unfinished runs again on --resume)."""
     writer, progress = CompletionWriter(output), Progress(total=len(todo))
-    params = [base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop or base.stop, **req.sampling})
-              for req, _ in todo]
+    runs = [(j, s) for j, (req, _) in enumerate(todo) for s in range(req.n)]  # (request, sample) per engine request
+    params = []
+    for j, s in runs:
+        req = todo[j][0]
+        p = base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop or base.stop, **req.sampling})
+        params.append(p.replace(seed=sample_seed(p.seed, s)))
+    done: dict[int, list] = {}  # request -> its completions so far, by sample
     try:
-        with contextlib.closing(llm.generate_iter([ids for _, ids in todo], params)) as completions:
+        with contextlib.closing(llm.generate_iter([todo[j][1] for j, _ in runs], params)) as completions:
             for i, c in completions:
-                req = todo[i][0]
-                progress.update(1, len(c.token_ids))
-                writer.write(job.format.completion_record(req, c, llm))
+                j, s = runs[i]
+                req = todo[j][0]
+                got = done.setdefault(j, [None] * req.n)
+                got[s] = c
+                if all(x is not None for x in got):
+                    writer.write(job.format.completion_record(req, got, llm))
+                    progress.update(1, sum(len(x.token_ids) for x in got))
+                    del done[j]
     finally:
         progress.close()
         writer.close()

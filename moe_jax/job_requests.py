@@ -11,7 +11,7 @@ from moe_jax.sampling import MAX_TOP_LOGPROBS
 class JobRequest:
     """prompt: text or token ids (None for a chat request, which has `messages`); sampling:
     SamplingParams fields this line overrides; stop: strings that end the completion (text cut before
-    them); endpoint: the OpenAI batch url, None for a plain line."""
+    them); endpoint: the OpenAI batch url, None for a plain line; n: completions to sample for the prompt."""
 
     line: int  # 1-based line number in the input file
     id: str | int
@@ -20,6 +20,7 @@ class JobRequest:
     sampling: dict = dataclasses.field(default_factory=dict)
     stop: tuple[str, ...] = ()
     endpoint: str | None = None
+    n: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,14 @@ def refuse_unknown(obj: dict, known, where: str = "") -> None:
     if unknown:
         raise ValueError(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(repr(where + k) for k in unknown)} "
                          f"(known: {', '.join(sorted(known))})")
+
+
+MAX_N = 64  # completions one request may ask for
+
+
+def completions_wanted(obj: dict, where: str = "") -> int:
+    """obj["n"], the completions to sample for the prompt (absent or null: 1); ValueError naming it."""
+    return optional(obj, "n", lambda v: is_int(v) and 1 <= v <= MAX_N, f"an integer in 1..{MAX_N}", where) or 1
 
 
 def stop_strings(obj: dict, where: str = "") -> tuple[str, ...]:

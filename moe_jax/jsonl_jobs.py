@@ -3,10 +3,11 @@ output and error lines.
 
 Plain input line: {"prompt": TEXT} or {"prompt_token_ids": [INT, ...]}, optional "id" (string or int,
 unique; default: the line number), "stop" (a string or a list of them) and the sampling fields
-"max_new_tokens", "temperature", "top_p", "top_k", "seed", "logprobs"; any other field makes the line
-invalid. Output line: {"id", "token_ids", "text", "finish_reason"}, plus, where the request asked for
-logprobs, "logprobs" (one per token) and, for logprobs >= 1, "top_logprobs" (per token, [[token id,
-logprob], ...] most likely first); error line: {"line", "id", "error"}. OpenAI batch lines: see
+"max_new_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", and "n" (completions to sample, 1..64);
+any other field makes the line invalid. Output line: {"id", "token_ids", "text", "finish_reason"}, plus,
+where the request asked for logprobs, "logprobs" (one per token) and, for logprobs >= 1, "top_logprobs"
+(per token, [[token id, logprob], ...] most likely first); for n > 1, {"id", "choices": [those fields, one
+object per completion]}; error line: {"line", "id", "error"}. OpenAI batch lines: see
 `moe_jax.openai_batch`.
 A file holds one format; every bad line is found, none stops the reading.
 """
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from moe_jax import openai_batch
-from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, is_int, is_token_ids, refuse_unknown,
-                                  sampling_fields, stop_strings)
+from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, completions_wanted, is_int, is_token_ids,
+                                  refuse_unknown, sampling_fields, stop_strings)
 from moe_jax.requests import Completion
 
 if TYPE_CHECKING:
@@ -35,11 +36,11 @@ class JobFormat:
     name: str
     id_key: str  # the field that identifies a request in input and output lines
     parse: Callable[[int, dict], JobRequest]
-    completion_record: Callable[[JobRequest, Completion, LLM], dict]  # (request, its completion, the model)
+    completion_record: Callable[[JobRequest, list[Completion], LLM], dict]  # (request, its n completions, the model)
     error_record: Callable[[BadLine], dict]
 
 
-_PLAIN_KEYS = ("prompt", "prompt_token_ids", "id", "stop", *SAMPLING_CHECKS)
+_PLAIN_KEYS = ("prompt", "prompt_token_ids", "id", "stop", "n", *SAMPLING_CHECKS)
 
 
 def _parse_plain(n: int, obj: dict) -> JobRequest:
@@ -62,16 +63,22 @@ def _parse_plain(n: int, obj: dict) -> JobRequest:
     if not isinstance(rid, str) and not is_int(rid):
         raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
     sampling = sampling_fields(obj, {f: f for f in SAMPLING_CHECKS})
-    return JobRequest(n, rid, prompt, sampling=sampling, stop=stop_strings(obj))
+    return JobRequest(n, rid, prompt, sampling=sampling, stop=stop_strings(obj), n=completions_wanted(obj))
 
 
-def _plain_record(req: JobRequest, c: Completion, llm: LLM) -> dict:
-    record = {"id": req.id, "token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason}
+def _plain_choice(c: Completion) -> dict:
+    choice = {"token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason}
     if c.logprobs is not None:
-        record["logprobs"] = c.logprobs
+        choice["logprobs"] = c.logprobs
     if c.top_logprobs is not None:
-        record["top_logprobs"] = [[list(pair) for pair in top] for top in c.top_logprobs]
-    return record
+        choice["top_logprobs"] = [[list(pair) for pair in top] for top in c.top_logprobs]
+    return choice
+
+
+def _plain_record(req: JobRequest, completions: list[Completion], llm: LLM) -> dict:
+    if req.n == 1:
+        return {"id": req.id, **_plain_choice(completions[0])}
+    return {"id": req.id, "choices": [_plain_choice(c) for c in completions]}
 
 
 def _plain_error(bad: BadLine) -> dict:

@@ -5,8 +5,9 @@ Request: {"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/co
 with "prompt" (text or token ids) or "messages" ([{"role", "content"}, ...]) and optional "max_tokens"
 (or "max_completion_tokens"), "temperature", "top_p", "seed", "stop" (a string or a list of them), and
 log-probabilities as each endpoint asks for them: "logprobs" (0..20 most likely tokens) for completions,
-"logprobs" (true) with "top_logprobs" (0..20) for chat; "model", "user", "metadata" and "store" are
-ignored, "n" must be 1, and any other body field makes the line invalid rather than be dropped. Fields a
+"logprobs" (true) with "top_logprobs" (0..20) for chat, and "n" (completions to sample, 1..64, one
+choice each); "model", "user", "metadata" and "store" are ignored, and any other body field makes the
+line invalid rather than be dropped. Fields a
 body leaves out take the CLI's values ("logprobs": null or false asks for none, whatever the CLI says). The
 response's "logprobs" follow each endpoint's shape: a token's string is what it adds to the text after the
 tokens before it (a SentencePiece word keeps its leading space; a character split over several tokens goes to
@@ -21,8 +22,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, is_token_ids, optional, refuse_unknown,
-                                  sampling_fields, stop_strings)
+from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, completions_wanted, is_token_ids, optional,
+                                  refuse_unknown, sampling_fields, stop_strings)
 from moe_jax.requests import Completion
 
 if TYPE_CHECKING:
@@ -55,11 +56,10 @@ def parse_request(n: int, obj: dict) -> JobRequest:
     if not isinstance(body, dict):
         raise ValueError("'body' must be a JSON object")
     refuse_unknown(body, (*_BODY_KEYS, *_ENDPOINT_KEYS[url]), "body.")
-    if body.get("n") not in (None, 1):
-        raise ValueError(f"'body.n' must be 1 (one completion per request), got {body['n']!r}")
     prompt, messages = (None, _messages(body)) if url == CHAT else (_prompt(body), None)
     sampling = {**sampling_fields(body, _SAMPLING, "body."), **_logprobs(body, url == CHAT)}
-    return JobRequest(n, cid, prompt, messages, sampling, stop_strings(body, "body."), url)
+    return JobRequest(n, cid, prompt, messages, sampling, stop_strings(body, "body."), url,
+                      completions_wanted(body, "body."))
 
 
 def _logprobs(body: dict, chat: bool) -> dict:
@@ -130,16 +130,19 @@ def _logprobs_record(c: Completion, chat: bool, decode: Callable[[Sequence[int]]
             "text_offset": list(itertools.accumulate(map(len, strings[:-1]), initial=0)) if strings else []}
 
 
-def response_record(req: JobRequest, c: Completion, llm: LLM) -> dict:
-    """The output line of a finished request (HTTP 200, the body a completions or chat API response)."""
-    chat, model = req.endpoint == CHAT, llm.name
-    logprobs = _logprobs_record(c, chat, llm.tokenizer.decode, llm.tokenizer.token_bytes)
-    choice = {"index": 0, "message": {"role": "assistant", "content": c.text}} if chat else {"index": 0, "text": c.text}
-    usage = {"prompt_tokens": len(c.prompt_token_ids), "completion_tokens": len(c.token_ids),
-             "total_tokens": len(c.prompt_token_ids) + len(c.token_ids)}
+def response_record(req: JobRequest, completions: list[Completion], llm: LLM) -> dict:
+    """The output line of a finished request (HTTP 200, the body a completions or chat API response with one
+    choice per completion)."""
+    chat, tok = req.endpoint == CHAT, llm.tokenizer
+    choices = [{"index": i, **({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text}),
+                "finish_reason": c.finish_reason, "logprobs": _logprobs_record(c, chat, tok.decode, tok.token_bytes)}
+               for i, c in enumerate(completions)]
+    prompt_tokens, completion_tokens = len(completions[0].prompt_token_ids), sum(len(c.token_ids) for c in completions)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
     body = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{**choice, "finish_reason": c.finish_reason, "logprobs": logprobs}], "usage": usage}
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": llm.name, "choices": choices, "usage": usage}
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": req.id,
             "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body}, "error": None}
 

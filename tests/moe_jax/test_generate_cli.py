@@ -107,7 +107,7 @@ def test_resume_skips_finished_ids_and_repairs_a_torn_line(tmp_path, capsys):
     ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "in.jsonl:2: duplicate id 'a'"),
     ('{"prompt": "x", "max_new_tokens": 0}\n', "in.jsonl:1: 'max_new_tokens' must be a positive integer"),
     ('{"prompt": "x", "max_tokens": 2, "temprature": 1}\n', "in.jsonl:1: unknown fields 'max_tokens', 'temprature' "
-     "(known: id, logprobs, max_new_tokens, prompt, prompt_token_ids, seed, stop, temperature, top_k, top_p)"),
+     "(known: id, logprobs, max_new_tokens, n, prompt, prompt_token_ids, seed, stop, temperature, top_k, top_p)"),
     ('{"prompt": "x", "logprobs": 21}\n', "in.jsonl:1: 'logprobs' must be an integer in 0..20, got 21"),
     ('{"prompt": "x", "top_p": 0}\n', "in.jsonl:1: 'top_p' must be a number in (0, 1]"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "y", "logprobs": true}}\n',
@@ -429,3 +429,26 @@ def test_output_lines_stay_json_whatever_the_floats(tmp_path):
     line = out.read_text()
     assert "NaN" not in line and "Infinity" not in line
     assert json.loads(line) == {"id": "a", "logprobs": [-0.5, None, None], "top_logprobs": [[[3, None]]]}
+
+
+def test_n_completions_in_a_plain_line(tmp_path, capsys):
+    """A plain line's "n": its line holds "choices", each as a one-completion line would have it (sampled with
+    the request's seed, then that seed mixed with the choice's number); lines without n keep the flat shape."""
+    from moe_jax.generate import sample_seed
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "hello", "n": 3, "temperature": 1.0, "logprobs": 0}\n'
+                   '{"id": "b", "prompt": "hello", "temperature": 1.0}\n')
+    assert run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", "4", "--dtype", "float32")[0] == 0
+    got = records(out)
+    llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident")
+    seed = request_seed(0, "a")
+    want = llm.generate(["hello"] * 3, [SamplingParams(max_new_tokens=4, temperature=1.0, logprobs=0,
+                                                       seed=sample_seed(seed, i)) for i in range(3)])
+    assert set(got["a"]) == {"id", "choices"} and [ch["token_ids"] for ch in got["a"]["choices"]] == \
+        [w.token_ids for w in want]
+    assert all(len(ch["logprobs"]) == len(ch["token_ids"]) for ch in got["a"]["choices"])
+    assert {"token_ids", "text", "finish_reason"} <= set(got["b"]) and "choices" not in got["b"]
+    inp.write_text('{"prompt": "x", "n": 0}\n')
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", tmp_path / "o3.jsonl")
+    assert rc == 2 and "in.jsonl:1: 'n' must be an integer in 1..64, got 0" in err

@@ -61,7 +61,7 @@ def test_openai_round_trip_matches_llm_generate(tmp_path, chat_model, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(completion("comp", model="ignored", prompt="Hello there", max_tokens=6)
                    + chat("chat", messages=MESSAGES, max_tokens=5)
-                   + completion("bad", prompt="x", n=3)
+                   + completion("bad", prompt="x", n=0)
                    + completion("stop", prompt="Hello there", max_tokens=6, stop=["\n\n", stop]))
     assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32",
                  "--skip-invalid"]) == 0, capsys.readouterr().err
@@ -89,8 +89,8 @@ def test_openai_round_trip_matches_llm_generate(tmp_path, chat_model, capsys):
     assert stopped["usage"]["completion_tokens"] == needed
     (error,) = map(json.loads, (tmp_path / "out.errors.jsonl").read_text().splitlines())
     assert error["custom_id"] == "bad" and error["response"] is None
-    assert error["error"] == {"code": "invalid_request", "message": "line 3: 'body.n' must be 1 (one completion per "
-                                                                    "request), got 3"}
+    assert error["error"] == {"code": "invalid_request", "message": "line 3: 'body.n' must be an integer in 1..64, "
+                                                                    "got 0"}
 
 
 @pytest.mark.parametrize("content, message", [
@@ -248,3 +248,25 @@ def test_a_body_that_asks_for_no_logprobs_gets_none_whatever_the_cli():
     assert sampling(chat("a", messages=MESSAGES, logprobs=True))["logprobs"] == 0
     assert sampling(completion("a", prompt="x", logprobs=3))["logprobs"] == 3
     assert sampling(completion("a", prompt="x", logprobs=0))["logprobs"] == 0  # 0 is not "none"
+
+
+def test_n_completions_are_choices_sampled_with_their_own_seeds(tmp_path, chat_model, capsys):
+    """"n": k gives k choices (index 0..k-1), each what LLM.generate gives with the request's seed (the first)
+    or that seed mixed with the choice's number; usage counts the prompt once and every completion's tokens."""
+    from moe_jax.generate import sample_seed
+
+    llm = LLM(str(chat_model), dtype="float32", policy="resident")
+    params = [SamplingParams(max_new_tokens=5, temperature=1.0, seed=sample_seed(7, i)) for i in range(3)]
+    want = llm.generate(["Hello there"] * 3, params)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(completion("c", prompt="Hello there", max_tokens=5, temperature=1.0, seed=7, n=3)
+                   + completion("one", prompt="Hello there", max_tokens=5, temperature=1.0, seed=7))
+    assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32"]) == 0, \
+        capsys.readouterr().err
+    bodies = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}
+    choices = bodies["c"]["choices"]
+    assert [ch["index"] for ch in choices] == [0, 1, 2] and [ch["text"] for ch in choices] == [w.text for w in want]
+    assert len({ch["text"] for ch in choices}) > 1  # sampled apart
+    assert bodies["c"]["usage"]["completion_tokens"] == sum(len(w.token_ids) for w in want)
+    assert bodies["c"]["usage"]["prompt_tokens"] == len(want[0].prompt_token_ids)
+    assert [ch["text"] for ch in bodies["one"]["choices"]] == [want[0].text]  # n = 1: the first choice of n = 3
