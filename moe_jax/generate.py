@@ -258,8 +258,8 @@ def run_job(args: argparse.Namespace) -> int:
 
 def sample_seed(seed: int, sample: int) -> int:
     """The seed of completion `sample` of a request whose seed is `seed`: the first keeps it (so n = 1 samples
-    as a request without n), the others mix it with their number."""
-    return seed if sample == 0 else zlib.crc32(f"{seed}:{sample}".encode())
+    as a request without n), the others mix it with their number (apart from `request_seed`'s ids)."""
+    return seed if sample == 0 else zlib.crc32(f"{seed}:choice:{sample}".encode())
 
 
 def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, output: Path | None) -> int:
@@ -273,6 +273,10 @@ def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, out
         req = todo[j][0]
         p = base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop or base.stop, **req.sampling})
         params.append(p.replace(seed=sample_seed(p.seed, s)))
+    greedy = {j for (j, _), p in zip(runs, params) if todo[j][0].n > 1 and p.temperature == 0}
+    if greedy:
+        log.warning("%d request(s) ask for n > 1 completions at temperature 0 (greedy): their completions are "
+                    "identical", len(greedy))
     done: dict[int, list] = {}  # request -> its completions so far, by sample
     try:
         with contextlib.closing(llm.generate_iter([todo[j][1] for j, _ in runs], params)) as completions:

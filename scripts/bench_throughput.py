@@ -246,7 +246,9 @@ class Runner:
 
 def versus_published(row: dict, model: str, full: bool, link_bw: float) -> dict | None:
     """Our figure at the published one's link over it, where model and workload are the same: {system, ours at
-    their link, ratio}."""
+    their link, ratio}. None for a run interrupted before its end (its figures cover its first steps only)."""
+    if row.get("interrupted"):
+        return None
     for pub in PUBLISHED:
         if model == pub["model"] and full and (row["workload"], row["gen_len"]) == pub["workload"] \
                 and row.get(pub["metric"]) is not None:

@@ -449,6 +449,7 @@ def test_n_completions_in_a_plain_line(tmp_path, capsys):
         [w.token_ids for w in want]
     assert all(len(ch["logprobs"]) == len(ch["token_ids"]) for ch in got["a"]["choices"])
     assert {"token_ids", "text", "finish_reason"} <= set(got["b"]) and "choices" not in got["b"]
+    assert {sample_seed(0, i) for i in (1, 2, 3)}.isdisjoint({request_seed(0, i) for i in (1, 2, 3)})  # line ids
     inp.write_text('{"prompt": "x", "n": 0}\n')
     rc, _, err = run_cli(capsys, "--input", inp, "--output", tmp_path / "o3.jsonl")
     assert rc == 2 and "in.jsonl:1: 'n' must be an integer in 1..64, got 0" in err
