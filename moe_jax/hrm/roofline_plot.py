@@ -43,13 +43,14 @@ def plot_roofline(cfg: ModelConfig, hw: Hardware, policy: Policy, prompt_len: in
         ax.annotate(f"{name} = {value:.3g} FLOP/B", (value, 0.02), xycoords=ax.get_xaxis_transform(), rotation=90,
                     va="bottom", ha="right", fontsize=8)
 
-    placed = []  # labelled points: a label near earlier ones goes one line lower per neighbour (no overlap)
+    placed = []  # (x, y, line) of each label: a label takes the first line below its point that no label near it has
 
     def point(text: str, x: float, y: float, style: str) -> None:
         ax.plot(x, y, style)
-        near = sum(abs(np.log10(x / px)) < 0.3 and abs(np.log10(y / py)) < 0.3 for px, py in placed)
-        placed.append((x, y))
-        ax.annotate(text, (x, y), xytext=(4, 3 - 11 * near), textcoords="offset points", fontsize=8)
+        taken = {k for px, py, k in placed if abs(np.log10(x / px)) < 0.3 and abs(np.log10(y / py)) < 0.3}
+        line = next(k for k in range(len(placed) + 1) if k not in taken)
+        placed.append((x, y, line))
+        ax.annotate(text, (x, y), xytext=(4, 3 - 11 * line), textcoords="offset points", fontsize=8)
 
     for name, op in ops.items():
         on_cpu = name == "attention" and policy.attention_device == "cpu"
