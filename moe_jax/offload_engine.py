@@ -668,7 +668,7 @@ class _Run:
         eng, cfg = self.eng, self.eng.cfg
         L, n_mb = cfg.num_layers, len(self.first)
         futs, xs = {}, [None] * n_mb
-        t0, step = time.perf_counter(), 0
+        t0, step, finished = time.perf_counter(), 0, False
         try:
             while True:
                 for i in range(L):
@@ -712,6 +712,7 @@ class _Run:
                         calls = self._prefill_calls(i, table, calls)
                     if i == 0 and not futs and not self.prefills and not any((s == JOIN).any() for s in self.state):
                         eng.stats.decode_s += time.perf_counter() - t0  # the last, partial step
+                        finished = True
                         return
                     eng._complete_fetch()
                 now = time.perf_counter()
@@ -721,6 +722,7 @@ class _Run:
                     eng.stats.decode_s += now - t0
                     eng.stats.decode_steps += 1
                 t0, step = now, step + 1
-        finally:
+        finally:  # the worker's tasks hold this run's buffers: wait for them; stopped by an error (or Ctrl-C),
+            # let that one through rather than a task's own error
             for f in [*futs.values(), *self.writes]:
-                f.result()
+                f.result() if finished else f.exception()

@@ -222,12 +222,12 @@ def timed_generate(llm, prompts, gen_len: int) -> dict:
     t0 = time.perf_counter()
     llm.generate(prompts, params.replace(max_new_tokens=min(WARMUP_TOKENS, gen_len)))
     warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, warmup_stats = time.perf_counter(), llm.stats
     try:
         out = llm.generate(prompts, params)
     except KeyboardInterrupt:
         st = llm.stats
-        if st is None or not st.decode_steps:
+        if st is None or st is warmup_stats or not st.decode_steps:  # the timed run had not begun decoding
             raise
         log(f"  interrupted after {st.decode_steps} of {gen_len - 1} decode steps: reporting those")
         # Each decode step gives every decoding row a token: all of them when the prompts fill one batch.

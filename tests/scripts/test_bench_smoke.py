@@ -117,10 +117,12 @@ def test_an_interrupted_timed_run_reports_its_decode_steps():
         policy = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2)
 
         def __init__(self, steps):
-            self.stats = SimpleNamespace(decode_steps=steps, decode_s=0.5, prefill_s=0.2)
+            self.stats = None
+            self.timed = SimpleNamespace(decode_steps=steps, decode_s=0.5, prefill_s=0.2)
 
         def generate(self, prompts, params):
             if params.max_new_tokens > bench_common.WARMUP_TOKENS:  # the timed run, not the warm-up
+                self.stats = self.timed  # as the engine does: new stats per call
                 raise KeyboardInterrupt
 
     run = bench_common.timed_generate(Interrupted(3), [[1, 2]] * 4, 64)
