@@ -158,3 +158,44 @@ def test_a_step_ended_by_the_budget_is_cut_not_failed(tmp_path):
 def test_logs_inside_out_are_refused(tmp_path):
     proc, out, _ = run_suite(tmp_path, "tests", logs=tmp_path / "out" / "logs")
     assert proc.returncode == 2 and "must lie outside OUT" in proc.stderr
+
+
+# A stand-in interpreter that parses each step's arguments with the real script's (or module's) argparse
+# parser and stops there: what a GPU session would run is checked to parse, without running it.
+PARSE_ONLY = """
+import argparse, runpy, sys
+parse = argparse.ArgumentParser.parse_args
+def parse_only(self, args=None, namespace=None):
+    parse(self, args, namespace)
+    print("parsed:", self.prog)
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = parse_only
+args = sys.argv[1:]
+if args[:2] == ["-m", "pytest"]:
+    print("parsed: pytest (not run)")
+elif args[0] == "-m":
+    sys.argv = [args[1], *args[2:]]
+    runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = args
+    sys.path.insert(0, "scripts")
+    runpy.run_path(args[0], run_name="__main__")
+"""
+
+
+def test_every_step_parses_with_the_real_scripts(tmp_path):
+    """`all` steps, as an H100 session would run them (HRM profile; jax's kernel given, as after a failed
+    check of ours, so that --moe-impl is in their arguments): every command's arguments parse."""
+    import sys
+
+    driver = tmp_path / "parse_only.py"
+    driver.write_text(PARSE_ONLY)
+    env = {"PYTHONPATH": str(SUITE.parents[1]), "MOE_IMPL": "--moe-impl jax_mgpu"}
+    proc, out, logs = run_suite(tmp_path, "all", hopper=True, env=env, python=f'exec {sys.executable} {driver} "$@"')
+    rows = _rows(out)
+    assert len(rows) > 15 and set(rows.values()) == {"ok"}, (out / "summary.md").read_text()
+    for name in rows:
+        log = (logs / f"{name}.log").read_text()
+        assert "parsed:" in log, log[-2000:]
+    assert "--moe-impl jax_mgpu" in (logs / "bench_throughput_g64.log").read_text()
+    assert "--hardware h100-80gb" in (logs / "bench_offload.log").read_text()
