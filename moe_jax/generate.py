@@ -267,13 +267,11 @@ def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, out
     generated tokens. On an exception (Interrupted included) the engine stops and what has finished is kept,
     synced (a request with some of its n completions unfinished runs again on --resume)."""
     writer, progress = CompletionWriter(output), Progress(total=len(todo))
+    per_request = [base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop or base.stop,
+                                   **req.sampling}) for req, _ in todo]
     runs = [(j, s) for j, (req, _) in enumerate(todo) for s in range(req.n)]  # (request, sample) per engine request
-    params = []
-    for j, s in runs:
-        req = todo[j][0]
-        p = base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop or base.stop, **req.sampling})
-        params.append(p.replace(seed=sample_seed(p.seed, s)))
-    greedy = {j for (j, _), p in zip(runs, params) if todo[j][0].n > 1 and p.temperature == 0}
+    params = [per_request[j].replace(seed=sample_seed(per_request[j].seed, s)) for j, s in runs]
+    greedy = [j for j, (req, _) in enumerate(todo) if req.n > 1 and per_request[j].temperature == 0]
     if greedy:
         log.warning("%d request(s) ask for n > 1 completions at temperature 0 (greedy): their completions are "
                     "identical", len(greedy))

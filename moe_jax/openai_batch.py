@@ -7,8 +7,8 @@ with "prompt" (text or token ids) or "messages" ([{"role", "content"}, ...]) and
 log-probabilities as each endpoint asks for them: "logprobs" (0..20 most likely tokens) for completions,
 "logprobs" (true) with "top_logprobs" (0..20) for chat, and "n" (completions to sample, 1..64, one
 choice each); "model", "user", "metadata" and "store" are ignored, and any other body field makes the
-line invalid rather than be dropped. Fields a
-body leaves out take the CLI's values ("logprobs": null or false asks for none, whatever the CLI says). The
+line invalid rather than be dropped. Fields a body leaves out take the CLI's values ("logprobs": null or
+false asks for none, whatever the CLI says). The
 response's "logprobs" follow each endpoint's shape: a token's string is what it adds to the text after the
 tokens before it (a SentencePiece word keeps its leading space; a character split over several tokens goes to
 the one that completes it, the others read U+FFFD or ""; a special token, skipped in the text, reads ""),
@@ -99,10 +99,10 @@ def _messages(body: dict) -> tuple[dict, ...]:
 _CONTEXT = 8  # tokens before a token that its string is decoded after (a split character takes at most 4)
 
 
-def _piece(decode: Callable[[Sequence[int]], str], context: Sequence[int], token: int) -> str:
-    """What `token` adds to the decoded text after `context`."""
-    before, after = decode(context), decode([*context, token])
-    return after[len(os.path.commonprefix([before, after])):]
+def _pieces(decode: Callable[[Sequence[int]], str], context: Sequence[int], tokens: Sequence[int]) -> list[str]:
+    """What each of `tokens`, alone, adds to the decoded text after `context`."""
+    before = decode(context)
+    return [after[len(os.path.commonprefix([before, after])):] for after in (decode([*context, t]) for t in tokens)]
 
 
 def _logprobs_record(c: Completion, chat: bool, decode: Callable[[Sequence[int]], str],
@@ -111,9 +111,11 @@ def _logprobs_record(c: Completion, chat: bool, decode: Callable[[Sequence[int]]
     if c.logprobs is None:
         return None
     ids, tops = c.token_ids, c.top_logprobs or [[] for _ in c.token_ids]
-    context = [ids[max(0, j - _CONTEXT):j] for j in range(len(ids))]
-    strings = [_piece(decode, ctx, t) for ctx, t in zip(context, ids)]
-    alternatives = [[(_piece(decode, ctx, i), i, x) for i, x in top] for ctx, top in zip(context, tops)]
+    strings, alternatives = [], []  # per position: the token's string; (string, id, logprob) of each top token
+    for j, (t, top) in enumerate(zip(ids, tops)):
+        pieces = _pieces(decode, ids[max(0, j - _CONTEXT):j], [t, *(i for i, _ in top)])
+        strings.append(pieces[0])
+        alternatives.append([(s, i, x) for s, (i, x) in zip(pieces[1:], top)])
     if chat:
         def entry(s, t, lp):
             return {"token": s, "logprob": lp, "bytes": list(token_bytes(t))}

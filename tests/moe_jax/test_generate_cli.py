@@ -45,6 +45,21 @@ def records(path: Path) -> dict:
     return by_id
 
 
+def float32_job(tmp_path: Path, capsys, lines: str, max_new_tokens: int) -> dict:
+    """{id: record} of a job of these input lines on the default model in float32."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(lines)
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", max_new_tokens, "--dtype", "float32")
+    assert rc == 0, err
+    return records(out)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The default model in float32 through the Python API, for what the CLI's lines must hold."""
+    return moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident")
+
+
 def whole_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
@@ -396,16 +411,12 @@ def test_stop_strings_need_a_tokenizer(tmp_path, capsys, hf_checkpoints):
     assert rc == 2 and "--stop needs a model with tokenizer.json" in err
 
 
-def test_logprobs_in_output_lines(tmp_path, capsys):
+def test_logprobs_in_output_lines(tmp_path, capsys, reference):
     """--logprobs and a line's own "logprobs" put the completion's logprobs (and top tokens) in its line; a
     line asking for none has neither field; --prompt prints the line as JSON."""
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text('{"id": "a", "prompt": "hello", "logprobs": 2}\n{"id": "b", "prompt": "abc"}\n'
-                   '{"id": "c", "prompt_token_ids": [5, 6, 7], "logprobs": 0}\n')
-    assert run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", "3", "--dtype", "float32")[0] == 0
-    got = records(out)
-    llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident")
-    want = llm.generate(["hello", [5, 6, 7]],
+    got = float32_job(tmp_path, capsys, '{"id": "a", "prompt": "hello", "logprobs": 2}\n{"id": "b", "prompt": "abc"}\n'
+                                        '{"id": "c", "prompt_token_ids": [5, 6, 7], "logprobs": 0}\n', 3)
+    want = reference.generate(["hello", [5, 6, 7]],
                         [SamplingParams(max_new_tokens=3, logprobs=2, seed=request_seed(0, "a")),
                          SamplingParams(max_new_tokens=3, logprobs=0, seed=request_seed(0, "c"))])
     assert "logprobs" not in got["b"] and "top_logprobs" not in got["b"] and "top_logprobs" not in got["c"]
@@ -431,25 +442,22 @@ def test_output_lines_stay_json_whatever_the_floats(tmp_path):
     assert json.loads(line) == {"id": "a", "logprobs": [-0.5, None, None], "top_logprobs": [[[3, None]]]}
 
 
-def test_n_completions_in_a_plain_line(tmp_path, capsys):
+def test_n_completions_in_a_plain_line(tmp_path, capsys, reference):
     """A plain line's "n": its line holds "choices", each as a one-completion line would have it (sampled with
     the request's seed, then that seed mixed with the choice's number); lines without n keep the flat shape."""
     from moe_jax.generate import sample_seed
 
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text('{"id": "a", "prompt": "hello", "n": 3, "temperature": 1.0, "logprobs": 0}\n'
-                   '{"id": "b", "prompt": "hello", "temperature": 1.0}\n')
-    assert run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", "4", "--dtype", "float32")[0] == 0
-    got = records(out)
-    llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident")
+    got = float32_job(tmp_path, capsys, '{"id": "a", "prompt": "hello", "n": 3, "temperature": 1.0, "logprobs": 0}\n'
+                                        '{"id": "b", "prompt": "hello", "temperature": 1.0}\n', 4)
     seed = request_seed(0, "a")
-    want = llm.generate(["hello"] * 3, [SamplingParams(max_new_tokens=4, temperature=1.0, logprobs=0,
+    want = reference.generate(["hello"] * 3, [SamplingParams(max_new_tokens=4, temperature=1.0, logprobs=0,
                                                        seed=sample_seed(seed, i)) for i in range(3)])
     assert set(got["a"]) == {"id", "choices"} and [ch["token_ids"] for ch in got["a"]["choices"]] == \
         [w.token_ids for w in want]
     assert all(len(ch["logprobs"]) == len(ch["token_ids"]) for ch in got["a"]["choices"])
     assert {"token_ids", "text", "finish_reason"} <= set(got["b"]) and "choices" not in got["b"]
     assert {sample_seed(0, i) for i in (1, 2, 3)}.isdisjoint({request_seed(0, i) for i in (1, 2, 3)})  # line ids
-    inp.write_text('{"prompt": "x", "n": 0}\n')
-    rc, _, err = run_cli(capsys, "--input", inp, "--output", tmp_path / "o3.jsonl")
-    assert rc == 2 and "in.jsonl:1: 'n' must be an integer in 1..64, got 0" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "n": 0}\n')
+    rc, _, err = run_cli(capsys, "--input", bad, "--output", tmp_path / "o3.jsonl")
+    assert rc == 2 and "bad.jsonl:1: 'n' must be an integer in 1..64, got 0" in err
