@@ -7,12 +7,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 
 class ConfigError(ValueError):
     """A config.json field that moe-jax cannot honour; the message names the file and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling, as transformers' `rope_parameters` types "linear" and "yarn" compute it.
+
+    linear: every frequency divided by `factor`. yarn (YaRN, arXiv 2309.00071): frequencies blended between
+    the original (high ones, rotating more than `beta_fast` times over `original_max_positions`) and the
+    interpolated (low ones, fewer than `beta_slow` turns) with a linear ramp, and cos/sin multiplied by
+    `attention_factor`."""
+
+    kind: str  # "linear" or "yarn"
+    factor: float
+    attention_factor: float = 1.0
+    original_max_positions: int = 0  # yarn only
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+
+    def scale(self, inv_freq, theta: float, dim: int):
+        """The scaled inverse frequencies [dim / 2] of a rotary embedding over `dim` dims from the unscaled
+        `inv_freq` (a NumPy or JAX float32 array)."""
+        if self.kind == "linear":
+            return inv_freq / self.factor
+
+        def correction_dim(rotations):  # the dim whose wavelength fits `rotations` times in the original context
+            return dim * math.log(self.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+        return inv_freq / self.factor * ramp + inv_freq * (1 - ramp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +86,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # config.json's sliding window where it caps max_positions, else None
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self):
         for name, allowed in (("family", tuple(_PARSERS)), ("norm", ("rms", "layer")),
@@ -139,17 +177,42 @@ class _Fields:
             raise self.error(key, why)
 
 
-def _rope(f: _Fields, head_dim: int, default_theta: float) -> tuple[float, int]:
-    """(rope_theta, rotary_dim) from `rope_parameters` (transformers >= 5) or the older fields."""
-    params = f.get("rope_parameters") or {}
-    scaling = f.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-        key = "rope_parameters" if "rope_parameters" in f.d else "rope_scaling"
-        raise f.error(key, f"rope_type {rope_type!r} is not supported (only 'default')")
+def _rope(f: _Fields, head_dim: int, default_theta: float, max_positions: int) -> dict[str, Any]:
+    """rope_theta, rotary_dim and rope_scaling from `rope_parameters` (transformers >= 5) or the older
+    `rope_scaling` and top-level fields, with transformers' defaults."""
+    key = "rope_parameters" if f.get("rope_parameters") else "rope_scaling"
+    params = {**(f.get("rope_scaling") or {}), **(f.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", f.get("rope_theta", default_theta)))
-    factor = float(params.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0)))
-    return theta, int(head_dim * factor)
+    rotary = int(head_dim * float(params.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0))))
+    scaling = None
+    if rope_type not in ("default", "linear", "yarn"):
+        raise f.error(key, f"rope_type {rope_type!r} is not supported (supported: 'default', 'linear', 'yarn')")
+
+    def number(name: str, default: float | None = None) -> float:
+        v = params.get(name)
+        if v is None and default is not None:
+            return default
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise f.error(key, f"{rope_type} RoPE needs a positive number {name!r}, got {v!r}")
+        return float(v)
+
+    if rope_type == "linear":
+        scaling = RopeScaling("linear", number("factor"))
+    elif rope_type == "yarn":
+        original = int(f.get("original_max_position_embeddings") or number("original_max_position_embeddings",
+                                                                           max_positions))
+        factor = number("factor", max_positions / original)
+        mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+        if params.get("attention_factor") is not None:
+            attention = number("attention_factor")
+        elif params.get("mscale") and params.get("mscale_all_dim"):
+            attention = mscale(number("mscale")) / mscale(number("mscale_all_dim"))
+        else:
+            attention = mscale(1.0)
+        scaling = RopeScaling("yarn", factor, attention, original, number("beta_fast", 32.0),
+                              number("beta_slow", 1.0), bool(params.get("truncate", True)))
+    return {"rope_theta": theta, "rotary_dim": rotary, "rope_scaling": scaling}
 
 
 def _context(f: _Fields, key: str = "max_position_embeddings") -> dict[str, int | None]:
@@ -180,13 +243,13 @@ def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, no
     hidden = f.int("hidden_size")
     heads = f.int("num_attention_heads")
     head_dim = f.get("head_dim") or hidden // heads
-    theta, rotary = _rope(f, head_dim, default_theta)
+    rope = _rope(f, head_dim, default_theta, f.int("max_position_embeddings"))
     _check_silu(f)
     return ModelConfig(
         family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=hidden,
         num_layers=f.int("num_hidden_layers"), num_heads=heads,
         num_kv_heads=f.int("num_key_value_heads", default=heads), head_dim=head_dim,
-        rotary_dim=rotary, rope_theta=theta, **_context(f), norm="rms",
+        **rope, **_context(f), norm="rms",
         norm_eps=float(f.get("rms_norm_eps", default_eps)), qkv_bias=qkv_bias, qk_norm=qk_norm,
         clip_qkv=clip_qkv, num_experts=num_experts, experts_per_token=top_k,
         expert_ffn_size=expert_ffn, router_norm_p=norm_p, shared_expert_ffn_size=shared_ffn,
@@ -240,7 +303,7 @@ def _dbrx(f: _Fields) -> ModelConfig:
     attn, ffn = f.sub("attn_config"), f.sub("ffn_config")
     hidden, heads = f.int("d_model"), f.int("n_heads")
     head_dim = hidden // heads
-    theta, rotary = _rope(f, head_dim, float(attn.get("rope_theta", 10000.0)))
+    rope = _rope(f, head_dim, float(attn.get("rope_theta", 10000.0)), f.int("max_seq_len"))
     act = ffn.get("ffn_act_fn") or {"name": "silu"}
     ffn.require("ffn_act_fn", lambda _: act.get("name", "silu") in ("silu", "swish"),
                 "only SiLU (SwiGLU) experts are supported")
@@ -250,7 +313,7 @@ def _dbrx(f: _Fields) -> ModelConfig:
     return ModelConfig(
         family="dbrx", vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=f.int("n_layers"),
         num_heads=heads, num_kv_heads=attn.int("kv_n_heads", default=1), head_dim=head_dim,
-        rotary_dim=rotary, rope_theta=theta, **_context(f, "max_seq_len"),
+        **rope, **_context(f, "max_seq_len"),
         norm="layer", norm_eps=1e-5, qkv_bias=False, qk_norm=None, clip_qkv=attn.get("clip_qkv"),
         num_experts=ffn.int("moe_num_experts"), experts_per_token=ffn.int("moe_top_k"),
         expert_ffn_size=ffn.int("ffn_hidden_size"),

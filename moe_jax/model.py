@@ -38,13 +38,17 @@ def norm(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def rope(cfg: ModelConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Rotary embedding (rotate-half convention) on the first `rotary_dim` dims of each head.
+    """Rotary embedding (rotate-half convention) on the first `rotary_dim` dims of each head, with the
+    config's frequency scaling (cos and sin times its attention factor, as transformers computes them).
     x: [B, T, heads, D]; positions: [B, T] int32."""
-    rot = cfg.rotary_dim
+    rot, scaling = cfg.rotary_dim, cfg.rope_scaling
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, rot, 2, dtype=jnp.float32) / rot))
+    if scaling is not None:
+        inv_freq = scaling.scale(inv_freq, cfg.rope_theta, rot)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
     emb = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    gain = 1.0 if scaling is None else scaling.attention_factor
+    cos, sin = (jnp.cos(emb) * gain).astype(x.dtype), (jnp.sin(emb) * gain).astype(x.dtype)
     xr, rest = x[..., :rot], x[..., rot:]
     x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
     rotated = jnp.concatenate([-x2, x1], axis=-1)

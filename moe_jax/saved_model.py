@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from moe_jax.config import ConfigError, ModelConfig
+from moe_jax.config import ConfigError, ModelConfig, RopeScaling
 from moe_jax.params import global_param_specs, layer_param_specs
 
 CONFIG_FILE = "moe_jax_config.json"
@@ -88,7 +88,9 @@ def read_config(path: Path) -> ModelConfig:
     file = path / CONFIG_FILE
     try:
         d = json.loads(file.read_text())
-        return ModelConfig(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ()))})
+        scaling = d.get("rope_scaling")
+        return ModelConfig(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ())),
+                              "rope_scaling": None if scaling is None else RopeScaling(**scaling)})
     except (json.JSONDecodeError, TypeError, AttributeError, ConfigError) as e:
         raise ConfigError(f"{file}: not a moe-jax model config ({e})") from None
 

@@ -22,14 +22,14 @@ HF_CONFIGS = {
 }
 
 
-def build_hf_model(family: str, seed: int = 0):
-    """A transformers model of `family` with weights ~ N(0, 1/fan_in) (norm scales 1 + N(0, 0.1)),
-    so that logits are far from uniform and routing is decisive."""
+def build_hf_model(family: str, seed: int = 0, **config_changes):
+    """A transformers model of `family` (its HF_CONFIGS entry with `config_changes`) with weights
+    ~ N(0, 1/fan_in) (norm scales 1 + N(0, 0.1)), so that logits are far from uniform and routing is decisive."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(family, **HF_CONFIGS[family])
+    cfg = AutoConfig.for_model(family, **{**HF_CONFIGS[family], **config_changes})
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import moe_jax
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, build_hf_model
 
 PROMPTS = [[1, 5, 17, 33, 60, 7, 9, 11, 42, 3, 88], [1, 70], [1, 4, 4, 4, 91, 23, 15]]
 
@@ -26,6 +26,28 @@ def test_logits_match_transformers_f32(family, hf_checkpoints, f32_llms):
             want = model(torch.tensor([prompt])).logits[0].numpy()
         assert got.shape == want.shape
         assert want.std() > 0.5, "logits nearly uniform: the test would prove little"
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("family, rope", [
+    ("qwen3_moe", dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32, rope_theta=1e4)),
+    ("olmoe", dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5,
+                   beta_fast=16, rope_theta=1e4)),
+    ("mixtral", dict(rope_type="linear", factor=3.0, rope_theta=1e4)),
+])
+def test_scaled_rope_logits_match_transformers(family, rope, tmp_path):
+    """RoPE scaling (YaRN's blended frequencies and attention factor; linear) over prompts past the original
+    context, on the first and the last positions alike."""
+    import torch
+
+    model = build_hf_model(family, rope_parameters=rope)
+    model.save_pretrained(tmp_path)
+    llm = moe_jax.LLM(str(tmp_path), dtype="float32", policy="resident")
+    prompts = [list(np.random.default_rng(1).integers(3, 96, 80)), PROMPTS[0]]
+    for prompt, got in zip(prompts, llm.logits(prompts)):
+        with torch.no_grad():
+            want = model(torch.tensor([prompt])).logits[0].numpy()
+        assert want.std() > 0.5
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 

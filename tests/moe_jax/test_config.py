@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
+
 import pytest
 
 from moe_jax.config import ConfigError, ModelConfig
@@ -28,7 +30,10 @@ def test_family_specific_fields():
 @pytest.mark.parametrize("family, changes, field", [
     ("qwen2_moe", dict(mlp_only_layers=[1]), "mlp_only_layers"),
     ("qwen3_moe", dict(decoder_sparse_step=2), "decoder_sparse_step"),
-    ("mixtral", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+    ("mixtral", dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), "rope_scaling"),
+    ("qwen3_moe", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rope_parameters"),
+    ("mixtral", dict(rope_scaling={"type": "linear"}), "rope_scaling"),
+    ("olmoe", dict(rope_scaling={"rope_type": "yarn", "factor": -2}), "rope_scaling"),
     ("mixtral", dict(hidden_act="gelu"), "hidden_act"),
     ("mixtral", dict(num_local_experts=0), "num_local_experts"),
     ("olmoe", dict(hidden_size="64"), "hidden_size"),
@@ -38,6 +43,23 @@ def test_family_specific_fields():
 def test_unsupported_options_name_the_field(family, changes, field):
     with pytest.raises(ConfigError, match=f"field '{field}'"):
         cfg(family, **changes)
+
+
+def test_rope_scaling_fields_and_transformers_defaults():
+    linear = cfg("mixtral", rope_scaling={"type": "linear", "factor": 2}).rope_scaling
+    assert (linear.kind, linear.factor, linear.attention_factor) == ("linear", 2.0, 1.0)
+    # yarn without a factor: max_position_embeddings / original; attention factor 0.1 ln(factor) + 1
+    yarn = cfg("qwen3_moe", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+                                             "original_max_position_embeddings": 64}).rope_scaling
+    assert (yarn.factor, yarn.original_max_positions, yarn.beta_fast, yarn.truncate) == (4.0, 64, 32.0, True)
+    assert yarn.attention_factor == pytest.approx(0.1 * np.log(4.0) + 1)
+    # DeepSeek-style mscale pair; the top-level original_max_position_embeddings wins, as in transformers
+    ds = cfg("olmoe", original_max_position_embeddings=32, rope_scaling={
+        "type": "yarn", "factor": 8, "mscale": 1.0, "mscale_all_dim": 0.5, "original_max_position_embeddings": 128}
+    ).rope_scaling
+    assert ds.original_max_positions == 32
+    assert ds.attention_factor == pytest.approx((0.1 * np.log(8) + 1) / (0.05 * np.log(8) + 1))
+    assert cfg("mixtral").rope_scaling is None
 
 
 def test_unknown_model_type():

@@ -120,3 +120,14 @@ def test_from_pretrained_takes_the_dtype_names_llm_takes():
     assert MoEDecoder.from_pretrained("tiny-mixtral", dtype="bf16").globals["embed"][...].dtype == jax.numpy.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of bfloat16, bf16, float32, fp32, f32, got 'int8'"):
         MoEDecoder.from_pretrained("tiny-mixtral", dtype="int8")
+
+
+def test_a_scaled_rope_config_survives_saving(tmp_path):
+    from moe_jax.saved_model import read_config
+    from tests.conftest import build_hf_model
+
+    build_hf_model("qwen3_moe", rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32,
+                                                     rope_theta=1e4)).save_pretrained(tmp_path / "hf")
+    decoder = MoEDecoder.from_pretrained(str(tmp_path / "hf"))
+    decoder.save(tmp_path / "saved")
+    assert decoder.cfg.rope_scaling.kind == "yarn" and read_config(tmp_path / "saved") == decoder.cfg
