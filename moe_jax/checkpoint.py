@@ -17,7 +17,7 @@ import numpy as np
 from safetensors import safe_open
 
 from moe_jax.config import ConfigError, ModelConfig
-from moe_jax.params import ParamSpec, global_param_specs, layer_param_specs
+from moe_jax.params import ParamSpec, global_param_specs, layer_specs
 
 
 log = logging.getLogger("moe_jax")
@@ -64,6 +64,8 @@ def _llama_like_names(cfg: ModelConfig, i: int) -> dict[str, _Src]:
         "shared_up": _Src(p + "mlp.shared_expert.up_proj.weight"),
         "shared_down": _Src(p + "mlp.shared_expert.down_proj.weight"),
         "shared_expert_gate": _Src(p + "mlp.shared_expert_gate.weight"),
+        "ffn_gate": _Src(p + "mlp.gate_proj.weight"), "ffn_up": _Src(p + "mlp.up_proj.weight"),
+        "ffn_down": _Src(p + "mlp.down_proj.weight"),
     }
     return names
 
@@ -149,7 +151,7 @@ class Checkpoint:
         sources = [(_global_names(cfg)[k], s) for k, s in global_param_specs(cfg).items()]
         for i in range(cfg.num_layers):
             names = self._layer_names(i)
-            sources += [(names[k], s) for k, s in layer_param_specs(cfg).items()]
+            sources += [(names[k], s) for k, s in layer_specs(cfg, i).items()]
         for src, spec in sources:
             experts = range(spec.shape[0]) if spec.expert and "{e}" in src.name else [None]
             read.update(src.name.format(e=e) for e in experts)
@@ -201,10 +203,10 @@ class Checkpoint:
         return self._read(src.name, (E * a, b)).reshape(E, a, b).astype(dtype)
 
     def layer(self, i: int, dtype) -> dict[str, np.ndarray]:
-        """Layer i's parameters, `{name: array}` with shapes from `layer_param_specs`."""
+        """Layer i's parameters, `{name: array}` with shapes from `layer_specs`."""
         names = self._layer_names(i)
         return {k: np.ascontiguousarray(self._param(names[k], spec, dtype))
-                for k, spec in layer_param_specs(self.cfg).items()}
+                for k, spec in layer_specs(self.cfg, i).items()}
 
     def globals(self, dtype) -> dict[str, np.ndarray]:
         names = _global_names(self.cfg)

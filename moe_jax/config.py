@@ -60,6 +60,7 @@ class ModelConfig:
     the first `rotary_dim` dims of each head. MoE: `num_experts` SwiGLU experts of width
     `expert_ffn_size`, `experts_per_token` chosen per token by a softmax router; the chosen
     weights are renormalised by their `router_norm_p`-norm (1 = divide by the sum) unless None.
+    The layers in `dense_layers` have a dense SwiGLU FFN instead (no router, no experts).
     """
 
     family: str
@@ -87,6 +88,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # config.json's sliding window where it caps max_positions, else None
     rope_scaling: RopeScaling | None = None
+    dense_layers: tuple[int, ...] = ()  # layers whose FFN is one dense SwiGLU of dense_ffn_size, not experts
+    dense_ffn_size: int = 0
 
     def __post_init__(self):
         for name, allowed in (("family", tuple(_PARSERS)), ("norm", ("rms", "layer")),
@@ -101,6 +104,22 @@ class ModelConfig:
                               f"1..num_experts ({self.num_experts})")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise ConfigError(f"rotary dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+        if list(self.dense_layers) != sorted(set(self.dense_layers)) or not set(self.dense_layers) <= set(
+                range(self.num_layers)):
+            raise ConfigError(f"dense layers {self.dense_layers} must be distinct increasing layer numbers "
+                              f"below {self.num_layers}")
+        if len(self.dense_layers) == self.num_layers:
+            raise ConfigError(f"all {self.num_layers} layers are dense: not a mixture-of-experts model")
+        if self.dense_layers and self.dense_ffn_size <= 0:
+            raise ConfigError(f"dense layers {self.dense_layers} need a positive FFN size, got {self.dense_ffn_size}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer`'s FFN is the routed experts (else a dense SwiGLU)."""
+        return layer not in self.dense_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - len(self.dense_layers)
 
     @property
     def q_size(self) -> int:
@@ -238,8 +257,9 @@ def _check_silu(f: _Fields, key: str = "hidden_act") -> None:
 
 def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, norm_p: float | None,
                 qkv_bias: bool, qk_norm: str | None, clip_qkv: float | None = None, shared_ffn: int = 0,
-                default_theta: float = 10000.0, default_eps: float = 1e-6) -> ModelConfig:
-    """Defaults of fields a config.json leaves out are transformers' defaults for the family."""
+                default_theta: float = 10000.0, default_eps: float = 1e-6, **fields: Any) -> ModelConfig:
+    """Defaults of fields a config.json leaves out are transformers' defaults for the family; `fields`: more
+    ModelConfig fields."""
     hidden = f.int("hidden_size")
     heads = f.int("num_attention_heads")
     head_dim = f.get("head_dim") or hidden // heads
@@ -254,12 +274,21 @@ def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, no
         clip_qkv=clip_qkv, num_experts=num_experts, experts_per_token=top_k,
         expert_ffn_size=expert_ffn, router_norm_p=norm_p, shared_expert_ffn_size=shared_ffn,
         tie_embeddings=bool(f.get("tie_word_embeddings", False)),
-        bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")))
+        bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")), **fields)
 
 
-def _qwen_moe_checks(f: _Fields) -> None:
-    f.require("mlp_only_layers", lambda v: not v, "dense (mlp-only) layers are not supported", [])
-    f.require("decoder_sparse_step", lambda v: v == 1, "only every-layer MoE (1) is supported", 1)
+def _qwen_dense_layers(f: _Fields) -> dict[str, Any]:
+    """Qwen MoE's dense layers, as transformers builds them: layer i has experts unless it is in
+    `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`; the others an MLP of
+    `intermediate_size`."""
+    layers, step, only = f.int("num_hidden_layers"), f.int("decoder_sparse_step", default=1), f.get("mlp_only_layers", [])
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise f.error("mlp_only_layers", "expected a list of layer numbers")
+    dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
+    if len(dense) == layers:
+        key = "mlp_only_layers" if set(range(layers)) <= set(only) else "decoder_sparse_step"
+        raise f.error(key, f"leaves none of the {layers} layers with experts")
+    return {"dense_layers": dense, "dense_ffn_size": f.int("intermediate_size") if dense else 0}
 
 
 def _mixtral(f: _Fields) -> ModelConfig:
@@ -275,20 +304,18 @@ def _no_attention_bias(f: _Fields) -> bool:
 
 
 def _qwen2_moe(f: _Fields) -> ModelConfig:
-    _qwen_moe_checks(f)
     return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
                        expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
                        qkv_bias=bool(f.get("qkv_bias", True)), qk_norm=None,
-                       shared_ffn=f.get("shared_expert_intermediate_size", 0))
+                       shared_ffn=f.get("shared_expert_intermediate_size", 0), **_qwen_dense_layers(f))
 
 
 def _qwen3_moe(f: _Fields) -> ModelConfig:
-    _qwen_moe_checks(f)
     return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
                        expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
-                       qkv_bias=_no_attention_bias(f), qk_norm="head")
+                       qkv_bias=_no_attention_bias(f), qk_norm="head", **_qwen_dense_layers(f))
 
 
 def _olmoe(f: _Fields) -> ModelConfig:

@@ -50,7 +50,7 @@ def check(codec: str, dtype) -> None:
 
 def expert_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Shape of one expert's matrix per expert weight name."""
-    return {k: s.shape[1:] for k, s in layer_param_specs(cfg).items() if s.expert}
+    return {k: s.shape[1:] for k, s in layer_param_specs(cfg, moe=True).items() if s.expert}
 
 
 def streamed_expert_bytes(cfg, dtype, codec: str) -> int:

@@ -120,11 +120,16 @@ def moe(cfg: ModelConfig, p: Params, h: jax.Array, *, expert_slots=None, impl: s
 
 def post_attention(cfg: ModelConfig, p: Params, x: jax.Array, attn: jax.Array, *,
                    expert_slots=None, moe_impl: str = "auto") -> jax.Array:
-    """x [B, T, H] (layer input), attn [B, T, Hq, D] -> layer output [B, T, H]."""
+    """x [B, T, H] (layer input), attn [B, T, Hq, D] -> layer output [B, T, H]. The FFN is the layer's
+    parameters' own: the experts (`moe`) or, in a dense layer (`ffn_*` parameters), one SwiGLU."""
     B, T, H = x.shape
     x = x + attn.reshape(B, T, cfg.q_size) @ p["wo"]
     h = norm(cfg, x, p["mlp_norm"]).reshape(B * T, H)
-    return x + moe(cfg, p, h, expert_slots=expert_slots, impl=moe_impl).reshape(B, T, H)
+    if "ffn_gate" in p:
+        y = swiglu(h, p["ffn_gate"], p["ffn_up"], p["ffn_down"])
+    else:
+        y = moe(cfg, p, h, expert_slots=expert_slots, impl=moe_impl)
+    return x + y.reshape(B, T, H)
 
 
 def lm_head(cfg: ModelConfig, p: Params, x: jax.Array) -> jax.Array:

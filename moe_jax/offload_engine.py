@@ -44,7 +44,7 @@ from moe_jax.microbatches import balanced_micro_batches
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_rows_per_call
 from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
 from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
-from moe_jax.params import expert_bytes, layer_param_specs, non_expert_bytes
+from moe_jax.params import expert_bytes, non_expert_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.resident_engine import device_memory_limit, precise
 from moe_jax.sampling import host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
@@ -60,8 +60,7 @@ def planned_gpu_bytes(cfg: ModelConfig, dtype, micro_batch_size: int, pages: Exp
     as `codec` says, with its decoding overhead: `escape_bytes` of escapes, None: the allowance) and one
     decode micro-batch's working set."""
     slots = pages.num_slots * expert_bytes(cfg, dtype) + pages.max_streamed * streamed_expert_bytes(cfg, dtype, codec)
-    codec_bytes = decode_overhead_bytes(cfg, dtype, codec, pages.num_layers * pages.num_experts - pages.num_resident,
-                                        escape_bytes)
+    codec_bytes = decode_overhead_bytes(cfg, dtype, codec, pages.num_streamed, escape_bytes)
     return int(non_expert_bytes(cfg, dtype) + slots + codec_bytes + decode_bytes(cfg, micro_batch_size))
 
 
@@ -277,9 +276,9 @@ class OffloadEngine:
         dev = jax.devices()[0]
         self.on_device = SingleDeviceSharding(dev, memory_kind="device")
         self.on_host = SingleDeviceSharding(dev, memory_kind="pinned_host")
-        self.pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, policy.resident_expert_fraction,
-                                      policy.num_micro_batches if prefetch == "split" else 1)
-        self.specs = layer_param_specs(cfg)
+        self.pages = ExpertPages.for_model(cfg, policy.resident_expert_fraction,
+                                           policy.num_micro_batches if prefetch == "split" else 1)
+        self.expert_shapes = expert_codec.expert_shapes(cfg)  # {name: shape of one expert's weight}
         self.gpu_bytes = self._check_gpu_memory()
         streamed = pinned_pool.streamed_bytes(cfg, self.dtype, policy)
         check_host_memory(policy, "the streamed experts (pinned)", streamed, host_memory_bytes, batch_helps=False)
@@ -325,15 +324,21 @@ class OffloadEngine:
         return need
 
     def _load(self, weights) -> None:
-        """Place weights layer by layer: dense ones on the GPU, experts in resident slots or pinned host chunks."""
+        """Place weights layer by layer: non-expert ones on the GPU (`dense`: a dense layer's FFN among them),
+        experts in resident slots or pinned host chunks."""
         p, dt = self.pages, self.dtype
         self.glob = jax.device_put(weights.globals(dt), self.on_device)
-        experts = [k for k, s in self.specs.items() if s.expert]
-        self.slots = {k: jnp.zeros((p.num_slots, *self.specs[k].shape[1:]), dt, device=self.on_device) for k in experts}
+        experts = list(self.expert_shapes)
+        self.slots = {k: jnp.zeros((p.num_slots, *shape), dt, device=self.on_device)
+                      for k, shape in self.expert_shapes.items()}
         self.dense, self.host_chunks, escapes = [], [], []
         for i in range(self.cfg.num_layers):
             w = weights.layer(i, dt)
-            self.dense.append(jax.device_put({k: v for k, v in w.items() if not self.specs[k].expert}, self.on_device))
+            self.dense.append(jax.device_put({k: v for k, v in w.items() if k not in self.expert_shapes}, self.on_device))
+            if not p.has_experts(i):
+                self.host_chunks.append([])
+                escapes.append([])
+                continue
             if p.resident[i]:  # this layer's resident experts fill consecutive slots
                 ids = list(p.resident[i])
                 resident = jax.device_put({k: w[k][ids] for k in experts}, self.on_device)
@@ -348,9 +353,9 @@ class OffloadEngine:
                     raise
                 raise self._pool_exhausted(i) from e
         self.escapes = self._place_escapes(escapes)
-        self.tables = [jnp.asarray(p.page_table(i)) for i in range(self.cfg.num_layers)]
+        self.tables = [jnp.asarray(p.page_table(i)) if p.has_experts(i) else None for i in range(self.cfg.num_layers)]
         self.installed = None  # the layer whose streamed experts are in the streamed slots
-        self._fetch_for(0)
+        self._fetch_for(self._next_moe_layer(-1))
 
     def _host_chunk(self, weights: dict[str, np.ndarray], ids: np.ndarray):
         """(what the pinned pool holds of the chunk of experts `ids` of a layer's expert `weights` {name:
@@ -408,12 +413,20 @@ class OffloadEngine:
             f"fragments; the cap moe-jax sets is the streamed experts x {pinned_pool.MARGIN} + {pinned_pool.SLACK_GIB} "
             f"GiB) or raise resident_expert_fraction")
 
+    def _next_moe_layer(self, layer: int) -> int:
+        """The first layer after `layer` (wrapping around to the next step) that has experts."""
+        L = self.cfg.num_layers
+        return next(j % L for j in range(layer + 1, layer + 1 + L) if self.pages.has_experts(j % L))
+
     def _fetch_for(self, layer: int) -> None:
         """Chunks in flight from now on belong to `layer`."""
         self.fetching, self.fetched = layer, [None] * len(self.host_chunks[layer])
 
     def _begin_layer(self, layer: int) -> jax.Array:
-        """Make `layer`'s experts addressable (install its fetched chunks); returns its page table."""
+        """Make `layer`'s experts addressable (install its fetched chunks); returns its page table (None for a
+        dense layer, whose calls carry on with the chunks of the next layer that has experts)."""
+        if not self.pages.has_experts(layer):
+            return None
         if self.installed != layer:
             if self.fetching != layer:  # nothing in flight for this layer: fetch it now
                 self._fetch_for(layer)
@@ -421,7 +434,7 @@ class OffloadEngine:
             if self.fetched:
                 starts = [self.pages.chunk_slot(a) for a, _ in self.pages.chunks(layer)]
                 self._install_fetched(starts, self.escapes[layer])
-            self._fetch_for((layer + 1) % self.cfg.num_layers)
+            self._fetch_for(self._next_moe_layer(layer))
         self.installed = layer
         return self.tables[layer]
 

@@ -20,11 +20,12 @@ PREFILL_CALL_BYTES = 1 << 30  # one prefill call's working set (activations, att
 def activation_bytes(cfg: ModelConfig, tokens):
     """Peak GPU working set of one layer over `tokens` tokens, every element counted at 4 bytes
     (f32 accumulators): input and residual, q/k/v and attention output, router probabilities, the
-    k routed rows through the experts (gathered input, gate, up, SwiGLU, output) and the shared expert."""
-    H, F, Fs = cfg.hidden_size, cfg.expert_ffn_size, cfg.shared_expert_ffn_size
-    per_token = (2 * H + 2 * cfg.q_size + 2 * cfg.kv_size + cfg.num_experts
-                 + cfg.experts_per_token * (2 * H + 3 * F) + (3 * Fs + H if Fs else 0))
-    return 4 * tokens * per_token
+    k routed rows through the experts (gathered input, gate, up, SwiGLU, output) and the shared expert, or
+    a dense layer's FFN (gate, up, SwiGLU, output) where that is larger."""
+    H, F, Fs, Fd = cfg.hidden_size, cfg.expert_ffn_size, cfg.shared_expert_ffn_size, cfg.dense_ffn_size
+    moe = cfg.num_experts + cfg.experts_per_token * (2 * H + 3 * F) + (3 * Fs + H if Fs else 0)
+    dense = 3 * Fd + H if cfg.dense_layers else 0
+    return 4 * tokens * (2 * H + 2 * cfg.q_size + 2 * cfg.kv_size + max(moe, dense))
 
 
 def prefill_rows_per_call(cfg: ModelConfig, T: int, rows: int) -> int:

@@ -39,8 +39,10 @@ class ParamSpec:
         return math.prod(self.shape) * np.dtype(dtype).itemsize
 
 
-def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
-    """Parameters of one decoder layer (every layer has the same set)."""
+def layer_param_specs(cfg: ModelConfig, moe: bool) -> dict[str, ParamSpec]:
+    """Parameters of one decoder layer: a MoE layer's (`moe`; router, experts and any shared expert), or a
+    dense layer's (`ModelConfig.dense_layers`: one SwiGLU `ffn_*` of `dense_ffn_size`). The attention is
+    the same in both."""
     H, E, F, D = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn_size, cfg.head_dim
     s = {
         "attn_norm": ParamSpec((H,), ("embed",), "ones"),
@@ -49,11 +51,17 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         "wv": ParamSpec((H, cfg.kv_size), ("embed", "kv_heads")),
         "wo": ParamSpec((cfg.q_size, H), ("q_heads", "embed")),
         "mlp_norm": ParamSpec((H,), ("embed",), "ones"),
-        "router": ParamSpec((H, E), ("embed", "experts")),
-        "w_gate": ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True),
-        "w_up": ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True),
-        "w_down": ParamSpec((E, F, H), ("experts", "ffn", "embed"), expert=True),
     }
+    if moe:
+        s["router"] = ParamSpec((H, E), ("embed", "experts"))
+        s["w_gate"] = ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True)
+        s["w_up"] = ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True)
+        s["w_down"] = ParamSpec((E, F, H), ("experts", "ffn", "embed"), expert=True)
+    else:
+        Fd = cfg.dense_ffn_size
+        s["ffn_gate"] = ParamSpec((H, Fd), ("embed", "ffn"))
+        s["ffn_up"] = ParamSpec((H, Fd), ("embed", "ffn"))
+        s["ffn_down"] = ParamSpec((Fd, H), ("ffn", "embed"))
     if cfg.qkv_bias:
         s["bq"] = ParamSpec((cfg.q_size,), ("q_heads",), "zeros")
         s["bk"] = ParamSpec((cfg.kv_size,), ("kv_heads",), "zeros")
@@ -64,7 +72,7 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     elif cfg.qk_norm == "full":
         s["q_norm"] = ParamSpec((cfg.q_size,), ("q_heads",), "ones")
         s["k_norm"] = ParamSpec((cfg.kv_size,), ("kv_heads",), "ones")
-    if cfg.shared_expert_ffn_size:
+    if moe and cfg.shared_expert_ffn_size:
         Fs = cfg.shared_expert_ffn_size
         s["shared_gate"] = ParamSpec((H, Fs), ("embed", "ffn"))
         s["shared_up"] = ParamSpec((H, Fs), ("embed", "ffn"))
@@ -84,9 +92,15 @@ def global_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
     return s
 
 
-def layer_bytes(cfg: ModelConfig, dtype, *, expert: bool | None = None) -> int:
-    """Bytes of one layer's parameters; `expert` True/False counts only expert/non-expert weights."""
-    return sum(s.nbytes(dtype) for s in layer_param_specs(cfg).values()
+def layer_specs(cfg: ModelConfig, layer: int) -> dict[str, ParamSpec]:
+    """The parameters of decoder layer `layer`."""
+    return layer_param_specs(cfg, cfg.is_moe_layer(layer))
+
+
+def layer_bytes(cfg: ModelConfig, dtype, *, expert: bool | None = None, moe: bool = True) -> int:
+    """Bytes of one MoE (`moe`) or dense layer's parameters; `expert` True/False counts only expert/non-expert
+    weights."""
+    return sum(s.nbytes(dtype) for s in layer_param_specs(cfg, moe).values()
                if expert is None or s.expert == expert)
 
 
@@ -99,11 +113,17 @@ def global_bytes(cfg: ModelConfig, dtype) -> int:
     return sum(s.nbytes(dtype) for s in global_param_specs(cfg).values())
 
 
+def _all_layers_bytes(cfg: ModelConfig, dtype, expert: bool | None) -> int:
+    dense = len(cfg.dense_layers)
+    return (cfg.num_moe_layers * layer_bytes(cfg, dtype, expert=expert)
+            + dense * layer_bytes(cfg, dtype, expert=expert, moe=False))
+
+
 def non_expert_bytes(cfg: ModelConfig, dtype) -> int:
-    """Bytes of the weights the offload engine keeps on the GPU: every layer's non-expert ones and the
-    global ones."""
-    return cfg.num_layers * layer_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype)
+    """Bytes of the weights the offload engine keeps on the GPU: every layer's non-expert ones (a dense
+    layer's FFN included) and the global ones."""
+    return _all_layers_bytes(cfg, dtype, expert=False) + global_bytes(cfg, dtype)
 
 
 def model_bytes(cfg: ModelConfig, dtype) -> int:
-    return cfg.num_layers * layer_bytes(cfg, dtype) + global_bytes(cfg, dtype)
+    return _all_layers_bytes(cfg, dtype, expert=None) + global_bytes(cfg, dtype)

@@ -39,10 +39,9 @@ def setting_gib(streamed_bytes: float) -> int:
 def streamed_bytes(cfg, dtype, policy=None, codec: str = "none") -> int:
     """Bytes of the experts the offload engine keeps in pinned host memory under `policy`, coded as its
     expert_codec says (None: every expert, coded as `codec` says)."""
-    L, E = cfg.num_layers, cfg.num_experts
     if policy is None:
-        return L * E * streamed_expert_bytes(cfg, dtype, codec)
-    n = sum(map(len, ExpertPages.plan(L, E, policy.resident_expert_fraction, 1).streamed))
+        return cfg.num_moe_layers * cfg.num_experts * streamed_expert_bytes(cfg, dtype, codec)
+    n = ExpertPages.for_model(cfg, policy.resident_expert_fraction, 1).num_streamed
     return n * streamed_expert_bytes(cfg, dtype, policy.expert_codec)
 
 

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 
 from moe_jax.config import ModelConfig
-from moe_jax.params import ParamSpec, global_param_specs, layer_param_specs
+from moe_jax.params import ParamSpec, global_param_specs, layer_specs
 from moe_jax.tokenizer import BYTE_BOS, BYTE_EOS
 
 _TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=258,
@@ -117,7 +117,7 @@ class RandomWeights:
         return x.astype(dtype, copy=False)
 
     def layer(self, i: int, dtype) -> dict[str, np.ndarray]:
-        return {k: self._tensor(i, k, s, dtype) for k, s in layer_param_specs(self.cfg).items()}
+        return {k: self._tensor(i, k, s, dtype) for k, s in layer_specs(self.cfg, i).items()}
 
     def globals(self, dtype) -> dict[str, np.ndarray]:
         return {k: self._tensor(-1, k, s, dtype) for k, s in global_param_specs(self.cfg).items()}

@@ -23,7 +23,7 @@ import numpy as np
 
 from moe_jax import model
 from moe_jax.config import ModelConfig
-from moe_jax.params import layer_param_specs, model_bytes
+from moe_jax.params import layer_specs, model_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.sampling import host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
 from moe_jax.shape_buckets import bucket
@@ -49,10 +49,21 @@ def precise(fn, dtype):
     return call
 
 
+def layer_runs(cfg: ModelConfig) -> list[range]:
+    """The layers in maximal runs of one kind (MoE or dense), in order: each run is one `lax.scan`."""
+    runs = [range(0, 1)]
+    for i in range(1, cfg.num_layers):
+        if cfg.is_moe_layer(i) == cfg.is_moe_layer(runs[-1].start):
+            runs[-1] = range(runs[-1].start, i + 1)
+        else:
+            runs.append(range(i, i + 1))
+    return runs
+
+
 def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, cache_k, cache_v, rows=None):
     """tokens, positions [B, T] -> hidden [B, T, H] and the updated caches (k/v of each token written at
-    its position). layers: each parameter stacked `[L, ...]`. rows [B] int32: the cache row of each
-    sequence (None: sequence b is row b, the whole cache)."""
+    its position). layers: per run of `layer_runs`, each parameter stacked `[run length, ...]`. rows [B]
+    int32: the cache row of each sequence (None: sequence b is row b, the whole cache)."""
     x = model.embed(glob, tokens)
     at = (jnp.arange(tokens.shape[0]) if rows is None else rows)[:, None]
 
@@ -65,7 +76,8 @@ def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, ca
         a = model.attention(q, kk, vv, positions)
         return (model.post_attention(cfg, p, x, a, moe_impl=moe_impl), ck, cv), None
 
-    (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache_k, cache_v), (layers, jnp.arange(cfg.num_layers)))
+    for run, stacked in zip(layer_runs(cfg), layers):
+        (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache_k, cache_v), (stacked, jnp.arange(run.start, run.stop)))
     return x, cache_k, cache_v
 
 
@@ -89,12 +101,14 @@ class ResidentEngine:
         self.cfg, self.dtype, self.max_batch_size = cfg, np.dtype(dtype), max_batch_size or DEFAULT_MAX_BATCH
         self._check_fits(gpu_memory_bytes)
         self.glob = jax.device_put(weights.globals(self.dtype))
-        stacked = {k: np.empty((cfg.num_layers, *s.shape), self.dtype) for k, s in layer_param_specs(cfg).items()}
-        for i in range(cfg.num_layers):
-            for k, v in weights.layer(i, self.dtype).items():
-                stacked[k][i] = v
-        self.layers = jax.device_put(stacked)
-        del stacked
+        self.layers = []
+        for run in layer_runs(cfg):
+            stacked = {k: np.empty((len(run), *s.shape), self.dtype) for k, s in layer_specs(cfg, run.start).items()}
+            for j, i in enumerate(run):
+                for k, v in weights.layer(i, self.dtype).items():
+                    stacked[k][j] = v
+            self.layers.append(jax.device_put(stacked))
+            del stacked
         self._step = precise(jax.jit(functools.partial(step, cfg, moe_impl), donate_argnums=(5, 6)), dtype)
         self._forward = precise(jax.jit(functools.partial(forward, cfg, moe_impl)), dtype)
         self._lm_head = precise(jax.jit(functools.partial(model.lm_head, cfg)), dtype)

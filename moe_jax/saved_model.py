@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from moe_jax.config import ConfigError, ModelConfig, RopeScaling
-from moe_jax.params import global_param_specs, layer_param_specs
+from moe_jax.params import global_param_specs, layer_specs
 
 CONFIG_FILE = "moe_jax_config.json"
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where `moe_jax.chat_template` reads a template
@@ -64,7 +64,7 @@ def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.nda
         raise SavedModelError(f"{len(layers)} layers given for a {cfg.num_layers}-layer config")
     _check_tree("globals", globals_, global_param_specs(cfg))
     for i, p in enumerate(layers):
-        _check_tree(f"layer {i}", p, layer_param_specs(cfg))
+        _check_tree(f"layer {i}", p, layer_specs(cfg, i))
     path.mkdir(parents=True, exist_ok=True)
     for stale in (CONFIG_FILE, "tokenizer.json", *CHAT_FILES):  # unmark first: an interrupted overwrite is no model
         (path / stale).unlink(missing_ok=True)
@@ -90,6 +90,7 @@ def read_config(path: Path) -> ModelConfig:
         d = json.loads(file.read_text())
         scaling = d.get("rope_scaling")
         return ModelConfig(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ())),
+                              "dense_layers": tuple(d.get("dense_layers", ())),
                               "rope_scaling": None if scaling is None else RopeScaling(**scaling)})
     except (json.JSONDecodeError, TypeError, AttributeError, ConfigError) as e:
         raise ConfigError(f"{file}: not a moe-jax model config ({e})") from None
@@ -125,7 +126,7 @@ class SavedWeights:
         return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}
 
     def layer(self, i: int, dtype) -> dict[str, np.ndarray]:
-        return self._restore(_layer_item(i), layer_param_specs(self.cfg), dtype)
+        return self._restore(_layer_item(i), layer_specs(self.cfg, i), dtype)
 
     def globals(self, dtype) -> dict[str, np.ndarray]:
         return self._restore("globals", global_param_specs(self.cfg), dtype)

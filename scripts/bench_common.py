@@ -70,7 +70,10 @@ def open_source(model: str, layers: int | None = None, seed: int = 0):
         return src
     if not 1 <= layers <= src.cfg.num_layers:
         raise SystemExit(f"--layers must be in 1..{src.cfg.num_layers} for {model}, got {layers}")
-    cfg = src.cfg.replace(num_layers=layers)
+    try:
+        cfg = src.cfg.replace(num_layers=layers, dense_layers=tuple(i for i in src.cfg.dense_layers if i < layers))
+    except ConfigError as e:  # e.g. only dense layers left
+        raise SystemExit(f"--layers {layers}: {e}") from None
     weights = RandomWeights(cfg, seed) if isinstance(src.weights, RandomWeights) else src.weights
     return ModelSource(f"{src.name} (first {layers} layers)", cfg, weights, src.tokenizer)
 
@@ -184,7 +187,7 @@ def probe_link_bandwidth(mib: int) -> float:
 def probe_gpu_layer_seconds(source, policy, dtype: str, moe_impl: str) -> float:
     """GPU seconds of one decode layer for every micro-batch, measured alone: the engine's GPU step
     (post-attention with the experts, then the next layer's pre-attention) on μ random rows, n_ub calls
-    dispatched back to back, with layer 0's weights in device memory and no copies. Its experts sit in a
+    dispatched back to back, with the first MoE layer's weights in device memory and no copies. Its experts sit in a
     slot array of the engine's size at the engine's slots (`ExpertPages`), as the expert kernel sees them
     there (its cost can grow with the slots of other layers). Run it before building the engine: its
     memory is freed by then and stays out of the engine's peak."""
@@ -197,9 +200,10 @@ def probe_gpu_layer_seconds(source, policy, dtype: str, moe_impl: str) -> float:
     from moe_jax.hrm.calibrate import best_seconds
 
     cfg, mu = source.cfg, policy.micro_batch_size
-    pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, policy.resident_expert_fraction, 1)
-    table = jnp.asarray(pages.page_table(0))
-    p = jax.device_put(source.weights.layer(0, np.dtype(dtype)))
+    pages = ExpertPages.for_model(cfg, policy.resident_expert_fraction, 1)
+    layer = next(i for i in range(cfg.num_layers) if cfg.is_moe_layer(i))
+    table = jnp.asarray(pages.page_table(layer))
+    p = jax.device_put(source.weights.layer(layer, np.dtype(dtype)))
     for name, shape in expert_shapes(cfg).items():
         p[name] = jnp.zeros((pages.num_slots, *shape), dtype).at[table].set(p[name])
     kx, ka = jax.random.split(jax.random.key(0))

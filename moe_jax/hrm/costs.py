@@ -21,13 +21,14 @@ from moe_jax.config import ModelConfig
 from moe_jax.offload_policy import kv_storage_dtype
 from moe_jax.params import ParamSpec, global_param_specs, layer_param_specs
 
-OPS = ("qkv_proj", "attention", "o_proj", "router", "experts", "shared_experts")
+OPS = ("qkv_proj", "attention", "o_proj", "router", "experts", "shared_experts", "dense_ffn")
 _OP_OF_PARAM = {
     **dict.fromkeys(("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm"), "qkv_proj"),
     "wo": "o_proj",
     **dict.fromkeys(("mlp_norm", "router"), "router"),
     **dict.fromkeys(("w_gate", "w_up", "w_down"), "experts"),
     **dict.fromkeys(("shared_gate", "shared_up", "shared_down", "shared_expert_gate"), "shared_experts"),
+    **dict.fromkeys(("ffn_gate", "ffn_up", "ffn_down"), "dense_ffn"),
 }
 
 
@@ -49,10 +50,12 @@ def itemsize(dtype) -> int:
     return np.dtype(dtype).itemsize
 
 
-def _specs_by_op(cfg: ModelConfig) -> dict[str, dict[str, ParamSpec]]:
+def _specs_by_op(cfg: ModelConfig, moe: bool) -> dict[str, dict[str, ParamSpec]]:
+    """A MoE (`moe`) or dense layer's parameters by op; a dense layer's FFN norm counts with its FFN."""
     out: dict[str, dict[str, ParamSpec]] = {}
-    for name, spec in layer_param_specs(cfg).items():
-        out.setdefault(_OP_OF_PARAM[name], {})[name] = spec
+    for name, spec in layer_param_specs(cfg, moe).items():
+        op = "dense_ffn" if name == "mlp_norm" and not moe else _OP_OF_PARAM[name]
+        out.setdefault(op, {})[name] = spec
     return out
 
 
@@ -65,9 +68,9 @@ def _matmul_op(name: str, specs: dict[str, ParamSpec], rows, weights, dtype) -> 
     return Op(name, flops, weights + act)
 
 
-def weight_bytes(cfg: ModelConfig, dtype) -> dict[str, int]:
-    """Bytes of one layer's weights per op (all experts for "experts")."""
-    return {op: sum(s.nbytes(dtype) for s in specs.values()) for op, specs in _specs_by_op(cfg).items()}
+def weight_bytes(cfg: ModelConfig, dtype, moe: bool = True) -> dict[str, int]:
+    """Bytes of one MoE (`moe`) or dense layer's weights per op (all experts for "experts")."""
+    return {op: sum(s.nbytes(dtype) for s in specs.values()) for op, specs in _specs_by_op(cfg, moe).items()}
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype, kv_cache_dtype: str = "auto") -> int:
@@ -82,14 +85,15 @@ def experts_touched(cfg: ModelConfig, tokens):
     return cfg.num_experts * (1.0 - (1.0 - cfg.experts_per_token / cfg.num_experts) ** tokens)
 
 
-def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_dtype: str = "auto") -> dict[str, Op]:
-    """The ops of one layer over `tokens` query tokens whose attention scores `attn_pairs` (query, key)
-    pairs and reads `kv_tokens` cached keys and values (stored as `kv_cache_dtype` says). Experts read only
-    the experts they touch."""
-    it, weights = itemsize(dtype), weight_bytes(cfg, dtype)
+def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_dtype: str = "auto",
+              moe: bool = True) -> dict[str, Op]:
+    """The ops of one MoE (`moe`) or dense layer over `tokens` query tokens whose attention scores
+    `attn_pairs` (query, key) pairs and reads `kv_tokens` cached keys and values (stored as `kv_cache_dtype`
+    says). Experts read only the experts they touch."""
+    it, weights = itemsize(dtype), weight_bytes(cfg, dtype, moe)
     ops = {"attention": Op("attention", 4 * attn_pairs * cfg.q_size,
                            2 * tokens * cfg.q_size * it + kv_tokens * kv_bytes_per_token(cfg, dtype, kv_cache_dtype))}
-    for op, specs in _specs_by_op(cfg).items():
+    for op, specs in _specs_by_op(cfg, moe).items():
         rows, w = tokens, weights[op]
         if op == "experts":
             rows, w = tokens * cfg.experts_per_token, w * experts_touched(cfg, tokens) / cfg.num_experts
@@ -97,16 +101,18 @@ def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_d
     return {name: ops[name] for name in OPS if name in ops}
 
 
-def decode_ops(cfg: ModelConfig, dtype, batch, context, kv_cache_dtype: str = "auto") -> dict[str, Op]:
-    """One decode step of `batch` sequences, each attending over `context` cached tokens of a KV cache of
-    `kv_cache_dtype`."""
-    return layer_ops(cfg, dtype, batch, batch * context, batch * context, kv_cache_dtype)
+def decode_ops(cfg: ModelConfig, dtype, batch, context, kv_cache_dtype: str = "auto", moe: bool = True
+               ) -> dict[str, Op]:
+    """One MoE (`moe`) or dense layer of a decode step of `batch` sequences, each attending over `context`
+    cached tokens of a KV cache of `kv_cache_dtype`."""
+    return layer_ops(cfg, dtype, batch, batch * context, batch * context, kv_cache_dtype, moe)
 
 
-def prefill_ops(cfg: ModelConfig, dtype, batch, prompt_len) -> dict[str, Op]:
-    """Prefill of `batch` prompts of `prompt_len` tokens (causal: P·(P+1)/2 pairs per prompt)."""
+def prefill_ops(cfg: ModelConfig, dtype, batch, prompt_len, moe: bool = True) -> dict[str, Op]:
+    """Prefill of `batch` prompts of `prompt_len` tokens through one MoE (`moe`) or dense layer (causal:
+    P·(P+1)/2 pairs per prompt)."""
     return layer_ops(cfg, dtype, batch * prompt_len, batch * prompt_len * (prompt_len + 1) / 2,
-                     batch * prompt_len)
+                     batch * prompt_len, moe=moe)
 
 
 def lm_head_op(cfg: ModelConfig, dtype, rows) -> Op:

@@ -13,6 +13,9 @@ the layer starts by installing its fetched experts into their slots (GPU memory 
          the mean prompt of the N sequences).
   T_gpu: n_ub × (the GPU roofline time of one micro-batch of μ + a fixed launch time): every
          micro-batch re-reads the weights it touches from GPU memory, so larger μ amortises them.
+Dense layers (`ModelConfig.dense_layers`, e.g. DeepSeek's first ones) stream nothing and compute their FFN on
+the GPU: their term is the same with no experts to install or carry and the dense FFN's GPU time; the
+resident fraction, the experts' slots and the pinned pool count the MoE layers only.
 Prefill runs every op on the GPU, each micro-batch in calls of at most 1 GiB of working set
 (`moe_jax.offload_memory.prefill_calls`, each re-reading the layer's weights; as many rows per call as the
 longest prompt allows; the engine sorts a micro-batch's prompts by length and pads each call to its
@@ -151,7 +154,8 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     decoded into full slots on the GPU); `kv_cache_dtype`: how the host KV cache stores K and V (`Policy`;
     its bytes per token in host memory and for CPU attention to read; the new k, v cross the link in
     `dtype` and are quantised on the host)."""
-    L, E, it = cfg.num_layers, cfg.num_experts, itemsize(dtype)
+    L, Lm, E, it = cfg.num_layers, cfg.num_moe_layers, cfg.num_experts, itemsize(dtype)  # all, MoE layers
+    Ld = L - Lm  # dense layers: no experts, their FFN among the non-expert weights
     kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it  # on the link
     kv_stored = kv_bytes_per_token(cfg, dtype, kv_cache_dtype)  # in the cache
     w = expert_bytes(cfg, dtype)  # one expert of one layer, in a GPU slot
@@ -162,8 +166,14 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     ctx, ctx_max = P_mean + G / 2, P + G
 
     dec = decode_ops(cfg, dtype, mu, ctx, kv_cache_dtype)
-    gpu_mb = sum(hw.gpu_seconds(op) for name, op in dec.items() if name != "attention")
-    t_gpu = n_ub * (gpu_mb + hw.launch_seconds + np.where(attn_gpu, hw.gpu_seconds(dec["attention"]), 0.0))
+    attn_gpu_s = np.where(attn_gpu, hw.gpu_seconds(dec["attention"]), 0.0)
+
+    def gpu_decode(moe: bool):  # n_ub micro-batches through a MoE or dense layer's GPU ops
+        ops = dec if moe else decode_ops(cfg, dtype, mu, ctx, kv_cache_dtype, moe=False)
+        return n_ub * (sum(hw.gpu_seconds(op) for name, op in ops.items() if name != "attention")
+                       + hw.launch_seconds + attn_gpu_s)
+
+    t_gpu, t_gpu_dense = gpu_decode(True), gpu_decode(False) if Ld else 0.0
     t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"], kv_cache_dtype))
     up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * q_bytes)
     down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
@@ -171,8 +181,9 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     # The engine pads each call to its longest prompt: a micro-batch's first call to about the job's longest
     # (the partition gives each micro-batch one of the longest), the others to about their own prompts' buckets.
     T_call = (T + (calls - 1) * T_mean) / calls
-    t_gpu_pre = n_ub * calls * (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T_call).values())
-                                + hw.launch_seconds)
+    gpu_prefill = lambda moe: n_ub * calls * (
+        sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T_call, moe).values()) + hw.launch_seconds)
+    t_gpu_pre, t_gpu_pre_dense = gpu_prefill(True), gpu_prefill(False) if Ld else 0.0
     t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
 
     # GPU attention's scores, and the copy of a host KV cache it reads
@@ -184,23 +195,23 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
         kv_cache = kv_positions[np.minimum(N, kv_positions.size - 1).astype(int)] * L * kv_stored
     gpu_fixed = (non_expert_bytes(cfg, dtype) + decode_bytes(cfg, mu) + attn_dec
                  + prefill_bytes(cfg, dtype, N, mu, T) + np.where(kv_gpu, kv_cache, 0.0)
-                 + decode_overhead_bytes(cfg, dtype, codec, L * E))
+                 + decode_overhead_bytes(cfg, dtype, codec, Lm * E))
     host_fixed = np.where(kv_gpu, 0.0, kv_cache)
     f = 1 + w_link / w  # a streamed expert's slot and its copy in flight, in experts
     if resident is None:
-        resident = _most_resident((gpu_budget - gpu_fixed) / w - f * E, L, E, f)
+        resident = _most_resident((gpu_budget - gpu_fixed) / w - f * E, Lm, E, f)
     R = np.asarray(resident)
-    gpu_memory = gpu_fixed + w * R + (w + w_link) * (E - R // L)
-    streamed = w_link * (L * E - R)
+    gpu_memory = gpu_fixed + w * R + (w + w_link) * (E - R // Lm)
+    streamed = w_link * (Lm * E - R)
     pool = pinned_pool.cap_bytes(streamed) if pinned_pool_bytes is None else pinned_pool_bytes
     host_memory = host_fixed + pool
     feasible = ((R >= 0) & (gpu_memory <= gpu_budget) & (host_memory <= host_budget)
                 & (pinned_pool.cap_bytes(streamed) <= pool))
 
-    more, q = R % L, R // L  # `more` layers hold q + 1 resident experts, the other L − more hold q
+    more, q = R % Lm, R // Lm  # `more` MoE layers hold q + 1 resident experts, the other Lm − more hold q
 
-    def layers(layer_seconds):  # Σ over layers of layer_seconds(experts it streams)
-        return (L - more) * layer_seconds(E - q) + more * layer_seconds(E - q - 1)
+    def layers(moe_seconds, dense_seconds):  # Σ over the MoE layers of moe_seconds(experts it streams), + dense
+        return (Lm - more) * moe_seconds(E - q) + more * moe_seconds(E - q - 1) + Ld * dense_seconds
 
     h2d = lambda s: np.maximum(s * w_link + up, down) / hw.link_bandwidth
     h2d_pre = lambda s: np.maximum(s * w_link, np.where(kv_gpu, 0.0, N * P_mean * kvt)) / hw.link_bandwidth
@@ -209,10 +220,10 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
         """The GPU writing a layer's s fetched experts into their slots before its first call (reading them as
         they came, coded or not, and writing them whole; one call, or one per coded expert and weight), while
         the link waits for that call."""
-        calls = s * len(expert_shapes(cfg)) if codec != "none" else 1
+        calls = s * len(expert_shapes(cfg)) if codec != "none" else np.minimum(s, 1)
         return s * (w_link + w) / hw.gpu_bandwidth + calls * hw.launch_seconds
 
-    def decode_layer(s):
+    def decode_layer(s, t_gpu=t_gpu):
         """A decode layer streaming s experts: its install, then its n_ub GPU calls, the first min(n_ub, s)
         each carrying a chunk of the next layer's experts (`ExpertPages.chunks`) and every one 1/n_ub of the
         rest of the link traffic, a call lasting as long as its compute or its copies; the CPU attention
@@ -226,14 +237,15 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
         calls = c * carrying + (n_ub - c) * plain
         return install(s) + np.maximum(np.maximum(calls, t_cpu), np.where(c > 0, carrying, plain) + t_cpu / n_ub)
 
-    step = layers(decode_layer) + t_head
-    prefill = layers(lambda s: install(s) + np.maximum(h2d_pre(s), t_gpu_pre)) + t_head
-    out = dict(N=N, mu=mu, n_ub=n_ub, r=R / (L * E), feasible=feasible,
-               h2d=((L - more) * h2d(E - q) + more * h2d(E - q - 1)) / L, cpu=t_cpu, gpu=t_gpu,
+    step = layers(decode_layer, decode_layer(0, t_gpu_dense)) + t_head
+    prefill = layers(lambda s: install(s) + np.maximum(h2d_pre(s), t_gpu_pre),
+                     np.maximum(h2d_pre(0), t_gpu_pre_dense)) + t_head
+    out = dict(N=N, mu=mu, n_ub=n_ub, r=R / (Lm * E), feasible=feasible,
+               h2d=layers(h2d, h2d(0)) / L, cpu=t_cpu, gpu=(Lm * t_gpu + Ld * t_gpu_dense) / L,
                prefill=prefill, step=step, decode=(G - 1) * step, decode_tps=N / step,
                tps=np.where(feasible, N * G / (prefill + (G - 1) * step), 0.0),
                gpu_memory=gpu_memory, host_memory=host_memory, pinned_pool=pool, streamed=streamed,
-               gpu_min=gpu_fixed + min((w + w_link) * E, w * L * E))
+               gpu_min=gpu_fixed + min((w + w_link) * E, w * Lm * E))
     return dict(zip(out, np.broadcast_arrays(*out.values())))
 
 
@@ -379,7 +391,7 @@ def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_l
     pinned pool as in `choose_policy`."""
     hw = hardware_profile(hardware)
     _check_totals(kv_positions=kv_positions, prompt_positions=prompt_positions, prefill_positions=prefill_positions)
-    resident = round(policy.resident_expert_fraction * cfg.num_layers * cfg.num_experts)  # as ExpertPages.plan
+    resident = round(policy.resident_expert_fraction * cfg.num_moe_layers * cfg.num_experts)  # as ExpertPages.plan
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, policy.micro_batch_size, policy.num_micro_batches,
                   policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,
                   batch=policy.batch_size, prefill_len=prefill_len, kv_positions=kv_positions,

@@ -51,6 +51,41 @@ def test_scaled_rope_logits_match_transformers(family, rope, tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.fixture(scope="module")
+def dense_layer_checkpoints(tmp_path_factory):
+    """Qwen MoE checkpoints with dense layers: the first (as DeepSeek's), and every other (a sparse step)."""
+    out = {}
+    for family, changes in (("qwen2_moe", dict(num_hidden_layers=4, mlp_only_layers=[0])),
+                            ("qwen3_moe", dict(num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3]))):
+        model = build_hf_model(family, **changes)
+        path = tmp_path_factory.mktemp(family)
+        model.save_pretrained(path, max_shard_size="100KB")
+        out[family] = path, model
+    return out
+
+
+@pytest.mark.parametrize("family, dense", [("qwen2_moe", (0,)), ("qwen3_moe", (0, 2, 3))])
+def test_dense_layers_match_transformers(family, dense, dense_layer_checkpoints):
+    """Layers whose FFN is a dense MLP (mlp_only_layers, decoder_sparse_step): logits and greedy tokens."""
+    import torch
+
+    path, model = dense_layer_checkpoints[family]
+    assert [i for i, layer in enumerate(model.model.layers) if not hasattr(layer.mlp, "experts")] == list(dense)
+    llm = moe_jax.LLM(str(path), dtype="float32", policy="resident")
+    assert llm.cfg.dense_layers == dense
+    for prompt, got in zip(PROMPTS, llm.logits(PROMPTS)):
+        with torch.no_grad():
+            want = model(torch.tensor([prompt])).logits[0].numpy()
+        assert want.std() > 0.5
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    outs = llm.generate(PROMPTS, moe_jax.SamplingParams(max_new_tokens=8))
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=2,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.token_ids == ref
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_matches_transformers(family, hf_checkpoints, f32_llms):
     import torch

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moe_jax.checkpoint import Checkpoint, CheckpointError
-from moe_jax.params import global_param_specs, layer_param_specs
+from moe_jax.params import global_param_specs, layer_specs
 
 
 def test_experts_are_stacked_and_transposed(hf_checkpoints):
@@ -33,7 +33,7 @@ def test_dbrx_fused_tensors_are_split(hf_checkpoints):
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx"])
 def test_shapes_follow_the_specs_in_any_dtype(family, hf_checkpoints):
     ck = Checkpoint(hf_checkpoints[family][0])
-    for got, specs in ((ck.layer(0, "bfloat16"), layer_param_specs(ck.cfg)), (ck.globals("bfloat16"), global_param_specs(ck.cfg))):
+    for got, specs in ((ck.layer(0, "bfloat16"), layer_specs(ck.cfg, 0)), (ck.globals("bfloat16"), global_param_specs(ck.cfg))):
         assert {k: (v.shape, str(v.dtype)) for k, v in got.items()} == {k: (s.shape, "bfloat16") for k, s in specs.items()}
 
 

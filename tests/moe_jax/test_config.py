@@ -28,8 +28,9 @@ def test_family_specific_fields():
 
 
 @pytest.mark.parametrize("family, changes, field", [
-    ("qwen2_moe", dict(mlp_only_layers=[1]), "mlp_only_layers"),
-    ("qwen3_moe", dict(decoder_sparse_step=2), "decoder_sparse_step"),
+    ("qwen2_moe", dict(mlp_only_layers=[0, 1]), "mlp_only_layers"),
+    ("qwen2_moe", dict(mlp_only_layers="0"), "mlp_only_layers"),
+    ("qwen3_moe", dict(decoder_sparse_step=3), "decoder_sparse_step"),
     ("mixtral", dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), "rope_scaling"),
     ("qwen3_moe", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "rope_parameters"),
     ("mixtral", dict(rope_scaling={"type": "linear"}), "rope_scaling"),
@@ -43,6 +44,18 @@ def test_family_specific_fields():
 def test_unsupported_options_name_the_field(family, changes, field):
     with pytest.raises(ConfigError, match=f"field '{field}'"):
         cfg(family, **changes)
+
+
+def test_dense_layers_as_transformers_builds_them():
+    """Qwen MoE: layer i is dense if listed in mlp_only_layers or (i + 1) % decoder_sparse_step != 0."""
+    four = dict(num_hidden_layers=4)
+    assert cfg("qwen2_moe", **four, mlp_only_layers=[0]).dense_layers == (0,)
+    step2 = cfg("qwen3_moe", **four, decoder_sparse_step=2, mlp_only_layers=[3])
+    assert (step2.dense_layers, step2.dense_ffn_size, step2.num_moe_layers) == ((0, 2, 3), 80, 1)
+    assert [step2.is_moe_layer(i) for i in range(4)] == [False, True, False, False]
+    assert cfg("qwen2_moe").dense_layers == () and cfg("qwen2_moe").dense_ffn_size == 0
+    with pytest.raises(ConfigError, match="dense layers .* must be distinct increasing layer numbers below 2"):
+        cfg("mixtral").replace(dense_layers=(1, 2), dense_ffn_size=8)
 
 
 def test_rope_scaling_fields_and_transformers_defaults():

@@ -13,7 +13,7 @@ from moe_jax.presets import TINY_PRESETS
 from moe_jax.requests import Request
 from moe_jax.sampling import SamplingParams
 from moe_jax.shape_buckets import bucket
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, build_hf_model
 
 PROMPTS = [tuple(range(3, 3 + n)) for n in (9, 1, 17, 4, 30, 2, 11)]  # 7 prompts on N = 4 rows: 3 wait
 GREEDY = SamplingParams(max_new_tokens=7, ignore_eos=True)
@@ -49,6 +49,33 @@ def test_checkpoints_offload_equals_resident(family, hf_checkpoints):
     got, _ = offload_tokens(source, Policy(batch_size=5, micro_batch_size=2, num_micro_batches=3,
                                            resident_expert_fraction=0.3))
     assert got == resident_tokens(source)
+
+
+@pytest.fixture(scope="module")
+def dense_layers_source(tmp_path_factory):
+    """A Qwen2-MoE checkpoint whose first and last layers are dense (mlp_only_layers): the step ends and
+    starts on layers without experts."""
+    path = tmp_path_factory.mktemp("dense_layers")
+    build_hf_model("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[0, 3]).save_pretrained(path)
+    return open_model(path)
+
+
+@pytest.mark.parametrize("r_w, prefetch", [(0.0, "split"), (0.5, "split"), (1.0, "split"), (0.5, "whole")])
+def test_dense_layers_offload_equals_resident(dense_layers_source, r_w, prefetch):
+    """Dense layers keep their FFN on the GPU with the other non-expert weights; their calls carry the next MoE
+    layer's experts on."""
+    source = dense_layers_source
+    assert source.cfg.dense_layers == (0, 3)
+    eng = OffloadEngine(source.cfg, source.weights, np.float32, Policy(4, 2, 2, r_w), prefetch=prefetch)
+    assert [eng.pages.has_experts(i) for i in range(4)] == [False, True, True, False]
+    assert eng.pages.num_resident == round(r_w * 2 * source.cfg.num_experts)
+    got = {r.index: ids for r, ids, *_ in eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])}
+    assert [got[i] for i in range(len(PROMPTS))] == resident_tokens(source)
+    # every step (the prefill's, then each decode step's) streams the two MoE layers' experts once, and the
+    # last step's layer 2 and 3 carry layer 1's for a step that does not come
+    per_step = eng.pages.num_streamed * eng._expert_bytes()
+    assert eng.pages.num_streamed == round((1 - r_w) * 2 * source.cfg.num_experts)
+    assert eng.stats.h2d_bytes == (eng.stats.decode_steps + 1.5) * per_step
 
 
 def test_sampling_and_stops_match_resident():
@@ -250,7 +277,7 @@ def test_decode_step_lowers_for_gpu_with_the_copy_inside():
     on_dev, on_host = (SingleDeviceSharding(dev, memory_kind=k) for k in ("device", "pinned_host"))
     mid = _jitted(cfg, "auto", on_dev, on_host)[0]
     sd = lambda shape, dt=jnp.bfloat16, sh=on_dev: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
-    specs = layer_param_specs(cfg)
+    specs = layer_param_specs(cfg, moe=True)
     p = {k: sd(s.shape) for k, s in specs.items() if not s.expert}
     slots = {k: sd((6, *s.shape[1:])) for k, s in specs.items() if s.expert}
     chunk = {k: sd((2, *s.shape[1:]), sh=on_host) for k, s in specs.items() if s.expert}
@@ -509,7 +536,7 @@ def test_engine_steps_lower_for_cuda_with_the_gpu_kernels_at_real_shapes(monkeyp
     on_dev, on_host = (SingleDeviceSharding(dev, memory_kind=k) for k in ("device", "pinned_host"))
     mid, _, prefill = _jitted(cfg, impl, on_dev, on_host)[:3]
     sd = lambda shape, dt=jnp.bfloat16, sh=on_dev: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
-    specs = layer_param_specs(cfg)
+    specs = layer_param_specs(cfg, moe=True)
     p = {k: sd(s.shape) for k, s in specs.items() if not s.expert}
     slots = {k: sd((cfg.num_experts + 11, *s.shape[1:])) for k, s in specs.items() if s.expert}
     chunk = {k: sd((2, *s.shape[1:]), sh=on_host) for k, s in specs.items() if s.expert}

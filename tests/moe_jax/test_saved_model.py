@@ -122,12 +122,19 @@ def test_from_pretrained_takes_the_dtype_names_llm_takes():
         MoEDecoder.from_pretrained("tiny-mixtral", dtype="int8")
 
 
-def test_a_scaled_rope_config_survives_saving(tmp_path):
+def test_scaled_rope_and_dense_layers_survive_saving(tmp_path):
+    """A config with YaRN RoPE and dense layers round-trips, and the saved model serves what the decoder
+    computes (the decoder's own forward handles dense layers too)."""
     from moe_jax.saved_model import read_config
     from tests.conftest import build_hf_model
 
-    build_hf_model("qwen3_moe", rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32,
-                                                     rope_theta=1e4)).save_pretrained(tmp_path / "hf")
+    build_hf_model("qwen3_moe", num_hidden_layers=4, decoder_sparse_step=2, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=32, rope_theta=1e4)).save_pretrained(tmp_path / "hf")
     decoder = MoEDecoder.from_pretrained(str(tmp_path / "hf"))
     decoder.save(tmp_path / "saved")
-    assert decoder.cfg.rope_scaling.kind == "yarn" and read_config(tmp_path / "saved") == decoder.cfg
+    cfg = read_config(tmp_path / "saved")
+    assert cfg == decoder.cfg and cfg.rope_scaling.kind == "yarn" and cfg.dense_layers == (0, 2)
+    llm = moe_jax.LLM(str(tmp_path / "saved"), dtype="float32", policy="resident")
+    for ids, got in zip(TOKENS, llm.logits([[t % 96 for t in ids] for ids in TOKENS])):
+        want = np.asarray(decoder(jax.numpy.asarray([[t % 96 for t in ids]])))[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -56,10 +56,22 @@ def test_mixtral_prefill(mixtral):
     assert ops["experts"].bytes == pytest.approx(touched * 3 * 4096 * 14336 * 2 + 40 * 3 * (4096 + 14336) * 2)
 
 
+def test_dense_layer_decode(qwen3):
+    """A dense layer (mlp_only_layers): the attention ops of a MoE layer, and one SwiGLU of 6144 with its norm
+    instead of the router and experts."""
+    cfg = qwen3.replace(dense_layers=(0,), dense_ffn_size=6144)
+    dense, moe = decode_ops(cfg, BF16, 4, 100, moe=False), decode_ops(cfg, BF16, 4, 100)
+    assert set(dense) == {"qkv_proj", "attention", "o_proj", "dense_ffn"}
+    for op in ("qkv_proj", "attention", "o_proj"):
+        assert (dense[op].flops, dense[op].bytes) == (moe[op].flops, moe[op].bytes)
+    assert dense["dense_ffn"].flops == 2 * 4 * 3 * 2048 * 6144 == 301_989_888
+    assert dense["dense_ffn"].bytes == (3 * 2048 * 6144 + 2048) * 2 + 4 * 3 * (2048 + 6144) * 2 == 75_698_176
+
+
 def test_qwen3_decode(qwen3):
     # H=2048, q=32·128=4096, kv=4·128=512, E=128, k=8, F=768, V=151936, per-head q/k norms [128].
     ops = decode_ops(qwen3, BF16, 4, 100)
-    assert set(ops) == set(OPS) - {"shared_experts"}
+    assert set(ops) == set(OPS) - {"shared_experts", "dense_ffn"}
     assert ops["qkv_proj"].flops == 2 * 4 * 2048 * 5120 == 83_886_080
     assert ops["qkv_proj"].bytes == (2048 * 5120 + 2048 + 128 + 128) * 2 + 4 * (6144 + 2 * 2560) * 2 == 21_066_240
     assert ops["attention"].flops == 4 * 400 * 4096 == 6_553_600

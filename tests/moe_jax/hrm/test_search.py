@@ -11,7 +11,7 @@ from moe_jax import pinned_pool
 from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE, _most_resident
 from moe_jax.offload_policy import Policy
 from moe_jax.expert_pages import ExpertPages
-from moe_jax.params import global_bytes, layer_bytes
+from moe_jax.params import layer_bytes, non_expert_bytes
 
 GiB = 2**30
 BF16 = "bfloat16"
@@ -43,12 +43,12 @@ def _assert_fits(cfg, r, prompt_len, gen_len, gpu_cap, host_cap):
     """Independent lower bounds on what the policy holds, from params.py and the engine's expert pages,
     within the usable caps."""
     p, L, E = r.policy, cfg.num_layers, cfg.num_experts
-    resident = p.resident_expert_fraction * L * E
+    resident = p.resident_expert_fraction * cfg.num_moe_layers * E
     assert resident == pytest.approx(round(resident))  # whole experts of whole layers
-    pages = ExpertPages.plan(L, E, p.resident_expert_fraction, p.num_micro_batches)
+    pages = ExpertPages.for_model(cfg, p.resident_expert_fraction, p.num_micro_batches)
     w = layer_bytes(cfg, BF16, expert=True) / E
     kv = p.batch_size * (prompt_len + gen_len) * L * kv_bytes_per_token(cfg, BF16)
-    gpu = (L * layer_bytes(cfg, BF16, expert=False) + global_bytes(cfg, BF16) + (pages.num_slots + pages.max_streamed) * w
+    gpu = (non_expert_bytes(cfg, BF16) + (pages.num_slots + pages.max_streamed) * w
            + p.batch_size * prompt_len * cfg.hidden_size * 2 + (kv if p.kv_device == "gpu" else 0))
     host = pinned_pool.cap_bytes(sum(map(len, pages.streamed)) * w) + (kv if p.kv_device == "cpu" else 0)
     assert gpu <= r.gpu_memory_bytes * (1 + 1e-12) and r.gpu_memory_bytes <= GPU_USABLE * gpu_cap
@@ -65,6 +65,23 @@ def test_memory_limits_respected(mixtral, hardware, gpu_gb, host_gb):
     _assert_fits(mixtral, r, 77, 64, gpu_gb * GiB if gpu_gb else hw.gpu_memory,
                  host_gb * GiB if host_gb else hw.host_memory)
     assert r.policy.gpu_memory_gb == gpu_gb
+
+
+def test_dense_layers_stream_nothing_and_hold_their_ffn(mixtral):
+    """Two dense layers (as DeepSeek's first ones): the GPU holds their FFN with the non-expert weights, the
+    resident fraction and the pinned pool count the 30 MoE layers, and those two layers' link term is their
+    q/k/v and attention traffic alone (that of a layer with every expert resident)."""
+    dense = mixtral.replace(dense_layers=(0, 1), dense_ffn_size=14336)
+    r = choose_policy(dense, "l4", 77, 64, gpu_memory_gb=16)
+    _assert_fits(dense, r, 77, 64, 16 * GiB, PROFILES["l4"].host_memory)
+    policy = Policy(1024, 256, 4, 0.25)  # 60 resident experts in 30 MoE layers, 64 in 32: 6 streamed per layer
+    moe_only, with_dense = predict(mixtral, "l4", policy, 77, 64), predict(dense, "l4", policy, 77, 64)
+    no_stream = predict(mixtral, "l4", dataclasses.replace(policy, resident_expert_fraction=1.0), 77, 64)
+    assert with_dense.per_layer_seconds["h2d"] * 32 == pytest.approx(
+        30 * moe_only.per_layer_seconds["h2d"] + 2 * no_stream.per_layer_seconds["h2d"])
+    assert with_dense.pinned_pool_bytes < moe_only.pinned_pool_bytes
+    assert with_dense.step_seconds < moe_only.step_seconds  # link-bound: two layers stream nothing
+    assert with_dense.per_layer_seconds["cpu"] == moe_only.per_layer_seconds["cpu"]
 
 
 def test_tighter_memory_gives_smaller_batch(qwen3):
