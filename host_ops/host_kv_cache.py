@@ -50,11 +50,14 @@ class HostKVCache:
     offset // head_dim; None for the float dtypes.
     `lengths` [num_layers, num_slots] int64: per layer, 1 + the highest position written to each slot
     since it was last freed; attention uses it unless given lengths explicitly.
+    `values_in_keys` (latent attention): the values are the keys' first dims, so only K is stored (`v` is
+    `k`), writes take no v, and attention returns all head_dim dims of the weighted keys, of which the
+    caller keeps the value dims.
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
-                 dtype="bfloat16"):
-        nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype)
+                 dtype="bfloat16", values_in_keys: bool = False):
+        nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype, values_in_keys)
         caps = _capacities(num_slots, max_context)
         dtype = _validate.cache_dtype(dtype)
         positions = (f"{caps[0]} positions" if (caps == caps[0]).all() else
@@ -62,18 +65,19 @@ class HostKVCache:
         per_row = (f"({head_dim} x 1 byte + a {SCALE_BYTES}-byte scale)" if dtype == _kernel.INT8 else
                    f"{head_dim} x {dtype.itemsize} bytes")
         what = (f"HostKVCache of {nbytes / 1e9:,.2f} GB ({num_layers} layers x {num_slots} slots x {positions} "
-                f"x {kv_heads} KV heads x {per_row} x 2 for K and V = {nbytes:,} bytes)")
+                f"x {kv_heads} KV heads x {per_row} x {'1 for K (the values in it)' if values_in_keys else '2 for K and V'}"
+                f" = {nbytes:,} bytes)")
         ram = _host_ram_bytes()
         if ram is not None and nbytes > ram:
             raise MemoryError(f"{what} does not fit in this host's {ram / 1e9:.1f} GB of RAM")
         shape = (num_layers, int(caps.sum()) * kv_heads * head_dim)
         try:
             self.k = np.zeros(shape, dtype)
-            self.v = np.zeros(shape, dtype)
+            self.v = self.k if values_in_keys else np.zeros(shape, dtype)
             self.k_scales = self.v_scales = None
             if dtype == _kernel.INT8:
                 self.k_scales = np.zeros((num_layers, shape[1] // head_dim), np.float32)
-                self.v_scales = np.zeros((num_layers, shape[1] // head_dim), np.float32)
+                self.v_scales = self.k_scales if values_in_keys else np.zeros((num_layers, shape[1] // head_dim), np.float32)
         except (MemoryError, ValueError) as e:
             raise MemoryError(f"cannot allocate {what}: {e}") from e
         self.capacities = caps
@@ -81,11 +85,11 @@ class HostKVCache:
         self.lengths = np.zeros((num_layers, num_slots), np.int64)
         self._in_use = np.zeros(num_slots, bool)
         self.num_layers, self.num_slots = num_layers, num_slots
-        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.kv_heads, self.head_dim, self.values_in_keys = kv_heads, head_dim, values_in_keys
 
     @staticmethod
     def footprint(num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
-                  dtype="bfloat16") -> int:
+                  dtype="bfloat16", values_in_keys: bool = False) -> int:
         """Bytes of K and V storage (with int8's scales) such a cache allocates (= its `nbytes`), computed
         without allocating."""
         dims = {"num_layers": num_layers, "num_slots": num_slots, "kv_heads": kv_heads, "head_dim": head_dim}
@@ -93,7 +97,8 @@ class HostKVCache:
             if not isinstance(n, (int, np.integer)) or n < 1:
                 raise ValueError(f"{name} must be a positive integer, got {n!r}")
         positions = int(_capacities(num_slots, max_context).sum())  # Python ints from here: no overflow
-        return 2 * positions * int(num_layers) * int(kv_heads) * row_bytes(head_dim, _validate.cache_dtype(dtype))
+        copies = 1 if values_in_keys else 2
+        return copies * positions * int(num_layers) * int(kv_heads) * row_bytes(head_dim, _validate.cache_dtype(dtype))
 
     def slot_kv(self, layer: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """Views of slot `slot`'s K and V in `layer`, each [kv_heads, capacities[slot], head_dim] (int8: the
@@ -107,8 +112,8 @@ class HostKVCache:
     def nbytes(self) -> int:
         """Bytes of K and V storage with int8's scales (the bookkeeping arrays, O(num_layers × num_slots),
         not counted)."""
-        scales = 0 if self.k_scales is None else self.k_scales.nbytes + self.v_scales.nbytes
-        return self.k.nbytes + self.v.nbytes + scales
+        copies = 1 if self.values_in_keys else 2
+        return copies * (self.k.nbytes + (0 if self.k_scales is None else self.k_scales.nbytes))
 
     @property
     def dtype(self) -> np.dtype:
@@ -137,9 +142,14 @@ class HostKVCache:
 
     def write(self, layer: int, slots, positions, k, v) -> None:
         """Row m of k, v [M, Hk, D] goes to position positions[m] of slot slots[m] in `layer`
-        (cast to the cache dtype; int8: quantised per row). slots, positions: [M] ints."""
+        (cast to the cache dtype; int8: quantised per row). slots, positions: [M] ints. v is None where
+        the values are in the keys (`values_in_keys`)."""
         layer = self._layer(layer)
-        k, v = np.asarray(k), np.asarray(v)
+        if (v is None) != self.values_in_keys:
+            raise ValueError("this cache holds the values in the keys: v must be None" if self.values_in_keys else
+                             "v is missing: this cache stores values apart from the keys")
+        k = np.asarray(k)
+        v = k if v is None else np.asarray(v)
         for name, x in (("k", k), ("v", v)):
             if x.ndim != 3 or x.shape[1:] != (self.kv_heads, self.head_dim) or x.shape != k.shape:
                 raise ValueError(f"{name} must have shape [M, Hk={self.kv_heads}, D={self.head_dim}] like k, "
@@ -153,12 +163,13 @@ class HostKVCache:
         D = self.head_dim
         offsets, head_strides = self.offsets[slots] + positions * D, self.capacities[slots] * D
         quantised = self.k_scales is not None
-        for cache, x, scales in ((self.k, k, self.k_scales), (self.v, v, self.v_scales)):
+        stores = ((self.k, k, self.k_scales),) + (() if self.values_in_keys else ((self.v, v, self.v_scales),))
+        for cache, x, scales in stores:
             _kernel.scatter(cache[layer], x if quantised else x.astype(self.dtype, copy=False), offsets, head_strides,
                             None if scales is None else scales[layer])
         np.maximum.at(self.lengths[layer], slots, positions + 1)
 
-    def append(self, layer: int, slots, k, v) -> np.ndarray:
+    def append(self, layer: int, slots, k, v=None) -> np.ndarray:
         """One new position per slot: k, v [B, Hk, D] go to position lengths[layer, slots[b]] (distinct
         slots). Returns the new lengths [B]."""
         slots = self._slots(slots)

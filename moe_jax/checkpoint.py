@@ -48,6 +48,7 @@ def _llama_like_names(cfg: ModelConfig, i: int) -> dict[str, _Src]:
                                                "block_sparse_moe.experts.{e}.w2")
     else:
         router, ex = "mlp.gate", ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")
+    shared = "shared_experts" if cfg.family.startswith("deepseek") else "shared_expert"
     names = {
         "attn_norm": _Src(p + "input_layernorm.weight", "vector"),
         "mlp_norm": _Src(p + "post_attention_layernorm.weight", "vector"),
@@ -60,10 +61,14 @@ def _llama_like_names(cfg: ModelConfig, i: int) -> dict[str, _Src]:
         "router": _Src(p + router + ".weight"),
         "w_gate": _Src(p + ex[0] + ".weight"), "w_up": _Src(p + ex[1] + ".weight"),
         "w_down": _Src(p + ex[2] + ".weight"),
-        "shared_gate": _Src(p + "mlp.shared_expert.gate_proj.weight"),
-        "shared_up": _Src(p + "mlp.shared_expert.up_proj.weight"),
-        "shared_down": _Src(p + "mlp.shared_expert.down_proj.weight"),
+        "shared_gate": _Src(p + f"mlp.{shared}.gate_proj.weight"),
+        "shared_up": _Src(p + f"mlp.{shared}.up_proj.weight"),
+        "shared_down": _Src(p + f"mlp.{shared}.down_proj.weight"),
         "shared_expert_gate": _Src(p + "mlp.shared_expert_gate.weight"),
+        "router_bias": _Src(p + "mlp.gate.e_score_correction_bias", "vector"),
+        "wq_a": _Src(p + "self_attn.q_a_proj.weight"), "q_a_norm": _Src(p + "self_attn.q_a_layernorm.weight", "vector"),
+        "wq_b": _Src(p + "self_attn.q_b_proj.weight"), "wkv_a": _Src(p + "self_attn.kv_a_proj_with_mqa.weight"),
+        "kv_a_norm": _Src(p + "self_attn.kv_a_layernorm.weight", "vector"), "wkv_b": _Src(p + "self_attn.kv_b_proj.weight"),
         "ffn_gate": _Src(p + "mlp.gate_proj.weight"), "ffn_up": _Src(p + "mlp.up_proj.weight"),
         "ffn_down": _Src(p + "mlp.down_proj.weight"),
     }

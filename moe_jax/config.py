@@ -61,6 +61,17 @@ class ModelConfig:
     `expert_ffn_size`, `experts_per_token` chosen per token by a softmax router; the chosen
     weights are renormalised by their `router_norm_p`-norm (1 = divide by the sum) unless None.
     The layers in `dense_layers` have a dense SwiGLU FFN instead (no router, no experts).
+
+    DeepSeek's variants. Multi-head latent attention (`attention="mla"`): per token one latent of
+    `kv_lora_rank` dims (RMS-normed) and one shared RoPE key of `rotary_dim` dims are all that is cached,
+    as a single KV "head" of head_dim = kv_lora_rank + rotary_dim whose first kv_lora_rank dims are also
+    the values (`values_in_keys`); queries (through a `q_lora_rank` bottleneck when non-zero) have
+    `qk_nope_dim` + rotary_dim dims per head and are absorbed into the latent space, and each head's
+    output of `v_head_dim` dims is expanded from the latent one. RoPE pairs may be interleaved
+    (`rope_interleaved`). Router: `router_scoring` softmax or sigmoid; with `router_groups` > 1 only the
+    `router_topk_groups` best groups of experts (by their best score, softmax; by the sum of their best two
+    scores plus `router_bias`, sigmoid) are eligible; a learnt per-expert `router_bias` steers the choice but
+    not the weights; weights are multiplied by `routed_scaling`. Shared experts may be ungated.
     """
 
     family: str
@@ -82,7 +93,7 @@ class ModelConfig:
     experts_per_token: int
     expert_ffn_size: int
     router_norm_p: float | None
-    shared_expert_ffn_size: int = 0  # 0: no shared expert; else a SwiGLU with a sigmoid gate
+    shared_expert_ffn_size: int = 0  # 0: no shared expert; else a SwiGLU, with a sigmoid gate if gated
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -90,10 +101,24 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     dense_layers: tuple[int, ...] = ()  # layers whose FFN is one dense SwiGLU of dense_ffn_size, not experts
     dense_ffn_size: int = 0
+    attention: str = "gqa"  # "gqa" or "mla"
+    q_lora_rank: int = 0  # mla: 0 = a plain query projection
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleaved: bool = False
+    softmax_scale: float | None = None  # None: head_dim ** -0.5
+    router_scoring: str = "softmax"  # or "sigmoid"
+    router_groups: int = 1
+    router_topk_groups: int = 1
+    router_bias: bool = False
+    routed_scaling: float = 1.0
+    shared_expert_gated: bool = True
 
     def __post_init__(self):
         for name, allowed in (("family", tuple(_PARSERS)), ("norm", ("rms", "layer")),
-                              ("qk_norm", (None, "head", "full"))):
+                              ("qk_norm", (None, "head", "full")), ("attention", ("gqa", "mla")),
+                              ("router_scoring", ("softmax", "sigmoid"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.num_heads % self.num_kv_heads:
@@ -112,6 +137,19 @@ class ModelConfig:
             raise ConfigError(f"all {self.num_layers} layers are dense: not a mixture-of-experts model")
         if self.dense_layers and self.dense_ffn_size <= 0:
             raise ConfigError(f"dense layers {self.dense_layers} need a positive FFN size, got {self.dense_ffn_size}")
+        if self.attention == "mla" and (self.num_kv_heads != 1 or self.head_dim != self.kv_lora_rank + self.rotary_dim
+                                        or min(self.kv_lora_rank, self.qk_nope_dim, self.v_head_dim) <= 0):
+            raise ConfigError(f"latent attention caches one head of kv_lora_rank + rope dims; got {self.num_kv_heads} "
+                              f"KV heads of {self.head_dim}, kv_lora_rank {self.kv_lora_rank}, rope dims "
+                              f"{self.rotary_dim}, qk_nope_dim {self.qk_nope_dim}, v_head_dim {self.v_head_dim}")
+        if self.num_experts % self.router_groups or not 0 < self.router_topk_groups <= self.router_groups:
+            raise ConfigError(f"{self.num_experts} experts in {self.router_groups} router groups, of which "
+                              f"{self.router_topk_groups} are chosen: the groups must divide the experts and "
+                              f"at least one be chosen")
+        if self.router_groups > 1 and (self.router_topk_groups * self.num_experts // self.router_groups
+                                       < self.experts_per_token):
+            raise ConfigError(f"the {self.router_topk_groups} chosen router groups hold fewer than the "
+                              f"{self.experts_per_token} experts per token")
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether `layer`'s FFN is the routed experts (else a dense SwiGLU)."""
@@ -123,7 +161,22 @@ class ModelConfig:
 
     @property
     def q_size(self) -> int:
+        """Dims of all query heads as attention sees them (mla: absorbed into the latent space)."""
         return self.num_heads * self.head_dim
+
+    @property
+    def values_in_keys(self) -> bool:
+        """Whether the values are the first `value_dim` dims of the cached keys (mla), not cached apart."""
+        return self.attention == "mla"
+
+    @property
+    def value_dim(self) -> int:
+        """Dims of a cached value row (mla: the latent) and of each head's attention output."""
+        return self.kv_lora_rank if self.values_in_keys else self.head_dim
+
+    @property
+    def attention_scale(self) -> float:
+        return self.head_dim ** -0.5 if self.softmax_scale is None else self.softmax_scale
 
     @property
     def kv_size(self) -> int:
@@ -196,12 +249,17 @@ class _Fields:
             raise self.error(key, why)
 
 
+def _rope_params(f: _Fields) -> tuple[str, dict[str, Any], str]:
+    """(the field holding them, RoPE parameters, rope_type): `rope_parameters` over the older `rope_scaling`."""
+    params = {**(f.get("rope_scaling") or {}), **(f.get("rope_parameters") or {})}
+    return ("rope_parameters" if f.get("rope_parameters") else "rope_scaling", params,
+            params.get("rope_type", params.get("type", "default")))
+
+
 def _rope(f: _Fields, head_dim: int, default_theta: float, max_positions: int) -> dict[str, Any]:
     """rope_theta, rotary_dim and rope_scaling from `rope_parameters` (transformers >= 5) or the older
     `rope_scaling` and top-level fields, with transformers' defaults."""
-    key = "rope_parameters" if f.get("rope_parameters") else "rope_scaling"
-    params = {**(f.get("rope_scaling") or {}), **(f.get("rope_parameters") or {})}
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    key, params, rope_type = _rope_params(f)
     theta = float(params.get("rope_theta", f.get("rope_theta", default_theta)))
     rotary = int(head_dim * float(params.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0))))
     scaling = None
@@ -348,6 +406,73 @@ def _dbrx(f: _Fields) -> ModelConfig:
         bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")))
 
 
+def _deepseek(f: _Fields, **routing: Any) -> ModelConfig:
+    """DeepSeek V2 / V3: latent attention, the first `first_k_dense_replace` layers dense, ungated shared
+    experts; `routing`: the version's router fields."""
+    f.require("attention_bias", lambda v: not v, "attention biases are not supported", False)
+    f.require("mlp_bias", lambda v: not v, "MLP biases are not supported", False)
+    f.require("moe_layer_freq", lambda v: v == 1, "only every-layer MoE (1) after the dense ones is supported", 1)
+    heads = f.int("num_attention_heads")
+    f.require("num_key_value_heads", lambda v: v == heads, f"latent attention expands keys and values for all "
+              f"{heads} heads (num_attention_heads)", heads)
+    layers, rope_dim, nope = f.int("num_hidden_layers"), f.int("qk_rope_head_dim"), f.int("qk_nope_head_dim")
+    kv_rank, experts = f.int("kv_lora_rank"), f.int("n_routed_experts", "num_local_experts")
+    first_dense = f.get("first_k_dense_replace", 0)
+    if not isinstance(first_dense, int) or not 0 <= first_dense < layers:
+        raise f.error("first_k_dense_replace", f"expected a number of dense layers in 0..{layers - 1}")
+    q_rank = f.get("q_lora_rank")
+    if q_rank is not None:
+        q_rank = f.int("q_lora_rank")
+    rope = _rope(f, rope_dim, 10000.0, f.int("max_position_embeddings"))
+    scale = (nope + rope_dim) ** -0.5
+    _, params, rope_type = _rope_params(f)
+    if rope_type != "default" and params.get("mscale_all_dim"):  # as transformers' yarn_apply_mscale
+        m = 0.1 * float(params["mscale_all_dim"]) * math.log(rope["rope_scaling"].factor) + 1.0
+        scale *= m * m if rope["rope_scaling"].factor > 1 else 1.0
+    _check_silu(f)
+    hidden = f.int("hidden_size")
+    return ModelConfig(
+        family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=1, head_dim=kv_rank + rope_dim, **rope,
+        **_context(f), norm="rms", norm_eps=float(f.get("rms_norm_eps", 1e-6)), qkv_bias=False, qk_norm=None,
+        clip_qkv=None, num_experts=experts, experts_per_token=f.int("num_experts_per_tok"),
+        expert_ffn_size=f.int("moe_intermediate_size"),
+        shared_expert_ffn_size=f.int("moe_intermediate_size") * f.get("n_shared_experts", 0),
+        shared_expert_gated=False, tie_embeddings=bool(f.get("tie_word_embeddings", False)),
+        bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")),
+        dense_layers=tuple(range(first_dense)), dense_ffn_size=f.int("intermediate_size") if first_dense else 0,
+        attention="mla", q_lora_rank=q_rank or 0, kv_lora_rank=kv_rank, qk_nope_dim=nope,
+        v_head_dim=f.int("v_head_dim"), softmax_scale=scale,
+        routed_scaling=float(f.get("routed_scaling_factor", 1.0)), **routing)
+
+
+def _deepseek_v2(f: _Fields) -> ModelConfig:
+    """Softmax router, top-k over all experts ("greedy") or over the best groups ("group_limited_greedy"),
+    weights not renormalised (transformers' DeepseekV2 ignores norm_topk_prob: a true one is refused as
+    ambiguous); RoPE pairs interleaved."""
+    method = f.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise f.error("topk_method", "supported: 'greedy', 'group_limited_greedy'")
+    f.require("scoring_func", lambda v: v == "softmax", "DeepSeek V2 routes by softmax", "softmax")
+    f.require("norm_topk_prob", lambda v: not v, "transformers' DeepSeek V2 does not renormalise the routing "
+              "weights and the original code does: refused as ambiguous", False)
+    groups = (f.int("n_group"), f.int("topk_group")) if method == "group_limited_greedy" else (1, 1)
+    return _deepseek(f, router_norm_p=None, rope_interleaved=True, router_groups=groups[0],
+                     router_topk_groups=groups[1])
+
+
+def _deepseek_v3(f: _Fields) -> ModelConfig:
+    """Sigmoid router with a per-expert bias for the choice, group-limited ("noaux_tc"), weights renormalised
+    when norm_topk_prob; RoPE pairs interleaved unless rope_interleave is false."""
+    f.require("topk_method", lambda v: v == "noaux_tc", "DeepSeek V3 routes by 'noaux_tc'", "noaux_tc")
+    f.require("scoring_func", lambda v: v == "sigmoid", "DeepSeek V3 routes by sigmoid", "sigmoid")
+    return _deepseek(f, router_norm_p=1.0 if f.get("norm_topk_prob", True) else None,
+                     rope_interleaved=bool(f.get("rope_interleave", True)), router_scoring="sigmoid",
+                     router_bias=True, router_groups=f.int("n_group", default=1),
+                     router_topk_groups=f.int("topk_group", default=1))
+
+
 _PARSERS: dict[str, Callable[[_Fields], ModelConfig]] = {
     "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "olmoe": _olmoe, "dbrx": _dbrx,
+    "deepseek_v2": _deepseek_v2, "deepseek_v3": _deepseek_v3,
 }

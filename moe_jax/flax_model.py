@@ -77,5 +77,5 @@ class MoEDecoder(nnx.Module):
         for layer in self.layers:
             p = _values(layer)
             q, k, v = model.pre_attention(cfg, p, x, positions)
-            x = model.post_attention(cfg, p, x, model.attention(q, k, v, positions), moe_impl="xla")
+            x = model.post_attention(cfg, p, x, model.attention(cfg, q, k, v, positions), moe_impl="xla")
         return model.lm_head(cfg, glob, x)

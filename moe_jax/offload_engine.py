@@ -128,10 +128,10 @@ def check_host_memory(policy, what: str, need: int, planned: float | None = None
 def _warm_host_kernels(cfg: ModelConfig, kv_dtype, dtype) -> None:
     """The CPU attention kernel and the KV writes for this cache dtype, compiled (or loaded from numba's cache)
     on a one-slot cache once per process, so that the first run's per-layer CPU time is the attention's."""
-    warm = HostKVCache(1, 1, 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+    warm = HostKVCache(1, 1, 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype, cfg.values_in_keys)
     row = np.ones((1, cfg.num_kv_heads, cfg.head_dim), dtype)
-    warm.write(0, [0], [0], row, row)
-    warm.attend(0, [0], np.ones((1, cfg.num_heads, cfg.head_dim), np.float32))
+    warm.write(0, [0], [0], row, None if cfg.values_in_keys else row)
+    warm.attend(0, [0], np.ones((1, cfg.num_heads, cfg.head_dim), np.float32), scale=cfg.attention_scale)
 
 
 # ---- jitted pieces (cfg, moe_impl and the two shardings are bound with functools.partial) ----
@@ -196,7 +196,7 @@ def _decode_last(cfg, impl, to_device, to_host, p, glob, p0, slots, table, x, at
 
 def _prefill_layer(cfg, impl, to_device, to_host, p, slots, table, x, positions, chunk):
     q, k, v = model.pre_attention(cfg, p, x, positions)
-    x = model.post_attention(cfg, _with_slots(p, slots), x, model.attention(q, k, v, positions),
+    x = model.post_attention(cfg, _with_slots(p, slots), x, model.attention(cfg, q, k, v, positions),
                              expert_slots=table, moe_impl=impl)
     return (x, *jax.device_put((k, v), to_host), _fetch(to_device, chunk))
 
@@ -486,12 +486,13 @@ class OffloadEngine:
         kv_dtype = kv_storage_dtype(pol.kv_cache_dtype, self.dtype)
         check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions, {kv_dtype})",
                           HostKVCache.footprint(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads,
-                                                cfg.head_dim, kv_dtype), self.host_memory_bytes,
+                                                cfg.head_dim, kv_dtype, cfg.values_in_keys), self.host_memory_bytes,
                           "set kv_cache_dtype='int8' (lossy; about half the bytes)" if kv_dtype.kind == "f" else "")
         T = bucket(max(lengths))
         self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
                                f"prefill of prompts up to {T} tokens")
-        cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+        cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
+                            cfg.values_in_keys)
         self.stats.kv_bytes, self.stats.kv_dtype = cache.nbytes, str(kv_dtype)
         _warm_host_kernels(cfg, kv_dtype, self.dtype)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
@@ -625,15 +626,17 @@ class _Run:
                 logprobs: bool = False):
         """Wait for the GPU's q/k/v; for the decoding `rows`, write k/v to the host cache and attend.
         tokens: the `Sampled` of the step's last layer, fetched with the log-probabilities when `logprobs`."""
-        st = self.eng.stats
+        st, cfg = self.eng.stats, self.eng.cfg
         t0 = time.perf_counter()
-        q, kk, v = np.asarray(q)[rows, 0], np.asarray(kk)[rows, 0], np.asarray(v)[rows, 0]
+        q, kk = np.asarray(q)[rows, 0], np.asarray(kk)[rows, 0]
+        v = None if v is None else np.asarray(v)[rows, 0]  # None: the values are the keys' first dims
         tokens = None if tokens is None else host_sampled(tokens, logprobs)
         t1 = time.perf_counter()
         pos = positions[rows, 0]
         self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v)
-        out = np.zeros((self.mu, 1, *q.shape[1:]), self.eng.dtype)
-        out[rows, 0] = self.cache.attend(layer, self.kv_slots[k][rows], q.astype(np.float32), pos + 1)
+        out = np.zeros((self.mu, 1, cfg.num_heads, cfg.value_dim), self.eng.dtype)
+        out[rows, 0] = self.cache.attend(layer, self.kv_slots[k][rows], q.astype(np.float32), pos + 1,
+                                         scale=cfg.attention_scale)[..., :cfg.value_dim]
         out = jax.device_put(out, self.eng.on_host)  # pinned, for the next GPU step to take in
         st.gpu_wait[layer] += t1 - t0
         st.cpu[layer] += time.perf_counter() - t1
@@ -641,10 +644,11 @@ class _Run:
 
     def _prefill_writeback(self, layer: int, call: _PrefillCall, kk, v):
         n = len(call.rows)
-        kk, v = np.asarray(kk)[:n], np.asarray(v)[:n]
+        kk, v = np.asarray(kk)[:n], None if v is None else np.asarray(v)[:n]
         for r, (b, length) in enumerate(zip(call.rows, call.lens)):
             slot = self.kv_slots[call.k][b]
-            self.cache.write(layer, np.full(length, slot), np.arange(length), kk[r, :length], v[r, :length])
+            self.cache.write(layer, np.full(length, slot), np.arange(length), kk[r, :length],
+                             None if v is None else v[r, :length])
 
     # ---- GPU calls of one layer ----
 

@@ -44,16 +44,12 @@ def layer_param_specs(cfg: ModelConfig, moe: bool) -> dict[str, ParamSpec]:
     dense layer's (`ModelConfig.dense_layers`: one SwiGLU `ffn_*` of `dense_ffn_size`). The attention is
     the same in both."""
     H, E, F, D = cfg.hidden_size, cfg.num_experts, cfg.expert_ffn_size, cfg.head_dim
-    s = {
-        "attn_norm": ParamSpec((H,), ("embed",), "ones"),
-        "wq": ParamSpec((H, cfg.q_size), ("embed", "q_heads")),
-        "wk": ParamSpec((H, cfg.kv_size), ("embed", "kv_heads")),
-        "wv": ParamSpec((H, cfg.kv_size), ("embed", "kv_heads")),
-        "wo": ParamSpec((cfg.q_size, H), ("q_heads", "embed")),
-        "mlp_norm": ParamSpec((H,), ("embed",), "ones"),
-    }
+    s = {"attn_norm": ParamSpec((H,), ("embed",), "ones"), **_attention_specs(cfg),
+         "mlp_norm": ParamSpec((H,), ("embed",), "ones")}
     if moe:
         s["router"] = ParamSpec((H, E), ("embed", "experts"))
+        if cfg.router_bias:
+            s["router_bias"] = ParamSpec((E,), ("experts",), "zeros")
         s["w_gate"] = ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True)
         s["w_up"] = ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True)
         s["w_down"] = ParamSpec((E, F, H), ("experts", "ffn", "embed"), expert=True)
@@ -77,8 +73,33 @@ def layer_param_specs(cfg: ModelConfig, moe: bool) -> dict[str, ParamSpec]:
         s["shared_gate"] = ParamSpec((H, Fs), ("embed", "ffn"))
         s["shared_up"] = ParamSpec((H, Fs), ("embed", "ffn"))
         s["shared_down"] = ParamSpec((Fs, H), ("ffn", "embed"))
-        s["shared_expert_gate"] = ParamSpec((H, 1), ("embed", None))
+        if cfg.shared_expert_gated:
+            s["shared_expert_gate"] = ParamSpec((H, 1), ("embed", None))
     return s
+
+
+def _attention_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """The attention projections: q, k, v and o (gqa), or latent attention's (mla, `ModelConfig`): the query
+    (through the `wq_a` bottleneck and its norm when q_lora_rank is set), `wkv_a` to the latent and the
+    shared RoPE key, the latent's norm, `wkv_b` from the latent to each head's key (no RoPE) and value
+    dims, and o."""
+    H = cfg.hidden_size
+    if cfg.attention == "gqa":
+        return {"wq": ParamSpec((H, cfg.q_size), ("embed", "q_heads")),
+                "wk": ParamSpec((H, cfg.kv_size), ("embed", "kv_heads")),
+                "wv": ParamSpec((H, cfg.kv_size), ("embed", "kv_heads")),
+                "wo": ParamSpec((cfg.q_size, H), ("q_heads", "embed"))}
+    Hq, r, q_head = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_dim + cfg.rotary_dim
+    if cfg.q_lora_rank:
+        s = {"wq_a": ParamSpec((H, cfg.q_lora_rank), ("embed", "q_lora")),
+             "q_a_norm": ParamSpec((cfg.q_lora_rank,), ("q_lora",), "ones"),
+             "wq_b": ParamSpec((cfg.q_lora_rank, Hq * q_head), ("q_lora", "q_heads"))}
+    else:
+        s = {"wq": ParamSpec((H, Hq * q_head), ("embed", "q_heads"))}
+    return {**s, "wkv_a": ParamSpec((H, r + cfg.rotary_dim), ("embed", "kv_lora")),
+            "kv_a_norm": ParamSpec((r,), ("kv_lora",), "ones"),
+            "wkv_b": ParamSpec((r, Hq * (cfg.qk_nope_dim + cfg.v_head_dim)), ("kv_lora", "q_heads")),
+            "wo": ParamSpec((Hq * cfg.v_head_dim, H), ("q_heads", "embed"))}
 
 
 def global_param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:

@@ -6,7 +6,8 @@ requests that take free rows, then decodes every row, step after step; a finishe
 for the next waiting one. Free rows are refilled once a quarter of the batch is free (or all that is
 left fits), so that one prefill serves several rows and a job compiles few shapes. Batch, prompt and
 cache lengths are rounded up to 2^k or 3·2^(k-1).
-KV cache: k and v of `[layers, rows, cache_len, kv_heads, head_dim]`; row b's token at position p sits at
+KV cache: k and v of `[layers, rows, cache_len, kv_heads, head_dim]` (no v where the values are the keys'
+first dims, as in latent attention); row b's token at position p sits at
 [:, b, p]; positions start at 0 for every sequence, so causal masking alone is exact (a row's new
 occupant overwrites positions 0.. before it reads them).
 """
@@ -71,9 +72,12 @@ def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, ca
         x, ck, cv = carry
         p, i = xs
         q, k, v = model.pre_attention(cfg, p, x, positions)
-        ck, cv = ck.at[i, at, positions].set(k), cv.at[i, at, positions].set(v)
-        kk, vv = (ck[i], cv[i]) if rows is None else (ck[i][rows], cv[i][rows])
-        a = model.attention(q, kk, vv, positions)
+        ck = ck.at[i, at, positions].set(k)
+        kk = ck[i] if rows is None else ck[i][rows]
+        if cv is not None:  # else v is None: the values are the keys' first dims
+            cv = cv.at[i, at, positions].set(v)
+            v = cv[i] if rows is None else cv[i][rows]
+        a = model.attention(cfg, q, kk, v, positions)
         return (model.post_attention(cfg, p, x, a, moe_impl=moe_impl), ck, cv), None
 
     for run, stacked in zip(layer_runs(cfg), layers):
@@ -126,10 +130,13 @@ class ResidentEngine:
                                   f"{value / 2**30:.1f} GiB: use a smaller max_batch_size or policy 'offload'")
 
     def _cache(self, batch: int, length: int):
-        shape = (self.cfg.num_layers, batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
-        self._check_fits(self._cap, 2 * int(np.prod(shape)) * self.dtype.itemsize,
+        """The KV cache: k, and v (None where the values are the keys' first dims, `values_in_keys`)."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads)
+        k_shape, v_shape = (*shape, cfg.head_dim), None if cfg.values_in_keys else (*shape, cfg.value_dim)
+        self._check_fits(self._cap, sum(int(np.prod(s)) for s in (k_shape, v_shape) if s) * self.dtype.itemsize,
                          f"{batch} sequences x {length} positions")
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        return jnp.zeros(k_shape, self.dtype), None if v_shape is None else jnp.zeros(v_shape, self.dtype)
 
     def logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """float32 [len_i, vocab] per prompt, in batches of at most max_batch_size."""

@@ -208,7 +208,7 @@ def probe_gpu_layer_seconds(source, policy, dtype: str, moe_impl: str) -> float:
         p[name] = jnp.zeros((pages.num_slots, *shape), dtype).at[table].set(p[name])
     kx, ka = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (mu, 1, cfg.hidden_size), dtype)
-    attn = jax.random.normal(ka, (mu, 1, cfg.num_heads, cfg.head_dim), dtype)
+    attn = jax.random.normal(ka, (mu, 1, cfg.num_heads, cfg.value_dim), dtype)
     positions = jnp.full((mu, 1), 100, jnp.int32)
     step = jax.jit(lambda p, x, a, pos: model.pre_attention(
         cfg, p, model.post_attention(cfg, p, x, a, expert_slots=table, moe_impl=moe_impl), pos))

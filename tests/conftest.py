@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "deepseek_v2", "deepseek_v3")
 
 _COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
                max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5,
@@ -16,6 +16,18 @@ HF_CONFIGS = {
     "qwen3_moe": dict(_COMMON, intermediate_size=80, moe_intermediate_size=40, num_experts=6, num_experts_per_tok=3,
                       head_dim=24, norm_topk_prob=True),
     "olmoe": dict(_COMMON, intermediate_size=40, num_experts=6, num_experts_per_tok=2, clip_qkv=3.0),
+    # latent attention, a dense first layer, shared experts; V2: a YaRN context (its softmax scale) and
+    # group-limited softmax routing; V3: a query bottleneck and sigmoid routing with a bias over groups
+    "deepseek_v2": dict(_COMMON, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=6,
+                        n_shared_experts=2, num_experts_per_tok=2, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=12, v_head_dim=10, q_lora_rank=None, first_k_dense_replace=1,
+                        topk_method="group_limited_greedy", n_group=3, topk_group=2, routed_scaling_factor=1.5,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, mscale=0.707,
+                                             mscale_all_dim=0.707, original_max_position_embeddings=64)),
+    "deepseek_v3": dict(_COMMON, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=80, moe_intermediate_size=24, n_routed_experts=8,
+                        n_shared_experts=1, num_experts_per_tok=3, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=12, v_head_dim=10, q_lora_rank=24, first_k_dense_replace=1, n_group=4,
+                        topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, vocab_size=96, max_seq_len=256, bos_token_id=1, eos_token_id=2,
                  pad_token_id=0, attn_config=dict(kv_n_heads=2, clip_qkv=2.0, rope_theta=5e5),
                  ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=1.0)),
@@ -39,6 +51,9 @@ def build_hf_model(family: str, seed: int = 0, **config_changes):
                 p.normal_(0, 1.0)
             else:
                 p.normal_(0, p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():  # DeepSeek V3's routing bias, zero at init, is learnt
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
     return model
 
 

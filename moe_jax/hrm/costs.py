@@ -23,9 +23,10 @@ from moe_jax.params import ParamSpec, global_param_specs, layer_param_specs
 
 OPS = ("qkv_proj", "attention", "o_proj", "router", "experts", "shared_experts", "dense_ffn")
 _OP_OF_PARAM = {
-    **dict.fromkeys(("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm"), "qkv_proj"),
+    **dict.fromkeys(("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm", "wq_a", "q_a_norm", "wq_b",
+                     "wkv_a", "kv_a_norm", "wkv_b"), "qkv_proj"),  # wkv_b: latent attention's query and output maps
     "wo": "o_proj",
-    **dict.fromkeys(("mlp_norm", "router"), "router"),
+    **dict.fromkeys(("mlp_norm", "router", "router_bias"), "router"),
     **dict.fromkeys(("w_gate", "w_up", "w_down"), "experts"),
     **dict.fromkeys(("shared_gate", "shared_up", "shared_down", "shared_expert_gate"), "shared_experts"),
     **dict.fromkeys(("ffn_gate", "ffn_up", "ffn_down"), "dense_ffn"),
@@ -75,8 +76,10 @@ def weight_bytes(cfg: ModelConfig, dtype, moe: bool = True) -> dict[str, int]:
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype, kv_cache_dtype: str = "auto") -> int:
     """Bytes of one token's keys and values in one layer, in a KV cache of `kv_cache_dtype` (`moe_jax.Policy`:
-    "auto", the model's `dtype`; "int8", a byte per element and a float32 scale per head)."""
-    return 2 * cfg.num_kv_heads * row_bytes(cfg.head_dim, kv_storage_dtype(kv_cache_dtype, dtype))
+    "auto", the model's `dtype`; "int8", a byte per element and a float32 scale per head); only the keys
+    where they hold the values (latent attention)."""
+    copies = 1 if cfg.values_in_keys else 2
+    return copies * cfg.num_kv_heads * row_bytes(cfg.head_dim, kv_storage_dtype(kv_cache_dtype, dtype))
 
 
 def experts_touched(cfg: ModelConfig, tokens):
@@ -91,8 +94,9 @@ def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_d
     `attn_pairs` (query, key) pairs and reads `kv_tokens` cached keys and values (stored as `kv_cache_dtype`
     says). Experts read only the experts they touch."""
     it, weights = itemsize(dtype), weight_bytes(cfg, dtype, moe)
-    ops = {"attention": Op("attention", 4 * attn_pairs * cfg.q_size,
-                           2 * tokens * cfg.q_size * it + kv_tokens * kv_bytes_per_token(cfg, dtype, kv_cache_dtype))}
+    qo = cfg.num_heads * (cfg.head_dim + cfg.value_dim)  # a query's and its output's dims (scores, weighted sum)
+    ops = {"attention": Op("attention", 2 * attn_pairs * qo,
+                           tokens * qo * it + kv_tokens * kv_bytes_per_token(cfg, dtype, kv_cache_dtype))}
     for op, specs in _specs_by_op(cfg, moe).items():
         rows, w = tokens, weights[op]
         if op == "experts":

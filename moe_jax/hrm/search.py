@@ -156,7 +156,8 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     `dtype` and are quantised on the host)."""
     L, Lm, E, it = cfg.num_layers, cfg.num_moe_layers, cfg.num_experts, itemsize(dtype)  # all, MoE layers
     Ld = L - Lm  # dense layers: no experts, their FFN among the non-expert weights
-    kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it  # on the link
+    kvt, q_bytes = kv_bytes_per_token(cfg, dtype), cfg.q_size * it  # on the link: a token's k, v and q
+    out_bytes = cfg.num_heads * cfg.value_dim * it  # and its attention output
     kv_stored = kv_bytes_per_token(cfg, dtype, kv_cache_dtype)  # in the cache
     w = expert_bytes(cfg, dtype)  # one expert of one layer, in a GPU slot
     w_link = streamed_expert_bytes(cfg, dtype, codec)  # the same in the pinned pool, on the link, in flight
@@ -175,7 +176,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
 
     t_gpu, t_gpu_dense = gpu_decode(True), gpu_decode(False) if Ld else 0.0
     t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"], kv_cache_dtype))
-    up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * q_bytes)
+    up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * out_bytes)
     down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
     rows, calls = prefill_calls(cfg, mu, T)  # each call re-reads the layer's weights
     # The engine pads each call to its longest prompt: a micro-batch's first call to about the job's longest

@@ -10,13 +10,13 @@ TOLERANCE = {BF16: 1e-3, np.dtype(np.float32): 1e-5}  # relative error bound per
 
 
 def attention_reference(q, k, v, n_ctx, scale=None):
-    """float64 GQA attention: q [B, T, Hq, D], k/v [B, S, Hk, D] (any float dtype), n_ctx [B, T]:
-    query (b, t) attends to positions [0, n_ctx[b, t]). Returns [B, T, Hq, D] float64."""
+    """float64 GQA attention: q [B, T, Hq, D], k [B, S, Hk, D] and v [B, S, Hk, Dv] (any float dtype),
+    n_ctx [B, T]: query (b, t) attends to positions [0, n_ctx[b, t]). Returns [B, T, Hq, Dv] float64."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     B, T, Hq, D = q.shape
     Hk = k.shape[2]
     scale = 1 / np.sqrt(D) if scale is None else scale
-    out = np.empty(q.shape)
+    out = np.empty((B, T, Hq, v.shape[-1]))
     for b in range(B):
         for t in range(T):
             n = n_ctx[b, t]

@@ -297,3 +297,37 @@ def test_attend_releases_the_gil():
     assert seconds > 0.05
     # holding the GIL, only the interpreter's forced switches (every 5 ms of Python) would let it count
     assert counted > 0.4 * rate * seconds, (during, rate)
+
+
+@pytest.mark.parametrize("dtype", [BF16, "int8"])
+def test_values_in_keys_store_only_keys(ref, rng, dtype):
+    """Latent attention's cache (`values_in_keys`): one head of D = 24 dims, the values its first 16; K is stored
+    once (half the footprint), writes refuse a v, and attention's first 16 output dims are attention over
+    those values (float64 reference; int8 against the dequantised keys the cache holds), decode and prefill,
+    with a softmax scale of its own."""
+    L, N, S, Hq, D, Dv, scale = 2, 3, 40, 8, 24, 16, 0.3
+    cache = HostKVCache(L, N, S, 1, D, dtype, values_in_keys=True)
+    assert cache.v is cache.k and cache.nbytes == HostKVCache.footprint(L, N, S, 1, D, dtype, True) == \
+        HostKVCache.footprint(L, N, S, 1, D, dtype) // 2
+    lengths = np.array([40, 1, 17])
+    written = [ref.random_kv(rng, (n, 1, D), np.float32) for n in lengths]
+    for s, k in enumerate(written):
+        cache.write(1, np.full(len(k), s), np.arange(len(k)), k, None)
+    with pytest.raises(ValueError, match="holds the values in the keys: v must be None"):
+        cache.write(1, [0], [0], written[0][:1], written[0][:1])
+    stored = np.zeros((N, S, 1, D), np.float32)  # what the cache holds (int8: dequantised)
+    for s, n in enumerate(lengths):
+        k_s = cache.slot_kv(1, s)[0][:, :n].astype(np.float32)
+        if cache.k_scales is not None:
+            k_s = k_s * cache.k_scales[1][cache.offsets[s] // D + np.arange(n)][None, :, None]
+        stored[s, :n] = k_s.transpose(1, 0, 2)
+    tolerance = ref.tolerance.get(np.dtype(dtype), 1e-5)
+    q = rng.standard_normal((N, Hq, D), np.float32) * 0.3
+    out = cache.attend(1, np.arange(N), q, scale=scale)
+    want = ref.attention(q[:, None], stored, stored[..., :Dv], lengths[:, None], scale)[:, 0]
+    assert out.shape == (N, Hq, D) and ref.error(out[..., :Dv], want) < tolerance
+    qp = rng.standard_normal((N, 4, Hq, D), np.float32) * 0.3
+    before = lengths - np.minimum(lengths, 4)
+    outp = cache.attend_prefill(1, np.arange(N), qp, before, scale=scale)
+    n_ctx = np.minimum(before[:, None] + np.arange(1, 5), lengths[:, None])
+    assert ref.error(outp[..., :Dv], ref.attention(qp, stored, stored[..., :Dv], n_ctx, scale)) < tolerance

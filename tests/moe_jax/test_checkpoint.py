@@ -9,6 +9,7 @@ import pytest
 
 from moe_jax.checkpoint import Checkpoint, CheckpointError
 from moe_jax.params import global_param_specs, layer_specs
+from tests.conftest import FAMILIES
 
 
 def test_experts_are_stacked_and_transposed(hf_checkpoints):
@@ -30,10 +31,14 @@ def test_dbrx_fused_tensors_are_split(hf_checkpoints):
     np.testing.assert_array_equal(layer["w_down"].reshape(w2.shape), w2)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shapes_follow_the_specs_in_any_dtype(family, hf_checkpoints):
+    """Every layer (a DeepSeek checkpoint's first is dense) and the globals; no tensor left unread."""
     ck = Checkpoint(hf_checkpoints[family][0])
-    for got, specs in ((ck.layer(0, "bfloat16"), layer_specs(ck.cfg, 0)), (ck.globals("bfloat16"), global_param_specs(ck.cfg))):
+    assert ck.unused == []
+    last = ck.cfg.num_layers - 1
+    for got, specs in ((ck.layer(0, "bfloat16"), layer_specs(ck.cfg, 0)), (ck.layer(last, "bfloat16"), layer_specs(ck.cfg, last)),
+                       (ck.globals("bfloat16"), global_param_specs(ck.cfg))):
         assert {k: (v.shape, str(v.dtype)) for k, v in got.items()} == {k: (s.shape, "bfloat16") for k, s in specs.items()}
 
 

@@ -40,6 +40,13 @@ def test_family_specific_fields():
     ("olmoe", dict(hidden_size="64"), "hidden_size"),
     ("mixtral", dict(quantization_config={"quant_method": "fp8", "weight_block_size": None}), "quantization_config"),
     ("dbrx", dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config"),
+    ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method"),
+    ("deepseek_v2", dict(norm_topk_prob=True), "norm_topk_prob"),
+    ("deepseek_v2", dict(num_key_value_heads=2), "num_key_value_heads"),
+    ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func"),
+    ("deepseek_v3", dict(first_k_dense_replace=3), "first_k_dense_replace"),
+    ("deepseek_v3", dict(moe_layer_freq=2), "moe_layer_freq"),
+    ("deepseek_v3", dict(attention_bias=True), "attention_bias"),
 ])
 def test_unsupported_options_name_the_field(family, changes, field):
     with pytest.raises(ConfigError, match=f"field '{field}'"):
@@ -56,6 +63,25 @@ def test_dense_layers_as_transformers_builds_them():
     assert cfg("qwen2_moe").dense_layers == () and cfg("qwen2_moe").dense_ffn_size == 0
     with pytest.raises(ConfigError, match="dense layers .* must be distinct increasing layer numbers below 2"):
         cfg("mixtral").replace(dense_layers=(1, 2), dense_ffn_size=8)
+
+
+def test_deepseek_fields():
+    """Latent attention's cache head (kv_lora_rank + rope dims, values its first kv_lora_rank), the softmax
+    scale of the query/key head dims times YaRN's mscale_all_dim correction squared, the routers."""
+    v2, v3 = cfg("deepseek_v2"), cfg("deepseek_v3")
+    assert (v2.attention, v2.num_kv_heads, v2.head_dim, v2.value_dim, v2.values_in_keys) == ("mla", 1, 24, 16, True)
+    assert (v2.qk_nope_dim, v2.rotary_dim, v2.v_head_dim, v2.q_lora_rank, v3.q_lora_rank) == (12, 8, 10, 0, 24)
+    m = 0.1 * 0.707 * np.log(4.0) + 1
+    assert v2.attention_scale == pytest.approx(20 ** -0.5 * m * m) and v3.attention_scale == pytest.approx(20 ** -0.5)
+    assert (v2.router_scoring, v2.router_groups, v2.router_topk_groups, v2.router_bias, v2.router_norm_p,
+            v2.routed_scaling) == ("softmax", 3, 2, False, None, 1.5)
+    assert (v3.router_scoring, v3.router_groups, v3.router_topk_groups, v3.router_bias, v3.router_norm_p,
+            v3.routed_scaling) == ("sigmoid", 4, 2, True, 1.0, 2.5)
+    assert v2.dense_layers == (0,) and v2.shared_expert_ffn_size == 48 and not v2.shared_expert_gated
+    assert v2.rope_interleaved and not cfg("deepseek_v3", rope_interleave=False).rope_interleaved
+    assert cfg("deepseek_v2", topk_method="greedy").router_groups == 1
+    with pytest.raises(ConfigError, match="chosen router groups hold fewer than the 3 experts per token"):
+        cfg("deepseek_v3", topk_group=1)
 
 
 def test_rope_scaling_fields_and_transformers_defaults():

@@ -13,7 +13,7 @@ from moe_jax.flax_model import MoEDecoder
 PROMPTS = [[1, 5, 17, 33, 60, 7, 9, 11], [1, 70, 4, 4, 91, 23, 15, 8]]
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "dbrx"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "dbrx", "deepseek_v3"])
 def test_logits_equal_the_engine(family, hf_checkpoints):
     path = str(hf_checkpoints[family][0])
     decoder = MoEDecoder.from_pretrained(path)

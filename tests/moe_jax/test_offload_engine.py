@@ -514,7 +514,7 @@ def test_exp4_escapes_are_checked_once_loaded_and_decoding_holds_two_matrices(mo
 
 
 @pytest.mark.parametrize("impl,marker", [("pallas_mgpu", "mosaic_gpu"), ("pallas_triton", "xla.gpu.triton")])
-@pytest.mark.parametrize("model", ["mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("model", ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite"])
 def test_engine_steps_lower_for_cuda_with_the_gpu_kernels_at_real_shapes(monkeypatch, lowering_for_h100, model, impl,
                                                                          marker):
     """What an H100 compiles: the decode and prefill steps with each GPU expert kernel, at the model's
@@ -544,7 +544,7 @@ def test_engine_steps_lower_for_cuda_with_the_gpu_kernels_at_real_shapes(monkeyp
     with lowering_for_h100:
         for mu in (663, 1):
             text = mid.trace(p, p, slots, table, sd((mu, 1, cfg.hidden_size)),
-                             sd((mu, 1, cfg.num_heads, cfg.head_dim), sh=on_host), sd((mu, 1), jnp.int32), chunk
+                             sd((mu, 1, cfg.num_heads, cfg.value_dim), sh=on_host), sd((mu, 1), jnp.int32), chunk
                              ).lower(lowering_platforms=("cuda",)).as_text()
             assert marker in text
         text = prefill.trace(p, slots, table, sd((3, 77, cfg.hidden_size)), sd((3, 77), jnp.int32), chunk

@@ -25,6 +25,9 @@ def test_real_shape_presets_sizes():
     assert 235 < gib["dbrx"] < 250  # 132 B
     assert 55 < gib["qwen3-30b-a3b"] < 58  # 30.5 B
     assert 12 < gib["olmoe-1b-7b"] < 13.5  # 6.9 B
+    assert 29 < gib["deepseek-v2-lite"] < 30  # 15.7 B
+    lite = preset_config("deepseek-v2-lite")  # latent cache: 576 dims of one head per token and layer
+    assert (lite.dense_layers, lite.head_dim, lite.value_dim, lite.num_kv_heads) == ((0,), 576, 512, 1)
     cfg = preset_config("mixtral-8x7b")
     assert layer_bytes(cfg, "bfloat16", expert=True) == 3 * 8 * 4096 * 14336 * 2
 
