@@ -12,7 +12,8 @@
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
 #      − 30): `calibrate` (HRM's profile measured), or later sessions one long step by name: issue 5
 #      bench_offload, issue 6 bench_policies, issue 7 bench_throughput_g64_exp4 (the experts coded in 12
-#      bits, predicted to beat MoE-Lightning's figure), bench_throughput_g64/g128, bench_vs_pytorch.
+#      bits, predicted to beat MoE-Lightning's figure), bench_throughput_g64/g128, bench_vs_pytorch;
+#      bench_dsv2_lite (DeepSeek's latent attention on the CPU).
 # The steps share a time budget, GPU_SUITE_BUDGET_S seconds from the start (default 570, inside one device
 # command's 600): each step's limit shrinks to what is left, and a step with less than GPU_SUITE_MIN_STEP_S
 # left (default 60) is skipped.
@@ -93,6 +94,8 @@ STEPS=(
   "bench_throughput_moegen_exp4|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads moegen --gpu-memory-gb 24 --expert-codec exp4 --no-baseline --json $LOGS/bench_throughput_moegen_exp4.json --append-results $LOGS/bench_throughput_moegen_exp4.md"
   # the same with an int8 host KV cache: HRM predicts about 1.8x the batch and decode tok/s where host KV binds
   "bench_throughput_moegen_exp4_int8|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads moegen --gpu-memory-gb 24 --expert-codec exp4 --kv-cache-dtype int8 --no-baseline --json $LOGS/bench_throughput_moegen_exp4_int8.json --append-results $LOGS/bench_throughput_moegen_exp4_int8.md"
+  # DeepSeek-V2-Lite (latent attention, 64 experts): HRM predicts the CPU attention, not the link, binds here
+  "bench_dsv2_lite|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --model deepseek-v2-lite --workloads mtbench:64 --gpu-memory-gb 16 --no-baseline --json $LOGS/bench_dsv2_lite.json --append-results $LOGS/bench_dsv2_lite.md"
   "bench_throughput_g128|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:128 --no-baseline --json $LOGS/bench_throughput_g128.json --plot $LOGS/bench_throughput_g128.png --append-results $LOGS/bench_throughput_g128.md"
 )
 
