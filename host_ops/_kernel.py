@@ -87,19 +87,20 @@ def _four_rows(row0, j, nb, pos_stride):
 def _attend_group(q, k, v, k_scales, v_scales, row_mask, base, pos_stride, n, out, acc, s, m, l):
     """Softmax attention of the G query heads sharing one KV head, single pass over n positions.
 
-    q, out: [G, D] float32 (q pre-scaled); position p's K/V row is k/v[base + p*pos_stride :][:D], its
-    scales k/v_scales[(o // D) & row_mask] for o its element offset (row_mask 0: one scale for all).
-    acc [Ge, D], s [Ge, _BLOCK], m, l [Ge]: float32 scratch, Ge = G rounded up to even (an odd G's
+    q [G, D], out [G, Dv] float32 (q pre-scaled); position p's K/V row is k/v[base + p*pos_stride :][:D], its
+    scales k/v_scales[(o // D) & row_mask] for o its element offset (row_mask 0: one scale for all); only
+    the first Dv <= D dims of V rows are read (Dv < D: values that are the keys' first dims).
+    acc [Ge, Dv], s [Ge, _BLOCK], m, l [Ge]: float32 scratch, Ge = G rounded up to even (an odd G's
     last head is computed twice and the copy dropped). Each K and V row is read once per group;
     the inner loops take two heads by four rows, so each widened K/V element and each load of q
     or acc serves several multiply-adds.
     """
     G, D = q.shape
-    Ge = acc.shape[0]
+    Ge, Dv = acc.shape
     for g in range(Ge):
         m[g] = -np.inf
         l[g] = 0.0
-        for d in range(D):
+        for d in range(Dv):
             acc[g, d] = 0.0
     for start in range(0, n, _BLOCK):
         nb = min(_BLOCK, n - start)
@@ -135,18 +136,18 @@ def _attend_group(q, k, v, k_scales, v_scales, row_mask, base, pos_stride, n, ou
             l[g] = l[g] * alpha + _exp_minus(sg, nb, mx)
             for j in range(nb, (nb + 3) // 4 * 4):
                 sg[j] = 0.0
-            for d in range(D):
+            for d in range(Dv):
                 ag[d] *= alpha
         for j in range(0, nb, 4):  # acc += s v
             o0, o1, o2, o3 = _four_rows(row0, j, nb, pos_stride)
-            v0, v1, v2, v3 = v[o0:o0 + D], v[o1:o1 + D], v[o2:o2 + D], v[o3:o3 + D]
+            v0, v1, v2, v3 = v[o0:o0 + Dv], v[o1:o1 + Dv], v[o2:o2 + Dv], v[o3:o3 + Dv]
             f0, f1, f2, f3 = (v_scales[(o0 // D) & row_mask], v_scales[(o1 // D) & row_mask],
                               v_scales[(o2 // D) & row_mask], v_scales[(o3 // D) & row_mask])
             for g in range(0, Ge, 2):
                 ag, ah = acc[g], acc[g + 1]
                 p0, p1, p2, p3 = s[g, j] * f0, s[g, j + 1] * f1, s[g, j + 2] * f2, s[g, j + 3] * f3
                 r0, r1, r2, r3 = s[g + 1, j] * f0, s[g + 1, j + 1] * f1, s[g + 1, j + 2] * f2, s[g + 1, j + 3] * f3
-                for d in range(D):
+                for d in range(Dv):
                     c0, c1, c2, c3 = _as_f32(v0[d]), _as_f32(v1[d]), _as_f32(v2[d]), _as_f32(v3[d])
                     a = ag[d]
                     a += p0 * c0
@@ -162,15 +163,15 @@ def _attend_group(q, k, v, k_scales, v_scales, row_mask, base, pos_stride, n, ou
                     ah[d] = b
     for g in range(G):
         inv = np.float32(1.0) / l[g]
-        for d in range(D):
+        for d in range(Dv):
             out[g, d] = acc[g, d] * inv
 
 
 @njit(parallel=True, **_JIT)
 def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strides, pos_stride, starts, ends,
                       threads, out):
-    """q, out [B, T, Hk, G, D] float32; k, v flat; query row b's KV head h, position p is the D elements at
-    offsets[b] + h * head_strides[b] + p * pos_stride; k/v_scales, row_mask: see `_attend_group`;
+    """q [B, T, Hk, G, D], out [B, T, Hk, G, Dv] float32; k, v flat; query row b's KV head h, position p is
+    the D elements at offsets[b] + h * head_strides[b] + p * pos_stride; k/v_scales, row_mask: see `_attend_group`;
     threads: numba's thread count (numba.get_num_threads() inside a kernel defeats caching).
 
     Tasks are (query, KV head) pairs, sorted by context length and dealt round-robin to the threads
@@ -184,9 +185,9 @@ def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strid
     order = np.argsort(n_ctx)[::-1]
     n_tasks = B * T * Hk
     workers = min(threads, n_tasks)
-    Ge = G + G % 2
+    Ge, Dv = G + G % 2, out.shape[-1]
     for w in prange(workers):
-        acc = np.empty((Ge, D), np.float32)
+        acc = np.empty((Ge, Dv), np.float32)
         s = np.empty((Ge, _BLOCK), np.float32)
         m = np.empty(Ge, np.float32)
         l = np.empty(Ge, np.float32)
@@ -257,7 +258,8 @@ def _int64(x, n: int) -> np.ndarray:
 
 def run(q, k_flat, v_flat, kv_heads, offsets, head_strides, pos_stride, starts, ends, scale, out,
         k_scales=None, v_scales=None) -> None:
-    """Attention on validated inputs, written into out [B, T, Hq, D] float32 (C-contiguous).
+    """Attention on validated inputs, written into out [B, T, Hq, Dv] float32 (C-contiguous; Dv <= D: the
+    first Dv dims of the V rows, e.g. values that are the keys' first dims).
 
     q [B, T, Hq, D] (any float dtype castable to float32); k_flat, v_flat from `flat_kv`; offsets,
     head_strides: [B] ints (or one for all), element offset of each query row's KV and of its next head;
@@ -272,7 +274,8 @@ def run(q, k_flat, v_flat, kv_heads, offsets, head_strides, pos_stride, starts, 
     k_scales, v_scales = (flat_kv(x) for x in ((k_scales, v_scales) if quantised else (_NO_SCALES, _NO_SCALES)))
     ints = [_int64(a, B) for a in (offsets, head_strides)]
     _attention_kernel(qs, k_flat, v_flat, k_scales, v_scales, -1 if quantised else 0, *ints, int(pos_stride),
-                      *(_int64(a, B) for a in (starts, ends)), numba.get_num_threads(), out.reshape(shape5))
+                      *(_int64(a, B) for a in (starts, ends)), numba.get_num_threads(),
+                      out.reshape(*shape5[:-1], out.shape[-1]))
 
 
 def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides, scales=None) -> None:

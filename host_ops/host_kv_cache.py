@@ -50,14 +50,17 @@ class HostKVCache:
     offset // head_dim; None for the float dtypes.
     `lengths` [num_layers, num_slots] int64: per layer, 1 + the highest position written to each slot
     since it was last freed; attention uses it unless given lengths explicitly.
-    `values_in_keys` (latent attention): the values are the keys' first dims, so only K is stored (`v` is
-    `k`), writes take no v, and attention returns all head_dim dims of the weighted keys, of which the
-    caller keeps the value dims.
+    `value_dim` (latent attention): the values are the keys' first value_dim dims, so only K is stored (`v`
+    is `k`), writes take no v, and attention weighs those dims only, returning value_dim dims per head.
+    None: V is stored apart, head_dim dims like K.
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
-                 dtype="bfloat16", values_in_keys: bool = False):
-        nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype, values_in_keys)
+                 dtype="bfloat16", value_dim: int | None = None):
+        nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype, value_dim)
+        values_in_keys = value_dim is not None
+        if values_in_keys and not (isinstance(value_dim, (int, np.integer)) and 0 < value_dim <= head_dim):
+            raise ValueError(f"value_dim must be an integer in 1..head_dim={head_dim}, got {value_dim!r}")
         caps = _capacities(num_slots, max_context)
         dtype = _validate.cache_dtype(dtype)
         positions = (f"{caps[0]} positions" if (caps == caps[0]).all() else
@@ -85,11 +88,12 @@ class HostKVCache:
         self.lengths = np.zeros((num_layers, num_slots), np.int64)
         self._in_use = np.zeros(num_slots, bool)
         self.num_layers, self.num_slots = num_layers, num_slots
-        self.kv_heads, self.head_dim, self.values_in_keys = kv_heads, head_dim, values_in_keys
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.values_in_keys, self.value_dim = values_in_keys, value_dim if values_in_keys else head_dim
 
     @staticmethod
     def footprint(num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
-                  dtype="bfloat16", values_in_keys: bool = False) -> int:
+                  dtype="bfloat16", value_dim: int | None = None) -> int:
         """Bytes of K and V storage (with int8's scales) such a cache allocates (= its `nbytes`), computed
         without allocating."""
         dims = {"num_layers": num_layers, "num_slots": num_slots, "kv_heads": kv_heads, "head_dim": head_dim}
@@ -97,7 +101,7 @@ class HostKVCache:
             if not isinstance(n, (int, np.integer)) or n < 1:
                 raise ValueError(f"{name} must be a positive integer, got {n!r}")
         positions = int(_capacities(num_slots, max_context).sum())  # Python ints from here: no overflow
-        copies = 1 if values_in_keys else 2
+        copies = 1 if value_dim is not None else 2  # K, and V unless the values are in the keys
         return copies * positions * int(num_layers) * int(kv_heads) * row_bytes(head_dim, _validate.cache_dtype(dtype))
 
     def slot_kv(self, layer: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,10 +191,10 @@ class HostKVCache:
     def attend(self, layer: int, slots, q, lengths=None, out=None, scale=None) -> np.ndarray:
         """Decode attention: q [B, Hq, D]; query row b attends to positions [0, lengths[b]) of slot
         slots[b] (lengths: [B] ints from 1 to the slot's capacity, default the tracked lengths).
-        Returns out [B, Hq, D] float32 (written into `out` if given)."""
+        Returns out [B, Hq, value_dim] float32 (written into `out` if given)."""
         q = _validate.query("q", q, "B, Hq, D")
         slots, lengths = self._slots_lengths(layer, slots, q, lengths)
-        out = _validate.out(out, q.shape)
+        out = _validate.out(out, (*q.shape[:-1], self.value_dim))
         self._run(layer, q[:, None], slots, lengths - 1, lengths, out[:, None], scale)
         return out
 
@@ -199,7 +203,7 @@ class HostKVCache:
         row b sits at position lengths_before[b] + t and attends to positions
         [0, min(lengths_before[b] + t + 1, lengths[b])) of slot slots[b] (so padded queries past a
         row's stored length see only stored positions). lengths: [B], default the tracked lengths;
-        lengths_before[b] < lengths[b]. Returns out [B, T, Hq, D] float32."""
+        lengths_before[b] < lengths[b]. Returns out [B, T, Hq, value_dim] float32."""
         q = _validate.query("q", q, "B, T, Hq, D")
         slots, lengths = self._slots_lengths(layer, slots, q, lengths)
         before = _validate.ints("lengths_before", lengths_before, lengths.shape, f"B from q {q.shape}", 0, None,
@@ -208,7 +212,7 @@ class HostKVCache:
             b = int(np.flatnonzero(before >= lengths)[0])
             raise ValueError(f"lengths_before[{b}] = {before[b]} must be < lengths[{b}] = {lengths[b]} "
                              f"(the first new position must be stored)")
-        out = _validate.out(out, q.shape)
+        out = _validate.out(out, (*q.shape[:-1], self.value_dim))
         self._run(layer, q, slots, before, lengths, out, scale)
         return out
 

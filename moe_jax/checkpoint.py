@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,14 @@ class Checkpoint:
         for src, spec in sources:
             experts = range(spec.shape[0]) if spec.expert and "{e}" in src.name else [None]
             read.update(src.name.format(e=e) for e in experts)
-        return sorted(t for t in self._shard_of if t not in read and not t.endswith(_IGNORED_SUFFIXES))
+        return sorted(t for t in self._shard_of if t not in read and not t.endswith(_IGNORED_SUFFIXES)
+                      and not self._is_mtp_layer(t))
+
+    def _is_mtp_layer(self, tensor: str) -> bool:
+        """DeepSeek V3's multi-token-prediction layers follow the decoder's (`model.layers.{num_layers}...`);
+        generation does not use them, and transformers skips them too."""
+        m = re.match(r"model\.layers\.(\d+)\.", tensor)
+        return self.cfg.family == "deepseek_v3" and m is not None and int(m.group(1)) >= self.cfg.num_layers
 
     def _safe_open(self, file: Path):
         if not file.exists():
@@ -193,6 +201,7 @@ class Checkpoint:
         return sl[rows[0]:rows[1]] if rows else f.get_tensor(tensor)
 
     def _param(self, src: _Src, spec: ParamSpec, dtype) -> np.ndarray:
+        dtype = spec.dtype(dtype)
         if spec.expert and "{e}" in src.name:  # one Hub tensor per expert, stacked into [E, ...]
             out = np.empty(spec.shape, dtype)
             for e in range(spec.shape[0]):

@@ -34,6 +34,14 @@ class RopeScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     truncate: bool = True
+    mscale_all_dim: float = 0.0  # DeepSeek's softmax correction (`softmax_factor`); 0: none
+
+    def softmax_factor(self) -> float:
+        """What DeepSeek multiplies its softmax scale by (transformers' `yarn_apply_mscale`):
+        (0.1 · mscale_all_dim · ln(factor) + 1)², 1 where mscale_all_dim is 0 or factor <= 1."""
+        if not self.mscale_all_dim or self.factor <= 1:
+            return 1.0
+        return (0.1 * self.mscale_all_dim * math.log(self.factor) + 1.0) ** 2
 
     def scale(self, inv_freq, theta: float, dim: int):
         """The scaled inverse frequencies [dim / 2] of a rotary embedding over `dim` dims from the unscaled
@@ -112,6 +120,7 @@ class ModelConfig:
     router_groups: int = 1
     router_topk_groups: int = 1
     router_bias: bool = False
+    router_float32: bool = False  # the router's weights held and applied in float32 (DeepSeek)
     routed_scaling: float = 1.0
     shared_expert_gated: bool = True
 
@@ -250,10 +259,11 @@ class _Fields:
 
 
 def _rope_params(f: _Fields) -> tuple[str, dict[str, Any], str]:
-    """(the field holding them, RoPE parameters, rope_type): `rope_parameters` over the older `rope_scaling`."""
-    params = {**(f.get("rope_scaling") or {}), **(f.get("rope_parameters") or {})}
-    return ("rope_parameters" if f.get("rope_parameters") else "rope_scaling", params,
-            params.get("rope_type", params.get("type", "default")))
+    """(the field holding them, RoPE parameters, rope_type): a non-empty older `rope_scaling` replaces
+    `rope_parameters` whole, as transformers reads them."""
+    key = "rope_scaling" if f.get("rope_scaling") else "rope_parameters"
+    params = dict(f.get(key) or {})
+    return key, params, params.get("rope_type", params.get("type", "default"))
 
 
 def _rope(f: _Fields, head_dim: int, default_theta: float, max_positions: int) -> dict[str, Any]:
@@ -274,8 +284,9 @@ def _rope(f: _Fields, head_dim: int, default_theta: float, max_positions: int) -
             raise f.error(key, f"{rope_type} RoPE needs a positive number {name!r}, got {v!r}")
         return float(v)
 
+    mscale_all_dim = float(params.get("mscale_all_dim") or 0.0)
     if rope_type == "linear":
-        scaling = RopeScaling("linear", number("factor"))
+        scaling = RopeScaling("linear", number("factor"), mscale_all_dim=mscale_all_dim)
     elif rope_type == "yarn":
         original = int(f.get("original_max_position_embeddings") or number("original_max_position_embeddings",
                                                                            max_positions))
@@ -288,7 +299,7 @@ def _rope(f: _Fields, head_dim: int, default_theta: float, max_positions: int) -
         else:
             attention = mscale(1.0)
         scaling = RopeScaling("yarn", factor, attention, original, number("beta_fast", 32.0),
-                              number("beta_slow", 1.0), bool(params.get("truncate", True)))
+                              number("beta_slow", 1.0), bool(params.get("truncate", True)), mscale_all_dim)
     return {"rope_theta": theta, "rotary_dim": rotary, "rope_scaling": scaling}
 
 
@@ -406,9 +417,20 @@ def _dbrx(f: _Fields) -> ModelConfig:
         bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")))
 
 
-def _deepseek(f: _Fields, **routing: Any) -> ModelConfig:
+def _deepseek(f: _Fields, defaults: dict[str, Any], grouped: bool, **routing: Any) -> ModelConfig:
     """DeepSeek V2 / V3: latent attention, the first `first_k_dense_replace` layers dense, ungated shared
-    experts; `routing`: the version's router fields."""
+    experts, a float32 router, its experts in `n_group` groups of which `topk_group` are chosen if `grouped`;
+    `defaults`: the version's transformers defaults of fields a config.json may leave out (a `q_lora_rank`
+    of null: no query bottleneck); `routing`: the version's other router fields."""
+    def field(key: str) -> Any:
+        return f.d[key] if key in f.d else defaults[key]
+
+    def count(key: str, minimum: int = 1) -> int:
+        v = field(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise f.error(key, f"expected an integer >= {minimum}")
+        return v
+
     f.require("attention_bias", lambda v: not v, "attention biases are not supported", False)
     f.require("mlp_bias", lambda v: not v, "MLP biases are not supported", False)
     f.require("moe_layer_freq", lambda v: v == 1, "only every-layer MoE (1) after the dense ones is supported", 1)
@@ -417,33 +439,32 @@ def _deepseek(f: _Fields, **routing: Any) -> ModelConfig:
               f"{heads} heads (num_attention_heads)", heads)
     layers, rope_dim, nope = f.int("num_hidden_layers"), f.int("qk_rope_head_dim"), f.int("qk_nope_head_dim")
     kv_rank, experts = f.int("kv_lora_rank"), f.int("n_routed_experts", "num_local_experts")
-    first_dense = f.get("first_k_dense_replace", 0)
-    if not isinstance(first_dense, int) or not 0 <= first_dense < layers:
+    first_dense = count("first_k_dense_replace", 0)
+    if first_dense >= layers:
         raise f.error("first_k_dense_replace", f"expected a number of dense layers in 0..{layers - 1}")
-    q_rank = f.get("q_lora_rank")
-    if q_rank is not None:
-        q_rank = f.int("q_lora_rank")
+    q_rank = None if field("q_lora_rank") is None else count("q_lora_rank")
+    scaling = float(field("routed_scaling_factor"))
     rope = _rope(f, rope_dim, 10000.0, f.int("max_position_embeddings"))
-    scale = (nope + rope_dim) ** -0.5
-    _, params, rope_type = _rope_params(f)
-    if rope_type != "default" and params.get("mscale_all_dim"):  # as transformers' yarn_apply_mscale
-        m = 0.1 * float(params["mscale_all_dim"]) * math.log(rope["rope_scaling"].factor) + 1.0
-        scale *= m * m if rope["rope_scaling"].factor > 1 else 1.0
+    softmax_factor = 1.0 if rope["rope_scaling"] is None else rope["rope_scaling"].softmax_factor()
     _check_silu(f)
-    hidden = f.int("hidden_size")
     return ModelConfig(
-        family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=layers,
+        family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=f.int("hidden_size"), num_layers=layers,
         num_heads=heads, num_kv_heads=1, head_dim=kv_rank + rope_dim, **rope,
         **_context(f), norm="rms", norm_eps=float(f.get("rms_norm_eps", 1e-6)), qkv_bias=False, qk_norm=None,
         clip_qkv=None, num_experts=experts, experts_per_token=f.int("num_experts_per_tok"),
         expert_ffn_size=f.int("moe_intermediate_size"),
-        shared_expert_ffn_size=f.int("moe_intermediate_size") * f.get("n_shared_experts", 0),
+        shared_expert_ffn_size=f.int("moe_intermediate_size") * count("n_shared_experts", 0),
         shared_expert_gated=False, tie_embeddings=bool(f.get("tie_word_embeddings", False)),
         bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")),
         dense_layers=tuple(range(first_dense)), dense_ffn_size=f.int("intermediate_size") if first_dense else 0,
         attention="mla", q_lora_rank=q_rank or 0, kv_lora_rank=kv_rank, qk_nope_dim=nope,
-        v_head_dim=f.int("v_head_dim"), softmax_scale=scale,
-        routed_scaling=float(f.get("routed_scaling_factor", 1.0)), **routing)
+        v_head_dim=f.int("v_head_dim"), softmax_scale=(nope + rope_dim) ** -0.5 * softmax_factor,
+        router_float32=True, routed_scaling=scaling, router_groups=count("n_group") if grouped else 1,
+        router_topk_groups=count("topk_group") if grouped else 1, **routing)
+
+
+_DEEPSEEK_DEFAULTS = {"first_k_dense_replace": 0, "n_shared_experts": 2, "q_lora_rank": 1536,
+                      "routed_scaling_factor": 1.0}  # transformers' DeepseekV2Config
 
 
 def _deepseek_v2(f: _Fields) -> ModelConfig:
@@ -456,9 +477,8 @@ def _deepseek_v2(f: _Fields) -> ModelConfig:
     f.require("scoring_func", lambda v: v == "softmax", "DeepSeek V2 routes by softmax", "softmax")
     f.require("norm_topk_prob", lambda v: not v, "transformers' DeepSeek V2 does not renormalise the routing "
               "weights and the original code does: refused as ambiguous", False)
-    groups = (f.int("n_group"), f.int("topk_group")) if method == "group_limited_greedy" else (1, 1)
-    return _deepseek(f, router_norm_p=None, rope_interleaved=True, router_groups=groups[0],
-                     router_topk_groups=groups[1])
+    return _deepseek(f, _DEEPSEEK_DEFAULTS, method == "group_limited_greedy", router_norm_p=None,
+                     rope_interleaved=True)
 
 
 def _deepseek_v3(f: _Fields) -> ModelConfig:
@@ -466,10 +486,11 @@ def _deepseek_v3(f: _Fields) -> ModelConfig:
     when norm_topk_prob; RoPE pairs interleaved unless rope_interleave is false."""
     f.require("topk_method", lambda v: v == "noaux_tc", "DeepSeek V3 routes by 'noaux_tc'", "noaux_tc")
     f.require("scoring_func", lambda v: v == "sigmoid", "DeepSeek V3 routes by sigmoid", "sigmoid")
-    return _deepseek(f, router_norm_p=1.0 if f.get("norm_topk_prob", True) else None,
+    defaults = {**_DEEPSEEK_DEFAULTS, "first_k_dense_replace": 3, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
+                "n_group": 8, "topk_group": 4}  # transformers' DeepseekV3Config
+    return _deepseek(f, defaults, True, router_norm_p=1.0 if f.get("norm_topk_prob", True) else None,
                      rope_interleaved=bool(f.get("rope_interleave", True)), router_scoring="sigmoid",
-                     router_bias=True, router_groups=f.int("n_group", default=1),
-                     router_topk_groups=f.int("topk_group", default=1))
+                     router_bias=True)
 
 
 _PARSERS: dict[str, Callable[[_Fields], ModelConfig]] = {

@@ -123,14 +123,14 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array | None,
     `cfg.value_dim` dims) holding positions 0..S-1; q_positions [B, T] -> [B, T, Hq, Dv]."""
     B, T, Hq, D = q.shape
     Hk = k.shape[2]
-    v = k[..., :cfg.value_dim] if v is None else v
     qg = q.reshape(B, T, Hk, Hq // Hk, D)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * cfg.attention_scale
     visible = jnp.arange(k.shape[1])[None, None, :] <= q_positions[:, :, None]  # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, Hq, v.shape[-1]).astype(q.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(k.dtype)
+    # values in the keys: weigh the keys whole (no copy of the cache's value dims) and keep the value dims
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, k if v is None else v, preferred_element_type=jnp.float32)
+    return out[..., :cfg.value_dim].reshape(B, T, Hq, cfg.value_dim).astype(q.dtype)
 
 
 def route(cfg: ModelConfig, p: Params, h: jax.Array):
@@ -138,9 +138,13 @@ def route(cfg: ModelConfig, p: Params, h: jax.Array):
     sigmoid of the router logits; the k experts with the best scores (+ `router_bias`) among those of the
     best `router_topk_groups` groups are chosen, weighted by their scores, renormalised by the
     `router_norm_p`-norm unless None, times `routed_scaling`."""
-    logits = (h @ p["router"]).astype(jnp.float32)
+    w = p["router"]
+    if w.dtype == jnp.float32:  # a float32 router (DeepSeek's; any float32 model's): the matmul in float32, exact
+        logits = jnp.dot(h.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    else:
+        logits = (h @ w).astype(jnp.float32)
     scores = jax.nn.softmax(logits, axis=-1) if cfg.router_scoring == "softmax" else jax.nn.sigmoid(logits)
-    choice = scores + p["router_bias"].astype(jnp.float32) if cfg.router_bias else scores
+    choice = scores + p["router_bias"] if cfg.router_bias else scores
     if cfg.router_groups > 1:
         grouped = choice.reshape(-1, cfg.router_groups, cfg.num_experts // cfg.router_groups)
         if cfg.router_scoring == "softmax":  # DeepSeek V2: a group's best score; the others' scores count as 0

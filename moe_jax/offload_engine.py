@@ -125,10 +125,15 @@ def check_host_memory(policy, what: str, need: int, planned: float | None = None
 
 
 @functools.lru_cache(maxsize=None)
+def _cache_value_dim(cfg: ModelConfig) -> int | None:
+    """HostKVCache's value_dim for the model: the latent's dims where the values are in the keys, else None."""
+    return cfg.value_dim if cfg.values_in_keys else None
+
+
 def _warm_host_kernels(cfg: ModelConfig, kv_dtype, dtype) -> None:
     """The CPU attention kernel and the KV writes for this cache dtype, compiled (or loaded from numba's cache)
     on a one-slot cache once per process, so that the first run's per-layer CPU time is the attention's."""
-    warm = HostKVCache(1, 1, 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype, cfg.values_in_keys)
+    warm = HostKVCache(1, 1, 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype, _cache_value_dim(cfg))
     row = np.ones((1, cfg.num_kv_heads, cfg.head_dim), dtype)
     warm.write(0, [0], [0], row, None if cfg.values_in_keys else row)
     warm.attend(0, [0], np.ones((1, cfg.num_heads, cfg.head_dim), np.float32), scale=cfg.attention_scale)
@@ -486,13 +491,13 @@ class OffloadEngine:
         kv_dtype = kv_storage_dtype(pol.kv_cache_dtype, self.dtype)
         check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions, {kv_dtype})",
                           HostKVCache.footprint(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads,
-                                                cfg.head_dim, kv_dtype, cfg.values_in_keys), self.host_memory_bytes,
+                                                cfg.head_dim, kv_dtype, _cache_value_dim(cfg)), self.host_memory_bytes,
                           "set kv_cache_dtype='int8' (lossy; about half the bytes)" if kv_dtype.kind == "f" else "")
         T = bucket(max(lengths))
         self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
                                f"prefill of prompts up to {T} tokens")
         cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
-                            cfg.values_in_keys)
+                            _cache_value_dim(cfg))
         self.stats.kv_bytes, self.stats.kv_dtype = cache.nbytes, str(kv_dtype)
         _warm_host_kernels(cfg, kv_dtype, self.dtype)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
@@ -636,7 +641,7 @@ class _Run:
         self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v)
         out = np.zeros((self.mu, 1, cfg.num_heads, cfg.value_dim), self.eng.dtype)
         out[rows, 0] = self.cache.attend(layer, self.kv_slots[k][rows], q.astype(np.float32), pos + 1,
-                                         scale=cfg.attention_scale)[..., :cfg.value_dim]
+                                         scale=cfg.attention_scale)
         out = jax.device_put(out, self.eng.on_host)  # pinned, for the next GPU step to take in
         st.gpu_wait[layer] += t1 - t0
         st.cpu[layer] += time.perf_counter() - t1

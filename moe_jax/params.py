@@ -28,15 +28,22 @@ def model_dtype(name) -> np.dtype:
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """shape: per layer (layer params) or global; axes: logical axis names, one per dim;
-    init: "normal" (std = init_std), "ones" or "zeros"; expert: a per-expert weight `[E, ...]`."""
+    init: "normal" (std = init_std), "ones" or "zeros"; expert: a per-expert weight `[E, ...]`;
+    float32: kept in float32 whatever the model's dtype (transformers' `_keep_in_fp32_modules`)."""
 
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     init: str = "normal"
     expert: bool = False
+    float32: bool = False
+
+    def dtype(self, model_dtype) -> np.dtype:
+        """The dtype this parameter is held in, in a model of `model_dtype`."""
+        return np.dtype(np.float32 if self.float32 else model_dtype)
 
     def nbytes(self, dtype) -> int:
-        return math.prod(self.shape) * np.dtype(dtype).itemsize
+        """Bytes in a model of `dtype`."""
+        return math.prod(self.shape) * self.dtype(dtype).itemsize
 
 
 def layer_param_specs(cfg: ModelConfig, moe: bool) -> dict[str, ParamSpec]:
@@ -47,9 +54,9 @@ def layer_param_specs(cfg: ModelConfig, moe: bool) -> dict[str, ParamSpec]:
     s = {"attn_norm": ParamSpec((H,), ("embed",), "ones"), **_attention_specs(cfg),
          "mlp_norm": ParamSpec((H,), ("embed",), "ones")}
     if moe:
-        s["router"] = ParamSpec((H, E), ("embed", "experts"))
+        s["router"] = ParamSpec((H, E), ("embed", "experts"), float32=cfg.router_float32)
         if cfg.router_bias:
-            s["router_bias"] = ParamSpec((E,), ("experts",), "zeros")
+            s["router_bias"] = ParamSpec((E,), ("experts",), "zeros", float32=True)
         s["w_gate"] = ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True)
         s["w_up"] = ParamSpec((E, H, F), ("experts", "embed", "ffn"), expert=True)
         s["w_down"] = ParamSpec((E, F, H), ("experts", "ffn", "embed"), expert=True)

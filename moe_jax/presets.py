@@ -111,6 +111,7 @@ class RandomWeights:
         return self._pools[key]
 
     def _tensor(self, layer: int, name: str, spec: ParamSpec, dtype) -> np.ndarray:
+        dtype = spec.dtype(dtype)
         rng = np.random.default_rng([self.seed, layer + 1, zlib.crc32(name.encode())])
         n = int(np.prod(spec.shape))
         if spec.init == "normal" and n >= self.POOL // 16:

@@ -107,7 +107,8 @@ class ResidentEngine:
         self.glob = jax.device_put(weights.globals(self.dtype))
         self.layers = []
         for run in layer_runs(cfg):
-            stacked = {k: np.empty((len(run), *s.shape), self.dtype) for k, s in layer_specs(cfg, run.start).items()}
+            stacked = {k: np.empty((len(run), *s.shape), s.dtype(self.dtype))
+                       for k, s in layer_specs(cfg, run.start).items()}
             for j, i in enumerate(run):
                 for k, v in weights.layer(i, self.dtype).items():
                     stacked[k][j] = v

@@ -123,7 +123,7 @@ class SavedWeights:
         except (OSError, ValueError, KeyError) as e:
             raise SavedModelError(f"{where}: cannot restore ({type(e).__name__}: {e})") from None
         _check_tree(where, arrays, specs)
-        return {k: v.astype(dtype, copy=False) for k, v in arrays.items()}
+        return {k: v.astype(specs[k].dtype(dtype), copy=False) for k, v in arrays.items()}
 
     def layer(self, i: int, dtype) -> dict[str, np.ndarray]:
         return self._restore(_layer_item(i), layer_specs(self.cfg, i), dtype)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -140,9 +139,13 @@ def resident_layers(preset: str, dtype: str, gpu_memory_gb: float) -> int:
     from moe_jax.presets import preset_config
 
     cfg = preset_config(preset)
-    layer = layer_bytes(cfg, np.dtype(dtype))
-    free = gpu_memory_gb * GiB - global_bytes(cfg, np.dtype(dtype)) - ACTIVATION_RESERVE - layer
-    return int(min(cfg.num_layers, max(0, math.floor(free / layer))))
+    sizes = [layer_bytes(cfg, np.dtype(dtype), moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    free = gpu_memory_gb * GiB - global_bytes(cfg, np.dtype(dtype)) - ACTIVATION_RESERVE - max(sizes)
+    kept = 0  # the first layers, in order, as device_map="auto" fills the GPU
+    while kept < len(sizes) and sizes[kept] <= free:
+        free -= sizes[kept]
+        kept += 1
+    return kept
 
 
 def offload_available() -> tuple[bool, str]:

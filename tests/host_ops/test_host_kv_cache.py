@@ -301,13 +301,13 @@ def test_attend_releases_the_gil():
 
 @pytest.mark.parametrize("dtype", [BF16, "int8"])
 def test_values_in_keys_store_only_keys(ref, rng, dtype):
-    """Latent attention's cache (`values_in_keys`): one head of D = 24 dims, the values its first 16; K is stored
-    once (half the footprint), writes refuse a v, and attention's first 16 output dims are attention over
-    those values (float64 reference; int8 against the dequantised keys the cache holds), decode and prefill,
-    with a softmax scale of its own."""
+    """Latent attention's cache (`value_dim`): one head of D = 24 dims, the values its first 16; K is stored
+    once (half the footprint), writes refuse a v, and attention's 16 output dims are attention over those
+    values (float64 reference; int8 against the dequantised keys the cache holds), decode and prefill, with
+    a softmax scale of its own."""
     L, N, S, Hq, D, Dv, scale = 2, 3, 40, 8, 24, 16, 0.3
-    cache = HostKVCache(L, N, S, 1, D, dtype, values_in_keys=True)
-    assert cache.v is cache.k and cache.nbytes == HostKVCache.footprint(L, N, S, 1, D, dtype, True) == \
+    cache = HostKVCache(L, N, S, 1, D, dtype, value_dim=Dv)
+    assert cache.v is cache.k and cache.nbytes == HostKVCache.footprint(L, N, S, 1, D, dtype, Dv) == \
         HostKVCache.footprint(L, N, S, 1, D, dtype) // 2
     lengths = np.array([40, 1, 17])
     written = [ref.random_kv(rng, (n, 1, D), np.float32) for n in lengths]
@@ -325,9 +325,11 @@ def test_values_in_keys_store_only_keys(ref, rng, dtype):
     q = rng.standard_normal((N, Hq, D), np.float32) * 0.3
     out = cache.attend(1, np.arange(N), q, scale=scale)
     want = ref.attention(q[:, None], stored, stored[..., :Dv], lengths[:, None], scale)[:, 0]
-    assert out.shape == (N, Hq, D) and ref.error(out[..., :Dv], want) < tolerance
+    assert out.shape == (N, Hq, Dv) and ref.error(out, want) < tolerance
     qp = rng.standard_normal((N, 4, Hq, D), np.float32) * 0.3
     before = lengths - np.minimum(lengths, 4)
     outp = cache.attend_prefill(1, np.arange(N), qp, before, scale=scale)
     n_ctx = np.minimum(before[:, None] + np.arange(1, 5), lengths[:, None])
-    assert ref.error(outp[..., :Dv], ref.attention(qp, stored, stored[..., :Dv], n_ctx, scale)) < tolerance
+    assert ref.error(outp, ref.attention(qp, stored, stored[..., :Dv], n_ctx, scale)) < tolerance
+    with pytest.raises(ValueError, match="value_dim must be an integer in 1..head_dim=24"):
+        HostKVCache(L, N, S, 1, D, dtype, value_dim=25)

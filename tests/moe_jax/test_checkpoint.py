@@ -39,7 +39,7 @@ def test_shapes_follow_the_specs_in_any_dtype(family, hf_checkpoints):
     last = ck.cfg.num_layers - 1
     for got, specs in ((ck.layer(0, "bfloat16"), layer_specs(ck.cfg, 0)), (ck.layer(last, "bfloat16"), layer_specs(ck.cfg, last)),
                        (ck.globals("bfloat16"), global_param_specs(ck.cfg))):
-        assert {k: (v.shape, str(v.dtype)) for k, v in got.items()} == {k: (s.shape, "bfloat16") for k, s in specs.items()}
+        assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (s.shape, s.dtype("bfloat16")) for k, s in specs.items()}
 
 
 def test_errors_name_tensor_shard_and_shape(tmp_path, hf_checkpoints):
@@ -109,3 +109,16 @@ def test_tensors_no_parameter_reads_are_named_in_a_warning(tmp_path, hf_checkpoi
                              for t in ck.unused)
     assert f"{len(ck.unused)} tensor(s) in the checkpoint are not read for the model config.json describes (1 " \
            f"layers, {cfg['num_local_experts']} experts), e.g. model.layers.1." in caplog.text
+
+
+def test_deepseek_v3_multi_token_prediction_layers_are_not_unused(tmp_path, hf_checkpoints):
+    """A DeepSeek V3 checkpoint carries its multi-token-prediction layer after the decoder's: generation skips
+    it, as transformers does, with no warning; another family's extra layers stay unread tensors."""
+    d = tmp_path / "m"
+    shutil.copytree(hf_checkpoints["deepseek_v3"][0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=2)))
+    assert Checkpoint(d).unused == []
+    (d / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=2, model_type="deepseek_v2",
+                                                   topk_method="greedy", norm_topk_prob=False)))
+    assert "model.layers.2.input_layernorm.weight" in Checkpoint(d).unused

@@ -84,6 +84,37 @@ def test_deepseek_fields():
         cfg("deepseek_v3", topk_group=1)
 
 
+def test_deepseek_fields_left_out_take_transformers_defaults():
+    """DeepseekV3Config's defaults (groups 8 of which 4, scaling 2.5, 3 dense layers, one shared expert, a query
+    bottleneck of 1536) and DeepseekV2Config's (ungrouped, 1.0, none dense, two shared, 1536); a q_lora_rank of
+    null is no bottleneck."""
+    d = dict(HF_CONFIGS["deepseek_v3"], model_type="deepseek_v3", num_hidden_layers=4, n_routed_experts=16)
+    for key in ("n_group", "topk_group", "routed_scaling_factor", "first_k_dense_replace", "n_shared_experts",
+                "q_lora_rank"):
+        del d[key]
+    v3 = ModelConfig.from_dict(d)
+    assert (v3.router_groups, v3.router_topk_groups, v3.routed_scaling, v3.dense_layers, v3.q_lora_rank) == (
+        8, 4, 2.5, (0, 1, 2), 1536)
+    assert v3.shared_expert_ffn_size == 24 and ModelConfig.from_dict(dict(d, q_lora_rank=None)).q_lora_rank == 0
+    d = dict(HF_CONFIGS["deepseek_v2"], model_type="deepseek_v2", topk_method="greedy")
+    for key in ("routed_scaling_factor", "first_k_dense_replace", "n_shared_experts", "q_lora_rank"):
+        d.pop(key)
+    v2 = ModelConfig.from_dict(d)
+    assert (v2.routed_scaling, v2.dense_layers, v2.shared_expert_ffn_size, v2.q_lora_rank) == (1.0, (), 48, 1536)
+
+
+def test_deepseek_router_is_held_in_float32():
+    """As transformers keeps DeepSeek's gate (and V3's routing bias) in float32 and routes in float32."""
+    from moe_jax.params import layer_param_specs, layer_bytes
+
+    v3 = cfg("deepseek_v3")
+    specs = layer_param_specs(v3, moe=True)
+    assert specs["router"].dtype("bfloat16") == np.float32 and specs["router_bias"].dtype("bfloat16") == np.float32
+    assert specs["wo"].dtype("bfloat16") == np.dtype("bfloat16")
+    assert layer_param_specs(cfg("qwen3_moe"), moe=True)["router"].dtype("bfloat16") == np.dtype("bfloat16")
+    assert layer_bytes(v3, "bfloat16") - layer_bytes(v3.replace(router_float32=False), "bfloat16") == 64 * 8 * 2
+
+
 def test_rope_scaling_fields_and_transformers_defaults():
     linear = cfg("mixtral", rope_scaling={"type": "linear", "factor": 2}).rope_scaling
     assert (linear.kind, linear.factor, linear.attention_factor) == ("linear", 2.0, 1.0)
@@ -99,6 +130,10 @@ def test_rope_scaling_fields_and_transformers_defaults():
     assert ds.original_max_positions == 32
     assert ds.attention_factor == pytest.approx((0.1 * np.log(8) + 1) / (0.05 * np.log(8) + 1))
     assert cfg("mixtral").rope_scaling is None
+    # an older rope_scaling replaces rope_parameters whole (transformers: `rope_scaling or rope_parameters`)
+    both = cfg("qwen3_moe", rope_theta=5e3, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+               rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    assert both.rope_scaling.kind == "yarn" and both.rope_theta == 5e3
 
 
 def test_unknown_model_type():
