@@ -68,8 +68,8 @@ class HostKVCache:
         per_row = (f"({head_dim} x 1 byte + a {SCALE_BYTES}-byte scale)" if dtype == _kernel.INT8 else
                    f"{head_dim} x {dtype.itemsize} bytes")
         what = (f"HostKVCache of {nbytes / 1e9:,.2f} GB ({num_layers} layers x {num_slots} slots x {positions} "
-                f"x {kv_heads} KV heads x {per_row} x {'1 for K (the values in it)' if values_in_keys else '2 for K and V'}"
-                f" = {nbytes:,} bytes)")
+                f"x {kv_heads} KV heads x {per_row} x "
+                f"{'1 for K (the values in it)' if values_in_keys else '2 for K and V'} = {nbytes:,} bytes)")
         ram = _host_ram_bytes()
         if ram is not None and nbytes > ram:
             raise MemoryError(f"{what} does not fit in this host's {ram / 1e9:.1f} GB of RAM")
@@ -80,7 +80,8 @@ class HostKVCache:
             self.k_scales = self.v_scales = None
             if dtype == _kernel.INT8:
                 self.k_scales = np.zeros((num_layers, shape[1] // head_dim), np.float32)
-                self.v_scales = self.k_scales if values_in_keys else np.zeros((num_layers, shape[1] // head_dim), np.float32)
+                self.v_scales = (self.k_scales if values_in_keys else
+                                 np.zeros((num_layers, shape[1] // head_dim), np.float32))
         except (MemoryError, ValueError) as e:
             raise MemoryError(f"cannot allocate {what}: {e}") from e
         self.capacities = caps

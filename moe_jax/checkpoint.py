@@ -69,7 +69,8 @@ def _llama_like_names(cfg: ModelConfig, i: int) -> dict[str, _Src]:
         "router_bias": _Src(p + "mlp.gate.e_score_correction_bias", "vector"),
         "wq_a": _Src(p + "self_attn.q_a_proj.weight"), "q_a_norm": _Src(p + "self_attn.q_a_layernorm.weight", "vector"),
         "wq_b": _Src(p + "self_attn.q_b_proj.weight"), "wkv_a": _Src(p + "self_attn.kv_a_proj_with_mqa.weight"),
-        "kv_a_norm": _Src(p + "self_attn.kv_a_layernorm.weight", "vector"), "wkv_b": _Src(p + "self_attn.kv_b_proj.weight"),
+        "kv_a_norm": _Src(p + "self_attn.kv_a_layernorm.weight", "vector"),
+        "wkv_b": _Src(p + "self_attn.kv_b_proj.weight"),
         "ffn_gate": _Src(p + "mlp.gate_proj.weight"), "ffn_up": _Src(p + "mlp.up_proj.weight"),
         "ffn_down": _Src(p + "mlp.down_proj.weight"),
     }

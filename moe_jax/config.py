@@ -350,7 +350,8 @@ def _qwen_dense_layers(f: _Fields) -> dict[str, Any]:
     """Qwen MoE's dense layers, as transformers builds them: layer i has experts unless it is in
     `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`; the others an MLP of
     `intermediate_size`."""
-    layers, step, only = f.int("num_hidden_layers"), f.int("decoder_sparse_step", default=1), f.get("mlp_only_layers", [])
+    layers, step = f.int("num_hidden_layers"), f.int("decoder_sparse_step", default=1)
+    only = f.get("mlp_only_layers", [])
     if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
         raise f.error("mlp_only_layers", "expected a list of layer numbers")
     dense = tuple(i for i in range(layers) if i in only or (i + 1) % step)
@@ -423,7 +424,7 @@ def _deepseek(f: _Fields, defaults: dict[str, Any], grouped: bool, **routing: An
     `defaults`: the version's transformers defaults of fields a config.json may leave out (a `q_lora_rank`
     of null: no query bottleneck); `routing`: the version's other router fields."""
     def field(key: str) -> Any:
-        return f.d[key] if key in f.d else defaults[key]
+        return f.d[key] if key in f.d else defaults.get(key)
 
     def count(key: str, minimum: int = 1) -> int:
         v = field(key)

@@ -339,7 +339,8 @@ class OffloadEngine:
         self.dense, self.host_chunks, escapes = [], [], []
         for i in range(self.cfg.num_layers):
             w = weights.layer(i, dt)
-            self.dense.append(jax.device_put({k: v for k, v in w.items() if k not in self.expert_shapes}, self.on_device))
+            self.dense.append(jax.device_put({k: v for k, v in w.items() if k not in self.expert_shapes},
+                                             self.on_device))
             if not p.has_experts(i):
                 self.host_chunks.append([])
                 escapes.append([])

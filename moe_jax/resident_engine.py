@@ -81,7 +81,8 @@ def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, ca
         return (model.post_attention(cfg, p, x, a, moe_impl=moe_impl), ck, cv), None
 
     for run, stacked in zip(layer_runs(cfg), layers):
-        (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache_k, cache_v), (stacked, jnp.arange(run.start, run.stop)))
+        (x, cache_k, cache_v), _ = jax.lax.scan(layer, (x, cache_k, cache_v),
+                                                (stacked, jnp.arange(run.start, run.stop)))
     return x, cache_k, cache_v
 
 

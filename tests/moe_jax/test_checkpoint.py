@@ -37,9 +37,11 @@ def test_shapes_follow_the_specs_in_any_dtype(family, hf_checkpoints):
     ck = Checkpoint(hf_checkpoints[family][0])
     assert ck.unused == []
     last = ck.cfg.num_layers - 1
-    for got, specs in ((ck.layer(0, "bfloat16"), layer_specs(ck.cfg, 0)), (ck.layer(last, "bfloat16"), layer_specs(ck.cfg, last)),
+    for got, specs in ((ck.layer(0, "bfloat16"), layer_specs(ck.cfg, 0)),
+                       (ck.layer(last, "bfloat16"), layer_specs(ck.cfg, last)),
                        (ck.globals("bfloat16"), global_param_specs(ck.cfg))):
-        assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (s.shape, s.dtype("bfloat16")) for k, s in specs.items()}
+        want = {k: (s.shape, s.dtype("bfloat16")) for k, s in specs.items()}
+        assert {k: (v.shape, v.dtype) for k, v in got.items()} == want
 
 
 def test_errors_name_tensor_shard_and_shape(tmp_path, hf_checkpoints):

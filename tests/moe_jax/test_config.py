@@ -41,6 +41,7 @@ def test_family_specific_fields():
     ("mixtral", dict(quantization_config={"quant_method": "fp8", "weight_block_size": None}), "quantization_config"),
     ("dbrx", dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config"),
     ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method"),
+    ("deepseek_v2", dict(n_group=None), "n_group"),
     ("deepseek_v2", dict(norm_topk_prob=True), "norm_topk_prob"),
     ("deepseek_v2", dict(num_key_value_heads=2), "num_key_value_heads"),
     ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func"),
