@@ -5,9 +5,11 @@
 The accelerator is whatever JAX runs on (on a CPU-only machine the CPU backend stands in for the GPU):
 dense bf16 matmul FLOP/s, device-memory copy bandwidth, pinned host→device copy bandwidth and the
 wall time of a tiny jitted call (launch_seconds). The host:
-DRAM read bandwidth (NumPy sums, one thread per core) and f32 matmul FLOP/s (NumPy's BLAS). When
-importable, the CPU decode attention of `host_ops.HostKVCache` gives `attention_bandwidth` (over an int8
-cache, `int8_attention_bandwidth`) and the expert kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default
+DRAM read bandwidth (NumPy sums, one thread per core). When importable, the CPU decode attention of
+`host_ops.HostKVCache` gives `attention_bandwidth` at Mixtral's shape, where it is memory-bound (over an
+int8 cache, `int8_attention_bandwidth`), and `cpu_flops` at DeepSeek-V2-Lite's latent shape (16 query heads
+over one 576-dim head), where it is compute-bound: HRM's only CPU op is this attention, so its own rates are
+the CPU's roofs (where the kernel cannot run, cpu_flops is NumPy's f32 matmul rate, noted); the expert kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default
 "auto": the engine's), timed at a few token counts, gives `expert_flops` (the largest count's rate); the
 profile's "notes" keep the device, the sizes, the expert kernel, the per-size expert rates and what was not
 measured. Each figure is the best of 3 runs after a warm-up.
@@ -40,7 +42,8 @@ log = logging.getLogger("moe_jax.hrm")
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """matmul: n of the n×n bf16 device matmul; copy: bytes; attention: (batch, context, q heads, kv heads,
-    head_dim); experts: token counts for an expert layer of (experts, top-k, hidden, ffn)."""
+    head_dim); latent_attention: (batch, context, q heads, head_dim, value_dim) over one KV head holding the
+    values in its keys; experts: token counts for an expert layer of (experts, top-k, hidden, ffn)."""
 
     matmul: int
     cpu_matmul: int
@@ -48,12 +51,14 @@ class Sizes:
     link_copy: int
     host_read: int
     attention: tuple[int, int, int, int, int]
+    latent_attention: tuple[int, int, int, int, int]
     expert_tokens: tuple[int, ...]
     expert_layer: tuple[int, int, int, int]
 
 
-FULL = Sizes(8192, 4096, 2**30, 2**30, 2**31, (256, 1024, 32, 8, 128), (2048, 8192, 32768), (8, 2, 4096, 14336))
-QUICK = Sizes(256, 256, 2**24, 2**24, 2**26, (4, 128, 8, 2, 64), (64, 256), (4, 2, 128, 256))
+FULL = Sizes(8192, 4096, 2**30, 2**30, 2**31, (256, 1024, 32, 8, 128), (64, 1024, 16, 576, 512), (2048, 8192, 32768),
+             (8, 2, 4096, 14336))
+QUICK = Sizes(256, 256, 2**24, 2**24, 2**26, (4, 128, 8, 2, 64), (4, 128, 8, 48, 32), (64, 256), (4, 2, 128, 256))
 
 
 def best_seconds(fn, repeats: int = 3) -> float:
@@ -123,6 +128,23 @@ def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: i
     return cache.nbytes / best_seconds(lambda: cache.attend(0, slots, q, lengths))
 
 
+def host_attention_flops(batch: int, context: int, q_heads: int, head_dim: int, value_dim: int) -> float:
+    """FLOP/s (2 per multiply-add, scores and weighted sum) of `host_ops.HostKVCache.attend` over a bfloat16
+    cache of one KV head whose first `value_dim` dims are the values (latent attention): one layer, `batch`
+    sequences of `context` cached tokens."""
+    from host_ops import HostKVCache
+
+    rng = np.random.default_rng(0)
+    cache = HostKVCache(1, batch, context, 1, head_dim, "bfloat16", value_dim)
+    slots = np.arange(batch)
+    k = rng.standard_normal((batch * context, 1, head_dim), np.float32).astype("bfloat16")
+    cache.write(0, np.repeat(slots, context), np.tile(np.arange(context), batch), k, None)
+    q = rng.standard_normal((batch, q_heads, head_dim), np.float32)
+    lengths = np.full((batch,), context)
+    seconds = best_seconds(lambda: cache.attend(0, slots, q, lengths))
+    return 2 * batch * context * q_heads * (head_dim + value_dim) / seconds
+
+
 def expert_flops(tokens: int, experts: int, top_k: int, hidden: int, ffn: int, impl: str = "auto") -> float:
     """FLOP/s of `pallas_kernels.moe_ffn` (bf16, kernel `impl`) for `tokens` tokens routed uniformly at random."""
     import pallas_kernels
@@ -159,12 +181,16 @@ def calibrate(sizes: Sizes = FULL, name: str | None = None, moe_impl: str = "aut
                    "sizes": dataclasses.asdict(sizes), "moe_impl": moe_impl}
     rates = {e: _optional(f"expert_flops[{e}]", lambda e=e: expert_flops(e, *sizes.expert_layer, moe_impl), notes)
              for e in sizes.expert_tokens}
+    notes["host_matmul_flops"] = host_matmul_flops(sizes.cpu_matmul)
+    cpu_flops = _optional("cpu_flops", lambda: host_attention_flops(*sizes.latent_attention), notes)
+    if cpu_flops is None:
+        notes["cpu_flops"] += "; NumPy's f32 matmul rate (host_matmul_flops) instead"
     hw = Hardware(
         name=name or f"calibrated-{dev.platform}-{dev.device_kind}".replace(" ", "-"),
         gpu_memory=float(gpu_memory),
         gpu_bandwidth=device_copy_bandwidth(sizes.device_copy),
         gpu_flops=device_matmul_flops(sizes.matmul),
-        cpu_flops=host_matmul_flops(sizes.cpu_matmul),
+        cpu_flops=cpu_flops or notes["host_matmul_flops"],
         host_memory=float(host_memory),
         host_bandwidth=host_read_bandwidth(sizes.host_read, threads),
         link_bandwidth=link_bandwidth(sizes.link_copy),
