@@ -59,8 +59,6 @@ class HostKVCache:
                  dtype="bfloat16", value_dim: int | None = None):
         nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype, value_dim)
         values_in_keys = value_dim is not None
-        if values_in_keys and not (isinstance(value_dim, (int, np.integer)) and 0 < value_dim <= head_dim):
-            raise ValueError(f"value_dim must be an integer in 1..head_dim={head_dim}, got {value_dim!r}")
         caps = _capacities(num_slots, max_context)
         dtype = _validate.cache_dtype(dtype)
         positions = (f"{caps[0]} positions" if (caps == caps[0]).all() else
@@ -101,6 +99,9 @@ class HostKVCache:
         for name, n in dims.items():
             if not isinstance(n, (int, np.integer)) or n < 1:
                 raise ValueError(f"{name} must be a positive integer, got {n!r}")
+        if value_dim is not None and (isinstance(value_dim, bool) or not isinstance(value_dim, (int, np.integer))
+                                      or not 0 < value_dim <= head_dim):
+            raise ValueError(f"value_dim must be None or an integer in 1..head_dim={head_dim}, got {value_dim!r}")
         positions = int(_capacities(num_slots, max_context).sum())  # Python ints from here: no overflow
         copies = 1 if value_dim is not None else 2  # K, and V unless the values are in the keys
         return copies * positions * int(num_layers) * int(kv_heads) * row_bytes(head_dim, _validate.cache_dtype(dtype))

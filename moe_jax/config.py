@@ -444,7 +444,9 @@ def _deepseek(f: _Fields, defaults: dict[str, Any], grouped: bool, **routing: An
     if first_dense >= layers:
         raise f.error("first_k_dense_replace", f"expected a number of dense layers in 0..{layers - 1}")
     q_rank = None if field("q_lora_rank") is None else count("q_lora_rank")
-    scaling = float(field("routed_scaling_factor"))
+    scaling = field("routed_scaling_factor")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or scaling <= 0:
+        raise f.error("routed_scaling_factor", "expected a positive number")
     rope = _rope(f, rope_dim, 10000.0, f.int("max_position_embeddings"))
     softmax_factor = 1.0 if rope["rope_scaling"] is None else rope["rope_scaling"].softmax_factor()
     _check_silu(f)
@@ -460,7 +462,7 @@ def _deepseek(f: _Fields, defaults: dict[str, Any], grouped: bool, **routing: An
         dense_layers=tuple(range(first_dense)), dense_ffn_size=f.int("intermediate_size") if first_dense else 0,
         attention="mla", q_lora_rank=q_rank or 0, kv_lora_rank=kv_rank, qk_nope_dim=nope,
         v_head_dim=f.int("v_head_dim"), softmax_scale=(nope + rope_dim) ** -0.5 * softmax_factor,
-        router_float32=True, routed_scaling=scaling, router_groups=count("n_group") if grouped else 1,
+        router_float32=True, routed_scaling=float(scaling), router_groups=count("n_group") if grouped else 1,
         router_topk_groups=count("topk_group") if grouped else 1, **routing)
 
 
@@ -489,9 +491,9 @@ def _deepseek_v3(f: _Fields) -> ModelConfig:
     f.require("scoring_func", lambda v: v == "sigmoid", "DeepSeek V3 routes by sigmoid", "sigmoid")
     defaults = {**_DEEPSEEK_DEFAULTS, "first_k_dense_replace": 3, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
                 "n_group": 8, "topk_group": 4}  # transformers' DeepseekV3Config
-    return _deepseek(f, defaults, True, router_norm_p=1.0 if f.get("norm_topk_prob", True) else None,
-                     rope_interleaved=bool(f.get("rope_interleave", True)), router_scoring="sigmoid",
-                     router_bias=True)
+    given = lambda key: f.d[key] if key in f.d else True  # transformers' default; a null is false there
+    return _deepseek(f, defaults, True, router_norm_p=1.0 if given("norm_topk_prob") else None,
+                     rope_interleaved=bool(given("rope_interleave")), router_scoring="sigmoid", router_bias=True)
 
 
 _PARSERS: dict[str, Callable[[_Fields], ModelConfig]] = {

@@ -124,12 +124,12 @@ def check_host_memory(policy, what: str, need: int, planned: float | None = None
                                  f"it has until used, set {host_memory.HOST_MEMORY_VAR} to its memory in GiB)")
 
 
-@functools.lru_cache(maxsize=None)
 def _cache_value_dim(cfg: ModelConfig) -> int | None:
     """HostKVCache's value_dim for the model: the latent's dims where the values are in the keys, else None."""
     return cfg.value_dim if cfg.values_in_keys else None
 
 
+@functools.lru_cache(maxsize=None)
 def _warm_host_kernels(cfg: ModelConfig, kv_dtype, dtype) -> None:
     """The CPU attention kernel and the KV writes for this cache dtype, compiled (or loaded from numba's cache)
     on a one-slot cache once per process, so that the first run's per-layer CPU time is the attention's."""

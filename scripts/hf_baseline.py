@@ -12,8 +12,9 @@ gathers weights per token and runs out of memory at large batch).
 A truncated model stands for the full one: accelerate's `device_map="auto"` would keep the first
 `resident` layers of the full model on the GPU under the cap (its free memory after the non-layer
 weights, an activation reserve and one offloaded layer's buffer, in whole layers) and offload the rest,
-so the full model's time is estimated as the measured time x (full layers - resident) / layers:
-resident layers counted as free, which favours the baseline.
+so the full model's time is estimated as the measured time x (bytes of the full model's offloaded layers) /
+(bytes of the layers run), i.e. (full layers - resident) / layers where all layers are alike (a dense layer
+streams fewer bytes than a MoE one): resident layers counted as free, which favours the baseline.
 
 Without CUDA or accelerate the model runs as plain transformers on the CPU, no offload, and the result
 says so (a smoke test of the plumbing, not a baseline).
@@ -132,15 +133,23 @@ def export_checkpoint(preset: str, layers: int, dtype: str, seed: int, path: Pat
 
 # ---- the baseline run ----
 
-def resident_layers(preset: str, dtype: str, gpu_memory_gb: float) -> int:
-    """Decoder layers of the full model that device_map="auto" keeps on the GPU under the cap: what is
-    left after the non-layer weights, an activation reserve and one offloaded layer's buffer."""
-    from moe_jax.params import global_bytes, layer_bytes
+def layer_sizes(preset: str, dtype: str) -> list[int]:
+    """Bytes of each decoder layer of the full model (a dense layer's, where it has them, are fewer)."""
+    from moe_jax.params import layer_bytes
     from moe_jax.presets import preset_config
 
     cfg = preset_config(preset)
-    sizes = [layer_bytes(cfg, np.dtype(dtype), moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
-    free = gpu_memory_gb * GiB - global_bytes(cfg, np.dtype(dtype)) - ACTIVATION_RESERVE - max(sizes)
+    return [layer_bytes(cfg, np.dtype(dtype), moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+
+
+def resident_layers(preset: str, dtype: str, gpu_memory_gb: float) -> int:
+    """Decoder layers of the full model that device_map="auto" keeps on the GPU under the cap: what is
+    left after the non-layer weights, an activation reserve and one offloaded layer's buffer."""
+    from moe_jax.params import global_bytes
+    from moe_jax.presets import preset_config
+
+    sizes = layer_sizes(preset, dtype)
+    free = gpu_memory_gb * GiB - global_bytes(preset_config(preset), np.dtype(dtype)) - ACTIVATION_RESERVE - max(sizes)
     kept = 0  # the first layers, in order, as device_map="auto" fills the GPU
     while kept < len(sizes) and sizes[kept] <= free:
         free -= sizes[kept]
@@ -249,7 +258,8 @@ def main(argv=None) -> int:
         device = torch.device("cuda:0" if offload else "cpu")
         wall, generated = timed_generate(model, prompts, args.gen_len, device)
     resident = resident_layers(args.model, args.dtype, args.gpu_memory_gb) if offload else 0
-    scale = (full_layers - resident) / layers
+    sizes = layer_sizes(args.model, args.dtype)
+    scale = sum(sizes[resident:]) / sum(sizes[:layers])  # the full model's offloaded bytes over those run
     tokens = generated.numel()
     result = {
         "mode": "accelerate CPU offload" if offload else f"plain transformers on CPU, no offload ({why_not})",

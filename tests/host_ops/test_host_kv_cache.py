@@ -331,5 +331,6 @@ def test_values_in_keys_store_only_keys(ref, rng, dtype):
     outp = cache.attend_prefill(1, np.arange(N), qp, before, scale=scale)
     n_ctx = np.minimum(before[:, None] + np.arange(1, 5), lengths[:, None])
     assert ref.error(outp, ref.attention(qp, stored, stored[..., :Dv], n_ctx, scale)) < tolerance
-    with pytest.raises(ValueError, match="value_dim must be an integer in 1..head_dim=24"):
-        HostKVCache(L, N, S, 1, D, dtype, value_dim=25)
+    for bad in (25, True):
+        with pytest.raises(ValueError, match="value_dim must be None or an integer in 1..head_dim=24"):
+            HostKVCache(L, N, S, 1, D, dtype, value_dim=bad)

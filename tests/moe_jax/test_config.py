@@ -42,6 +42,7 @@ def test_family_specific_fields():
     ("dbrx", dict(quantization_config={"quant_method": "gptq", "bits": 4}), "quantization_config"),
     ("deepseek_v2", dict(topk_method="noaux_tc"), "topk_method"),
     ("deepseek_v2", dict(n_group=None), "n_group"),
+    ("deepseek_v2", dict(routed_scaling_factor=None), "routed_scaling_factor"),
     ("deepseek_v2", dict(norm_topk_prob=True), "norm_topk_prob"),
     ("deepseek_v2", dict(num_key_value_heads=2), "num_key_value_heads"),
     ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func"),
@@ -80,6 +81,8 @@ def test_deepseek_fields():
             v3.routed_scaling) == ("sigmoid", 4, 2, True, 1.0, 2.5)
     assert v2.dense_layers == (0,) and v2.shared_expert_ffn_size == 48 and not v2.shared_expert_gated
     assert v2.rope_interleaved and not cfg("deepseek_v3", rope_interleave=False).rope_interleaved
+    nulls = cfg("deepseek_v3", rope_interleave=None, norm_topk_prob=None)  # false to transformers, not its default
+    assert not nulls.rope_interleaved and nulls.router_norm_p is None
     assert cfg("deepseek_v2", topk_method="greedy").router_groups == 1
     with pytest.raises(ConfigError, match="chosen router groups hold fewer than the 3 experts per token"):
         cfg("deepseek_v3", topk_group=1)

@@ -550,3 +550,13 @@ def test_engine_steps_lower_for_cuda_with_the_gpu_kernels_at_real_shapes(monkeyp
         text = prefill.trace(p, slots, table, sd((3, 77, cfg.hidden_size)), sd((3, 77), jnp.int32), chunk
                              ).lower(lowering_platforms=("cuda",)).as_text()
         assert marker in text
+
+
+def test_host_kernels_are_warmed_once_per_process():
+    """The one-slot warm-up of the CPU kernels is cached per (model, cache dtype, dtype), not redone per call."""
+    from moe_jax import offload_engine
+
+    before = offload_engine._warm_host_kernels.cache_info().hits
+    offload_tokens(open_model("tiny-olmoe"), Policy(2, 1, 2), prompts=PROMPTS[:2])
+    offload_tokens(open_model("tiny-olmoe"), Policy(2, 1, 2), prompts=PROMPTS[:2])
+    assert offload_engine._warm_host_kernels.cache_info().hits > before
