@@ -117,8 +117,9 @@ def base_params(args: argparse.Namespace, source: ModelSource) -> SamplingParams
     try:
         return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), logprobs=args.logprobs)
-    except ValueError as e:
-        raise JobInputError(f"bad sampling flag: {e}") from None
+    except ValueError as e:  # SamplingParams names its field first: name the flag that set it instead
+        field, _, why = str(e).partition(" ")
+        raise JobInputError(f"bad sampling flag: --{field.replace('_', '-')} {why}") from None
 
 
 def request_seed(seed: int, request_id) -> int:

@@ -243,7 +243,10 @@ def main(argv=None) -> int:
     from moe_jax.presets import preset_config
 
     args = parse_args(argv)
-    prompts = json.loads(Path(args.prompts).read_text())
+    try:
+        prompts = json.loads(Path(args.prompts).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--prompts {args.prompts}: {e}") from None
     full_layers = preset_config(args.model).num_layers
     layers = min(args.layers, full_layers)
     offload, why_not = offload_available()

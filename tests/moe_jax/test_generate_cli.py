@@ -178,7 +178,9 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
     rc, _, err = run_cli(capsys, "--prompt", "")
     assert rc == 2 and "--prompt is empty" in err
     rc, _, err = run_cli(capsys, "--prompt", "x", "--temperature", "-1")
-    assert rc == 2 and "bad sampling flag: temperature must be >= 0" in err
+    assert rc == 2 and "bad sampling flag: --temperature must be >= 0" in err
+    rc, _, err = run_cli(capsys, "--prompt", "x", "--max-new-tokens", "0")
+    assert rc == 2 and "bad sampling flag: --max-new-tokens must be a positive integer, got 0" in err
 
 
 def test_a_broken_tokenizer_is_an_error_line_not_a_traceback(tmp_path, capsys, hf_checkpoints):
