@@ -241,6 +241,11 @@ class _Fields:
                 return self.d[k]
         return default
 
+    def given(self, key: str, default: Any = None) -> Any:
+        """The field's value where config.json has it, null included (transformers reads a null as given,
+        unlike `get`), else `default`."""
+        return self.d[key] if key in self.d else default
+
     def int(self, key: str, *aliases: str, default: int | None = None) -> int:
         v = self.get(key, default, *aliases)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -423,11 +428,8 @@ def _deepseek(f: _Fields, defaults: dict[str, Any], grouped: bool, **routing: An
     experts, a float32 router, its experts in `n_group` groups of which `topk_group` are chosen if `grouped`;
     `defaults`: the version's transformers defaults of fields a config.json may leave out (a `q_lora_rank`
     of null: no query bottleneck); `routing`: the version's other router fields."""
-    def field(key: str) -> Any:
-        return f.d[key] if key in f.d else defaults.get(key)
-
     def count(key: str, minimum: int = 1) -> int:
-        v = field(key)
+        v = f.given(key, defaults.get(key))
         if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
             raise f.error(key, f"expected an integer >= {minimum}")
         return v
@@ -443,8 +445,8 @@ def _deepseek(f: _Fields, defaults: dict[str, Any], grouped: bool, **routing: An
     first_dense = count("first_k_dense_replace", 0)
     if first_dense >= layers:
         raise f.error("first_k_dense_replace", f"expected a number of dense layers in 0..{layers - 1}")
-    q_rank = None if field("q_lora_rank") is None else count("q_lora_rank")
-    scaling = field("routed_scaling_factor")
+    q_rank = None if f.given("q_lora_rank", defaults["q_lora_rank"]) is None else count("q_lora_rank")
+    scaling = f.given("routed_scaling_factor", defaults["routed_scaling_factor"])
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or scaling <= 0:
         raise f.error("routed_scaling_factor", "expected a positive number")
     rope = _rope(f, rope_dim, 10000.0, f.int("max_position_embeddings"))
@@ -491,9 +493,9 @@ def _deepseek_v3(f: _Fields) -> ModelConfig:
     f.require("scoring_func", lambda v: v == "sigmoid", "DeepSeek V3 routes by sigmoid", "sigmoid")
     defaults = {**_DEEPSEEK_DEFAULTS, "first_k_dense_replace": 3, "n_shared_experts": 1, "routed_scaling_factor": 2.5,
                 "n_group": 8, "topk_group": 4}  # transformers' DeepseekV3Config
-    given = lambda key: f.d[key] if key in f.d else True  # transformers' default; a null is false there
-    return _deepseek(f, defaults, True, router_norm_p=1.0 if given("norm_topk_prob") else None,
-                     rope_interleaved=bool(given("rope_interleave")), router_scoring="sigmoid", router_bias=True)
+    return _deepseek(f, defaults, True, router_norm_p=1.0 if f.given("norm_topk_prob", True) else None,
+                     rope_interleaved=bool(f.given("rope_interleave", True)), router_scoring="sigmoid",
+                     router_bias=True)
 
 
 _PARSERS: dict[str, Callable[[_Fields], ModelConfig]] = {

@@ -9,10 +9,10 @@ DRAM read bandwidth (NumPy sums, one thread per core). When importable, the CPU 
 `host_ops.HostKVCache` gives `attention_bandwidth` at Mixtral's shape, where it is memory-bound (over an
 int8 cache, `int8_attention_bandwidth`), and `cpu_flops` at DeepSeek-V2-Lite's latent shape (16 query heads
 over one 576-dim head), where it is compute-bound: HRM's only CPU op is this attention, so its own rates are
-the CPU's roofs (where the kernel cannot run, cpu_flops is NumPy's f32 matmul rate, noted); the expert kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default
-"auto": the engine's), timed at a few token counts, gives `expert_flops` (the largest count's rate); the
-profile's "notes" keep the device, the sizes, the expert kernel, the per-size expert rates and what was not
-measured. Each figure is the best of 3 runs after a warm-up.
+the CPU's roofs (where the kernel cannot run, cpu_flops is NumPy's f32 matmul rate, noted). The expert
+kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default "auto": the engine's), timed at a few token counts,
+gives `expert_flops` (the largest count's rate); the profile's "notes" keep the device, the sizes, the
+expert kernel, the per-size expert rates and what was not measured. Each figure is the best of 3 runs after a warm-up.
 `--quick` uses small sizes and finishes in seconds; its figures only check the plumbing.
 """
 from __future__ import annotations
