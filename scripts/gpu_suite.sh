@@ -6,14 +6,18 @@
 #   bash scripts/gpu_suite.sh all                         # every step (more than one command allows)
 #
 # A device command is capped at 10 minutes and a session has 15 minutes of device time, the machine's start
-# included, and a warm machine goes back after 30 s idle. A session's plan:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600): the GPU tests, then the figures that can resolve issues
-#      3 (bench_host_attention), 4 (bench_expert_kernel, the full sweep, last) and a first engine run;
+# included, and a warm machine goes back after 30 s idle. The first GPU session (2026-11-26, an H200) ran
+# the GPU tests (all passed), the expert kernel's sweep, bench_offload_quick(_exp4), both host attention
+# steps and `calibrate` (benchmarks/RESULTS.md; its profile is benchmarks/profiles/h200-measured.json).
+# A session's plan now:
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600): the core steps, bench_host_attention (issue 3: the
+#      prefetching kernel on the 16-core host) and bench_offload (issue 5: all 32 layers at 16 GiB);
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
-#      − 30): `calibrate` (HRM's profile measured), or later sessions one long step by name: issue 5
-#      bench_offload, issue 6 bench_policies, issue 7 bench_throughput_g64_exp4 (the experts coded in 12
-#      bits, predicted to beat MoE-Lightning's figure), bench_throughput_g64/g128, bench_vs_pytorch;
-#      bench_dsv2_lite (DeepSeek's latent attention on the CPU).
+#      − 30): bench_policies (issue 6), or in later sessions one long step each: issue 7
+#      bench_throughput_g64_exp4 (the experts coded in 12 bits, predicted to beat MoE-Lightning's figure),
+#      bench_throughput_g64/g128, bench_vs_pytorch; bench_dsv2_lite (DeepSeek's latent attention on the CPU).
+# Add the `tests` step (~4 min) first where GPU code (pallas_kernels/, the engines' jitted steps) changed
+# since they last passed on a GPU (commit 6eec983's tree, 2026-11-26).
 # The steps share a time budget, GPU_SUITE_BUDGET_S seconds from the start (default 570, inside one device
 # command's 600): each step's limit shrinks to what is left, and a step with less than GPU_SUITE_MIN_STEP_S
 # left (default 60) is skipped.
@@ -62,16 +66,16 @@ fi
 mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /proc/meminfo; }
 
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
-# bench_expert_kernel last: it writes each row as it goes and prints the table of those measured when the
-# budget's end interrupts it (Mixtral's rows first).
-CORE="tests bench_host_attention bench_offload_quick bench_expert_kernel"
+# bench_expert_kernel writes each row as it goes and prints the table of those measured when the budget's end
+# interrupts it (Mixtral's rows first).
+CORE="bench_host_attention bench_offload"
 STEPS=(
   "tests|240|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
   "calibrate|150|$PY -m moe_jax.hrm.calibrate \${MOE_IMPL:-} --output $LOGS/${PROFILE:-gpu}-measured.json"
-  "bench_host_attention|60|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16"
+  "bench_host_attention|60|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16"
   # the same beside an int8 cache (--kv-cache-dtype int8): its speed-up where the 16 cores are memory-bound
-  "bench_host_attention_int8|150|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 --stream-gib 8 --max-kv-gib 16"
+  "bench_host_attention_int8|150|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16"
   "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $LOGS/bench_expert_kernel_core.json --out $LOGS/bench_expert_kernel_core.md"
   "bench_expert_kernel|420|$PY scripts/bench_expert_kernel.py --json $LOGS/bench_expert_kernel.json --out $LOGS/bench_expert_kernel.md"
   # Offload engine benchmarks (scripts/bench_offload.py, scripts/bench_throughput.py): Mixtral 8x7B shapes,
