@@ -140,8 +140,8 @@ def table_row(r: dict, cap: float) -> list[str]:
     label = ("HRM: " if r["spec"] == "auto" else "") + bc.policy_label(r["policy"]) + (
         f" (interrupted after {r['decode_steps']} decode steps)" if r.get("interrupted") else "")
     return [label, bc.fmt(r["load_s"]), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
-            bc.fmt(t["h2d_est"], ".2f", 1e3), bc.fmt(t["cpu"], ".2f", 1e3), bc.fmt(t["gpu_probe"], ".2f", 1e3),
-            bc.fmt(t["step"], ".2f", 1e3), bc.fmt(r["overlap_efficiency"], ".2f"),
+            bc.fmt(t["h2d_est"], ".2f", 1e3), f'{bc.fmt(t["cpu"], ".2f", 1e3)} ({bc.fmt(t["cpu_kernel"], ".2f", 1e3)})',
+            bc.fmt(t["gpu_probe"], ".2f", 1e3), bc.fmt(t["step"], ".2f", 1e3), bc.fmt(r["overlap_efficiency"], ".2f"),
             f"{bc.fmt(r['peak_gpu_gib'], '.2f')} / {cap:g}",
             f"{bc.fmt(r['host']['kv_gib'])} / {bc.fmt(r['host']['pool_cap_gib'], '.0f')} / {bc.fmt(r['host']['free_gib'])}"
             f" / {bc.fmt(r['host']['rest_gib'])}",
@@ -150,8 +150,9 @@ def table_row(r: dict, cap: float) -> list[str]:
 
 
 NOTES = """Per layer and decode step. H2D est.: expert bytes streamed per layer / link bandwidth measured
-at start (the engine does not time its copies). CPU: attention in the worker thread (OffloadStats).
-GPU: the layer's GPU step for all micro-batches, timed alone. step: decode wall time per layer.
+at start (the engine does not time its copies). CPU: attention in the worker thread (OffloadStats), in
+brackets the attention kernel's calls alone. GPU: the layer's GPU step for all micro-batches, timed alone.
+step: decode wall time per layer.
 overlap: step / max(H2D, CPU, GPU), 1.0 = perfect overlap. peak: JAX's peak_bytes_in_use, which
 cannot be reset: from the second policy of a run on, the peak over the policies so far. host: the KV
 cache, the pinned-host pool's cap (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB; HRM counts the pool at its cap),
