@@ -15,8 +15,13 @@ case on the "pallas_kernels" logger):
                    fused gate/up SwiGLU; Triton on GPU, interpret mode on CPU (so CI tests it).
                    jax 0.11 deprecates its Pallas Triton backend: on Hopper, mgpu is the path.
 "pallas" picks pallas_mgpu where it runs natively and pallas_triton otherwise; "auto" is "pallas"
-on GPU and "xla" elsewhere. A Triton-incompatible shape (H or F not a multiple of 16) on GPU falls
-back to "xla". `scripts/bench_expert_kernel.py` times all three so the default can follow data.
+on GPU and "xla" elsewhere, except that on GPU a call with fewer than TRITON_ROWS_PER_EXPERT routed
+rows per expert runs pallas_triton, whose smaller tiles waste less on the experts' few rows: on an
+H200 it ran 1.27–1.50× pallas_mgpu's TFLOP/s there (Mixtral at T = 256, Qwen3-30B-A3B at T <= 1024; the
+two tie at 256 rows per expert and pallas_mgpu leads above; benchmarks/RESULTS.md). The offload engine's
+decode steps are such calls (a micro-batch of 254 tokens over Mixtral's 8 experts: 64 rows each), its
+prefill calls are not. A Triton-incompatible shape (H or F not a multiple of 16) on GPU falls back to
+"xla". `scripts/bench_expert_kernel.py` times all three so the default can follow data.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pallas_kernels.grouped_matmul import (grouped_matmul, pick_block_m, pick_co
 from pallas_kernels.layout import GroupedLayout, grouped_layout
 
 IMPLS = ("auto", "pallas", "pallas_mgpu", "jax_mgpu", "pallas_triton", "xla")
+TRITON_ROWS_PER_EXPERT = 256  # "auto" on GPU: pallas_triton below this many routed rows per expert
 log = logging.getLogger("pallas_kernels")
 _logged: set[tuple] = set()
 
@@ -42,15 +48,23 @@ def _log_once(msg: str, *args) -> None:
         log.info(msg, *args)
 
 
-def resolve_impl(impl: str, dtype, H: int, F: int, interpret: bool = False) -> str:
+def resolve_impl(impl: str, dtype, H: int, F: int, interpret: bool = False,
+                 rows_per_expert: float | None = None) -> str:
     """The kernel `impl` runs as here: "xla", "pallas_mgpu", "jax_mgpu" or "pallas_triton" (logged once).
-    interpret: only an explicit "pallas_mgpu" or "jax_mgpu" uses the Mosaic GPU simulator."""
+    interpret: only an explicit "pallas_mgpu" or "jax_mgpu" uses the Mosaic GPU simulator.
+    rows_per_expert: the call's routed (token, expert) pairs over its number of experts, which "auto"
+    weighs on GPU (see the module docstring); None: not weighed."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     backend = jax.default_backend()
     kernel = impl
     if kernel == "auto":
         kernel = "pallas" if backend == "gpu" else "xla"
+        if (kernel == "pallas" and rows_per_expert is not None and rows_per_expert < TRITON_ROWS_PER_EXPERT
+                and triton_compatible(H, F)):
+            _log_once("moe_ffn: impl='auto' takes pallas_triton for calls of fewer than %d rows per expert",
+                      TRITON_ROWS_PER_EXPERT)
+            kernel = "pallas_triton"
     if kernel in ("pallas", "pallas_mgpu", "jax_mgpu"):
         sim = interpret and kernel != "pallas"
         reason = mgpu.unavailable_reason(dtype, H, F, sim) or mgpu.unavailable_reason(dtype, F, H, sim)
@@ -120,7 +134,8 @@ def moe_ffn(x, topk_ids, topk_weights, w_gate, w_up, w_down, *,
     S, H, F = w_gate.shape
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    kernel = resolve_impl(impl, w_gate.dtype, H, F, interpret)
+    num_experts = S if expert_slots is None else expert_slots.shape[0]
+    kernel = resolve_impl(impl, w_gate.dtype, H, F, interpret, rows_per_expert=topk_ids.size / num_experts)
     if topk_ids.size == 0:
         return jnp.zeros_like(x)
     bm = block_m_for(kernel, topk_ids.size, S)

@@ -68,7 +68,7 @@ def bench_row(model, H, F, E, k, T, routing, interpret):
     M = T * k
     flops = 6 * M * H * F
     row = {"model": model, "H": H, "F": F, "E": E, "k": k, "T": T, "M": M, "routing": routing,
-           "backend": jax.default_backend(), "auto": resolve_impl("auto", dt, H, F)}
+           "backend": jax.default_backend(), "auto": resolve_impl("auto", dt, H, F, rows_per_expert=M / E)}
 
     dense = jax.jit(lambda a, g, u, d: (jax.nn.silu(a @ g) * (a @ u)) @ d)
     row["dense_tflops"] = flops / seconds_per_call(

@@ -56,6 +56,25 @@ def test_auto_and_pallas_resolve_and_log_on_cpu(make_problem, assert_matches_ref
     assert "Mosaic GPU kernel unavailable (no GPU)" in caplog.text
 
 
+def test_auto_on_gpu_weighs_rows_per_expert(monkeypatch, caplog):
+    """On a Hopper GPU "auto" runs pallas_triton below TRITON_ROWS_PER_EXPERT routed rows per expert (where it
+    measured faster), pallas_mgpu from there on; resolution only, with the backend faked."""
+    import importlib
+
+    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")
+    monkeypatch.setattr(moe_ffn_module, "_logged", set())
+    monkeypatch.setattr(moe_ffn_module.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(mgpu, "unavailable_reason", lambda *a, **k: None)  # as on an H100/H200
+    limit = moe_ffn_module.TRITON_ROWS_PER_EXPERT
+    resolve = lambda rows, H=4096, F=14336: moe_ffn_module.resolve_impl("auto", jnp.bfloat16, H, F,
+                                                                        rows_per_expert=rows)
+    with caplog.at_level(logging.INFO, logger="pallas_kernels"):
+        assert resolve(508 / 8) == resolve(limit - 0.5) == "pallas_triton"  # Mixtral's decode micro-batch
+    assert f"takes pallas_triton for calls of fewer than {limit} rows per expert" in caplog.text
+    assert resolve(limit) == resolve(32768 / 8) == resolve(None) == "pallas_mgpu"
+    assert resolve(8.0, H=4104) == "pallas_mgpu"  # not a Triton shape: the rows do not matter
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_no_tokens(impl):
     w = jnp.ones((3, 16, 32))
