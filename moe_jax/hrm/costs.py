@@ -35,11 +35,14 @@ _OP_OF_PARAM = {
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-    """One op: `flops` FLOPs moving `bytes` bytes (scalars or arrays of one shape)."""
+    """One op: `flops` FLOPs moving `bytes` bytes (scalars or arrays of one shape); for the grouped expert
+    matmuls, `rows_per_group`: the routed rows each expert it touches receives (the GPU's efficiency
+    depends on it, `Hardware.gpu_seconds`), None for the others."""
 
     name: str
     flops: np.ndarray | float
     bytes: np.ndarray | float
+    rows_per_group: np.ndarray | float | None = None
 
     @property
     def intensity(self):
@@ -100,8 +103,11 @@ def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_d
     for op, specs in _specs_by_op(cfg, moe).items():
         rows, w = tokens, weights[op]
         if op == "experts":
-            rows, w = tokens * cfg.experts_per_token, w * experts_touched(cfg, tokens) / cfg.num_experts
-        ops[op] = _matmul_op(op, specs, rows, w, dtype)
+            touched = experts_touched(cfg, tokens)
+            rows, w = tokens * cfg.experts_per_token, w * touched / cfg.num_experts
+            ops[op] = dataclasses.replace(_matmul_op(op, specs, rows, w, dtype), rows_per_group=rows / touched)
+        else:
+            ops[op] = _matmul_op(op, specs, rows, w, dtype)
     return {name: ops[name] for name in OPS if name in ops}
 
 

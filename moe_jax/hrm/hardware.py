@@ -20,6 +20,23 @@ class HardwareError(ValueError):
     """An unknown profile name or a bad profile file; the message names it."""
 
 
+# The expert kernels' rate as a fraction of the dense bf16 matmul's, by routed rows per expert: measured on an
+# H200 (benchmarks/RESULTS.md, 2026-11-26; the faster of pallas_triton and pallas_mgpu, what `auto` runs, over
+# the best dense rate of that run, 716 TFLOP/s): 16 rows (Qwen3-30B-A3B, T=256), 64 (Mixtral, T=256; Qwen3,
+# T=1024), 256, 1024, 4096 (Mixtral, T=1024..16384). A tile of rows costs about the same however few of its
+# rows an expert fills, so below 16 rows the rate falls in proportion.
+GROUPED_MATMUL_EFFICIENCY = ((16, 0.08), (64, 0.30), (256, 0.55), (1024, 0.75), (4096, 0.83))
+
+
+def grouped_matmul_efficiency(rows_per_group):
+    """Fraction of the dense matmul rate that grouped expert matmuls reach at `rows_per_group` rows per expert
+    (interpolated in log2 of the rows over GROUPED_MATMUL_EFFICIENCY; constant beyond its last point)."""
+    rows, frac = (np.array(c, float) for c in zip(*GROUPED_MATMUL_EFFICIENCY))
+    r = np.maximum(np.asarray(rows_per_group, float), 1e-9)
+    eff = np.interp(np.log2(r), np.log2(rows), frac)
+    return np.where(r < rows[0], frac[0] * r / rows[0], eff)
+
+
 @dataclasses.dataclass(frozen=True)
 class Hardware:
     """Memory sizes in bytes, bandwidths in bytes/s, compute in FLOP/s.
@@ -30,7 +47,8 @@ class Hardware:
     int8_attention_bandwidth: the same over an int8 KV cache, its bytes counted with their scales (None:
       attention_bandwidth, as where the kernel is memory-bound; on a few cores it is compute-bound and
       int8 moves fewer bytes per second: `calibrate` measures it).
-    expert_flops: FLOP/s of the GPU expert kernel (None: gpu_flops).
+    expert_flops: FLOP/s of the GPU expert kernel at large batches (None: gpu_flops); with few rows per expert
+      it runs slower (`grouped_matmul_efficiency`).
     launch_seconds: fixed GPU time per micro-batch and layer (dispatch of a jitted call, kernel launches).
     """
 
@@ -58,8 +76,13 @@ class Hardware:
                 raise HardwareError(f"hardware {self.name!r}: {f.name} must be a positive number, got {v!r}")
 
     def gpu_seconds(self, op: Op):
-        """Roofline time of `op` on the GPU, its data in GPU memory."""
-        peak = (self.expert_flops or self.gpu_flops) if op.name == "experts" else self.gpu_flops
+        """Roofline time of `op` on the GPU, its data in GPU memory; grouped expert matmuls at the rate
+        `grouped_matmul_efficiency` gives for their rows per expert, at most `expert_flops`."""
+        peak = self.gpu_flops
+        if op.name == "experts":
+            peak = self.expert_flops or self.gpu_flops
+            if op.rows_per_group is not None:
+                peak = np.minimum(peak, self.gpu_flops * grouped_matmul_efficiency(op.rows_per_group))
         return np.maximum(op.flops / peak, op.bytes / self.gpu_bandwidth)
 
     def cpu_seconds(self, op: Op, kv_cache_dtype: str = "auto"):

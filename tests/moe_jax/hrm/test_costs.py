@@ -32,6 +32,7 @@ def test_mixtral_decode_one_token(mixtral):
     assert ops["experts"].flops == 2 * 2 * 3 * 4096 * 14336 == 704_643_072
     assert ops["experts"].bytes == pytest.approx(2 * 3 * 4096 * 14336 * 2 + 2 * 3 * (4096 + 14336) * 2)
     assert ops["experts"].bytes == pytest.approx(704_864_256)
+    assert ops["experts"].rows_per_group == pytest.approx(1) and ops["qkv_proj"].rows_per_group is None
 
     head = lm_head_op(mixtral, BF16, 1)
     assert head.flops == 2 * 4096 * 32000 == 262_144_000
@@ -54,6 +55,7 @@ def test_mixtral_prefill(mixtral):
     touched = 8 * (1 - 0.75**20)  # P(an expert is missed by all 20 tokens) = (1 - 2/8)^20
     assert experts_touched(mixtral, 20) == pytest.approx(touched) == pytest.approx(7.97463, rel=1e-5)
     assert ops["experts"].bytes == pytest.approx(touched * 3 * 4096 * 14336 * 2 + 40 * 3 * (4096 + 14336) * 2)
+    assert ops["experts"].rows_per_group == pytest.approx(40 / touched)  # routed rows per expert touched
 
 
 def test_dense_layer_decode(qwen3):

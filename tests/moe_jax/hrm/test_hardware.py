@@ -24,6 +24,30 @@ def test_builtin_profiles():
                                gpu_flops=h100.gpu_flops) == h100
 
 
+def test_grouped_expert_matmuls_slow_down_with_few_rows_per_expert(mixtral):
+    """The expert op runs at the measured fraction of the dense rate for its rows per expert (interpolated in
+    log2, proportional below the first point), never above expert_flops; other ops at gpu_flops."""
+    from moe_jax.hrm.costs import decode_ops
+    from moe_jax.hrm.hardware import GROUPED_MATMUL_EFFICIENCY, grouped_matmul_efficiency
+
+    assert grouped_matmul_efficiency(64) == pytest.approx(0.30) and grouped_matmul_efficiency(1e6) == pytest.approx(0.83)
+    assert grouped_matmul_efficiency(128) == pytest.approx((0.30 + 0.55) / 2)  # halfway in log2 from 64 to 256
+    assert grouped_matmul_efficiency(4) == pytest.approx(0.08 / 4)
+    assert list(grouped_matmul_efficiency([16, 1024])) == pytest.approx([0.08, 0.75])
+    assert [r for r, _ in GROUPED_MATMUL_EFFICIENCY] == sorted(r for r, _ in GROUPED_MATMUL_EFFICIENCY)
+    h200 = hardware_profile("h200")
+    ops = decode_ops(mixtral, "bfloat16", 254, 100)  # 508 rows over 8 experts: 63.5 each
+    experts = ops["experts"]
+    assert experts.rows_per_group == pytest.approx(63.5, rel=1e-3)
+    rate = h200.gpu_flops * grouped_matmul_efficiency(experts.rows_per_group)
+    assert h200.gpu_seconds(experts) == pytest.approx(max(experts.flops / rate, experts.bytes / h200.gpu_bandwidth))
+    assert h200.gpu_seconds(experts) > experts.flops / h200.gpu_flops * 3  # the rate of few rows, not the peak
+    capped = dataclasses.replace(h200, expert_flops=100e12)  # a kernel measured slower than the curve says
+    assert capped.gpu_seconds(experts) == pytest.approx(experts.flops / 100e12)
+    assert h200.gpu_seconds(ops["o_proj"]) == pytest.approx(max(ops["o_proj"].flops / h200.gpu_flops,
+                                                                ops["o_proj"].bytes / h200.gpu_bandwidth))
+
+
 def test_json_profile(tmp_path):
     path = tmp_path / "hw.json"
     path.write_text(json.dumps({**dataclasses.asdict(PROFILES["t4"]), "name": "mine", "notes": {"x": 1}}))
