@@ -76,9 +76,11 @@ def _line_elements(typingctx, arr):
 
 @njit(**_JIT)
 def _prefetch_rows(a, o, n, pos_stride):
-    """Prefetch 4 rows of n elements of `a` from element offset o, pos_stride apart."""
+    """Prefetch 4 rows of n elements of `a` from element offset o, pos_stride apart (a row that does not start
+    on a cache line ends on one line more: its end is prefetched too)."""
+    line = _line_elements(a)
     for r in range(4):
-        for e in range(0, n, _line_elements(a)):
+        for e in range(0, n + line - 1, line):
             _prefetch(a, o + r * pos_stride + e)
 
 

@@ -30,6 +30,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import mgpu
 from pallas_kernels.grouped_matmul import (grouped_matmul, pick_block_m, pick_config,
@@ -82,9 +83,10 @@ def resolve_impl(impl: str, dtype, H: int, F: int, interpret: bool = False,
     return kernel
 
 
-def block_m_for(kernel: str, num_pairs: int, num_slots: int) -> int:
-    """Rows per tile of the layout `kernel` takes (1: plain sorted rows)."""
-    return pick_block_m(num_pairs, num_slots) if kernel == "pallas_triton" else 1
+def block_m_for(kernel: str, num_pairs: int, num_groups: int) -> int:
+    """Rows per tile of the layout `kernel` takes (1: plain sorted rows), for `num_pairs` routed rows over the
+    `num_groups` slots that can receive them (at most the number of experts)."""
+    return pick_block_m(num_pairs, num_groups) if kernel == "pallas_triton" else 1
 
 
 def expert_ffn(kernel: str, xs, layout: GroupedLayout, w_gate, w_up, w_down, *, interpret: bool):
@@ -134,11 +136,12 @@ def moe_ffn(x, topk_ids, topk_weights, w_gate, w_up, w_down, *,
     S, H, F = w_gate.shape
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    num_experts = S if expert_slots is None else expert_slots.shape[0]
+    # at most num_experts of the S slots receive rows (a pager's buffer holds other layers' experts too)
+    num_experts = max(1, S if expert_slots is None else np.shape(expert_slots)[0])
     kernel = resolve_impl(impl, w_gate.dtype, H, F, interpret, rows_per_expert=topk_ids.size / num_experts)
     if topk_ids.size == 0:
         return jnp.zeros_like(x)
-    bm = block_m_for(kernel, topk_ids.size, S)
+    bm = block_m_for(kernel, topk_ids.size, min(S, num_experts))
     layout = grouped_layout(topk_ids, expert_slots, S, bm)
     xs = x[layout.row_token].astype(w_gate.dtype)
     ys = expert_ffn(kernel, xs, layout, w_gate, w_up, w_down, interpret=interpret)

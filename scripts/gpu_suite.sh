@@ -10,14 +10,18 @@
 # the GPU tests (all passed), the expert kernel's sweep, bench_offload_quick(_exp4), both host attention
 # steps and `calibrate` (benchmarks/RESULTS.md; its profile is benchmarks/profiles/h200-measured.json).
 # A session's plan now:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600): the core steps, bench_host_attention (issue 3: the
-#      prefetching kernel on the 16-core host) and bench_offload (issue 5: all 32 layers at 16 GiB);
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~6 min): the core steps, `tests` (the GPU code changed
+#      since: `auto` now runs the Triton kernel for calls of few rows per expert), bench_host_attention
+#      (issue 3: the prefetching kernel on the 16-core host) and bench_offload_quick (the engine with both
+#      changes, and the CPU term's split into the kernel and the rest);
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
-#      − 30): bench_policies (issue 6), or in later sessions one long step each: issue 7
-#      bench_throughput_g64_exp4 (the experts coded in 12 bits, predicted to beat MoE-Lightning's figure),
-#      bench_throughput_g64/g128, bench_vs_pytorch; bench_dsv2_lite (DeepSeek's latent attention on the CPU).
-# Add the `tests` step (~4 min) first where GPU code (pallas_kernels/, the engines' jitted steps) changed
-# since they last passed on a GPU (commit 6eec983's tree, 2026-11-26).
+#      − 30): bench_offload (issue 5: all 32 layers at 16 GiB, ~5 min predicted); later sessions one long
+#      step each: bench_policies (issue 6), then issue 7's bench_throughput_g64_exp4 (the experts coded in
+#      12 bits, predicted to beat MoE-Lightning's figure), bench_throughput_g64/g128, bench_vs_pytorch;
+#      bench_dsv2_lite (DeepSeek's latent attention on the CPU); bench_offload_quick_mgpu (the engine with
+#      pallas_mgpu for every call, against `auto`'s Triton decode).
+# Where no GPU code changed since the last GPU session, leave `tests` out of step 1 and put bench_offload
+# there (`bash scripts/gpu_suite.sh bench_host_attention bench_offload`).
 # The steps share a time budget, GPU_SUITE_BUDGET_S seconds from the start (default 570, inside one device
 # command's 600): each step's limit shrinks to what is left, and a step with less than GPU_SUITE_MIN_STEP_S
 # left (default 60) is skipped.
@@ -68,7 +72,7 @@ mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /p
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 # bench_expert_kernel writes each row as it goes and prints the table of those measured when the budget's end
 # interrupts it (Mixtral's rows first).
-CORE="bench_host_attention bench_offload"
+CORE="tests bench_host_attention bench_offload_quick"
 STEPS=(
   "tests|240|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
@@ -85,7 +89,9 @@ STEPS=(
   "bench_offload_quick|160|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick.json --append-results $LOGS/bench_offload_quick.md"
   "bench_offload|560|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --json $LOGS/bench_offload.json --append-results $LOGS/bench_offload.md"
   "bench_offload_quick_exp4|160|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --expert-codec exp4 --json $LOGS/bench_offload_quick_exp4.json --append-results $LOGS/bench_offload_quick_exp4.md"
-  # the same with the Triton expert kernel: compare the GPU column with bench_offload_quick (our Mosaic kernel)
+  # the same with one expert kernel for every call: compare the GPU column with bench_offload_quick (`auto`:
+  # Triton for the decode's few rows per expert, our Mosaic kernel for the prefill)
+  "bench_offload_quick_mgpu|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --moe-impl pallas_mgpu --json $LOGS/bench_offload_quick_mgpu.json --append-results $LOGS/bench_offload_quick_mgpu.md"
   "bench_offload_quick_triton|160|$PY scripts/bench_offload.py $HW --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --moe-impl pallas_triton --json $LOGS/bench_offload_quick_triton.json --append-results $LOGS/bench_offload_quick_triton.md"
   "bench_prefetch_whole|300|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --prefetch whole --json $LOGS/bench_prefetch_whole.json --append-results $LOGS/bench_prefetch_whole.md"
   "bench_policies|560|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 8 --gen-len 32 --max-batch-size 1024 --policies 'auto;64,64,1,0;1024,16,64,0' --json $LOGS/bench_policies.json --append-results $LOGS/bench_policies.md"
@@ -136,10 +142,10 @@ for name in "${wanted[@]}"; do
     exit 2
   fi
 done
-# Our Mosaic GPU expert kernel (pallas_kernels/mgpu.py, the default on Hopper) has run only in jax's GPU
-# simulator until a GPU session checks it: before the first step that runs it by default (those whose command
-# takes ${MOE_IMPL:-}), on a Hopper GPU, its GPU tests must have passed: in this run's `tests` step, or else
-# run now (~30 s). If they fail, skip or hang, those steps run with jax's shipped kernel instead
+# Our Mosaic GPU expert kernel (pallas_kernels/mgpu.py, the default on Hopper) passed its GPU tests on an
+# H200 (2026-11-26); each new machine checks it again, as code may have changed: before the first step that
+# runs it by default (those whose command takes ${MOE_IMPL:-}), on a Hopper GPU, its GPU tests must have
+# passed: in this run's `tests` step, or else run now (~30 s). If they fail, skip or hang, those steps run with jax's shipped kernel instead
 # (--moe-impl jax_mgpu), and the table says so. The outcome is kept in $LOGS/mgpu_check.status, so that a
 # later command on the same warm machine without a tests step does not pay for the check again (one with a
 # tests step decides afresh); a MOE_IMPL given to the suite (e.g. MOE_IMPL="--moe-impl jax_mgpu") is used as

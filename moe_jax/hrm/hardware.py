@@ -20,21 +20,20 @@ class HardwareError(ValueError):
     """An unknown profile name or a bad profile file; the message names it."""
 
 
-# The expert kernels' rate as a fraction of the dense bf16 matmul's, by routed rows per expert: measured on an
-# H200 (benchmarks/RESULTS.md, 2026-11-26; the faster of pallas_triton and pallas_mgpu, what `auto` runs, over
-# the best dense rate of that run, 716 TFLOP/s): 16 rows (Qwen3-30B-A3B, T=256), 64 (Mixtral, T=256; Qwen3,
-# T=1024), 256, 1024, 4096 (Mixtral, T=1024..16384). A tile of rows costs about the same however few of its
-# rows an expert fills, so below 16 rows the rate falls in proportion.
-GROUPED_MATMUL_EFFICIENCY = ((16, 0.08), (64, 0.30), (256, 0.55), (1024, 0.75), (4096, 0.83))
+# The expert kernels' rate as a fraction of the dense bf16 matmul's, by routed rows per expert, where they are
+# compute-bound: measured on an H200 (benchmarks/RESULTS.md, 2026-11-26; Mixtral 8x7B's shape, the faster of
+# pallas_triton and pallas_mgpu, i.e. what `auto` runs, over the best dense rate of that run, 716 TFLOP/s) at
+# 256, 1024 and 4096 rows per expert (T = 1024, 4096, 16384 tokens, top-2 of 8). Fewer rows take the first
+# point's fraction: there the kernels read their weights at close to the HBM's rate (3.6 TB/s at 64 rows), which
+# the roofline's bytes term prices, not this one.
+GROUPED_MATMUL_EFFICIENCY = ((256, 0.55), (1024, 0.75), (4096, 0.83))
 
 
 def grouped_matmul_efficiency(rows_per_group):
     """Fraction of the dense matmul rate that grouped expert matmuls reach at `rows_per_group` rows per expert
-    (interpolated in log2 of the rows over GROUPED_MATMUL_EFFICIENCY; constant beyond its last point)."""
+    (interpolated in log2 of the rows over GROUPED_MATMUL_EFFICIENCY, constant beyond its ends)."""
     rows, frac = (np.array(c, float) for c in zip(*GROUPED_MATMUL_EFFICIENCY))
-    r = np.maximum(np.asarray(rows_per_group, float), 1e-9)
-    eff = np.interp(np.log2(r), np.log2(rows), frac)
-    return np.where(r < rows[0], frac[0] * r / rows[0], eff)
+    return np.interp(np.log2(np.maximum(np.asarray(rows_per_group, float), 1.0)), np.log2(rows), frac)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +46,8 @@ class Hardware:
     int8_attention_bandwidth: the same over an int8 KV cache, its bytes counted with their scales (None:
       attention_bandwidth, as where the kernel is memory-bound; on a few cores it is compute-bound and
       int8 moves fewer bytes per second: `calibrate` measures it).
-    expert_flops: FLOP/s of the GPU expert kernel at large batches (None: gpu_flops); with few rows per expert
-      it runs slower (`grouped_matmul_efficiency`).
+    expert_flops: FLOP/s of the GPU expert kernel with many rows per expert (`calibrate` times 8192; None: the
+      dense rate times the efficiency curve's last point); fewer rows run slower (`grouped_matmul_efficiency`).
     launch_seconds: fixed GPU time per micro-batch and layer (dispatch of a jitted call, kernel launches).
     """
 
@@ -76,13 +75,15 @@ class Hardware:
                 raise HardwareError(f"hardware {self.name!r}: {f.name} must be a positive number, got {v!r}")
 
     def gpu_seconds(self, op: Op):
-        """Roofline time of `op` on the GPU, its data in GPU memory; grouped expert matmuls at the rate
-        `grouped_matmul_efficiency` gives for their rows per expert, at most `expert_flops`."""
+        """Roofline time of `op` on the GPU, its data in GPU memory. Grouped expert matmuls run at
+        `expert_flops` (else the dense rate times the efficiency curve's last point) scaled by the curve for
+        their rows per expert (`grouped_matmul_efficiency`)."""
         peak = self.gpu_flops
         if op.name == "experts":
-            peak = self.expert_flops or self.gpu_flops
+            most = GROUPED_MATMUL_EFFICIENCY[-1][1]
+            peak = self.expert_flops or self.gpu_flops * most
             if op.rows_per_group is not None:
-                peak = np.minimum(peak, self.gpu_flops * grouped_matmul_efficiency(op.rows_per_group))
+                peak = peak * grouped_matmul_efficiency(op.rows_per_group) / most
         return np.maximum(op.flops / peak, op.bytes / self.gpu_bandwidth)
 
     def cpu_seconds(self, op: Op, kv_cache_dtype: str = "auto"):

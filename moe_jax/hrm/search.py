@@ -14,7 +14,7 @@ the layer starts by installing its fetched experts into their slots (GPU memory 
   T_gpu: n_ub × (the GPU roofline time of one micro-batch of μ + a fixed launch time): every
          micro-batch re-reads the weights it touches from GPU memory, so larger μ amortises them; the
          grouped expert matmuls run at the fraction of the dense rate measured for their rows per expert
-         (`hardware.grouped_matmul_efficiency`: 0.30 at 64 rows, 0.83 from 4096), so larger μ also
+         (`hardware.grouped_matmul_efficiency`: 0.55 up to 256 rows, 0.83 from 4096), so larger μ also
          computes faster.
 Dense layers (`ModelConfig.dense_layers`, e.g. DeepSeek's first ones) stream nothing and compute their FFN on
 the GPU: their term is the same with no experts to install or carry and the dense FFN's GPU time; the

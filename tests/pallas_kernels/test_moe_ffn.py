@@ -75,6 +75,21 @@ def test_auto_on_gpu_weighs_rows_per_expert(monkeypatch, caplog):
     assert resolve(8.0, H=4104) == "pallas_mgpu"  # not a Triton shape: the rows do not matter
 
 
+def test_triton_tiles_follow_rows_per_expert_not_slots(make_problem, assert_matches_reference, monkeypatch):
+    """With a pager's buffer of S slots, most holding other layers' experts, the Triton tiles are sized by the
+    rows per expert (what was benchmarked), not per slot: 128 rows over 4 experts -> 32-row tiles, where the
+    40 slots would give 16."""
+    import importlib
+
+    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")
+    seen = []
+    real = moe_ffn_module.grouped_layout
+    monkeypatch.setattr(moe_ffn_module, "grouped_layout", lambda *a: seen.append(a[3]) or real(*a))
+    problem = make_problem(64, 32, 32, 4, 2, "float32", "uniform", 40)
+    assert_matches_reference(run(problem, impl="pallas_triton"), problem)
+    assert seen == [32]
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 def test_no_tokens(impl):
     w = jnp.ones((3, 16, 32))
@@ -105,8 +120,8 @@ def test_mgpu_refuses_without_hopper(make_problem, impl):
 @pytest.mark.parametrize("case", [(100, 128, 256, 6, 2, "skewed", 9), (33, 256, 128, 4, 1, "uniform", None)],
                          ids=["skewed-S9", "uniform"])
 def test_mgpu_kernel_in_interpret_mode_matches_reference(make_problem, assert_matches_reference, case, impl):
-    """jax's Mosaic GPU simulator (jax >= 0.11) runs the kernel that `auto` picks on an H100 (pallas_mgpu)
-    and jax's own, the fallback (jax_mgpu)."""
+    """jax's Mosaic GPU simulator (jax >= 0.11) runs the kernel that `auto` picks on an H100 from 256 rows per
+    expert on (pallas_mgpu) and jax's own, the fallback (jax_mgpu)."""
     T, H, F, E, k, routing, S = case
     if reason := mgpu.unavailable_reason(jnp.bfloat16, H, F, interpret=True):
         pytest.skip(reason)
