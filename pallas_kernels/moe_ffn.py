@@ -13,7 +13,8 @@ case on the "pallas_kernels" logger):
                    check on a GPU. Only when asked for.
   "pallas_triton"  our Pallas grouped GEMM (`grouped_matmul`) over slot-aligned tiles with a
                    fused gate/up SwiGLU; Triton on GPU, interpret mode on CPU (so CI tests it).
-                   jax 0.11 deprecates its Pallas Triton backend: on Hopper, mgpu is the path.
+                   jax 0.11 deprecates its Pallas Triton backend: on Hopper, mgpu is the path
+                   except for calls of few rows per expert (below).
 "pallas" picks pallas_mgpu where it runs natively and pallas_triton otherwise; "auto" is "pallas"
 on GPU and "xla" elsewhere, except that on GPU a call with fewer than TRITON_ROWS_PER_EXPERT routed
 rows per expert runs pallas_triton, whose smaller tiles waste less on the experts' few rows: on an
