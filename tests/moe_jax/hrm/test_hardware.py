@@ -18,11 +18,13 @@ def test_builtin_profiles():
     # DESIGN.md §3, measured: dense bf16, pinned H2D, host DRAM read (16 threads), numba attention, host RAM
     assert (h100.gpu_flops, h100.link_bandwidth, h100.host_bandwidth) == (796e12, 52e9, 56.6e9)
     assert (h100.attention_bandwidth, h100.host_memory) == (43e9, 125 * 2**30)
-    # the H200 machine: its own GPU, the H100 machine's host and link (until calibrated)
+    # the H200 machine: its own GPU and its host as `calibrate` measured it; the H100 machine's host is of the
+    # same class, its CPU compute roof taken from that measurement
     h200 = hardware_profile("h200")
-    assert (h200.gpu_memory, h200.gpu_bandwidth) == (139 * 2**30, 4.8e12)
-    assert dataclasses.replace(h200, name=h100.name, gpu_memory=h100.gpu_memory, gpu_bandwidth=h100.gpu_bandwidth,
-                               gpu_flops=h100.gpu_flops) == h100
+    assert (h200.gpu_memory, h200.gpu_bandwidth, h200.host_bandwidth) == (139 * 2**30, 4.8e12, 83e9)
+    assert (h200.attention_bandwidth, h200.int8_attention_bandwidth, h200.cpu_flops) == (52e9, 34.6e9, 0.34e12)
+    assert (h100.cpu_flops, h100.link_bandwidth, h100.host_memory) == (h200.cpu_flops, h200.link_bandwidth,
+                                                                       h200.host_memory)
 
 
 def test_grouped_expert_matmuls_slow_down_with_few_rows_per_expert(mixtral):
