@@ -2,6 +2,7 @@
 and rows of finished requests take waiting ones."""
 from __future__ import annotations
 
+import importlib
 import logging
 
 import jax
@@ -41,14 +42,17 @@ def test_rows_of_finished_requests_take_waiting_ones():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-def test_gpu_expert_kernels_agree_inside_the_model(caplog):
+@pytest.mark.parametrize("impl", ["pallas", "auto"])
+def test_gpu_expert_kernels_agree_inside_the_model(caplog, monkeypatch, impl):
     """One OLMoE-1B-7B layer (H=2048, F=1024, 64 experts, top-8; random bf16 weights) on the GPU: the model
-    run with the Pallas kernel `auto` picks there gives the XLA kernel's logits and greedy tokens."""
+    run with the Pallas kernel `pallas` picks there (Mosaic on Hopper), or with `auto` (Triton for these
+    calls' few rows per expert), gives the XLA kernel's logits and greedy tokens."""
     cfg = preset_config("olmoe-1b-7b").replace(num_layers=1)
     source = ModelSource("olmoe-1b-7b (1 layer)", cfg, RandomWeights(cfg, 0), None)
     tokens = [list(range(5, 5 + n)) for n in (37, 200, 3)]
+    monkeypatch.setattr(importlib.import_module("pallas_kernels.moe_ffn"), "_logged", set())  # logged once a process
     with caplog.at_level(logging.INFO, logger="pallas_kernels"):
-        pallas = moe_jax.LLM(source, dtype="bfloat16", policy="resident", moe_impl="pallas").logits(tokens)
+        pallas = moe_jax.LLM(source, dtype="bfloat16", policy="resident", moe_impl=impl).logits(tokens)
     assert "runs as pallas_mgpu" in caplog.text or "runs as pallas_triton" in caplog.text
     xla = moe_jax.LLM(source, dtype="bfloat16", policy="resident", moe_impl="xla").logits(tokens)
     for a, b in zip(pallas, xla):
