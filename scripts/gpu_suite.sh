@@ -74,7 +74,7 @@ mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /p
 # interrupts it (Mixtral's rows first).
 CORE="tests bench_host_attention bench_offload_quick"
 STEPS=(
-  "tests|240|$PY -m pytest -m gpu tests -q -rs"
+  "tests|300|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
   "calibrate|150|$PY -m moe_jax.hrm.calibrate \${MOE_IMPL:-} --output $LOGS/${PROFILE:-gpu}-measured.json"
   "bench_host_attention|60|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16"

@@ -105,7 +105,8 @@ def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_d
         if op == "experts":
             touched = experts_touched(cfg, tokens)
             rows, w = tokens * cfg.experts_per_token, w * touched / cfg.num_experts
-            per_group = np.divide(rows, touched, out=np.zeros(np.shape(touched)), where=np.asarray(touched) > 0)
+            per_group = np.divide(rows, touched, out=np.zeros(np.broadcast_shapes(np.shape(rows), np.shape(touched))),
+                                  where=np.asarray(touched) > 0)
             ops[op] = dataclasses.replace(_matmul_op(op, specs, rows, w, dtype), rows_per_group=per_group)
         else:
             ops[op] = _matmul_op(op, specs, rows, w, dtype)

@@ -135,15 +135,17 @@ PROFILES: dict[str, Hardware] = {
                           link_bandwidth=25 * GB, **_host_192(1.6)),
     # The measured H100 machine of DESIGN.md §3 (HBM from the spec sheet; CPU attention at Mixtral's shape is
     # bandwidth-bound: the numba attention kernel reached 43 GB/s). cpu_flops is that kernel's compute roof
-    # (DeepSeek's latent attention is compute-bound), measured on the H200 machine's host of the same class
-    # (16 cores, 125 GiB; `calibrate`, 2026-11-26: 0.34 TFLOP/s at DeepSeek-V2-Lite's shape).
+    # (DeepSeek's latent attention is compute-bound) and its int8 rate are the H200 machine's, a host of the same
+    # class (16 cores, 125 GiB; `calibrate`, 2026-11-26: 0.34 TFLOP/s at DeepSeek-V2-Lite's shape, int8 KV at
+    # 34.6/52 of bf16's bytes/s, applied here to the 43 GB/s).
     "h100-80gb": Hardware("h100-80gb", gpu_memory=79.6 * GiB, gpu_bandwidth=3350 * GB, gpu_flops=796 * TFLOPS,
                           cpu_flops=0.34 * TFLOPS, host_memory=125 * GiB, host_bandwidth=56.6 * GB,
-                          link_bandwidth=52 * GB, attention_bandwidth=43 * GB),
+                          link_bandwidth=52 * GB, attention_bandwidth=43 * GB,
+                          int8_attention_bandwidth=43 * GB * 34.6 / 52),
     # The H200 machines lent here: the H100's chip with 141 GB of HBM3e at 4.8 TB/s (datasheet; bf16 matmul
     # measured at 716-798 TFLOP/s), on a 16-core, 125 GiB host whose figures `calibrate` measured on one
     # (benchmarks/profiles/h200-measured.json, 2026-11-26, before the attention kernel prefetched): DRAM read
-    # 83 GB/s, link 52.6 GB/s, CPU attention 52 GB/s over bf16 and 34.6 over int8, 0.34 TFLOP/s.
+    # 83 GB/s, link 52.6 GB/s (52 kept, as the H100 machine's), CPU attention 52 GB/s over bf16 and 34.6 over int8, 0.34 TFLOP/s.
     "h200": Hardware("h200", gpu_memory=139 * GiB, gpu_bandwidth=4800 * GB, gpu_flops=790 * TFLOPS,
                      cpu_flops=0.34 * TFLOPS, host_memory=125 * GiB, host_bandwidth=83 * GB,
                      link_bandwidth=52 * GB, attention_bandwidth=52 * GB, int8_attention_bandwidth=34.6 * GB),

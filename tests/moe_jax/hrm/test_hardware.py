@@ -25,6 +25,7 @@ def test_builtin_profiles():
     assert (h200.attention_bandwidth, h200.int8_attention_bandwidth, h200.cpu_flops) == (52e9, 34.6e9, 0.34e12)
     assert (h100.cpu_flops, h100.link_bandwidth, h100.host_memory) == (h200.cpu_flops, h200.link_bandwidth,
                                                                        h200.host_memory)
+    assert h100.int8_attention_bandwidth / h100.attention_bandwidth == pytest.approx(34.6 / 52)
 
 
 def test_grouped_expert_matmuls_slow_down_with_few_rows_per_expert(mixtral):
