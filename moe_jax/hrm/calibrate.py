@@ -112,36 +112,36 @@ def host_matmul_flops(n: int) -> float:
     return 2 * n**3 / best_seconds(lambda: a @ a)
 
 
+def _timed_host_attention(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, dtype: str,
+                          value_dim: int | None = None):
+    """(cache, seconds): the best time of `host_ops.HostKVCache.attend` over a `dtype` cache of random bfloat16
+    keys and values (the values in the keys' first `value_dim` dims where given): one layer, `batch` sequences
+    of `context` cached tokens, as the offload engine calls it."""
+    from host_ops import HostKVCache
+
+    rng = np.random.default_rng(0)
+    cache = HostKVCache(1, batch, context, kv_heads, head_dim, dtype, value_dim)
+    slots = np.arange(batch)
+    kv = rng.standard_normal((batch * context, kv_heads, head_dim), np.float32).astype("bfloat16")
+    cache.write(0, np.repeat(slots, context), np.tile(np.arange(context), batch), kv, None if value_dim else kv)
+    q = rng.standard_normal((batch, q_heads, head_dim), np.float32)
+    lengths = np.full((batch,), context)
+    return cache, best_seconds(lambda: cache.attend(0, slots, q, lengths))
+
+
 def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
                              dtype: str = "bfloat16") -> float:
     """KV bytes/s (int8: with their scales, as HRM counts them) of `host_ops.HostKVCache.attend` over a
     `dtype` cache: one layer, `batch` sequences of `context` cached tokens, as the offload engine calls it."""
-    from host_ops import HostKVCache
-
-    rng = np.random.default_rng(0)
-    cache = HostKVCache(1, batch, context, kv_heads, head_dim, dtype)
-    slots = np.arange(batch)
-    kv = rng.standard_normal((batch * context, kv_heads, head_dim), np.float32).astype("bfloat16")
-    cache.write(0, np.repeat(slots, context), np.tile(np.arange(context), batch), kv, kv)
-    q = rng.standard_normal((batch, q_heads, head_dim), np.float32)
-    lengths = np.full((batch,), context)
-    return cache.nbytes / best_seconds(lambda: cache.attend(0, slots, q, lengths))
+    cache, seconds = _timed_host_attention(batch, context, q_heads, kv_heads, head_dim, dtype)
+    return cache.nbytes / seconds
 
 
 def host_attention_flops(batch: int, context: int, q_heads: int, head_dim: int, value_dim: int) -> float:
     """FLOP/s (2 per multiply-add, scores and weighted sum) of `host_ops.HostKVCache.attend` over a bfloat16
     cache of one KV head whose first `value_dim` dims are the values (latent attention): one layer, `batch`
     sequences of `context` cached tokens."""
-    from host_ops import HostKVCache
-
-    rng = np.random.default_rng(0)
-    cache = HostKVCache(1, batch, context, 1, head_dim, "bfloat16", value_dim)
-    slots = np.arange(batch)
-    k = rng.standard_normal((batch * context, 1, head_dim), np.float32).astype("bfloat16")
-    cache.write(0, np.repeat(slots, context), np.tile(np.arange(context), batch), k, None)
-    q = rng.standard_normal((batch, q_heads, head_dim), np.float32)
-    lengths = np.full((batch,), context)
-    seconds = best_seconds(lambda: cache.attend(0, slots, q, lengths))
+    _, seconds = _timed_host_attention(batch, context, q_heads, 1, head_dim, "bfloat16", value_dim)
     return 2 * batch * context * q_heads * (head_dim + value_dim) / seconds
 
 

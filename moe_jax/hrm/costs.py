@@ -101,15 +101,13 @@ def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_d
     ops = {"attention": Op("attention", 2 * attn_pairs * qo,
                            tokens * qo * it + kv_tokens * kv_bytes_per_token(cfg, dtype, kv_cache_dtype))}
     for op, specs in _specs_by_op(cfg, moe).items():
-        rows, w = tokens, weights[op]
+        rows, w, per_group = tokens, weights[op], None
         if op == "experts":
             touched = experts_touched(cfg, tokens)
             rows, w = tokens * cfg.experts_per_token, w * touched / cfg.num_experts
             per_group = np.divide(rows, touched, out=np.zeros(np.broadcast_shapes(np.shape(rows), np.shape(touched))),
                                   where=np.asarray(touched) > 0)
-            ops[op] = dataclasses.replace(_matmul_op(op, specs, rows, w, dtype), rows_per_group=per_group)
-        else:
-            ops[op] = _matmul_op(op, specs, rows, w, dtype)
+        ops[op] = dataclasses.replace(_matmul_op(op, specs, rows, w, dtype), rows_per_group=per_group)
     return {name: ops[name] for name in OPS if name in ops}
 
 
