@@ -21,6 +21,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from host_ops import numba_target  # noqa: F401  (numba's target, set before the first @njit below)
+
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT32 = np.dtype(np.float32)
 INT8 = np.dtype(np.int8)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from host_ops import numba_target  # noqa: F401  (numba's target, set before the first @njit below)
+
 _JIT = dict(nogil=True, cache=True)
 
 

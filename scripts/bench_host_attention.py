@@ -5,8 +5,12 @@ and (2) the effective KV-read bandwidth of `HostKVCache.attend` (the offload eng
 Mixtral 8x7B's decode shape (Hq=32, Hk=8, D=128, bfloat16 KV, every sequence at full context),
 for several batch sizes and contexts; prints their ratio. With `--kv-dtype bfloat16 int8` (the default)
 the same attention over an int8 cache (`--kv-cache-dtype int8`: half the bytes, plus a scale per row)
-runs beside it, and the table gives its speed-up over bfloat16 at each shape. Best of --repeats for
-every figure.
+runs beside it, and the table gives its speed-up over bfloat16 at each shape. With `--latent B C ...`,
+DeepSeek-V2-Lite's latent attention (16 query heads over one 576-dim KV head, values its first 512 dims;
+compute-bound, HRM's `cpu_flops`) at each batch B and context C, in GFLOP/s against NumPy's f32 matmul and,
+on a host with AVX-512, against the same kernel compiled with LLVM's own vector width for the CPU (a
+subprocess with NUMBA_CPU_FEATURES set to the host's features: `host_ops.numba_target`). Best of
+--repeats for every figure (the latent rows and the matmul: best of 3, as calibrate).
 
     PYTHONPATH=. python scripts/bench_host_attention.py                       # 24 GiB / 2 cores
     PYTHONPATH=. python scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 \\
@@ -15,14 +19,20 @@ every figure.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from host_ops import HostKVCache
-from moe_jax.hrm.calibrate import best_seconds
+from host_ops import HostKVCache, numba_target
+from moe_jax.hrm.calibrate import best_seconds, host_attention_flops, host_matmul_flops
+
+LATENT = (16, 576, 512)  # DeepSeek-V2-Lite: query heads, latent (key) dims, value dims
 
 
 @njit(parallel=True, nogil=True, fastmath=True)  # no cache=True: a script's cache breaks when it is imported
@@ -71,6 +81,36 @@ def attention_gbs(batch: int, context: int, q_heads: int, kv_heads: int, head_di
     return [(s, cache.nbytes / s / 1e9) for s, cache in zip(best, caches)]
 
 
+def latent_gflops(shapes, features: str | None = None, threads: int | None = None) -> list[float]:
+    """GFLOP/s of the latent attention at each (batch, context) of `shapes`; with `features`, measured in a
+    subprocess whose numba compiles for exactly those target features, on `threads` threads."""
+    if features is None:
+        return [host_attention_flops(b, c, *LATENT) / 1e9 for b, c in shapes]
+    code = ("import json, sys; from moe_jax.hrm.calibrate import host_attention_flops as f; "
+            "shapes, latent = json.loads(sys.argv[1]); print(json.dumps([f(b, c, *latent) / 1e9 for b, c in shapes]))")
+    env = {**os.environ, "NUMBA_CPU_FEATURES": features, "NUMBA_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([shapes, LATENT])], env=env, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise SystemExit(f"the reference run with LLVM's own vector width failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def print_latent(shapes, threads: int) -> None:
+    plain = numba_target.host_features()
+    reference = plain != numba_target.compiled_features()
+    sgemm = host_matmul_flops(2048) / 1e9
+    ours = latent_gflops(shapes)
+    theirs = latent_gflops(shapes, plain, threads) if reference else [None] * len(shapes)
+    Hq, D, Dv = LATENT
+    print(f"\nlatent attention, Hq={Hq} over one KV head of D={D} (values: its first {Dv}), bfloat16, full context; "
+          f"NumPy f32 matmul (2048^3): {sgemm:.0f} GFLOP/s" + ("; reference: LLVM's own vector width" if reference
+                                                                else " (no reference: the target is LLVM's own)"))
+    print(f"{'batch':>6} {'context':>8} {'GFLOP/s':>8} {'/ matmul':>9}" + (f" {'reference':>10} {'x':>5}" if reference else ""))
+    for (b, c), g, r in zip(shapes, ours, theirs):
+        print(f"{b:>6} {c:>8} {g:>8.0f} {g / sgemm:>9.2f}" + (f" {r:>10.0f} {g / r:>5.2f}" if reference else ""))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[32, 128, 256])
@@ -82,14 +122,19 @@ def main(argv=None):
     p.add_argument("--max-kv-gib", type=float, default=2.0, help="skip configurations with more K+V than this")
     p.add_argument("--kv-dtype", nargs="+", choices=("bfloat16", "int8"), default=["bfloat16", "int8"],
                    help="cache dtypes to time; int8 is reported as its speed-up over bfloat16")
+    p.add_argument("--latent", type=int, nargs="+", default=[], metavar="B C",
+                   help="also time DeepSeek's latent attention at these (batch, context) pairs, e.g. 64 1024 256 128")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                    help="numba threads for both measurements (default: all cores)")
     args = p.parse_args(argv)
+    if len(args.latent) % 2:
+        p.error(f"--latent takes (batch, context) pairs, got {len(args.latent)} numbers")
     numba.set_num_threads(args.threads)
 
     stream = stream_read_gbs(args.stream_gib, args.repeats)
-    print(f"numba {numba.__version__}, {numba.get_num_threads()} threads, threading layer {numba.threading_layer()}")
+    print(f"numba {numba.__version__}, {numba.get_num_threads()} threads, threading layer {numba.threading_layer()}, "
+          f"target {numba_target.describe()}")
     print(f"host read bandwidth (numba parallel sum over {args.stream_gib:g} GiB): {stream:.1f} GB/s\n")
     dtypes = list(dict.fromkeys(args.kv_dtype))
     print(f"decode attention, Hq={args.q_heads} Hk={args.kv_heads} D={args.head_dim}, full context; KV MiB and GB/s "
@@ -118,6 +163,8 @@ def main(argv=None):
     print("|---|---|---|" + ("---|" if len(dtypes) > 1 else ""))
     print(f"| {stream:.1f} | {best[dtypes[0]]:.1f} | {best[dtypes[0]] / stream:.2f} |"
           + (f" {min(speedups):.2f}-{max(speedups):.2f}x |" if speedups else ""))
+    if args.latent:
+        print_latent(list(zip(args.latent[::2], args.latent[1::2])), numba.get_num_threads())
 
 if __name__ == "__main__":
     main()

@@ -35,3 +35,22 @@ def test_bench_times_int8_beside_bfloat16_by_default(capsys):
     cells = lines[-1].strip("|").split("|")  # read GB/s | attention GB/s | ratio | int8 speed-up range
     low, high = (float(x) for x in cells[3].strip().rstrip("x").split("-"))
     assert len(cells) == 4 and 0 < low <= high
+
+
+def test_bench_times_latent_attention_against_llvms_vector_width(capsys):
+    _bench().main([*TINY, "--kv-dtype", "bfloat16", "--latent", "4", "64", "2", "128"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("latent attention"))
+    reference = host_ops.numba_target.NO_256_BIT_PREFERENCE in host_ops.numba_target.compiled_features()
+    assert ("reference: LLVM's own vector width" in lines[i]) == reference
+    rows = [line.split() for line in lines[i + 2:]]
+    assert [r[:2] for r in rows] == [["4", "64"], ["2", "128"]]
+    assert all(len(r) == (6 if reference else 4) and float(r[2]) > 0 for r in rows)
+
+
+def test_bench_refuses_an_odd_latent_list(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _bench().main([*TINY, "--latent", "2", "16", "3"])
+    assert "--latent takes (batch, context) pairs, got 3 numbers" in capsys.readouterr().err
