@@ -54,11 +54,11 @@ def stream_read_gbs(gib: float, repeats: int) -> float:
     return a.nbytes / best_seconds(lambda: _row_sums(a), repeats) / 1e9
 
 
-def attention_gbs(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
-                  dtypes=("bfloat16",)) -> list[tuple[float, float]]:
-    """Per cache dtype, (seconds, GB/s of K+V read, int8's scales included) of one `attend` over `batch` slots
-    of `context` positions: the best of `repeats`, the dtypes' calls taking turns so that a machine whose
-    speed drifts (a shared VM) gives them the same conditions."""
+def attention_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
+                      dtypes=("bfloat16",)) -> tuple[list[HostKVCache], list[list[float]]]:
+    """(per cache dtype, the cache and the seconds of each of `repeats` calls of `attend` over its `batch` slots of
+    `context` positions), the dtypes' calls taking turns so that a machine whose speed drifts (a shared VM)
+    gives them the same conditions; after one warm-up round."""
     rng = np.random.default_rng(0)
     kv = rng.standard_normal((context, kv_heads, head_dim), np.float32)
     positions = np.arange(context)
@@ -71,14 +71,37 @@ def attention_gbs(batch: int, context: int, q_heads: int, kv_heads: int, head_di
     q = rng.standard_normal((batch, q_heads, head_dim), np.float32)
     slots, lengths = np.arange(batch), np.full(batch, context)
     out = np.empty_like(q)
-    best = [float("inf")] * len(caches)
+    times = [[] for _ in caches]
     for r in range(repeats + 1):  # round 0 warms up
         for i, cache in enumerate(caches):
             t0 = time.perf_counter()
             cache.attend(0, slots, q, lengths, out=out)
             if r:
-                best[i] = min(best[i], time.perf_counter() - t0)
-    return [(s, cache.nbytes / s / 1e9) for s, cache in zip(best, caches)]
+                times[i].append(time.perf_counter() - t0)
+    return caches, times
+
+
+def attention_gbs(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
+                  dtypes=("bfloat16",)) -> list[tuple[float, float]]:
+    """Per cache dtype, (seconds, GB/s of K+V read, int8's scales included) of one `attend` (`attention_seconds`):
+    the best of `repeats`."""
+    caches, times = attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats, dtypes)
+    return [(min(t), cache.nbytes / min(t) / 1e9) for cache, t in zip(caches, times)]
+
+
+def busy_seconds(busy: int, batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
+                 repeats: int) -> tuple[float, float]:
+    """Median seconds of one bfloat16 `attend` with the cores free, and with `busy` processes spinning (as the
+    engine's dispatching thread and a GPU runtime's spinning waits hold cores while the kernel runs)."""
+    shape = (batch, context, q_heads, kv_heads, head_dim, repeats)
+    free = float(np.median(attention_seconds(*shape)[1][0]))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        time.sleep(0.5)
+        return free, float(np.median(attention_seconds(*shape)[1][0]))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
 
 
 def latent_gflops(shapes, features: str | None = None, threads: int | None = None) -> list[float]:
@@ -124,6 +147,9 @@ def main(argv=None):
                    help="cache dtypes to time; int8 is reported as its speed-up over bfloat16")
     p.add_argument("--latent", type=int, nargs="+", default=[], metavar="B C",
                    help="also time DeepSeek's latent attention at these (batch, context) pairs, e.g. 64 1024 256 128")
+    p.add_argument("--busy-cores", type=int, default=0, metavar="N",
+                   help="also time the engine's decode micro-batch (batch 256, context 128, bfloat16) with N other "
+                        "processes spinning, against the cores free (median of --repeats)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                    help="numba threads for both measurements (default: all cores)")
@@ -163,6 +189,12 @@ def main(argv=None):
     print("|---|---|---|" + ("---|" if len(dtypes) > 1 else ""))
     print(f"| {stream:.1f} | {best[dtypes[0]]:.1f} | {best[dtypes[0]] / stream:.2f} |"
           + (f" {min(speedups):.2f}-{max(speedups):.2f}x |" if speedups else ""))
+    if args.busy_cores:
+        free, busy = busy_seconds(args.busy_cores, 256, 128, args.q_heads, args.kv_heads, args.head_dim, args.repeats)
+        n = numba.get_num_threads()
+        print(f"\nwith {args.busy_cores} of {n} cores busy (spinning processes), batch 256, context 128: median "
+              f"{free * 1e3:.2f} ms free, {busy * 1e3:.2f} ms busy: x{busy / free:.2f} (the work spread over the "
+              f"free cores: x{n / max(n - args.busy_cores, 1):.2f})")
     if args.latent:
         print_latent(list(zip(args.latent[::2], args.latent[1::2])), numba.get_num_threads())
 

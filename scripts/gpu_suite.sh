@@ -77,8 +77,9 @@ STEPS=(
   "tests|300|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
   "calibrate|150|$PY -m moe_jax.hrm.calibrate \${MOE_IMPL:-} --output $LOGS/${PROFILE:-gpu}-measured.json"
-  # with DeepSeek's latent attention (compute-bound) against the same kernel at LLVM's own vector width
-  "bench_host_attention|120|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16 --latent 64 1024 256 128 1024 128"
+  # with DeepSeek's latent attention (compute-bound) against the same kernel at LLVM's own vector width, and
+  # the engine's decode shape with one core busy (as the engine's dispatching thread keeps one)
+  "bench_host_attention|120|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16 --latent 64 1024 256 128 1024 128 --busy-cores 1"
   # the same beside an int8 cache (--kv-cache-dtype int8): its speed-up where the 16 cores are memory-bound
   "bench_host_attention_int8|150|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16"
   "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $LOGS/bench_expert_kernel_core.json --out $LOGS/bench_expert_kernel_core.md"

@@ -54,3 +54,11 @@ def test_bench_refuses_an_odd_latent_list(capsys):
     with pytest.raises(SystemExit):
         _bench().main([*TINY, "--latent", "2", "16", "3"])
     assert "--latent takes (batch, context) pairs, got 3 numbers" in capsys.readouterr().err
+
+
+def test_bench_times_the_decode_shape_with_cores_busy(capsys):
+    _bench().main([*TINY, "--kv-dtype", "bfloat16", "--busy-cores", "1"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if "cores busy" in x)
+    free, busy = (float(x.split()[0]) for x in (line.split("median ")[1], line.split("free, ")[1]))
+    slowdown = float(line.split(": x")[1].split()[0])
+    assert line.startswith("with 1 of ") and free > 0 and busy > 0 and slowdown > 0
