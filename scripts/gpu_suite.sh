@@ -10,9 +10,11 @@
 # the GPU tests (all passed), the expert kernel's sweep, bench_offload_quick(_exp4), both host attention
 # steps and `calibrate` (benchmarks/RESULTS.md; its profile is benchmarks/profiles/h200-measured.json).
 # A session's plan now:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~6 min): the core steps, `tests` (the GPU code changed
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~6.5 min): the core steps, `tests` (the GPU code changed
 #      since: `auto` now runs the Triton kernel for calls of few rows per expert), bench_host_attention
-#      (issue 3: the prefetching kernel on the 16-core host) and bench_offload_quick (the engine with both
+#      (issue 3: the prefetching kernel on the 16-core host; since the ninth session also its tasks claimed
+#      from a counter, timed with one core busy, and 512-bit vectors against LLVM's 256-bit tuning of the
+#      host's Sapphire Rapids at DeepSeek's latent shape) and bench_offload_quick (the engine with these
 #      changes, and the CPU term's split into the kernel and the rest);
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
 #      − 30): bench_offload (issue 5: all 32 layers at 16 GiB, ~5 min predicted); later sessions one long
