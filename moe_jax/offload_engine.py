@@ -219,8 +219,8 @@ def _jitted(cfg: ModelConfig, moe_impl: str, to_device, to_host):
 @dataclasses.dataclass
 class OffloadStats:
     """Seconds per layer, summed over one `generate` call. cpu: attention in the worker (the decode's k/v
-    writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel: of it, the
-    attention kernel's calls alone (`HostKVCache.attend`); gpu_wait: the
+    writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write: of
+    it, the attention kernel's calls alone (`HostKVCache.attend`) and the k/v writes (`HostKVCache.write`); gpu_wait: the
     worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). h2d_bytes: expert bytes streamed. prefill_s: the
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
@@ -231,6 +231,7 @@ class OffloadStats:
     layers: int
     cpu: np.ndarray
     cpu_kernel: np.ndarray
+    cpu_write: np.ndarray
     gpu_wait: np.ndarray
     main_wait: np.ndarray
     h2d_bytes: int = 0
@@ -246,7 +247,7 @@ class OffloadStats:
 
     @classmethod
     def empty(cls, layers: int) -> "OffloadStats":
-        return cls(layers, *(np.zeros(layers) for _ in range(4)))
+        return cls(layers, *(np.zeros(layers) for _ in range(5)))
 
     def bottleneck(self) -> str:
         terms = {"cpu attention": self.cpu.sum(), "gpu compute or h2d": self.gpu_wait.sum()}
@@ -259,7 +260,8 @@ class OffloadStats:
                 if self.host_free_bytes is not None else "")
         return (f"offload: prefill {self.prefill_s:.2f} s, decode {self.decode_s:.2f} s over {self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms (kernel "
-                f"{self.cpu_kernel.sum() / per * 1e3:.2f} ms), waiting for gpu "
+                f"{self.cpu_kernel.sum() / per * 1e3:.2f} ms, KV writes {self.cpu_write.sum() / per * 1e3:.2f} ms), "
+                f"waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
                 f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB {self.kv_dtype}{free}; "
                 f"{self.refilled} requests refilled rows; "
@@ -644,6 +646,7 @@ class _Run:
         t1 = time.perf_counter()
         pos = positions[rows, 0]
         self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v)
+        st.cpu_write[layer] += time.perf_counter() - t1
         out = np.zeros((self.mu, 1, cfg.num_heads, cfg.value_dim), self.eng.dtype)
         t2 = time.perf_counter()
         attended = self.cache.attend(layer, self.kv_slots[k][rows], q.astype(np.float32), pos + 1,
