@@ -176,8 +176,8 @@ class LLM:
         hardware = self._hardware()
         n = len(requests)
         if hardware is None:
-            n_ub = min(2, n)
             batch = min(n, self.max_batch_size or DEFAULT_MAX_BATCH)
+            n_ub = min(2, batch)
             policy = Policy(batch_size=batch, micro_batch_size=-(-batch // n_ub), num_micro_batches=n_ub,
                             **self.offload_options)
             log.warning("policy offload: no HRM hardware profile for device %s (pass hardware=...); using %s",

@@ -129,6 +129,9 @@ def test_llm_api_with_a_fixed_policy_and_with_hrm():
                          max_batch_size=2)
     assert [c.token_ids for c in capped.generate(prompts, params)] == want
     assert capped.policy.batch_size == 2 < hrm.policy.batch_size
+    one = moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", max_batch_size=1)  # no HRM profile here
+    assert [c.token_ids for c in one.generate(prompts, params)] == want
+    assert (one.policy.batch_size, one.policy.num_micro_batches) == (1, 1)
 
 
 def test_host_memory_is_checked_before_generation(monkeypatch, caplog):
