@@ -72,7 +72,11 @@ def _prefetch(typingctx, arr, idx):
 @intrinsic
 def _claim(typingctx, counter):
     """Atomically counter[0] += 1 (an int64 array shared by the threads); returns the value before: the index
-    of the task the calling thread takes (llvm atomicrmw add, monotonic)."""
+    of the task the calling thread takes (llvm atomicrmw add, monotonic: the parallel loop's join orders the
+    tasks' writes)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
         return builder.atomic_rmw("add", ary.data, ir.Constant(ir.IntType(64), 1), "monotonic")
@@ -234,7 +238,9 @@ def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strid
     with one of them busy, a call at the engine's decode shape took 2.3-2.5x its time on free cores when the
     tasks were dealt round-robin, and 1.4-1.5x claimed (`bench_host_attention --busy-cores 1`). Each thread
     claims its next task before it attends to the current one, and prefetches that task's first K rows while
-    it finishes this one.
+    it finishes this one; its first task is its own (task w of worker w), so that with about as many tasks as
+    threads the first thread to wake does not claim them all while the others start (2 tasks on 2 threads: one
+    thread ran both, 1.9x the time, until the first tasks were dealt).
     """
     B, T, Hk, G, D = q.shape
     n_ctx = np.empty(B * T, np.int64)
@@ -245,13 +251,13 @@ def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strid
     n_tasks = B * T * Hk
     workers = min(threads, n_tasks)
     Ge, Dv = G + G % 2, out.shape[-1]
-    counter = np.zeros(1, np.int64)
+    counter = np.full(1, workers, np.int64)  # task w is thread w's first; the rest are claimed
     for w in prange(workers):
         acc = np.empty((Ge, Dv), np.float32)
         s = np.empty((Ge, _BLOCK), np.float32)
         m = np.empty(Ge, np.float32)
         l = np.empty(Ge, np.float32)
-        i = _claim(counter)
+        i = w + 0  # (a copy: numba refuses to overwrite the loop index)
         while i < n_tasks:
             nxt = _claim(counter)
             bt, h = order[i // Hk], i % Hk

@@ -1,23 +1,27 @@
-"""numba's code-generation target for the host kernels: 512-bit vectors on hosts with AVX-512.
+"""numba's code-generation target for the host kernels: 512-bit vectors on Sapphire Rapids and its successors.
 
-LLVM tunes Intel's AVX-512 server CPUs (Skylake-SP to Sapphire and Granite Rapids; the GPU machine's
-host is a Sapphire Rapids Xeon) to prefer 256-bit vectors, its "prefer-256-bit" tuning, so numba's
-vectorised loops there use half of each vector register and FMA unit. The attention kernel is
-compute-bound at DeepSeek's latent shape (16 query heads over one 576-dim KV head): on a 2-core Zen 5 VM,
-compiled with LLVM's Sapphire Rapids tuning it ran at 171 GFLOP/s (batch 64, context 1024) and at
-242 GFLOP/s with the preference dropped, as fast as with the VM's own tuning.
+LLVM tunes Intel's AVX-512 server CPUs to prefer 256-bit vectors (its "prefer-256-bit" tuning), so
+numba's vectorised loops there use half of each vector register and FMA unit. On Skylake-SP to Ice Lake
+that spares the clock, which 512-bit code lowers; from Sapphire Rapids on (the GPU machine's host, DESIGN.md
+§3) the cost is small, and the attention kernel is compute-bound at DeepSeek's latent shape (16 query heads
+over one 576-dim KV head). On a 2-core Zen 5 VM, compiled with LLVM's Sapphire Rapids tuning, the kernel ran
+at 167-169 GFLOP/s (batch 64, context 1024) and with the preference dropped at 233-239, in the same runs
+(benchmarks/RESULTS.md). AMD's Zen 4 and Zen 5 get 512-bit vectors from LLVM already.
 
 Importing this module (host_ops' kernels do, before defining any) appends "-prefer-256-bit" to numba's
-target features on a host with AVX-512. numba reads them once, when it builds its code generator at the
-first `@njit` of the process: where another library defined a numba function before host_ops was
-imported, the preference stays and `describe()` says so. NUMBA_CPU_NAME and NUMBA_CPU_FEATURES, set by
-the user, are left as they are.
+target features on a CPU of `WIDENED` with AVX-512. numba reads them once, when it builds its code
+generator at the first `@njit` of the process: where another library defined a numba function before
+host_ops was imported, the preference stays and `describe()` says so. NUMBA_CPU_NAME and
+NUMBA_CPU_FEATURES, set by the user, are left as they are. The setting holds for every numba function of
+the process.
 """
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 from numba.core import codegen, config, registry
 
 NO_256_BIT_PREFERENCE = "-prefer-256-bit"
+WIDENED = ("sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids")  # LLVM's names
 _USER_TARGET = config.CPU_NAME is not None or config.CPU_FEATURES is not None
 
 
@@ -32,12 +36,10 @@ def compiled_features() -> str:
     return registry.cpu_target.target_context.codegen().magic_tuple()[2]
 
 
-def _configure() -> None:
-    if _USER_TARGET:
-        return
-    features = host_features()
-    if "+avx512f" in features.split(","):
-        config.CPU_FEATURES = f"{features},{NO_256_BIT_PREFERENCE}"
+def widened_features(cpu: str, features: str) -> str | None:
+    """The target features for numba on CPU `cpu` with LLVM features `features`: those with the 256-bit
+    preference dropped where `cpu` is one of WIDENED and has AVX-512, else None (LLVM's own)."""
+    return f"{features},{NO_256_BIT_PREFERENCE}" if cpu in WIDENED and "+avx512f" in features.split(",") else None
 
 
 def describe() -> str:
@@ -47,10 +49,14 @@ def describe() -> str:
     if "+avx512f" not in flags:
         return f"{cpu}, no AVX-512"
     if NO_256_BIT_PREFERENCE in flags:
-        return f"{cpu}, AVX-512, 512-bit vectors"
-    how = ("as NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say" if _USER_TARGET else
-           "numba's code generator was built before host_ops was imported")
-    return f"{cpu}, AVX-512, LLVM's own vector width for this CPU ({how})"
+        return f"{cpu}, AVX-512, 512-bit vectors (LLVM's 256-bit preference dropped)"
+    if _USER_TARGET:
+        return f"{cpu}, AVX-512, as NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say"
+    if cpu in WIDENED:
+        return (f"{cpu}, AVX-512, LLVM's 256-bit preference kept: numba's code generator was built before host_ops "
+                f"was imported")
+    return f"{cpu}, AVX-512, LLVM's own vector width for this CPU"
 
 
-_configure()
+if not _USER_TARGET:
+    config.CPU_FEATURES = widened_features(llvm.get_host_cpu_name(), host_features())

@@ -8,9 +8,11 @@ the same attention over an int8 cache (`--kv-cache-dtype int8`: half the bytes, 
 runs beside it, and the table gives its speed-up over bfloat16 at each shape. With `--latent B C ...`,
 DeepSeek-V2-Lite's latent attention (16 query heads over one 576-dim KV head, values its first 512 dims;
 compute-bound, HRM's `cpu_flops`) at each batch B and context C, in GFLOP/s against NumPy's f32 matmul and,
-on a host with AVX-512, against the same kernel compiled with LLVM's own vector width for the CPU (a
-subprocess with NUMBA_CPU_FEATURES set to the host's features: `host_ops.numba_target`). Best of
---repeats for every figure (the latent rows and the matmul: best of 3, as calibrate).
+where numba compiles for 512-bit vectors against LLVM's 256-bit preference (Sapphire Rapids and later:
+`host_ops.numba_target`), against the same kernel compiled with LLVM's own vector width for the CPU (a
+subprocess with NUMBA_CPU_FEATURES set to the host's features). With `--busy-cores N`, the engine's decode
+micro-batch with N processes spinning beside the kernel's threads. Best of --repeats for every figure (the
+latent rows and the matmul: best of 3, as calibrate; --busy-cores: medians of --repeats).
 
     PYTHONPATH=. python scripts/bench_host_attention.py                       # 24 GiB / 2 cores
     PYTHONPATH=. python scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 \\
@@ -95,13 +97,15 @@ def busy_seconds(busy: int, batch: int, context: int, q_heads: int, kv_heads: in
     engine's dispatching thread and a GPU runtime's spinning waits hold cores while the kernel runs)."""
     shape = (batch, context, q_heads, kv_heads, head_dim, repeats)
     free = float(np.median(attention_seconds(*shape)[1][0]))
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    spinners = []
     try:
+        spinners += [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
         time.sleep(0.5)
         return free, float(np.median(attention_seconds(*shape)[1][0]))
     finally:
         for spinner in spinners:
             spinner.kill()
+            spinner.wait()
 
 
 def latent_gflops(shapes, features: str | None = None, threads: int | None = None) -> list[float]:
@@ -114,21 +118,22 @@ def latent_gflops(shapes, features: str | None = None, threads: int | None = Non
     env = {**os.environ, "NUMBA_CPU_FEATURES": features, "NUMBA_NUM_THREADS": str(threads)}
     done = subprocess.run([sys.executable, "-c", code, json.dumps([shapes, LATENT])], env=env, capture_output=True,
                           text=True)
-    if done.returncode:
-        raise SystemExit(f"the reference run with LLVM's own vector width failed:\n{done.stderr[-2000:]}")
+    if done.returncode or not done.stdout.strip():
+        raise SystemExit(f"the reference run with LLVM's own vector width failed (exit {done.returncode}):\n"
+                         f"{done.stderr[-2000:]}")
     return json.loads(done.stdout.splitlines()[-1])
 
 
 def print_latent(shapes, threads: int) -> None:
     plain = numba_target.host_features()
-    reference = plain != numba_target.compiled_features()
+    reference = numba_target.NO_256_BIT_PREFERENCE in numba_target.compiled_features().split(",")
     sgemm = host_matmul_flops(2048) / 1e9
     ours = latent_gflops(shapes)
     theirs = latent_gflops(shapes, plain, threads) if reference else [None] * len(shapes)
     Hq, D, Dv = LATENT
     print(f"\nlatent attention, Hq={Hq} over one KV head of D={D} (values: its first {Dv}), bfloat16, full context; "
           f"NumPy f32 matmul (2048^3): {sgemm:.0f} GFLOP/s" + ("; reference: LLVM's own vector width" if reference
-                                                                else " (no reference: the target is LLVM's own)"))
+                                                                else " (no reference: numba compiles with LLVM's own tuning here)"))
     print(f"{'batch':>6} {'context':>8} {'GFLOP/s':>8} {'/ matmul':>9}" + (f" {'reference':>10} {'x':>5}" if reference else ""))
     for (b, c), g, r in zip(shapes, ours, theirs):
         print(f"{b:>6} {c:>8} {g:>8.0f} {g / sgemm:>9.2f}" + (f" {r:>10.0f} {g / r:>5.2f}" if reference else ""))
@@ -192,7 +197,7 @@ def main(argv=None):
     if args.busy_cores:
         free, busy = busy_seconds(args.busy_cores, 256, 128, args.q_heads, args.kv_heads, args.head_dim, args.repeats)
         n = numba.get_num_threads()
-        print(f"\nwith {args.busy_cores} of {n} cores busy (spinning processes), batch 256, context 128: median "
+        print(f"\nwith {args.busy_cores} busy process(es) beside {n} threads (spinning), batch 256, context 128: median "
               f"{free * 1e3:.2f} ms free, {busy * 1e3:.2f} ms busy: x{busy / free:.2f} (the work spread over the "
               f"free cores: x{n / max(n - args.busy_cores, 1):.2f})")
     if args.latent:
