@@ -246,13 +246,15 @@ def run_job(args: argparse.Namespace) -> int:
     if not todo:
         log.info("nothing to do: all %d requests are in %s", len(ready), args.output)
         return 0
-    llm = make_llm(args, source)  # before an old OUT is replaced: a model or policy error loses nothing
+    llm = make_llm(args, source)
+    runs, prompts, params = engine_requests(todo, base)
+    llm.prepare(prompts, params)  # the engine, before an old OUT is replaced: a model or policy error loses nothing
     if fresh:
         start_output(args.output, job_meta(args, job, llm))
     elif args.output is not None:
         check_meta(args.output, job_meta(args, job, llm))  # with what the engine runs, known now
     start = time.perf_counter()
-    generated = write_completions(llm, job, todo, base, args.output)
+    generated = write_completions(llm, job, todo, runs, prompts, params, args.output)
     report(llm, len(todo), generated, start, args.dtype)
     return 0
 
@@ -263,22 +265,29 @@ def sample_seed(seed: int, sample: int) -> int:
     return seed if sample == 0 else zlib.crc32(f"{seed}:choice:{sample}".encode())
 
 
-def write_completions(llm: LLM, job: Job, todo: Ready, base: SamplingParams, output: Path | None) -> int:
-    """Runs `todo`, writing each request's line once its n completions have finished; returns the number of
-    generated tokens. On an exception (Interrupted included) the engine stops and what has finished is kept,
-    synced (a request with some of its n completions unfinished runs again on --resume)."""
-    writer, progress = CompletionWriter(output), Progress(total=len(todo))
+def engine_requests(todo: Ready, base: SamplingParams):
+    """The engine's requests for `todo`, one per completion: (runs, their prompts' token ids, their
+    SamplingParams), runs[i] = (index into todo, sample number) of engine request i."""
     per_request = [base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop or base.stop,
                                    **req.sampling}) for req, _ in todo]
-    runs = [(j, s) for j, (req, _) in enumerate(todo) for s in range(req.n)]  # (request, sample) per engine request
-    params = [per_request[j].replace(seed=sample_seed(per_request[j].seed, s)) for j, s in runs]
+    runs = [(j, s) for j, (req, _) in enumerate(todo) for s in range(req.n)]
     greedy = [j for j, (req, _) in enumerate(todo) if req.n > 1 and per_request[j].temperature == 0]
     if greedy:
         log.warning("%d request(s) ask for n > 1 completions at temperature 0 (greedy): their completions are "
                     "identical", len(greedy))
+    return (runs, [todo[j][1] for j, _ in runs],
+            [per_request[j].replace(seed=sample_seed(per_request[j].seed, s)) for j, s in runs])
+
+
+def write_completions(llm: LLM, job: Job, todo: Ready, runs, prompts, params, output: Path | None) -> int:
+    """Runs `todo` (as `engine_requests`: runs, prompts, params), writing each request's line once its n
+    completions have finished; returns the number of generated tokens. On an exception (Interrupted included)
+    the engine stops and what has finished is kept, synced (a request with some of its n completions
+    unfinished runs again on --resume)."""
+    writer, progress = CompletionWriter(output), Progress(total=len(todo))
     done: dict[int, list] = {}  # request -> its completions so far, by sample
     try:
-        with contextlib.closing(llm.generate_iter([todo[j][1] for j, _ in runs], params)) as completions:
+        with contextlib.closing(llm.generate_iter(prompts, params)) as completions:
             for i, c in completions:
                 j, s = runs[i]
                 req = todo[j][0]

@@ -218,11 +218,16 @@ class LLM:
         prompts = [encode_prompt(self.cfg, self.tokenizer, t, f"sequence {i}", room=0) for i, t in enumerate(token_ids)]
         return self.engine.logits(prompts)
 
-    def generate_iter(self, prompts: Sequence[str | Sequence[int]],
-                      params: SamplingParams | Sequence[SamplingParams] | None = None
-                      ) -> Iterator[tuple[int, Completion]]:
-        """Yields (prompt index, Completion) in the order requests finish. All prompts are validated
-        before any work starts."""
+    def prepare(self, prompts: Sequence[str | Sequence[int]],
+                params: SamplingParams | Sequence[SamplingParams] | None = None) -> None:
+        """Validate the prompts and build the engine for them, as `generate` does first: with policy "offload"
+        or "auto" (where the model does not fit the accelerator), HRM chooses the policy for these prompts and
+        the weights are placed; an infeasible policy or a memory error comes here, before any work. Later
+        `generate` calls run on this engine (the policy stays)."""
+        self._start(self._requests(prompts, params))
+
+    def _requests(self, prompts, params) -> list[Request]:
+        """The prompts and their SamplingParams as validated Requests (`generate`'s arguments)."""
         _require_batch(prompts, "prompts", "prompts (each a string or a list of token ids)")
         params = params if params is not None else SamplingParams()
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -231,9 +236,21 @@ class LLM:
         if self.tokenizer is None and (i := next((i for i, sp in enumerate(per) if sp.stop), None)) is not None:
             raise ValueError(f"prompt {i}: stop strings {per[i].stop!r} need a tokenizer; {self.name} has none "
                              f"(use stop_token_ids)")
-        requests = [Request(i, self.encode(p, f"prompt {i}"), sp,
-                            StopStrings(sp.stop, self.tokenizer.decode) if sp.stop else None)
-                    for i, (p, sp) in enumerate(zip(prompts, per))]
+        return [Request(i, self.encode(p, f"prompt {i}"), sp,
+                        StopStrings(sp.stop, self.tokenizer.decode) if sp.stop else None)
+                for i, (p, sp) in enumerate(zip(prompts, per))]
+
+    def _start(self, requests: list[Request]) -> None:
+        """Build the offload engine for `requests` if none is built."""
+        if self.engine is None and requests:
+            self._build_offload(self._choose_offload_policy(requests))
+
+    def generate_iter(self, prompts: Sequence[str | Sequence[int]],
+                      params: SamplingParams | Sequence[SamplingParams] | None = None
+                      ) -> Iterator[tuple[int, Completion]]:
+        """Yields (prompt index, Completion) in the order requests finish. All prompts are validated
+        before any work starts."""
+        requests = self._requests(prompts, params)
         if not requests:
             return
         capped = [r for r in requests if token_budget(r, self.cfg.max_positions) < r.params.max_new_tokens]
@@ -242,8 +259,7 @@ class LLM:
             log.warning("%d request(s) end at the model's context of %d positions before max_new_tokens "
                         "(finish_reason 'length'), e.g. prompt %d: %d tokens + max_new_tokens %d",
                         len(capped), self.cfg.max_positions, r.index, len(r.prompt), r.params.max_new_tokens)
-        if self.engine is None:
-            self._build_offload(self._choose_offload_policy(requests))
+        self._start(requests)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         for req, ids, reason, logprobs in self.engine.generate(requests):
             c = Completion.of(req, ids, reason, logprobs, decode)

@@ -508,7 +508,8 @@ class OffloadEngine:
         self.stats.kv_bytes, self.stats.kv_dtype = cache.nbytes, str(kv_dtype)
         _warm_host_kernels(cfg, kv_dtype, self.dtype)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
-            yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:]).run()
+            yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:],
+                            prefill_rows_per_call(cfg, T, pol.micro_batch_size)).run()
         mem = host_memory.meminfo()  # the cache's pages written, still held
         self.stats.host_free_bytes, self.stats.host_total_bytes = (mem.available, mem.total) if mem else (None, None)
         stats = jax.devices()[0].memory_stats() or {}
@@ -545,8 +546,9 @@ class _Run:
     """
 
     def __init__(self, eng: OffloadEngine, cache, cpu, requests: Sequence[Request], budgets: Sequence[int],
-                 first: list[list[int]], waiting: Sequence[int]):
+                 first: list[list[int]], waiting: Sequence[int], prefill_rows: int):
         self.eng, self.cache, self.cpu, self.requests, self.budgets = eng, cache, cpu, requests, budgets
+        self.prefill_rows = prefill_rows  # rows of every prefill call (`_start_prefill`)
         self.mu, H = eng.policy.micro_batch_size, eng.cfg.hidden_size
         self.first, self.waiting = list(first), collections.deque(waiting)
         sizes = [len(g) for g in self.first]
@@ -604,15 +606,16 @@ class _Run:
             self.writes.remove(w)
 
     def _start_prefill(self, k: int, rows: np.ndarray) -> None:
-        """Prefill calls for micro-batch k's `rows`: longest prompts first, as many rows per call as the
-        longest prompt's working set allows for a whole micro-batch (`prefill_rows_per_call` at μ rows), each
-        call padded to the bucket of its own longest prompt (shorter calls pad less, within the same memory
-        bound). The rows per call depend on the prompt bucket alone, not on how many rows start: a refill of a
-        few rows compiles no new shape in the middle of the decode (60 requests of 1-400 tokens on 16 rows of
+        """Prefill calls for micro-batch k's `rows`, longest prompts first, each call padded to the bucket of its
+        own longest prompt. Every call has the same rows, `prefill_rows`: as many as the job's longest prompt
+        bucket T allows a micro-batch (`prefill_rows_per_call` at T and μ), the rows `prefill_bytes` plans
+        with, so that no call's working set exceeds the plan (more rows for a shorter bucket would: 0.99 GiB
+        for 3 rows of 1024 tokens where 1 row of 1536 was planned at 0.54), and a refill of a few rows
+        compiles no new shape in the middle of the decode (60 requests of 1-400 tokens on 16 rows of
         tiny-mixtral: 28 shapes of the prefill call, where a row count per refill size made 44)."""
         cfg, eng = self.eng.cfg, self.eng
         rows = rows[np.argsort(-self.lens[k][rows], kind="stable")]
-        per_call = prefill_rows_per_call(cfg, bucket(int(self.lens[k][rows[0]])), self.mu)
+        per_call = self.prefill_rows
         for s in range(0, len(rows), per_call):
             part = rows[s:s + per_call]
             T = bucket(int(self.lens[k][part[0]]))

@@ -48,26 +48,12 @@ def prefill_calls(cfg: ModelConfig, mu, T: int):
     return rows, -(-np.asarray(mu) // rows)
 
 
-def _buckets_up_to(T: int) -> list[int]:
-    """The lengths a prompt of at most T tokens pads to: the buckets below T, and T."""
-    out, t = [], bucket(1)
-    while t < T:
-        out.append(t)
-        t = bucket(t + 1)
-    return out + [T]
-
-
 def prefill_bytes(cfg: ModelConfig, dtype, batch, mu, T: int):
-    """A prefill of `batch` prompts of at most T tokens in micro-batches of μ: the hidden states of every
+    """A prefill of `batch` prompts padded to T tokens in micro-batches of μ: the hidden states of every
     call's rows (all advance layer by layer; a micro-batch's last call is padded) and one call's working set.
-    An upper bound where prompts differ: a micro-batch (or a refill) whose longest prompt pads to a shorter
-    bucket T' takes the rows per call of T', more than T's, so both terms are the largest over T' <= T (where
-    a micro-batch of 15 prompts of 1024 tokens beside one of 1536 took 0.985 GiB in one call, T's figure alone
-    was 0.539)."""
-    micro_batches = -(-np.asarray(batch) // np.asarray(mu))
-    alive = work = 0
-    for t in _buckets_up_to(T):
-        rows, calls = prefill_calls(cfg, mu, t)
-        alive = np.maximum(alive, micro_batches * calls * rows * t * cfg.hidden_size * np.dtype(dtype).itemsize)
-        work = np.maximum(work, activation_bytes(cfg, rows * t) + 4 * rows * cfg.num_heads * t * t)
-    return alive + work
+    An upper bound where prompts differ: the engine takes T's rows per call for every call and pads each
+    call only to its own longest prompt."""
+    rows, calls = prefill_calls(cfg, mu, T)
+    alive = -(-np.asarray(batch) // np.asarray(mu)) * calls * rows
+    return (alive * T * cfg.hidden_size * np.dtype(dtype).itemsize
+            + activation_bytes(cfg, rows * T) + 4 * rows * cfg.num_heads * T * T)

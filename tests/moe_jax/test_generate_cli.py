@@ -239,6 +239,11 @@ def test_offload_policy_from_the_cli_matches_resident(tmp_path, capsys):
                          "--kv-cache-dtype", "int8")
     assert rc == 2 and "error: kv_cache_dtype='int8' sets how the offload engine's host KV cache" in err, err
     assert out.read_text() == before  # refused before the old output was replaced: nothing lost
+    # the offload engine is built (HRM's policy placed) before the old output is replaced too
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--overwrite", "--policy", "offload",
+                         "--gpu-memory-gb", "0.0001")
+    assert rc == 2 and "error: policy Policy(" in err and "gpu_memory_gb cap is 0.00 GiB" in err, err
+    assert out.read_text() == before
 
 
 def test_many_bad_lines_are_listed_up_to_a_limit(tmp_path, capsys):

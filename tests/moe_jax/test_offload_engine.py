@@ -134,6 +134,17 @@ def test_llm_api_with_a_fixed_policy_and_with_hrm():
     assert (one.policy.batch_size, one.policy.num_micro_batches) == (1, 1)
 
 
+def test_prepare_builds_the_engine_that_generate_then_runs():
+    prompts, params = ["abc", "hello world", "x"], SamplingParams(max_new_tokens=3)
+    want = [c.token_ids for c in moe_jax.LLM("tiny-olmoe", dtype="float32", policy="resident").generate(prompts, params)]
+    llm = moe_jax.LLM("tiny-olmoe", dtype="float32", policy="offload", hardware="l4", gpu_memory_gb=1)
+    assert llm.engine is None and llm.policy == "offload"
+    llm.prepare(prompts, params)
+    engine = llm.engine
+    assert isinstance(llm.policy, Policy) and engine is not None and llm.hrm_prediction is not None
+    assert [c.token_ids for c in llm.generate(prompts, params)] == want and llm.engine is engine
+
+
 def test_host_memory_is_checked_before_generation(monkeypatch, caplog):
     import moe_jax.offload_engine as oe
     from moe_jax.host_memory import MemInfo
