@@ -1,8 +1,8 @@
 """GPU working memory of the offload engine beyond its weights, in bytes: one formula for what HRM plans
 with and for what the engine checks before it runs. Arguments may be NumPy arrays (HRM's grid).
 
-Decode: one micro-batch of μ rows, its activations (`activation_bytes`, float32) and its
-logits [μ, V] float32. Prefill: every call's hidden states [rows, T, H] (all micro-batches advance layer by
+Decode: one micro-batch of μ rows, its activations (`activation_bytes`, float32), its
+logits [μ, V] float32 and the sampling's sort over them. Prefill: every call's hidden states [rows, T, H] (all micro-batches advance layer by
 layer) plus one call of `prefill_rows_per_call` rows: its activations over rows·T tokens and its attention
 scores [rows, Hq, T, T] float32.
 """
@@ -12,6 +12,7 @@ import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
 from moe_jax.config import ModelConfig
+from moe_jax.sampling import sample_bytes
 from moe_jax.shape_buckets import bucket, bucket_below
 
 PREFILL_CALL_BYTES = 1 << 30  # one prefill call's working set (activations, attention scores) stays within this
@@ -38,8 +39,9 @@ def prefill_rows_per_call(cfg: ModelConfig, T: int, rows: int) -> int:
 
 
 def decode_bytes(cfg: ModelConfig, mu):
-    """One decode micro-batch of μ rows: its activations and float32 logits."""
-    return activation_bytes(cfg, mu) + 4 * mu * cfg.vocab_size
+    """One decode micro-batch of μ rows: its activations, float32 logits and the sampling's temporaries
+    (`moe_jax.sampling.sample_bytes`)."""
+    return activation_bytes(cfg, mu) + 4 * mu * cfg.vocab_size + sample_bytes(cfg.vocab_size, mu)
 
 
 def prefill_calls(cfg: ModelConfig, mu, T: int):

@@ -13,6 +13,11 @@ from moe_jax.integers import integer_ids, is_integer
 
 
 MAX_TOP_LOGPROBS = 20  # most likely tokens a position reports at most (OpenAI's limit, as vLLM's default)
+# `sample` sorts the whole vocabulary of each row: XLA's temporaries were 7.0x the [rows, V] float32 logits at
+# every shape measured (CPU backend's memory analysis; a GPU's sort may need more), so rows go through it in
+# chunks whose temporaries stay near SAMPLE_TEMP_BYTES, counted as TEMP_BUFFERS logits-sized buffers per chunk.
+SAMPLE_TEMP_BYTES = 512 << 20
+TEMP_BUFFERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +100,41 @@ class Sampled(NamedTuple):
     top_logprobs: jax.Array
 
 
+def sample_rows(vocab_size: int) -> int:
+    """Rows `sample` takes through its sort at once at most: a power of two whose temporaries (TEMP_BUFFERS x
+    rows x V float32) stay within SAMPLE_TEMP_BYTES, at least 8."""
+    return max(8, 1 << (SAMPLE_TEMP_BYTES // (TEMP_BUFFERS * 4 * vocab_size)).bit_length() - 1)
+
+
+def sample_bytes(vocab_size: int, rows) -> int:
+    """GPU bytes of `sample`'s temporaries over `rows` rows (a number or a NumPy array) of V logits."""
+    return TEMP_BUFFERS * 4 * np.minimum(rows, sample_rows(vocab_size)) * vocab_size
+
+
 def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
            keys: jax.Array) -> Sampled:
     """logits [B, V] float32; temperature, top_p [B] float32; top_k [B] int32; keys [B, 2] uint32.
-    Rows with temperature 0 take the argmax."""
+    Rows with temperature 0 take the argmax. More than `sample_rows(V)` rows go through in n equal chunks
+    of at most that many (a loop; the last chunk ends at row B, overlapping the one before), each row
+    sampled as it would be alone."""
+    B, V = logits.shape
+    n = -(-B // sample_rows(V))
+    if n == 1:
+        return _sample(logits, temperature, top_p, top_k, keys)
+    rows = -(-B // n)
+
+    def chunk(i, out):
+        start = jnp.minimum(i * rows, B - rows)
+        part = _sample(*(jax.lax.dynamic_slice_in_dim(x, start, rows) for x in (logits, temperature, top_p, top_k, keys)))
+        return Sampled(*(jax.lax.dynamic_update_slice_in_dim(o, p, start, 0) for o, p in zip(out, part)))
+
+    K = min(MAX_TOP_LOGPROBS, V)
+    empty = Sampled(jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.float32), jnp.zeros((B, K), jnp.int32),
+                    jnp.zeros((B, K), jnp.float32))
+    return jax.lax.fori_loop(0, n, chunk, empty)
+
+
+def _sample(logits, temperature, top_p, top_k, keys) -> Sampled:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     vals, idx = jax.lax.top_k(logits / t, logits.shape[-1])  # sorted descending

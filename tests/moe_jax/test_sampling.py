@@ -131,3 +131,37 @@ def test_generated_logprobs_equal_the_logits_of_the_sequence(llm):
     assert [len(t) for t in top] == [3] * len(outs[0].token_ids)
     assert [t[0][0] for t in top] == outs[0].token_ids  # greedy: the token is the most likely one
     assert all(a[1] >= b[1] for t in top for a, b in zip(t, t[1:]))
+
+
+def test_rows_sampled_in_chunks_equal_rows_sampled_at_once(monkeypatch):
+    """Many rows go through the sort in equal chunks (the last overlapping the one before): every row's
+    token and log-probabilities as when all rows are sampled at once."""
+    from moe_jax import sampling
+
+    B, V = 77, 300
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(B, V)) * 3).astype(np.float32)
+    args = (logits, rng.choice([0.0, 0.7, 1.0], B).astype(np.float32), rng.choice([1.0, 0.9, 0.5], B).astype(np.float32),
+            rng.choice([0, 5, 50], B).astype(np.int32), jax.random.split(jax.random.PRNGKey(1), B))
+    whole = sampling._sample(*args)
+    monkeypatch.setattr(sampling, "SAMPLE_TEMP_BYTES", sampling.TEMP_BUFFERS * 4 * V * 16)
+    assert sampling.sample_rows(V) == 16  # 5 chunks of 16 rows, the last starting at row 61
+    chunked = sample(*args)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(set(np.asarray(chunked.tokens).tolist())) > 10
+
+
+@pytest.mark.parametrize("rows", [64, 1000])
+def test_the_sampling_plan_bounds_xlas_temporaries(rows):
+    """`sample_bytes` (the offload engine's and HRM's plan of the sampling) is at least what XLA compiles the
+    sampling to use beside its logits, in one chunk (64 rows) and in several (1000 rows of 32768 logits)."""
+    import jax.numpy as jnp
+    from moe_jax.sampling import sample_bytes
+
+    V = 32768
+    shapes = [((rows, V), jnp.float32), ((rows,), jnp.float32), ((rows,), jnp.float32), ((rows,), jnp.int32),
+              ((rows, 2), jnp.uint32)]
+    compiled = jax.jit(sample).lower(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert 0 < temp <= sample_bytes(V, rows)

@@ -183,7 +183,8 @@ def test_ragged_prompts_are_priced_at_their_mean_and_own_padding(mixtral):
     mean = predict(mixtral, "h100-80gb", r.policy, job.prompt_positions[N] / N, 64, prefill_len=192,
                    kv_positions=job.kv_positions)
     assert r.per_layer_seconds["cpu"] == pytest.approx(mean.per_layer_seconds["cpu"], rel=1e-9)
-    assert r.per_layer_seconds["cpu"] < 0.8 * longest.per_layer_seconds["cpu"]
+    # the N admitted first are the longest prompts (largest need first): their mean context is ~0.8 of the longest's
+    assert r.per_layer_seconds["cpu"] < 0.85 * longest.per_layer_seconds["cpu"]
     assert r.prefill_seconds < 0.75 * longest.prefill_seconds
     assert r.gpu_memory_bytes == longest.gpu_memory_bytes  # the prefill's memory stays planned at 192 tokens
     assert r.tokens_per_s > longest.tokens_per_s
