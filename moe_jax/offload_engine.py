@@ -613,7 +613,7 @@ class _Run:
         for 3 rows of 1024 tokens where 1 row of 1536 was planned at 0.54), and a refill of a few rows
         compiles no new shape in the middle of the decode (60 requests of 1-400 tokens on 16 rows of
         tiny-mixtral: 28 shapes of the prefill call, where a row count per refill size made 44)."""
-        cfg, eng = self.eng.cfg, self.eng
+        eng = self.eng
         rows = rows[np.argsort(-self.lens[k][rows], kind="stable")]
         per_call = self.prefill_rows
         for s in range(0, len(rows), per_call):
