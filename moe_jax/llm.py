@@ -220,11 +220,15 @@ class LLM:
 
     def prepare(self, prompts: Sequence[str | Sequence[int]],
                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> None:
-        """Validate the prompts and build the engine for them, as `generate` does first: with policy "offload"
-        or "auto" (where the model does not fit the accelerator), HRM chooses the policy for these prompts and
-        the weights are placed; an infeasible policy or a memory error comes here, before any work. Later
-        `generate` calls run on this engine (the policy stays)."""
-        self._start(self._requests(prompts, params))
+        """Validate the prompts, build the engine for them and check its memory for them, as `generate` does
+        first: with policy "offload" or "auto" (where the model does not fit the accelerator), HRM chooses the
+        policy for these prompts and the weights are placed; an infeasible policy or a memory error (the
+        engine's own, its KV cache's, its prefill's) comes here, before any work. Later `generate` calls run
+        on this engine (the policy stays: sized for these prompts)."""
+        requests = self._requests(prompts, params)
+        self._start(requests)
+        if requests:
+            self.engine.check(requests)
 
     def _requests(self, prompts, params) -> list[Request]:
         """The prompts and their SamplingParams as validated Requests (`generate`'s arguments)."""

@@ -104,6 +104,17 @@ def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_position
                     totals(prompts), totals([bucket(int(n)) for n in prompts]))
 
 
+class _JobPlan(NamedTuple):
+    """A `generate` call's requests as the engine runs them (`OffloadEngine._plan`)."""
+
+    budget: list[int]  # per request, the tokens it may generate (`token_budget`)
+    order: list[int]  # `admission_order`
+    first: list[list[int]]  # the requests of each micro-batch's first fill
+    capacities: np.ndarray  # host KV positions of each row's slot
+    kv_dtype: np.dtype
+    prefill_rows: int  # rows of every prefill call (`_Run._start_prefill`)
+
+
 class OffloadMemoryError(MemoryError):
     """The policy does not fit the GPU memory cap or the host memory; raised before any work."""
 
@@ -482,13 +493,15 @@ class OffloadEngine:
 
     # ---- generation ----
 
-    def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str, list | None]]:
-        """Yields (request, generated token ids, finish_reason, logprobs) as requests finish (logprobs as the
-        resident engine's)."""
-        if not requests:
-            return
+    def check(self, requests: Sequence[Request]) -> None:
+        """The memory checks of a `generate` of these requests (its host KV cache, its prefill's GPU memory),
+        without running it: OffloadMemoryError before any work."""
+        if requests:
+            self._plan(requests)
+
+    def _plan(self, requests: Sequence[Request]) -> _JobPlan:
+        """The requests' admission, KV slots and prefill bucket, the host and GPU memory for them checked."""
         cfg, pol = self.cfg, self.policy
-        self.stats = OffloadStats.empty(cfg.num_layers)  # the stats of this call
         budget = [token_budget(r, cfg.max_positions) for r in requests]
         lengths = [len(r.prompt) for r in requests]
         order = admission_order(lengths, budget)
@@ -503,13 +516,22 @@ class OffloadEngine:
         T = bucket(max(lengths))
         self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
                                f"prefill of prompts up to {T} tokens")
+        return _JobPlan(budget, order, first, capacities, kv_dtype, prefill_rows_per_call(cfg, T, pol.micro_batch_size))
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str, list | None]]:
+        """Yields (request, generated token ids, finish_reason, logprobs) as requests finish (logprobs as the
+        resident engine's)."""
+        if not requests:
+            return
+        cfg, pol = self.cfg, self.policy
+        self.stats = OffloadStats.empty(cfg.num_layers)  # the stats of this call
+        budget, order, first, capacities, kv_dtype, prefill_rows = self._plan(requests)
         cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
                             _cache_value_dim(cfg))
         self.stats.kv_bytes, self.stats.kv_dtype = cache.nbytes, str(kv_dtype)
         _warm_host_kernels(cfg, kv_dtype, self.dtype)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
-            yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:],
-                            prefill_rows_per_call(cfg, T, pol.micro_batch_size)).run()
+            yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:], prefill_rows).run()
         mem = host_memory.meminfo()  # the cache's pages written, still held
         self.stats.host_free_bytes, self.stats.host_total_bytes = (mem.available, mem.total) if mem else (None, None)
         stats = jax.devices()[0].memory_stats() or {}

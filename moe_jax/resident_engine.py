@@ -131,14 +131,32 @@ class ResidentEngine:
                 raise MemoryError(f"policy 'resident' needs {weights / 2**30:.1f} GiB{extra} but {what} is "
                                   f"{value / 2**30:.1f} GiB: use a smaller max_batch_size or policy 'offload'")
 
-    def _cache(self, batch: int, length: int):
-        """The KV cache: k, and v (None where the values are the keys' first dims, `values_in_keys`)."""
+    def _cache_shapes(self, batch: int, length: int):
+        """Shapes of the KV cache's k and v (None where the values are the keys' first dims, `values_in_keys`),
+        checked to fit with the weights."""
         cfg = self.cfg
         shape = (cfg.num_layers, batch, length, cfg.num_kv_heads)
         k_shape, v_shape = (*shape, cfg.head_dim), None if cfg.values_in_keys else (*shape, cfg.value_dim)
         self._check_fits(self._cap, sum(int(np.prod(s)) for s in (k_shape, v_shape) if s) * self.dtype.itemsize,
                          f"{batch} sequences x {length} positions")
+        return k_shape, v_shape
+
+    def _cache(self, batch: int, length: int):
+        """The KV cache: k, and v (None where the values are the keys' first dims)."""
+        k_shape, v_shape = self._cache_shapes(batch, length)
         return jnp.zeros(k_shape, self.dtype), None if v_shape is None else jnp.zeros(v_shape, self.dtype)
+
+    def _rows_and_length(self, requests: Sequence[Request], budgets: Sequence[int]) -> tuple[int, int]:
+        """(rows, positions) of a `generate` call's KV cache: the bucketed batch, the bucketed largest need."""
+        return (bucket(min(len(requests), self.max_batch_size), 1),
+                bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets))))
+
+    def check(self, requests: Sequence[Request]) -> None:
+        """The memory check of a `generate` of these requests (its KV cache beside the weights), without
+        running it: MemoryError before any work."""
+        if requests:
+            self._cache_shapes(*self._rows_and_length(requests, [token_budget(r, self.cfg.max_positions)
+                                                                 for r in requests]))
 
     def logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """float32 [len_i, vocab] per prompt, in batches of at most max_batch_size."""
@@ -166,8 +184,7 @@ class ResidentEngine:
         budgets = [token_budget(r, cfg.max_positions) for r in requests]
         waiting = collections.deque(sorted(zip(requests, budgets), key=lambda rb: -len(rb[0].prompt)))
         usable = min(len(requests), self.max_batch_size)  # rows that take requests; the rest pad the bucket
-        B = bucket(usable, 1)
-        S = bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets)))
+        B, S = self._rows_and_length(requests, budgets)
         cache = self._cache(B, S)
         req: list[Request | None] = [None] * B
         budget = np.zeros(B, np.int64)

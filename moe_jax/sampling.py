@@ -103,12 +103,13 @@ class Sampled(NamedTuple):
 def sample_rows(vocab_size: int) -> int:
     """Rows `sample` takes through its sort at once at most: a power of two whose temporaries (TEMP_BUFFERS x
     rows x V float32) stay within SAMPLE_TEMP_BYTES, at least 8."""
-    return max(8, 1 << (SAMPLE_TEMP_BYTES // (TEMP_BUFFERS * 4 * vocab_size)).bit_length() - 1)
+    return max(8, 1 << max(SAMPLE_TEMP_BYTES // (TEMP_BUFFERS * 4 * vocab_size), 1).bit_length() - 1)
 
 
-def sample_bytes(vocab_size: int, rows) -> int:
-    """GPU bytes of `sample`'s temporaries over `rows` rows (a number or a NumPy array) of V logits."""
-    return TEMP_BUFFERS * 4 * np.minimum(rows, sample_rows(vocab_size)) * vocab_size
+def sample_bytes(vocab_size: int, rows):
+    """GPU bytes of `sample`'s temporaries over `rows` rows (a number or a NumPy array) of V logits, with 1 MiB
+    for what does not scale with them (XLA's excess over 8 buffers was at most 256 KiB, at tiny vocabularies)."""
+    return TEMP_BUFFERS * 4 * np.minimum(rows, sample_rows(vocab_size)) * vocab_size + (1 << 20)
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
@@ -119,19 +120,18 @@ def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: j
     sampled as it would be alone."""
     B, V = logits.shape
     n = -(-B // sample_rows(V))
-    if n == 1:
-        return _sample(logits, temperature, top_p, top_k, keys)
+    args = (logits, temperature, top_p, top_k, keys)
+    if n <= 1:
+        return _sample(*args)
     rows = -(-B // n)
 
     def chunk(i, out):
         start = jnp.minimum(i * rows, B - rows)
-        part = _sample(*(jax.lax.dynamic_slice_in_dim(x, start, rows) for x in (logits, temperature, top_p, top_k, keys)))
+        part = _sample(*(jax.lax.dynamic_slice_in_dim(x, start, rows) for x in args))
         return Sampled(*(jax.lax.dynamic_update_slice_in_dim(o, p, start, 0) for o, p in zip(out, part)))
 
-    K = min(MAX_TOP_LOGPROBS, V)
-    empty = Sampled(jnp.zeros(B, jnp.int32), jnp.zeros(B, jnp.float32), jnp.zeros((B, K), jnp.int32),
-                    jnp.zeros((B, K), jnp.float32))
-    return jax.lax.fori_loop(0, n, chunk, empty)
+    one = jax.eval_shape(_sample, *(x[:rows] for x in args))  # a chunk's outputs: their dtypes and widths
+    return jax.lax.fori_loop(0, n, chunk, Sampled(*(jnp.zeros((B, *o.shape[1:]), o.dtype) for o in one)))
 
 
 def _sample(logits, temperature, top_p, top_k, keys) -> Sampled:

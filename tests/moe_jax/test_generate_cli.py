@@ -244,6 +244,12 @@ def test_offload_policy_from_the_cli_matches_resident(tmp_path, capsys):
                          "--gpu-memory-gb", "0.0001")
     assert rc == 2 and "error: policy Policy(" in err and "gpu_memory_gb cap is 0.00 GiB" in err, err
     assert out.read_text() == before
+    long = tmp_path / "long.jsonl"  # the engine fits, the prefill of these prompts does not: checked first too
+    long.write_text("".join(json.dumps({"id": i, "prompt": "x" * 1500}) + "\n" for i in range(4)))
+    rc, _, err = run_cli(capsys, "--input", long, "--output", out, "--overwrite", "--policy", "offload",
+                         "--gpu-memory-gb", "0.01", "--dtype", "float32", "--max-new-tokens", "2")
+    assert rc == 2 and "for the prefill of prompts up to 1536 tokens" in err, err
+    assert out.read_text() == before
 
 
 def test_many_bad_lines_are_listed_up_to_a_limit(tmp_path, capsys):

@@ -143,6 +143,13 @@ def test_prepare_builds_the_engine_that_generate_then_runs():
     engine = llm.engine
     assert isinstance(llm.policy, Policy) and engine is not None and llm.hrm_prediction is not None
     assert [c.token_ids for c in llm.generate(prompts, params)] == want and llm.engine is engine
+    fixed = moe_jax.LLM("tiny-olmoe", dtype="float32", policy=Policy(batch_size=2, micro_batch_size=1,
+                                                                     num_micro_batches=2), gpu_memory_gb=0.002)
+    with pytest.raises(OffloadMemoryError, match="for the prefill of prompts up to 1536 tokens"):
+        fixed.prepare(["x" * 1500])  # the engine fits the cap; this prompt's prefill does not
+    resident = moe_jax.LLM("tiny-olmoe", dtype="float32", policy="resident", gpu_memory_gb=0.002)
+    with pytest.raises(MemoryError, match="for the KV cache of 1 sequences x 2048 positions"):
+        resident.prepare(["x" * 1500], SamplingParams(max_new_tokens=1500))
 
 
 def test_host_memory_is_checked_before_generation(monkeypatch, caplog):

@@ -136,6 +136,7 @@ def test_generated_logprobs_equal_the_logits_of_the_sequence(llm):
 def test_rows_sampled_in_chunks_equal_rows_sampled_at_once(monkeypatch):
     """Many rows go through the sort in equal chunks (the last overlapping the one before): every row's
     token and log-probabilities as when all rows are sampled at once."""
+    import jax.numpy as jnp
     from moe_jax import sampling
 
     B, V = 77, 300
@@ -150,16 +151,17 @@ def test_rows_sampled_in_chunks_equal_rows_sampled_at_once(monkeypatch):
     for a, b in zip(whole, chunked):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert len(set(np.asarray(chunked.tokens).tolist())) > 10
+    bf16 = sample(logits.astype(jnp.bfloat16), *args[1:])  # chunks keep the logits' dtype, as one call does
+    assert bf16.logprob.dtype == sampling._sample(logits.astype(jnp.bfloat16), *args[1:]).logprob.dtype
 
 
-@pytest.mark.parametrize("rows", [64, 1000])
-def test_the_sampling_plan_bounds_xlas_temporaries(rows):
+@pytest.mark.parametrize("rows, V", [(64, 32768), (1000, 32768), (1000, 151936), (8, 21)])
+def test_the_sampling_plan_bounds_xlas_temporaries(rows, V):
     """`sample_bytes` (the offload engine's and HRM's plan of the sampling) is at least what XLA compiles the
-    sampling to use beside its logits, in one chunk (64 rows) and in several (1000 rows of 32768 logits)."""
+    sampling to use beside its logits: in one chunk (64 of 32768 logits), in two (1000 of 32768), in 16
+    (1000 of Qwen3's 151936) and at a tiny vocabulary."""
     import jax.numpy as jnp
     from moe_jax.sampling import sample_bytes
-
-    V = 32768
     shapes = [((rows, V), jnp.float32), ((rows,), jnp.float32), ((rows,), jnp.float32), ((rows,), jnp.int32),
               ((rows, 2), jnp.uint32)]
     compiled = jax.jit(sample).lower(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes)).compile()
