@@ -1,4 +1,4 @@
-"""The Python API: `LLM(model, dtype=..., policy=...)` with `.logits` and `.generate`."""
+"""The Python API: `LLM(model, dtype=..., policy=...)` with `.logits`, `.generate` and `.prepare`."""
 from __future__ import annotations
 
 import logging
@@ -64,7 +64,7 @@ class LLM:
 
     model: a directory with config.json + *.safetensors [+ tokenizer.json], a preset name, or a ModelSource.
     policy: "resident" (everything on the accelerator), "offload" (CGOPipe with the policy HRM picks
-      for the first `generate` call's workload), "auto" (resident when the model fits the accelerator,
+      for the workload of the first `generate` or `prepare` call), "auto" (resident when the model fits the accelerator,
       else offload), or a `moe_jax.Policy` (offload with exactly that policy).
     max_batch_size: the most sequences decoding at once (default: 64 on the resident engine, HRM's choice
       when it picks the offload policy, which it then caps).
@@ -75,7 +75,8 @@ class LLM:
       cache stores K and V: "auto" (the model's dtype) or "int8" (lossy, about half the bytes: twice the
       sequences in the same host memory; `moe_jax.Policy`). A `moe_jax.Policy` carries its own of both.
     The engine (and the weights' placement) is built when first needed: at construction for
-    "resident" or a Policy, at the first `generate` for "offload" and "auto" when they choose offload.
+    "resident" or a Policy, at the first `generate` (or `prepare`) for "offload" and "auto" when they choose
+    offload.
     """
 
     def __init__(self, model: str | ModelSource, *, dtype: str = "bfloat16", policy="auto",
@@ -222,7 +223,8 @@ class LLM:
                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> None:
         """Validate the prompts, build the engine for them and check its memory for them, as `generate` does
         first: with policy "offload" or "auto" (where the model does not fit the accelerator), HRM chooses the
-        policy for these prompts and the weights are placed; an infeasible policy or a memory error (the
+        policy for these prompts (without a hardware profile: a fallback policy, logged) and the weights are
+        placed; an infeasible policy or a memory error (the
         engine's own, its KV cache's, its prefill's) comes here, before any work. Later `generate` calls run
         on this engine (the policy stays: sized for these prompts)."""
         requests = self._requests(prompts, params)

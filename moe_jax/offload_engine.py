@@ -231,8 +231,8 @@ def _jitted(cfg: ModelConfig, moe_impl: str, to_device, to_host):
 class OffloadStats:
     """Seconds per layer, summed over one `generate` call. cpu: attention in the worker (the decode's k/v
     writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write: of
-    it, the attention kernel's calls alone (`HostKVCache.attend`) and the k/v writes (`HostKVCache.write`); gpu_wait: the
-    worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
+    it, the attention kernel's calls alone (`HostKVCache.attend`) and the decode's k/v writes (`HostKVCache.write`);
+    gpu_wait: the worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). h2d_bytes: expert bytes streamed. prefill_s: the
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
     finished ones (interleaved with decode steps). kv_bytes, kv_dtype: the host KV cache; host_free_bytes: the host's
@@ -500,7 +500,8 @@ class OffloadEngine:
             self._plan(requests)
 
     def _plan(self, requests: Sequence[Request]) -> _JobPlan:
-        """The requests' admission, KV slots and prefill bucket, the host and GPU memory for them checked."""
+        """The requests' admission, KV slots, cache dtype and prefill rows per call (`_JobPlan`), the host and
+        GPU memory for them checked."""
         cfg, pol = self.cfg, self.policy
         budget = [token_budget(r, cfg.max_positions) for r in requests]
         lengths = [len(r.prompt) for r in requests]
@@ -635,9 +636,8 @@ class _Run:
         for 3 rows of 1024 tokens where 1 row of 1536 was planned at 0.54), and a refill of a few rows
         compiles no new shape in the middle of the decode (60 requests of 1-400 tokens on 16 rows of
         tiny-mixtral: 28 shapes of the prefill call, where a row count per refill size made 44)."""
-        eng = self.eng
+        eng, per_call = self.eng, self.prefill_rows
         rows = rows[np.argsort(-self.lens[k][rows], kind="stable")]
-        per_call = self.prefill_rows
         for s in range(0, len(rows), per_call):
             part = rows[s:s + per_call]
             T = bucket(int(self.lens[k][part[0]]))

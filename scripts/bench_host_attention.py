@@ -115,7 +115,7 @@ def latent_gflops(shapes, features: str | None = None, threads: int | None = Non
         return [host_attention_flops(b, c, *LATENT) / 1e9 for b, c in shapes]
     code = ("import json, sys; from moe_jax.hrm.calibrate import host_attention_flops as f; "
             "shapes, latent = json.loads(sys.argv[1]); print(json.dumps([f(b, c, *latent) / 1e9 for b, c in shapes]))")
-    env = {**os.environ, "NUMBA_CPU_FEATURES": features, "NUMBA_NUM_THREADS": str(threads)}
+    env = {**os.environ, "NUMBA_CPU_FEATURES": features, **({"NUMBA_NUM_THREADS": str(threads)} if threads else {})}
     done = subprocess.run([sys.executable, "-c", code, json.dumps([shapes, LATENT])], env=env, capture_output=True,
                           text=True)
     if done.returncode or not done.stdout.strip():
@@ -125,11 +125,14 @@ def latent_gflops(shapes, features: str | None = None, threads: int | None = Non
 
 
 def print_latent(shapes, threads: int) -> None:
+    """The latent attention's table: GFLOP/s at each (batch, context), against NumPy's matmul and, where numba
+    compiles for 512-bit vectors against LLVM's preference, against LLVM's own width (`latent_gflops`)."""
     plain = numba_target.host_features()
     reference = numba_target.NO_256_BIT_PREFERENCE in numba_target.compiled_features().split(",")
+    # the reference first: a failed subprocess then throws nothing measured away
+    theirs = latent_gflops(shapes, plain, threads) if reference else [None] * len(shapes)
     sgemm = host_matmul_flops(2048) / 1e9
     ours = latent_gflops(shapes)
-    theirs = latent_gflops(shapes, plain, threads) if reference else [None] * len(shapes)
     Hq, D, Dv = LATENT
     print(f"\nlatent attention, Hq={Hq} over one KV head of D={D} (values: its first {Dv}), bfloat16, full context; "
           f"NumPy f32 matmul (2048^3): {sgemm:.0f} GFLOP/s" + ("; reference: LLVM's own vector width" if reference
@@ -159,6 +162,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                    help="numba threads for both measurements (default: all cores)")
     args = p.parse_args(argv)
+    if args.busy_cores < 0:
+        p.error(f"--busy-cores must be >= 0, got {args.busy_cores}")
     if len(args.latent) % 2:
         p.error(f"--latent takes (batch, context) pairs, got {len(args.latent)} numbers")
     numba.set_num_threads(args.threads)

@@ -15,7 +15,7 @@
 #      (issue 3: the prefetching kernel on the 16-core host; since the ninth session also its tasks claimed
 #      from a counter, timed with one core busy, and 512-bit vectors against LLVM's 256-bit tuning of the
 #      host's Sapphire Rapids at DeepSeek's latent shape) and bench_offload_quick (the engine with these
-#      changes, and the CPU term's split into the kernel and the rest);
+#      changes, and the CPU term's split into the kernel, the KV writes and the rest);
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
 #      − 30): bench_offload (issue 5: all 32 layers at 16 GiB, ~5 min predicted); later sessions one long
 #      step each: bench_policies (issue 6), then issue 7's bench_throughput_g64_exp4 (the experts coded in

@@ -4,7 +4,10 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
+import pytest
+
 import host_ops
+from host_ops import numba_target
 
 
 def _bench():
@@ -41,19 +44,19 @@ def test_bench_times_latent_attention_against_llvms_vector_width(capsys):
     _bench().main([*TINY, "--kv-dtype", "bfloat16", "--latent", "4", "64", "2", "128"])
     lines = capsys.readouterr().out.strip().splitlines()
     i = next(i for i, line in enumerate(lines) if line.startswith("latent attention"))
-    reference = host_ops.numba_target.NO_256_BIT_PREFERENCE in host_ops.numba_target.compiled_features().split(",")
+    reference = numba_target.NO_256_BIT_PREFERENCE in numba_target.compiled_features().split(",")
     assert ("reference: LLVM's own vector width" in lines[i]) == reference
     rows = [line.split() for line in lines[i + 2:]]
     assert [r[:2] for r in rows] == [["4", "64"], ["2", "128"]]
     assert all(len(r) == (6 if reference else 4) and float(r[2]) > 0 for r in rows)
 
 
-def test_bench_refuses_an_odd_latent_list(capsys):
-    import pytest
-
+@pytest.mark.parametrize("flags, message", [(["--latent", "2", "16", "3"], "--latent takes (batch, context) pairs, got 3 numbers"),
+                                            (["--busy-cores", "-1"], "--busy-cores must be >= 0, got -1")])
+def test_bench_refuses_bad_flags(capsys, flags, message):
     with pytest.raises(SystemExit):
-        _bench().main([*TINY, "--latent", "2", "16", "3"])
-    assert "--latent takes (batch, context) pairs, got 3 numbers" in capsys.readouterr().err
+        _bench().main([*TINY, *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_bench_times_the_decode_shape_with_cores_busy(capsys):

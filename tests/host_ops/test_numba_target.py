@@ -12,7 +12,7 @@ import pytest
 
 from host_ops import numba_target
 
-WIDENED = numba_target.widened_features(llvm.get_host_cpu_name(), numba_target.host_features())
+HOST_WIDENED = numba_target.widened_features(llvm.get_host_cpu_name(), numba_target.host_features())
 user_target = pytest.mark.skipif(numba_target._USER_TARGET, reason="NUMBA_CPU_NAME / NUMBA_CPU_FEATURES set")
 
 
@@ -34,9 +34,9 @@ def test_the_256_bit_preference_is_dropped_on_sapphire_rapids_and_later_with_avx
 
 @user_target
 def test_this_process_compiles_for_the_hosts_features_widened_where_it_pays():
-    assert numba_target.compiled_features() == (WIDENED or numba_target.host_features())
+    assert numba_target.compiled_features() == (HOST_WIDENED or numba_target.host_features())
     said = numba_target.describe()
-    if WIDENED:
+    if HOST_WIDENED:
         assert said.endswith("AVX-512, 512-bit vectors (LLVM's 256-bit preference dropped)")
     else:
         assert said.endswith(("no AVX-512", "LLVM's own vector width for this CPU"))
