@@ -228,8 +228,8 @@ class LLM:
         engine's own, its KV cache's, its prefill's) comes here, before any work. Later `generate` calls run
         on this engine (the policy stays: sized for these prompts)."""
         requests = self._requests(prompts, params)
-        self._start(requests)
         if requests:
+            self._start(requests)
             self.engine.check(requests)
 
     def _requests(self, prompts, params) -> list[Request]:
@@ -247,8 +247,8 @@ class LLM:
                 for i, (p, sp) in enumerate(zip(prompts, per))]
 
     def _start(self, requests: list[Request]) -> None:
-        """Build the offload engine for `requests` if none is built."""
-        if self.engine is None and requests:
+        """Build the offload engine for `requests` (not empty) if none is built."""
+        if self.engine is None:
             self._build_offload(self._choose_offload_policy(requests))
 
     def generate_iter(self, prompts: Sequence[str | Sequence[int]],
