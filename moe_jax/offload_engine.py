@@ -586,7 +586,8 @@ class _Run:
         self.no_join = (jnp.zeros((self.mu, H), eng.dtype), np.zeros(self.mu, bool))
         self.h_join = [None] * len(sizes)  # [μ, H] last prompt hidden state of the JOIN rows, per micro-batch
         self.prefills: list[_PrefillCall] = []
-        self.writes: list[concurrent.futures.Future] = []  # prefill k/v writes in the CPU worker
+        # prefill k/v writes in the CPU worker, oldest first, with the bytes of pinned k/v each holds
+        self.writes: list[tuple[concurrent.futures.Future, int]] = []
 
     def _pad(self, rows: np.ndarray, fill=0) -> np.ndarray:
         out = np.full((self.mu, *rows.shape[1:]), fill, rows.dtype)
@@ -624,8 +625,8 @@ class _Run:
                 params = [self.requests[self.req[k][b]].params for b in rows]
                 self.samp[k] = set_sampling_rows(self.samp[k], rows, params)
                 self._start_prefill(k, np.array(rows))
-        for w in [w for w in self.writes if w.done()]:  # finished KV writes: surface any error, let go
-            w.result()
+        for w in [w for w in self.writes if w[0].done()]:  # finished KV writes: surface any error, let go
+            w[0].result()
             self.writes.remove(w)
 
     def _start_prefill(self, k: int, rows: np.ndarray) -> None:
@@ -706,7 +707,10 @@ class _Run:
                                                   eng._chunk(calls))
             eng._store(calls, fetched)
             calls += 1
-            self.writes.append(self.cpu.submit(self._prefill_writeback, i, call, kk, v))
+            staged = kk.nbytes + (0 if v is None else v.nbytes)
+            while self.writes and sum(b for _, b in self.writes) + staged > pinned_pool.STAGED_BYTES:
+                self.writes.pop(0)[0].result()  # the pool holds the k/v until they are written
+            self.writes.append((self.cpu.submit(self._prefill_writeback, i, call, kk, v), staged))
             call.layer += 1
             if call.layer == L:  # the prompt is through: its rows join at the next last-layer call
                 n = len(call.rows)
@@ -785,5 +789,5 @@ class _Run:
                 t0, step = now, step + 1
         finally:  # the worker's tasks hold this run's buffers: wait for them; stopped by an error (or Ctrl-C),
             # let that one through rather than a task's own error
-            for f in [*futs.values(), *self.writes]:
+            for f in [*futs.values(), *(w for w, _ in self.writes)]:
                 f.result() if finished else f.exception()

@@ -269,6 +269,32 @@ def test_prefill_calls_pad_to_their_own_longest_prompt(monkeypatch):
     assert all(T == bucket(longest) for T, longest in shapes)
 
 
+@pytest.mark.parametrize("staged", [1, None])
+def test_prefill_kv_staged_in_pinned_memory_is_bounded(monkeypatch, staged):
+    """The prefill's k/v wait in the pinned pool until the CPU writes them: with STAGED_BYTES at 1 byte, the
+    engine waits for each write before the next call's k/v are staged, even when the writes are slower than
+    the GPU (here: 20 ms each); unbounded (the default, much larger than these k/v) they pile up."""
+    import time
+
+    import moe_jax.offload_engine as oe
+    from moe_jax import pinned_pool
+
+    if staged is not None:
+        monkeypatch.setattr(pinned_pool, "STAGED_BYTES", staged)
+    pending, writeback = [], oe._Run._prefill_writeback
+
+    def slow_writeback(self, *args):
+        pending.append(sum(not f.done() for f, _ in self.writes))
+        time.sleep(0.02)
+        return writeback(self, *args)
+
+    monkeypatch.setattr(oe._Run, "_prefill_writeback", slow_writeback)
+    source = open_model("tiny-mixtral")
+    got, _ = offload_tokens(source, Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2))
+    assert got == resident_tokens(source)
+    assert (max(pending) == 1) == (staged is not None) and max(pending) >= 1
+
+
 def test_a_row_past_its_kv_slot_is_an_error(monkeypatch):
     """The invariant the slots rely on, broken on purpose (smallest needs admitted first): a row whose request
     outgrows its slot (its prompt's k/v, or a decoded token's) stops the run with the cache's error, never
