@@ -233,7 +233,9 @@ class OffloadStats:
     writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write: of
     it, the attention kernel's calls alone (`HostKVCache.attend`) and the decode's k/v writes (`HostKVCache.write`);
     gpu_wait: the worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
-    thread waiting for CPU attention (CPU-bound time). h2d_bytes: expert bytes streamed. prefill_s: the
+    thread waiting for CPU attention (CPU-bound time). prefill_write: the worker writing prompts' k/v into the
+    host cache (the first fill's and the refills'); prefill_wait: the dispatching thread waiting for those
+    writes, so that at most `pinned_pool.STAGED_BYTES` of k/v wait in pinned memory. h2d_bytes: expert bytes streamed. prefill_s: the
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
     finished ones (interleaved with decode steps). kv_bytes, kv_dtype: the host KV cache; host_free_bytes: the host's
     MemAvailable at the end of the run, the cache still held (what the pinned pool, the cache and the rest
@@ -245,6 +247,8 @@ class OffloadStats:
     cpu_write: np.ndarray
     gpu_wait: np.ndarray
     main_wait: np.ndarray
+    prefill_write: np.ndarray
+    prefill_wait: np.ndarray
     h2d_bytes: int = 0
     decode_steps: int = 0
     refilled: int = 0
@@ -258,7 +262,7 @@ class OffloadStats:
 
     @classmethod
     def empty(cls, layers: int) -> "OffloadStats":
-        return cls(layers, *(np.zeros(layers) for _ in range(5)))
+        return cls(layers, *(np.zeros(layers) for _ in range(7)))
 
     def bottleneck(self) -> str:
         terms = {"cpu attention": self.cpu.sum(), "gpu compute or h2d": self.gpu_wait.sum()}
@@ -269,7 +273,9 @@ class OffloadStats:
         peak = f", peak GPU {self.peak_gpu_bytes / 2**30:.2f} GiB" if self.peak_gpu_bytes else ""
         free = (f", host free {self.host_free_bytes / 2**30:.1f} of {self.host_total_bytes / 2**30:.1f} GiB"
                 if self.host_free_bytes is not None else "")
-        return (f"offload: prefill {self.prefill_s:.2f} s, decode {self.decode_s:.2f} s over {self.decode_steps} steps; "
+        return (f"offload: prefill {self.prefill_s:.2f} s (prompts' k/v writes {self.prefill_write.sum():.2f} s on the "
+                f"cpu, waits for them {self.prefill_wait.sum():.2f} s), decode {self.decode_s:.2f} s over "
+                f"{self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms (kernel "
                 f"{self.cpu_kernel.sum() / per * 1e3:.2f} ms, KV writes {self.cpu_write.sum() / per * 1e3:.2f} ms), "
                 f"waiting for gpu "
@@ -688,12 +694,13 @@ class _Run:
         return out, tokens
 
     def _prefill_writeback(self, layer: int, call: _PrefillCall, kk, v):
-        n = len(call.rows)
+        t0, n = time.perf_counter(), len(call.rows)
         kk, v = np.asarray(kk)[:n], None if v is None else np.asarray(v)[:n]
         for r, (b, length) in enumerate(zip(call.rows, call.lens)):
             slot = self.kv_slots[call.k][b]
             self.cache.write(layer, np.full(length, slot), np.arange(length), kk[r, :length],
                              None if v is None else v[r, :length])
+        self.eng.stats.prefill_write[layer] += time.perf_counter() - t0
 
     # ---- GPU calls of one layer ----
 
@@ -708,8 +715,10 @@ class _Run:
             eng._store(calls, fetched)
             calls += 1
             staged = kk.nbytes + (0 if v is None else v.nbytes)
+            w0 = time.perf_counter()
             while self.writes and sum(b for _, b in self.writes) + staged > pinned_pool.STAGED_BYTES:
                 self.writes.pop(0)[0].result()  # the pool holds the k/v until they are written
+            eng.stats.prefill_wait[i] += time.perf_counter() - w0
             self.writes.append((self.cpu.submit(self._prefill_writeback, i, call, kk, v), staged))
             call.layer += 1
             if call.layer == L:  # the prompt is through: its rows join at the next last-layer call

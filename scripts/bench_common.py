@@ -248,6 +248,7 @@ def timed_generate(llm, prompts, gen_len: int) -> dict:
             "tok_s": tokens / wall,
             # the first token of every prompt comes out of the prefill
             "decode_tok_s": (tokens - len(prompts)) / st.decode_s if st.decode_s else None,
+            "prefill_write_s": float(st.prefill_write.sum()), "prefill_wait_s": float(st.prefill_wait.sum()),
             "stats": st, "completions": out}
 
 
@@ -304,8 +305,12 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
             "tok_s": run["tok_s"] / pred["tok_s"] if run["tok_s"] else None,
             "decode_tok_s": run["decode_tok_s"] / pred["decode_tok_s"] if run["decode_tok_s"] else None,
             "step": terms["step"] * cfg.num_layers / pred["step_s"],
+            "prefill": run["prefill_s"] / pred["prefill_s"] if pred["prefill_s"] else None,
             **{k: (terms[m] / pred["per_layer_s"][k] if terms[m] is not None and pred["per_layer_s"][k] else None)
                for k, m in (("h2d", "h2d_est"), ("cpu", "cpu"), ("gpu", "gpu_probe"))}}
+        log(f"  prefill {run['prefill_s']:.2f} s (HRM: {pred['prefill_s']:.2f} s); the prompts' k/v writes took "
+            f"{run.get('prefill_write_s', 0):.2f} s of the CPU worker, the waits for them "
+            f"{run.get('prefill_wait_s', 0):.2f} s of the dispatching thread")
     return row
 
 

@@ -11,8 +11,11 @@ compute-bound, HRM's `cpu_flops`) at each batch B and context C, in GFLOP/s agai
 where numba compiles for 512-bit vectors against LLVM's 256-bit preference (Sapphire Rapids and later:
 `host_ops.numba_target`), against the same kernel compiled with LLVM's own vector width for the CPU (a
 subprocess with NUMBA_CPU_FEATURES set to the host's features). With `--busy-cores N`, the engine's decode
-micro-batch with N processes spinning beside the kernel's threads. Best of --repeats for every figure (the
-latent rows and the matmul: best of 3, as calibrate; --busy-cores: medians of --repeats).
+micro-batch with N processes spinning beside the kernel's threads, at each of `--busy-threads` thread counts
+(fewer threads than cores leave cores to the others). With `--link-load` (a GPU only), the same micro-batch
+while a thread copies pinned host memory to the GPU in a loop, as the offload engine streams experts beside
+the kernel (the link's DMA reads share the host's DRAM). Best of --repeats for every figure (the latent
+rows and the matmul: best of 3, as calibrate; --busy-cores and --link-load: medians of --repeats).
 
     PYTHONPATH=. python scripts/bench_host_attention.py                       # 24 GiB / 2 cores
     PYTHONPATH=. python scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 \\
@@ -108,6 +111,41 @@ def busy_seconds(busy: int, batch: int, context: int, q_heads: int, kv_heads: in
             spinner.wait()
 
 
+def link_load_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
+                      mib: int = 1024) -> tuple[float, float, float]:
+    """(median seconds of one bfloat16 `attend` with the link idle, the same while a thread copies `mib` MiB
+    of pinned host memory to the GPU in a loop, the link's GB/s meanwhile). Needs a GPU backend."""
+    import threading
+
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    dev = jax.devices()[0]
+    host = jax.device_put(np.ones(mib << 20, np.uint8), SingleDeviceSharding(dev, memory_kind="pinned_host"))
+    to_gpu = jax.jit(lambda x: x, out_shardings=SingleDeviceSharding(dev, memory_kind="device"))
+    to_gpu(host).block_until_ready()
+    shape = (batch, context, q_heads, kv_heads, head_dim, repeats)
+    idle = float(np.median(attention_seconds(*shape)[1][0]))
+    stop, copies = threading.Event(), [0]
+
+    def stream():
+        while not stop.is_set():
+            to_gpu(host).block_until_ready()
+            copies[0] += 1
+
+    loader = threading.Thread(target=stream, daemon=True)
+    loader.start()
+    try:
+        time.sleep(0.2)
+        n0, t0 = copies[0], time.perf_counter()
+        busy = float(np.median(attention_seconds(*shape)[1][0]))
+        gbs = (copies[0] - n0) * host.nbytes / (time.perf_counter() - t0) / 1e9
+    finally:
+        stop.set()
+        loader.join()
+    return idle, busy, gbs
+
+
 def latent_gflops(shapes, features: str | None = None, threads: int | None = None) -> list[float]:
     """GFLOP/s of the latent attention at each (batch, context) of `shapes`; with `features`, measured in a
     subprocess whose numba compiles for exactly those target features, on `threads` threads."""
@@ -158,14 +196,28 @@ def main(argv=None):
     p.add_argument("--busy-cores", type=int, default=0, metavar="N",
                    help="also time the engine's decode micro-batch (batch 256, context 128, bfloat16) with N other "
                         "processes spinning, against the cores free (median of --repeats)")
+    p.add_argument("--busy-threads", type=int, nargs="+", default=[], metavar="T",
+                   help="with --busy-cores: time it at each of these numba thread counts too (default: --threads)")
+    p.add_argument("--link-load", action="store_true",
+                   help="also time the engine's decode micro-batch while the link streams pinned memory to the GPU")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                    help="numba threads for both measurements (default: all cores)")
     args = p.parse_args(argv)
     if args.busy_cores < 0:
         p.error(f"--busy-cores must be >= 0, got {args.busy_cores}")
+    if args.busy_threads and not args.busy_cores:
+        p.error("--busy-threads times the --busy-cores measurement: give --busy-cores too")
+    if any(not 1 <= t <= numba.config.NUMBA_NUM_THREADS for t in args.busy_threads):
+        p.error(f"--busy-threads must lie in 1..{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS), "
+                f"got {args.busy_threads}")
     if len(args.latent) % 2:
         p.error(f"--latent takes (batch, context) pairs, got {len(args.latent)} numbers")
+    if args.link_load:
+        import jax
+
+        if jax.devices()[0].platform != "gpu":
+            p.error(f"--link-load needs a GPU; JAX's device here is {jax.devices()[0].platform}")
     numba.set_num_threads(args.threads)
 
     stream = stream_read_gbs(args.stream_gib, args.repeats)
@@ -199,12 +251,23 @@ def main(argv=None):
     print("|---|---|---|" + ("---|" if len(dtypes) > 1 else ""))
     print(f"| {stream:.1f} | {best[dtypes[0]]:.1f} | {best[dtypes[0]] / stream:.2f} |"
           + (f" {min(speedups):.2f}-{max(speedups):.2f}x |" if speedups else ""))
+    engine_shape = (256, 128, args.q_heads, args.kv_heads, args.head_dim, args.repeats)  # its decode micro-batch
     if args.busy_cores:
-        free, busy = busy_seconds(args.busy_cores, 256, 128, args.q_heads, args.kv_heads, args.head_dim, args.repeats)
-        n = numba.get_num_threads()
-        print(f"\nwith {args.busy_cores} busy process(es) beside {n} threads (spinning), batch 256, context 128: median "
-              f"{free * 1e3:.2f} ms free, {busy * 1e3:.2f} ms busy: x{busy / free:.2f} (the work spread over the "
-              f"free cores: x{n / max(n - args.busy_cores, 1):.2f})")
+        print(f"\nwith {args.busy_cores} busy process(es) (spinning), batch 256, context 128, median ms; x: against "
+              f"the cores free at {args.threads} threads")
+        print(f"{'threads':>8} {'free':>8} {'busy':>8} {'x':>6} {'even spread':>12}")  # x if the work spread evenly over the free cores
+        reference = None
+        for n in dict.fromkeys([args.threads, *args.busy_threads]):
+            numba.set_num_threads(n)
+            free, busy = busy_seconds(args.busy_cores, *engine_shape)
+            reference = reference or free
+            spread = args.threads / min(n, max(args.threads - args.busy_cores, 1))
+            print(f"{n:>8} {free * 1e3:>8.2f} {busy * 1e3:>8.2f} {busy / reference:>6.2f} {spread:>12.2f}")
+        numba.set_num_threads(args.threads)
+    if args.link_load:
+        idle, loaded, gbs = link_load_seconds(*engine_shape)
+        print(f"\nwith the link streaming pinned host memory to the GPU ({gbs:.1f} GB/s meanwhile), batch 256, "
+              f"context 128: median {idle * 1e3:.2f} ms idle, {loaded * 1e3:.2f} ms loaded: x{loaded / idle:.2f}")
     if args.latent:
         print_latent(list(zip(args.latent[::2], args.latent[1::2])), numba.get_num_threads())
 

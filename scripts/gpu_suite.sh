@@ -6,24 +6,21 @@
 #   bash scripts/gpu_suite.sh all                         # every step (more than one command allows)
 #
 # A device command is capped at 10 minutes and a session has 15 minutes of device time, the machine's start
-# included, and a warm machine goes back after 30 s idle. The first GPU session (2026-11-26, an H200) ran
-# the GPU tests (all passed), the expert kernel's sweep, bench_offload_quick(_exp4), both host attention
-# steps and `calibrate` (benchmarks/RESULTS.md; its profile is benchmarks/profiles/h200-measured.json).
-# A session's plan now:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~6.5 min): the core steps, `tests` (the GPU code changed
-#      since: `auto` now runs the Triton kernel for calls of few rows per expert), bench_host_attention
-#      (issue 3: the prefetching kernel on the 16-core host; since the ninth session also its tasks claimed
-#      from a counter, timed with one core busy, and 512-bit vectors against LLVM's 256-bit tuning of the
-#      host's Sapphire Rapids at DeepSeek's latent shape) and bench_offload_quick (the engine with these
-#      changes, and the CPU term's split into the kernel, the KV writes and the rest);
+# included (about 30 s on 2026-11-26), and a warm machine goes back after 30 s idle. GPU sessions so far (both
+# on an H200, 2026-11-26; benchmarks/RESULTS.md): the first ran the GPU tests, the expert kernel's sweep,
+# bench_offload_quick(_exp4), both host attention steps and `calibrate` (benchmarks/profiles/h200-measured.json);
+# the second (tenth session of the day) the core steps (tests: all passed) and bench_offload (issue 5: all 32
+# layers at 16 GiB, 737 tok/s, overlap 1.08). What is left, one device command each, in this order:
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~5 min): the core steps now, bench_cpu_contention (why the
+#      engine's CPU attention runs 3x its free time: busy cores at fewer threads, the link's DMA beside it),
+#      bench_offload_quick and bench_offload_quick_threads (the engine at cores - 2 threads, against the
+#      default), and bench_policies (issue 6: three policies, predicted vs measured);
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
-#      − 30): bench_offload (issue 5: all 32 layers at 16 GiB, ~5 min predicted); later sessions one long
-#      step each: bench_policies (issue 6), then issue 7's bench_throughput_g64_exp4 (the experts coded in
-#      12 bits, predicted to beat MoE-Lightning's figure), bench_throughput_g64/g128, bench_vs_pytorch;
-#      bench_dsv2_lite (DeepSeek's latent attention on the CPU); bench_offload_quick_mgpu (the engine with
-#      pallas_mgpu for every call, against `auto`'s Triton decode).
-# Where no GPU code changed since the last GPU session, leave `tests` out of step 1 and put bench_offload
-# there (`bash scripts/gpu_suite.sh bench_host_attention bench_offload`).
+#      - 30): bench_throughput_g64_exp4 (issue 7: the experts coded in 12 bits, predicted to beat MoE-Lightning's
+#      figure); later sessions: bench_throughput_g64, bench_throughput_g128, bench_vs_pytorch (issue 7);
+#      bench_dsv2_lite (DeepSeek's latent attention on the CPU); bench_offload_quick_mgpu.
+# Add `tests` in front of step 1 when GPU code (pallas_kernels/, the engine's jitted steps) changed since the
+# last GPU session (the second ran them at commit 9984180).
 # The steps share a time budget, GPU_SUITE_BUDGET_S seconds from the start (default 570, inside one device
 # command's 600): each step's limit shrinks to what is left, and a step with less than GPU_SUITE_MIN_STEP_S
 # left (default 60) is skipped.
@@ -71,10 +68,11 @@ fi
 # less until its memory is used; each step's row records them after it ran.
 mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /proc/meminfo; }
 
+NPROC=$(nproc)
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 # bench_expert_kernel writes each row as it goes and prints the table of those measured when the budget's end
 # interrupts it (Mixtral's rows first).
-CORE="tests bench_host_attention bench_offload_quick"
+CORE="bench_cpu_contention bench_offload_quick bench_offload_quick_threads bench_policies"
 STEPS=(
   "tests|300|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
@@ -82,6 +80,8 @@ STEPS=(
   # with DeepSeek's latent attention (compute-bound) against the same kernel at LLVM's own vector width, and
   # the engine's decode shape with one core busy (as the engine's dispatching thread keeps one)
   "bench_host_attention|120|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16 --latent 64 1024 256 128 1024 128 --busy-cores 1"
+  # the engine's decode micro-batch with one core busy at fewer threads than cores, and beside the link's DMA
+  "bench_cpu_contention|120|$PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 8 --busy-cores 1 --busy-threads $(( NPROC > 2 ? NPROC - 1 : 1 )) $(( NPROC > 3 ? NPROC - 2 : 1 )) $(( NPROC > 5 ? NPROC - 4 : 1 )) --link-load"
   # the same beside an int8 cache (--kv-cache-dtype int8): its speed-up where the 16 cores are memory-bound
   "bench_host_attention_int8|150|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16"
   "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $LOGS/bench_expert_kernel_core.json --out $LOGS/bench_expert_kernel_core.md"
@@ -91,6 +91,9 @@ STEPS=(
   # section to paste into benchmarks/RESULTS.md. Limits stay under 600 s so that the suite's SIGINT comes
   # first and the scripts still print what they measured.
   "bench_offload_quick|160|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick.json --append-results $LOGS/bench_offload_quick.md"
+  # bench_offload_quick with the host attention kernel on all but 2 cores (NUMBA_NUM_THREADS), leaving them to the
+  # engine's dispatching thread and XLA's runtime: compare its CPU column (kernel) with bench_offload_quick's
+  "bench_offload_quick_threads|160|NUMBA_NUM_THREADS=$(( NPROC > 3 ? NPROC - 2 : 1 )) $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_threads.json --append-results $LOGS/bench_offload_quick_threads.md"
   "bench_offload|560|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --json $LOGS/bench_offload.json --append-results $LOGS/bench_offload.md"
   "bench_offload_quick_exp4|160|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --expert-codec exp4 --json $LOGS/bench_offload_quick_exp4.json --append-results $LOGS/bench_offload_quick_exp4.md"
   # the same with one expert kernel for every call: compare the GPU column with bench_offload_quick (`auto`:

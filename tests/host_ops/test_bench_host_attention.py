@@ -51,17 +51,23 @@ def test_bench_times_latent_attention_against_llvms_vector_width(capsys):
     assert all(len(r) == (6 if reference else 4) and float(r[2]) > 0 for r in rows)
 
 
-@pytest.mark.parametrize("flags, message", [(["--latent", "2", "16", "3"], "--latent takes (batch, context) pairs, got 3 numbers"),
-                                            (["--busy-cores", "-1"], "--busy-cores must be >= 0, got -1")])
+@pytest.mark.parametrize("flags, message", [
+    (["--latent", "2", "16", "3"], "--latent takes (batch, context) pairs, got 3 numbers"),
+    (["--busy-cores", "-1"], "--busy-cores must be >= 0, got -1"),
+    (["--busy-threads", "1"], "--busy-threads times the --busy-cores measurement: give --busy-cores too"),
+    (["--busy-cores", "1", "--busy-threads", "0"], "--busy-threads must lie in 1.."),
+    (["--link-load"], "--link-load needs a GPU; JAX's device here is cpu")])
 def test_bench_refuses_bad_flags(capsys, flags, message):
     with pytest.raises(SystemExit):
         _bench().main([*TINY, *flags])
     assert message in capsys.readouterr().err
 
 
-def test_bench_times_the_decode_shape_with_cores_busy(capsys):
-    _bench().main([*TINY, "--kv-dtype", "bfloat16", "--busy-cores", "1"])
-    line = next(x for x in capsys.readouterr().out.splitlines() if "busy process" in x)
-    free, busy = (float(x.split()[0]) for x in (line.split("median ")[1], line.split("free, ")[1]))
-    slowdown = float(line.split(": x")[1].split()[0])
-    assert line.startswith("with 1 busy process(es) beside ") and free > 0 and busy > 0 and slowdown > 0
+def test_bench_times_the_decode_shape_with_cores_busy_at_each_thread_count(capsys):
+    _bench().main([*TINY, "--kv-dtype", "bfloat16", "--busy-cores", "1", "--threads", "2", "--busy-threads", "1", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    i = next(i for i, x in enumerate(lines) if x.startswith("with 1 busy process(es) (spinning)"))
+    rows = [x.split() for x in lines[i + 2:i + 4]]
+    assert [r[0] for r in rows] == ["2", "1"]  # --threads first, then the others, each once
+    assert all(float(x) > 0 for r in rows for x in r[1:4])
+    assert [float(r[4]) for r in rows] == [2.0, 2.0]  # 2 threads' work on the 1 free core, either way

@@ -25,7 +25,7 @@ def offload_tokens(source, policy, params=GREEDY, prompts=PROMPTS):
     out = {r.index: ids for r, ids, *_ in eng.generate([Request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, per))])}
     assert sorted(out) == list(range(len(prompts)))
     assert eng.stats.decode_steps > 0 and (eng.stats.cpu >= eng.stats.cpu_kernel + eng.stats.cpu_write).all()
-    assert eng.stats.cpu_kernel.sum() > 0 and eng.stats.cpu_write.sum() > 0
+    assert eng.stats.cpu_kernel.sum() > 0 and eng.stats.cpu_write.sum() > 0 and eng.stats.prefill_write.sum() > 0
     return [out[i] for i in range(len(prompts))], eng
 
 
