@@ -271,28 +271,28 @@ def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strid
 
 
 @njit(parallel=True, **_JIT)
-def _scatter_rows(dst, src, offsets, head_strides):
-    """dst[offsets[m] + h * head_strides[m] :][:D] = src[m, h] for every row m and head h (src [M, Hk, D],
-    both as uint16 bits or float32; offsets already include each row's position). Rows in parallel."""
-    M, Hk, D = src.shape
-    for m in prange(M):
+def _scatter_rows(dst, src, rows, offsets, head_strides):
+    """dst[offsets[m] + h * head_strides[m] :][:D] = src[rows[m], h] for every m and head h (src [R, Hk, D],
+    both as uint16 bits or float32; offsets already include each row's position). In parallel over m."""
+    Hk, D = src.shape[1:]
+    for m in prange(rows.shape[0]):
         for h in range(Hk):
             o = offsets[m] + h * head_strides[m]
             for d in range(D):
-                dst[o + d] = src[m, h, d]
+                dst[o + d] = src[rows[m], h, d]
 
 
 @njit(parallel=True, **_JIT)
-def _quantize_rows(dst, scales, src, offsets, head_strides):
+def _quantize_rows(dst, scales, src, rows, offsets, head_strides):
     """As `_scatter_rows` into int8 dst, each row (m, h) symmetric-quantised: scales[o // D] = max|row| / 127,
-    dst[o + d] = round(src[m, h, d] / scale) in [-127, 127] (src float32, or bfloat16 as its uint16 bits).
+    dst[o + d] = round(src[rows[m], h, d] / scale) in [-127, 127] (src float32, or bfloat16 as its uint16 bits).
     A row of zeros (max|row| <= _TINY) is stored as zeros with scale 1; a row holding a NaN or an infinity as
     zeros with scale NaN, so that attention over it gives NaN as it would over the row itself."""
-    M, Hk, D = src.shape
-    for m in prange(M):
+    Hk, D = src.shape[1:]
+    for m in prange(rows.shape[0]):
         for h in range(Hk):
             o = offsets[m] + h * head_strides[m]
-            row = src[m, h]
+            row = src[rows[m], h]
             amax = np.float32(0.0)
             finite = np.float32(0.0)  # stays 0 unless an element is NaN or infinite (x * 0 is NaN then)
             for d in range(D):
@@ -349,15 +349,16 @@ def run(q, k_flat, v_flat, kv_heads, offsets, head_strides, pos_stride, starts, 
                       out.reshape(*shape5[:-1], out.shape[-1]))
 
 
-def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides, scales=None) -> None:
-    """Rows src [M, Hk, D] into the flat C-contiguous array dst: row m, head h at element offsets[m] +
-    h * head_strides[m]. dst bf16/f32: src already in dst's dtype, copied. dst int8: src of any float dtype
-    (bf16 and f32 read as they are), quantised per row, each row's scale into the flat float32 `scales` (see
-    `_quantize_rows`). Rows in parallel; releases the GIL."""
-    M = src.shape[0]
+def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides, scales=None, rows=None) -> None:
+    """Rows of src [R, Hk, D] into the flat C-contiguous array dst: row rows[m] (default m: M = R), head h at
+    element offsets[m] + h * head_strides[m]. dst bf16/f32: src already in dst's dtype, copied. dst int8: src
+    of any float dtype (bf16 and f32 read as they are), quantised per row, each row's scale into the flat
+    float32 `scales` (see `_quantize_rows`). In parallel over m; releases the GIL."""
+    rows = np.arange(src.shape[0]) if rows is None else _int64(rows, len(rows))
+    M = rows.shape[0]
     offsets, head_strides = _int64(offsets, M), _int64(head_strides, M)
     if dst.dtype == INT8:
         src = np.ascontiguousarray(src if src.dtype in KV_DTYPES else src.astype(FLOAT32))
-        _quantize_rows(dst, scales, _bits(src), offsets, head_strides)
+        _quantize_rows(dst, scales, _bits(src), rows, offsets, head_strides)
     else:
-        _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), offsets, head_strides)
+        _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), rows, offsets, head_strides)

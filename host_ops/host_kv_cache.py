@@ -146,10 +146,11 @@ class HostKVCache:
 
     # ---- writes ----
 
-    def write(self, layer: int, slots, positions, k, v) -> None:
-        """Row m of k, v [M, Hk, D] goes to position positions[m] of slot slots[m] in `layer`
-        (cast to the cache dtype; int8: quantised per row). slots, positions: [M] ints. v is None where
-        the values are in the keys (`values_in_keys`)."""
+    def write(self, layer: int, slots, positions, k, v, rows=None) -> None:
+        """Row rows[m] of k, v [R, Hk, D] goes to position positions[m] of slot slots[m] in `layer` (cast to
+        the cache dtype; int8: quantised per row). slots, positions, rows: [M] ints; rows None: row m (M = R),
+        else any rows of k, v, e.g. the prompt positions of a padded batch of prompts without copying them
+        out. v is None where the values are in the keys (`values_in_keys`)."""
         layer = self._layer(layer)
         if (v is None) != self.values_in_keys:
             raise ValueError("this cache holds the values in the keys: v must be None" if self.values_in_keys else
@@ -162,9 +163,17 @@ class HostKVCache:
                                  f"got k {k.shape}, v {v.shape}")
             if x.dtype not in _validate.FLOAT_DTYPES:
                 raise ValueError(f"{name} must have a float dtype, got {x.dtype} with shape {x.shape}")
-        M = k.shape[0]
-        slots = self._slots(slots, (M,), f"M from k {k.shape}")
-        positions = _validate.ints("positions", positions, (M,), f"M from k {k.shape}", 0, None, "positions from 0")
+        if rows is None:
+            M, what = k.shape[0], f"M from k {k.shape}"
+        else:
+            if np.ndim(rows) != 1:
+                raise ValueError(f"rows must be one index into k {k.shape} per position written, got shape "
+                                 f"{np.shape(rows)}")
+            M = len(rows)
+            rows = _validate.ints("rows", rows, (M,), "[M]", 0, k.shape[0] - 1, f"rows of k {k.shape}")
+            what = f"M from rows {rows.shape}"
+        slots = self._slots(slots, (M,), what)
+        positions = _validate.ints("positions", positions, (M,), what, 0, None, "positions from 0")
         self._within_capacity("positions", positions + 1, slots)
         D = self.head_dim
         offsets, head_strides = self.offsets[slots] + positions * D, self.capacities[slots] * D
@@ -172,7 +181,7 @@ class HostKVCache:
         stores = ((self.k, k, self.k_scales),) + (() if self.values_in_keys else ((self.v, v, self.v_scales),))
         for cache, x, scales in stores:
             _kernel.scatter(cache[layer], x if quantised else x.astype(self.dtype, copy=False), offsets, head_strides,
-                            None if scales is None else scales[layer])
+                            None if scales is None else scales[layer], rows)
         np.maximum.at(self.lengths[layer], slots, positions + 1)
 
     def append(self, layer: int, slots, k, v=None) -> np.ndarray:

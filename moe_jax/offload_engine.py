@@ -694,12 +694,13 @@ class _Run:
         return out, tokens
 
     def _prefill_writeback(self, layer: int, call: _PrefillCall, kk, v):
-        t0, n = time.perf_counter(), len(call.rows)
-        kk, v = np.asarray(kk)[:n], None if v is None else np.asarray(v)[:n]
-        for r, (b, length) in enumerate(zip(call.rows, call.lens)):
-            slot = self.kv_slots[call.k][b]
-            self.cache.write(layer, np.full(length, slot), np.arange(length), kk[r, :length],
-                             None if v is None else v[r, :length])
+        """The call's prompts' k/v [rows, T, Hk, D] into their KV slots, in one write (one parallel pass: a
+        write per prompt cost a parallel region each, 764 per micro-batch and layer in bench_offload)."""
+        t0 = time.perf_counter()
+        T = call.positions.shape[1]
+        r, t = np.nonzero(np.arange(T)[None] < call.lens[:, None])  # each prompt's positions, in the padded call
+        flat = [None if x is None else np.asarray(x).reshape(-1, *x.shape[2:]) for x in (kk, v)]
+        self.cache.write(layer, self.kv_slots[call.k][call.rows][r], t, *flat, rows=r * T + t)
         self.eng.stats.prefill_write[layer] += time.perf_counter() - t0
 
     # ---- GPU calls of one layer ----

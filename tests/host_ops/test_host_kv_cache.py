@@ -232,6 +232,34 @@ def test_attend_prefill(ref, rng, dtype):
     np.testing.assert_allclose(out[:2], prefill_attention(q[:2], k[:2], v[:2], before[:2]), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
+def test_write_rows_of_a_padded_batch_equals_writing_each_prompt(rng, dtype):
+    """`rows` picks the prompt positions out of a padded batch [n, T, Hk, D] (flattened, no copy): the cache
+    then holds exactly what one write per prompt of its own positions leaves."""
+    n, T, Hk, D = 5, 7, 2, 64
+    lens, slots = np.array([7, 1, 4, 6, 2]), np.array([3, 0, 4, 1, 2])
+    k, v = (rng.standard_normal((n, T, Hk, D)).astype(np.float32) for _ in range(2))
+    one, each = (HostKVCache(1, n, T + 2, Hk, D, dtype) for _ in range(2))
+    r, t = np.nonzero(np.arange(T)[None] < lens[:, None])
+    one.write(0, slots[r], t, k.reshape(n * T, Hk, D), v.reshape(n * T, Hk, D), rows=r * T + t)
+    for b in range(n):
+        each.write(0, np.full(lens[b], slots[b]), np.arange(lens[b]), k[b, :lens[b]], v[b, :lens[b]])
+    for a, b in ((one.k, each.k), (one.v, each.v)) + (((one.k_scales, each.k_scales),) if dtype == "int8" else ()):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert np.array_equal(one.lengths, each.lengths) and set(one.lengths[0][slots]) == set(lens)
+    assert np.abs(one.k.astype(np.float32)).sum() > 0  # something was written
+
+
+def test_write_rows_validation():
+    cache, row = HostKVCache(1, 2, 8, 2, 64), np.ones((3, 2, 64), np.float32)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 2\] \(rows of k \(3, 2, 64\)\), got rows\[1\] = 3"):
+        cache.write(0, [0, 0], [0, 1], row, row, rows=[0, 3])
+    with pytest.raises(ValueError, match=r"slots must have shape \(2,\) \(M from rows \(2,\)\), got \(1,\)"):
+        cache.write(0, [0], [0, 1], row, row, rows=[0, 2])
+    with pytest.raises(ValueError, match=r"rows must be one index into k \(3, 2, 64\) per position written, got shape \(1, 2\)"):
+        cache.write(0, [0, 0], [0, 1], row, row, rows=[[0, 2]])
+
+
 def test_cache_validation_errors():
     cache = HostKVCache(2, 3, 8, 2, 64)
     row = np.ones((1, 2, 64), np.float32)
