@@ -11,16 +11,18 @@
 # bench_offload_quick(_exp4), both host attention steps and `calibrate` (benchmarks/profiles/h200-measured.json);
 # the second (tenth session of the day) the core steps (tests: all passed) and bench_offload (issue 5: all 32
 # layers at 16 GiB, 737 tok/s, overlap 1.08). What is left, one device command each, in this order:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~5 min): the core steps now, bench_cpu_contention (why the
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~4.5 min): the core steps now, bench_cpu_contention (why the
 #      engine's CPU attention runs 3x its free time: busy cores at fewer threads, the link's DMA beside it),
-#      bench_offload_quick and bench_offload_quick_threads (the engine at cores - 2 threads, against the
-#      default), and bench_policies (issue 6: three policies, predicted vs measured);
+#      bench_offload_quick, bench_prefetch_whole (issue 5's last open question: the next layer's experts in one
+#      copy or split over the micro-batches' steps) and bench_offload_quick_threads (the engine at cores - 2
+#      threads, against the default);
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
-#      - 30): bench_throughput_g64_exp4 (issue 7: the experts coded in 12 bits, predicted to beat MoE-Lightning's
-#      figure); later sessions: bench_throughput_g64, bench_throughput_g128, bench_vs_pytorch (issue 7);
+#      - 30): bench_policies (issue 6: three policies, predicted vs measured, ~4 min); then, if 5 minutes are
+#      left, or in later sessions: bench_throughput_g64_exp4 (issue 7: the experts coded in 12 bits, predicted
+#      to beat MoE-Lightning's figure), bench_throughput_g64, bench_throughput_g128, bench_vs_pytorch (issue 7);
 #      bench_dsv2_lite (DeepSeek's latent attention on the CPU); bench_offload_quick_mgpu.
 # Add `tests` in front of step 1 when GPU code (pallas_kernels/, the engine's jitted steps) changed since the
-# last GPU session (the second ran them at commit 9984180).
+# last GPU session (the second ran them at commit ce8e362).
 # The steps share a time budget, GPU_SUITE_BUDGET_S seconds from the start (default 570, inside one device
 # command's 600): each step's limit shrinks to what is left, and a step with less than GPU_SUITE_MIN_STEP_S
 # left (default 60) is skipped.
@@ -72,7 +74,7 @@ NPROC=$(nproc)
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 # bench_expert_kernel writes each row as it goes and prints the table of those measured when the budget's end
 # interrupts it (Mixtral's rows first).
-CORE="bench_cpu_contention bench_offload_quick bench_offload_quick_threads bench_policies"
+CORE="bench_cpu_contention bench_offload_quick bench_prefetch_whole bench_offload_quick_threads"
 STEPS=(
   "tests|300|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
