@@ -354,7 +354,8 @@ def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides, scales=None
     element offsets[m] + h * head_strides[m]. dst bf16/f32: src already in dst's dtype, copied. dst int8: src
     of any float dtype (bf16 and f32 read as they are), quantised per row, each row's scale into the flat
     float32 `scales` (see `_quantize_rows`). In parallel over m; releases the GIL."""
-    rows = np.arange(src.shape[0]) if rows is None else _int64(rows, len(rows))
+    rows = np.arange(src.shape[0]) if rows is None else np.asarray(rows)
+    rows = _int64(rows, rows.shape[0])  # read-only, given or not: one numba build
     M = rows.shape[0]
     offsets, head_strides = _int64(offsets, M), _int64(head_strides, M)
     if dst.dtype == INT8:

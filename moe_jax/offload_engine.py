@@ -146,7 +146,9 @@ def _warm_host_kernels(cfg: ModelConfig, kv_dtype, dtype) -> None:
     on a one-slot cache once per process, so that the first run's per-layer CPU time is the attention's."""
     warm = HostKVCache(1, 1, 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype, _cache_value_dim(cfg))
     row = np.ones((1, cfg.num_kv_heads, cfg.head_dim), dtype)
-    warm.write(0, [0], [0], row, None if cfg.values_in_keys else row)
+    warm.write(0, [0], [0], row, None if cfg.values_in_keys else row)  # a decode's rows
+    row.setflags(write=False)  # a prefill call's k/v, read where JAX left them, the prompt positions picked out
+    warm.write(0, [0], [0], row, None if cfg.values_in_keys else row, rows=[0])
     warm.attend(0, [0], np.ones((1, cfg.num_heads, cfg.head_dim), np.float32), scale=cfg.attention_scale)
 
 
@@ -594,6 +596,8 @@ class _Run:
         self.prefills: list[_PrefillCall] = []
         # prefill k/v writes in the CPU worker, oldest first, with the bytes of pinned k/v each holds
         self.writes: list[tuple[concurrent.futures.Future, int]] = []
+        kv = 1 if cache.values_in_keys else 2  # a prefill call's k/v in pinned memory, bytes per position:
+        self.staged_position_bytes = kv * cache.kv_heads * cache.head_dim * np.dtype(eng.dtype).itemsize
 
     def _pad(self, rows: np.ndarray, fill=0) -> np.ndarray:
         out = np.full((self.mu, *rows.shape[1:]), fill, rows.dtype)
@@ -694,12 +698,12 @@ class _Run:
         return out, tokens
 
     def _prefill_writeback(self, layer: int, call: _PrefillCall, kk, v):
-        """The call's prompts' k/v [rows, T, Hk, D] into their KV slots, in one write (one parallel pass: a
-        write per prompt cost a parallel region each, 764 per micro-batch and layer in bench_offload)."""
-        t0 = time.perf_counter()
-        T = call.positions.shape[1]
+        """The call's prompts' k/v [rows, T, Hk, D] into their KV slots, in one write (a parallel pass each for
+        k and v: a write per prompt cost two passes per prompt, 1528 prompts a layer in bench_offload). The
+        stats count the write, not the wait for the GPU's k/v before it."""
+        flat = [None if x is None else np.asarray(x).reshape(-1, *x.shape[2:]) for x in (kk, v)]  # waits for the GPU
+        t0, T = time.perf_counter(), kk.shape[1]
         r, t = np.nonzero(np.arange(T)[None] < call.lens[:, None])  # each prompt's positions, in the padded call
-        flat = [None if x is None else np.asarray(x).reshape(-1, *x.shape[2:]) for x in (kk, v)]
         self.cache.write(layer, self.kv_slots[call.k][call.rows][r], t, *flat, rows=r * T + t)
         self.eng.stats.prefill_write[layer] += time.perf_counter() - t0
 
@@ -711,15 +715,14 @@ class _Run:
         for call in self.prefills:
             if call.layer != i:
                 continue
-            call.x, kk, v, fetched = eng._prefill(eng.dense[i], eng.slots, table, call.x, call.positions,
-                                                  eng._chunk(calls))
-            eng._store(calls, fetched)
-            calls += 1
-            staged = kk.nbytes + (0 if v is None else v.nbytes)
-            w0 = time.perf_counter()
+            staged, w0 = call.positions.size * self.staged_position_bytes, time.perf_counter()
             while self.writes and sum(b for _, b in self.writes) + staged > pinned_pool.STAGED_BYTES:
                 self.writes.pop(0)[0].result()  # the pool holds the k/v until they are written
             eng.stats.prefill_wait[i] += time.perf_counter() - w0
+            call.x, kk, v, fetched = eng._prefill(eng.dense[i], eng.slots, table, call.x, call.positions,
+                                                  eng._chunk(calls))  # its k/v, `staged` bytes, take pinned memory
+            eng._store(calls, fetched)
+            calls += 1
             self.writes.append((self.cpu.submit(self._prefill_writeback, i, call, kk, v), staged))
             call.layer += 1
             if call.layer == L:  # the prompt is through: its rows join at the next last-layer call

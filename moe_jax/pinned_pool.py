@@ -25,7 +25,8 @@ DEFAULT_CAP_GIB = 64  # XLA's cap when LIMIT_VAR is unset (DESIGN.md §3: 5 GB a
 MARGIN, SLACK_GIB = 1.05, 2
 GiB = 2**30
 # The prefill's k/v wait in the pool, in pinned arrays, until the CPU has written them into the host KV cache;
-# the engine waits for those writes beyond this many bytes, a part of SLACK_GIB. Unbounded, a GPU that runs
+# before it runs a prefill call, the engine waits for the oldest writes until that call's k/v and those
+# still waiting come to at most this many bytes (or the call's alone, where they are more), a part of SLACK_GIB. Unbounded, a GPU that runs
 # the prefill's layers faster than the CPU writes their k/v fills the pool (H200, Mixtral 8x7B, 1528 prompts
 # of 77 tokens: about 0.5 GiB a layer, 16 GiB for the 32 layers, where the pool had 5 GiB to spare).
 STAGED_BYTES = GiB

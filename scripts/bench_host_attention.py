@@ -112,9 +112,11 @@ def busy_seconds(busy: int, batch: int, context: int, q_heads: int, kv_heads: in
 
 
 def link_load_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
-                      mib: int = 1024) -> tuple[float, float, float]:
+                      mib: int = 256) -> tuple[float, float, float]:
     """(median seconds of one bfloat16 `attend` with the link idle, the same while a thread copies `mib` MiB
-    of pinned host memory to the GPU in a loop, the link's GB/s meanwhile). Needs a GPU backend."""
+    of pinned host memory to the GPU in a loop, the link's GB/s meanwhile). The thread dispatches and waits
+    for its copies as the engine's dispatching thread does, so its own CPU time counts as it would there.
+    Needs a GPU backend."""
     import threading
 
     import jax
@@ -126,23 +128,29 @@ def link_load_seconds(batch: int, context: int, q_heads: int, kv_heads: int, hea
     to_gpu(host).block_until_ready()
     shape = (batch, context, q_heads, kv_heads, head_dim, repeats)
     idle = float(np.median(attention_seconds(*shape)[1][0]))
-    stop, copies = threading.Event(), [0]
+    stop, done, failed = threading.Event(), [], []  # done: each copy's end time
 
     def stream():
-        while not stop.is_set():
-            to_gpu(host).block_until_ready()
-            copies[0] += 1
+        try:
+            while not stop.is_set():
+                to_gpu(host).block_until_ready()
+                done.append(time.perf_counter())
+        except Exception as e:  # re-raised below: a loaded figure over an idle link would mislead
+            failed.append(e)
 
     loader = threading.Thread(target=stream, daemon=True)
     loader.start()
     try:
         time.sleep(0.2)
-        n0, t0 = copies[0], time.perf_counter()
+        t0 = time.perf_counter()
         busy = float(np.median(attention_seconds(*shape)[1][0]))
-        gbs = (copies[0] - n0) * host.nbytes / (time.perf_counter() - t0) / 1e9
+        t1 = time.perf_counter()
     finally:
         stop.set()
         loader.join()
+    if failed:
+        raise RuntimeError("--link-load: the copies to the GPU failed") from failed[0]
+    gbs = sum(t0 <= t <= t1 for t in done) * host.nbytes / (t1 - t0) / 1e9
     return idle, busy, gbs
 
 
@@ -256,12 +264,12 @@ def main(argv=None):
         print(f"\nwith {args.busy_cores} busy process(es) (spinning), batch 256, context 128, median ms; x: against "
               f"the cores free at {args.threads} threads")
         print(f"{'threads':>8} {'free':>8} {'busy':>8} {'x':>6} {'even spread':>12}")  # x if the work spread evenly over the free cores
-        reference = None
+        reference, cores = None, len(os.sched_getaffinity(0))
         for n in dict.fromkeys([args.threads, *args.busy_threads]):
             numba.set_num_threads(n)
             free, busy = busy_seconds(args.busy_cores, *engine_shape)
             reference = reference or free
-            spread = args.threads / min(n, max(args.threads - args.busy_cores, 1))
+            spread = min(args.threads, cores) / min(n, max(cores - args.busy_cores, 1))
             print(f"{n:>8} {free * 1e3:>8.2f} {busy * 1e3:>8.2f} {busy / reference:>6.2f} {spread:>12.2f}")
         numba.set_num_threads(args.threads)
     if args.link_load:

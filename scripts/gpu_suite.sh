@@ -70,7 +70,9 @@ fi
 # less until its memory is used; each step's row records them after it ran.
 mem() { awk '/^MemTotal|^MemAvailable/ {printf "%s %.1f ", $1, $2 / 1048576}' /proc/meminfo; }
 
-NPROC=$(nproc)
+# numba's thread count (its default: the cores it may use), which the thread counts of the steps below lie under
+NPROC=$($PY -c 'import numba; print(numba.config.NUMBA_NUM_THREADS)' 2>/dev/null | tail -n 1)
+[[ "$NPROC" =~ ^[0-9]+$ ]] || NPROC=$(nproc)
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 # bench_expert_kernel writes each row as it goes and prints the table of those measured when the budget's end
 # interrupts it (Mixtral's rows first).
