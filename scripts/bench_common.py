@@ -377,8 +377,10 @@ def detect_hardware_profile(name: str | None):
 
 
 # Environment that changes what the benchmarks measure: the host memory the engine plans with, XLA's pinned-host
-# pool cap and flags. `run_command` puts those that are set in front of the command line.
-RESULT_ENV = ("MOE_JAX_HOST_MEMORY_GB", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "XLA_FLAGS", "NUMBA_NUM_THREADS")
+# pool cap and flags, the host kernel's threads, how CUDA waits (XLA's TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE: unset,
+# a thread waiting for the GPU spins on its core). `run_command` puts those that are set in front of the command line.
+RESULT_ENV = ("MOE_JAX_HOST_MEMORY_GB", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "XLA_FLAGS", "NUMBA_NUM_THREADS",
+              "TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE")
 
 
 def run_command() -> str:

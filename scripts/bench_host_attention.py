@@ -274,8 +274,10 @@ def main(argv=None):
         numba.set_num_threads(args.threads)
     if args.link_load:
         idle, loaded, gbs = link_load_seconds(*engine_shape)
-        print(f"\nwith the link streaming pinned host memory to the GPU ({gbs:.1f} GB/s meanwhile), batch 256, "
-              f"context 128: median {idle * 1e3:.2f} ms idle, {loaded * 1e3:.2f} ms loaded: x{loaded / idle:.2f}")
+        wait = os.environ.get("TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE", "CUDA's default: spinning")
+        print(f"\nwith the link streaming pinned host memory to the GPU ({gbs:.1f} GB/s meanwhile; the copying thread's "
+              f"waits: {wait}), batch 256, context 128: median {idle * 1e3:.2f} ms idle, {loaded * 1e3:.2f} ms loaded: "
+              f"x{loaded / idle:.2f}")
     if args.latent:
         print_latent(list(zip(args.latent[::2], args.latent[1::2])), numba.get_num_threads())
 

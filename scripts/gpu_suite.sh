@@ -11,11 +11,13 @@
 # bench_offload_quick(_exp4), both host attention steps and `calibrate` (benchmarks/profiles/h200-measured.json);
 # the second (tenth session of the day) the core steps (tests: all passed) and bench_offload (issue 5: all 32
 # layers at 16 GiB, 737 tok/s, overlap 1.08). What is left, one device command each, in this order:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~4.5 min): the core steps now, bench_cpu_contention (why the
-#      engine's CPU attention runs 3x its free time: busy cores at fewer threads, the link's DMA beside it),
-#      bench_offload_quick, bench_prefetch_whole (issue 5's last open question: the next layer's experts in one
-#      copy or split over the micro-batches' steps) and bench_offload_quick_threads (the engine at cores - 2
-#      threads, against the default);
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~6.5 min): the core steps now. Why the engine's CPU attention
+#      runs 3x its free time: bench_cpu_contention (busy cores at fewer threads, the link's DMA beside the
+#      kernel) and bench_cpu_contention_blocking (the DMA again with CUDA's waits blocking: by default a thread
+#      waiting for the GPU spins on a core), then the engine itself: bench_offload_quick against
+#      bench_offload_quick_threads (cores - 2 threads) and bench_offload_quick_blocking (blocking waits); and
+#      bench_prefetch_whole (issue 5's last open question: the next layer's experts in one copy or split over
+#      the micro-batches' steps);
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
 #      - 30): bench_policies (issue 6: three policies, predicted vs measured, ~4 min); then, if 5 minutes are
 #      left, or in later sessions: bench_throughput_g64_exp4 (issue 7: the experts coded in 12 bits, predicted
@@ -76,7 +78,7 @@ NPROC=$($PY -c 'import numba; print(numba.config.NUMBA_NUM_THREADS)' 2>/dev/null
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 # bench_expert_kernel writes each row as it goes and prints the table of those measured when the budget's end
 # interrupts it (Mixtral's rows first).
-CORE="bench_cpu_contention bench_offload_quick bench_prefetch_whole bench_offload_quick_threads"
+CORE="bench_cpu_contention bench_cpu_contention_blocking bench_offload_quick bench_offload_quick_threads bench_offload_quick_blocking bench_prefetch_whole"
 STEPS=(
   "tests|300|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
@@ -86,6 +88,9 @@ STEPS=(
   "bench_host_attention|120|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16 --latent 64 1024 256 128 1024 128 --busy-cores 1"
   # the engine's decode micro-batch with one core busy at fewer threads than cores, and beside the link's DMA
   "bench_cpu_contention|120|$PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 8 --busy-cores 1 --busy-threads $(( NPROC > 2 ? NPROC - 1 : 1 )) $(( NPROC > 3 ? NPROC - 2 : 1 )) $(( NPROC > 5 ? NPROC - 4 : 1 )) --link-load"
+  # the link-load figure again with CUDA's waits blocking instead of spinning on a core (XLA reads this variable
+  # when it creates the GPU context; with one context on 16 cores CUDA spins by default)
+  "bench_cpu_contention_blocking|90|TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE=blocking_sync $PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 8 --link-load"
   # the same beside an int8 cache (--kv-cache-dtype int8): its speed-up where the 16 cores are memory-bound
   "bench_host_attention_int8|150|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16"
   "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $LOGS/bench_expert_kernel_core.json --out $LOGS/bench_expert_kernel_core.md"
@@ -98,6 +103,8 @@ STEPS=(
   # bench_offload_quick with the host attention kernel on all but 2 cores (NUMBA_NUM_THREADS), leaving them to the
   # engine's dispatching thread and XLA's runtime: compare its CPU column (kernel) with bench_offload_quick's
   "bench_offload_quick_threads|160|NUMBA_NUM_THREADS=$(( NPROC > 3 ? NPROC - 2 : 1 )) $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_threads.json --append-results $LOGS/bench_offload_quick_threads.md"
+  # bench_offload_quick with CUDA's waits blocking (see bench_cpu_contention_blocking): compare its CPU column too
+  "bench_offload_quick_blocking|160|TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE=blocking_sync $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_blocking.json --append-results $LOGS/bench_offload_quick_blocking.md"
   "bench_offload|560|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --json $LOGS/bench_offload.json --append-results $LOGS/bench_offload.md"
   "bench_offload_quick_exp4|160|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --expert-codec exp4 --json $LOGS/bench_offload_quick_exp4.json --append-results $LOGS/bench_offload_quick_exp4.md"
   # the same with one expert kernel for every call: compare the GPU column with bench_offload_quick (`auto`:
