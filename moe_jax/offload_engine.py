@@ -237,7 +237,8 @@ class OffloadStats:
     gpu_wait: the worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). prefill_write: the worker writing prompts' k/v into the
     host cache (the first fill's and the refills'); prefill_wait: the dispatching thread waiting for those
-    writes, so that at most `pinned_pool.STAGED_BYTES` of k/v wait in pinned memory. h2d_bytes: expert bytes streamed. prefill_s: the
+    writes, so that at most `pinned_pool.STAGED_BYTES` of k/v wait in pinned memory; prefill_calls: the prefill's
+    GPU calls, every layer's (prefill_s over those of the first fill is the time per call). h2d_bytes: expert bytes streamed. prefill_s: the
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
     finished ones (interleaved with decode steps). kv_bytes, kv_dtype: the host KV cache; host_free_bytes: the host's
     MemAvailable at the end of the run, the cache still held (what the pinned pool, the cache and the rest
@@ -252,6 +253,7 @@ class OffloadStats:
     prefill_write: np.ndarray
     prefill_wait: np.ndarray
     h2d_bytes: int = 0
+    prefill_calls: int = 0
     decode_steps: int = 0
     refilled: int = 0
     prefill_s: float = 0.0
@@ -275,7 +277,8 @@ class OffloadStats:
         peak = f", peak GPU {self.peak_gpu_bytes / 2**30:.2f} GiB" if self.peak_gpu_bytes else ""
         free = (f", host free {self.host_free_bytes / 2**30:.1f} of {self.host_total_bytes / 2**30:.1f} GiB"
                 if self.host_free_bytes is not None else "")
-        return (f"offload: prefill {self.prefill_s:.2f} s (prompts' k/v writes {self.prefill_write.sum():.2f} s on the "
+        return (f"offload: prefill {self.prefill_s:.2f} s ({self.prefill_calls} GPU calls; prompts' k/v writes "
+                f"{self.prefill_write.sum():.2f} s on the "
                 f"cpu, waits for them {self.prefill_wait.sum():.2f} s), decode {self.decode_s:.2f} s over "
                 f"{self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms (kernel "
@@ -723,6 +726,7 @@ class _Run:
                                                   eng._chunk(calls))  # its k/v, `staged` bytes, take pinned memory
             eng._store(calls, fetched)
             calls += 1
+            eng.stats.prefill_calls += 1
             self.writes.append((self.cpu.submit(self._prefill_writeback, i, call, kk, v), staged))
             call.layer += 1
             if call.layer == L:  # the prompt is through: its rows join at the next last-layer call

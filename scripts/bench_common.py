@@ -248,7 +248,8 @@ def timed_generate(llm, prompts, gen_len: int) -> dict:
             "tok_s": tokens / wall,
             # the first token of every prompt comes out of the prefill
             "decode_tok_s": (tokens - len(prompts)) / st.decode_s if st.decode_s else None,
-            "prefill_write_s": float(st.prefill_write.sum()), "prefill_wait_s": float(st.prefill_wait.sum()),
+            "prefill_calls": st.prefill_calls, "prefill_write_s": float(st.prefill_write.sum()),
+            "prefill_wait_s": float(st.prefill_wait.sum()),
             "stats": st, "completions": out}
 
 
@@ -308,7 +309,10 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
             "prefill": run["prefill_s"] / pred["prefill_s"] if pred["prefill_s"] else None,
             **{k: (terms[m] / pred["per_layer_s"][k] if terms[m] is not None and pred["per_layer_s"][k] else None)
                for k, m in (("h2d", "h2d_est"), ("cpu", "cpu"), ("gpu", "gpu_probe"))}}
-        log(f"  prefill {run['prefill_s']:.2f} s (HRM: {pred['prefill_s']:.2f} s); the prompts' k/v writes took "
+        calls = run.get("prefill_calls")  # all of them in prefill_s where no request refilled a row
+        per_call = (f", {run['prefill_s'] / calls * 1e3:.2f} ms per GPU call of {calls}"
+                    if calls and not run["stats"].refilled else "")
+        log(f"  prefill {run['prefill_s']:.2f} s (HRM: {pred['prefill_s']:.2f} s{per_call}); the prompts' k/v writes took "
             f"{run.get('prefill_write_s', 0):.2f} s of the CPU worker, the waits for them "
             f"{run.get('prefill_wait_s', 0):.2f} s of the dispatching thread")
     return row

@@ -26,6 +26,7 @@ def offload_tokens(source, policy, params=GREEDY, prompts=PROMPTS):
     assert sorted(out) == list(range(len(prompts)))
     assert eng.stats.decode_steps > 0 and (eng.stats.cpu >= eng.stats.cpu_kernel + eng.stats.cpu_write).all()
     assert eng.stats.cpu_kernel.sum() > 0 and eng.stats.cpu_write.sum() > 0 and eng.stats.prefill_write.sum() > 0
+    assert eng.stats.prefill_calls >= source.cfg.num_layers
     return [out[i] for i in range(len(prompts))], eng
 
 
