@@ -94,17 +94,22 @@ def attention_gbs(batch: int, context: int, q_heads: int, kv_heads: int, head_di
     return [(min(t), cache.nbytes / min(t) / 1e9) for cache, t in zip(caches, times)]
 
 
+def median_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int) -> float:
+    """Median seconds of one bfloat16 `attend` over `repeats` calls (`attention_seconds`)."""
+    return float(np.median(attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats)[1][0]))
+
+
 def busy_seconds(busy: int, batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
                  repeats: int) -> tuple[float, float]:
     """Median seconds of one bfloat16 `attend` with the cores free, and with `busy` processes spinning (as the
     engine's dispatching thread and a GPU runtime's spinning waits hold cores while the kernel runs)."""
     shape = (batch, context, q_heads, kv_heads, head_dim, repeats)
-    free = float(np.median(attention_seconds(*shape)[1][0]))
+    free = median_seconds(*shape)
     spinners = []
     try:
         spinners += [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
         time.sleep(0.5)
-        return free, float(np.median(attention_seconds(*shape)[1][0]))
+        return free, median_seconds(*shape)
     finally:
         for spinner in spinners:
             spinner.kill()
@@ -127,7 +132,7 @@ def link_load_seconds(batch: int, context: int, q_heads: int, kv_heads: int, hea
     to_gpu = jax.jit(lambda x: x, out_shardings=SingleDeviceSharding(dev, memory_kind="device"))
     to_gpu(host).block_until_ready()
     shape = (batch, context, q_heads, kv_heads, head_dim, repeats)
-    idle = float(np.median(attention_seconds(*shape)[1][0]))
+    idle = median_seconds(*shape)
     stop, done, failed = threading.Event(), [], []  # done: each copy's end time
 
     def stream():
@@ -143,7 +148,7 @@ def link_load_seconds(batch: int, context: int, q_heads: int, kv_heads: int, hea
     try:
         time.sleep(0.2)
         t0 = time.perf_counter()
-        busy = float(np.median(attention_seconds(*shape)[1][0]))
+        busy = median_seconds(*shape)
         t1 = time.perf_counter()
     finally:
         stop.set()
