@@ -161,7 +161,7 @@ def _with_slots(p, slots):
 
 
 def _fetch(to_device, chunk):
-    """A host chunk ({name: [c, ...]} in pinned_host) copied to the GPU; None stays None."""
+    """Host chunks ({name: [c, ...]} in pinned_host, or a tuple of them) copied to the GPU; None stays None."""
     return None if chunk is None else jax.device_put(chunk, to_device)
 
 
@@ -309,8 +309,10 @@ class OffloadEngine:
         dev = jax.devices()[0]
         self.on_device = SingleDeviceSharding(dev, memory_kind="device")
         self.on_host = SingleDeviceSharding(dev, memory_kind="pinned_host")
-        self.pages = ExpertPages.for_model(cfg, policy.resident_expert_fraction,
-                                           policy.num_micro_batches if prefetch == "split" else 1)
+        # the same pinned chunks either way (one per micro-batch, so that the pool holds them alike: a layer's
+        # weight whole, 672 MiB for Mixtral 8x7B, fragmented a 9 GiB pool that holds 7.55 GiB of chunks)
+        self.pages = ExpertPages.for_model(cfg, policy.resident_expert_fraction, policy.num_micro_batches)
+        self.whole = prefetch == "whole"
         self.expert_shapes = expert_codec.expert_shapes(cfg)  # {name: shape of one expert's weight}
         self.gpu_bytes = self._check_gpu_memory()
         streamed = pinned_pool.streamed_bytes(cfg, self.dtype, policy)
@@ -483,24 +485,36 @@ class OffloadEngine:
                 for j in range(coded["sm"].shape[0]):
                     self.slots[k] = self._install_coded(self.slots[k], coded["sm"], coded["nib"], *esc[k], j, at)
 
-    def _chunk(self, step: int):
-        """The host chunk that a layer's `step`-th call carries to the GPU, or None when none is left (or it is
-        on the GPU already: fetched before the previous `generate` call ended)."""
-        if step >= len(self.fetched) or self.fetched[step] is not None:
-            return None
-        a, b = self.pages.chunks(self.fetching)[step]
+    def _carried(self, step: int) -> list[int]:
+        """The next layer's chunks that a layer's `step`-th call carries to the GPU: chunk `step` ("split"), or
+        all of them with the first call ("whole"); less those on the GPU already (fetched before the previous
+        `generate` call ended)."""
+        n = len(self.fetched)
+        picks = (range(n) if step == 0 else ()) if self.whole else ([step] if step < n else ())
+        return [c for c in picks if self.fetched[c] is None]
+
+    def _host_chunk_to_send(self, c: int):
+        """Chunk c of the layer in flight, as the pool holds it, counted as streamed."""
+        a, b = self.pages.chunks(self.fetching)[c]
         self.stats.h2d_bytes += (b - a) * streamed_expert_bytes(self.cfg, self.dtype, self.policy.expert_codec)
-        return self.host_chunks[self.fetching][step]
+        return self.host_chunks[self.fetching][c]
+
+    def _chunk(self, step: int):
+        """The host chunks (a tuple) that a layer's `step`-th call carries to the GPU, or None."""
+        carried = self._carried(step)
+        return tuple(self._host_chunk_to_send(c) for c in carried) if carried else None
 
     def _store(self, step: int, fetched) -> None:
+        """Keep what the `step`-th call fetched (what `_chunk(step)` gave it, on the GPU)."""
         if fetched is not None:
-            self.fetched[step] = fetched
+            for c, chunk in zip(self._carried(step), fetched, strict=True):
+                self.fetched[c] = chunk
 
     def _complete_fetch(self) -> None:
         """Fetch the chunks of the next layer that no call carried (calls fewer than chunks)."""
         for c, f in enumerate(self.fetched):
             if f is None:
-                self.fetched[c] = self._fetch(self._chunk(c))
+                self.fetched[c] = self._fetch(self._host_chunk_to_send(c))
 
     # ---- generation ----
 

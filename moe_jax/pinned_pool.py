@@ -3,9 +3,10 @@
 On a GPU backend, `pinned_host` arrays come from a BFC allocator whose cap, XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB,
 is read once, when JAX starts the backend (DESIGN.md §3). The pool grows by doubling regions up to the cap,
 so once it holds more than half of the cap it has reserved about all of it: the cap is what host memory
-loses to the pool. The engine's pinned arrays are one transfer chunk of one weight each (at most one
-layer's streamed experts, 0.94 GB for Mixtral 8x7B), small next to the regions, so a cap 5% + 2 GiB above
-the streamed bytes holds them (DESIGN.md's fragmentation was with 5 GB arrays). HRM counts the same cap,
+loses to the pool. The engine's pinned arrays are one chunk of one weight each, a micro-batch's share of a
+layer's streamed experts (at most one layer's, 0.94 GB for Mixtral 8x7B, at one micro-batch), small next to
+the regions, so a cap 5% + 2 GiB above the streamed bytes holds them (DESIGN.md's fragmentation was with 5 GB
+arrays; on an H200, a layer's weight whole, 672 MiB, did not fit 7.55 GiB of them into a 9 GiB pool). HRM counts the same cap,
 and a cap fixed already must be at least that.
 """
 from __future__ import annotations

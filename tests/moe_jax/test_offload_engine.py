@@ -343,9 +343,16 @@ def test_whole_layer_prefetch_equals_split():
     source = open_model("tiny-qwen3-moe")
     policy = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2)
     eng = OffloadEngine(source.cfg, source.weights, np.float32, policy, prefetch="whole")
-    assert all(len(eng.pages.chunks(i)) == 1 for i in range(source.cfg.num_layers))
+    # the pool holds the same chunks as under "split" (one per micro-batch); the first call carries them all
+    assert all(len(eng.pages.chunks(i)) == 2 for i in range(source.cfg.num_layers))
+    eng._fetch_for(1)
+    assert (eng._carried(0), eng._carried(1)) == ([0, 1], [])
+    eng._fetch_for(eng._next_moe_layer(-1))
     got = {r.index: ids for r, ids, *_ in eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])}
     assert [got[i] for i in range(len(PROMPTS))] == resident_tokens(source)
+    split = OffloadEngine(source.cfg, source.weights, np.float32, policy)
+    list(split.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)]))
+    assert eng.stats.h2d_bytes == split.stats.h2d_bytes > 0
 
 
 def test_prefill_memory_is_checked_before_generation():
