@@ -60,10 +60,11 @@ def stream_read_gbs(gib: float, repeats: int) -> float:
 
 
 def attention_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
-                      dtypes=("bfloat16",)) -> tuple[list[HostKVCache], list[list[float]]]:
+                      dtypes=("bfloat16",), gap: float = 0.0) -> tuple[list[HostKVCache], list[list[float]]]:
     """(per cache dtype, the cache and the seconds of each of `repeats` calls of `attend` over its `batch` slots of
     `context` positions), the dtypes' calls taking turns so that a machine whose speed drifts (a shared VM)
-    gives them the same conditions; after one warm-up round."""
+    gives them the same conditions; after one warm-up round. gap: seconds the process sleeps before each
+    call (the engine's worker waits for the GPU between its calls), 0: back to back."""
     rng = np.random.default_rng(0)
     kv = rng.standard_normal((context, kv_heads, head_dim), np.float32)
     positions = np.arange(context)
@@ -79,6 +80,7 @@ def attention_seconds(batch: int, context: int, q_heads: int, kv_heads: int, hea
     times = [[] for _ in caches]
     for r in range(repeats + 1):  # round 0 warms up
         for i, cache in enumerate(caches):
+            time.sleep(gap)
             t0 = time.perf_counter()
             cache.attend(0, slots, q, lengths, out=out)
             if r:
@@ -94,9 +96,10 @@ def attention_gbs(batch: int, context: int, q_heads: int, kv_heads: int, head_di
     return [(min(t), cache.nbytes / min(t) / 1e9) for cache, t in zip(caches, times)]
 
 
-def median_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int) -> float:
-    """Median seconds of one bfloat16 `attend` over `repeats` calls (`attention_seconds`)."""
-    return float(np.median(attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats)[1][0]))
+def median_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
+                   gap: float = 0.0) -> float:
+    """Median seconds of one bfloat16 `attend` over `repeats` calls (`attention_seconds`, `gap` before each)."""
+    return float(np.median(attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats, gap=gap)[1][0]))
 
 
 def busy_seconds(busy: int, batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
@@ -213,6 +216,9 @@ def main(argv=None):
                    help="with --busy-cores: time it at each of these numba thread counts too (default: --threads)")
     p.add_argument("--link-load", action="store_true",
                    help="also time the engine's decode micro-batch while the link streams pinned memory to the GPU")
+    p.add_argument("--idle-gap", type=float, nargs="+", default=[], metavar="MS",
+                   help="also time the engine's decode micro-batch after the process sleeps MS ms before each call "
+                        "(as the engine's worker waits for the GPU between calls), against back to back")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                    help="numba threads for both measurements (default: all cores)")
@@ -224,6 +230,8 @@ def main(argv=None):
     if any(not 1 <= t <= numba.config.NUMBA_NUM_THREADS for t in args.busy_threads):
         p.error(f"--busy-threads must lie in 1..{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS), "
                 f"got {args.busy_threads}")
+    if any(g < 0 for g in args.idle_gap):
+        p.error(f"--idle-gap must be >= 0 ms, got {args.idle_gap}")
     if len(args.latent) % 2:
         p.error(f"--latent takes (batch, context) pairs, got {len(args.latent)} numbers")
     if args.link_load:
@@ -277,6 +285,17 @@ def main(argv=None):
             spread = min(args.threads, cores) / min(n, max(cores - args.busy_cores, 1))
             print(f"{n:>8} {free * 1e3:>8.2f} {busy * 1e3:>8.2f} {busy / reference:>6.2f} {spread:>12.2f}")
         numba.set_num_threads(args.threads)
+    if args.idle_gap:
+        layer = os.environ.get("NUMBA_THREADING_LAYER", "default") + ", OMP_WAIT_POLICY " + os.environ.get(
+            "OMP_WAIT_POLICY", "unset")
+        print(f"\nafter an idle gap before each call (threading layer {numba.threading_layer()}; NUMBA_THREADING_LAYER "
+              f"{layer}), batch 256, context 128, median ms; x: against back to back")
+        print(f"{'gap ms':>8} {'ms':>8} {'x':>6}")
+        back_to_back = median_seconds(*engine_shape)
+        print(f"{0:>8g} {back_to_back * 1e3:>8.2f} {1:>6.2f}")
+        for gap in args.idle_gap:
+            t = median_seconds(*engine_shape, gap=gap / 1e3)
+            print(f"{gap:>8g} {t * 1e3:>8.2f} {t / back_to_back:>6.2f}")
     if args.link_load:
         idle, loaded, gbs = link_load_seconds(*engine_shape)
         wait = os.environ.get("TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE", "CUDA's default: spinning")

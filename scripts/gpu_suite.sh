@@ -6,25 +6,30 @@
 #   bash scripts/gpu_suite.sh all                         # every step (more than one command allows)
 #
 # A device command is capped at 10 minutes and a session has 15 minutes of device time, the machine's start
-# included (about 30 s on 2026-11-26), and a warm machine goes back after 30 s idle. GPU sessions so far (both
-# on an H200, 2026-11-26; benchmarks/RESULTS.md): the first ran the GPU tests, the expert kernel's sweep,
-# bench_offload_quick(_exp4), both host attention steps and `calibrate` (benchmarks/profiles/h200-measured.json);
-# the second (tenth session of the day) the core steps (tests: all passed) and bench_offload (issue 5: all 32
-# layers at 16 GiB, 737 tok/s, overlap 1.08). What is left, one device command each, in this order:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~6.5 min): the core steps now. Why the engine's CPU attention
-#      runs 3x its free time: bench_cpu_contention (busy cores at fewer threads, the link's DMA beside the
-#      kernel) and bench_cpu_contention_blocking (the DMA again with CUDA's waits blocking: by default a thread
-#      waiting for the GPU spins on a core), then the engine itself: bench_offload_quick against
-#      bench_offload_quick_threads (cores - 2 threads) and bench_offload_quick_blocking (blocking waits); and
-#      bench_prefetch_whole (issue 5's last open question: the next layer's experts in one copy or split over
-#      the micro-batches' steps);
+# included (about 30 s), and a warm machine goes back after 30 s idle. GPU sessions so far (all on an H200;
+# benchmarks/RESULTS.md): 2026-11-26 (two): the GPU tests, the expert kernel's sweep, calibrate, both host
+# attention steps, bench_offload_quick(_exp4) and bench_offload (issue 5: all 32 layers at 16 GiB, 737 tok/s,
+# overlap 1.08); 2026-11-27: the contention steps (busy cores, the link's DMA, CUDA's blocking waits: none is
+# what slows the engine's CPU attention), bench_offload_quick against _threads/_blocking/_exp4/_mgpu/_triton,
+# bench_policies (issue 6: all three within 2% of HRM's layer time), calibrate; bench_prefetch_whole failed at
+# load (fixed since: the pool holds the same chunks under both prefetch settings). What is left, one device
+# command each, in this order:
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~6 min): the core steps now: bench_prefetch_whole (issue 5's
+#      last open question: the next layer's experts all with the first call or split over the micro-batches'
+#      calls) beside bench_offload_quick; then why the engine's CPU attention, its KV writes and its hand-off
+#      take 2-10x their cost alone (2026-11-27: the costs grow with the calls per layer-step and with the idle
+#      time between calls, not with busy cores): bench_cpu_idle (the kernel after idle gaps under OpenMP's
+#      wait policies and numba's workqueue layer) and the engine under the same settings
+#      (bench_offload_quick_passive, _active (cores - 2 threads, spinning), _workqueue). If one setting cuts the
+#      CPU column, make the engine use it (numba's layer and OpenMP's policy are read when numba first runs a
+#      parallel region: set them before, as pinned_pool.reserve sets XLA's pool) and run bench_offload again.
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
-#      - 30): bench_policies (issue 6: three policies, predicted vs measured, ~4 min); then, if 5 minutes are
-#      left, or in later sessions: bench_throughput_g64_exp4 (issue 7: the experts coded in 12 bits, predicted
-#      to beat MoE-Lightning's figure), bench_throughput_g64, bench_throughput_g128, bench_vs_pytorch (issue 7);
-#      bench_dsv2_lite (DeepSeek's latent attention on the CPU); bench_offload_quick_mgpu.
+#      - 30): bench_throughput_g64_exp4 (issue 7: the experts coded in 12 bits, predicted to beat
+#      MoE-Lightning's figure), then in later sessions bench_throughput_g64, bench_throughput_g128,
+#      bench_vs_pytorch (issue 7); bench_dsv2_lite (DeepSeek's latent attention on the CPU).
 # Add `tests` in front of step 1 when GPU code (pallas_kernels/, the engine's jitted steps) changed since the
-# last GPU session (the second ran them at commit ce8e362).
+# last GPU session (the tests last ran at commit ce8e362; pallas_kernels/ and the jitted steps have not changed
+# since; the engine's jitted calls take a tuple of chunks since c38b34c, run by every offload step).
 # The steps share a time budget, GPU_SUITE_BUDGET_S seconds from the start (default 570, inside one device
 # command's 600): each step's limit shrinks to what is left, and a step with less than GPU_SUITE_MIN_STEP_S
 # left (default 60) is skipped.
@@ -78,7 +83,7 @@ NPROC=$($PY -c 'import numba; print(numba.config.NUMBA_NUM_THREADS)' 2>/dev/null
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 # bench_expert_kernel writes each row as it goes and prints the table of those measured when the budget's end
 # interrupts it (Mixtral's rows first).
-CORE="bench_cpu_contention bench_cpu_contention_blocking bench_offload_quick bench_offload_quick_threads bench_offload_quick_blocking bench_prefetch_whole"
+CORE="bench_prefetch_whole bench_offload_quick bench_cpu_idle bench_offload_quick_passive bench_offload_quick_active bench_offload_quick_workqueue"
 STEPS=(
   "tests|300|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
@@ -91,6 +96,9 @@ STEPS=(
   # the link-load figure again with CUDA's waits blocking instead of spinning on a core (XLA reads this variable
   # when it creates the GPU context; with one context on 16 cores CUDA spins by default)
   "bench_cpu_contention_blocking|90|TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE=blocking_sync $PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 8 --link-load"
+  # the engine's decode micro-batch after idle gaps (the engine's worker waits for the GPU between its calls, and
+  # OpenMP's threads spin, then sleep, between parallel regions) under each threading setting: does waking costs?
+  "bench_cpu_idle|150|for e in OMP_WAIT_POLICY=default OMP_WAIT_POLICY=passive OMP_WAIT_POLICY=active NUMBA_THREADING_LAYER=workqueue; do [ \$e = OMP_WAIT_POLICY=default ] && e=; env \$e $PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 2 --idle-gap 1 5 20 || exit 1; done"
   # the same beside an int8 cache (--kv-cache-dtype int8): its speed-up where the 16 cores are memory-bound
   "bench_host_attention_int8|150|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16"
   "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $LOGS/bench_expert_kernel_core.json --out $LOGS/bench_expert_kernel_core.md"
@@ -105,6 +113,10 @@ STEPS=(
   "bench_offload_quick_threads|160|NUMBA_NUM_THREADS=$(( NPROC > 3 ? NPROC - 2 : 1 )) $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_threads.json --append-results $LOGS/bench_offload_quick_threads.md"
   # bench_offload_quick with CUDA's waits blocking (see bench_cpu_contention_blocking): compare its CPU column too
   "bench_offload_quick_blocking|160|TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE=blocking_sync $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_blocking.json --append-results $LOGS/bench_offload_quick_blocking.md"
+  # bench_offload_quick under the other threading settings of bench_cpu_idle: compare the CPU column (kernel/writes)
+  "bench_offload_quick_passive|160|OMP_WAIT_POLICY=passive $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_passive.json --append-results $LOGS/bench_offload_quick_passive.md"
+  "bench_offload_quick_active|160|OMP_WAIT_POLICY=active NUMBA_NUM_THREADS=$(( NPROC > 3 ? NPROC - 2 : 1 )) $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_active.json --append-results $LOGS/bench_offload_quick_active.md"
+  "bench_offload_quick_workqueue|160|NUMBA_THREADING_LAYER=workqueue $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_workqueue.json --append-results $LOGS/bench_offload_quick_workqueue.md"
   "bench_offload|560|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --json $LOGS/bench_offload.json --append-results $LOGS/bench_offload.md"
   "bench_offload_quick_exp4|160|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --expert-codec exp4 --json $LOGS/bench_offload_quick_exp4.json --append-results $LOGS/bench_offload_quick_exp4.md"
   # the same with one expert kernel for every call: compare the GPU column with bench_offload_quick (`auto`:

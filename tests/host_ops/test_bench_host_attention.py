@@ -58,7 +58,8 @@ def test_bench_times_latent_attention_against_llvms_vector_width(capsys):
     (["--busy-cores", "-1"], "--busy-cores must be >= 0, got -1"),
     (["--busy-threads", "1"], "--busy-threads times the --busy-cores measurement: give --busy-cores too"),
     (["--busy-cores", "1", "--busy-threads", "0"], "--busy-threads must lie in 1.."),
-    (["--link-load"], "--link-load needs a GPU; JAX's device here is cpu")])
+    (["--link-load"], "--link-load needs a GPU; JAX's device here is cpu"),
+    (["--idle-gap", "-1"], "--idle-gap must be >= 0 ms, got [-1.0]")])
 def test_bench_refuses_bad_flags(capsys, flags, message):
     with pytest.raises(SystemExit):
         _bench().main([*TINY, *flags])
@@ -75,3 +76,12 @@ def test_bench_times_the_decode_shape_with_cores_busy_at_each_thread_count(capsy
     assert all(float(x) > 0 for r in rows for x in r[1:4])
     cores = len(os.sched_getaffinity(0))  # an even spread: 2 threads' work over the free cores (1 of 2 on CI)
     assert [float(r[4]) for r in rows] == [round(min(2, cores) / min(n, max(cores - 1, 1)), 2) for n in (2, 1)]
+
+
+def test_bench_times_the_decode_shape_after_idle_gaps(capsys):
+    _bench().main([*TINY, "--kv-dtype", "bfloat16", "--idle-gap", "2", "0.5"])
+    lines = capsys.readouterr().out.splitlines()
+    i = next(i for i, x in enumerate(lines) if x.startswith("after an idle gap before each call"))
+    rows = [x.split() for x in lines[i + 2:i + 5]]
+    assert [r[0] for r in rows] == ["0", "2", "0.5"] and rows[0][2] == "1.00"  # back to back, then each gap
+    assert all(float(x) > 0 for r in rows for x in r[1:])
