@@ -13,6 +13,8 @@ checks shapes.
 """
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numba
 import numpy as np
@@ -33,6 +35,10 @@ _NO_SCALES = np.ones(1, np.float32)  # bf16/f32 rows: every row's scale is _NO_S
 # No nnan/ninf: the running max starts at -inf. Reassociation lets LLVM vectorise the dot products.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _JIT = dict(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
+# A write of fewer bytes of rows than this runs on the calling thread: waking the threads for a parallel region
+# cost more than the copy (H200 host, 2026-11-27: the engine's decode writes, 0.5 MB a call, took 0.53 ms; 16-row
+# writes 0.42 ms), where one core copies 2 MiB in about 0.2 ms.
+SERIAL_BYTES = 2 * 2**20
 _BLOCK = 64  # KV positions per online-softmax step (a multiple of 4)
 _LINE = 64  # bytes of a cache line: the stride of the prefetches
 _I32 = ir.IntType(32)
@@ -270,45 +276,65 @@ def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strid
             i = nxt
 
 
-@njit(parallel=True, **_JIT)
-def _scatter_rows(dst, src, rows, offsets, head_strides):
-    """dst[offsets[m] + h * head_strides[m] :][:D] = src[rows[m], h] for every m and head h (src [R, Hk, D],
-    both as uint16 bits or float32; offsets already include each row's position). In parallel over m."""
+@njit(**_JIT)
+def _scatter_row(dst, src, rows, offsets, head_strides, m):
+    """dst[offsets[m] + h * head_strides[m] :][:D] = src[rows[m], h] for every head h (src [R, Hk, D], both as
+    uint16 bits or float32; offsets already include each row's position)."""
     Hk, D = src.shape[1:]
-    for m in prange(rows.shape[0]):
-        for h in range(Hk):
-            o = offsets[m] + h * head_strides[m]
-            for d in range(D):
-                dst[o + d] = src[rows[m], h, d]
+    for h in range(Hk):
+        o = offsets[m] + h * head_strides[m]
+        for d in range(D):
+            dst[o + d] = src[rows[m], h, d]
 
 
 @njit(parallel=True, **_JIT)
-def _quantize_rows(dst, scales, src, rows, offsets, head_strides):
-    """As `_scatter_rows` into int8 dst, each row (m, h) symmetric-quantised: scales[o // D] = max|row| / 127,
+def _scatter_rows(dst, src, rows, offsets, head_strides, serial):
+    """`_scatter_row` for every m: in parallel over m, or on the calling thread alone where `serial`."""
+    if serial:
+        for m in range(rows.shape[0]):
+            _scatter_row(dst, src, rows, offsets, head_strides, m)
+    else:
+        for m in prange(rows.shape[0]):
+            _scatter_row(dst, src, rows, offsets, head_strides, m)
+
+
+@njit(**_JIT)
+def _quantize_row(dst, scales, src, rows, offsets, head_strides, m):
+    """As `_scatter_row` into int8 dst, each row (m, h) symmetric-quantised: scales[o // D] = max|row| / 127,
     dst[o + d] = round(src[rows[m], h, d] / scale) in [-127, 127] (src float32, or bfloat16 as its uint16 bits).
     A row of zeros (max|row| <= _TINY) is stored as zeros with scale 1; a row holding a NaN or an infinity as
     zeros with scale NaN, so that attention over it gives NaN as it would over the row itself."""
     Hk, D = src.shape[1:]
-    for m in prange(rows.shape[0]):
-        for h in range(Hk):
-            o = offsets[m] + h * head_strides[m]
-            row = src[rows[m], h]
-            amax = np.float32(0.0)
-            finite = np.float32(0.0)  # stays 0 unless an element is NaN or infinite (x * 0 is NaN then)
-            for d in range(D):
-                x = _as_f32(row[d])
-                amax = max(amax, abs(x))
-                finite += x * np.float32(0.0)
-            if finite != 0:
-                scale, inv = np.float32(np.nan), np.float32(0.0)
-            elif amax > _TINY:
-                scale = amax / np.float32(127.0)
-                inv = np.float32(127.0) / amax
-            else:
-                scale, inv = np.float32(1.0), np.float32(0.0)
-            for d in range(D):
-                dst[o + d] = np.int8(np.rint(min(max(_as_f32(row[d]) * inv, np.float32(-127.0)), np.float32(127.0))))
-            scales[o // D] = scale
+    for h in range(Hk):
+        o = offsets[m] + h * head_strides[m]
+        row = src[rows[m], h]
+        amax = np.float32(0.0)
+        finite = np.float32(0.0)  # stays 0 unless an element is NaN or infinite (x * 0 is NaN then)
+        for d in range(D):
+            x = _as_f32(row[d])
+            amax = max(amax, abs(x))
+            finite += x * np.float32(0.0)
+        if finite != 0:
+            scale, inv = np.float32(np.nan), np.float32(0.0)
+        elif amax > _TINY:
+            scale = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax
+        else:
+            scale, inv = np.float32(1.0), np.float32(0.0)
+        for d in range(D):
+            dst[o + d] = np.int8(np.rint(min(max(_as_f32(row[d]) * inv, np.float32(-127.0)), np.float32(127.0))))
+        scales[o // D] = scale
+
+
+@njit(parallel=True, **_JIT)
+def _quantize_rows(dst, scales, src, rows, offsets, head_strides, serial):
+    """`_quantize_row` for every m: in parallel over m, or on the calling thread alone where `serial`."""
+    if serial:
+        for m in range(rows.shape[0]):
+            _quantize_row(dst, scales, src, rows, offsets, head_strides, m)
+    else:
+        for m in prange(rows.shape[0]):
+            _quantize_row(dst, scales, src, rows, offsets, head_strides, m)
 
 
 def _bits(x: np.ndarray) -> np.ndarray:
@@ -353,13 +379,15 @@ def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides, scales=None
     """Rows of src [R, Hk, D] into the flat C-contiguous array dst: row rows[m] (default m: M = R), head h at
     element offsets[m] + h * head_strides[m]. dst bf16/f32: src already in dst's dtype, copied. dst int8: src
     of any float dtype (bf16 and f32 read as they are), quantised per row, each row's scale into the flat
-    float32 `scales` (see `_quantize_rows`). In parallel over m; releases the GIL."""
+    float32 `scales` (see `_quantize_row`). In parallel over m, or on the calling thread where the rows come to
+    less than SERIAL_BYTES; releases the GIL."""
     rows = np.arange(src.shape[0]) if rows is None else np.asarray(rows)
     rows = _int64(rows, rows.shape[0])  # read-only, given or not: one numba build
     M = rows.shape[0]
     offsets, head_strides = _int64(offsets, M), _int64(head_strides, M)
+    serial = M * math.prod(src.shape[1:]) * src.dtype.itemsize < SERIAL_BYTES
     if dst.dtype == INT8:
         src = np.ascontiguousarray(src if src.dtype in KV_DTYPES else src.astype(FLOAT32))
-        _quantize_rows(dst, scales, _bits(src), rows, offsets, head_strides)
+        _quantize_rows(dst, scales, _bits(src), rows, offsets, head_strides, serial)
     else:
-        _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), rows, offsets, head_strides)
+        _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), rows, offsets, head_strides, serial)

@@ -232,8 +232,9 @@ def _jitted(cfg: ModelConfig, moe_impl: str, to_device, to_host):
 @dataclasses.dataclass
 class OffloadStats:
     """Seconds per layer, summed over one `generate` call. cpu: attention in the worker (the decode's k/v
-    writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write: of
-    it, the attention kernel's calls alone (`HostKVCache.attend`) and the decode's k/v writes (`HostKVCache.write`);
+    writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write,
+    cpu_handoff: of it, the attention kernel's calls alone (`HostKVCache.attend`), the decode's k/v writes
+    (`HostKVCache.write`) and the hand-off (the output cast into the engine's dtype and put in pinned memory);
     gpu_wait: the worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). prefill_write: the worker writing prompts' k/v into the
     host cache (the first fill's and the refills'); prefill_wait: the dispatching thread waiting for those
@@ -248,6 +249,7 @@ class OffloadStats:
     cpu: np.ndarray
     cpu_kernel: np.ndarray
     cpu_write: np.ndarray
+    cpu_handoff: np.ndarray
     gpu_wait: np.ndarray
     main_wait: np.ndarray
     prefill_write: np.ndarray
@@ -266,7 +268,7 @@ class OffloadStats:
 
     @classmethod
     def empty(cls, layers: int) -> "OffloadStats":
-        return cls(layers, *(np.zeros(layers) for _ in range(7)))
+        return cls(layers, *(np.zeros(layers) for _ in range(8)))
 
     def bottleneck(self) -> str:
         terms = {"cpu attention": self.cpu.sum(), "gpu compute or h2d": self.gpu_wait.sum()}
@@ -282,7 +284,8 @@ class OffloadStats:
                 f"cpu, waits for them {self.prefill_wait.sum():.2f} s), decode {self.decode_s:.2f} s over "
                 f"{self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms (kernel "
-                f"{self.cpu_kernel.sum() / per * 1e3:.2f} ms, KV writes {self.cpu_write.sum() / per * 1e3:.2f} ms), "
+                f"{self.cpu_kernel.sum() / per * 1e3:.2f} ms, KV writes {self.cpu_write.sum() / per * 1e3:.2f} ms, "
+                f"hand-off {self.cpu_handoff.sum() / per * 1e3:.2f} ms), "
                 f"waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
                 f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB {self.kv_dtype}{free}; "
@@ -707,9 +710,11 @@ class _Run:
         t2 = time.perf_counter()
         attended = self.cache.attend(layer, self.kv_slots[k][rows], q.astype(np.float32), pos + 1,
                                      scale=cfg.attention_scale)
-        st.cpu_kernel[layer] += time.perf_counter() - t2
+        t3 = time.perf_counter()
+        st.cpu_kernel[layer] += t3 - t2
         out[rows, 0] = attended
         out = jax.device_put(out, self.eng.on_host)  # pinned, for the next GPU step to take in
+        st.cpu_handoff[layer] += time.perf_counter() - t3
         st.gpu_wait[layer] += t1 - t0
         st.cpu[layer] += time.perf_counter() - t1
         return out, tokens

@@ -126,7 +126,7 @@ def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:
     return row
 
 
-TABLE_HEADERS = ["policy", "load s", "tok/s e2e", "tok/s decode", "H2D est. ms", "CPU ms (kernel/writes)", "GPU ms", "step ms",
+TABLE_HEADERS = ["policy", "load s", "tok/s e2e", "tok/s decode", "H2D est. ms", "CPU ms (kernel/writes/hand-off)", "GPU ms", "step ms",
                  "overlap", "peak GiB / cap", "host GiB KV / pool / free / rest", "HRM tok/s", "e2e meas/HRM",
                  "HRM H2D/CPU/GPU ms"]
 
@@ -140,7 +140,8 @@ def table_row(r: dict, cap: float) -> list[str]:
     label = ("HRM: " if r["spec"] == "auto" else "") + bc.policy_label(r["policy"]) + (
         f" (interrupted after {r['decode_steps']} decode steps)" if r.get("interrupted") else "")
     return [label, bc.fmt(r["load_s"]), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
-            bc.fmt(t["h2d_est"], ".2f", 1e3), f'{bc.fmt(t["cpu"], ".2f", 1e3)} ({bc.fmt(t["cpu_kernel"], ".2f", 1e3)}/{bc.fmt(t["cpu_write"], ".2f", 1e3)})',
+            bc.fmt(t["h2d_est"], ".2f", 1e3), f'{bc.fmt(t["cpu"], ".2f", 1e3)} ({bc.fmt(t["cpu_kernel"], ".2f", 1e3)}/{bc.fmt(t["cpu_write"], ".2f", 1e3)}/'
+            f'{bc.fmt(t["cpu_handoff"], ".2f", 1e3)})',
             bc.fmt(t["gpu_probe"], ".2f", 1e3), bc.fmt(t["step"], ".2f", 1e3), bc.fmt(r["overlap_efficiency"], ".2f"),
             f"{bc.fmt(r['peak_gpu_gib'], '.2f')} / {cap:g}",
             f"{bc.fmt(r['host']['kv_gib'])} / {bc.fmt(r['host']['pool_cap_gib'], '.0f')} / {bc.fmt(r['host']['free_gib'])}"
@@ -151,7 +152,7 @@ def table_row(r: dict, cap: float) -> list[str]:
 
 NOTES = """Per layer and decode step. H2D est.: expert bytes streamed per layer / link bandwidth measured
 at start (the engine does not time its copies). CPU: attention in the worker thread (OffloadStats), in
-brackets the attention kernel's calls alone / the k/v writes into the host cache (the rest: the outputs' hand-off). GPU: the layer's GPU step for all micro-batches, timed alone.
+brackets the attention kernel's calls alone / the k/v writes into the host cache / the outputs' hand-off to pinned memory (the rest: reading q/k/v, Python). GPU: the layer's GPU step for all micro-batches, timed alone.
 step: decode wall time per layer.
 overlap: step / max(H2D, CPU, GPU), 1.0 = perfect overlap. peak: JAX's peak_bytes_in_use, which
 cannot be reset: from the second policy of a run on, the peak over the policies so far. host: the KV

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from host_ops import HostKVCache, decode_attention, prefill_attention
-from host_ops import host_kv_cache
+from host_ops import _kernel, host_kv_cache
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 KV_DTYPES = [BF16, np.dtype(np.float32)]
@@ -248,6 +248,31 @@ def test_write_rows_of_a_padded_batch_equals_writing_each_prompt(rng, dtype):
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
     assert np.array_equal(one.lengths, each.lengths) and set(one.lengths[0][slots]) == set(lens)
     assert np.abs(one.k.astype(np.float32)).sum() > 0  # something was written
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
+def test_serial_and_parallel_writes_store_the_same(rng, monkeypatch, dtype):
+    """Writes of fewer bytes than `_kernel.SERIAL_BYTES` run on the calling thread (no parallel region to wake
+    the threads for), larger ones in parallel: both leave the same bytes, int8's scales and odd rows included."""
+    M, Hk, D = 9, 2, 64
+    k, v = (rng.standard_normal((M, Hk, D)).astype(np.float32) for _ in range(2))
+    k[1, 0, 3], k[2, 1] = np.nan, 0.0
+    slots, positions = rng.integers(0, 4, M), np.arange(M)
+    caches, seen = [], []
+    for bound in (0, 2**40):  # every write parallel, every write serial
+        monkeypatch.setattr(_kernel, "SERIAL_BYTES", bound)
+        for name in ("_scatter_rows", "_quantize_rows"):
+            kernel = getattr(_kernel, name)
+            monkeypatch.setattr(_kernel, name, lambda *a, kernel=kernel: (seen.append(a[-1]), kernel(*a))[1])
+        cache = HostKVCache(1, 4, M, Hk, D, dtype)
+        cache.write(0, slots, positions, k, v)
+        caches.append(cache)
+        monkeypatch.undo()
+    assert seen == [False, False, True, True]  # k and v, in parallel, then each on the calling thread
+    one, other = caches
+    for a, b in ((one.k, other.k), (one.v, other.v)) + (((one.k_scales, other.k_scales),) if dtype == "int8" else ()):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert np.abs(np.nan_to_num(one.v.astype(np.float32))).sum() > 0
 
 
 def test_write_rows_validation():
