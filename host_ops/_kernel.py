@@ -281,10 +281,10 @@ def _scatter_row(dst, src, rows, offsets, head_strides, m):
     """dst[offsets[m] + h * head_strides[m] :][:D] = src[rows[m], h] for every head h (src [R, Hk, D], both as
     uint16 bits or float32; offsets already include each row's position)."""
     Hk, D = src.shape[1:]
+    r = rows[m]
     for h in range(Hk):
         o = offsets[m] + h * head_strides[m]
-        for d in range(D):
-            dst[o + d] = src[rows[m], h, d]
+        dst[o:o + D] = src[r, h]  # a slice: twice the element loop's speed (2-core VM, 256-byte rows)
 
 
 @njit(parallel=True, **_JIT)
