@@ -35,10 +35,12 @@ _NO_SCALES = np.ones(1, np.float32)  # bf16/f32 rows: every row's scale is _NO_S
 # No nnan/ninf: the running max starts at -inf. Reassociation lets LLVM vectorise the dot products.
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _JIT = dict(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
-# A write of fewer bytes of rows than this runs on the calling thread: waking the threads for a parallel region
-# cost more than the copy (H200 host, 2026-11-27: the engine's decode writes, 0.5 MB a call, took 0.53 ms; 16-row
-# writes 0.42 ms), where one core copies 2 MiB in about 0.2 ms.
-SERIAL_BYTES = 2 * 2**20
+# A write of fewer elements than these runs on the calling thread: waking the threads for a parallel region may
+# cost more than the work (H200 host, 2026-11-27: the engine's decode writes, 0.5 MB a call, took 0.53 ms; 16-row
+# writes 0.42 ms). One core copies 2**20 bf16 elements (2 MiB) in about 0.2-0.4 ms; quantising to int8 costs
+# about twice as much per element, so its bound is a quarter.
+SERIAL_COPY_ELEMENTS = 2**20
+SERIAL_QUANTIZE_ELEMENTS = 2**18
 _BLOCK = 64  # KV positions per online-softmax step (a multiple of 4)
 _LINE = 64  # bytes of a cache line: the stride of the prefetches
 _I32 = ir.IntType(32)
@@ -379,15 +381,16 @@ def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides, scales=None
     """Rows of src [R, Hk, D] into the flat C-contiguous array dst: row rows[m] (default m: M = R), head h at
     element offsets[m] + h * head_strides[m]. dst bf16/f32: src already in dst's dtype, copied. dst int8: src
     of any float dtype (bf16 and f32 read as they are), quantised per row, each row's scale into the flat
-    float32 `scales` (see `_quantize_row`). In parallel over m, or on the calling thread where the rows come to
-    less than SERIAL_BYTES; releases the GIL."""
+    float32 `scales` (see `_quantize_row`). In parallel over m, or on the calling thread where the rows hold
+    fewer elements than SERIAL_COPY_ELEMENTS (SERIAL_QUANTIZE_ELEMENTS for int8); releases the GIL."""
     rows = np.arange(src.shape[0]) if rows is None else np.asarray(rows)
     rows = _int64(rows, rows.shape[0])  # read-only, given or not: one numba build
     M = rows.shape[0]
     offsets, head_strides = _int64(offsets, M), _int64(head_strides, M)
-    serial = M * math.prod(src.shape[1:]) * src.dtype.itemsize < SERIAL_BYTES
+    elements = M * math.prod(src.shape[1:])
     if dst.dtype == INT8:
         src = np.ascontiguousarray(src if src.dtype in KV_DTYPES else src.astype(FLOAT32))
-        _quantize_rows(dst, scales, _bits(src), rows, offsets, head_strides, serial)
+        _quantize_rows(dst, scales, _bits(src), rows, offsets, head_strides, elements < SERIAL_QUANTIZE_ELEMENTS)
     else:
-        _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), rows, offsets, head_strides, serial)
+        _scatter_rows(_bits(dst), _bits(np.ascontiguousarray(src)), rows, offsets, head_strides,
+                      elements < SERIAL_COPY_ELEMENTS)

@@ -17,8 +17,9 @@
 #   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~6 min): the core steps now: bench_prefetch_whole (issue 5's
 #      last open question: the next layer's experts all with the first call or split over the micro-batches'
 #      calls) beside bench_offload_quick; then why the engine's CPU attention, its KV writes and its hand-off
-#      take 2-10x their cost alone (2026-11-27: the costs grow with the calls per layer-step and with the idle
-#      time between calls, not with busy cores): bench_cpu_idle (the kernel after idle gaps under OpenMP's
+#      take 2-10x their cost alone (2026-11-27: the CPU term grows with the calls per layer-step, and neither
+#      fewer threads nor blocking CUDA waits cut it; the hypothesis: OpenMP's threads sleep between the
+#      worker's calls and each call wakes them): bench_cpu_idle (the kernel after idle gaps under OpenMP's
 #      wait policies and numba's workqueue layer) and the engine under the same settings
 #      (bench_offload_quick_passive, _active (cores - 2 threads, spinning), _workqueue). If one setting cuts the
 #      CPU column, make the engine use it (numba's layer and OpenMP's policy are read when numba first runs a
@@ -98,7 +99,8 @@ STEPS=(
   "bench_cpu_contention_blocking|90|TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE=blocking_sync $PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 8 --link-load"
   # the engine's decode micro-batch after idle gaps (the engine's worker waits for the GPU between its calls, and
   # OpenMP's threads spin, then sleep, between parallel regions) under each threading setting: does waking costs?
-  "bench_cpu_idle|150|for e in OMP_WAIT_POLICY=default OMP_WAIT_POLICY=passive OMP_WAIT_POLICY=active NUMBA_THREADING_LAYER=workqueue; do [ \$e = OMP_WAIT_POLICY=default ] && e=; env \$e $PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 2 --idle-gap 1 5 20 || exit 1; done"
+  # (the entries: comma-separated variables; "active" at cores - 2 threads, as bench_offload_quick_active runs)
+  "bench_cpu_idle|150|for e in default OMP_WAIT_POLICY=passive OMP_WAIT_POLICY=active,NUMBA_NUM_THREADS=$(( NPROC > 3 ? NPROC - 2 : 1 )) NUMBA_THREADING_LAYER=workqueue; do [ \$e = default ] && e=; env \${e//,/ } $PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 2 --idle-gap 1 5 20 || exit 1; done"
   # the same beside an int8 cache (--kv-cache-dtype int8): its speed-up where the 16 cores are memory-bound
   "bench_host_attention_int8|150|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16"
   "bench_expert_kernel_core|160|$PY scripts/bench_expert_kernel.py --tokens 1024 4096 --json $LOGS/bench_expert_kernel_core.json --out $LOGS/bench_expert_kernel_core.md"

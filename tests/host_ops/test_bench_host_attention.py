@@ -78,8 +78,12 @@ def test_bench_times_the_decode_shape_with_cores_busy_at_each_thread_count(capsy
     assert [float(r[4]) for r in rows] == [round(min(2, cores) / min(n, max(cores - 1, 1)), 2) for n in (2, 1)]
 
 
-def test_bench_times_the_decode_shape_after_idle_gaps(capsys):
-    _bench().main([*TINY, "--kv-dtype", "bfloat16", "--idle-gap", "2", "0.5"])
+def test_bench_times_the_decode_shape_after_idle_gaps(capsys, monkeypatch):
+    bench, slept = _bench(), []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: slept.append(s))  # the module's `time`: sleeps counted, not slept
+    bench.main([*TINY, "--kv-dtype", "bfloat16", "--idle-gap", "2", "0.5"])
+    repeats = int(TINY[TINY.index("--repeats") + 1]) + 1  # and the warm-up round
+    assert [s for s in slept if s] == [0.002] * repeats + [0.0005] * repeats  # a sleep before each call of each gap
     lines = capsys.readouterr().out.splitlines()
     i = next(i for i, x in enumerate(lines) if x.startswith("after an idle gap before each call"))
     rows = [x.split() for x in lines[i + 2:i + 5]]

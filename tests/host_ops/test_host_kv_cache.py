@@ -252,15 +252,17 @@ def test_write_rows_of_a_padded_batch_equals_writing_each_prompt(rng, dtype):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
 def test_serial_and_parallel_writes_store_the_same(rng, monkeypatch, dtype):
-    """Writes of fewer bytes than `_kernel.SERIAL_BYTES` run on the calling thread (no parallel region to wake
-    the threads for), larger ones in parallel: both leave the same bytes, int8's scales and odd rows included."""
+    """Writes of fewer elements than `_kernel.SERIAL_COPY_ELEMENTS` (`SERIAL_QUANTIZE_ELEMENTS` for int8) run on
+    the calling thread (no parallel region to wake the threads for), from that many on in parallel: both leave
+    the same bytes, int8's scales and odd rows included."""
     M, Hk, D = 9, 2, 64
     k, v = (rng.standard_normal((M, Hk, D)).astype(np.float32) for _ in range(2))
     k[1, 0, 3], k[2, 1] = np.nan, 0.0
     slots, positions = rng.integers(0, 4, M), np.arange(M)
+    bound = "SERIAL_QUANTIZE_ELEMENTS" if dtype == "int8" else "SERIAL_COPY_ELEMENTS"
     caches, seen = [], []
-    for bound in (0, 2**40):  # every write parallel, every write serial
-        monkeypatch.setattr(_kernel, "SERIAL_BYTES", bound)
+    for elements in (M * Hk * D, M * Hk * D + 1):  # the rows' elements at the bound: parallel; one below it: serial
+        monkeypatch.setattr(_kernel, bound, elements)
         for name in ("_scatter_rows", "_quantize_rows"):
             kernel = getattr(_kernel, name)
             monkeypatch.setattr(_kernel, name, lambda *a, kernel=kernel: (seen.append(a[-1]), kernel(*a))[1])

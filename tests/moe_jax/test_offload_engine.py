@@ -349,11 +349,16 @@ def test_whole_layer_prefetch_equals_split():
     eng._fetch_for(1)
     assert (eng._carried(0), eng._carried(1)) == ([0, 1], [])
     eng._fetch_for(eng._next_moe_layer(-1))
-    got = {r.index: ids for r, ids, *_ in eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])}
-    assert [got[i] for i in range(len(PROMPTS))] == resident_tokens(source)
     split = OffloadEngine(source.cfg, source.weights, np.float32, policy)
-    list(split.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)]))
-    assert eng.stats.h2d_bytes == split.stats.h2d_bytes > 0
+    apart = {}  # per engine, the chunks fetched by a call of their own (no GPU step carried them)
+    for e in (eng, split):
+        e._fetch = lambda chunk, e=e, fetch=e._fetch: (apart.__setitem__(e, apart.get(e, 0) + 1), fetch(chunk))[1]
+    for _ in range(2):  # the second generate starts with the first layer's chunks fetched at the end of the first
+        got = {r.index: ids for r, ids, *_ in eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)])}
+        assert [got[i] for i in range(len(PROMPTS))] == resident_tokens(source)
+        list(split.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)]))
+        assert eng.stats.h2d_bytes == split.stats.h2d_bytes > 0
+    assert apart[eng] == apart[split]  # "whole"'s first calls carried every chunk that "split"'s calls carried
 
 
 def test_prefill_memory_is_checked_before_generation():
