@@ -6,8 +6,8 @@ so once it holds more than half of the cap it has reserved about all of it: the 
 loses to the pool. The engine's pinned arrays are one chunk of one weight each, a micro-batch's share of a
 layer's streamed experts (at most one layer's, 0.94 GB for Mixtral 8x7B, at one micro-batch), small next to
 the regions, so a cap 5% + 2 GiB above the streamed bytes holds them (DESIGN.md's fragmentation was with 5 GB
-arrays; on an H200, a layer's weight whole, 672 MiB, did not fit 7.55 GiB of them into a 9 GiB pool). HRM counts the same cap,
-and a cap fixed already must be at least that.
+arrays; on an H200, 7.55 GiB of 672 MiB arrays, a layer's weight whole, did not fit into a 9 GiB pool). HRM
+counts the same cap, and a cap fixed already must be at least that.
 """
 from __future__ import annotations
 
