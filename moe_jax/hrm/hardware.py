@@ -88,7 +88,9 @@ class Hardware:
 
     def cpu_seconds(self, op: Op, kv_cache_dtype: str = "auto"):
         """Roofline time of `op` (decode attention over a KV cache of `kv_cache_dtype`) on the CPU, its data in
-        host memory."""
+        host memory. The kernel's bytes and FLOPs only: the offload engine's worker also pays per call (the
+        k/v writes, waking the kernel's threads, the output's hand-off to pinned memory), which this does not
+        price; on the H200 machine its CPU term ran 2.6-10x this (benchmarks/RESULTS.md, 2026-11-27)."""
         bandwidth = self.attention_bandwidth or self.host_bandwidth
         if kv_cache_dtype == "int8":
             bandwidth = self.int8_attention_bandwidth or bandwidth
