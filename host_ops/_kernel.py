@@ -14,6 +14,7 @@ checks shapes.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_dtypes
 import numba
@@ -36,11 +37,17 @@ _NO_SCALES = np.ones(1, np.float32)  # bf16/f32 rows: every row's scale is _NO_S
 _FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _JIT = dict(nogil=True, fastmath=_FASTMATH, error_model="numpy", cache=True)
 # A write of fewer elements than these runs on the calling thread: waking the threads for a parallel region may
-# cost more than the work (H200 host, 2026-11-27: the engine's decode writes, 0.5 MB a call, took 0.53 ms; 16-row
-# writes 0.42 ms). One core copies 2**20 bf16 elements (2 MiB) in about 0.2-0.4 ms; quantising to int8 costs
-# about twice as much per element, so its bound is a quarter.
-SERIAL_COPY_ELEMENTS = 2**20
-SERIAL_QUANTIZE_ELEMENTS = 2**18
+# cost more than the work (H200 host, 2026-11-27: the engine's decode writes of 16 rows, parallel, took 0.42 ms a
+# call). Not much more: with the bound at 2**20 elements (Mixtral's 1024 rows), the same host's 4-layer runs wrote
+# 125 rows a call in 0.94 ms where in parallel they had taken 0.53, and the full run 880 rows in 6.1 ms (then
+# paying a page fault at each new page, which the cache now takes at allocation). 2**16 is 64 of Mixtral's rows;
+# quantising to int8 costs about twice as much per element as a copy, so its bound is a quarter.
+SERIAL_COPY_ELEMENTS = 2**16
+SERIAL_QUANTIZE_ELEMENTS = 2**14
+try:
+    PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")  # the OS's page: what `fault_in_zeros` writes one byte of
+except (ValueError, OSError, AttributeError):
+    PAGE_BYTES = 4096
 _BLOCK = 64  # KV positions per online-softmax step (a multiple of 4)
 _LINE = 64  # bytes of a cache line: the stride of the prefetches
 _I32 = ir.IntType(32)
@@ -337,6 +344,22 @@ def _quantize_rows(dst, scales, src, rows, offsets, head_strides, serial):
     else:
         for m in prange(rows.shape[0]):
             _quantize_row(dst, scales, src, rows, offsets, head_strides, m)
+
+
+@njit(parallel=True, **_JIT)
+def _fault_in(flat, stride):
+    for i in prange((flat.shape[0] + stride - 1) // stride):
+        flat[i * stride] = 0
+
+
+def fault_in_zeros(x: np.ndarray) -> None:
+    """Write a zero byte into every page of the zero-filled, C-contiguous array x, in parallel, so that the
+    OS maps its pages now rather than at the first write of each (x stays all zeros). A large np.zeros is
+    mapped lazily; each first write then stops its thread for a page fault, and on a virtual machine whose
+    host has not yet backed that memory, for the host too: on the 2-core VM a first write ran at 0.4-0.9 GB/s
+    where a second ran at 9 GB/s; on the H200 host (a fresh VM each session) the prompts' k/v writes into a
+    new 45 GB cache took 40 s of the CPU worker (2026-11-27)."""
+    _fault_in(x.reshape(-1).view(np.uint8), PAGE_BYTES)
 
 
 def _bits(x: np.ndarray) -> np.ndarray:

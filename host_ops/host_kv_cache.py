@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -40,7 +41,8 @@ class HostKVCache:
     positions (`max_context`: one int for every slot, or one per slot, so that each slot is as long as the
     sequences it will hold and no more).
 
-    Storage (preallocated, zero-filled lazily by the OS): `k`, `v` of shape [num_layers, elements],
+    Storage (preallocated, zero-filled and faulted in at construction, in parallel: `fault_in_s` seconds, so
+    that no write pays for a page's first touch): `k`, `v` of shape [num_layers, elements],
     bfloat16, float32 or int8, where slot s of a layer is the region [kv_heads, capacities[s], head_dim] at
     element offsets[s] (`slot_kv` gives it that shape). Head-major, so the positions of one (slot, KV head)
     are one contiguous block that attention streams.
@@ -82,6 +84,10 @@ class HostKVCache:
                                  np.zeros((num_layers, shape[1] // head_dim), np.float32))
         except (MemoryError, ValueError) as e:
             raise MemoryError(f"cannot allocate {what}: {e}") from e
+        t0 = time.perf_counter()
+        for x in {id(a): a for a in (self.k, self.v, self.k_scales, self.v_scales) if a is not None}.values():
+            _kernel.fault_in_zeros(x)
+        self.fault_in_s = time.perf_counter() - t0
         self.capacities = caps
         self.offsets = np.concatenate([[0], np.cumsum(caps[:-1])]) * (kv_heads * head_dim)
         self.lengths = np.zeros((num_layers, num_slots), np.int64)

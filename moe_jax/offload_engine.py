@@ -28,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import resource
 import time
 from typing import Iterator, NamedTuple, Sequence
 
@@ -235,13 +236,15 @@ class OffloadStats:
     writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write,
     cpu_handoff: of it, the attention kernel's calls alone (`HostKVCache.attend`), the decode's k/v writes
     (`HostKVCache.write`) and the hand-off (the output cast into the engine's dtype and put in pinned memory);
+    cpu_faults: the page faults the worker took in that time (Linux; 0 where the OS does not count them);
     gpu_wait: the worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). prefill_write: the worker writing prompts' k/v into the
     host cache (the first fill's and the refills'); prefill_wait: the dispatching thread waiting for those
     writes, so that at most `pinned_pool.STAGED_BYTES` of k/v wait in pinned memory; prefill_calls: the prefill's
     GPU calls, every layer's (prefill_s over those of the first fill is the time per call). h2d_bytes: expert bytes streamed. prefill_s: the
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
-    finished ones (interleaved with decode steps). kv_bytes, kv_dtype: the host KV cache; host_free_bytes: the host's
+    finished ones (interleaved with decode steps). kv_bytes, kv_dtype: the host KV cache; kv_fault_in_s: the seconds
+    its allocation spent faulting its pages in (`HostKVCache.fault_in_s`, before the run); host_free_bytes: the host's
     MemAvailable at the end of the run, the cache still held (what the pinned pool, the cache and the rest
     left), and host_total_bytes its MemTotal then, None where unknown."""
 
@@ -250,6 +253,7 @@ class OffloadStats:
     cpu_kernel: np.ndarray
     cpu_write: np.ndarray
     cpu_handoff: np.ndarray
+    cpu_faults: np.ndarray
     gpu_wait: np.ndarray
     main_wait: np.ndarray
     prefill_write: np.ndarray
@@ -263,12 +267,13 @@ class OffloadStats:
     peak_gpu_bytes: int | None = None
     kv_bytes: int = 0
     kv_dtype: str = ""
+    kv_fault_in_s: float = 0.0
     host_free_bytes: int | None = None
     host_total_bytes: int | None = None
 
     @classmethod
     def empty(cls, layers: int) -> "OffloadStats":
-        return cls(layers, *(np.zeros(layers) for _ in range(8)))
+        return cls(layers, *(np.zeros(layers) for _ in range(9)))
 
     def bottleneck(self) -> str:
         terms = {"cpu attention": self.cpu.sum(), "gpu compute or h2d": self.gpu_wait.sum()}
@@ -285,10 +290,11 @@ class OffloadStats:
                 f"{self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms (kernel "
                 f"{self.cpu_kernel.sum() / per * 1e3:.2f} ms, KV writes {self.cpu_write.sum() / per * 1e3:.2f} ms, "
-                f"hand-off {self.cpu_handoff.sum() / per * 1e3:.2f} ms), "
+                f"hand-off {self.cpu_handoff.sum() / per * 1e3:.2f} ms; {self.cpu_faults.sum() / per:.0f} page faults), "
                 f"waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
-                f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB {self.kv_dtype}{free}; "
+                f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB {self.kv_dtype} "
+                f"(pages faulted in: {self.kv_fault_in_s:.2f} s){free}; "
                 f"{self.refilled} requests refilled rows; "
                 f"bottleneck: {self.bottleneck()}")
 
@@ -557,7 +563,8 @@ class OffloadEngine:
         budget, order, first, capacities, kv_dtype, prefill_rows = self._plan(requests)
         cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
                             _cache_value_dim(cfg))
-        self.stats.kv_bytes, self.stats.kv_dtype = cache.nbytes, str(kv_dtype)
+        self.stats.kv_bytes, self.stats.kv_dtype, self.stats.kv_fault_in_s = cache.nbytes, str(kv_dtype), cache.fault_in_s
+        log.info("host KV cache: %.2f GB, its pages faulted in in %.2f s", cache.nbytes / 1e9, cache.fault_in_s)
         _warm_host_kernels(cfg, kv_dtype, self.dtype)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
             yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:], prefill_rows).run()
@@ -569,6 +576,32 @@ class OffloadEngine:
 
 
 FREE, PREFILL, JOIN, ACTIVE = range(4)  # a row's state (see _Run)
+
+
+def _thread_page_faults() -> int | None:
+    """Page faults (minor and major) the calling thread has taken so far; None where the OS does not say
+    (RUSAGE_THREAD is Linux's)."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    if who is None:
+        return None
+    usage = resource.getrusage(who)
+    return usage.ru_minflt + usage.ru_majflt
+
+
+class _AttendBuffers(NamedTuple):
+    """One micro-batch's host arrays for its decode attention (`_Run._attend`), reused by every call: q
+    [μ, heads, head_dim] and attended [μ, heads, value_dim] float32, out [μ, 1, heads, value_dim] in the
+    engine's dtype (the hand-off)."""
+
+    q: np.ndarray
+    attended: np.ndarray
+    out: np.ndarray
+
+    @classmethod
+    def allocate(cls, mu: int, cfg: ModelConfig, dtype) -> "_AttendBuffers":
+        return cls(np.zeros((mu, cfg.num_heads, cfg.head_dim), np.float32),
+                   np.zeros((mu, cfg.num_heads, cfg.value_dim), np.float32),
+                   np.zeros((mu, 1, cfg.num_heads, cfg.value_dim), dtype))
 
 
 @dataclasses.dataclass
@@ -612,6 +645,7 @@ class _Run:
         self.lens = [np.ones(s, np.int64) for s in sizes]
         self.samp = [sampling_rows(self.mu) for _ in sizes]
         self.no_join = (jnp.zeros((self.mu, H), eng.dtype), np.zeros(self.mu, bool))
+        self.buffers = [_AttendBuffers.allocate(self.mu, eng.cfg, eng.dtype) for _ in sizes]
         self.h_join = [None] * len(sizes)  # [μ, H] last prompt hidden state of the JOIN rows, per micro-batch
         self.prefills: list[_PrefillCall] = []
         # prefill k/v writes in the CPU worker, oldest first, with the bytes of pinned k/v each holds
@@ -696,27 +730,37 @@ class _Run:
     def _attend(self, layer: int, k: int, rows: np.ndarray, positions: np.ndarray, q, kk, v, tokens=None,
                 logprobs: bool = False):
         """Wait for the GPU's q/k/v; for the decoding `rows`, write k/v to the host cache and attend.
-        tokens: the `Sampled` of the step's last layer, fetched with the log-probabilities when `logprobs`."""
-        st, cfg = self.eng.stats, self.eng.cfg
+        tokens: the `Sampled` of the step's last layer, fetched with the log-probabilities when `logprobs`.
+        The query, the kernel's output and the output in the engine's dtype go through micro-batch k's buffers
+        (`_AttendBuffers`): reused, so that no call pays page faults for new arrays (on the 2-core VM, 966 a call
+        at μ=880: 2-5 ms of 19)."""
+        st, cfg, buf = self.eng.stats, self.eng.cfg, self.buffers[k]
         t0 = time.perf_counter()
-        q, kk = np.asarray(q)[rows, 0], np.asarray(kk)[rows, 0]
-        v = None if v is None else np.asarray(v)[rows, 0]  # None: the values are the keys' first dims
+        q, kk = np.asarray(q)[:, 0], np.asarray(kk)[:, 0]  # [μ, heads, dims] views: rows picked out below
+        v = None if v is None else np.asarray(v)[:, 0]  # None: the values are the keys' first dims
         tokens = None if tokens is None else host_sampled(tokens, logprobs)
-        t1 = time.perf_counter()
-        pos = positions[rows, 0]
-        self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v)
+        t1, f1 = time.perf_counter(), _thread_page_faults()
+        n, pos = len(rows), positions[rows, 0]
+        self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v, rows=rows)
         st.cpu_write[layer] += time.perf_counter() - t1
-        out = np.zeros((self.mu, 1, cfg.num_heads, cfg.value_dim), self.eng.dtype)
+        q32, attended = buf.q[:n], buf.attended[:n]
+        np.copyto(q32, q if n == len(q) else q[rows])
         t2 = time.perf_counter()
-        attended = self.cache.attend(layer, self.kv_slots[k][rows], q.astype(np.float32), pos + 1,
-                                     scale=cfg.attention_scale)
+        self.cache.attend(layer, self.kv_slots[k][rows], q32, pos + 1, out=attended, scale=cfg.attention_scale)
         t3 = time.perf_counter()
         st.cpu_kernel[layer] += t3 - t2
+        out = buf.out
         out[rows, 0] = attended
-        out = jax.device_put(out, self.eng.on_host)  # pinned, for the next GPU step to take in
+        if n < len(out):  # the rows not decoding get zeros, as from a new array
+            out[np.setdiff1d(np.arange(len(out)), rows), 0] = 0
+        # Pinned, for the next GPU step to take in. The copy is done before buf.out is written again: micro-batch
+        # k's next call waits for its q, which the GPU step that takes this output computes.
+        out = jax.device_put(out, self.eng.on_host)
         st.cpu_handoff[layer] += time.perf_counter() - t3
         st.gpu_wait[layer] += t1 - t0
         st.cpu[layer] += time.perf_counter() - t1
+        if f1 is not None:
+            st.cpu_faults[layer] += _thread_page_faults() - f1
         return out, tokens
 
     def _prefill_writeback(self, layer: int, call: _PrefillCall, kk, v):

@@ -9,24 +9,20 @@
 # included (about 30 s), and a warm machine goes back after 30 s idle. GPU sessions so far (all on an H200;
 # benchmarks/RESULTS.md): 2026-11-26 (two): the GPU tests, the expert kernel's sweep, calibrate, both host
 # attention steps, bench_offload_quick(_exp4) and bench_offload (issue 5: all 32 layers at 16 GiB, 737 tok/s,
-# overlap 1.08); 2026-11-27: the contention steps (busy cores, the link's DMA, CUDA's blocking waits: none is
-# what slows the engine's CPU attention), bench_offload_quick against _threads/_blocking/_exp4/_mgpu/_triton,
-# bench_policies (issue 6: all three within 2% of HRM's layer time), calibrate; bench_prefetch_whole failed at
-# load (fixed since: the pool holds the same chunks under both prefetch settings). What is left, one device
-# command each, in this order:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~6 min): the core steps now: bench_prefetch_whole (issue 5's
-#      last open question: the next layer's experts all with the first call or split over the micro-batches'
-#      calls) beside bench_offload_quick; then why the engine's CPU attention, its KV writes and its hand-off
-#      take 2-10x their cost alone (2026-11-27: the CPU term grows with the calls per layer-step, and neither
-#      fewer threads nor blocking CUDA waits cut it; the hypothesis: OpenMP's threads sleep between the
-#      worker's calls and each call wakes them): bench_cpu_idle (the kernel after idle gaps under OpenMP's
-#      wait policies and numba's workqueue layer) and the engine under the same settings
-#      (bench_offload_quick_passive, _active (cores - 2 threads, spinning), _workqueue). If one setting cuts the
-#      CPU column, make the engine use it (numba's layer and OpenMP's policy are read when numba first runs a
-#      parallel region: set them before, as pinned_pool.reserve sets XLA's pool) and run bench_offload again.
+# overlap 1.08); 2026-11-27 (two): the contention steps, bench_offload_quick against _threads/_blocking/_exp4/
+# _mgpu/_triton, bench_policies (issue 6), calibrate; then bench_prefetch_whole (split 1.16x whole: issue 5),
+# bench_cpu_idle and the engine under OpenMP's passive/active waits and numba's workqueue layer (none cuts the
+# CPU term), and bench_throughput_g64_exp4 (issue 7: 856.9 tok/s, 0.90x MoE-Lightning normalised, CPU-bound:
+# the prompts' k/v writes 40 s, the decode's CPU 68.9 ms a layer-step; page faults, fixed since). What is left,
+# one device command each, in this order:
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~8-9 min): the core steps now: bench_throughput_g64_exp4
+#      (issue 7) and bench_offload_quick, after the fix for page faults (the host KV cache faulted in at
+#      allocation, in parallel; the decode attention's host arrays reused; writes parallel from 2**16
+#      elements). Read the engine's log line: "pages faulted in: S s" (the cache's first touch: how fast 16
+#      threads fault in a fresh VM's memory), "N page faults" a layer-step, and the CPU column against
+#      2026-11-27's (full run: kernel 36.55 / writes 18.28 / hand-off 11.78 ms).
 #   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
-#      - 30): bench_throughput_g64_exp4 (issue 7: the experts coded in 12 bits, predicted to beat
-#      MoE-Lightning's figure), then in later sessions bench_throughput_g64, bench_throughput_g128,
+#      - 30): bench_throughput_g64 (issue 7, uncoded), then in later sessions bench_throughput_g128,
 #      bench_vs_pytorch (issue 7); bench_dsv2_lite (DeepSeek's latent attention on the CPU).
 # Add `tests` in front of step 1 when GPU code (pallas_kernels/, the engine's jitted steps) changed since the
 # last GPU session (the tests last ran at commit ce8e362; pallas_kernels/ and the jitted steps have not changed
@@ -84,7 +80,7 @@ NPROC=$($PY -c 'import numba; print(numba.config.NUMBA_NUM_THREADS)' 2>/dev/null
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 # bench_expert_kernel writes each row as it goes and prints the table of those measured when the budget's end
 # interrupts it (Mixtral's rows first).
-CORE="bench_prefetch_whole bench_offload_quick bench_cpu_idle bench_offload_quick_passive bench_offload_quick_active bench_offload_quick_workqueue"
+CORE="bench_throughput_g64_exp4 bench_offload_quick"
 STEPS=(
   "tests|300|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json

@@ -2,6 +2,7 @@
 and attention in the cache's own layout against the float64 reference and the dense entry points."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -61,6 +62,28 @@ def test_allocation_failure_from_numpy_is_rewrapped(monkeypatch):
     monkeypatch.setattr(host_kv_cache, "_host_ram_bytes", lambda: None)  # skip the RAM check, let NumPy fail
     with pytest.raises(MemoryError, match=r"cannot allocate HostKVCache of 1,000,000\.00 GB"):
         HostKVCache(250, 1000, 1000, 1000, 1000, "bfloat16")
+
+
+def _resident_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * _kernel.PAGE_BYTES
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="counts resident pages in Linux's /proc")
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_storage_is_faulted_in_at_construction_and_stays_zero(dtype):
+    """The OS maps a large np.zeros lazily; the cache writes into every page at construction, so that the
+    process holds its storage (128 MiB of bfloat16 K and V here) before any write, all of it still zeros."""
+    dims = (2, 64, 512, 4, 128)  # 2 layers x 64 slots x 512 positions x 4 heads x 128 = 32 Mi elements of K and V
+    HostKVCache(1, 1, 1, 4, 128, dtype)  # the fault-in kernel compiled (or loaded) outside the count
+    before = _resident_bytes()
+    cache = HostKVCache(*dims, dtype)
+    grown = _resident_bytes() - before
+    assert grown >= 0.95 * cache.nbytes, (grown, cache.nbytes)
+    assert cache.fault_in_s > 0
+    for x in (cache.k, cache.v, cache.k_scales, cache.v_scales):
+        assert x is None or not x.view(np.uint8).any()
+    unfaulted = np.zeros(cache.k.shape, cache.k.dtype)  # the control: the same storage, not faulted in, holds almost nothing
+    assert _resident_bytes() - before - grown < 0.05 * unfaulted.nbytes
 
 
 def test_ragged_capacities():
