@@ -348,8 +348,11 @@ def _quantize_rows(dst, scales, src, rows, offsets, head_strides, serial):
 
 @njit(parallel=True, **_JIT)
 def _fault_in(flat, stride):
+    """A zero at every stride-th byte of flat and at its last (the array need not start on a page)."""
     for i in prange((flat.shape[0] + stride - 1) // stride):
         flat[i * stride] = 0
+    if flat.shape[0]:
+        flat[-1] = 0
 
 
 def fault_in_zeros(x: np.ndarray) -> None:
@@ -358,7 +361,9 @@ def fault_in_zeros(x: np.ndarray) -> None:
     mapped lazily; each first write then stops its thread for a page fault, and on a virtual machine whose
     host has not yet backed that memory, for the host too: on the 2-core VM a first write ran at 0.4-0.9 GB/s
     where a second ran at 9 GB/s; on the H200 host (a fresh VM each session) the prompts' k/v writes into a
-    new 45 GB cache took 40 s of the CPU worker (2026-11-27)."""
+    new 45 GB cache took 40 s of the CPU worker (2026-11-27; the VM's first touch is the suspect)."""
+    if not x.flags.c_contiguous:
+        raise ValueError(f"fault_in_zeros needs a C-contiguous array, got strides {x.strides} for shape {x.shape}")
     _fault_in(x.reshape(-1).view(np.uint8), PAGE_BYTES)
 
 

@@ -42,7 +42,7 @@ class HostKVCache:
     sequences it will hold and no more).
 
     Storage (preallocated, zero-filled and faulted in at construction, in parallel: `fault_in_s` seconds, so
-    that no write pays for a page's first touch): `k`, `v` of shape [num_layers, elements],
+    that no write pays for a page's first touch; all of it is resident from then on): `k`, `v` of shape [num_layers, elements],
     bfloat16, float32 or int8, where slot s of a layer is the region [kv_heads, capacities[s], head_dim] at
     element offsets[s] (`slot_kv` gives it that shape). Head-major, so the positions of one (slot, KV head)
     are one contiguous block that attention streams.
@@ -84,6 +84,7 @@ class HostKVCache:
                                  np.zeros((num_layers, shape[1] // head_dim), np.float32))
         except (MemoryError, ValueError) as e:
             raise MemoryError(f"cannot allocate {what}: {e}") from e
+        _kernel.fault_in_zeros(np.zeros(1, np.uint8))  # compiled (or loaded from numba's cache) outside the time
         t0 = time.perf_counter()
         for x in {id(a): a for a in (self.k, self.v, self.k_scales, self.v_scales) if a is not None}.values():
             _kernel.fault_in_zeros(x)

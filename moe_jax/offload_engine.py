@@ -28,7 +28,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import resource
 import time
 from typing import Iterator, NamedTuple, Sequence
 
@@ -36,6 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
+
+try:
+    import resource  # the page-fault counts of OffloadStats (Unix)
+except ImportError:
+    resource = None
 
 from host_ops import HostKVCache
 from moe_jax import expert_codec, host_memory, model, pinned_pool
@@ -147,8 +151,7 @@ def _warm_host_kernels(cfg: ModelConfig, kv_dtype, dtype) -> None:
     on a one-slot cache once per process, so that the first run's per-layer CPU time is the attention's."""
     warm = HostKVCache(1, 1, 1, cfg.num_kv_heads, cfg.head_dim, kv_dtype, _cache_value_dim(cfg))
     row = np.ones((1, cfg.num_kv_heads, cfg.head_dim), dtype)
-    warm.write(0, [0], [0], row, None if cfg.values_in_keys else row)  # a decode's rows
-    row.setflags(write=False)  # a prefill call's k/v, read where JAX left them, the prompt positions picked out
+    row.setflags(write=False)  # k/v read where JAX left them (read-only), their rows picked out: every call's
     warm.write(0, [0], [0], row, None if cfg.values_in_keys else row, rows=[0])
     warm.attend(0, [0], np.ones((1, cfg.num_heads, cfg.head_dim), np.float32), scale=cfg.attention_scale)
 
@@ -236,7 +239,8 @@ class OffloadStats:
     writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write,
     cpu_handoff: of it, the attention kernel's calls alone (`HostKVCache.attend`), the decode's k/v writes
     (`HostKVCache.write`) and the hand-off (the output cast into the engine's dtype and put in pinned memory);
-    cpu_faults: the page faults the worker took in that time (Linux; 0 where the OS does not count them);
+    cpu_faults: the page faults the worker thread took in those calls (not numba's threads'; 0 where the OS
+    does not count a thread's); run_faults: the whole process's during the run (None where unknown);
     gpu_wait: the worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). prefill_write: the worker writing prompts' k/v into the
     host cache (the first fill's and the refills'); prefill_wait: the dispatching thread waiting for those
@@ -268,6 +272,7 @@ class OffloadStats:
     kv_bytes: int = 0
     kv_dtype: str = ""
     kv_fault_in_s: float = 0.0
+    run_faults: int | None = None
     host_free_bytes: int | None = None
     host_total_bytes: int | None = None
 
@@ -290,12 +295,14 @@ class OffloadStats:
                 f"{self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms (kernel "
                 f"{self.cpu_kernel.sum() / per * 1e3:.2f} ms, KV writes {self.cpu_write.sum() / per * 1e3:.2f} ms, "
-                f"hand-off {self.cpu_handoff.sum() / per * 1e3:.2f} ms; {self.cpu_faults.sum() / per:.0f} page faults), "
+                f"hand-off {self.cpu_handoff.sum() / per * 1e3:.2f} ms; {self.cpu_faults.sum() / per:.0f} page faults "
+                f"in the worker), "
                 f"waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
                 f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB {self.kv_dtype} "
                 f"(pages faulted in: {self.kv_fault_in_s:.2f} s){free}; "
                 f"{self.refilled} requests refilled rows; "
+                f"{'' if self.run_faults is None else f'{self.run_faults:,} page faults in the run (the process); '}"
                 f"bottleneck: {self.bottleneck()}")
 
 
@@ -566,8 +573,10 @@ class OffloadEngine:
         self.stats.kv_bytes, self.stats.kv_dtype, self.stats.kv_fault_in_s = cache.nbytes, str(kv_dtype), cache.fault_in_s
         log.info("host KV cache: %.2f GB, its pages faulted in in %.2f s", cache.nbytes / 1e9, cache.fault_in_s)
         _warm_host_kernels(cfg, kv_dtype, self.dtype)
+        faults = _page_faults(thread=False)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
             yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:], prefill_rows).run()
+        self.stats.run_faults = None if faults is None else _page_faults(thread=False) - faults
         mem = host_memory.meminfo()  # the cache's pages written, still held
         self.stats.host_free_bytes, self.stats.host_total_bytes = (mem.available, mem.total) if mem else (None, None)
         stats = jax.devices()[0].memory_stats() or {}
@@ -578,10 +587,10 @@ class OffloadEngine:
 FREE, PREFILL, JOIN, ACTIVE = range(4)  # a row's state (see _Run)
 
 
-def _thread_page_faults() -> int | None:
-    """Page faults (minor and major) the calling thread has taken so far; None where the OS does not say
-    (RUSAGE_THREAD is Linux's)."""
-    who = getattr(resource, "RUSAGE_THREAD", None)
+def _page_faults(thread: bool) -> int | None:
+    """Page faults (minor and major) taken so far by the calling thread (Linux) or else by the whole process;
+    None where the OS does not count them."""
+    who = getattr(resource, "RUSAGE_THREAD", None) if thread else getattr(resource, "RUSAGE_SELF", None)
     if who is None:
         return None
     usage = resource.getrusage(who)
@@ -590,18 +599,22 @@ def _thread_page_faults() -> int | None:
 
 class _AttendBuffers(NamedTuple):
     """One micro-batch's host arrays for its decode attention (`_Run._attend`), reused by every call: q
-    [μ, heads, head_dim] and attended [μ, heads, value_dim] float32, out [μ, 1, heads, value_dim] in the
-    engine's dtype (the hand-off)."""
+    [μ, heads, head_dim] and attended [μ, heads, value_dim] float32, picked [μ, heads, head_dim] in the
+    engine's dtype (the decoding rows' queries, when not all rows decode), out [μ, 1, heads, value_dim] in
+    the engine's dtype (the hand-off), idle [μ] bool (the rows not decoding)."""
 
     q: np.ndarray
+    picked: np.ndarray
     attended: np.ndarray
     out: np.ndarray
+    idle: np.ndarray
 
     @classmethod
     def allocate(cls, mu: int, cfg: ModelConfig, dtype) -> "_AttendBuffers":
         return cls(np.zeros((mu, cfg.num_heads, cfg.head_dim), np.float32),
+                   np.zeros((mu, cfg.num_heads, cfg.head_dim), dtype),
                    np.zeros((mu, cfg.num_heads, cfg.value_dim), np.float32),
-                   np.zeros((mu, 1, cfg.num_heads, cfg.value_dim), dtype))
+                   np.zeros((mu, 1, cfg.num_heads, cfg.value_dim), dtype), np.zeros(mu, bool))
 
 
 @dataclasses.dataclass
@@ -646,6 +659,7 @@ class _Run:
         self.samp = [sampling_rows(self.mu) for _ in sizes]
         self.no_join = (jnp.zeros((self.mu, H), eng.dtype), np.zeros(self.mu, bool))
         self.buffers = [_AttendBuffers.allocate(self.mu, eng.cfg, eng.dtype) for _ in sizes]
+        self.handed: list[jax.Array | None] = [None] * len(sizes)  # each micro-batch's last hand-off of buf.out
         self.h_join = [None] * len(sizes)  # [μ, H] last prompt hidden state of the JOIN rows, per micro-batch
         self.prefills: list[_PrefillCall] = []
         # prefill k/v writes in the CPU worker, oldest first, with the bytes of pinned k/v each holds
@@ -739,28 +753,30 @@ class _Run:
         q, kk = np.asarray(q)[:, 0], np.asarray(kk)[:, 0]  # [μ, heads, dims] views: rows picked out below
         v = None if v is None else np.asarray(v)[:, 0]  # None: the values are the keys' first dims
         tokens = None if tokens is None else host_sampled(tokens, logprobs)
-        t1, f1 = time.perf_counter(), _thread_page_faults()
+        t1, f1 = time.perf_counter(), _page_faults(thread=True)
         n, pos = len(rows), positions[rows, 0]
         self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v, rows=rows)
         st.cpu_write[layer] += time.perf_counter() - t1
         q32, attended = buf.q[:n], buf.attended[:n]
-        np.copyto(q32, q if n == len(q) else q[rows])
+        np.copyto(q32, q if n == len(q) else np.take(q, rows, axis=0, out=buf.picked[:n], mode="clip"))
         t2 = time.perf_counter()
         self.cache.attend(layer, self.kv_slots[k][rows], q32, pos + 1, out=attended, scale=cfg.attention_scale)
         t3 = time.perf_counter()
         st.cpu_kernel[layer] += t3 - t2
+        if self.handed[k] is not None:  # buf.out's last copy to pinned memory (asynchronous) has read it
+            self.handed[k].block_until_ready()
         out = buf.out
         out[rows, 0] = attended
         if n < len(out):  # the rows not decoding get zeros, as from a new array
-            out[np.setdiff1d(np.arange(len(out)), rows), 0] = 0
-        # Pinned, for the next GPU step to take in. The copy is done before buf.out is written again: micro-batch
-        # k's next call waits for its q, which the GPU step that takes this output computes.
-        out = jax.device_put(out, self.eng.on_host)
+            buf.idle[:] = True
+            buf.idle[rows] = False
+            out[buf.idle] = 0
+        out = self.handed[k] = jax.device_put(out, self.eng.on_host)  # pinned, for the next GPU step to take in
         st.cpu_handoff[layer] += time.perf_counter() - t3
         st.gpu_wait[layer] += t1 - t0
         st.cpu[layer] += time.perf_counter() - t1
         if f1 is not None:
-            st.cpu_faults[layer] += _thread_page_faults() - f1
+            st.cpu_faults[layer] += _page_faults(thread=True) - f1
         return out, tokens
 
     def _prefill_writeback(self, layer: int, call: _PrefillCall, kk, v):

@@ -13,16 +13,17 @@
 # _mgpu/_triton, bench_policies (issue 6), calibrate; then bench_prefetch_whole (split 1.16x whole: issue 5),
 # bench_cpu_idle and the engine under OpenMP's passive/active waits and numba's workqueue layer (none cuts the
 # CPU term), and bench_throughput_g64_exp4 (issue 7: 856.9 tok/s, 0.90x MoE-Lightning normalised, CPU-bound:
-# the prompts' k/v writes 40 s, the decode's CPU 68.9 ms a layer-step; page faults, fixed since). What is left,
+# the prompts' k/v writes 40 s, the decode's CPU 68.9 ms a layer-step; page faults suspected). What is left,
 # one device command each, in this order:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600, ~8-9 min): the core steps now: bench_throughput_g64_exp4
-#      (issue 7) and bench_offload_quick, after the fix for page faults (the host KV cache faulted in at
-#      allocation, in parallel; the decode attention's host arrays reused; writes parallel from 2**16
-#      elements). Read the engine's log line: "pages faulted in: S s" (the cache's first touch: how fast 16
-#      threads fault in a fresh VM's memory), "N page faults" a layer-step, and the CPU column against
-#      2026-11-27's (full run: kernel 36.55 / writes 18.28 / hand-off 11.78 ms).
-#   2. at once, on the warm machine, with the device time left (timeout_s = left, GPU_SUITE_BUDGET_S = left
-#      - 30): bench_throughput_g64 (issue 7, uncoded), then in later sessions bench_throughput_g128,
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600; 7-9.5 min: the full run took 378 s on a warm machine, and
+#      a cold one's first touch of memory may take it to the budget, where the bench reports the decode steps
+#      it measured): the core steps now: bench_throughput_g64_exp4 (issue 7) and bench_offload_quick, after
+#      the fix for the suspected page faults (the host KV cache faulted in at allocation, in parallel; the
+#      decode attention's host arrays reused; writes parallel from 2**16 elements). Read the engine's log
+#      line: "pages faulted in: S s" (how fast 16 threads fault in a fresh VM's memory: if about 0.6 GB/s, as
+#      one thread's writes were, the cache should outlive a generate call instead), "N page faults" a
+#      layer-step, and the CPU column against 2026-11-27's (kernel 36.55 / writes 18.28 / hand-off 11.78 ms).
+#   2. later sessions, one command each: bench_throughput_g64 (issue 7, uncoded), bench_throughput_g128,
 #      bench_vs_pytorch (issue 7); bench_dsv2_lite (DeepSeek's latent attention on the CPU).
 # Add `tests` in front of step 1 when GPU code (pallas_kernels/, the engine's jitted steps) changed since the
 # last GPU session (the tests last ran at commit ce8e362; pallas_kernels/ and the jitted steps have not changed

@@ -73,7 +73,7 @@ def _resident_bytes() -> int:
 def test_storage_is_faulted_in_at_construction_and_stays_zero(dtype):
     """The OS maps a large np.zeros lazily; the cache writes into every page at construction, so that the
     process holds its storage (128 MiB of bfloat16 K and V here) before any write, all of it still zeros."""
-    dims = (2, 64, 512, 4, 128)  # 2 layers x 64 slots x 512 positions x 4 heads x 128 = 32 Mi elements of K and V
+    dims = (2, 64, 512, 4, 128)  # 2 layers x 64 slots x 512 positions x 4 heads x 128 = 32 Mi elements each of K and V
     HostKVCache(1, 1, 1, 4, 128, dtype)  # the fault-in kernel compiled (or loaded) outside the count
     before = _resident_bytes()
     cache = HostKVCache(*dims, dtype)
@@ -84,6 +84,11 @@ def test_storage_is_faulted_in_at_construction_and_stays_zero(dtype):
         assert x is None or not x.view(np.uint8).any()
     unfaulted = np.zeros(cache.k.shape, cache.k.dtype)  # the control: the same storage, not faulted in, holds almost nothing
     assert _resident_bytes() - before - grown < 0.05 * unfaulted.nbytes
+
+
+def test_fault_in_needs_a_contiguous_array():
+    with pytest.raises(ValueError, match=r"fault_in_zeros needs a C-contiguous array, got strides \(32, 16\)"):
+        _kernel.fault_in_zeros(np.zeros((4, 4))[:, ::2])
 
 
 def test_ragged_capacities():
