@@ -23,8 +23,9 @@
 #      line: "pages faulted in: S s" (how fast 16 threads fault in a fresh VM's memory: if about 0.6 GB/s, as
 #      one thread's writes were, the cache should outlive a generate call instead), "N page faults" a
 #      layer-step, and the CPU column against 2026-11-27's (kernel 36.55 / writes 18.28 / hand-off 11.78 ms).
-#   2. later sessions, one command each: bench_throughput_g64 (issue 7, uncoded), bench_throughput_g128,
-#      bench_vs_pytorch (issue 7); bench_dsv2_lite (DeepSeek's latent attention on the CPU).
+#   2. later sessions, one command each, for issue 7's "Done when" (gen 64 and 128 at 16 GiB, the PyTorch
+#      baseline): bench_throughput_g128_exp4, bench_vs_pytorch, then bench_throughput_g64 and _g128 (uncoded);
+#      bench_dsv2_lite (DeepSeek's latent attention on the CPU).
 # Add `tests` in front of step 1 when GPU code (pallas_kernels/, the engine's jitted steps) changed since the
 # last GPU session (the tests last ran at commit ce8e362; pallas_kernels/ and the jitted steps have not changed
 # since; the engine's jitted calls take a tuple of chunks since c38b34c, run by every offload step).
@@ -136,6 +137,7 @@ STEPS=(
   # DeepSeek-V2-Lite (latent attention, 64 experts): HRM predicts the CPU attention, not the link, binds here
   "bench_dsv2_lite|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --model deepseek-v2-lite --workloads mtbench:64 --gpu-memory-gb 16 --no-baseline --json $LOGS/bench_dsv2_lite.json --append-results $LOGS/bench_dsv2_lite.md"
   "bench_throughput_g128|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:128 --no-baseline --json $LOGS/bench_throughput_g128.json --plot $LOGS/bench_throughput_g128.png --append-results $LOGS/bench_throughput_g128.md"
+  "bench_throughput_g128_exp4|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:128 --expert-codec exp4 --no-baseline --json $LOGS/bench_throughput_g128_exp4.json --plot $LOGS/bench_throughput_g128_exp4.png --append-results $LOGS/bench_throughput_g128_exp4.md"
 )
 
 {
