@@ -20,8 +20,8 @@
 #      it measured): the core steps now: bench_throughput_g64_exp4 (issue 7) and bench_offload_quick, after
 #      the fix for the suspected page faults (the host KV cache faulted in at allocation, in parallel; the
 #      decode attention's host arrays reused; writes parallel from 2**16 elements). Read the engine's log
-#      line: "pages faulted in: S s" (how fast 16 threads fault in a fresh VM's memory: if about 0.6 GB/s, as
-#      one thread's writes were, the cache should outlive a generate call instead), "N page faults" a
+#      line: "pages faulted in: S s" (how fast 16 threads fault in a fresh VM's memory; one thread's writes
+#      ran at 0.6 GB/s, a cost paid once per boot for memory never touched), "N page faults" a
 #      layer-step, and the CPU column against 2026-11-27's (kernel 36.55 / writes 18.28 / hand-off 11.78 ms).
 #   2. later sessions, one command each, for issue 7's "Done when" (gen 64 and 128 at 16 GiB, the PyTorch
 #      baseline): bench_throughput_g128_exp4, bench_vs_pytorch, then bench_throughput_g64 and _g128 (uncoded);
