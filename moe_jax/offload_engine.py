@@ -239,8 +239,8 @@ class OffloadStats:
     writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write,
     cpu_handoff: of it, the attention kernel's calls alone (`HostKVCache.attend`), the decode's k/v writes
     (`HostKVCache.write`) and the hand-off (the output cast into the engine's dtype and put in pinned memory);
-    cpu_faults: the page faults the worker thread took in those calls (not numba's threads'; 0 where the OS
-    does not count a thread's); run_faults: the whole process's during the run (None where unknown);
+    cpu_faults: the page faults the worker thread took in its decode tasks, the q/k/v's arrival from the GPU
+    included (not numba's threads'; 0 where the OS does not count a thread's); run_faults: the whole process's during the run (None where unknown);
     gpu_wait: the worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). prefill_write: the worker writing prompts' k/v into the
     host cache (the first fill's and the refills'); prefill_wait: the dispatching thread waiting for those
@@ -749,11 +749,11 @@ class _Run:
         (`_AttendBuffers`): reused, so that no call pays page faults for new arrays (on the 2-core VM, 966 a call
         at μ=880: 2-5 ms of 19)."""
         st, cfg, buf = self.eng.stats, self.eng.cfg, self.buffers[k]
-        t0 = time.perf_counter()
+        t0, f0 = time.perf_counter(), _page_faults(thread=True)
         q, kk = np.asarray(q)[:, 0], np.asarray(kk)[:, 0]  # [μ, heads, dims] views: rows picked out below
         v = None if v is None else np.asarray(v)[:, 0]  # None: the values are the keys' first dims
         tokens = None if tokens is None else host_sampled(tokens, logprobs)
-        t1, f1 = time.perf_counter(), _page_faults(thread=True)
+        t1 = time.perf_counter()
         n, pos = len(rows), positions[rows, 0]
         self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v, rows=rows)
         st.cpu_write[layer] += time.perf_counter() - t1
@@ -775,8 +775,8 @@ class _Run:
         st.cpu_handoff[layer] += time.perf_counter() - t3
         st.gpu_wait[layer] += t1 - t0
         st.cpu[layer] += time.perf_counter() - t1
-        if f1 is not None:
-            st.cpu_faults[layer] += _page_faults(thread=True) - f1
+        if f0 is not None:
+            st.cpu_faults[layer] += _page_faults(thread=True) - f0
         return out, tokens
 
     def _prefill_writeback(self, layer: int, call: _PrefillCall, kk, v):
