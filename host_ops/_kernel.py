@@ -8,8 +8,11 @@ long as that slot's capacity) and the dense ``[B, S, Hk, D]`` layout share one c
 KV dtype. bfloat16 is read as its uint16 bits and widened to float32 by a shift; int8 (the cache's
 quantised storage, written by `scatter`) is widened and multiplied by its row's float32 scale (one per D
 elements: the scale of the row at element offset o is scales[o // D]), folded into the score for K and
-into the probability for V. All arithmetic is float32. Inputs are validated by the callers; nothing here
-checks shapes.
+into the probability for V. The queries are read in their own dtype (bfloat16 or float32) and scaled per
+task, and the outputs written in theirs (bfloat16 rounded to nearest even), so that a caller holding
+bfloat16 activations makes no float32 copies of its own: at the offload engine's decode shape (880 rows x
+32 heads x 128) those were three single-threaded passes, 2 ms of a 19 ms call on the 2-core VM. All
+arithmetic is float32. Inputs are validated by the callers; nothing here checks shapes.
 """
 from __future__ import annotations
 
@@ -67,6 +70,29 @@ def _as_f32(typingctx, x):
             return builder.bitcast(bits, ir.FloatType())
         return types.float32(x), codegen
     return None
+
+
+@intrinsic
+def _from_f32(typingctx, x, like):
+    """float32 x as an element of array `like`'s dtype: float32 as is, or bfloat16 bits (uint16) rounded to
+    nearest even, a NaN to the quiet NaN of its sign (as ml_dtypes casts)."""
+    if x != types.float32 or not isinstance(like, types.Array):
+        return None
+    if like.dtype == types.float32:
+        return types.float32(x, like), lambda context, builder, sig, args: args[0]
+    if like.dtype != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        def c(n):
+            return ir.Constant(_I32, n)
+        bits = builder.bitcast(args[0], _I32)
+        upper = builder.lshr(bits, c(16))
+        rounded = builder.lshr(builder.add(bits, builder.add(c(0x7FFF), builder.and_(upper, c(1)))), c(16))
+        quiet_nan = builder.or_(builder.and_(upper, c(0x8000)), c(0x7FC0))
+        nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(nan, quiet_nan, rounded), ir.IntType(16))
+    return types.uint16(x, like), codegen
 
 
 @intrinsic
@@ -149,10 +175,13 @@ def _four_rows(row0, j, nb, pos_stride):
 
 
 @njit(**_JIT)
-def _attend_group(q, k, v, k_scales, v_scales, row_mask, base, pos_stride, n, out, acc, s, m, l, next_base):
-    """Softmax attention of the G query heads sharing one KV head, single pass over n positions.
+def _attend_group(q, scale, k, v, k_scales, v_scales, row_mask, base, pos_stride, n, out, qs, acc, s, m, l,
+                  next_base):
+    """Softmax attention of the G query heads sharing one KV head, single pass over n positions (n = 0: out
+    gets zeros).
 
-    q [G, D], out [G, Dv] float32 (q pre-scaled); position p's K/V row is k/v[base + p*pos_stride :][:D], its
+    q [G, D], out [G, Dv]: float32, or bfloat16 as uint16 bits; q is multiplied by scale into qs [G, D]
+    float32 first. Position p's K/V row is k/v[base + p*pos_stride :][:D], its
     scales k/v_scales[(o // D) & row_mask] for o its element offset (row_mask 0: one scale for all); only
     the first Dv <= D dims of V rows are read (Dv < D: values that are the keys' first dims).
     acc [Ge, Dv], s [Ge, _BLOCK], m, l [Ge]: float32 scratch, Ge = G rounded up to even (an odd G's
@@ -167,6 +196,9 @@ def _attend_group(q, k, v, k_scales, v_scales, row_mask, base, pos_stride, n, ou
     """
     G, D = q.shape
     Ge, Dv = acc.shape
+    for g in range(G):
+        for d in range(D):
+            qs[g, d] = _as_f32(q[g, d]) * scale
     for g in range(Ge):
         m[g] = -np.inf
         l[g] = 0.0
@@ -182,7 +214,7 @@ def _attend_group(q, k, v, k_scales, v_scales, row_mask, base, pos_stride, n, ou
             c0, c1, c2, c3 = (k_scales[(o0 // D) & row_mask], k_scales[(o1 // D) & row_mask],
                               k_scales[(o2 // D) & row_mask], k_scales[(o3 // D) & row_mask])
             for g in range(0, Ge, 2):
-                qg, qh = q[g], q[min(g + 1, G - 1)]
+                qg, qh = qs[g], qs[min(g + 1, G - 1)]
                 a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
                 for d in range(D):
                     e0, e1, e2, e3 = _as_f32(k0[d]), _as_f32(k1[d]), _as_f32(k2[d]), _as_f32(k3[d])
@@ -235,15 +267,16 @@ def _attend_group(q, k, v, k_scales, v_scales, row_mask, base, pos_stride, n, ou
                     b += r3 * c3
                     ah[d] = b
     for g in range(G):
-        inv = np.float32(1.0) / l[g]
+        inv = np.float32(1.0) / l[g] if n else np.float32(0.0)  # n = 0: acc is zeros
         for d in range(Dv):
-            out[g, d] = acc[g, d] * inv
+            out[g, d] = _from_f32(acc[g, d] * inv, out)
 
 
 @njit(parallel=True, **_JIT)
-def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strides, pos_stride, starts, ends,
-                      threads, out):
-    """q [B, T, Hk, G, D], out [B, T, Hk, G, Dv] float32; k, v flat; query row b's KV head h, position p is
+def _attention_kernel(q, scale, k, v, k_scales, v_scales, row_mask, offsets, head_strides, pos_stride, starts,
+                      ends, threads, out):
+    """q [B, T, Hk, G, D], out [B, T, Hk, G, Dv] (float32, or bfloat16 as uint16 bits; scale: the softmax's);
+    k, v flat; query row b's KV head h, position p is
     the D elements at offsets[b] + h * head_strides[b] + p * pos_stride; k/v_scales, row_mask: see `_attend_group`;
     threads: numba's thread count (numba.get_num_threads() inside a kernel defeats caching).
 
@@ -268,6 +301,7 @@ def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strid
     Ge, Dv = G + G % 2, out.shape[-1]
     counter = np.full(1, workers, np.int64)  # task w is thread w's first; the rest are claimed
     for w in prange(workers):
+        qs = np.empty((G, D), np.float32)
         acc = np.empty((Ge, Dv), np.float32)
         s = np.empty((Ge, _BLOCK), np.float32)
         m = np.empty(Ge, np.float32)
@@ -279,8 +313,8 @@ def _attention_kernel(q, k, v, k_scales, v_scales, row_mask, offsets, head_strid
             b, t = bt // T, bt % T
             ahead = min(nxt, n_tasks - 1)  # the first K rows of the next task (or of the last) are prefetched
             b2 = order[ahead // Hk] // T
-            _attend_group(q[b, t, h], k, v, k_scales, v_scales, row_mask, offsets[b] + h * head_strides[b],
-                          pos_stride, n_ctx[bt], out[b, t, h], acc, s, m, l,
+            _attend_group(q[b, t, h], scale, k, v, k_scales, v_scales, row_mask, offsets[b] + h * head_strides[b],
+                          pos_stride, n_ctx[bt], out[b, t, h], qs, acc, s, m, l,
                           offsets[b2] + ahead % Hk * head_strides[b2])
             i = nxt
 
@@ -385,24 +419,26 @@ def _int64(x, n: int) -> np.ndarray:
 
 def run(q, k_flat, v_flat, kv_heads, offsets, head_strides, pos_stride, starts, ends, scale, out,
         k_scales=None, v_scales=None) -> None:
-    """Attention on validated inputs, written into out [B, T, Hq, Dv] float32 (C-contiguous; Dv <= D: the
-    first Dv dims of the V rows, e.g. values that are the keys' first dims).
+    """Attention on validated inputs, written into out [B, T, Hq, Dv] float32 or bfloat16 (C-contiguous; Dv <= D:
+    the first Dv dims of the V rows, e.g. values that are the keys' first dims).
 
-    q [B, T, Hq, D] (any float dtype castable to float32); k_flat, v_flat from `flat_kv`; offsets,
-    head_strides: [B] ints (or one for all), element offset of each query row's KV and of its next head;
-    pos_stride: elements from one position to the next; starts, ends: [B] ints (see module doc);
-    scale: softmax scale; k_scales, v_scales: flat float32 row scales of int8 K/V (see module doc; None for
-    bf16/f32 K/V).
+    q [B, T, Hq, D]: bfloat16 or float32, read as it is (another float dtype is cast to float32 first);
+    k_flat, v_flat from `flat_kv`; offsets, head_strides: [B] ints (or one for all), element offset of each
+    query row's KV and of its next head; pos_stride: elements from one position to the next; starts, ends:
+    [B] ints (see module doc; a row whose context is empty gets zeros); scale: softmax scale; k_scales,
+    v_scales: flat float32 row scales of int8 K/V (see module doc; None for bf16/f32 K/V).
     """
     B, T, Hq, D = q.shape
     shape5 = (B, T, kv_heads, Hq // kv_heads, D)
-    qs = np.multiply(q, np.float32(scale), dtype=np.float32).reshape(shape5)
+    q = np.ascontiguousarray(q if q.dtype in KV_DTYPES else q.astype(FLOAT32))
+    qs = _bits(q).reshape(shape5)
+    qs.flags.writeable = False  # read-only, given writable or not: one numba build
     quantised = k_scales is not None
     k_scales, v_scales = (flat_kv(x) for x in ((k_scales, v_scales) if quantised else (_NO_SCALES, _NO_SCALES)))
     ints = [_int64(a, B) for a in (offsets, head_strides)]
-    _attention_kernel(qs, k_flat, v_flat, k_scales, v_scales, -1 if quantised else 0, *ints, int(pos_stride),
-                      *(_int64(a, B) for a in (starts, ends)), numba.get_num_threads(),
-                      out.reshape(*shape5[:-1], out.shape[-1]))
+    _attention_kernel(qs, np.float32(scale), k_flat, v_flat, k_scales, v_scales, -1 if quantised else 0, *ints,
+                      int(pos_stride), *(_int64(a, B) for a in (starts, ends)), numba.get_num_threads(),
+                      _bits(out).reshape(*shape5[:-1], out.shape[-1]))
 
 
 def scatter(dst: np.ndarray, src: np.ndarray, offsets, head_strides, scales=None, rows=None) -> None:

@@ -64,11 +64,11 @@ def ints(name: str, x, shape: tuple[int, ...], shape_note: str, lo: int, hi: int
 
 
 def out(o, shape: tuple[int, ...]) -> np.ndarray:
-    """o checked as a float32 C-contiguous writeable array of `shape`; a new one if o is None."""
+    """o checked as a float32 or bfloat16 C-contiguous writeable array of `shape`; a new float32 one if o is None."""
     if o is None:
         return np.empty(shape, np.float32)
-    if not isinstance(o, np.ndarray) or o.dtype != np.float32 or o.shape != shape:
-        raise ValueError(f"out must be a float32 ndarray of shape {shape}, got "
+    if not isinstance(o, np.ndarray) or o.dtype not in KV_DTYPES or o.shape != shape:
+        raise ValueError(f"out must be a float32 or bfloat16 ndarray of shape {shape}, got "
                          f"{getattr(o, 'dtype', type(o).__name__)} with shape {getattr(o, 'shape', None)}")
     if not (o.flags.c_contiguous and o.flags.writeable):
         raise ValueError(f"out must be C-contiguous and writeable (shape {o.shape})")

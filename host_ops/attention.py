@@ -3,8 +3,9 @@ head-major layout has its own entry points in `host_ops.host_kv_cache`, same ker
 
 GQA: query head j uses KV head j // (Hq // Hk). Softmax scale 1/sqrt(D) unless given. K/V are
 bfloat16 (`ml_dtypes.bfloat16`, read as 2 bytes per element) or float32; q may be any float dtype
-and is used in float32; all accumulation is float32. Outputs are float32. Runs multi-threaded
-(numba, `NUMBA_NUM_THREADS` threads) and releases the GIL.
+(bfloat16 and float32 are read as they are, others cast to float32); all arithmetic is float32. Outputs are
+float32, or bfloat16 where `out` is a bfloat16 array. Runs multi-threaded (numba, `NUMBA_NUM_THREADS`
+threads) and releases the GIL.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def _run_dense(q, k, v, starts, ends, out, scale) -> None:
 
 def decode_attention(q, k, v, lengths, out=None, scale=None) -> np.ndarray:
     """One query per sequence: q [B, Hq, D]; k, v [B, S, Hk, D]; lengths [B] ints in [1, S]: query b
-    attends to positions [0, lengths[b]). Returns out [B, Hq, D] float32 (written into `out` if given)."""
+    attends to positions [0, lengths[b]). Returns out [B, Hq, D] float32 (written into `out`, float32 or
+    bfloat16, if given)."""
     q = _validate.query("q", q, "B, Hq, D")
     k, v = _dense_kv(q, k, v)
     B, S = k.shape[:2]
@@ -54,7 +56,7 @@ def prefill_attention(q, k, v, lengths_before, out=None, scale=None) -> np.ndarr
     """Causal attention for T new positions per sequence: q [B, T, Hq, D]; k, v [B, S, Hk, D] hold the
     prefix and the new positions; query t of sequence b sits at position lengths_before[b] + t and
     attends to positions [0, lengths_before[b] + t]. Needs 0 <= lengths_before[b] <= S - T.
-    Returns out [B, T, Hq, D] float32 (written into `out` if given)."""
+    Returns out [B, T, Hq, D] float32 (written into `out`, float32 or bfloat16, if given)."""
     q = _validate.query("q", q, "B, T, Hq, D")
     k, v = _dense_kv(q, k, v)
     (B, T), S = q.shape[:2], k.shape[1]

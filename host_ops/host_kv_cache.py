@@ -207,11 +207,13 @@ class HostKVCache:
     # ---- attention ----
 
     def attend(self, layer: int, slots, q, lengths=None, out=None, scale=None) -> np.ndarray:
-        """Decode attention: q [B, Hq, D]; query row b attends to positions [0, lengths[b]) of slot
-        slots[b] (lengths: [B] ints from 1 to the slot's capacity, default the tracked lengths).
-        Returns out [B, Hq, value_dim] float32 (written into `out` if given)."""
+        """Decode attention: q [B, Hq, D] (bfloat16 or float32 read as it is); query row b attends to positions
+        [0, lengths[b]) of slot slots[b] (lengths: [B] ints up to the slot's capacity, default the tracked
+        lengths, which must be >= 1; a row given length 0 attends to nothing and gets zeros, so that a batch's
+        idle rows can go through the same call). Returns out [B, Hq, value_dim] float32 (written into `out`,
+        float32 or bfloat16, if given)."""
         q = _validate.query("q", q, "B, Hq, D")
-        slots, lengths = self._slots_lengths(layer, slots, q, lengths)
+        slots, lengths = self._slots_lengths(layer, slots, q, lengths, empty_rows=True)
         out = _validate.out(out, (*q.shape[:-1], self.value_dim))
         self._run(layer, q[:, None], slots, lengths - 1, lengths, out[:, None], scale)
         return out
@@ -221,7 +223,8 @@ class HostKVCache:
         row b sits at position lengths_before[b] + t and attends to positions
         [0, min(lengths_before[b] + t + 1, lengths[b])) of slot slots[b] (so padded queries past a
         row's stored length see only stored positions). lengths: [B], default the tracked lengths;
-        lengths_before[b] < lengths[b]. Returns out [B, T, Hq, value_dim] float32."""
+        lengths_before[b] < lengths[b]. Returns out [B, T, Hq, value_dim] float32 (written into `out`, float32
+        or bfloat16, if given)."""
         q = _validate.query("q", q, "B, T, Hq, D")
         slots, lengths = self._slots_lengths(layer, slots, q, lengths)
         before = _validate.ints("lengths_before", lengths_before, lengths.shape, f"B from q {q.shape}", 0, None,
@@ -264,17 +267,20 @@ class HostKVCache:
             shape, shape_note = slots.shape, "B"
         return _validate.ints("slots", slots, shape, shape_note, 0, self.num_slots - 1, f"num_slots={self.num_slots}")
 
-    def _slots_lengths(self, layer, slots, q, lengths) -> tuple[np.ndarray, np.ndarray]:
-        """Checks layer, slots [B] and lengths [B] (default tracked) against q [B, ..., Hq, D]."""
+    def _slots_lengths(self, layer, slots, q, lengths, empty_rows=False) -> tuple[np.ndarray, np.ndarray]:
+        """Checks layer, slots [B] and lengths [B] (default tracked) against q [B, ..., Hq, D]; lengths given
+        may be 0 where `empty_rows`, the tracked ones never."""
         layer = self._layer(layer)
         B, Hq, D = q.shape[0], q.shape[-2], q.shape[-1]
         if D != self.head_dim:
             raise ValueError(f"q of shape {q.shape} has D={D}, the cache has head_dim={self.head_dim}")
         _validate.heads("q", Hq, "the cache", self.kv_heads)
         slots = self._slots(slots, (B,), f"B from q {q.shape}")
+        lowest, note = 1, "a slot with nothing written has length 0"
         if lengths is None:
             lengths = self.lengths[layer, slots]
-        lengths = _validate.ints("lengths", lengths, (B,), f"B from q {q.shape}", 1, None,
-                                 "a slot with nothing written has length 0")
+        elif empty_rows:
+            lowest, note = 0, "0: the row attends to nothing"
+        lengths = _validate.ints("lengths", lengths, (B,), f"B from q {q.shape}", lowest, None, note)
         self._within_capacity("lengths", lengths, slots)
         return slots, lengths

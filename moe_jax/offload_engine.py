@@ -153,7 +153,9 @@ def _warm_host_kernels(cfg: ModelConfig, kv_dtype, dtype) -> None:
     row = np.ones((1, cfg.num_kv_heads, cfg.head_dim), dtype)
     row.setflags(write=False)  # k/v read where JAX left them (read-only), their rows picked out: every call's
     warm.write(0, [0], [0], row, None if cfg.values_in_keys else row, rows=[0])
-    warm.attend(0, [0], np.ones((1, cfg.num_heads, cfg.head_dim), np.float32), scale=cfg.attention_scale)
+    q = np.ones((1, cfg.num_heads, cfg.head_dim), dtype)
+    q.setflags(write=False)
+    warm.attend(0, [0], q, [1], out=np.zeros((1, cfg.num_heads, cfg.value_dim), dtype), scale=cfg.attention_scale)
 
 
 # ---- jitted pieces (cfg, moe_impl and the two shardings are bound with functools.partial) ----
@@ -238,7 +240,8 @@ class OffloadStats:
     """Seconds per layer, summed over one `generate` call. cpu: attention in the worker (the decode's k/v
     writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write,
     cpu_handoff: of it, the attention kernel's calls alone (`HostKVCache.attend`), the decode's k/v writes
-    (`HostKVCache.write`) and the hand-off (the output cast into the engine's dtype and put in pinned memory);
+    (`HostKVCache.write`) and the hand-off (the output, which the kernel writes in the engine's dtype, put in
+    pinned memory, with any wait for the previous put to have read it);
     cpu_faults: the page faults the worker thread took in its decode tasks, the q/k/v's arrival from the GPU
     included (not numba's threads'; 0 where the OS does not count a thread's); run_faults: the whole process's during the run (None where unknown);
     gpu_wait: the worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
@@ -598,23 +601,16 @@ def _page_faults(thread: bool) -> int | None:
 
 
 class _AttendBuffers(NamedTuple):
-    """One micro-batch's host arrays for its decode attention (`_Run._attend`), reused by every call: q
-    [μ, heads, head_dim] and attended [μ, heads, value_dim] float32, picked [μ, heads, head_dim] in the
-    engine's dtype (the decoding rows' queries, when not all rows decode), out [μ, 1, heads, value_dim] in
-    the engine's dtype (the hand-off), idle [μ] bool (the rows not decoding)."""
+    """One micro-batch's host arrays for its decode attention (`_Run._attend`), reused by every call: out
+    [μ, 1, heads, value_dim] in the engine's dtype (the kernel's output, handed to the GPU; rows past the
+    micro-batch's stay zeros), lengths [rows] int64 (each row's context, 0 for the rows not decoding)."""
 
-    q: np.ndarray
-    picked: np.ndarray
-    attended: np.ndarray
     out: np.ndarray
-    idle: np.ndarray
+    lengths: np.ndarray
 
     @classmethod
-    def allocate(cls, mu: int, cfg: ModelConfig, dtype) -> "_AttendBuffers":
-        return cls(np.zeros((mu, cfg.num_heads, cfg.head_dim), np.float32),
-                   np.zeros((mu, cfg.num_heads, cfg.head_dim), dtype),
-                   np.zeros((mu, cfg.num_heads, cfg.value_dim), np.float32),
-                   np.zeros((mu, 1, cfg.num_heads, cfg.value_dim), dtype), np.zeros(mu, bool))
+    def allocate(cls, mu: int, rows: int, cfg: ModelConfig, dtype) -> "_AttendBuffers":
+        return cls(np.zeros((mu, 1, cfg.num_heads, cfg.value_dim), dtype), np.zeros(rows, np.int64))
 
 
 @dataclasses.dataclass
@@ -658,7 +654,7 @@ class _Run:
         self.lens = [np.ones(s, np.int64) for s in sizes]
         self.samp = [sampling_rows(self.mu) for _ in sizes]
         self.no_join = (jnp.zeros((self.mu, H), eng.dtype), np.zeros(self.mu, bool))
-        self.buffers = [_AttendBuffers.allocate(self.mu, eng.cfg, eng.dtype) for _ in sizes]
+        self.buffers = [_AttendBuffers.allocate(self.mu, s, eng.cfg, eng.dtype) for s in sizes]
         self.handed: list[jax.Array | None] = [None] * len(sizes)  # each micro-batch's last hand-off of buf.out
         self.h_join = [None] * len(sizes)  # [μ, H] last prompt hidden state of the JOIN rows, per micro-batch
         self.prefills: list[_PrefillCall] = []
@@ -745,34 +741,31 @@ class _Run:
                 logprobs: bool = False):
         """Wait for the GPU's q/k/v; for the decoding `rows`, write k/v to the host cache and attend.
         tokens: the `Sampled` of the step's last layer, fetched with the log-probabilities when `logprobs`.
-        The query, the kernel's output and the output in the engine's dtype go through micro-batch k's buffers
-        (`_AttendBuffers`): reused, so that no call pays page faults for new arrays (on the 2-core VM, 966 a call
-        at μ=880: 2-5 ms of 19)."""
+        One kernel call over all of micro-batch k's rows, the others given length 0 (zeros out), reads q in the
+        engine's dtype and writes its output into the micro-batch's reused buffer (`_AttendBuffers`): no copy
+        of q or of the output, and no new array a call (a new array costs page faults: on the 2-core VM, 966 a
+        call at μ=880, 2-5 ms of 19)."""
         st, cfg, buf = self.eng.stats, self.eng.cfg, self.buffers[k]
         t0, f0 = time.perf_counter(), _page_faults(thread=True)
         q, kk = np.asarray(q)[:, 0], np.asarray(kk)[:, 0]  # [μ, heads, dims] views: rows picked out below
         v = None if v is None else np.asarray(v)[:, 0]  # None: the values are the keys' first dims
         tokens = None if tokens is None else host_sampled(tokens, logprobs)
         t1 = time.perf_counter()
-        n, pos = len(rows), positions[rows, 0]
-        self.cache.write(layer, self.kv_slots[k][rows], pos, kk, v, rows=rows)
-        st.cpu_write[layer] += time.perf_counter() - t1
-        q32, attended = buf.q[:n], buf.attended[:n]
-        np.copyto(q32, q if n == len(q) else np.take(q, rows, axis=0, out=buf.picked[:n], mode="clip"))
+        pos, slots = positions[rows, 0], self.kv_slots[k]
+        self.cache.write(layer, slots[rows], pos, kk, v, rows=rows)
         t2 = time.perf_counter()
-        self.cache.attend(layer, self.kv_slots[k][rows], q32, pos + 1, out=attended, scale=cfg.attention_scale)
-        t3 = time.perf_counter()
-        st.cpu_kernel[layer] += t3 - t2
+        st.cpu_write[layer] += t2 - t1
         if self.handed[k] is not None:  # buf.out's last copy to pinned memory (asynchronous) has read it
             self.handed[k].block_until_ready()
-        out = buf.out
-        out[rows, 0] = attended
-        if n < len(out):  # the rows not decoding get zeros, as from a new array
-            buf.idle[:] = True
-            buf.idle[rows] = False
-            out[buf.idle] = 0
-        out = self.handed[k] = jax.device_put(out, self.eng.on_host)  # pinned, for the next GPU step to take in
-        st.cpu_handoff[layer] += time.perf_counter() - t3
+        t3 = time.perf_counter()
+        buf.lengths[:] = 0
+        buf.lengths[rows] = pos + 1
+        n = len(slots)
+        self.cache.attend(layer, slots, q[:n], buf.lengths, out=buf.out[:n, 0], scale=cfg.attention_scale)
+        t4 = time.perf_counter()
+        st.cpu_kernel[layer] += t4 - t3
+        out = self.handed[k] = jax.device_put(buf.out, self.eng.on_host)  # pinned, for the next GPU step to take in
+        st.cpu_handoff[layer] += time.perf_counter() - t4 + t3 - t2
         st.gpu_wait[layer] += t1 - t0
         st.cpu[layer] += time.perf_counter() - t1
         if f0 is not None:

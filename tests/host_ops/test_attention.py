@@ -57,6 +57,47 @@ def test_decode_accepts_readonly_noncontiguous_and_bf16_query(ref, rng):
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
+def test_bfloat16_query_and_out_are_read_and_written_as_they_are(ref, rng, kv_dtype):
+    """A bfloat16 q and out (the offload engine's activations) give what the float32 path gives for the same
+    values, rounded once to bfloat16 at the end: the kernel widens q itself and rounds its float32 result."""
+    B, S, Hk, G, D = 5, 150, 2, 4, 128
+    q = rng.standard_normal((B, Hk * G, D), np.float32).astype(BF16)
+    k, v = (ref.random_kv(rng, (B, S, Hk, D), kv_dtype) for _ in range(2))
+    lengths = np.array([150, 1, 64, 65, 99])
+    wide = decode_attention(q.astype(np.float32), k, v, lengths, scale=0.3)
+    out = np.full(q.shape, np.nan, BF16)
+    assert decode_attention(q, k, v, lengths, out=out, scale=0.3) is out
+    np.testing.assert_allclose(out.astype(np.float32), wide.astype(BF16).astype(np.float32), rtol=2**-7, atol=0)
+    assert (out.astype(np.float32) == wide.astype(BF16).astype(np.float32)).mean() > 0.99  # mostly bit-exact
+    expected = ref.attention(q[:, None], k, v, lengths[:, None], scale=0.3)[:, 0]
+    assert ref.error(out.astype(np.float32), expected) < 1e-2
+
+
+def test_float32_to_bfloat16_rounds_to_nearest_even_as_ml_dtypes_does():
+    """The kernel's output rounding against ml_dtypes' cast: ties both ways, the largest finite value (rounds
+    to inf), infinities, NaNs of either sign with payloads, subnormals, signed zeros, and random values."""
+    import numba
+
+    from host_ops import _kernel
+
+    @numba.njit
+    def to_bf16(x, out):
+        for i in range(x.size):
+            out[i] = _kernel._from_f32(x[i], out)
+
+    special = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000,
+                        0x7FC00001, 0xFFC00001, 0x7F800001, 0xFF812345, 0x00000001, 0x80008000, 0x00018000,
+                        0x00000000, 0x80000000, 0x3F80FFFF, 0x3F807FFF], np.uint32)
+    bits = np.concatenate([special, np.random.default_rng(7).integers(0, 2**32, 100_000, dtype=np.uint32)])
+    x = bits.view(np.float32)
+    got = np.zeros(x.size, np.uint16)
+    to_bf16(x, got)
+    with np.errstate(invalid="ignore"):
+        expected = x.astype(BF16).view(np.uint16)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=str)
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_prefill_matches_reference(ref, rng, head_dim, group, kv_dtype):
@@ -99,8 +140,8 @@ def _decode_inputs(B=2, S=10, Hk=2, Hq=4, D=64):
     (dict(lengths=np.array([11, 1])), r"lengths must lie in \[1, 10\].*lengths\[0\] = 11"),
     (dict(lengths=np.array([1, 2, 3])), r"lengths must have shape \(2,\) \(B from q \(2, 4, 64\)\), got \(3,\)"),
     (dict(lengths=np.array([1.0, 2.0])), r"lengths must be integers, got float64"),
-    (dict(out=np.empty((2, 4, 32), np.float32)), r"out must be a float32 ndarray of shape \(2, 4, 64\)"),
-    (dict(out=np.empty((2, 4, 64), np.float64)), r"out must be a float32 ndarray"),
+    (dict(out=np.empty((2, 4, 32), np.float32)), r"out must be a float32 or bfloat16 ndarray of shape \(2, 4, 64\)"),
+    (dict(out=np.empty((2, 4, 64), np.float64)), r"out must be a float32 or bfloat16 ndarray"),
 ])
 def test_decode_validation_errors_name_argument_and_shapes(change, match):
     q, k, v, lengths = _decode_inputs()

@@ -244,6 +244,29 @@ def test_attend_with_explicit_lengths_and_out(ref, rng):
 
 
 @pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
+def test_rows_given_length_zero_get_zeros_and_leave_the_others_alone(ref, rng, dtype):
+    """The offload engine's decode call over a whole micro-batch: rows not decoding are given length 0 and get
+    zeros (even where their slot holds data, and in a bfloat16 out filled with NaN before); the others get what
+    a call over them alone gives."""
+    N, S, Hk, G, D = 6, 70, 2, 4, 64
+    cache = HostKVCache(1, N, S, Hk, D, dtype)
+    cache.write(0, np.repeat(np.arange(N), S), np.tile(np.arange(S), N),
+                *(ref.random_kv(rng, (N * S, Hk, D), np.float32) for _ in range(2)))
+    q = rng.standard_normal((N, Hk * G, D), np.float32).astype(BF16)
+    lengths = np.array([0, 70, 0, 3, 1, 0])
+    out = np.full(q.shape, np.nan, BF16)
+    assert cache.attend(0, np.arange(N), q, lengths, out=out) is out
+    idle = lengths == 0
+    assert (out[idle].view(np.uint16) == 0).all()
+    alone = cache.attend(0, np.flatnonzero(~idle), q[~idle], lengths[~idle])
+    np.testing.assert_allclose(out[~idle].astype(np.float32), alone.astype(BF16).astype(np.float32), rtol=2**-7)
+    k, v = dense(cache, 0, np.flatnonzero(~idle))
+    assert ref.error(alone, ref.attention(q[~idle, None], k, v, lengths[~idle, None])[:, 0]) < 1e-2
+    with pytest.raises(ValueError, match=r"lengths must be >= 0 \(0: the row attends to nothing\), got lengths\[1\] = -1"):
+        cache.attend(0, [0, 1], q[:2], [1, -1])
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
 def test_attend_prefill(ref, rng, dtype):
     """Causal prefill over stored positions; padded queries past a row's length see only stored rows."""
     N, S, Hk, G, D, T = 3, 40, 2, 4, 64, 6

@@ -377,11 +377,12 @@ def test_rows_and_micro_batches_that_finish_early(monkeypatch):
     """Per-request budgets that end some rows (and whole micro-batches) long before others, up to the
     exact end of the KV context: the finished rows stay inside the cache and skip their work. The decode
     attention's host arrays are each micro-batch's own, reused by every call whatever its rows (a new array
-    a call costs page faults: 966 a call at μ=880 on the 2-core VM)."""
+    a call costs page faults: 966 a call at μ=880 on the 2-core VM): each call attends over all of the
+    micro-batch's rows, those not decoding given length 0."""
     source = open_model("tiny-mixtral")
     prompts = [tuple(range(3, 3 + n)) for n in (8, 4, 9, 1, 17, 2, 11)]
     params = [GREEDY.replace(max_new_tokens=n) for n in (8, 12, 3, 1, 2, 9, 4)]
-    handed, attended = [], []  # every array the worker hands off / the kernel writes into, kept alive: distinct ids
+    handed, attended, lengths = [], [], []  # every array the worker hands off / the kernel writes into, kept alive
     put, attend = offload_engine.jax.device_put, HostKVCache.attend
 
     def put_spy(x, *a, **k):
@@ -391,6 +392,7 @@ def test_rows_and_micro_batches_that_finish_early(monkeypatch):
 
     def attend_spy(self, *a, **k):
         attended.append(k.get("out"))
+        lengths.append(np.array(a[3]) if len(a) > 3 else None)
         return attend(self, *a, **k)
 
     monkeypatch.setattr(offload_engine.jax, "device_put", put_spy)
@@ -400,7 +402,10 @@ def test_rows_and_micro_batches_that_finish_early(monkeypatch):
     assert [len(t) for t in got] == [8, 12, 3, 1, 2, 9, 4]
     assert sum(a is None for a in attended) <= 1  # the kernels' warm-up, once a process
     attended = [a for a in attended if a is not None]
-    assert len(attended) > 20 and {len(a) for a in attended} == {1, 2}  # calls of 2 rows and of 1
+    assert len(attended) > 20 and {len(a) for a in attended} == {2}  # every call over the micro-batch's 2 rows
+    lengths = [n for n in lengths if n is not None]
+    assert len(lengths) == len(attended) and any((n == 0).sum() == 1 for n in lengths)  # calls with a row idle
+    assert all((n > 0).any() for n in lengths)
     assert len(handed) == len(attended) and len({id(x) for x in handed}) == 2
     assert len({id(a.base if a.base is not None else a) for a in attended}) == 2
     assert (eng.stats.cpu_faults >= 0).all()
