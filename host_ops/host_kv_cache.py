@@ -41,9 +41,9 @@ class HostKVCache:
     positions (`max_context`: one int for every slot, or one per slot, so that each slot is as long as the
     sequences it will hold and no more).
 
-    Storage (preallocated, zero-filled and faulted in at construction, in parallel: `fault_in_s` seconds, so
-    that no write pays for a page's first touch; all of it is resident from then on): `k`, `v` of shape [num_layers, elements],
-    bfloat16, float32 or int8, where slot s of a layer is the region [kv_heads, capacities[s], head_dim] at
+    Storage (preallocated, zero-filled and faulted in at construction, in parallel, so that no write pays for
+    a page's first touch: `fault_in_s` seconds, 0 where it reuses another cache's; all of it is resident from
+    then on): `k`, `v` of shape [num_layers, elements], bfloat16, float32 or int8, where slot s of a layer is the region [kv_heads, capacities[s], head_dim] at
     element offsets[s] (`slot_kv` gives it that shape). Head-major, so the positions of one (slot, KV head)
     are one contiguous block that attention streams.
     int8 (lossy, half of bfloat16's bytes for attention to read and the host to hold): each row of
@@ -55,14 +55,35 @@ class HostKVCache:
     `value_dim` (latent attention): the values are the keys' first value_dim dims, so only K is stored (`v`
     is `k`), writes take no v, and attention weighs those dims only, returning value_dim dims per head.
     None: V is stored apart, head_dim dims like K.
+    `reuse`: a cache whose storage this one takes instead of allocating (it must `fits` these arguments: same
+    dtype and values layout, at least as many elements), so that a process running job after job pays for the
+    allocation and its page faults once, as an inference server keeps its KV cache. Its data stays (attention
+    reads only the positions written since); the old cache must not be used after.
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
-                 dtype="bfloat16", value_dim: int | None = None):
+                 dtype="bfloat16", value_dim: int | None = None, reuse: "HostKVCache | None" = None):
         nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype, value_dim)
         values_in_keys = value_dim is not None
         caps = _capacities(num_slots, max_context)
         dtype = _validate.cache_dtype(dtype)
+        shape = (num_layers, int(caps.sum()) * kv_heads * head_dim)
+        self.capacities = caps
+        self.offsets = np.concatenate([[0], np.cumsum(caps[:-1])]) * (kv_heads * head_dim)
+        self.lengths = np.zeros((num_layers, num_slots), np.int64)
+        self._in_use = np.zeros(num_slots, bool)
+        self.num_layers, self.num_slots = num_layers, num_slots
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.values_in_keys, self.value_dim = values_in_keys, value_dim if values_in_keys else head_dim
+        if reuse is not None:
+            if not reuse.fits(num_layers, num_slots, max_context, kv_heads, head_dim, dtype, value_dim):
+                raise ValueError(f"reuse: a cache of {reuse.storage_bytes:,} bytes of {reuse.dtype} storage (values "
+                                 f"{'in the keys' if reuse.values_in_keys else 'apart'}) cannot hold one of {nbytes:,} "
+                                 f"bytes of {dtype} (values {'in the keys' if values_in_keys else 'apart'})")
+            self._take(reuse._storage, shape)
+            self.fault_in_s = 0.0
+            return
+
         positions = (f"{caps[0]} positions" if (caps == caps[0]).all() else
                      f"{caps.sum():,} positions in all (per slot {caps.min()} to {caps.max()})")
         per_row = (f"({head_dim} x 1 byte + a {SCALE_BYTES}-byte scale)" if dtype == _kernel.INT8 else
@@ -73,29 +94,47 @@ class HostKVCache:
         ram = _host_ram_bytes()
         if ram is not None and nbytes > ram:
             raise MemoryError(f"{what} does not fit in this host's {ram / 1e9:.1f} GB of RAM")
-        shape = (num_layers, int(caps.sum()) * kv_heads * head_dim)
+        elements = shape[0] * shape[1]
         try:
-            self.k = np.zeros(shape, dtype)
-            self.v = self.k if values_in_keys else np.zeros(shape, dtype)
-            self.k_scales = self.v_scales = None
+            k = np.zeros(elements, dtype)
+            storage = (k, k if values_in_keys else np.zeros(elements, dtype), None, None)
             if dtype == _kernel.INT8:
-                self.k_scales = np.zeros((num_layers, shape[1] // head_dim), np.float32)
-                self.v_scales = (self.k_scales if values_in_keys else
-                                 np.zeros((num_layers, shape[1] // head_dim), np.float32))
+                k_scales = np.zeros(elements // head_dim, np.float32)
+                storage = (*storage[:2], k_scales,
+                           k_scales if values_in_keys else np.zeros(elements // head_dim, np.float32))
         except (MemoryError, ValueError) as e:
             raise MemoryError(f"cannot allocate {what}: {e}") from e
         _kernel.fault_in_zeros(np.zeros(1, np.uint8))  # compiled (or loaded from numba's cache) outside the time
         t0 = time.perf_counter()
-        for x in {id(a): a for a in (self.k, self.v, self.k_scales, self.v_scales) if a is not None}.values():
+        for x in {id(a): a for a in storage if a is not None}.values():
             _kernel.fault_in_zeros(x)
         self.fault_in_s = time.perf_counter() - t0
-        self.capacities = caps
-        self.offsets = np.concatenate([[0], np.cumsum(caps[:-1])]) * (kv_heads * head_dim)
-        self.lengths = np.zeros((num_layers, num_slots), np.int64)
-        self._in_use = np.zeros(num_slots, bool)
-        self.num_layers, self.num_slots = num_layers, num_slots
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-        self.values_in_keys, self.value_dim = values_in_keys, value_dim if values_in_keys else head_dim
+        self._take(storage, shape)
+
+    def _take(self, storage: tuple, shape: tuple[int, int]) -> None:
+        """k, v [num_layers, elements] and the int8 scales, C-contiguous views of the first elements of the flat
+        `storage` (k, v, k_scales, v_scales; the scales None for the float dtypes, v k's own where the values
+        are in the keys)."""
+        self._storage = storage
+        n, (k, v, ks, vs) = shape[0] * shape[1], storage
+        self.k = k[:n].reshape(shape)
+        self.v = self.k if v is k else v[:n].reshape(shape)
+        self.k_scales = self.v_scales = None if ks is None else ks[:n // self.head_dim].reshape(shape[0], -1)
+        if vs is not ks:
+            self.v_scales = vs[:n // self.head_dim].reshape(shape[0], -1)
+
+    def fits(self, num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int, dtype="bfloat16",
+             value_dim: int | None = None) -> bool:
+        """Whether a cache of these arguments can take this one's storage (`reuse=`): the same dtype and values
+        layout, and no more elements."""
+        elements = num_layers * int(_capacities(num_slots, max_context).sum()) * kv_heads * head_dim
+        return (_validate.cache_dtype(dtype) == self.dtype and (value_dim is not None) == self.values_in_keys
+                and elements <= self._storage[0].size)
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of the storage this cache holds (its `nbytes`, or more where it reuses a larger cache's)."""
+        return sum(x.nbytes for x in {id(a): a for a in self._storage if a is not None}.values())
 
     @staticmethod
     def footprint(num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
@@ -130,7 +169,7 @@ class HostKVCache:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.k.dtype
+        return self._storage[0].dtype
 
     # ---- slots ----
 

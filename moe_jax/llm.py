@@ -226,11 +226,13 @@ class LLM:
         policy for these prompts (without a hardware profile: a fallback policy, logged) and the weights are
         placed; an infeasible policy or a memory error (the
         engine's own, its KV cache's, its prefill's) comes here, before any work. Later `generate` calls run
-        on this engine (the policy stays: sized for these prompts)."""
+        on this engine (the policy stays: sized for these prompts). The offload engine also allocates its host KV
+        cache for these prompts here, and keeps it for every later `generate` whose prompts fit it (the first
+        touch of tens of GB of host memory takes seconds to minutes on some VMs: paid once)."""
         requests = self._requests(prompts, params)
         if requests:
             self._start(requests)
-            self.engine.check(requests)
+            self.engine.prepare(requests)
 
     def _requests(self, prompts, params) -> list[Request]:
         """The prompts and their SamplingParams as validated Requests (`generate`'s arguments)."""

@@ -125,11 +125,13 @@ class OffloadMemoryError(MemoryError):
 
 
 def check_host_memory(policy, what: str, need: int, planned: float | None = None, also: str = "",
-                      batch_helps: bool = True) -> None:
+                      batch_helps: bool = True, freed: int = 0) -> None:
     """Raise OffloadMemoryError if `need` bytes for `what` exceed what the host can still give
-    (`moe_jax.host_memory.available_bytes`; planned: the host memory the job is planned with, bytes); `also`:
-    one more remedy to name, e.g. "use kv_cache_dtype='int8'"; batch_helps: a smaller batch_size needs less."""
+    (`moe_jax.host_memory.available_bytes`; planned: the host memory the job is planned with, bytes), with
+    `freed` bytes given back first (a kept KV cache that the new one replaces); `also`: one more remedy to name,
+    e.g. "use kv_cache_dtype='int8'"; batch_helps: a smaller batch_size needs less."""
     avail = host_memory.available_bytes(planned)
+    avail = None if avail is None else avail + freed
     if avail is not None and need > avail:
         remedies = [*(["lower batch_size"] if batch_helps else []),
                     *(["raise resident_expert_fraction"] if policy.resident_expert_fraction < 1 else []),
@@ -351,6 +353,8 @@ class OffloadEngine:
         self._load(weights)
         self.gpu_bytes = self._check_gpu_memory()  # again, with the codec's escapes as loaded
         self.stats = OffloadStats.empty(cfg.num_layers)
+        self.kv_cache: HostKVCache | None = None  # the last job's, whose storage the next job takes if it fits
+        self.running = False  # a generate's steps are under way (its iterator neither exhausted nor closed)
         log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed (slots + chunks in flight, up "
                  "to %d per layer); GPU plan %.2f GiB", policy, self.pages.num_resident, self.pages.max_streamed,
                  self.pages.split, self.gpu_bytes / 2**30)
@@ -537,15 +541,22 @@ class OffloadEngine:
 
     # ---- generation ----
 
-    def check(self, requests: Sequence[Request]) -> None:
-        """The memory checks of a `generate` of these requests (its host KV cache, its prefill's GPU memory),
-        without running it: OffloadMemoryError before any work."""
+    def prepare(self, requests: Sequence[Request]) -> None:
+        """What a `generate` of these requests does before its first step, without running it: the memory checks
+        (OffloadMemoryError before any work) and the host KV cache, allocated and faulted in (or a kept one
+        taken over), kept for the `generate` calls that fit it."""
         if requests:
-            self._plan(requests)
+            self._cache_for(self._plan(requests))
+
+    def _kv_args(self, plan: "_JobPlan") -> tuple:
+        cfg = self.cfg
+        return (cfg.num_layers, len(plan.capacities), plan.capacities, cfg.num_kv_heads, cfg.head_dim, plan.kv_dtype,
+                _cache_value_dim(cfg))
 
     def _plan(self, requests: Sequence[Request]) -> _JobPlan:
         """The requests' admission, KV slots, cache dtype and prefill rows per call (`_JobPlan`), the host and
-        GPU memory for them checked."""
+        GPU memory for them checked (a kept KV cache that fits them needs no more host memory; one that does not
+        is given back before the new one is allocated)."""
         cfg, pol = self.cfg, self.policy
         budget = [token_budget(r, cfg.max_positions) for r in requests]
         lengths = [len(r.prompt) for r in requests]
@@ -554,31 +565,57 @@ class OffloadEngine:
         # row b of micro-batch k owns KV slot (rows before it) + b, as long as its first request's need
         capacities = np.array([lengths[i] + budget[i] for group in first for i in group])
         kv_dtype = kv_storage_dtype(pol.kv_cache_dtype, self.dtype)
-        check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions, {kv_dtype})",
-                          HostKVCache.footprint(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads,
-                                                cfg.head_dim, kv_dtype, _cache_value_dim(cfg)), self.host_memory_bytes,
-                          "set kv_cache_dtype='int8' (lossy; about half the bytes)" if kv_dtype.kind == "f" else "")
         T = bucket(max(lengths))
+        plan = _JobPlan(budget, order, first, capacities, kv_dtype, prefill_rows_per_call(cfg, T, pol.micro_batch_size))
+        kept = self.kv_cache
+        if kept is None or not kept.fits(*self._kv_args(plan)):
+            check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions, {kv_dtype})",
+                              HostKVCache.footprint(*self._kv_args(plan)), self.host_memory_bytes,
+                              "set kv_cache_dtype='int8' (lossy; about half the bytes)" if kv_dtype.kind == "f" else "",
+                              freed=0 if kept is None else kept.storage_bytes)
         self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
                                f"prefill of prompts up to {T} tokens")
-        return _JobPlan(budget, order, first, capacities, kv_dtype, prefill_rows_per_call(cfg, T, pol.micro_batch_size))
+        return plan
+
+    def _cache_for(self, plan: _JobPlan) -> HostKVCache:
+        """The job's host KV cache, on the kept cache's storage where it fits, else new (the kept one given back
+        first); kept for the next job."""
+        args = self._kv_args(plan)
+        kept, self.kv_cache = self.kv_cache, None
+        if kept is not None and not kept.fits(*args):
+            log.info("host KV cache: the kept one (%.2f GB) does not fit this job: given back for a new one",
+                     kept.storage_bytes / 1e9)
+            kept = None
+        cache = self.kv_cache = HostKVCache(*args, reuse=kept)
+        if kept is None:
+            log.info("host KV cache: %.2f GB, its pages faulted in in %.2f s", cache.nbytes / 1e9, cache.fault_in_s)
+        else:
+            log.info("host KV cache: %.2f GB of the kept one's %.2f GB (no allocation)", cache.nbytes / 1e9,
+                     kept.storage_bytes / 1e9)
+        return cache
 
     def generate(self, requests: Sequence[Request]) -> Iterator[tuple[Request, list[int], str, list | None]]:
         """Yields (request, generated token ids, finish_reason, logprobs) as requests finish (logprobs as the
         resident engine's)."""
         if not requests:
             return
+        if self.running:
+            raise RuntimeError("OffloadEngine.generate: another generate on this engine is still under way (they "
+                               "share its expert buffers and KV cache: exhaust or close its iterator first)")
         cfg, pol = self.cfg, self.policy
         self.stats = OffloadStats.empty(cfg.num_layers)  # the stats of this call
-        budget, order, first, capacities, kv_dtype, prefill_rows = self._plan(requests)
-        cache = HostKVCache(cfg.num_layers, len(capacities), capacities, cfg.num_kv_heads, cfg.head_dim, kv_dtype,
-                            _cache_value_dim(cfg))
-        self.stats.kv_bytes, self.stats.kv_dtype, self.stats.kv_fault_in_s = cache.nbytes, str(kv_dtype), cache.fault_in_s
-        log.info("host KV cache: %.2f GB, its pages faulted in in %.2f s", cache.nbytes / 1e9, cache.fault_in_s)
-        _warm_host_kernels(cfg, kv_dtype, self.dtype)
+        plan = self._plan(requests)
+        cache = self._cache_for(plan)
+        self.stats.kv_bytes, self.stats.kv_dtype, self.stats.kv_fault_in_s = cache.nbytes, str(plan.kv_dtype), cache.fault_in_s
+        _warm_host_kernels(cfg, plan.kv_dtype, self.dtype)
         faults = _page_faults(thread=False)
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
-            yield from _Run(self, cache, cpu, requests, budget, first, order[pol.batch_size:], prefill_rows).run()
+        self.running = True
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
+                yield from _Run(self, cache, cpu, requests, plan.budget, plan.first, plan.order[pol.batch_size:],
+                                plan.prefill_rows).run()
+        finally:
+            self.running = False
         self.stats.run_faults = None if faults is None else _page_faults(thread=False) - faults
         mem = host_memory.meminfo()  # the cache's pages written, still held
         self.stats.host_free_bytes, self.stats.host_total_bytes = (mem.available, mem.total) if mem else (None, None)

@@ -151,7 +151,7 @@ class ResidentEngine:
         return (bucket(min(len(requests), self.max_batch_size), 1),
                 bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets))))
 
-    def check(self, requests: Sequence[Request]) -> None:
+    def prepare(self, requests: Sequence[Request]) -> None:
         """The memory check of a `generate` of these requests (its KV cache beside the weights), without
         running it: MemoryError before any work."""
         if requests:

@@ -217,12 +217,18 @@ def probe_gpu_layer_seconds(source, policy, dtype: str, moe_impl: str) -> float:
 
 
 def timed_generate(llm, prompts, gen_len: int) -> dict:
-    """A warm-up run on the same prompts (compiles every shape of the run), then the timed run.
+    """`LLM.prepare` for the timed run (the offload engine's host KV cache allocated and faulted in, as an
+    inference server does at start; its seconds reported apart: "prepare_s", "kv_fault_in_s"), a warm-up run on
+    the same prompts (compiles every shape of the run), then the timed run, both on that cache.
     Generation ignores EOS, so every prompt gets exactly `gen_len` tokens. A timed run interrupted (Ctrl-C, or
     gpu_suite's time limit) after its prefill gives what it measured so far, marked "interrupted"."""
     from moe_jax.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=gen_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    llm.prepare(prompts, params)
+    cache = getattr(llm.engine, "kv_cache", None)
+    kept = {"prepare_s": time.perf_counter() - t0, "kv_fault_in_s": None if cache is None else cache.fault_in_s}
     t0 = time.perf_counter()
     llm.generate(prompts, params.replace(max_new_tokens=min(WARMUP_TOKENS, gen_len)))
     warmup_s = time.perf_counter() - t0
@@ -236,14 +242,14 @@ def timed_generate(llm, prompts, gen_len: int) -> dict:
         log(f"  interrupted after {st.decode_steps} of {gen_len - 1} decode steps: reporting those")
         # Each decode step gives every decoding row a token: all of them when the prompts fill one batch.
         one_batch = len(prompts) <= llm.policy.batch_size
-        return {"prompts": len(prompts), "tokens": None, "warmup_s": warmup_s, "wall_s": time.perf_counter() - t0,
+        return {"prompts": len(prompts), "tokens": None, **kept, "warmup_s": warmup_s, "wall_s": time.perf_counter() - t0,
                 "prefill_s": st.prefill_s, "decode_s": st.decode_s, "decode_steps": st.decode_steps, "tok_s": None,
                 "decode_tok_s": len(prompts) * st.decode_steps / st.decode_s if one_batch else None, "stats": st,
                 "completions": [], "interrupted": True}
     wall = time.perf_counter() - t0
     st = llm.stats
     tokens = sum(len(c.token_ids) for c in out)
-    return {"prompts": len(prompts), "tokens": tokens, "warmup_s": warmup_s, "wall_s": wall,
+    return {"prompts": len(prompts), "tokens": tokens, **kept, "warmup_s": warmup_s, "wall_s": wall,
             "prefill_s": st.prefill_s, "decode_s": st.decode_s, "decode_steps": st.decode_steps,
             "tok_s": tokens / wall,
             # the first token of every prompt comes out of the prefill
@@ -289,8 +295,9 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
     cfg, policy = source.cfg, llm.policy
     run = timed_generate(llm, prompts, gen_len)
     what = "interrupted" if run.get("interrupted") else f"{run['tokens']} tokens"
+    fault_in = "" if run["kv_fault_in_s"] is None else f", of it {run['kv_fault_in_s']:.2f} s the KV cache's pages faulted in"
     log(f"  run: {what} in {run['wall_s']:.2f} s (prefill {run['prefill_s']:.2f} s, decode {run['decode_s']:.2f} s); "
-        f"warm-up {run['warmup_s']:.2f} s")
+        f"before it: prepare {run['prepare_s']:.2f} s{fault_in}, warm-up {run['warmup_s']:.2f} s")
     terms = per_layer_terms(run, cfg, policy, dtype, link_bw, gpu_s)
     peak = run["stats"].peak_gpu_bytes
     row = {"policy": policy_dict(policy), **{k: v for k, v in run.items() if k not in ("stats", "completions")},
@@ -360,6 +367,16 @@ def policy_label(p: dict) -> str:
 
 def fmt(x, spec: str = ".1f", scale: float = 1.0) -> str:
     return "n/a" if x is None else format(x * scale, spec)
+
+
+SETUP_HEADER = "load + KV s"
+
+
+def setup_cell(row: dict) -> str:
+    """Seconds before the timed run: the weights' load, + the host KV cache's allocation faulting its pages in
+    (`timed_generate`'s kv_fault_in_s; none where the engine has no host cache)."""
+    kv = row.get("kv_fault_in_s")
+    return fmt(row["load_s"]) + ("" if kv is None else f" + {kv:.1f}")
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:

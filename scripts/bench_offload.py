@@ -126,7 +126,7 @@ def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:
     return row
 
 
-TABLE_HEADERS = ["policy", "load s", "tok/s e2e", "tok/s decode", "H2D est. ms", "CPU ms (kernel/writes/hand-off)", "GPU ms", "step ms",
+TABLE_HEADERS = ["policy", bc.SETUP_HEADER, "tok/s e2e", "tok/s decode", "H2D est. ms", "CPU ms (kernel/writes/hand-off)", "GPU ms", "step ms",
                  "overlap", "peak GiB / cap", "host GiB KV / pool / free / rest", "HRM tok/s", "e2e meas/HRM",
                  "HRM H2D/CPU/GPU ms"]
 
@@ -139,7 +139,7 @@ def table_row(r: dict, cap: float) -> list[str]:
     hrm_terms = "/".join(bc.fmt(h["per_layer_s"][k], ".1f", 1e3) for k in ("h2d", "cpu", "gpu")) if h else "n/a"
     label = ("HRM: " if r["spec"] == "auto" else "") + bc.policy_label(r["policy"]) + (
         f" (interrupted after {r['decode_steps']} decode steps)" if r.get("interrupted") else "")
-    return [label, bc.fmt(r["load_s"]), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
+    return [label, bc.setup_cell(r), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
             bc.fmt(t["h2d_est"], ".2f", 1e3), f'{bc.fmt(t["cpu"], ".2f", 1e3)} ({bc.fmt(t["cpu_kernel"], ".2f", 1e3)}/{bc.fmt(t["cpu_write"], ".2f", 1e3)}/'
             f'{bc.fmt(t["cpu_handoff"], ".2f", 1e3)})',
             bc.fmt(t["gpu_probe"], ".2f", 1e3), bc.fmt(t["step"], ".2f", 1e3), bc.fmt(r["overlap_efficiency"], ".2f"),

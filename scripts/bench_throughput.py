@@ -277,7 +277,7 @@ def published_cell(vs: dict | None) -> str:
 
 
 MAIN_HEADERS = ["workload", "gen", "cap GiB", "policy", "prompts", "tok/s e2e", "tok/s decode", "HRM tok/s",
-                "e2e meas/HRM", "overlap", "peak GiB", "load s", "vs published, at its link"]
+                "e2e meas/HRM", "overlap", "peak GiB", bc.SETUP_HEADER, "vs published, at its link"]
 
 
 def main_table(rows: list[dict]) -> str:
@@ -294,7 +294,7 @@ def main_table(rows: list[dict]) -> str:
         out.append(head + [str(r["prompts"]), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
                            bc.fmt(r["hrm"] and r["hrm"]["tok_s"]), bc.fmt(ratio and ratio["tok_s"], ".2f"),
                            bc.fmt(r["overlap_efficiency"], ".2f"), bc.fmt(r["peak_gpu_gib"], ".2f"),
-                           bc.fmt(r["load_s"]), published_cell(r.get("vs_published"))])
+                           bc.setup_cell(r), published_cell(r.get("vs_published"))])
     return bc.markdown_table(MAIN_HEADERS, out)
 
 

@@ -18,11 +18,13 @@
 #   1. `bash scripts/gpu_suite.sh` (timeout_s 600; 7-9.5 min: the full run took 378 s on a warm machine, and
 #      a cold one's first touch of memory may take it to the budget, where the bench reports the decode steps
 #      it measured): the core steps now: bench_throughput_g64_exp4 (issue 7) and bench_offload_quick, after
-#      the fix for the suspected page faults (the host KV cache faulted in at allocation, in parallel; the
-#      decode attention's host arrays reused; writes parallel from 2**16 elements). Read the engine's log
-#      line: "pages faulted in: S s" (how fast 16 threads fault in a fresh VM's memory; one thread's writes
-#      ran at 0.6 GB/s, a cost paid once per boot for memory never touched), "N page faults" a
-#      layer-step, and the CPU column against 2026-11-27's (kernel 36.55 / writes 18.28 / hand-off 11.78 ms).
+#      the fixes for the CPU term: the host KV cache faulted in at allocation, in parallel, and kept across
+#      generate calls (the benches allocate it before the warm-up and report its fault-in apart: "load + KV s");
+#      the decode attention's host arrays reused, and its kernel reading bf16 q and writing bf16 out itself
+#      (no copies: 1.2x a call on the 2-core VM); writes parallel from 2**16 elements. Read: "load + KV s" (how
+#      fast 16 threads fault in a fresh VM's memory; one thread's first writes ran at 0.6 GB/s), "N page
+#      faults" a layer-step, and the CPU column against 2026-11-27's (kernel 36.55 / writes 18.28 / hand-off
+#      11.78 ms a layer-step; prefill 40.29 s of which k/v writes 40.13).
 #   2. later sessions, one command each, for issue 7's "Done when" (gen 64 and 128 at 16 GiB, the PyTorch
 #      baseline): bench_throughput_g128_exp4, bench_vs_pytorch, then bench_throughput_g64 and _g128 (uncoded);
 #      bench_dsv2_lite (DeepSeek's latent attention on the CPU).

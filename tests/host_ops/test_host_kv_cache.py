@@ -91,6 +91,35 @@ def test_fault_in_needs_a_contiguous_array():
         _kernel.fault_in_zeros(np.zeros((4, 4))[:, ::2])
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_cache_that_fits_takes_a_kept_caches_storage(ref, rng, dtype):
+    """A new cache on an old one's storage (`reuse`): no allocation or fault-in, its own slot layout, and
+    attention over what it writes, whatever the old one held there; one that needs more, or another dtype or
+    values layout, is refused."""
+    old = HostKVCache(2, 6, 40, 2, 64, dtype)
+    old.write(1, np.repeat(np.arange(6), 40), np.tile(np.arange(40), 6),
+              *(ref.random_kv(rng, (240, 2, 64), np.float32) for _ in range(2)))  # data the new cache must not see
+    caps = np.array([7, 33, 2])
+    assert old.fits(2, 3, caps, 2, 64, dtype) and old.fits(2, 6, 40, 2, 64, dtype)
+    new = HostKVCache(2, 3, caps, 2, 64, dtype, reuse=old)
+    assert new.fault_in_s == 0 and new.nbytes == HostKVCache.footprint(2, 3, caps, 2, 64, dtype) < old.nbytes
+    assert new.storage_bytes == old.storage_bytes and np.shares_memory(new.k, old.k) and np.shares_memory(new.v, old.v)
+    assert new.k.flags.c_contiguous and new.lengths.shape == (2, 3) and not new.lengths.any()
+    slots = new.allocate(3)
+    n = caps - 1
+    k, v = (ref.random_kv(rng, (n.sum(), 2, 64), np.float32) for _ in range(2))
+    new.write(1, np.repeat(slots, n), np.concatenate([np.arange(m) for m in n]), k, v)
+    q = rng.standard_normal((3, 8, 64), np.float32)
+    fresh = HostKVCache(2, 3, caps, 2, 64, dtype)
+    fresh.write(1, np.repeat(slots, n), np.concatenate([np.arange(m) for m in n]), k, v)
+    np.testing.assert_array_equal(new.attend(1, slots, q), fresh.attend(1, slots, q))
+    assert not old.fits(2, 6, 41, 2, 64, dtype) and not old.fits(2, 3, caps, 2, 64, "float32")
+    assert not old.fits(2, 3, caps, 2, 64, dtype, value_dim=32)
+    with pytest.raises(ValueError, match=r"reuse: a cache of [\d,]+ bytes of \w+ storage \(values apart\) cannot "
+                                         r"hold one of [\d,]+ bytes"):
+        HostKVCache(2, 6, 41, 2, 64, dtype, reuse=old)
+
+
 def test_ragged_capacities():
     """One capacity per slot: the storage is their sum, each slot's region as long as its capacity."""
     caps = np.array([5, 1, 70, 33])

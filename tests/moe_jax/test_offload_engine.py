@@ -414,6 +414,31 @@ def test_rows_and_micro_batches_that_finish_early(monkeypatch):
     assert eng.stats.decode_steps > 0 and got == resident_tokens(source, params, prompts)  # 8 + 8 = the 16-slot context
 
 
+def test_the_host_kv_cache_is_kept_for_the_jobs_that_fit_it():
+    """`prepare` allocates the host KV cache for its prompts and the engine keeps it: a `generate` whose job fits
+    takes its storage (nothing allocated or faulted in), a larger job gives it back for a new one; the tokens
+    are the resident engine's either way. A second generate while one is under way is refused."""
+    source = open_model("tiny-mixtral")
+    llm = moe_jax.LLM(source, dtype="float32", policy=Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2))
+    short, long = GREEDY.replace(max_new_tokens=3), GREEDY.replace(max_new_tokens=9)
+    llm.prepare(PROMPTS, GREEDY)
+    kept = llm.engine.kv_cache
+    assert kept is not None and kept.fault_in_s > 0
+    assert [c.token_ids for c in llm.generate(PROMPTS, short)] == resident_tokens(source, short)
+    assert np.shares_memory(llm.engine.kv_cache.k, kept.k) and llm.stats.kv_fault_in_s == 0
+    assert llm.stats.kv_bytes < kept.nbytes  # 3 new tokens a row where the kept one holds 7
+    assert [c.token_ids for c in llm.generate(PROMPTS, long)] == resident_tokens(source, long)
+    grown = llm.engine.kv_cache
+    assert not np.shares_memory(grown.k, kept.k) and grown.nbytes > kept.nbytes and llm.stats.kv_fault_in_s > 0
+    running = llm.generate_iter(PROMPTS, short)
+    next(running)
+    with pytest.raises(RuntimeError, match="another generate on this engine is still under way"):
+        llm.generate(PROMPTS, short)
+    running.close()
+    assert [c.token_ids for c in llm.generate(PROMPTS, short)] == resident_tokens(source, short)
+    assert np.shares_memory(llm.engine.kv_cache.k, grown.k)
+
+
 @pytest.mark.parametrize("n", [1, 9, 13])
 def test_hrm_policy_fits_any_job_size(n):
     """HRM is asked for at most one wave of the job's size, so its policy is valid for any n."""

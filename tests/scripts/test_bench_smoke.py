@@ -48,12 +48,14 @@ def test_bench_offload(tmp_path):
     p = run_script("bench_offload.py", *TINY, "--prompt-len", "8", "--gen-len", "4", "--num-prompts", "6",
                    "--policies", "auto;6,3,2,0.5", "--expert-codec", "exp4", "--kv-cache-dtype", "int8", "--json", str(out),
                    "--append-results", str(results))
-    assert "overlap" in last_table_header(p.stdout) and p.stdout.rstrip().splitlines()[-1]
+    assert "overlap" in last_table_header(p.stdout) and "load + KV s" in last_table_header(p.stdout)
+    assert p.stdout.rstrip().splitlines()[-1]
     d = json.loads(out.read_text())
     assert {"command", "device", "layers", "link_bytes_per_s", "runs"} <= d.keys() and len(d["runs"]) == 2
     for run in d["runs"]:
         assert {"policy", "tok_s", "decode_tok_s", "load_s", "per_layer_s", "overlap_efficiency", "peak_gpu_gib",
-                "hrm", "measured_over_predicted"} <= run.keys()
+                "hrm", "measured_over_predicted", "prepare_s", "kv_fault_in_s"} <= run.keys()
+        assert run["prepare_s"] >= run["kv_fault_in_s"] >= 0  # the cache kept for the warm-up and the timed run
         assert set(run["per_layer_s"]) == {"h2d_est", "cpu", "cpu_kernel", "cpu_write", "cpu_handoff", "gpu_probe", "gpu_wait", "main_wait", "step"}
         assert run["tokens"] == 6 * 4
     assert d["runs"][1]["policy"]["micro_batch_size"] == 3
@@ -116,9 +118,14 @@ def test_an_interrupted_timed_run_reports_its_decode_steps():
     class Interrupted:
         policy = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2)
 
+        engine = None
+
         def __init__(self, steps):
             self.stats = None
             self.timed = SimpleNamespace(decode_steps=steps, decode_s=0.5, prefill_s=0.2)
+
+        def prepare(self, prompts, params):
+            pass
 
         def generate(self, prompts, params):
             if params.max_new_tokens > bench_common.WARMUP_TOKENS:  # the timed run, not the warm-up
