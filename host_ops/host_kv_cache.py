@@ -41,9 +41,9 @@ class HostKVCache:
     positions (`max_context`: one int for every slot, or one per slot, so that each slot is as long as the
     sequences it will hold and no more).
 
-    Storage (preallocated, zero-filled and faulted in at construction, in parallel, so that no write pays for
-    a page's first touch: `fault_in_s` seconds, 0 where it reuses another cache's; all of it is resident from
-    then on): `k`, `v` of shape [num_layers, elements], bfloat16, float32 or int8, where slot s of a layer is the region [kv_heads, capacities[s], head_dim] at
+    Storage (preallocated and faulted in at construction, in parallel, so that no write pays for a page's first
+    touch: `fault_in_s` seconds; zero-filled, unless taken over from another cache, `reuse`, with 0 seconds;
+    all of it is resident from then on): `k`, `v` of shape [num_layers, elements], bfloat16, float32 or int8, where slot s of a layer is the region [kv_heads, capacities[s], head_dim] at
     element offsets[s] (`slot_kv` gives it that shape). Head-major, so the positions of one (slot, KV head)
     are one contiguous block that attention streams.
     int8 (lossy, half of bfloat16's bytes for attention to read and the host to hold): each row of
@@ -128,8 +128,9 @@ class HostKVCache:
         """Whether a cache of these arguments can take this one's storage (`reuse=`): the same dtype and values
         layout, and no more elements."""
         elements = num_layers * int(_capacities(num_slots, max_context).sum()) * kv_heads * head_dim
+        scales = self._storage[2]  # int8: one scale per head_dim elements, so a smaller head_dim needs more
         return (_validate.cache_dtype(dtype) == self.dtype and (value_dim is not None) == self.values_in_keys
-                and elements <= self._storage[0].size)
+                and elements <= self._storage[0].size and (scales is None or elements // head_dim <= scales.size))
 
     @property
     def storage_bytes(self) -> int:

@@ -234,6 +234,14 @@ class LLM:
             self._start(requests)
             self.engine.prepare(requests)
 
+    def release_kv_cache(self) -> None:
+        """Give the offload engine's kept host KV cache back to the OS (tens of GB for a large batch); the next
+        `prepare` or `generate` allocates one again. Nothing to do for the resident engine, whose cache lives in
+        a `generate` call."""
+        release = getattr(self.engine, "release_kv_cache", None)
+        if release is not None:
+            release()
+
     def _requests(self, prompts, params) -> list[Request]:
         """The prompts and their SamplingParams as validated Requests (`generate`'s arguments)."""
         _require_batch(prompts, "prompts", "prompts (each a string or a list of token ids)")

@@ -27,6 +27,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import gc
 import logging
 import time
 from typing import Iterator, NamedTuple, Sequence
@@ -252,7 +253,8 @@ class OffloadStats:
     writes, so that at most `pinned_pool.STAGED_BYTES` of k/v wait in pinned memory; prefill_calls: the prefill's
     GPU calls, every layer's (prefill_s over those of the first fill is the time per call). h2d_bytes: expert bytes streamed. prefill_s: the
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
-    finished ones (interleaved with decode steps). kv_bytes, kv_dtype: the host KV cache; kv_fault_in_s: the seconds
+    finished ones (interleaved with decode steps). kv_bytes, kv_dtype: the host KV cache (the storage held: a kept
+    larger cache's where the job runs on it); kv_fault_in_s: the seconds
     its allocation spent faulting its pages in (`HostKVCache.fault_in_s`, before the run); host_free_bytes: the host's
     MemAvailable at the end of the run, the cache still held (what the pinned pool, the cache and the rest
     left), and host_total_bytes its MemTotal then, None where unknown."""
@@ -545,8 +547,20 @@ class OffloadEngine:
         """What a `generate` of these requests does before its first step, without running it: the memory checks
         (OffloadMemoryError before any work) and the host KV cache, allocated and faulted in (or a kept one
         taken over), kept for the `generate` calls that fit it."""
+        self._refuse_while_running("prepare")
         if requests:
             self._cache_for(self._plan(requests))
+
+    def release_kv_cache(self) -> None:
+        """Give the kept host KV cache back to the OS (the next `prepare` or `generate` allocates a new one)."""
+        self._refuse_while_running("release_kv_cache")
+        self.kv_cache = None
+        gc.collect()  # a reference cycle (an exception's traceback) may hold it
+
+    def _refuse_while_running(self, what: str) -> None:
+        if self.running:
+            raise RuntimeError(f"OffloadEngine.{what}: a generate on this engine is still under way (it holds the "
+                               f"engine's expert buffers and KV cache): exhaust or close its iterator first")
 
     def _kv_args(self, plan: "_JobPlan") -> tuple:
         cfg = self.cfg
@@ -586,6 +600,7 @@ class OffloadEngine:
             log.info("host KV cache: the kept one (%.2f GB) does not fit this job: given back for a new one",
                      kept.storage_bytes / 1e9)
             kept = None
+            gc.collect()  # before the new one is allocated: a reference cycle (a failed run's) may hold the old
         cache = self.kv_cache = HostKVCache(*args, reuse=kept)
         if kept is None:
             log.info("host KV cache: %.2f GB, its pages faulted in in %.2f s", cache.nbytes / 1e9, cache.fault_in_s)
@@ -599,18 +614,17 @@ class OffloadEngine:
         resident engine's)."""
         if not requests:
             return
-        if self.running:
-            raise RuntimeError("OffloadEngine.generate: another generate on this engine is still under way (they "
-                               "share its expert buffers and KV cache: exhaust or close its iterator first)")
+        self._refuse_while_running("generate")
         cfg, pol = self.cfg, self.policy
         self.stats = OffloadStats.empty(cfg.num_layers)  # the stats of this call
-        plan = self._plan(requests)
-        cache = self._cache_for(plan)
-        self.stats.kv_bytes, self.stats.kv_dtype, self.stats.kv_fault_in_s = cache.nbytes, str(plan.kv_dtype), cache.fault_in_s
-        _warm_host_kernels(cfg, plan.kv_dtype, self.dtype)
-        faults = _page_faults(thread=False)
-        self.running = True
+        self.running = True  # from here: the cache is this call's from its allocation on
         try:
+            plan = self._plan(requests)
+            cache = self._cache_for(plan)
+            self.stats.kv_bytes, self.stats.kv_dtype = cache.storage_bytes, str(plan.kv_dtype)
+            self.stats.kv_fault_in_s = cache.fault_in_s
+            _warm_host_kernels(cfg, plan.kv_dtype, self.dtype)
+            faults = _page_faults(thread=False)
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
                 yield from _Run(self, cache, cpu, requests, plan.budget, plan.first, plan.order[pol.batch_size:],
                                 plan.prefill_rows).run()
@@ -784,7 +798,7 @@ class _Run:
         call at μ=880, 2-5 ms of 19)."""
         st, cfg, buf = self.eng.stats, self.eng.cfg, self.buffers[k]
         t0, f0 = time.perf_counter(), _page_faults(thread=True)
-        q, kk = np.asarray(q)[:, 0], np.asarray(kk)[:, 0]  # [μ, heads, dims] views: rows picked out below
+        q, kk = np.asarray(q)[:, 0], np.asarray(kk)[:, 0]  # [μ, heads, dims] views (k/v: the rows written picked by `rows`)
         v = None if v is None else np.asarray(v)[:, 0]  # None: the values are the keys' first dims
         tokens = None if tokens is None else host_sampled(tokens, logprobs)
         t1 = time.perf_counter()

@@ -115,6 +115,7 @@ def test_a_cache_that_fits_takes_a_kept_caches_storage(ref, rng, dtype):
     np.testing.assert_array_equal(new.attend(1, slots, q), fresh.attend(1, slots, q))
     assert not old.fits(2, 6, 41, 2, 64, dtype) and not old.fits(2, 3, caps, 2, 64, "float32")
     assert not old.fits(2, 3, caps, 2, 64, dtype, value_dim=32)
+    assert old.fits(2, 6, 80, 2, 32, dtype) == (dtype != "int8")  # as many elements, but int8 needs 2x the scales
     with pytest.raises(ValueError, match=r"reuse: a cache of [\d,]+ bytes of \w+ storage \(values apart\) cannot "
                                          r"hold one of [\d,]+ bytes"):
         HostKVCache(2, 6, 41, 2, 64, dtype, reuse=old)

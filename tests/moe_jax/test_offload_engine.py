@@ -417,7 +417,8 @@ def test_rows_and_micro_batches_that_finish_early(monkeypatch):
 def test_the_host_kv_cache_is_kept_for_the_jobs_that_fit_it():
     """`prepare` allocates the host KV cache for its prompts and the engine keeps it: a `generate` whose job fits
     takes its storage (nothing allocated or faulted in), a larger job gives it back for a new one; the tokens
-    are the resident engine's either way. A second generate while one is under way is refused."""
+    are the resident engine's either way. A second generate (or prepare, or release) while one is under way is
+    refused; `release_kv_cache` gives it back."""
     source = open_model("tiny-mixtral")
     llm = moe_jax.LLM(source, dtype="float32", policy=Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2))
     short, long = GREEDY.replace(max_new_tokens=3), GREEDY.replace(max_new_tokens=9)
@@ -426,17 +427,22 @@ def test_the_host_kv_cache_is_kept_for_the_jobs_that_fit_it():
     assert kept is not None and kept.fault_in_s > 0
     assert [c.token_ids for c in llm.generate(PROMPTS, short)] == resident_tokens(source, short)
     assert np.shares_memory(llm.engine.kv_cache.k, kept.k) and llm.stats.kv_fault_in_s == 0
-    assert llm.stats.kv_bytes < kept.nbytes  # 3 new tokens a row where the kept one holds 7
+    assert llm.engine.kv_cache.nbytes < kept.nbytes == llm.stats.kv_bytes  # 3 new tokens a row in the kept 7's
     assert [c.token_ids for c in llm.generate(PROMPTS, long)] == resident_tokens(source, long)
     grown = llm.engine.kv_cache
     assert not np.shares_memory(grown.k, kept.k) and grown.nbytes > kept.nbytes and llm.stats.kv_fault_in_s > 0
     running = llm.generate_iter(PROMPTS, short)
     next(running)
-    with pytest.raises(RuntimeError, match="another generate on this engine is still under way"):
-        llm.generate(PROMPTS, short)
+    for call in (lambda: llm.generate(PROMPTS, short), lambda: llm.prepare(PROMPTS, long), llm.release_kv_cache):
+        with pytest.raises(RuntimeError, match="a generate on this engine is still under way"):
+            call()
     running.close()
     assert [c.token_ids for c in llm.generate(PROMPTS, short)] == resident_tokens(source, short)
     assert np.shares_memory(llm.engine.kv_cache.k, grown.k)
+    llm.release_kv_cache()
+    assert llm.engine.kv_cache is None
+    assert [c.token_ids for c in llm.generate(PROMPTS, short)] == resident_tokens(source, short)
+    assert llm.stats.kv_fault_in_s > 0 and not np.shares_memory(llm.engine.kv_cache.k, grown.k)
 
 
 @pytest.mark.parametrize("n", [1, 9, 13])
