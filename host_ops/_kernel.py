@@ -52,6 +52,7 @@ try:
 except (ValueError, OSError, AttributeError):
     PAGE_BYTES = 4096
 _BLOCK = 64  # KV positions per online-softmax step (a multiple of 4)
+_ROWS_PER_THREAD = 4  # from this many query rows per thread, a thread claims a row's KV heads at once
 _LINE = 64  # bytes of a cache line: the stride of the prefetches
 _I32 = ir.IntType(32)
 
@@ -280,15 +281,19 @@ def _attention_kernel(q, scale, k, v, k_scales, v_scales, row_mask, offsets, hea
     the D elements at offsets[b] + h * head_strides[b] + p * pos_stride; k/v_scales, row_mask: see `_attend_group`;
     threads: numba's thread count (numba.get_num_threads() inside a kernel defeats caching).
 
-    Tasks are (query, KV head) pairs, sorted by context length, longest first, and claimed one at a time from
-    a shared atomic counter: a thread that shares its core (with the engine's dispatching thread, a runtime's
-    spinning wait) takes fewer tasks instead of holding the others up, as a fixed division would: on 2 cores
-    with one of them busy, a call at the engine's decode shape took 2.3-2.5x its time on free cores when the
-    tasks were dealt round-robin, and 1.4-1.5x claimed (`bench_host_attention --busy-cores 1`). Each thread
-    claims its next task before it attends to the current one, and prefetches that task's first K rows while
-    it finishes this one; its first task is its own (task w of worker w), so that with about as many tasks as
-    threads the first thread to wake does not claim them all while the others start (2 tasks on 2 threads: one
-    thread ran both, 1.9x the time, until the first tasks were dealt).
+    Tasks are (query, KV head) pairs, sorted by context length, longest first, and claimed from a shared atomic
+    counter: a thread that shares its core (with the engine's dispatching thread, a runtime's spinning wait)
+    takes fewer tasks instead of holding the others up, as a fixed division would: on 2 cores with one of them
+    busy, a call at the engine's decode shape took 2.3-2.5x its time on free cores when the tasks were dealt
+    round-robin, and 1.4-1.5x claimed (`bench_host_attention --busy-cores 1`). A claim takes one unit: all KV
+    heads of a query row where there are at least _ROWS_PER_THREAD rows per thread, else one task. A row's
+    heads lie one after the other in the cache, so a thread streams them as one range where, claimed one at a
+    time, the threads' consecutive tasks were other rows' (2-core VM, context 109, 256-880 rows: 1.11-1.13x;
+    equal at context 1024). Each thread claims its next unit before it attends to the current one, and
+    prefetches the next task's first K rows while it finishes each; its first unit is its own (unit w of
+    worker w), so that with about as many units as threads the first thread to wake does not claim them all
+    while the others start (2 tasks on 2 threads: one thread ran both, 1.9x the time, until the first tasks
+    were dealt).
     """
     B, T, Hk, G, D = q.shape
     n_ctx = np.empty(B * T, np.int64)
@@ -297,26 +302,30 @@ def _attention_kernel(q, scale, k, v, k_scales, v_scales, row_mask, offsets, hea
             n_ctx[b * T + t] = min(starts[b] + t + 1, ends[b])
     order = np.argsort(n_ctx)[::-1]
     n_tasks = B * T * Hk
-    workers = min(threads, n_tasks)
+    per = Hk if B * T >= _ROWS_PER_THREAD * threads else 1  # tasks per claim: a query row's KV heads, or one
+    n_units = n_tasks // per
+    workers = min(threads, n_units)
     Ge, Dv = G + G % 2, out.shape[-1]
-    counter = np.full(1, workers, np.int64)  # task w is thread w's first; the rest are claimed
+    counter = np.full(1, workers, np.int64)  # unit w is thread w's first; the rest are claimed
     for w in prange(workers):
         qs = np.empty((G, D), np.float32)
         acc = np.empty((Ge, Dv), np.float32)
         s = np.empty((Ge, _BLOCK), np.float32)
         m = np.empty(Ge, np.float32)
         l = np.empty(Ge, np.float32)
-        i = w + 0  # (a copy: numba refuses to overwrite the loop index)
-        while i < n_tasks:
+        u = w + 0  # (a copy: numba refuses to overwrite the loop index)
+        while u < n_units:
             nxt = _claim(counter)
-            bt, h = order[i // Hk], i % Hk
-            b, t = bt // T, bt % T
-            ahead = min(nxt, n_tasks - 1)  # the first K rows of the next task (or of the last) are prefetched
-            b2 = order[ahead // Hk] // T
-            _attend_group(q[b, t, h], scale, k, v, k_scales, v_scales, row_mask, offsets[b] + h * head_strides[b],
-                          pos_stride, n_ctx[bt], out[b, t, h], qs, acc, s, m, l,
-                          offsets[b2] + ahead % Hk * head_strides[b2])
-            i = nxt
+            for i in range(u * per, (u + 1) * per):
+                bt, h = order[i // Hk], i % Hk
+                b, t = bt // T, bt % T
+                # the first K rows of the next task (this unit's next, or the next unit's first) are prefetched
+                ahead = i + 1 if i + 1 < (u + 1) * per else min(nxt * per, n_tasks - 1)
+                b2 = order[ahead // Hk] // T
+                _attend_group(q[b, t, h], scale, k, v, k_scales, v_scales, row_mask,
+                              offsets[b] + h * head_strides[b], pos_stride, n_ctx[bt], out[b, t, h], qs, acc, s,
+                              m, l, offsets[b2] + ahead % Hk * head_strides[b2])
+            u = nxt
 
 
 @njit(**_JIT)

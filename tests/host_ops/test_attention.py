@@ -73,6 +73,26 @@ def test_bfloat16_query_and_out_are_read_and_written_as_they_are(ref, rng, kv_dt
     assert ref.error(out.astype(np.float32), expected) < 1e-2
 
 
+def test_claiming_a_rows_heads_at_once_or_one_task_at_a_time_gives_the_same_output(ref, rng):
+    """The kernel's threads claim all KV heads of a query row at once where there are rows enough per thread
+    (_ROWS_PER_THREAD), else one (row, head) task: the same 7 rows on one thread (a row a claim) and on every
+    thread (a task a claim, where there are 2 or more) give the same bits."""
+    import numba
+
+    B, S, Hk, G, D = 7, 90, 4, 2, 64
+    q = rng.standard_normal((B, Hk * G, D), np.float32)
+    k, v = (ref.random_kv(rng, (B, S, Hk, D), BF16) for _ in range(2))
+    lengths = np.array([90, 1, 33, 64, 65, 2, 80])
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = decode_attention(q, k, v, lengths)
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_array_equal(decode_attention(q, k, v, lengths), one)
+    assert ref.error(one, ref.attention(q[:, None], k, v, lengths[:, None])[:, 0]) < ref.tolerance[BF16]
+
+
 def test_float32_to_bfloat16_rounds_to_nearest_even_as_ml_dtypes_does():
     """The kernel's output rounding against ml_dtypes' cast: ties both ways, the largest finite value (rounds
     to inf), infinities, NaNs of either sign with payloads, subnormals, signed zeros, and random values."""
