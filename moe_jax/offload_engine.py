@@ -240,14 +240,16 @@ def _jitted(cfg: ModelConfig, moe_impl: str, to_device, to_host):
 
 @dataclasses.dataclass
 class OffloadStats:
-    """Seconds per layer, summed over one `generate` call. cpu: attention in the worker (the decode's k/v
-    writes into the host cache, the kernel, the outputs' hand-off to pinned memory); cpu_kernel, cpu_write,
-    cpu_handoff: of it, the attention kernel's calls alone (`HostKVCache.attend`), the decode's k/v writes
-    (`HostKVCache.write`) and the hand-off (the output, which the kernel writes in the engine's dtype, put in
-    pinned memory, with any wait for the previous put to have read it);
+    """Seconds per layer, summed over one `generate` call. cpu: attention in the worker (q/k/v fetched as NumPy
+    arrays once the GPU has them, the decode's k/v writes into the host cache, the kernel, the outputs' hand-off
+    to pinned memory); cpu_fetch, cpu_kernel, cpu_write, cpu_handoff: of it, the fetch (`np.asarray` of the
+    GPU's q/k/v and sampled tokens in pinned memory: a copy, or none), the attention kernel's calls alone
+    (`HostKVCache.attend`), the decode's k/v writes (`HostKVCache.write`) and the hand-off (the output, which
+    the kernel writes in the engine's dtype, put in pinned memory, with any wait for the previous put to have
+    read it);
     cpu_faults: the page faults the worker thread took in its decode tasks, the q/k/v's arrival from the GPU
     included (not numba's threads'; 0 where the OS does not count a thread's); run_faults: the whole process's during the run (None where unknown);
-    gpu_wait: the worker waiting for GPU results (GPU-bound time the CPU could not hide); main_wait: the dispatching
+    gpu_wait: the worker waiting for GPU results to be ready (GPU-bound time the CPU could not hide); main_wait: the dispatching
     thread waiting for CPU attention (CPU-bound time). prefill_write: the worker writing prompts' k/v into the
     host cache (the first fill's and the refills'); prefill_wait: the dispatching thread waiting for those
     writes, so that at most `pinned_pool.STAGED_BYTES` of k/v wait in pinned memory; prefill_calls: the prefill's
@@ -261,6 +263,7 @@ class OffloadStats:
 
     layers: int
     cpu: np.ndarray
+    cpu_fetch: np.ndarray
     cpu_kernel: np.ndarray
     cpu_write: np.ndarray
     cpu_handoff: np.ndarray
@@ -285,7 +288,7 @@ class OffloadStats:
 
     @classmethod
     def empty(cls, layers: int) -> "OffloadStats":
-        return cls(layers, *(np.zeros(layers) for _ in range(9)))
+        return cls(layers, *(np.zeros(layers) for _ in range(10)))
 
     def bottleneck(self) -> str:
         terms = {"cpu attention": self.cpu.sum(), "gpu compute or h2d": self.gpu_wait.sum()}
@@ -302,7 +305,7 @@ class OffloadStats:
                 f"{self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms (kernel "
                 f"{self.cpu_kernel.sum() / per * 1e3:.2f} ms, KV writes {self.cpu_write.sum() / per * 1e3:.2f} ms, "
-                f"hand-off {self.cpu_handoff.sum() / per * 1e3:.2f} ms; {self.cpu_faults.sum() / per:.0f} page faults "
+                f"hand-off {self.cpu_handoff.sum() / per * 1e3:.2f} ms, fetch of q/k/v {self.cpu_fetch.sum() / per * 1e3:.2f} ms; {self.cpu_faults.sum() / per:.0f} page faults "
                 f"in the worker), "
                 f"waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
@@ -798,10 +801,13 @@ class _Run:
         call at μ=880, 2-5 ms of 19)."""
         st, cfg, buf = self.eng.stats, self.eng.cfg, self.buffers[k]
         t0, f0 = time.perf_counter(), _page_faults(thread=True)
+        jax.block_until_ready((q, kk, v, tokens))
+        t_ready = time.perf_counter()
         q, kk = np.asarray(q)[:, 0], np.asarray(kk)[:, 0]  # [μ, heads, dims] views (k/v: the rows written picked by `rows`)
         v = None if v is None else np.asarray(v)[:, 0]  # None: the values are the keys' first dims
         tokens = None if tokens is None else host_sampled(tokens, logprobs)
         t1 = time.perf_counter()
+        st.cpu_fetch[layer] += t1 - t_ready
         pos, slots = positions[rows, 0], self.kv_slots[k]
         self.cache.write(layer, slots[rows], pos, kk, v, rows=rows)
         t2 = time.perf_counter()
@@ -817,8 +823,8 @@ class _Run:
         st.cpu_kernel[layer] += t4 - t3
         out = self.handed[k] = jax.device_put(buf.out, self.eng.on_host)  # pinned, for the next GPU step to take in
         st.cpu_handoff[layer] += time.perf_counter() - t4 + t3 - t2
-        st.gpu_wait[layer] += t1 - t0
-        st.cpu[layer] += time.perf_counter() - t1
+        st.gpu_wait[layer] += t_ready - t0
+        st.cpu[layer] += time.perf_counter() - t_ready
         if f0 is not None:
             st.cpu_faults[layer] += _page_faults(thread=True) - f0
         return out, tokens

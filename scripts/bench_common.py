@@ -266,7 +266,7 @@ def per_layer_terms(run: dict, cfg, policy, dtype: str, link_bw: float, gpu_s: f
     n = max(st.decode_steps, 1) * L
     return {"h2d_est": streamed_bytes_per_layer(cfg, policy, dtype) / link_bw, "cpu": float(st.cpu.sum()) / n,
             "cpu_kernel": float(st.cpu_kernel.sum()) / n, "cpu_write": float(st.cpu_write.sum()) / n,
-            "cpu_handoff": float(st.cpu_handoff.sum()) / n,
+            "cpu_handoff": float(st.cpu_handoff.sum()) / n, "cpu_fetch": float(st.cpu_fetch.sum()) / n,
             "gpu_probe": gpu_s, "gpu_wait": float(st.gpu_wait.sum()) / n, "main_wait": float(st.main_wait.sum()) / n,
             "step": st.decode_s / n}
 

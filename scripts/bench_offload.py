@@ -126,7 +126,7 @@ def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:
     return row
 
 
-TABLE_HEADERS = ["policy", bc.SETUP_HEADER, "tok/s e2e", "tok/s decode", "H2D est. ms", "CPU ms (kernel/writes/hand-off)", "GPU ms", "step ms",
+TABLE_HEADERS = ["policy", bc.SETUP_HEADER, "tok/s e2e", "tok/s decode", "H2D est. ms", "CPU ms (kernel/writes/hand-off/fetch)", "GPU ms", "step ms",
                  "overlap", "peak GiB / cap", "host GiB KV / pool / free / rest", "HRM tok/s", "e2e meas/HRM",
                  "HRM H2D/CPU/GPU ms"]
 
@@ -141,7 +141,7 @@ def table_row(r: dict, cap: float) -> list[str]:
         f" (interrupted after {r['decode_steps']} decode steps)" if r.get("interrupted") else "")
     return [label, bc.setup_cell(r), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
             bc.fmt(t["h2d_est"], ".2f", 1e3), f'{bc.fmt(t["cpu"], ".2f", 1e3)} ({bc.fmt(t["cpu_kernel"], ".2f", 1e3)}/{bc.fmt(t["cpu_write"], ".2f", 1e3)}/'
-            f'{bc.fmt(t["cpu_handoff"], ".2f", 1e3)})',
+            f'{bc.fmt(t["cpu_handoff"], ".2f", 1e3)}/{bc.fmt(t["cpu_fetch"], ".2f", 1e3)})',
             bc.fmt(t["gpu_probe"], ".2f", 1e3), bc.fmt(t["step"], ".2f", 1e3), bc.fmt(r["overlap_efficiency"], ".2f"),
             f"{bc.fmt(r['peak_gpu_gib'], '.2f')} / {cap:g}",
             f"{bc.fmt(r['host']['kv_gib'])} / {bc.fmt(r['host']['pool_cap_gib'], '.0f')} / {bc.fmt(r['host']['free_gib'])}"

@@ -25,7 +25,8 @@
 #      context 109 on the VM); writes parallel from 2**16 elements. Read: "load + KV s" (how
 #      fast 16 threads fault in a fresh VM's memory; one thread's first writes ran at 0.6 GB/s), "N page
 #      faults" a layer-step, and the CPU column against 2026-11-27's (kernel 36.55 / writes 18.28 / hand-off
-#      11.78 ms a layer-step; prefill 40.29 s of which k/v writes 40.13).
+#      11.78 ms a layer-step; prefill 40.29 s of which k/v writes 40.13); the new "fetch of q/k/v" (np.asarray
+#      of the GPU's pinned q/k/v: a copy or not, counted in the GPU wait until now).
 #   2. later sessions, one command each, for issue 7's "Done when" (gen 64 and 128 at 16 GiB, the PyTorch
 #      baseline): bench_throughput_g128_exp4, bench_vs_pytorch, then bench_throughput_g64 and _g128 (uncoded);
 #      bench_dsv2_lite (DeepSeek's latent attention on the CPU).
@@ -116,7 +117,7 @@ STEPS=(
   "bench_offload_quick_threads|160|NUMBA_NUM_THREADS=$(( NPROC > 3 ? NPROC - 2 : 1 )) $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_threads.json --append-results $LOGS/bench_offload_quick_threads.md"
   # bench_offload_quick with CUDA's waits blocking (see bench_cpu_contention_blocking): compare its CPU column too
   "bench_offload_quick_blocking|160|TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE=blocking_sync $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_blocking.json --append-results $LOGS/bench_offload_quick_blocking.md"
-  # bench_offload_quick under the other threading settings of bench_cpu_idle: compare the CPU column (kernel/writes/hand-off)
+  # bench_offload_quick under the other threading settings of bench_cpu_idle: compare the CPU column (kernel/writes/hand-off/fetch)
   "bench_offload_quick_passive|160|OMP_WAIT_POLICY=passive $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_passive.json --append-results $LOGS/bench_offload_quick_passive.md"
   "bench_offload_quick_active|160|OMP_WAIT_POLICY=active NUMBA_NUM_THREADS=$(( NPROC > 3 ? NPROC - 2 : 1 )) $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_active.json --append-results $LOGS/bench_offload_quick_active.md"
   "bench_offload_quick_workqueue|160|NUMBA_THREADING_LAYER=workqueue $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_workqueue.json --append-results $LOGS/bench_offload_quick_workqueue.md"

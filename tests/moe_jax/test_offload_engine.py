@@ -27,8 +27,9 @@ def offload_tokens(source, policy, params=GREEDY, prompts=PROMPTS):
     out = {r.index: ids for r, ids, *_ in eng.generate([Request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, per))])}
     assert sorted(out) == list(range(len(prompts)))
     st = eng.stats
-    assert st.decode_steps > 0 and (st.cpu >= st.cpu_kernel + st.cpu_write + st.cpu_handoff).all()
+    assert st.decode_steps > 0 and (st.cpu >= st.cpu_fetch + st.cpu_kernel + st.cpu_write + st.cpu_handoff).all()
     assert st.cpu_kernel.sum() > 0 and st.cpu_write.sum() > 0 and st.cpu_handoff.sum() > 0 and st.prefill_write.sum() > 0
+    assert st.cpu_fetch.sum() > 0
     assert eng.stats.prefill_calls >= source.cfg.num_layers
     return [out[i] for i in range(len(prompts))], eng
 

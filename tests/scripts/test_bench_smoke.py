@@ -56,7 +56,7 @@ def test_bench_offload(tmp_path):
         assert {"policy", "tok_s", "decode_tok_s", "load_s", "per_layer_s", "overlap_efficiency", "peak_gpu_gib",
                 "hrm", "measured_over_predicted", "prepare_s", "kv_fault_in_s"} <= run.keys()
         assert run["prepare_s"] >= run["kv_fault_in_s"] >= 0  # the cache kept for the warm-up and the timed run
-        assert set(run["per_layer_s"]) == {"h2d_est", "cpu", "cpu_kernel", "cpu_write", "cpu_handoff", "gpu_probe", "gpu_wait", "main_wait", "step"}
+        assert set(run["per_layer_s"]) == {"h2d_est", "cpu", "cpu_kernel", "cpu_write", "cpu_handoff", "cpu_fetch", "gpu_probe", "gpu_wait", "main_wait", "step"}
         assert run["tokens"] == 6 * 4
     assert d["runs"][1]["policy"]["micro_batch_size"] == 3
     assert [run["policy"]["expert_codec"] for run in d["runs"]] == ["exp4", "exp4"]
