@@ -2,6 +2,7 @@
 whatever the policy: micro-batches, resident expert fraction, more requests than rows, ragged prompts."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -415,6 +416,25 @@ def test_rows_and_micro_batches_that_finish_early(monkeypatch):
     assert eng.stats.decode_steps > 0 and got == resident_tokens(source, params, prompts)  # 8 + 8 = the 16-slot context
 
 
+@pytest.mark.parametrize("dtype, kv_cache_dtype", [("bfloat16", "auto"), ("bfloat16", "int8"), ("float32", "auto")])
+def test_the_run_compiles_no_host_kernel_the_warm_up_did_not(dtype, kv_cache_dtype):
+    """`_warm_host_kernels` compiles the CPU kernels with the argument types of the engine's own calls (q and
+    the output in the engine's dtype, read-only k/v from the GPU picked by rows), so that no numba compile
+    (seconds) lands in a run's first decode step."""
+    from host_ops import _kernel
+
+    source = open_model("tiny-mixtral")
+    dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    policy = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2, kv_cache_dtype=kv_cache_dtype)
+    kernels = (_kernel._attention_kernel, _kernel._scatter_rows, _kernel._quantize_rows)
+    offload_engine._warm_host_kernels(source.cfg, offload_engine.kv_storage_dtype(kv_cache_dtype, dtype), dtype)
+    warmed = [set(k.signatures) for k in kernels]
+    eng = OffloadEngine(source.cfg, source.weights, dtype, policy)
+    out = list(eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)]))
+    assert len(out) == len(PROMPTS) and eng.stats.decode_steps > 0
+    assert [set(k.signatures) - w for k, w in zip(kernels, warmed)] == [set()] * 3
+
+
 def test_the_host_kv_cache_is_kept_for_the_jobs_that_fit_it():
     """`prepare` allocates the host KV cache for its prompts and the engine keeps it: a `generate` whose job fits
     takes its storage (nothing allocated or faulted in), a larger job gives it back for a new one; the tokens
@@ -549,8 +569,6 @@ def coded_install_temp_bytes(c: int, H: int, F: int, n: int, slots: int) -> int:
 
 
 def assert_exp4_tokens_equal(prefetch: str):
-    import ml_dtypes
-
     source = open_model("tiny-qwen2-moe")
     requests = [Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)]
     runs = {}
@@ -616,8 +634,6 @@ def test_exp4_escapes_are_checked_once_loaded_and_decoding_holds_two_matrices(mo
     """The codec's escapes, known only once the experts are coded, are checked against the GPU cap before
     the engine is returned (not at the first generate); and installing a coded expert keeps at most two
     decoded matrices alive (XLA:CPU's memory analysis), however many experts its chunk holds."""
-    import ml_dtypes
-
     from moe_jax import expert_codec
     from moe_jax.expert_pages import ExpertPages
     from moe_jax.offload_engine import planned_gpu_bytes
