@@ -29,6 +29,12 @@ def _capacities(num_slots: int, max_context) -> np.ndarray:
     return caps.astype(np.int64)
 
 
+def _distinct(storage: tuple) -> list[np.ndarray]:
+    """The arrays of a cache's storage (k, v, k_scales, v_scales), each once: v is k where the values are in
+    the keys, the scales None for the float dtypes."""
+    return list({id(a): a for a in storage if a is not None}.values())
+
+
 def row_bytes(head_dim: int, dtype) -> int:
     """Bytes of one cached row (one position of one KV head, K or V) of `dtype` elements: head_dim of them,
     plus a float32 scale for int8 (the cache's quantised rows)."""
@@ -106,7 +112,7 @@ class HostKVCache:
             raise MemoryError(f"cannot allocate {what}: {e}") from e
         _kernel.fault_in_zeros(np.zeros(1, np.uint8))  # compiled (or loaded from numba's cache) outside the time
         t0 = time.perf_counter()
-        for x in {id(a): a for a in storage if a is not None}.values():
+        for x in _distinct(storage):
             _kernel.fault_in_zeros(x)
         self.fault_in_s = time.perf_counter() - t0
         self._take(storage, shape)
@@ -135,7 +141,7 @@ class HostKVCache:
     @property
     def storage_bytes(self) -> int:
         """Bytes of the storage this cache holds (its `nbytes`, or more where it reuses a larger cache's)."""
-        return sum(x.nbytes for x in {id(a): a for a in self._storage if a is not None}.values())
+        return sum(x.nbytes for x in _distinct(self._storage))
 
     @staticmethod
     def footprint(num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,

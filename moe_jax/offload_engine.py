@@ -584,10 +584,10 @@ class OffloadEngine:
         kv_dtype = kv_storage_dtype(pol.kv_cache_dtype, self.dtype)
         T = bucket(max(lengths))
         plan = _JobPlan(budget, order, first, capacities, kv_dtype, prefill_rows_per_call(cfg, T, pol.micro_batch_size))
-        kept = self.kv_cache
-        if kept is None or not kept.fits(*self._kv_args(plan)):
+        kept, kv_args = self.kv_cache, self._kv_args(plan)
+        if kept is None or not kept.fits(*kv_args):
             check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions, {kv_dtype})",
-                              HostKVCache.footprint(*self._kv_args(plan)), self.host_memory_bytes,
+                              HostKVCache.footprint(*kv_args), self.host_memory_bytes,
                               "set kv_cache_dtype='int8' (lossy; about half the bytes)" if kv_dtype.kind == "f" else "",
                               freed=0 if kept is None else kept.storage_bytes)
         self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),

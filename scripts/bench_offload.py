@@ -152,7 +152,7 @@ def table_row(r: dict, cap: float) -> list[str]:
 
 NOTES = """Per layer and decode step. H2D est.: expert bytes streamed per layer / link bandwidth measured
 at start (the engine does not time its copies). CPU: attention in the worker thread (OffloadStats), in
-brackets the attention kernel's calls alone / the k/v writes into the host cache / the outputs' hand-off to pinned memory (the rest: the query's cast to float32, the rows' indexing, Python; the wait for q/k/v is not CPU time). GPU: the layer's GPU step for all micro-batches, timed alone.
+brackets the attention kernel's calls alone / the k/v writes into the host cache / the outputs' hand-off to pinned memory / the fetch of the GPU's q/k/v as NumPy arrays (the rest: the rows' lengths, Python; the wait for q/k/v to be ready is not CPU time). GPU: the layer's GPU step for all micro-batches, timed alone.
 step: decode wall time per layer.
 overlap: step / max(H2D, CPU, GPU), 1.0 = perfect overlap. peak: JAX's peak_bytes_in_use, which
 cannot be reset: from the second policy of a run on, the peak over the policies so far. host: the KV
