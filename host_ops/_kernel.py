@@ -400,8 +400,8 @@ def _fault_in(flat, stride):
 
 def fault_in_zeros(x: np.ndarray) -> None:
     """Write a zero byte into every page of the zero-filled, C-contiguous array x, in parallel, so that the
-    OS maps its pages now rather than at the first write of each (x stays all zeros). A large np.zeros is
-    mapped lazily; each first write then stops its thread for a page fault, and on a virtual machine whose
+    OS maps its pages now rather than at the first write of each (x stays all zeros). Fresh memory (a large
+    np.zeros, an anonymous mapping) is mapped lazily; each first write then stops its thread for a page fault, and on a virtual machine whose
     host has not yet backed that memory, for the host too: on the 2-core VM a first write ran at 0.4-0.9 GB/s
     where a second ran at 9 GB/s; on the H200 host (a fresh VM each session) the prompts' k/v writes into a
     new 45 GB cache took 40 s of the CPU worker (2026-11-27; the VM's first touch is the suspect)."""

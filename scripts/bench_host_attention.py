@@ -60,20 +60,25 @@ def stream_read_gbs(gib: float, repeats: int) -> float:
 
 
 def attention_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
-                      dtypes=("bfloat16",), gap: float = 0.0) -> tuple[list[HostKVCache], list[list[float]]]:
-    """(per cache dtype, the cache and the seconds of each of `repeats` calls of `attend` over its `batch` slots of
-    `context` positions), the dtypes' calls taking turns so that a machine whose speed drifts (a shared VM)
-    gives them the same conditions; after one warm-up round. gap: seconds the process sleeps before each
-    call (the engine's worker waits for the GPU between its calls), 0: back to back."""
+                      dtypes=("bfloat16",), gap: float = 0.0, layers: int = 1, huge_pages=(False,)
+                      ) -> tuple[list[HostKVCache], list[list[float]]]:
+    """(per cache, the cache and the seconds of each of `repeats` calls of `attend` over its `batch` slots of
+    `context` positions), a cache per dtype of `dtypes` and page size of `huge_pages` (`HostKVCache`'s, dtypes
+    outer), the caches' calls taking turns so that a machine whose speed drifts (a shared VM) gives them the
+    same conditions; after one warm-up round. layers: each cache's, every one filled, the calls going round
+    them as the engine's do. gap: seconds the process sleeps before each call (the engine's worker waits for
+    the GPU between its calls), 0: back to back."""
     rng = np.random.default_rng(0)
     kv = rng.standard_normal((context, kv_heads, head_dim), np.float32)
     positions = np.arange(context)
     caches = []
     for dtype in dtypes:
-        cache = HostKVCache(1, batch, context, kv_heads, head_dim, dtype)
-        for slot in range(batch):
-            cache.write(0, np.full(context, slot), positions, kv, kv[::-1])
-        caches.append(cache)
+        for huge in huge_pages:
+            cache = HostKVCache(layers, batch, context, kv_heads, head_dim, dtype, huge_pages=huge)
+            for layer in range(layers):
+                for slot in range(batch):
+                    cache.write(layer, np.full(context, slot), positions, kv, kv[::-1])
+            caches.append(cache)
     q = rng.standard_normal((batch, q_heads, head_dim), np.float32)
     slots, lengths = np.arange(batch), np.full(batch, context)
     out = np.empty_like(q)
@@ -82,10 +87,21 @@ def attention_seconds(batch: int, context: int, q_heads: int, kv_heads: int, hea
         for i, cache in enumerate(caches):
             time.sleep(gap)
             t0 = time.perf_counter()
-            cache.attend(0, slots, q, lengths, out=out)
+            cache.attend(r % layers, slots, q, lengths, out=out)
             if r:
                 times[i].append(time.perf_counter() - t0)
     return caches, times
+
+
+def page_sizes(gib: float, batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int
+               ) -> list[tuple[float, float]]:
+    """For a bfloat16 cache of about `gib` GiB (as many layers of `batch` slots of `context` positions) in 4 KiB
+    pages, then one in 2 MiB pages, both allocated from memory this process has not used before: (GB/s of its
+    fault-in, the median seconds of one `attend`, the calls going round its layers)."""
+    layers = max(1, round(gib * 2**30 / HostKVCache.footprint(1, batch, context, kv_heads, head_dim)))
+    caches, times = attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats, layers=layers,
+                                      huge_pages=(False, True))
+    return [(c.storage_bytes / c.fault_in_s / 1e9, float(np.median(t))) for c, t in zip(caches, times)]
 
 
 def attention_gbs(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
@@ -219,6 +235,10 @@ def main(argv=None):
     p.add_argument("--idle-gap", type=float, nargs="+", default=[], metavar="MS",
                    help="also time the engine's decode micro-batch after the process sleeps MS ms before each call "
                         "(as the engine's worker waits for the GPU between calls), against back to back")
+    p.add_argument("--pages", type=float, metavar="GIB",
+                   help="first (before this process frees any memory, so that both take fresh memory), the KV cache in "
+                        "4 KiB pages against 2 MiB huge pages: a GIB-GiB cache of each, its fault-in GB/s and the "
+                        "median ms of attention at the engine's decode micro-batch going round its layers")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                    help="numba threads for both measurements (default: all cores)")
@@ -239,7 +259,19 @@ def main(argv=None):
 
         if jax.devices()[0].platform != "gpu":
             p.error(f"--link-load needs a GPU; JAX's device here is {jax.devices()[0].platform}")
+    if args.pages is not None and not args.pages > 0:
+        p.error(f"--pages must be a positive number of GiB, got {args.pages}")
     numba.set_num_threads(args.threads)
+
+    engine_shape = (256, 128, args.q_heads, args.kv_heads, args.head_dim, args.repeats)  # its decode micro-batch
+    if args.pages:
+        (small_gbs, small_s), (huge_gbs, huge_s) = page_sizes(args.pages, *engine_shape)
+        print(f"KV cache pages ({args.pages:g} GiB bfloat16 each, fresh memory), batch 256, context 128, median ms "
+              f"of attention; x: 2 MiB against 4 KiB")
+        print(f"{'pages':>6} {'fault-in GB/s':>14} {'attend ms':>10}")
+        print(f"{'4 KiB':>6} {small_gbs:>14.2f} {small_s * 1e3:>10.2f}")
+        print(f"{'2 MiB':>6} {huge_gbs:>14.2f} {huge_s * 1e3:>10.2f}")
+        print(f"{'x':>6} {huge_gbs / small_gbs:>14.2f} {huge_s / small_s:>10.2f}\n")
 
     stream = stream_read_gbs(args.stream_gib, args.repeats)
     print(f"numba {numba.__version__}, {numba.get_num_threads()} threads, threading layer {numba.threading_layer()}, "
@@ -272,7 +304,6 @@ def main(argv=None):
     print("|---|---|---|" + ("---|" if len(dtypes) > 1 else ""))
     print(f"| {stream:.1f} | {best[dtypes[0]]:.1f} | {best[dtypes[0]] / stream:.2f} |"
           + (f" {min(speedups):.2f}-{max(speedups):.2f}x |" if speedups else ""))
-    engine_shape = (256, 128, args.q_heads, args.kv_heads, args.head_dim, args.repeats)  # its decode micro-batch
     if args.busy_cores:
         print(f"\nwith {args.busy_cores} busy process(es) (spinning), batch 256, context 128, median ms; x: against "
               f"the cores free at {args.threads} threads")

@@ -59,7 +59,8 @@ def test_bench_times_latent_attention_against_llvms_vector_width(capsys):
     (["--busy-threads", "1"], "--busy-threads times the --busy-cores measurement: give --busy-cores too"),
     (["--busy-cores", "1", "--busy-threads", "0"], "--busy-threads must lie in 1.."),
     (["--link-load"], "--link-load needs a GPU; JAX's device here is cpu"),
-    (["--idle-gap", "-1"], "--idle-gap must be >= 0 ms, got [-1.0]")])
+    (["--idle-gap", "-1"], "--idle-gap must be >= 0 ms, got [-1.0]"),
+    (["--pages", "0"], "--pages must be a positive number of GiB, got 0.0")])
 def test_bench_refuses_bad_flags(capsys, flags, message):
     with pytest.raises(SystemExit):
         _bench().main([*TINY, *flags])
@@ -89,3 +90,27 @@ def test_bench_times_the_decode_shape_after_idle_gaps(capsys, monkeypatch):
     rows = [x.split() for x in lines[i + 2:i + 5]]
     assert [r[0] for r in rows] == ["0", "2", "0.5"] and rows[0][2] == "1.00"  # back to back, then each gap
     assert all(float(x) > 0 for r in rows for x in r[1:])
+
+
+def test_bench_compares_the_caches_page_sizes_first(capsys, monkeypatch):
+    bench, made = _bench(), []
+    real = bench.HostKVCache
+
+    def cache(*args, **kwargs):
+        made.append((args[0], kwargs["huge_pages"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "HostKVCache", cache)
+    monkeypatch.setattr(cache, "footprint", real.footprint, raising=False)
+    bench.main([*TINY, "--kv-dtype", "bfloat16", "--pages", "0.05"])
+    layers = round(0.05 * 2**30 / real.footprint(1, 256, 128, 2, 64))  # 3 layers of the engine's micro-batch
+    assert made[:2] == [(layers, False), (layers, True)] and layers > 1  # 4 KiB first, then huge, each filled
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("KV cache pages (0.05 GiB bfloat16 each, fresh memory)")  # before anything else
+    rows = [x.split() for x in lines[2:5]]
+    assert [r[:2] for r in rows[:2]] == [["4", "KiB"], ["2", "MiB"]] and rows[2][0] == "x"
+    (small_gbs, small_ms), (huge_gbs, huge_ms) = ((float(x) for x in r[2:4]) for r in rows[:2])
+    assert min(small_gbs, small_ms, huge_gbs, huge_ms) > 0
+    ratios = [float(x) for x in rows[2][1:3]]  # of the unrounded figures
+    assert ratios == [pytest.approx(huge_gbs / small_gbs, rel=0.05, abs=0.01),
+                      pytest.approx(huge_ms / small_ms, rel=0.05, abs=0.01)]
