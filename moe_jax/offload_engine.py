@@ -47,7 +47,7 @@ from moe_jax import expert_codec, host_memory, model, pinned_pool
 from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
-from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_rows_per_call
+from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_call_rows
 from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
 from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, non_expert_bytes
@@ -118,7 +118,7 @@ class _JobPlan(NamedTuple):
     first: list[list[int]]  # the requests of each micro-batch's first fill
     capacities: np.ndarray  # host KV positions of each row's slot
     kv_dtype: np.dtype
-    prefill_rows: int  # rows of every prefill call (`_Run._start_prefill`)
+    prefill_T: int  # the bucket of the job's longest prompt, which the prefill's memory is planned for
 
 
 class OffloadMemoryError(MemoryError):
@@ -583,7 +583,7 @@ class OffloadEngine:
         capacities = np.array([lengths[i] + budget[i] for group in first for i in group])
         kv_dtype = kv_storage_dtype(pol.kv_cache_dtype, self.dtype)
         T = bucket(max(lengths))
-        plan = _JobPlan(budget, order, first, capacities, kv_dtype, prefill_rows_per_call(cfg, T, pol.micro_batch_size))
+        plan = _JobPlan(budget, order, first, capacities, kv_dtype, T)
         kept, kv_args = self.kv_cache, self._kv_args(plan)
         if kept is None or not kept.fits(*kv_args):
             check_host_memory(pol, f"the KV cache ({len(capacities)} sequences, {capacities.sum()} positions, {kv_dtype})",
@@ -630,7 +630,7 @@ class OffloadEngine:
             faults = _page_faults(thread=False)
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
                 yield from _Run(self, cache, cpu, requests, plan.budget, plan.first, plan.order[pol.batch_size:],
-                                plan.prefill_rows).run()
+                                plan.prefill_T).run()
         finally:
             self.running = False
         self.stats.run_faults = None if faults is None else _page_faults(thread=False) - faults
@@ -693,9 +693,9 @@ class _Run:
     """
 
     def __init__(self, eng: OffloadEngine, cache, cpu, requests: Sequence[Request], budgets: Sequence[int],
-                 first: list[list[int]], waiting: Sequence[int], prefill_rows: int):
+                 first: list[list[int]], waiting: Sequence[int], prefill_T: int):
         self.eng, self.cache, self.cpu, self.requests, self.budgets = eng, cache, cpu, requests, budgets
-        self.prefill_rows = prefill_rows  # rows of every prefill call (`_start_prefill`)
+        self.prefill_T = prefill_T  # the job's longest prompt's bucket (`_start_prefill`)
         self.mu, H = eng.policy.micro_batch_size, eng.cfg.hidden_size
         self.first, self.waiting = list(first), collections.deque(waiting)
         sizes = [len(g) for g in self.first]
@@ -759,18 +759,18 @@ class _Run:
 
     def _start_prefill(self, k: int, rows: np.ndarray) -> None:
         """Prefill calls for micro-batch k's `rows`, longest prompts first, each call padded to the bucket of its
-        own longest prompt. Every call has the same rows, `prefill_rows`: as many as the job's longest prompt
-        bucket T allows a micro-batch (`prefill_rows_per_call` at T and μ), the rows `prefill_bytes` plans
-        with, so that no call's working set exceeds the plan (more rows for a shorter bucket would: 0.99 GiB
-        for 3 rows of 1024 tokens where 1 row of 1536 was planned at 0.54), and a refill of a few rows
-        compiles no new shape in the middle of the decode (60 requests of 1-400 tokens on 16 rows of
-        tiny-mixtral: 28 shapes of the prefill call, where a row count per refill size made 44)."""
-        eng, per_call = self.eng, self.prefill_rows
+        own longest prompt, with as many rows as that bucket allows while that many are left, else as many as
+        the job's longest prompt's bucket allows (`offload_memory.prefill_call_rows`): the shorter prompts run in fewer, larger calls, each
+        call's working set within the limit, their hidden states within what `prefill_bytes` plans, and a refill
+        of a few rows compiles no new shape in the middle of the decode (60 requests of 1-400 tokens on 16 rows
+        of tiny-mixtral: 28 shapes of the prefill call, where a row count per refill size made 44)."""
+        eng, s = self.eng, 0
         rows = rows[np.argsort(-self.lens[k][rows], kind="stable")]
-        for s in range(0, len(rows), per_call):
-            part = rows[s:s + per_call]
-            T = bucket(int(self.lens[k][part[0]]))
-            tokens = np.zeros((per_call, T), np.int32)
+        while s < len(rows):
+            T = bucket(int(self.lens[k][rows[s]]))
+            n = prefill_call_rows(eng.cfg, T, self.prefill_T, self.mu, len(rows) - s)
+            part, s = rows[s:s + n], s + n
+            tokens = np.zeros((n, T), np.int32)
             for r, b in enumerate(part):
                 tokens[r, :self.lens[k][b]] = self.requests[self.req[k][b]].prompt
             positions = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)

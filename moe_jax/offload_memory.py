@@ -2,9 +2,10 @@
 with and for what the engine checks before it runs. Arguments may be NumPy arrays (HRM's grid).
 
 Decode: one micro-batch of μ rows, its activations (`activation_bytes`, float32), its
-logits [μ, V] float32 and the sampling's sort over them. Prefill: every call's hidden states [rows, T, H] (all micro-batches advance layer by
-layer) plus one call of `prefill_rows_per_call` rows: its activations over rows·T tokens and its attention
-scores [rows, Hq, T, T] float32.
+logits [μ, V] float32 and the sampling's sort over them. Prefill: every call's hidden states [rows, T, H] (all
+micro-batches advance layer by layer) plus one call's working set at the longest prompt's bucket T, which
+no call passes (`prefill_call_rows`): its activations over rows·T tokens and its attention scores
+[rows, Hq, T, T] float32.
 """
 from __future__ import annotations
 
@@ -29,13 +30,30 @@ def activation_bytes(cfg: ModelConfig, tokens):
     return 4 * tokens * (2 * H + 2 * cfg.q_size + 2 * cfg.kv_size + max(moe, dense))
 
 
+def _row_bytes(cfg: ModelConfig, T):
+    """A prefill call's working set per prompt row padded to T tokens: activations over T tokens, float32
+    scores [Hq, T, T]."""
+    return activation_bytes(cfg, T) + 4 * cfg.num_heads * T * T
+
+
 def prefill_rows_per_call(cfg: ModelConfig, T: int, rows: int) -> int:
     """Rows of a prefill call at prompt bucket T for a micro-batch of `rows` rows: a bucket (few shapes
-    compile) whose working set (activations over rows·T tokens, float32 scores [rows, Hq, T, T]) stays
-    within PREFILL_CALL_BYTES. The limit, not μ, bounds the call, so a larger micro-batch costs the decode
-    little GPU memory; a micro-batch takes ceil(rows / this) calls, the last one padded."""
-    per_row = activation_bytes(cfg, T) + 4 * cfg.num_heads * T * T
-    return min(bucket(rows, 1), bucket_below(PREFILL_CALL_BYTES // per_row))
+    compile) whose working set (`_row_bytes` each) stays within PREFILL_CALL_BYTES. The limit, not μ, bounds
+    the call, so a larger micro-batch costs the decode little GPU memory."""
+    return min(bucket(rows, 1), bucket_below(PREFILL_CALL_BYTES // _row_bytes(cfg, T)))
+
+
+def prefill_call_rows(cfg: ModelConfig, T_call: int, T: int, mu: int, left: int) -> int:
+    """Rows of the engine's next prefill call of a micro-batch of μ rows (`_Run._start_prefill`), padded to bucket
+    T_call ≤ T, with `left` rows still to prefill, in a job whose longest prompt's bucket is T: as many as fit
+    the working set of a call at T (`prefill_rows_per_call`, the one `prefill_bytes` plans) while at least that
+    many are left, so that the shorter prompts run in fewer, larger calls (each re-reads the layer's weights),
+    else as many as a call at T takes. So every call is full but a micro-batch's last ones, which pad at most
+    T's rows - 1 rows in all, and at most two row counts per bucket compile (a refill of a few rows takes T's,
+    as before)."""
+    at_T = prefill_rows_per_call(cfg, T, mu)
+    full = min(bucket(mu, 1), bucket_below(at_T * _row_bytes(cfg, T) // _row_bytes(cfg, T_call)))
+    return full if left >= full else at_T
 
 
 def decode_bytes(cfg: ModelConfig, mu):
@@ -44,18 +62,23 @@ def decode_bytes(cfg: ModelConfig, mu):
     return activation_bytes(cfg, mu) + 4 * mu * cfg.vocab_size + sample_bytes(cfg.vocab_size, mu)
 
 
-def prefill_calls(cfg: ModelConfig, mu, T: int):
-    """(rows per call, calls per micro-batch) of μ prompts padded to T tokens; μ may be a NumPy array."""
-    rows = np.vectorize(lambda m: prefill_rows_per_call(cfg, T, int(m)), otypes=[np.int64])(mu)
-    return rows, -(-np.asarray(mu) // rows)
+def prefill_calls(cfg: ModelConfig, mu, T: int, T_rest=None):
+    """(rows of a micro-batch's first call, padded to T; rows of each of its other calls; how many of those) for μ
+    prompts (μ may be a NumPy array) whose first call pads to T and the others to T_rest tokens (a length, or an
+    array like μ's, taken to its bucket; default T): the engine's calls (`prefill_call_rows`) where every prompt
+    but the longest pads to T_rest, the tail's padding left out."""
+    T_rest = T if T_rest is None else T_rest
+    rows = lambda m, t: prefill_call_rows(cfg, min(bucket(int(np.ceil(t))), T), T, int(m), int(m))
+    first = np.vectorize(lambda m: prefill_rows_per_call(cfg, T, int(m)), otypes=[np.int64])(mu)
+    rest = np.vectorize(rows, otypes=[np.int64])(mu, T_rest)
+    return first, rest, -(-np.maximum(np.asarray(mu) - first, 0) // rest)
 
 
 def prefill_bytes(cfg: ModelConfig, dtype, batch, mu, T: int):
-    """A prefill of `batch` prompts padded to T tokens in micro-batches of μ: the hidden states of every
-    call's rows (all advance layer by layer; a micro-batch's last call is padded) and one call's working set.
-    An upper bound where prompts differ: the engine takes T's rows per call for every call and pads each
-    call only to its own longest prompt."""
-    rows, calls = prefill_calls(cfg, mu, T)
-    alive = -(-np.asarray(batch) // np.asarray(mu)) * calls * rows
-    return (alive * T * cfg.hidden_size * np.dtype(dtype).itemsize
-            + activation_bytes(cfg, rows * T) + 4 * rows * cfg.num_heads * T * T)
+    """A prefill of `batch` prompts of at most T tokens (bucket) in micro-batches of μ: the hidden states of
+    every call's rows (all advance layer by layer; at most μ + T's rows per call - 1 rows of T tokens a
+    micro-batch, `prefill_call_rows`) and one call's working set at T, the largest any call has.
+    An upper bound where prompts differ: each call pads only to its own longest prompt."""
+    rows = np.vectorize(lambda m: prefill_rows_per_call(cfg, T, int(m)), otypes=[np.int64])(mu)
+    alive = -(-np.asarray(batch) // np.asarray(mu)) * (np.asarray(mu) + rows - 1)
+    return alive * T * cfg.hidden_size * np.dtype(dtype).itemsize + rows * _row_bytes(cfg, T)

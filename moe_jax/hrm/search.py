@@ -20,9 +20,9 @@ Dense layers (`ModelConfig.dense_layers`, e.g. DeepSeek's first ones) stream not
 the GPU: their term is the same with no experts to install or carry and the dense FFN's GPU time; the
 resident fraction, the experts' slots and the pinned pool count the MoE layers only.
 Prefill runs every op on the GPU, each micro-batch in calls of at most 1 GiB of working set
-(`moe_jax.offload_memory.prefill_calls`, each re-reading the layer's weights; as many rows per call as the
-longest prompt allows; the engine sorts a micro-batch's prompts by length and pads each call to its
-longest, priced as a first call at the longest prompt's padding and the others at the prompts' own),
+(`moe_jax.offload_memory.prefill_calls`, each re-reading the layer's weights; the engine sorts a micro-batch's
+prompts by length and pads each call to its longest, with as many rows as that padding allows; priced as a
+first call at the longest prompt's padding and the others at the mean of the prompts' own),
 streaming the next layer's experts and writing KV to the host: `T = max(T_h2d, T_gpu)` per layer. A run is the prefill (first token) and G − 1
 decode steps; each adds the LM head of the N sequences.
 
@@ -152,8 +152,8 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     N sequences (kv_positions [R + 1], a job's `JobShape`; default P + G per sequence); the prefill runs calls
     sized for prompts of `prefill_len` tokens (default P; the padding its GPU memory is planned for), each
     micro-batch's first call padded to prefill_len and the others to the mean of the prompts' own paddings
-    (prefill_positions[N] / N; default prefill_len): an approximation of the engine's calls, each padded to
-    its longest prompt; `codec`: how the
+    (prefill_positions[N] / N; default prefill_len), with as many rows as those paddings allow: an
+    approximation of the engine's calls, each padded to its longest prompt; `codec`: how the
     streamed experts are held and sent (`moe_jax.expert_codec`: fewer bytes on the link and in the pool,
     decoded into full slots on the GPU); `kv_cache_dtype`: how the host KV cache stores K and V (`Policy`;
     its bytes per token in host memory and for CPU attention to read; the new k, v cross the link in
@@ -182,12 +182,13 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     t_cpu = np.where(attn_gpu, 0.0, n_ub * hw.cpu_seconds(dec["attention"], kv_cache_dtype))
     up = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * ctx * kvt), N * out_bytes)
     down = np.where(attn_gpu, np.where(kv_gpu, 0.0, N * kvt), N * (q_bytes + kvt))
-    rows, calls = prefill_calls(cfg, mu, T)  # each call re-reads the layer's weights
     # The engine pads each call to its longest prompt: a micro-batch's first call to about the job's longest
-    # (the partition gives each micro-batch one of the longest), the others to about their own prompts' buckets.
-    T_call = (T + (calls - 1) * T_mean) / calls
-    gpu_prefill = lambda moe: n_ub * calls * (
-        sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T_call, moe).values()) + hw.launch_seconds)
+    # (the partition gives each micro-batch one of the longest), the others to about their own prompts' buckets,
+    # each as many rows as its bucket allows; each call re-reads the layer's weights.
+    first, rest, calls = prefill_calls(cfg, mu, T, T_mean)
+    call_s = lambda moe, rows, T_call: (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T_call, moe).values())
+                                        + hw.launch_seconds)
+    gpu_prefill = lambda moe: n_ub * (call_s(moe, first, T) + calls * call_s(moe, rest, T_mean))
     t_gpu_pre, t_gpu_pre_dense = gpu_prefill(True), gpu_prefill(False) if Ld else 0.0
     t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
 

@@ -265,7 +265,7 @@ def test_prefill_calls_pad_to_their_own_longest_prompt(monkeypatch):
     import moe_jax.offload_engine as oe
 
     shapes, call = [], oe._PrefillCall
-    monkeypatch.setattr(oe, "prefill_rows_per_call", lambda cfg, T, rows: 2)
+    monkeypatch.setattr(oe, "prefill_call_rows", lambda cfg, T_call, T, mu, left: 2)
     monkeypatch.setattr(oe, "_PrefillCall", lambda k, rows, lens, positions, x: shapes.append(
         (positions.shape[1], int(lens.max()))) or call(k, rows, lens, positions, x))
     source = open_model("tiny-mixtral")
@@ -273,6 +273,29 @@ def test_prefill_calls_pad_to_their_own_longest_prompt(monkeypatch):
     assert got == resident_tokens(source)
     assert len(shapes) == 4 and len({T for T, _ in shapes}) > 1
     assert all(T == bucket(longest) for T, longest in shapes)
+
+
+# tiny-mixtral's working set per prompt row at buckets 32, 24, 12, 8: 188,928, 138,624, 67,008, 44,160 bytes
+@pytest.mark.parametrize("limit, calls", [
+    (2 * 188_928, [(2, 32), (4, 12), (2, 8)]),  # rows within a call at 32's working set, at 32, 24, 12, 8: 2, 2, 4, 8
+    (200_000, [(1, 32), (1, 24), (2, 12), (1, 8), (1, 8), (1, 8)]),  # 1, 1, 2, 4
+])
+def test_prefill_calls_take_as_many_rows_as_their_bucket_allows(monkeypatch, limit, calls):
+    """The prompts 30, 17, 11, 9, 4, 2, 1 (longest first) in one micro-batch: each call takes as many rows as fit
+    a call at the longest prompt's bucket (32)'s working set while that many are left, else as many as a call
+    at 32 takes (the last rows: 1 of 8 in a call of 2, or 3 in calls of 1); the tokens stay the resident
+    engine's."""
+    import moe_jax.offload_engine as oe
+    from moe_jax import offload_memory
+
+    monkeypatch.setattr(offload_memory, "PREFILL_CALL_BYTES", limit)
+    made, call = [], oe._PrefillCall
+    monkeypatch.setattr(oe, "_PrefillCall", lambda k, rows, lens, positions, x: made.append(positions.shape)
+                        or call(k, rows, lens, positions, x))
+    source = open_model("tiny-mixtral")
+    got, _ = offload_tokens(source, Policy(batch_size=7, micro_batch_size=7, num_micro_batches=1))
+    assert got == resident_tokens(source)
+    assert made == calls
 
 
 @pytest.mark.parametrize("staged", [1, None])

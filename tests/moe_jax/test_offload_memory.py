@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from moe_jax.offload_memory import (PREFILL_CALL_BYTES, activation_bytes, prefill_bytes, prefill_calls,
-                                    prefill_rows_per_call)
+from moe_jax.offload_memory import (PREFILL_CALL_BYTES, activation_bytes, prefill_bytes, prefill_call_rows,
+                                    prefill_calls, prefill_rows_per_call)
 from moe_jax.presets import preset_config
 from moe_jax.shape_buckets import bucket
 
@@ -19,11 +19,50 @@ def test_prefill_calls_stay_within_their_limit(preset):
             assert rows == 1 or rows * per_row <= PREFILL_CALL_BYTES, (T, mu, rows)
 
 
-def test_prefill_bytes_count_every_calls_padded_rows():
-    """Mixtral at T = 96: a call takes 16 rows, so a micro-batch of 30 runs 2 calls (32 rows, the last
-    padded) and every call's hidden states [16, 96, H] stay alive through the layers."""
+def test_prefill_calls_of_the_shorter_prompts_take_more_rows():
+    """Mixtral, μ = 880 (HRM's g64 policy): a call at the longest prompt's bucket 192 takes 8 rows, one at 96
+    16; so a micro-batch whose other prompts pad to 96 runs 1 + 55 calls, not 110."""
     cfg = preset_config("mixtral-8x7b")
-    rows, calls = prefill_calls(cfg, np.array([30, 16]), 96)
-    assert rows.tolist() == [16, 16] and calls.tolist() == [2, 1]
+    first, rest, calls = prefill_calls(cfg, np.array([880, 309, 8]), 192, np.array([93.5, 93.5, 93.5]))
+    assert first.tolist() == [8, 8, 8] and rest.tolist() == [16, 16, 8] and calls.tolist() == [55, 19, 0]
+    assert [x.tolist() for x in prefill_calls(cfg, np.array([30]), 96)] == [[16], [16], [1]]
+
+
+def _engine_calls(cfg, mu: int, lengths) -> list[tuple[int, int]]:
+    """(rows, T) of each prefill call the engine makes for one micro-batch of prompts of these lengths
+    (`_Run._start_prefill`'s loop)."""
+    lengths, T, s, out = sorted(lengths, reverse=True), bucket(max(lengths)), 0, []
+    while s < len(lengths):
+        T_call = bucket(lengths[s])
+        n = prefill_call_rows(cfg, T_call, T, mu, len(lengths) - s)
+        out.append((n, T_call))
+        s += n
+    return out
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_prefill_bytes_hold_the_engines_calls(preset):
+    """For random micro-batches of prompts (one longest and the rest shorter, all alike, or all alike but one
+    short one, the case where a last call of the short one's many rows would pass the plan), every call's working
+    set and all calls' hidden states stay within what `prefill_bytes` plans for the longest prompt's bucket."""
+    cfg, rng = preset_config(preset), np.random.default_rng(0)
+    H, it = cfg.hidden_size, 2
+    for case in range(300):
+        mu = int(rng.integers(2, 1200))
+        longest = int(rng.integers(1, 2000))
+        lengths = [[longest] + rng.integers(1, longest + 1, mu - 1).tolist(), [longest] * mu,
+                   [longest] * (mu - 1) + [1]][case % 3]
+        T, calls = bucket(longest), _engine_calls(cfg, mu, lengths)
+        assert sum(n for n, _ in calls) >= mu and all(n == bucket(n, 1) for n, _ in calls)
+        one_call = prefill_bytes(cfg, "bfloat16", 0, mu, T)  # a batch of nothing: the largest call's working set
+        assert all(activation_bytes(cfg, n * t) + 4 * n * cfg.num_heads * t * t <= one_call for n, t in calls)
+        hidden = prefill_bytes(cfg, "bfloat16", mu, mu, T) - one_call
+        assert sum(n * t for n, t in calls) * H * it <= hidden, (mu, longest, calls[:3])
+
+
+def test_prefill_bytes_count_every_calls_rows():
+    """Mixtral at T = 96: a call there takes 16 rows, so a micro-batch of 30 holds at most 30 + 15 rows' hidden
+    states [rows, 96, H] through the layers, each of 3 micro-batches."""
+    cfg = preset_config("mixtral-8x7b")
     one_call = prefill_bytes(cfg, "bfloat16", 0, 30, 96)  # a batch of nothing: just the call's working set
-    assert prefill_bytes(cfg, "bfloat16", 90, 30, 96) - one_call == 3 * 2 * 16 * 96 * cfg.hidden_size * 2
+    assert prefill_bytes(cfg, "bfloat16", 90, 30, 96) - one_call == 3 * (30 + 15) * 96 * cfg.hidden_size * 2
