@@ -1,6 +1,7 @@
 """The host-memory KV cache of the offload engine, with attention over it in its native layout."""
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import time
@@ -10,6 +11,7 @@ import numpy as np
 from host_ops import _kernel, _validate
 
 SCALE_BYTES = 4  # the float32 scale of each int8 row
+log = logging.getLogger("host_ops")
 
 
 def _host_ram_bytes() -> int | None:
@@ -38,16 +40,23 @@ def _distinct(storage: tuple) -> list[np.ndarray]:
 
 def _zeroed(elements: int, dtype, huge_pages: bool) -> np.ndarray:
     """[elements] zeros of `dtype` in a fresh anonymous mapping, its pages 2 MiB (transparent huge pages, as NumPy
-    asks for its own large arrays) if `huge_pages` else 4 KiB (madvise; where the OS has no such advice, as it
-    gives). On the 2-core VM (Firecracker, THP on madvise; 2026-11-27, benchmarks/RESULTS.md) fresh memory faulted
-    in at 0.8-1.0 GB/s in huge pages against 5.8-6.3 GB/s in 4 KiB ones, and attention over huge pages ran
-    2-9% faster; `scripts/bench_host_attention.py --pages` measures both."""
+    asks for its own large arrays) if `huge_pages` else 4 KiB (madvise; where the OS refuses the advice, its
+    default pages, warned once). On the 2-core VM (Firecracker, THP on madvise; 2026-11-27,
+    benchmarks/RESULTS.md) fresh memory faulted in at 0.8-1.0 GB/s in huge pages against 5.8-6.3 GB/s in 4 KiB
+    ones, and attention over huge pages ran 2-9% faster; `scripts/bench_host_attention.py --pages` measures both."""
     nbytes = max(int(elements) * np.dtype(dtype).itemsize, 1)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
-    if advice is not None:
-        buf.madvise(advice)
+    name = "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE"
+    try:
+        buf.madvise(getattr(mmap, name))
+    except (AttributeError, OSError) as e:  # no such advice here (a kernel without THP: EINVAL): only a hint
+        if name not in _ADVICE_REFUSED:
+            _ADVICE_REFUSED.add(name)
+            log.warning("HostKVCache: the OS refused %s (%s); the cache takes the OS's default pages", name, e)
     return np.frombuffer(buf, dtype, count=elements)
+
+
+_ADVICE_REFUSED: set[str] = set()  # the page advice the OS refused, warned about once each
 
 
 def row_bytes(head_dim: int, dtype) -> int:

@@ -759,11 +759,12 @@ class _Run:
 
     def _start_prefill(self, k: int, rows: np.ndarray) -> None:
         """Prefill calls for micro-batch k's `rows`, longest prompts first, each call padded to the bucket of its
-        own longest prompt, with as many rows as that bucket allows while that many are left, else as many as
-        the job's longest prompt's bucket allows (`offload_memory.prefill_call_rows`): the shorter prompts run in fewer, larger calls, each
-        call's working set within the limit, their hidden states within what `prefill_bytes` plans, and a refill
-        of a few rows compiles no new shape in the middle of the decode (60 requests of 1-400 tokens on 16 rows
-        of tiny-mixtral: 28 shapes of the prefill call, where a row count per refill size made 44)."""
+        own longest prompt, with as many rows as fit the working set of a call at the job's longest bucket, then
+        fewer as fewer are left (`offload_memory.prefill_call_rows`): the shorter prompts run in fewer, larger
+        calls, each call's working set and all calls' hidden states within what `prefill_bytes` plans, and a
+        refill of fewer rows than a call at the longest bucket takes compiles no new shape in the middle of the
+        decode (60 requests of 1-400 tokens on 16 rows of tiny-mixtral: 28 shapes of the prefill call, where a
+        row count per refill size made 44)."""
         eng, s = self.eng, 0
         rows = rows[np.argsort(-self.lens[k][rows], kind="stable")]
         while s < len(rows):

@@ -9,6 +9,8 @@ no call passes (`prefill_call_rows`): its activations over rows·T tokens and it
 """
 from __future__ import annotations
 
+import functools
+
 import ml_dtypes  # noqa: F401  (registers "bfloat16" as a NumPy dtype name)
 import numpy as np
 
@@ -48,12 +50,12 @@ def prefill_call_rows(cfg: ModelConfig, T_call: int, T: int, mu: int, left: int)
     T_call ≤ T, with `left` rows still to prefill, in a job whose longest prompt's bucket is T: as many as fit
     the working set of a call at T (`prefill_rows_per_call`, the one `prefill_bytes` plans) while at least that
     many are left, so that the shorter prompts run in fewer, larger calls (each re-reads the layer's weights),
-    else as many as a call at T takes. So every call is full but a micro-batch's last ones, which pad at most
-    T's rows - 1 rows in all, and at most two row counts per bucket compile (a refill of a few rows takes T's,
-    as before)."""
+    then the largest bucket of rows within those left, or, for the last few, as many as a call at T takes (a
+    refill of fewer rows than that takes them, as before). So only a micro-batch's last call pads, by at most
+    T's rows - 1 rows, and a bucket's calls compile the row buckets between T's rows and its own."""
     at_T = prefill_rows_per_call(cfg, T, mu)
     full = min(bucket(mu, 1), bucket_below(at_T * _row_bytes(cfg, T) // _row_bytes(cfg, T_call)))
-    return full if left >= full else at_T
+    return full if left >= full else max(at_T, bucket_below(left))
 
 
 def decode_bytes(cfg: ModelConfig, mu):
@@ -62,16 +64,28 @@ def decode_bytes(cfg: ModelConfig, mu):
     return activation_bytes(cfg, mu) + 4 * mu * cfg.vocab_size + sample_bytes(cfg.vocab_size, mu)
 
 
+@functools.lru_cache(maxsize=None)
+def _micro_batch_calls(cfg: ModelConfig, mu: int, T: int, T_rest: int) -> tuple[int, int, int, int, int]:
+    """`prefill_calls` for one μ and one bucket T_rest ≤ T."""
+    first = prefill_rows_per_call(cfg, T, mu)
+    left = max(mu - first, 0)
+    full = prefill_call_rows(cfg, T_rest, T, mu, mu)
+    calls, left = left // full, left % full
+    tail_calls = tail_rows = 0
+    while left > 0:
+        n = prefill_call_rows(cfg, T_rest, T, mu, left)
+        tail_calls, tail_rows, left = tail_calls + 1, tail_rows + n, max(left - n, 0)
+    return first, full, calls, tail_calls, tail_rows
+
+
 def prefill_calls(cfg: ModelConfig, mu, T: int, T_rest=None):
-    """(rows of a micro-batch's first call, padded to T; rows of each of its other calls; how many of those) for μ
-    prompts (μ may be a NumPy array) whose first call pads to T and the others to T_rest tokens (a length, or an
-    array like μ's, taken to its bucket; default T): the engine's calls (`prefill_call_rows`) where every prompt
-    but the longest pads to T_rest, the tail's padding left out."""
+    """The engine's prefill calls (`prefill_call_rows`) for a micro-batch of μ prompts (μ may be a NumPy array)
+    whose longest pads to bucket T and the others to T_rest tokens (a length, or an array like μ's, taken to its
+    bucket; default T): (rows of the first call, at T; rows of each full call after it, how many of those; how
+    many calls take the last rows, and their rows in all, padding included), each an array like μ's."""
     T_rest = T if T_rest is None else T_rest
-    rows = lambda m, t: prefill_call_rows(cfg, min(bucket(int(np.ceil(t))), T), T, int(m), int(m))
-    first = np.vectorize(lambda m: prefill_rows_per_call(cfg, T, int(m)), otypes=[np.int64])(mu)
-    rest = np.vectorize(rows, otypes=[np.int64])(mu, T_rest)
-    return first, rest, -(-np.maximum(np.asarray(mu) - first, 0) // rest)
+    one = lambda m, t: _micro_batch_calls(cfg, int(m), T, min(bucket(int(np.ceil(t))), T))
+    return np.vectorize(one, otypes=[np.int64] * 5)(mu, T_rest)
 
 
 def prefill_bytes(cfg: ModelConfig, dtype, batch, mu, T: int):

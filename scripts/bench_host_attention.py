@@ -60,11 +60,11 @@ def stream_read_gbs(gib: float, repeats: int) -> float:
 
 
 def attention_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
-                      dtypes=("bfloat16",), gap: float = 0.0, layers: int = 1, huge_pages=(False,)
+                      dtypes=("bfloat16",), gap: float = 0.0, layers: int = 1, huge_pages=(True,)
                       ) -> tuple[list[HostKVCache], list[list[float]]]:
     """(per cache, the cache and the seconds of each of `repeats` calls of `attend` over its `batch` slots of
     `context` positions), a cache per dtype of `dtypes` and page size of `huge_pages` (`HostKVCache`'s, dtypes
-    outer), the caches' calls taking turns so that a machine whose speed drifts (a shared VM) gives them the
+    outer; default the engine's 2 MiB), the caches' calls taking turns so that a machine whose speed drifts (a shared VM) gives them the
     same conditions; after one warm-up round. layers: each cache's, every one filled, the calls going round
     them as the engine's do. gap: seconds the process sleeps before each call (the engine's worker waits for
     the GPU between its calls), 0: back to back."""

@@ -185,10 +185,11 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     # The engine pads each call to its longest prompt: a micro-batch's first call to about the job's longest
     # (the partition gives each micro-batch one of the longest), the others to about their own prompts' buckets,
     # each as many rows as its bucket allows; each call re-reads the layer's weights.
-    first, rest, calls = prefill_calls(cfg, mu, T, T_mean)
+    first, rest, calls, tail_calls, tail_rows = prefill_calls(cfg, mu, T, T_mean)
     call_s = lambda moe, rows, T_call: (sum(hw.gpu_seconds(op) for op in prefill_ops(cfg, dtype, rows, T_call, moe).values())
                                         + hw.launch_seconds)
-    gpu_prefill = lambda moe: n_ub * (call_s(moe, first, T) + calls * call_s(moe, rest, T_mean))
+    tail_s = lambda moe: np.where(tail_calls > 0, tail_calls * call_s(moe, tail_rows / np.maximum(tail_calls, 1), T_mean), 0.0)
+    gpu_prefill = lambda moe: n_ub * (call_s(moe, first, T) + calls * call_s(moe, rest, T_mean) + tail_s(moe))
     t_gpu_pre, t_gpu_pre_dense = gpu_prefill(True), gpu_prefill(False) if Ld else 0.0
     t_head = n_ub * hw.gpu_seconds(lm_head_op(cfg, dtype, mu))
 

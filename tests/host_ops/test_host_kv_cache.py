@@ -116,6 +116,19 @@ def test_storage_takes_huge_pages_unless_asked_for_4k_ones(dtype):
     assert _thp_eligible(np.zeros(default.k.size, default.k.dtype))  # the control: NumPy's own array of that size
 
 
+def test_page_advice_the_os_refuses_is_warned_once_not_fatal(monkeypatch, caplog):
+    """A kernel without transparent huge pages refuses the advice (EINVAL): the cache takes the OS's pages and
+    says so once."""
+    import mmap
+
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 9999)  # no such advice: EINVAL, as such a kernel answers
+    monkeypatch.setattr(host_kv_cache, "_ADVICE_REFUSED", set())
+    caches = [HostKVCache(1, 2, 16, 1, 8, "bfloat16") for _ in range(2)]
+    assert all(c.k.flags.writeable and not c.k.view(np.uint16).any() for c in caches)
+    warned = [r.getMessage() for r in caplog.records if "refused MADV_HUGEPAGE" in r.getMessage()]
+    assert len(warned) == 1 and "the cache takes the OS's default pages" in warned[0]
+
+
 def test_fault_in_needs_a_contiguous_array():
     with pytest.raises(ValueError, match=r"fault_in_zeros needs a C-contiguous array, got strides \(32, 16\)"):
         _kernel.fault_in_zeros(np.zeros((4, 4))[:, ::2])

@@ -278,13 +278,13 @@ def test_prefill_calls_pad_to_their_own_longest_prompt(monkeypatch):
 # tiny-mixtral's working set per prompt row at buckets 32, 24, 12, 8: 188,928, 138,624, 67,008, 44,160 bytes
 @pytest.mark.parametrize("limit, calls", [
     (2 * 188_928, [(2, 32), (4, 12), (2, 8)]),  # rows within a call at 32's working set, at 32, 24, 12, 8: 2, 2, 4, 8
-    (200_000, [(1, 32), (1, 24), (2, 12), (1, 8), (1, 8), (1, 8)]),  # 1, 1, 2, 4
+    (200_000, [(1, 32), (1, 24), (2, 12), (3, 8)]),  # 1, 1, 2, 4: the last 3 rows in a call of 3
 ])
 def test_prefill_calls_take_as_many_rows_as_their_bucket_allows(monkeypatch, limit, calls):
     """The prompts 30, 17, 11, 9, 4, 2, 1 (longest first) in one micro-batch: each call takes as many rows as fit
-    a call at the longest prompt's bucket (32)'s working set while that many are left, else as many as a call
-    at 32 takes (the last rows: 1 of 8 in a call of 2, or 3 in calls of 1); the tokens stay the resident
-    engine's."""
+    a call at the longest prompt's bucket (32)'s working set while that many are left, then the largest bucket
+    of the rows left, or for fewer rows than a call at 32 takes, that many (1 row of bucket 8 in a call of 2);
+    the tokens stay the resident engine's."""
     import moe_jax.offload_engine as oe
     from moe_jax import offload_memory
 

@@ -21,11 +21,11 @@ def test_prefill_calls_stay_within_their_limit(preset):
 
 def test_prefill_calls_of_the_shorter_prompts_take_more_rows():
     """Mixtral, μ = 880 (HRM's g64 policy): a call at the longest prompt's bucket 192 takes 8 rows, one at 96
-    16; so a micro-batch whose other prompts pad to 96 runs 1 + 55 calls, not 110."""
+    16; so a micro-batch whose other prompts pad to 96 runs 1 + 54 + 1 calls, not 110."""
     cfg = preset_config("mixtral-8x7b")
-    first, rest, calls = prefill_calls(cfg, np.array([880, 309, 8]), 192, np.array([93.5, 93.5, 93.5]))
-    assert first.tolist() == [8, 8, 8] and rest.tolist() == [16, 16, 8] and calls.tolist() == [55, 19, 0]
-    assert [x.tolist() for x in prefill_calls(cfg, np.array([30]), 96)] == [[16], [16], [1]]
+    calls = prefill_calls(cfg, np.array([880, 309, 8]), 192, np.array([93.5, 93.5, 93.5]))
+    assert [x.tolist() for x in calls] == [[8, 8, 8], [16, 16, 8], [54, 18, 0], [1, 2, 0], [8, 20, 0]]
+    assert [x.tolist() for x in prefill_calls(cfg, np.array([30]), 96)] == [[16], [16], [0], [1], [16]]
 
 
 def _engine_calls(cfg, mu: int, lengths) -> list[tuple[int, int]]:
@@ -58,6 +58,21 @@ def test_prefill_bytes_hold_the_engines_calls(preset):
         assert all(activation_bytes(cfg, n * t) + 4 * n * cfg.num_heads * t * t <= one_call for n, t in calls)
         hidden = prefill_bytes(cfg, "bfloat16", mu, mu, T) - one_call
         assert sum(n * t for n, t in calls) * H * it <= hidden, (mu, longest, calls[:3])
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_prefill_calls_are_the_engines(preset):
+    """HRM's count of a micro-batch's calls (`prefill_calls`) is the engine's for one prompt at bucket T and the
+    others at T_rest, rows per call included."""
+    cfg, rng = preset_config(preset), np.random.default_rng(1)
+    for _ in range(100):
+        mu, T = int(rng.integers(1, 1500)), bucket(int(rng.integers(1, 4096)))
+        T_rest = bucket(int(rng.integers(1, T + 1)))
+        engine = _engine_calls(cfg, mu, [T] + [T_rest] * (mu - 1))
+        first, rest, calls, tail_calls, tail_rows = (int(x) for x in prefill_calls(cfg, mu, T, T_rest))
+        assert engine[0] == (first, T)
+        assert [n for n, _ in engine[1:]] == [rest] * calls + [n for n, _ in engine[1 + calls:]], (mu, T, T_rest)
+        assert len(engine) == 1 + calls + tail_calls and sum(n for n, _ in engine[1 + calls:]) == tail_rows
 
 
 def test_prefill_bytes_count_every_calls_rows():
