@@ -156,7 +156,24 @@ STEPS=(
 {
   echo "date: $(date -u +%FT%TZ)  host: $(hostname)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-  $PY -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())' 2>&1
+  # and whether np.asarray of a jitted call's output in pinned host memory (the offload engine's q/k/v, its
+  # "fetch of q/k/v") copies it, at g64's micro-batch of q (880 x 32 x 128 bf16)
+  $PY - <<'PY' 2>&1
+import time
+import jax, jaxlib, numpy as np
+from jax.sharding import SingleDeviceSharding
+print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())
+dev = jax.devices()[0]
+if "pinned_host" in [m.kind for m in dev.addressable_memories()]:
+    f = jax.jit(lambda x: x * 2, out_shardings=SingleDeviceSharding(dev, memory_kind="pinned_host"))
+    for _ in range(3):
+        y = f(jax.numpy.ones((880, 32, 128), jax.numpy.bfloat16)).block_until_ready()
+        t0 = time.perf_counter()
+        a = np.asarray(y)
+        ms = (time.perf_counter() - t0) * 1e3
+    same = a.ctypes.data == y.addressable_data(0).unsafe_buffer_pointer()
+    print(f"np.asarray of a pinned_host output: {'zero-copy' if same else 'a copy'}, {ms:.2f} ms for {a.nbytes / 1e6:.1f} MB")
+PY
   echo "host memory: $(mem)"
   echo "host CPU: $(lscpu 2>/dev/null | awk -F: '/^Model name|^CPU\(s\)|^Thread|^Core|^Socket|^NUMA node\(s\)/ {gsub(/ +/, " ", $2); printf "%s:%s; ", $1, $2}')"
   echo "HRM profile: ${HW:-none (no H100/H200 detected)}"
