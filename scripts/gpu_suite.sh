@@ -156,9 +156,9 @@ STEPS=(
 {
   echo "date: $(date -u +%FT%TZ)  host: $(hostname)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-  # and whether np.asarray of a jitted call's output in pinned host memory (the offload engine's q/k/v, its
+  # jax's version and devices, and whether np.asarray of a jitted call's output in pinned host memory (the engine's q/k/v, its
   # "fetch of q/k/v") copies it, at g64's micro-batch of q (880 x 32 x 128 bf16)
-  $PY - <<'PY' 2>&1
+  $PY -c "$(cat <<'PY'
 import time
 import jax, jaxlib, numpy as np
 from jax.sharding import SingleDeviceSharding
@@ -174,6 +174,7 @@ if "pinned_host" in [m.kind for m in dev.addressable_memories()]:
     same = a.ctypes.data == y.addressable_data(0).unsafe_buffer_pointer()
     print(f"np.asarray of a pinned_host output: {'zero-copy' if same else 'a copy'}, {ms:.2f} ms for {a.nbytes / 1e6:.1f} MB")
 PY
+)" 2>&1
   echo "host memory: $(mem)"
   echo "host CPU: $(lscpu 2>/dev/null | awk -F: '/^Model name|^CPU\(s\)|^Thread|^Core|^Socket|^NUMA node\(s\)/ {gsub(/ +/, " ", $2); printf "%s:%s; ", $1, $2}')"
   echo "HRM profile: ${HW:-none (no H100/H200 detected)}"
