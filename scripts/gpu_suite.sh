@@ -17,7 +17,7 @@
 # one device command each, in this order:
 #   1. `bash scripts/gpu_suite.sh` (timeout_s 600; 7-9.5 min: the full run took 378 s on a warm machine, and
 #      a cold one's first touch of memory may take it to the budget, where the bench reports the decode steps
-#      it measured): the core steps now: bench_kv_pages (~40 s: the KV cache's 4 KiB pages against huge ones,
+#      it measured): the core steps now: bench_kv_pages (~30 s: the KV cache's 4 KiB pages against huge ones,
 #      fault-in and attention), bench_throughput_g64_exp4 (issue 7) and bench_offload_quick, after
 #      the fixes for the CPU term: the host KV cache faulted in at allocation, in parallel, and kept across
 #      generate calls (the benches allocate it before the warm-up and report its fault-in apart: "load + KV s");
@@ -96,7 +96,7 @@ STEPS=(
   # the host KV cache in 4 KiB pages against 2 MiB huge pages (the engine's, as NumPy's large arrays): the
   # fault-in of fresh memory (on the 2-core VM, 4 KiB 6x faster) and attention over each (huge 2-9% faster
   # there). First of the core steps, while this machine's memory is fresh, as the engine's cache finds it.
-  "bench_kv_pages|120|$PY scripts/bench_host_attention.py --pages 8 --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 2"
+  "bench_kv_pages|120|$PY scripts/bench_host_attention.py --pages 4 --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 2"
   # with DeepSeek's latent attention (compute-bound) against the same kernel at LLVM's own vector width, and
   # the engine's decode shape with one core busy (as the engine's dispatching thread keeps one)
   "bench_host_attention|120|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16 --latent 64 1024 256 128 1024 128 --busy-cores 1"
