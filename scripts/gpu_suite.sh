@@ -24,7 +24,7 @@
 #      the decode attention's host arrays reused, and its kernel reading bf16 q and writing bf16 out itself
 #      (no copies: 1.2x a call on the 2-core VM), its threads claiming a row's KV heads at once (1.11-1.13x at
 #      context 109 on the VM); writes parallel from 2**16 elements; the prefill's calls at shorter buckets
-#      take more rows (about 50 calls a micro-batch and layer where 110 ran: HRM 1649.5 -> 1671.3). Read: "load + KV s" (how
+#      take more rows (about 56 calls a micro-batch and layer where 110 ran: HRM 1649.5 -> 1671.3). Read: "load + KV s" (how
 #      fast 16 threads fault in a fresh VM's memory; one thread's first writes ran at 0.6 GB/s), "N page
 #      faults" a layer-step, and the CPU column against 2026-11-27's (kernel 36.55 / writes 18.28 / hand-off
 #      11.78 ms a layer-step; prefill 40.29 s of which k/v writes 40.13); the new "fetch of q/k/v" (np.asarray
