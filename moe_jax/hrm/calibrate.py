@@ -7,7 +7,8 @@ dense bf16 matmul FLOP/s, device-memory copy bandwidth, pinned host→device cop
 wall time of a tiny jitted call (launch_seconds). The host:
 DRAM read bandwidth (NumPy sums, one thread per core). When importable, the CPU decode attention of
 `host_ops.HostKVCache` gives `attention_bandwidth` at Mixtral's shape, where it is memory-bound (over an
-int8 cache, `int8_attention_bandwidth`), and `cpu_flops` at DeepSeek-V2-Lite's latent shape (16 query heads
+int8 cache, `int8_attention_bandwidth`), the time of its query rows apart (`attention_row_seconds`, from the
+same bytes at a short context), and `cpu_flops` at DeepSeek-V2-Lite's latent shape (16 query heads
 over one 576-dim head), where it is compute-bound: HRM's only CPU op is this attention, so its own rates are
 the CPU's roofs (where the kernel cannot run, cpu_flops is NumPy's f32 matmul rate, noted). The expert
 kernel `pallas_kernels.moe_ffn` (`--moe-impl`, default "auto": the engine's), timed at a few token counts,
@@ -42,8 +43,9 @@ log = logging.getLogger("moe_jax.hrm")
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """matmul: n of the n×n bf16 device matmul; copy: bytes; attention: (batch, context, q heads, kv heads,
-    head_dim); latent_attention: (batch, context, q heads, head_dim, value_dim) over one KV head holding the
-    values in its keys; experts: token counts for an expert layer of (experts, top-k, hidden, ffn)."""
+    head_dim), and short_context: the context of as many bytes in more rows, for the rows' own time;
+    latent_attention: (batch, context, q heads, head_dim, value_dim) over one KV head holding the values in its
+    keys; experts: token counts for an expert layer of (experts, top-k, hidden, ffn)."""
 
     matmul: int
     cpu_matmul: int
@@ -51,14 +53,15 @@ class Sizes:
     link_copy: int
     host_read: int
     attention: tuple[int, int, int, int, int]
+    short_context: int
     latent_attention: tuple[int, int, int, int, int]
     expert_tokens: tuple[int, ...]
     expert_layer: tuple[int, int, int, int]
 
 
-FULL = Sizes(8192, 4096, 2**30, 2**30, 2**31, (256, 1024, 32, 8, 128), (64, 1024, 16, 576, 512), (2048, 8192, 32768),
-             (8, 2, 4096, 14336))
-QUICK = Sizes(256, 256, 2**24, 2**24, 2**26, (4, 128, 8, 2, 64), (4, 128, 8, 48, 32), (64, 256), (4, 2, 128, 256))
+FULL = Sizes(8192, 4096, 2**30, 2**30, 2**31, (256, 1024, 32, 8, 128), 64, (64, 1024, 16, 576, 512),
+             (2048, 8192, 32768), (8, 2, 4096, 14336))
+QUICK = Sizes(256, 256, 2**24, 2**24, 2**26, (4, 128, 8, 2, 64), 16, (4, 128, 8, 48, 32), (64, 256), (4, 2, 128, 256))
 
 
 def best_seconds(fn, repeats: int = 3) -> float:
@@ -130,11 +133,26 @@ def _timed_host_attention(batch: int, context: int, q_heads: int, kv_heads: int,
 
 
 def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
-                             dtype: str = "bfloat16") -> float:
+                             dtype: str = "bfloat16", row_seconds: float = 0.0) -> float:
     """KV bytes/s (int8: with their scales, as HRM counts them) of `host_ops.HostKVCache.attend` over a
-    `dtype` cache: one layer, `batch` sequences of `context` cached tokens, as the offload engine calls it."""
+    `dtype` cache: one layer, `batch` sequences of `context` cached tokens, as the offload engine calls it; the
+    time its query rows take apart (`row_seconds` per row and query head, `host_attention_row_seconds`) not
+    counted."""
     cache, seconds = _timed_host_attention(batch, context, q_heads, kv_heads, head_dim, dtype)
-    return cache.nbytes / seconds
+    return cache.nbytes / (seconds - batch * q_heads * row_seconds)
+
+
+def host_attention_row_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
+                               short_context: int) -> float | None:
+    """Seconds per query row and query head that `HostKVCache.attend` (bfloat16) takes beyond its bytes: from its
+    time over `batch` sequences of `context` tokens and over as many bytes in sequences of `short_context`
+    tokens (more rows), t = rows · q_heads · this + bytes / bandwidth. None where the short context was no
+    slower (noise on a busy machine: nothing to price)."""
+    rows = batch * context // short_context
+    _, long_s = _timed_host_attention(batch, context, q_heads, kv_heads, head_dim, "bfloat16")
+    _, short_s = _timed_host_attention(rows, short_context, q_heads, kv_heads, head_dim, "bfloat16")
+    per_row = (short_s - long_s) / ((rows - batch) * q_heads)
+    return per_row if per_row > 0 else None
 
 
 def host_attention_flops(batch: int, context: int, q_heads: int, head_dim: int, value_dim: int) -> float:
@@ -185,6 +203,10 @@ def calibrate(sizes: Sizes = FULL, name: str | None = None, moe_impl: str = "aut
     cpu_flops = _optional("cpu_flops", lambda: host_attention_flops(*sizes.latent_attention), notes)
     if cpu_flops is None:
         notes["cpu_flops"] += "; NumPy's f32 matmul rate (host_matmul_flops) instead"
+    row_seconds = _optional("attention_row_seconds",
+                            lambda: host_attention_row_seconds(*sizes.attention, sizes.short_context), notes)
+    if row_seconds is None:
+        notes.setdefault("attention_row_seconds", "none: the short context ran no slower than the long one")
     hw = Hardware(
         name=name or f"calibrated-{dev.platform}-{dev.device_kind}".replace(" ", "-"),
         gpu_memory=float(gpu_memory),
@@ -194,10 +216,11 @@ def calibrate(sizes: Sizes = FULL, name: str | None = None, moe_impl: str = "aut
         host_memory=float(host_memory),
         host_bandwidth=host_read_bandwidth(sizes.host_read, threads),
         link_bandwidth=link_bandwidth(sizes.link_copy),
-        attention_bandwidth=_optional("attention_bandwidth", lambda: host_attention_bandwidth(*sizes.attention),
-                                      notes),
-        int8_attention_bandwidth=_optional("int8_attention_bandwidth",
-                                           lambda: host_attention_bandwidth(*sizes.attention, "int8"), notes),
+        attention_bandwidth=_optional("attention_bandwidth", lambda: host_attention_bandwidth(
+            *sizes.attention, row_seconds=row_seconds or 0.0), notes),
+        attention_row_seconds=row_seconds,
+        int8_attention_bandwidth=_optional("int8_attention_bandwidth", lambda: host_attention_bandwidth(
+            *sizes.attention, "int8", row_seconds or 0.0), notes),
         expert_flops=rates[max(sizes.expert_tokens)],
         launch_seconds=launch_seconds(),
     )

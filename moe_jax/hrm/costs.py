@@ -37,12 +37,14 @@ _OP_OF_PARAM = {
 class Op:
     """One op: `flops` FLOPs moving `bytes` bytes (scalars or arrays of one shape); for the grouped expert
     matmuls, `rows_per_group`: the routed rows each expert it touches receives (the GPU's efficiency
-    depends on it, `Hardware.gpu_seconds`), None for the others."""
+    depends on it, `Hardware.gpu_seconds`), None for the others; for attention, `head_rows`: its query rows
+    times query heads (each a task's fixed work on the CPU, `Hardware.cpu_seconds`), None for the others."""
 
     name: str
     flops: np.ndarray | float
     bytes: np.ndarray | float
     rows_per_group: np.ndarray | float | None = None
+    head_rows: np.ndarray | float | None = None
 
     @property
     def intensity(self):
@@ -99,7 +101,8 @@ def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_d
     it, weights = itemsize(dtype), weight_bytes(cfg, dtype, moe)
     qo = cfg.num_heads * (cfg.head_dim + cfg.value_dim)  # a query's and its output's dims (scores, weighted sum)
     ops = {"attention": Op("attention", 2 * attn_pairs * qo,
-                           tokens * qo * it + kv_tokens * kv_bytes_per_token(cfg, dtype, kv_cache_dtype))}
+                           tokens * qo * it + kv_tokens * kv_bytes_per_token(cfg, dtype, kv_cache_dtype),
+                           head_rows=tokens * cfg.num_heads)}
     for op, specs in _specs_by_op(cfg, moe).items():
         rows, w, per_group = tokens, weights[op], None
         if op == "experts":

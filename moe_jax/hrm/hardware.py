@@ -42,7 +42,12 @@ class Hardware:
 
     link_bandwidth: host→GPU copies from pinned host memory (GPU→host is assumed as fast).
     host_bandwidth: host DRAM read by all cores.
-    attention_bandwidth: KV bytes/s of the CPU decode-attention kernel (None: host_bandwidth).
+    attention_bandwidth: KV bytes/s of the CPU decode-attention kernel (None: host_bandwidth), its time per query
+      row apart (attention_row_seconds).
+    attention_row_seconds: the CPU kernel's time per query row and query head beyond its bytes and FLOPs (a
+      task's start, its softmax's end, its output): at a context of 64 the kernel took 1.34x its time at 1024 for
+      the same bytes on the 2-core VM (2026-11-27). `calibrate` measures it from a long and a short context; None:
+      0, as the built-in profiles (unmeasured).
     int8_attention_bandwidth: the same over an int8 KV cache, its bytes counted with their scales (None:
       attention_bandwidth, as where the kernel is bound by DRAM bandwidth; where it is not, int8 moves fewer
       bytes per second: 34.6 GB/s against bf16's 52 on the H200 machine's 16 cores. `calibrate` measures it).
@@ -60,6 +65,7 @@ class Hardware:
     host_bandwidth: float
     link_bandwidth: float
     attention_bandwidth: float | None = None
+    attention_row_seconds: float | None = None
     int8_attention_bandwidth: float | None = None
     expert_flops: float | None = None
     launch_seconds: float = 50e-6
@@ -88,13 +94,15 @@ class Hardware:
 
     def cpu_seconds(self, op: Op, kv_cache_dtype: str = "auto"):
         """Roofline time of `op` (decode attention over a KV cache of `kv_cache_dtype`) on the CPU, its data in
-        host memory. The kernel's bytes and FLOPs only: the offload engine's worker also pays per call (the
-        k/v writes, waking the kernel's threads, the output's hand-off to pinned memory), which this does not
-        price; on the H200 machine its CPU term ran 2.6-10x this (benchmarks/RESULTS.md, 2026-11-27)."""
+        host memory, plus its query rows' fixed time (attention_row_seconds). The kernel's only: the offload
+        engine's worker also pays per call (the k/v writes, waking the kernel's threads, the output's hand-off
+        to pinned memory), which this does not price; on the H200 machine its CPU term ran 2.6-10x this
+        (benchmarks/RESULTS.md, 2026-11-27)."""
         bandwidth = self.attention_bandwidth or self.host_bandwidth
         if kv_cache_dtype == "int8":
             bandwidth = self.int8_attention_bandwidth or bandwidth
-        return np.maximum(op.flops / self.cpu_flops, op.bytes / bandwidth)
+        rows = 0.0 if op.head_rows is None else op.head_rows * (self.attention_row_seconds or 0.0)
+        return np.maximum(op.flops / self.cpu_flops, op.bytes / bandwidth) + rows
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "Hardware":

@@ -86,6 +86,7 @@ def test_calibrate_quick(tmp_path, capsys):
     assert hw.gpu_flops > 0 and hw.link_bandwidth > 0 and hw.launch_seconds > 0
     assert hw.attention_bandwidth > 0 and hw.int8_attention_bandwidth > 0
     notes = json.loads(path.read_text())["notes"]
+    assert (hw.attention_row_seconds or 0) > 0 or notes["attention_row_seconds"].startswith("none: the short context")
     assert 0 < hw.cpu_flops != notes["host_matmul_flops"] > 0  # the attention kernel's rate, the BLAS one noted
     assert choose_policy(preset_config("tiny-mixtral"), hw, 16, 16).policy.batch_size >= 1
 
@@ -113,3 +114,18 @@ def test_calibrate_checks_its_arguments_before_measuring(tmp_path, capsys):
             calibrate_main(["--quick", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_attention_rows_cost_their_own_time_on_the_cpu():
+    """With attention_row_seconds, the CPU term of a decode adds each query row and head's time: for as many KV
+    bytes, short contexts (more rows) cost more; without it (the built-in profiles), bytes alone."""
+    from moe_jax.hrm.costs import decode_ops
+
+    cfg, base = preset_config("mixtral-8x7b"), PROFILES["h200"]
+    timed = dataclasses.replace(base, attention_row_seconds=1e-8)
+    long, short = (decode_ops(cfg, "bfloat16", b, c)["attention"] for b, c in ((256, 1024), (4096, 64)))
+    assert long.head_rows == 256 * 32 and short.head_rows == 4096 * 32
+    for op in (long, short):
+        assert timed.cpu_seconds(op) == pytest.approx(base.cpu_seconds(op) + op.head_rows * 1e-8)
+    assert timed.cpu_seconds(short) / timed.cpu_seconds(long) > base.cpu_seconds(short) / base.cpu_seconds(long) > 1
+    assert base.attention_row_seconds is None
