@@ -31,7 +31,9 @@
 #      of the GPU's pinned q/k/v: a copy or not, counted in the GPU wait until now).
 #   2. later sessions, one command each, for issue 7's "Done when" (gen 64 and 128 at 16 GiB, the PyTorch
 #      baseline): bench_throughput_g128_exp4, bench_vs_pytorch, then bench_throughput_g64 and _g128 (uncoded);
-#      bench_dsv2_lite (DeepSeek's latent attention on the CPU).
+#      bench_dsv2_lite (DeepSeek's latent attention on the CPU); calibrate (~1.5 min; it now also measures the CPU
+#      kernel's time per query row, attention_row_seconds, which HRM adds to its CPU term: commit its JSON as
+#      benchmarks/profiles/h200-measured.json, or h100-80gb-measured.json on an H100).
 # Add `tests` in front of step 1 when GPU code (pallas_kernels/, the engine's jitted steps) changed since the
 # last GPU session (the tests last ran at commit ce8e362; pallas_kernels/ and the jitted steps have not changed
 # since; the engine's jitted calls take a tuple of chunks since c38b34c, run by every offload step).
