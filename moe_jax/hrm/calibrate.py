@@ -136,23 +136,24 @@ def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: i
                              dtype: str = "bfloat16", row_seconds: float = 0.0) -> float:
     """KV bytes/s (int8: with their scales, as HRM counts them) of `host_ops.HostKVCache.attend` over a
     `dtype` cache: one layer, `batch` sequences of `context` cached tokens, as the offload engine calls it; the
-    time its query rows take apart (`row_seconds` per row and query head, `host_attention_row_seconds`) not
-    counted."""
+    time its query rows take apart (`row_seconds` per row and query head, `host_attention_rates`) not counted."""
     cache, seconds = _timed_host_attention(batch, context, q_heads, kv_heads, head_dim, dtype)
     return cache.nbytes / (seconds - batch * q_heads * row_seconds)
 
 
-def host_attention_row_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
-                               short_context: int) -> float | None:
-    """Seconds per query row and query head that `HostKVCache.attend` (bfloat16) takes beyond its bytes: from its
-    time over `batch` sequences of `context` tokens and over as many bytes in sequences of `short_context`
-    tokens (more rows), t = rows · q_heads · this + bytes / bandwidth. None where the short context was no
-    slower (noise on a busy machine: nothing to price)."""
+def host_attention_rates(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
+                         short_context: int) -> tuple[float, float | None]:
+    """(KV bytes/s, seconds per query row and query head) of `HostKVCache.attend` over a bfloat16 cache, from its
+    time over `batch` sequences of `context` tokens and over as many bytes in sequences of `short_context` tokens
+    (more rows): t = rows · q_heads · per row + bytes / bandwidth. The time per row is None where the short
+    context ran no slower (noise on a busy machine: nothing to price), and the bandwidth then the bytes' over
+    the whole time."""
     rows = batch * context // short_context
-    _, long_s = _timed_host_attention(batch, context, q_heads, kv_heads, head_dim, "bfloat16")
+    cache, long_s = _timed_host_attention(batch, context, q_heads, kv_heads, head_dim, "bfloat16")
     _, short_s = _timed_host_attention(rows, short_context, q_heads, kv_heads, head_dim, "bfloat16")
     per_row = (short_s - long_s) / ((rows - batch) * q_heads)
-    return per_row if per_row > 0 else None
+    per_row = per_row if per_row > 0 else None
+    return cache.nbytes / (long_s - batch * q_heads * (per_row or 0.0)), per_row
 
 
 def host_attention_flops(batch: int, context: int, q_heads: int, head_dim: int, value_dim: int) -> float:
@@ -203,10 +204,10 @@ def calibrate(sizes: Sizes = FULL, name: str | None = None, moe_impl: str = "aut
     cpu_flops = _optional("cpu_flops", lambda: host_attention_flops(*sizes.latent_attention), notes)
     if cpu_flops is None:
         notes["cpu_flops"] += "; NumPy's f32 matmul rate (host_matmul_flops) instead"
-    row_seconds = _optional("attention_row_seconds",
-                            lambda: host_attention_row_seconds(*sizes.attention, sizes.short_context), notes)
-    if row_seconds is None:
-        notes.setdefault("attention_row_seconds", "none: the short context ran no slower than the long one")
+    bandwidth, row_seconds = _optional("attention_bandwidth", lambda: host_attention_rates(
+        *sizes.attention, sizes.short_context), notes) or (None, None)
+    if bandwidth is not None and row_seconds is None:
+        notes["attention_row_seconds"] = "none: the short context ran no slower than the long one"
     hw = Hardware(
         name=name or f"calibrated-{dev.platform}-{dev.device_kind}".replace(" ", "-"),
         gpu_memory=float(gpu_memory),
@@ -216,8 +217,7 @@ def calibrate(sizes: Sizes = FULL, name: str | None = None, moe_impl: str = "aut
         host_memory=float(host_memory),
         host_bandwidth=host_read_bandwidth(sizes.host_read, threads),
         link_bandwidth=link_bandwidth(sizes.link_copy),
-        attention_bandwidth=_optional("attention_bandwidth", lambda: host_attention_bandwidth(
-            *sizes.attention, row_seconds=row_seconds or 0.0), notes),
+        attention_bandwidth=bandwidth,
         attention_row_seconds=row_seconds,
         int8_attention_bandwidth=_optional("int8_attention_bandwidth", lambda: host_attention_bandwidth(
             *sizes.attention, "int8", row_seconds or 0.0), notes),
