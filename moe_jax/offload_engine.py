@@ -43,7 +43,7 @@ except ImportError:
     resource = None
 
 from host_ops import HostKVCache
-from moe_jax import expert_codec, host_memory, model, pinned_pool
+from moe_jax import expert_codec, host_memory, host_views, model, pinned_pool
 from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
@@ -242,11 +242,12 @@ def _jitted(cfg: ModelConfig, moe_impl: str, to_device, to_host):
 class OffloadStats:
     """Seconds per layer, summed over one `generate` call. cpu: attention in the worker (q/k/v fetched as NumPy
     arrays once the GPU has them, the decode's k/v writes into the host cache, the kernel, the outputs' hand-off
-    to pinned memory); cpu_fetch, cpu_kernel, cpu_write, cpu_handoff: of it, the fetch (`np.asarray` of the
-    GPU's q/k/v and sampled tokens in pinned memory: a copy, or none), the attention kernel's calls alone
-    (`HostKVCache.attend`), the decode's k/v writes (`HostKVCache.write`) and the hand-off (the output, which
-    the kernel writes in the engine's dtype, put in pinned memory, with any wait for the previous put to have
-    read it);
+    to pinned memory); cpu_fetch, cpu_kernel, cpu_write, cpu_handoff: of it, the fetch (the GPU's q/k/v in
+    pinned memory as NumPy arrays, and the sampled tokens: views where `host_views`, else `np.asarray`, a copy
+    or none), the attention kernel's calls alone (`HostKVCache.attend`), the decode's k/v writes
+    (`HostKVCache.write`) and the hand-off (the output, which the kernel writes in the engine's dtype, put in
+    pinned memory, with any wait for the previous put to have read it; nothing to put where `host_views`: the
+    kernel writes into a view of pinned memory); host_views: whether the worker used views (`moe_jax.host_views`);
     cpu_faults: the page faults the worker thread took in its decode tasks, the q/k/v's arrival from the GPU
     included (not numba's threads'; 0 where the OS does not count a thread's); run_faults: the whole process's during the run (None where unknown);
     gpu_wait: the worker waiting for GPU results to be ready (GPU-bound time the CPU could not hide); main_wait: the dispatching
@@ -273,6 +274,7 @@ class OffloadStats:
     prefill_write: np.ndarray
     prefill_wait: np.ndarray
     h2d_bytes: int = 0
+    host_views: bool = False
     prefill_calls: int = 0
     decode_steps: int = 0
     refilled: int = 0
@@ -305,8 +307,9 @@ class OffloadStats:
                 f"{self.decode_steps} steps; "
                 f"per layer-step: cpu attention {self.cpu.sum() / per * 1e3:.2f} ms (kernel "
                 f"{self.cpu_kernel.sum() / per * 1e3:.2f} ms, KV writes {self.cpu_write.sum() / per * 1e3:.2f} ms, "
-                f"hand-off {self.cpu_handoff.sum() / per * 1e3:.2f} ms, fetch of q/k/v {self.cpu_fetch.sum() / per * 1e3:.2f} ms; {self.cpu_faults.sum() / per:.0f} page faults "
-                f"in the worker), "
+                f"hand-off {self.cpu_handoff.sum() / per * 1e3:.2f} ms, fetch of q/k/v {self.cpu_fetch.sum() / per * 1e3:.2f} ms"
+                f" ({'views of' if self.host_views else 'copies from and to'} pinned memory); "
+                f"{self.cpu_faults.sum() / per:.0f} page faults in the worker), "
                 f"waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
                 f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB {self.kv_dtype} "
@@ -360,6 +363,13 @@ class OffloadEngine:
         self.stats = OffloadStats.empty(cfg.num_layers)
         self.kv_cache: HostKVCache | None = None  # the last job's, whose storage the next job takes if it fits
         self.running = False  # a generate's steps are under way (its iterator neither exhausted nor closed)
+        no_views = host_views.check(self.on_host, self.on_device)
+        self.host_views = no_views is None  # the CPU worker reads and writes pinned memory through views
+        if no_views:
+            log.warning("offload engine: the CPU worker copies the GPU's q/k/v out of pinned memory and its output "
+                        "into it (NumPy views of pinned memory fail on this backend: %s)", no_views)
+        else:
+            log.info("offload engine: the CPU worker reads q/k/v and writes its output in pinned memory (views)")
         log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed (slots + chunks in flight, up "
                  "to %d per layer); GPU plan %.2f GiB", policy, self.pages.num_resident, self.pages.max_streamed,
                  self.pages.split, self.gpu_bytes / 2**30)
@@ -626,6 +636,7 @@ class OffloadEngine:
             cache = self._cache_for(plan)
             self.stats.kv_bytes, self.stats.kv_dtype = cache.storage_bytes, str(plan.kv_dtype)
             self.stats.kv_fault_in_s = cache.fault_in_s
+            self.stats.host_views = self.host_views
             _warm_host_kernels(cfg, plan.kv_dtype, self.dtype)
             faults = _page_faults(thread=False)
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
@@ -657,14 +668,20 @@ def _page_faults(thread: bool) -> int | None:
 class _AttendBuffers(NamedTuple):
     """One micro-batch's host arrays for its decode attention (`_Run._attend`), reused by every call: out
     [μ, 1, heads, value_dim] in the engine's dtype (the kernel's output, handed to the GPU; rows past the
-    micro-batch's stay zeros), lengths [rows] int64 (each row's context, 0 for the rows not decoding)."""
+    micro-batch's stay zeros), lengths [rows] int64 (each row's context, 0 for the rows not decoding);
+    pinned: the array in pinned memory that `out` is a view of, handed to the GPU as it is, or None (out is
+    copied into pinned memory at each hand-off)."""
 
     out: np.ndarray
     lengths: np.ndarray
+    pinned: jax.Array | None
 
     @classmethod
-    def allocate(cls, mu: int, rows: int, cfg: ModelConfig, dtype) -> "_AttendBuffers":
-        return cls(np.zeros((mu, 1, cfg.num_heads, cfg.value_dim), dtype), np.zeros(rows, np.int64))
+    def allocate(cls, mu: int, rows: int, cfg: ModelConfig, dtype, on_host) -> "_AttendBuffers":
+        """on_host: a sharding of pinned memory, whose array `out` is then a view of (`host_views`), or None."""
+        out = np.zeros((mu, 1, cfg.num_heads, cfg.value_dim), dtype)
+        pinned = None if on_host is None else jax.device_put(out, on_host)
+        return cls(out if pinned is None else host_views.host_view(pinned, writable=True), np.zeros(rows, np.int64), pinned)
 
 
 @dataclasses.dataclass
@@ -708,8 +725,10 @@ class _Run:
         self.lens = [np.ones(s, np.int64) for s in sizes]
         self.samp = [sampling_rows(self.mu) for _ in sizes]
         self.no_join = (jnp.zeros((self.mu, H), eng.dtype), np.zeros(self.mu, bool))
-        self.buffers = [_AttendBuffers.allocate(self.mu, s, eng.cfg, eng.dtype) for s in sizes]
+        on_host = eng.on_host if eng.host_views else None
+        self.buffers = [_AttendBuffers.allocate(self.mu, s, eng.cfg, eng.dtype, on_host) for s in sizes]
         self.handed: list[jax.Array | None] = [None] * len(sizes)  # each micro-batch's last hand-off of buf.out
+        self.fetch = host_views.host_view if eng.host_views else np.asarray  # a pinned array as NumPy
         self.h_join = [None] * len(sizes)  # [μ, H] last prompt hidden state of the JOIN rows, per micro-batch
         self.prefills: list[_PrefillCall] = []
         # prefill k/v writes in the CPU worker, oldest first, with the bytes of pinned k/v each holds
@@ -804,8 +823,8 @@ class _Run:
         t0, f0 = time.perf_counter(), _page_faults(thread=True)
         jax.block_until_ready((q, kk, v, tokens))
         t_ready = time.perf_counter()
-        q, kk = np.asarray(q)[:, 0], np.asarray(kk)[:, 0]  # [μ, heads, dims] views (k/v: the rows written picked by `rows`)
-        v = None if v is None else np.asarray(v)[:, 0]  # None: the values are the keys' first dims
+        q, kk = self.fetch(q)[:, 0], self.fetch(kk)[:, 0]  # [μ, heads, dims] (k/v: the rows written picked by `rows`)
+        v = None if v is None else self.fetch(v)[:, 0]  # None: the values are the keys' first dims
         tokens = None if tokens is None else host_sampled(tokens, logprobs)
         t1 = time.perf_counter()
         st.cpu_fetch[layer] += t1 - t_ready
@@ -813,7 +832,9 @@ class _Run:
         self.cache.write(layer, slots[rows], pos, kk, v, rows=rows)
         t2 = time.perf_counter()
         st.cpu_write[layer] += t2 - t1
-        if self.handed[k] is not None:  # buf.out's last copy to pinned memory (asynchronous) has read it
+        # buf.out's last copy to pinned memory (asynchronous) has read it; a view of pinned memory was last read
+        # by the GPU step that gave this call's q/k/v, awaited above
+        if self.handed[k] is not None:
             self.handed[k].block_until_ready()
         t3 = time.perf_counter()
         buf.lengths[:] = 0
@@ -822,7 +843,10 @@ class _Run:
         self.cache.attend(layer, slots, q[:n], buf.lengths, out=buf.out[:n, 0], scale=cfg.attention_scale)
         t4 = time.perf_counter()
         st.cpu_kernel[layer] += t4 - t3
-        out = self.handed[k] = jax.device_put(buf.out, self.eng.on_host)  # pinned, for the next GPU step to take in
+        if buf.pinned is None:  # pinned, for the next GPU step to take in
+            out = self.handed[k] = jax.device_put(buf.out, self.eng.on_host)
+        else:
+            out = buf.pinned
         st.cpu_handoff[layer] += time.perf_counter() - t4 + t3 - t2
         st.gpu_wait[layer] += t_ready - t0
         st.cpu[layer] += time.perf_counter() - t_ready
@@ -834,7 +858,7 @@ class _Run:
         """The call's prompts' k/v [rows, T, Hk, D] into their KV slots, in one write (a parallel pass each for
         k and v: a write per prompt cost two passes per prompt, 1528 prompts a layer in bench_offload). The
         stats count the write, not the wait for the GPU's k/v before it."""
-        flat = [None if x is None else np.asarray(x).reshape(-1, *x.shape[2:]) for x in (kk, v)]  # waits for the GPU
+        flat = [None if x is None else self.fetch(x).reshape(-1, *x.shape[2:]) for x in (kk, v)]  # waits for the GPU
         t0, T = time.perf_counter(), kk.shape[1]
         r, t = np.nonzero(np.arange(T)[None] < call.lens[:, None])  # each prompt's positions, in the padded call
         self.cache.write(layer, self.kv_slots[call.k][call.rows][r], t, *flat, rows=r * T + t)

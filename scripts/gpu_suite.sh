@@ -158,8 +158,9 @@ STEPS=(
 {
   echo "date: $(date -u +%FT%TZ)  host: $(hostname)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-  # jax's version and devices, and whether np.asarray of a jitted call's output in pinned host memory (the engine's q/k/v, its
-  # "fetch of q/k/v") copies it, at g64's micro-batch of q (880 x 32 x 128 bf16)
+  # jax's version and devices, whether np.asarray of a jitted call's output in pinned host memory copies it, at g64's
+  # micro-batch of q (880 x 32 x 128 bf16), and whether the engine's views of pinned memory work (moe_jax.host_views:
+  # its CPU worker reads q/k/v and writes its output there without copies, or copies where they fail)
   $PY -c "$(cat <<'PY'
 import time
 import jax, jaxlib, numpy as np
@@ -175,6 +176,9 @@ if "pinned_host" in [m.kind for m in dev.addressable_memories()]:
         ms = (time.perf_counter() - t0) * 1e3
     same = a.ctypes.data == y.addressable_data(0).unsafe_buffer_pointer()
     print(f"np.asarray of a pinned_host output: {'zero-copy' if same else 'a copy'}, {ms:.2f} ms for {a.nbytes / 1e6:.1f} MB")
+    from moe_jax import host_views
+    why = host_views.check(SingleDeviceSharding(dev, memory_kind="pinned_host"), SingleDeviceSharding(dev, memory_kind="device"))
+    print(f"host_views: {'views of pinned memory work' if why is None else 'FAIL, the engine copies: ' + why}")
 PY
 )" 2>&1
   echo "host memory: $(mem)"
