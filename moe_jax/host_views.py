@@ -6,7 +6,8 @@ that the jitted steps write, and hands its attention output to the next step in 
 pageable array: 7.2 MB of q a call at μ=880, 32 heads x 128 in bfloat16); `jax.device_put` of a NumPy
 array into `pinned_host` copies, and the H200's g64 run spent 11.8 ms a layer-step in that hand-off.
 A view of the buffer itself costs neither. `check` tests on the running backend that views see what JAX
-sees, both ways, and the engine logs which path it takes.
+sees, both ways, and the engine logs which path it takes; MOE_JAX_HOST_VIEWS=0 turns views off (the copies
+then, to compare the two or to step around a backend where views misbehave).
 
 Writing through a view changes an array JAX treats as immutable: the caller must know that no JAX
 computation still to run reads the old contents, and that none reads the new ones before they are written
@@ -15,11 +16,13 @@ computation still to run reads the old contents, and that none reads the new one
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import numpy as np
 
 HOST_KINDS = ("pinned_host", "unpinned_host")
+SWITCH_VAR = "MOE_JAX_HOST_VIEWS"  # "0": no views (`check` says so)
 
 
 class _Buffer:
@@ -56,7 +59,10 @@ def host_view(x: jax.Array, writable: bool = False) -> np.ndarray:
 def check(on_host: jax.sharding.Sharding, on_device: jax.sharding.Sharding) -> str | None:
     """None where views of arrays in `on_host` work on this backend, else why not: a jitted call's output in
     on_host reads the same through a view as through `np.asarray`, and what a view writes into an on_host array
-    is what a jitted call that takes that array to `on_device` gets. Random values, a few KB; once per pair."""
+    is what a jitted call that takes that array to `on_device` gets. Random values, a few KB; once per pair
+    (and the switch read then). With MOE_JAX_HOST_VIEWS=0: that setting, nothing tried."""
+    if os.environ.get(SWITCH_VAR) == "0":
+        return f"turned off by {SWITCH_VAR}=0"
     src = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
     try:
         made = jax.jit(lambda a: jax.device_put(a * 2, on_host))(jax.device_put(src, on_device))

@@ -47,6 +47,15 @@ def test_check_passes_on_this_backend():
     assert host_views.check(ON_HOST, ON_DEVICE) is None
 
 
+def test_switch_turns_views_off(monkeypatch):
+    monkeypatch.setenv("MOE_JAX_HOST_VIEWS", "0")
+    host_views.check.cache_clear()
+    try:
+        assert host_views.check(ON_HOST, ON_DEVICE) == "turned off by MOE_JAX_HOST_VIEWS=0"
+    finally:
+        host_views.check.cache_clear()
+
+
 def test_sharded_array_is_refused():
     class Two:  # what host_view asks of an array, with two shards
         addressable_shards = [None, None]

@@ -199,3 +199,25 @@ def test_every_step_parses_with_the_real_scripts(tmp_path):
         assert "parsed:" in log, log[-2000:]
     assert "--moe-impl jax_mgpu" in (logs / "bench_throughput_g64.log").read_text()
     assert "--hardware h100-80gb" in (logs / "bench_offload.log").read_text()
+
+
+# A stand-in whose env probe (the -c code importing jax) prints the host_views line given, and whose steps print
+# the MOE_JAX_HOST_VIEWS they see.
+VIEWS_PROBE = ('case "$*" in *host_views*) echo "{}" ;; *) echo "ran: $* views=${{MOE_JAX_HOST_VIEWS:-unset}}" ;; '
+               'esac')
+
+
+def test_views_that_fail_the_probe_are_off_in_every_step(tmp_path):
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick",
+                                python=VIEWS_PROBE.format("host_views: FAIL, the engine copies: bad pointer"))
+    assert proc.returncode == 0, proc.stderr
+    assert "host_views: off for every step (MOE_JAX_HOST_VIEWS=0)" in (logs / "env.log").read_text()
+    assert "views=0" in (logs / "bench_offload_quick.log").read_text()
+
+
+def test_views_that_pass_the_probe_are_left_on(tmp_path):
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick",
+                                python=VIEWS_PROBE.format("host_views: views of pinned memory work"))
+    assert proc.returncode == 0, proc.stderr
+    assert "off for every step" not in (logs / "env.log").read_text()
+    assert "views=unset" in (logs / "bench_offload_quick.log").read_text()
