@@ -93,6 +93,6 @@ def prefill_bytes(cfg: ModelConfig, dtype, batch, mu, T: int):
     every call's rows (all advance layer by layer; at most μ + T's rows per call - 1 rows of T tokens a
     micro-batch, `prefill_call_rows`) and one call's working set at T, the largest any call has.
     An upper bound where prompts differ: each call pads only to its own longest prompt."""
-    rows = np.vectorize(lambda m: prefill_rows_per_call(cfg, T, int(m)), otypes=[np.int64])(mu)
+    rows = prefill_calls(cfg, mu, T)[0]  # a call's rows at T
     alive = -(-np.asarray(batch) // np.asarray(mu)) * (np.asarray(mu) + rows - 1)
     return alive * T * cfg.hidden_size * np.dtype(dtype).itemsize + rows * _row_bytes(cfg, T)
