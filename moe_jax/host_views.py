@@ -6,12 +6,15 @@ that the jitted steps write, and hands its attention output to the next step in 
 pageable array: 7.2 MB of q a call at μ=880, 32 heads x 128 in bfloat16); `jax.device_put` of a NumPy
 array into `pinned_host` copies, and the H200's g64 run spent 11.8 ms a layer-step in that hand-off.
 A view of the buffer itself costs neither. `check` tests on the running backend that views see what JAX
-sees, both ways, and the engine logs which path it takes; MOE_JAX_HOST_VIEWS=0 turns views off (the copies
-then, to compare the two or to step around a backend where views misbehave).
+sees, both ways, and the engine logs which path it takes; MOE_JAX_HOST_VIEWS=0 turns views off (`wanted`:
+the copies then, to compare the two or to step around a backend where views misbehave).
 
 Writing through a view changes an array JAX treats as immutable: the caller must know that no JAX
 computation still to run reads the old contents, and that none reads the new ones before they are written
-(the engine writes a micro-batch's output only after the step that read the last one has given its results).
+(the engine writes a micro-batch's output only after every step that read the last one has given its results),
+and nothing may fill JAX's host-value cache of that array (`np.asarray` of it on a GPU: a copy JAX then keeps).
+A view outlives neither `x.delete()` nor a donation of x, which free the buffer under it: never donate an array
+a view may still read or write.
 """
 from __future__ import annotations
 
@@ -19,10 +22,16 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 HOST_KINDS = ("pinned_host", "unpinned_host")
-SWITCH_VAR = "MOE_JAX_HOST_VIEWS"  # "0": no views (`check` says so)
+SWITCH_VAR = "MOE_JAX_HOST_VIEWS"  # "0": no views
+
+
+def wanted() -> bool:
+    """False where MOE_JAX_HOST_VIEWS=0 asks for copies instead of views (read at each call)."""
+    return os.environ.get(SWITCH_VAR) != "0"
 
 
 class _Buffer:
@@ -45,9 +54,11 @@ def host_view(x: jax.Array, writable: bool = False) -> np.ndarray:
     if kind not in HOST_KINDS and shards[0].device.platform != "cpu":
         raise ValueError(f"host_view: an array in host memory, got memory kind {kind!r} on "
                          f"{shards[0].device.platform}")
-    order = x.format.layout.major_to_minor
-    if tuple(order) != tuple(range(x.ndim)):
-        raise ValueError(f"host_view: a row-major array, got layout major_to_minor={order} for shape {x.shape}")
+    layout = x.format.layout
+    order = [d for d in layout.major_to_minor if x.shape[d] != 1]  # size-1 dims: anywhere, the same bytes
+    if order != sorted(order) or layout.tiling:
+        raise ValueError(f"host_view: a row-major array, got layout major_to_minor={layout.major_to_minor}, "
+                         f"tiling={layout.tiling} for shape {x.shape}")
     x.block_until_ready()
     view = (np.empty(x.shape, x.dtype) if x.nbytes == 0 else
             np.asarray(_Buffer(x, x.unsafe_buffer_pointer())).view(x.dtype).reshape(x.shape))
@@ -59,20 +70,19 @@ def host_view(x: jax.Array, writable: bool = False) -> np.ndarray:
 def check(on_host: jax.sharding.Sharding, on_device: jax.sharding.Sharding) -> str | None:
     """None where views of arrays in `on_host` work on this backend, else why not: a jitted call's output in
     on_host reads the same through a view as through `np.asarray`, and what a view writes into an on_host array
-    is what a jitted call that takes that array to `on_device` gets. Random values, a few KB; once per pair
-    (and the switch read then). With MOE_JAX_HOST_VIEWS=0: that setting, nothing tried."""
-    if os.environ.get(SWITCH_VAR) == "0":
-        return f"turned off by {SWITCH_VAR}=0"
-    src = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    is what a jitted call that takes that array to `on_device` gets, twice into the same array as the engine
+    reuses its output's (random bfloat16 values, 2 MiB). Once per pair: a failure stands for the process."""
+    src = np.random.default_rng(0).standard_normal((1024, 1024)).astype(jnp.bfloat16)
     try:
         made = jax.jit(lambda a: jax.device_put(a * 2, on_host))(jax.device_put(src, on_device))
         if not np.array_equal(host_view(made), np.asarray(made)):
             return "a view of a jitted call's output in host memory read other values than np.asarray"
         buf = jax.device_put(np.zeros_like(src), on_host)
-        host_view(buf, writable=True)[...] = src
-        back = jax.jit(lambda a: jax.device_put(a, on_device) + 0)(buf)
-        if not np.array_equal(np.asarray(back), src):
-            return "a jitted call did not see what a view wrote into its host-memory input"
+        step = jax.jit(lambda a: jax.device_put(a, on_device) * 2)
+        for want in (src, -src):
+            host_view(buf, writable=True)[...] = want
+            if not np.array_equal(np.asarray(step(buf)), want * 2):
+                return "a jitted call did not see what a view wrote into its host-memory input"
     except (ValueError, RuntimeError, TypeError, AttributeError) as e:  # no such memory kind, no layout, no pointer
         return f"{type(e).__name__}: {e}"
     return None

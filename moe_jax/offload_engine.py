@@ -230,7 +230,8 @@ def _prefill_layer(cfg, impl, to_device, to_host, p, slots, table, x, positions,
 
 @functools.lru_cache(maxsize=None)
 def _jitted(cfg: ModelConfig, moe_impl: str, to_device, to_host):
-    """The engine's jitted functions, shared by every engine of the same model (compiled once per shape)."""
+    """The engine's jitted functions, shared by every engine of the same model (compiled once per shape). `attn`
+    is never donated: the CPU worker writes the next one into the same buffer, through a view (`host_views`)."""
     bind = lambda f: functools.partial(f, cfg, moe_impl, to_device, to_host)
     return (jax.jit(bind(_decode_mid)), jax.jit(bind(_decode_last)), jax.jit(bind(_prefill_layer)),
             jax.jit(functools.partial(_fetch, to_device)), jax.jit(_install, donate_argnames="slots"),
@@ -363,11 +364,15 @@ class OffloadEngine:
         self.stats = OffloadStats.empty(cfg.num_layers)
         self.kv_cache: HostKVCache | None = None  # the last job's, whose storage the next job takes if it fits
         self.running = False  # a generate's steps are under way (its iterator neither exhausted nor closed)
-        no_views = host_views.check(self.on_host, self.on_device)
-        self.host_views = no_views is None  # the CPU worker reads and writes pinned memory through views
-        if no_views:
-            log.warning("offload engine: the CPU worker copies the GPU's q/k/v out of pinned memory and its output "
-                        "into it (NumPy views of pinned memory fail on this backend: %s)", no_views)
+        # the CPU worker reads q/k/v and writes its output in pinned memory through views, or copies
+        copies = "offload engine: the CPU worker copies the GPU's q/k/v out of pinned memory and its output into it"
+        wanted = host_views.wanted()
+        why = host_views.check(self.on_host, self.on_device) if wanted else None
+        self.host_views = wanted and why is None
+        if not wanted:
+            log.info("%s (%s=0)", copies, host_views.SWITCH_VAR)
+        elif why:
+            log.warning("%s (NumPy views of pinned memory fail on this backend: %s)", copies, why)
         else:
             log.info("offload engine: the CPU worker reads q/k/v and writes its output in pinned memory (views)")
         log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed (slots + chunks in flight, up "
@@ -832,8 +837,8 @@ class _Run:
         self.cache.write(layer, slots[rows], pos, kk, v, rows=rows)
         t2 = time.perf_counter()
         st.cpu_write[layer] += t2 - t1
-        # buf.out's last copy to pinned memory (asynchronous) has read it; a view of pinned memory was last read
-        # by the GPU step that gave this call's q/k/v, awaited above
+        # buf.out's last copy to pinned memory (asynchronous) has read it; a view of pinned memory: every GPU step
+        # that took it has had its outputs awaited, by this call (above) or an earlier one of micro-batch k
         if self.handed[k] is not None:
             self.handed[k].block_until_ready()
         t3 = time.perf_counter()

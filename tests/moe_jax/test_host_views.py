@@ -47,13 +47,27 @@ def test_check_passes_on_this_backend():
     assert host_views.check(ON_HOST, ON_DEVICE) is None
 
 
-def test_switch_turns_views_off(monkeypatch):
+def test_switch(monkeypatch):
+    assert host_views.wanted()
     monkeypatch.setenv("MOE_JAX_HOST_VIEWS", "0")
-    host_views.check.cache_clear()
-    try:
-        assert host_views.check(ON_HOST, ON_DEVICE) == "turned off by MOE_JAX_HOST_VIEWS=0"
-    finally:
-        host_views.check.cache_clear()
+    assert not host_views.wanted()
+
+
+def test_size_one_dims_may_lie_anywhere_in_the_layout():
+    class Array:  # what host_view asks of an array: (3, 1, 4) with its size-1 dim listed first
+        addressable_shards = [None]
+        is_fully_addressable = True
+        shape, ndim, sharding = (3, 1, 4), 3, ON_HOST
+        format = type("F", (), {"layout": type("L", (), {"major_to_minor": (1, 0, 2), "tiling": ()})})
+
+        def block_until_ready(self):
+            raise AssertionError("reached the view: the layout was taken")  # (stands for the rest of host_view)
+
+    with pytest.raises(AssertionError, match="the layout was taken"):
+        host_views.host_view(Array())
+    Array.format.layout.major_to_minor = (2, 0, 1)  # columns first
+    with pytest.raises(ValueError, match=r"a row-major array, got layout major_to_minor=\(2, 0, 1\)"):
+        host_views.host_view(Array())
 
 
 def test_sharded_array_is_refused():

@@ -2,6 +2,8 @@
 whatever the policy: micro-batches, resident expert fraction, more requests than rows, ragged prompts."""
 from __future__ import annotations
 
+import os
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -398,15 +400,26 @@ def test_prefill_memory_is_checked_before_generation():
         list(eng.generate([Request(0, tuple(range(1, 1500)), GREEDY)]))
 
 
-def test_copies_where_views_of_pinned_memory_fail(monkeypatch, caplog):
-    """A backend whose pinned arrays NumPy cannot view (`host_views.check` says why): the worker copies q/k/v out
-    and its output in, says so, and generates the same tokens."""
+@pytest.mark.parametrize("why", ["views fail", "switched off"])
+def test_copies_where_views_of_pinned_memory_fail_or_are_switched_off(monkeypatch, caplog, why):
+    """A backend whose pinned arrays NumPy cannot view (`host_views.check` says why: a warning), or
+    MOE_JAX_HOST_VIEWS=0 (said at INFO, nothing checked): the worker copies q/k/v out and its output in, and
+    generates the same tokens."""
     source = open_model("tiny-mixtral")
-    monkeypatch.setattr(offload_engine.host_views, "check", lambda *a: "no pointer here")
-    with caplog.at_level("WARNING", logger="moe_jax"):
+    if why == "views fail":
+        monkeypatch.setattr(offload_engine.host_views, "check", lambda *a: "no pointer here")
+    else:
+        monkeypatch.setenv("MOE_JAX_HOST_VIEWS", "0")
+        monkeypatch.setattr(offload_engine.host_views, "check", lambda *a: pytest.fail("checked though off"))
+    with caplog.at_level("INFO", logger="moe_jax"):
         got, eng = offload_tokens(source, Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2))
-    assert "copies the GPU's q/k/v out of pinned memory and its output into it" in caplog.text
-    assert "no pointer here" in caplog.text
+    said = [r for r in caplog.records if "copies the GPU's q/k/v out of pinned memory and its output into it"
+            in r.getMessage()]
+    assert len(said) == 1
+    if why == "views fail":
+        assert said[0].levelname == "WARNING" and "no pointer here" in said[0].getMessage()
+    else:
+        assert said[0].levelname == "INFO" and "(MOE_JAX_HOST_VIEWS=0)" in said[0].getMessage()
     assert not eng.stats.host_views and "copies from and to pinned memory" in eng.stats.summary()
     assert got == resident_tokens(source)
 
@@ -470,6 +483,7 @@ def test_the_run_compiles_no_host_kernel_the_warm_up_did_not(dtype, kv_cache_dty
     eng = OffloadEngine(source.cfg, source.weights, dtype, policy)
     out = list(eng.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)]))
     assert len(out) == len(PROMPTS) and eng.stats.decode_steps > 0
+    assert eng.stats.host_views or os.environ.get("MOE_JAX_HOST_VIEWS") == "0"  # the views' arrays, checked too
     assert [set(k.signatures) - w for k, w in zip(kernels, warmed)] == [set()] * 3
 
 
@@ -555,6 +569,7 @@ def test_gpu_offload_streams_from_pinned_memory_and_equals_resident():
     assert got == resident_tokens(source, params)
     kinds = {a.sharding.memory_kind for chunks in eng.host_chunks for a in jax.tree.leaves(chunks)}
     assert kinds == {"pinned_host"} and eng.stats.h2d_bytes > 0 and eng.stats.refilled == 4
+    assert eng.stats.host_views or os.environ.get("MOE_JAX_HOST_VIEWS") == "0"  # gpu_suite's probe turns them off
     assert eng.stats.peak_gpu_bytes and eng.stats.peak_gpu_bytes > 0
 
 
