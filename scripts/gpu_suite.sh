@@ -31,6 +31,8 @@
 #      the GPU wait until now); env.log's "host_views" line (the worker now reads q/k/v and writes its output
 #      through NumPy views of pinned memory: the hand-off should fall from 11.78 ms to ~0; where the probe
 #      fails, every step copies as before, MOE_JAX_HOST_VIEWS=0, and the summary line says "copies").
+#   1b. if ~3 minutes of device time are left: `bash scripts/gpu_suite.sh bench_offload_quick_copies` (the 4-layer
+#      run with views off, MOE_JAX_HOST_VIEWS=0: its CPU column against the core bench_offload_quick's).
 #   2. later sessions, one command each, for issue 7's "Done when" (gen 64 and 128 at 16 GiB, the PyTorch
 #      baseline): bench_throughput_g128_exp4, bench_vs_pytorch, then bench_throughput_g64 and _g128 (uncoded);
 #      bench_dsv2_lite (DeepSeek's latent attention on the CPU); calibrate (~1.5 min; it now also measures the CPU
@@ -130,6 +132,9 @@ STEPS=(
   # bench_offload_quick under the other threading settings of bench_cpu_idle: compare the CPU column (kernel/writes/hand-off/fetch)
   "bench_offload_quick_passive|160|OMP_WAIT_POLICY=passive $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_passive.json --append-results $LOGS/bench_offload_quick_passive.md"
   "bench_offload_quick_active|160|OMP_WAIT_POLICY=active NUMBA_NUM_THREADS=$(( NPROC > 3 ? NPROC - 2 : 1 )) $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_active.json --append-results $LOGS/bench_offload_quick_active.md"
+  # bench_offload_quick with the CPU worker copying q/k/v out of pinned memory and its output in (as before
+  # host_views): the same-run reference for the views' hand-off and fetch (the CPU column)
+  "bench_offload_quick_copies|160|MOE_JAX_HOST_VIEWS=0 $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_copies.json --append-results $LOGS/bench_offload_quick_copies.md"
   "bench_offload_quick_workqueue|160|NUMBA_THREADING_LAYER=workqueue $PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --json $LOGS/bench_offload_quick_workqueue.json --append-results $LOGS/bench_offload_quick_workqueue.md"
   "bench_offload|560|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --json $LOGS/bench_offload.json --append-results $LOGS/bench_offload.md"
   "bench_offload_quick_exp4|160|$PY scripts/bench_offload.py $HW \${MOE_IMPL:-} --layers 4 --gpu-memory-gb 10 --max-batch-size 512 --expert-codec exp4 --json $LOGS/bench_offload_quick_exp4.json --append-results $LOGS/bench_offload_quick_exp4.md"
