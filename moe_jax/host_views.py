@@ -56,9 +56,11 @@ def host_view(x: jax.Array, writable: bool = False) -> np.ndarray:
                          f"{shards[0].device.platform}")
     layout = x.format.layout
     order = [d for d in layout.major_to_minor if x.shape[d] != 1]  # size-1 dims: anywhere, the same bytes
-    if order != sorted(order) or layout.tiling:
+    tiling = getattr(layout, "tiling", None)  # None or (): untiled (a JAX without the attribute: its private name)
+    tiling = tiling if tiling is not None else getattr(layout, "_tiling", None)
+    if order != sorted(order) or tiling:
         raise ValueError(f"host_view: a row-major array, got layout major_to_minor={layout.major_to_minor}, "
-                         f"tiling={layout.tiling} for shape {x.shape}")
+                         f"tiling={tiling} for shape {x.shape}")
     x.block_until_ready()
     view = (np.empty(x.shape, x.dtype) if x.nbytes == 0 else
             np.asarray(_Buffer(x, x.unsafe_buffer_pointer())).view(x.dtype).reshape(x.shape))
