@@ -441,8 +441,11 @@ class OffloadEngine:
         [E, ...]}, its escapes): the experts as they are and None, or coded ({name: {"sm", "nib"}}, each expert
         coded in place) and {name: (base [c], expert [n], index [n], bits [n], bits of expert 0's element 0)},
         the chunk's escapes."""
-        if self.policy.expert_codec == "none":
-            return {k: np.ascontiguousarray(x[ids]) for k, x in weights.items()}, None
+        if self.policy.expert_codec == "none":  # a layer's streamed experts are a range of ids: views, no copy
+            lo, hi = int(ids[0]), int(ids[-1]) + 1
+            if not np.array_equal(ids, np.arange(lo, hi)):
+                raise ValueError(f"a chunk's streamed experts must be a range of ids, got {ids.tolist()}")
+            return {k: np.ascontiguousarray(x[lo:hi]) for k, x in weights.items()}, None
         host, escapes = {}, {}
         for k, x in weights.items():
             rows, cols = x.shape[1:]

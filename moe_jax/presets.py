@@ -6,7 +6,9 @@ ones for benchmarking. Configs are Hugging Face `config.json` dicts, parsed like
 """
 from __future__ import annotations
 
+import concurrent.futures
 import numbers
+import os
 import zlib
 
 import numpy as np
@@ -92,7 +94,9 @@ class RandomWeights:
 
     Tensors of at least `POOL / 16` elements (real-shape presets) are cut from a shared pool of `POOL`
     normal draws at a random offset, wrapping around: a memory copy instead of fresh draws, so that a
-    93 GB model materialises at copy speed. Small tensors are fresh draws.
+    93 GB model materialises at copy speed, in pieces of `POOL` elements on every core (most of a copy into
+    fresh memory is the OS mapping its pages: on the 2-core VM 0.47 GB/s on one thread, 0.85 on two).
+    Small tensors are fresh draws.
     """
 
     POOL = 1 << 24
@@ -116,12 +120,17 @@ class RandomWeights:
         n = int(np.prod(spec.shape))
         if spec.init == "normal" and n >= self.POOL // 16:
             pool = self._pool(1.0 if name == "embed" else spec.shape[-2] ** -0.5, dtype)
-            out = np.empty(n, pool.dtype)
-            pos, src = 0, int(rng.integers(self.POOL))
-            while pos < n:
-                take = min(n - pos, self.POOL - src)
-                out[pos:pos + take] = pool[src:src + take]
-                pos, src = pos + take, 0
+            out, start = np.empty(n, pool.dtype), int(rng.integers(self.POOL))
+
+            def fill(pos: int) -> None:  # out[j] = pool[(start + j) % POOL] for j in [pos, pos + POOL)
+                end, src = min(pos + self.POOL, n), (start + pos) % self.POOL
+                while pos < end:
+                    take = min(end - pos, self.POOL - src)
+                    out[pos:pos + take] = pool[src:src + take]
+                    pos, src = pos + take, 0
+
+            with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as threads:
+                list(threads.map(fill, range(0, n, self.POOL)))
             return out.reshape(spec.shape)
         x = rng.standard_normal(spec.shape, dtype=np.float32)
         if spec.init == "normal":

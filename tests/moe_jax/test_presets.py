@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import moe_jax
-from moe_jax.params import layer_bytes, model_bytes
+from moe_jax.params import layer_bytes, layer_specs, model_bytes
 from moe_jax.presets import PRESETS, TINY_PRESETS, RandomWeights, preset_config
 
 
@@ -39,6 +39,24 @@ def test_random_weights_are_deterministic_per_layer():
     for k, v in a.layer(1, np.float32).items():
         np.testing.assert_array_equal(v, b.layer(1, np.float32)[k])
     assert not np.array_equal(a.layer(0, np.float32)["wq"], a.layer(1, np.float32)["wq"])
+
+
+def test_pooled_tensors_are_the_pool_from_a_random_offset_wrapping_around():
+    """Large tensors are copied from the pool in pieces on several threads: element j is pool[(start + j) %
+    POOL] whatever the pieces (a small pool here, so that a tensor spans many pieces and wraps)."""
+    class Small(RandomWeights):
+        POOL = 1 << 10
+
+    cfg = preset_config("tiny-olmoe")
+    w = Small(cfg, seed=3)
+    name, spec = next((k, s) for k, s in layer_specs(cfg, 0).items()
+                      if s.init == "normal" and int(np.prod(s.shape)) >= Small.POOL * 3)
+    got = w._tensor(0, name, spec, np.float32)
+    pool = w._pool(spec.shape[-2] ** -0.5, np.float32)
+    flat = got.reshape(-1)
+    start = int(np.flatnonzero(pool == flat[0])[0])
+    np.testing.assert_array_equal(flat, pool[(start + np.arange(flat.size)) % Small.POOL])
+    np.testing.assert_array_equal(got, Small(cfg, seed=3)._tensor(0, name, spec, np.float32))
 
 
 def test_resident_kv_cache_must_fit_the_cap():
