@@ -30,7 +30,8 @@
 #      11.78 ms a layer-step; prefill 40.29 s of which k/v writes 40.13); the new "fetch of q/k/v" (counted in
 #      the GPU wait until now); env.log's "host_views" line (the worker now reads q/k/v and writes its output
 #      through NumPy views of pinned memory: the hand-off should fall from 11.78 ms to ~0; where the probe
-#      fails, every step copies as before, MOE_JAX_HOST_VIEWS=0, and the summary line says "copies").
+#      fails, every step copies as before, MOE_JAX_HOST_VIEWS=0, and the summary line says "copies"); the load
+#      ("load: N s"; 83.5 s with exp4 before the random weights' copy ran on every core).
 #   1b. if ~3 minutes of device time are left: `bash scripts/gpu_suite.sh bench_offload_quick_copies` (the 4-layer
 #      run with views off, MOE_JAX_HOST_VIEWS=0: its CPU column against the core bench_offload_quick's).
 #   2. later sessions, one command each, for issue 7's "Done when" (gen 64 and 128 at 16 GiB, the PyTorch
