@@ -138,7 +138,12 @@ def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: i
     `dtype` cache: one layer, `batch` sequences of `context` cached tokens, as the offload engine calls it; the
     time its query rows take apart (`row_seconds` per row and query head, `host_attention_rates`) not counted."""
     cache, seconds = _timed_host_attention(batch, context, q_heads, kv_heads, head_dim, dtype)
-    return cache.nbytes / (seconds - batch * q_heads * row_seconds)
+    return _bytes_rate(cache, seconds, batch * q_heads, row_seconds)
+
+
+def _bytes_rate(cache, seconds: float, head_rows: int, row_seconds: float) -> float:
+    """The cache's bytes over the seconds that its `head_rows` query rows x heads did not take apart."""
+    return cache.nbytes / (seconds - head_rows * row_seconds)
 
 
 def host_attention_rates(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
@@ -153,7 +158,7 @@ def host_attention_rates(batch: int, context: int, q_heads: int, kv_heads: int, 
     _, short_s = _timed_host_attention(rows, short_context, q_heads, kv_heads, head_dim, "bfloat16")
     per_row = (short_s - long_s) / ((rows - batch) * q_heads)
     per_row = per_row if per_row > 0 else None
-    return cache.nbytes / (long_s - batch * q_heads * (per_row or 0.0)), per_row
+    return _bytes_rate(cache, long_s, batch * q_heads, per_row or 0.0), per_row
 
 
 def host_attention_flops(batch: int, context: int, q_heads: int, head_dim: int, value_dim: int) -> float:
