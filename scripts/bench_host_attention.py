@@ -14,8 +14,13 @@ subprocess with NUMBA_CPU_FEATURES set to the host's features). With `--busy-cor
 micro-batch with N processes spinning beside the kernel's threads, at each of `--busy-threads` thread counts
 (fewer threads than cores leave cores to the others). With `--link-load` (a GPU only), the same micro-batch
 while a thread copies pinned host memory to the GPU in a loop, as the offload engine streams experts beside
-the kernel (the link's DMA reads share the host's DRAM). Best of --repeats for every figure (the latent
-rows and the matmul: best of 3, as calibrate; --busy-cores and --link-load: medians of --repeats).
+the kernel (the link's DMA reads share the host's DRAM), at one layer re-read by every call and at the working
+set. The engine's decode micro-batch is `--engine-shape` (default batch 256, context 128; g64's is 880, 109).
+Every attention figure goes round the layers of a cache of about `--working-set-gib` GiB (default 2) of its
+shape, so that no call reads KV a recent call read: it comes from DRAM, as each of the engine's calls' does,
+not from the last-level cache (the GPU host's may hold a 128 MiB layer; figures recorded before 2026-11-27's
+sixth session re-read one layer). Best of --repeats for every figure (the latent rows and the matmul: best of
+3, as calibrate; --busy-cores and --link-load: medians of --repeats).
 
     PYTHONPATH=. python scripts/bench_host_attention.py                       # 24 GiB / 2 cores
     PYTHONPATH=. python scripts/bench_host_attention.py --batch 64 256 512 --context 1024 4096 \\
@@ -93,36 +98,44 @@ def attention_seconds(batch: int, context: int, q_heads: int, kv_heads: int, hea
     return caches, times
 
 
+def layers_for(gib: float, batch: int, context: int, kv_heads: int, head_dim: int) -> int:
+    """Layers of `batch` slots of `context` positions that make about `gib` GiB of bfloat16 KV (at least one)."""
+    return max(1, round(gib * 2**30 / HostKVCache.footprint(1, batch, context, kv_heads, head_dim)))
+
+
 def page_sizes(gib: float, batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int
                ) -> list[tuple[float, float]]:
     """For a bfloat16 cache of about `gib` GiB (as many layers of `batch` slots of `context` positions) in 4 KiB
     pages, then one in 2 MiB pages, both allocated from memory this process has not used before: (GB/s of its
     fault-in, the median seconds of one `attend`, the calls going round its layers)."""
-    layers = max(1, round(gib * 2**30 / HostKVCache.footprint(1, batch, context, kv_heads, head_dim)))
+    layers = layers_for(gib, batch, context, kv_heads, head_dim)
     caches, times = attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats, layers=layers,
                                       huge_pages=(False, True))
     return [(c.storage_bytes / c.fault_in_s / 1e9, float(np.median(t))) for c, t in zip(caches, times)]
 
 
 def attention_gbs(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
-                  dtypes=("bfloat16",)) -> list[tuple[float, float]]:
-    """Per cache dtype, (seconds, GB/s of K+V read, int8's scales included) of one `attend` (`attention_seconds`):
-    the best of `repeats`."""
-    caches, times = attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats, dtypes)
-    return [(min(t), cache.nbytes / min(t) / 1e9) for cache, t in zip(caches, times)]
+                  dtypes=("bfloat16",), layers: int = 1) -> list[tuple[float, float]]:
+    """Per cache dtype, (seconds, GB/s of K+V read, int8's scales included) of one `attend` (`attention_seconds`,
+    going round `layers` layers): the best of `repeats`."""
+    caches, times = attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats, dtypes, layers=layers)
+    return [(min(t), cache.nbytes / cache.num_layers / min(t) / 1e9) for cache, t in zip(caches, times)]
 
 
 def median_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
-                   gap: float = 0.0) -> float:
-    """Median seconds of one bfloat16 `attend` over `repeats` calls (`attention_seconds`, `gap` before each)."""
-    return float(np.median(attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats, gap=gap)[1][0]))
+                   layers: int = 1, gap: float = 0.0) -> float:
+    """Median seconds of one bfloat16 `attend` over `repeats` calls going round `layers` layers
+    (`attention_seconds`, `gap` before each)."""
+    return float(np.median(attention_seconds(batch, context, q_heads, kv_heads, head_dim, repeats, gap=gap,
+                                             layers=layers)[1][0]))
 
 
 def busy_seconds(busy: int, batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
-                 repeats: int) -> tuple[float, float]:
-    """Median seconds of one bfloat16 `attend` with the cores free, and with `busy` processes spinning (as the
-    engine's dispatching thread and a GPU runtime's spinning waits hold cores while the kernel runs)."""
-    shape = (batch, context, q_heads, kv_heads, head_dim, repeats)
+                 repeats: int, layers: int = 1) -> tuple[float, float]:
+    """Median seconds of one bfloat16 `attend` (going round `layers` layers) with the cores free, and with `busy`
+    processes spinning (as the engine's dispatching thread and a GPU runtime's spinning waits hold cores while
+    the kernel runs)."""
+    shape = (batch, context, q_heads, kv_heads, head_dim, repeats, layers)
     free = median_seconds(*shape)
     spinners = []
     try:
@@ -136,11 +149,11 @@ def busy_seconds(busy: int, batch: int, context: int, q_heads: int, kv_heads: in
 
 
 def link_load_seconds(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int, repeats: int,
-                      mib: int = 256) -> tuple[float, float, float]:
-    """(median seconds of one bfloat16 `attend` with the link idle, the same while a thread copies `mib` MiB
-    of pinned host memory to the GPU in a loop, the link's GB/s meanwhile). The thread dispatches and waits
-    for its copies as the engine's dispatching thread does, so its own CPU time counts as it would there.
-    Needs a GPU backend."""
+                      layers: int = 1, mib: int = 256) -> tuple[float, float, float]:
+    """(median seconds of one bfloat16 `attend` going round `layers` layers with the link idle, the same while a
+    thread copies `mib` MiB of pinned host memory to the GPU in a loop, the link's GB/s meanwhile). The thread
+    dispatches and waits for its copies as the engine's dispatching thread does, so its own CPU time counts as
+    it would there. Needs a GPU backend."""
     import threading
 
     import jax
@@ -150,7 +163,7 @@ def link_load_seconds(batch: int, context: int, q_heads: int, kv_heads: int, hea
     host = jax.device_put(np.ones(mib << 20, np.uint8), SingleDeviceSharding(dev, memory_kind="pinned_host"))
     to_gpu = jax.jit(lambda x: x, out_shardings=SingleDeviceSharding(dev, memory_kind="device"))
     to_gpu(host).block_until_ready()
-    shape = (batch, context, q_heads, kv_heads, head_dim, repeats)
+    shape = (batch, context, q_heads, kv_heads, head_dim, repeats, layers)
     idle = median_seconds(*shape)
     stop, done, failed = threading.Event(), [], []  # done: each copy's end time
 
@@ -226,7 +239,7 @@ def main(argv=None):
     p.add_argument("--latent", type=int, nargs="+", default=[], metavar="B C",
                    help="also time DeepSeek's latent attention at these (batch, context) pairs, e.g. 64 1024 256 128")
     p.add_argument("--busy-cores", type=int, default=0, metavar="N",
-                   help="also time the engine's decode micro-batch (batch 256, context 128, bfloat16) with N other "
+                   help="also time the engine's decode micro-batch (--engine-shape, bfloat16) with N other "
                         "processes spinning, against the cores free (median of --repeats)")
     p.add_argument("--busy-threads", type=int, nargs="+", default=[], metavar="T",
                    help="with --busy-cores: time it at each of these numba thread counts too (default: --threads)")
@@ -239,6 +252,12 @@ def main(argv=None):
                    help="first (before this process frees any memory, so that both take fresh memory), the KV cache in "
                         "4 KiB pages against 2 MiB huge pages: a GIB-GiB cache of each, its fault-in GB/s and the "
                         "median ms of attention at the engine's decode micro-batch going round its layers")
+    p.add_argument("--engine-shape", type=int, nargs=2, default=[256, 128], metavar=("B", "C"),
+                   help="the engine's decode micro-batch that --pages, --busy-cores, --idle-gap and --link-load time: "
+                        "B sequences of context C (default 256 128; Mixtral's g64 policy: 880 109)")
+    p.add_argument("--working-set-gib", type=float, default=2.0, metavar="GIB",
+                   help="each attention figure goes round the layers of a cache of about this many GiB of its shape "
+                        "(at least one layer), so that its KV comes from DRAM as the engine's does")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=numba.config.NUMBA_NUM_THREADS,
                    help="numba threads for both measurements (default: all cores)")
@@ -261,12 +280,20 @@ def main(argv=None):
             p.error(f"--link-load needs a GPU; JAX's device here is {jax.devices()[0].platform}")
     if args.pages is not None and not args.pages > 0:
         p.error(f"--pages must be a positive number of GiB, got {args.pages}")
+    if not args.working_set_gib > 0:
+        p.error(f"--working-set-gib must be a positive number of GiB, got {args.working_set_gib}")
+    if min(args.engine_shape) < 1:
+        p.error(f"--engine-shape takes a batch and a context of at least 1, got {args.engine_shape}")
     numba.set_num_threads(args.threads)
 
-    engine_shape = (256, 128, args.q_heads, args.kv_heads, args.head_dim, args.repeats)  # its decode micro-batch
+    eb, ec = args.engine_shape
+    engine_shape = (eb, ec, args.q_heads, args.kv_heads, args.head_dim, args.repeats)  # its decode micro-batch
+    engine_layers = layers_for(args.working_set_gib, eb, ec, args.kv_heads, args.head_dim)
+    engine = (f"batch {eb}, context {ec}, going round {engine_layers} layer(s) "
+              f"({HostKVCache.footprint(engine_layers, eb, ec, args.kv_heads, args.head_dim) / 2**30:.2f} GiB)")
     if args.pages:
         (small_gbs, small_s), (huge_gbs, huge_s) = page_sizes(args.pages, *engine_shape)
-        print(f"KV cache pages ({args.pages:g} GiB bfloat16 each, fresh memory), batch 256, context 128, median ms "
+        print(f"KV cache pages ({args.pages:g} GiB bfloat16 each, fresh memory), batch {eb}, context {ec}, median ms "
               f"of attention; x: 2 MiB against 4 KiB")
         print(f"{'pages':>6} {'fault-in GB/s':>14} {'attend ms':>10}")
         print(f"{'4 KiB':>6} {small_gbs:>14.2f} {small_s * 1e3:>10.2f}")
@@ -278,7 +305,8 @@ def main(argv=None):
           f"target {numba_target.describe()}")
     print(f"host read bandwidth (numba parallel sum over {args.stream_gib:g} GiB): {stream:.1f} GB/s\n")
     dtypes = list(dict.fromkeys(args.kv_dtype))
-    print(f"decode attention, Hq={args.q_heads} Hk={args.kv_heads} D={args.head_dim}, full context; KV MiB and GB/s "
+    print(f"decode attention, Hq={args.q_heads} Hk={args.kv_heads} D={args.head_dim}, full context, each shape going "
+          f"round the layers of a ~{args.working_set_gib:g} GiB cache; KV MiB (a layer's) and GB/s "
           f"of {dtypes[0]} K+V" + (", int8's speed-up over it" if len(dtypes) > 1 else "") + ":")
     print(f"{'batch':>6} {'context':>8} {'KV MiB':>8} {'ms':>8} {'GB/s':>7} {'/ read bw':>9}"
           + "".join(f" {d + ' ms':>10} {'x':>5}" for d in dtypes[1:]))
@@ -290,8 +318,9 @@ def main(argv=None):
             if nbytes > args.max_kv_gib * 2**30:
                 print(f"{batch:>6} {context:>8} {nbytes / 2**20:>8.0f}  skipped (> --max-kv-gib)")
                 continue
+            layers = layers_for(args.working_set_gib, batch, context, args.kv_heads, args.head_dim)
             (seconds, gbs), *others = attention_gbs(batch, context, args.q_heads, args.kv_heads, args.head_dim,
-                                                    args.repeats, dtypes)
+                                                    args.repeats, dtypes, layers)
             best[dtypes[0]] = max(best[dtypes[0]], gbs)
             row = f"{batch:>6} {context:>8} {nbytes / 2**20:>8.0f} {seconds * 1e3:>8.2f} {gbs:>7.1f} {gbs / stream:>9.2f}"
             for d, (s, g) in zip(dtypes[1:], others):
@@ -305,13 +334,13 @@ def main(argv=None):
     print(f"| {stream:.1f} | {best[dtypes[0]]:.1f} | {best[dtypes[0]] / stream:.2f} |"
           + (f" {min(speedups):.2f}-{max(speedups):.2f}x |" if speedups else ""))
     if args.busy_cores:
-        print(f"\nwith {args.busy_cores} busy process(es) (spinning), batch 256, context 128, median ms; x: against "
+        print(f"\nwith {args.busy_cores} busy process(es) (spinning), {engine}, median ms; x: against "
               f"the cores free at {args.threads} threads")
         print(f"{'threads':>8} {'free':>8} {'busy':>8} {'x':>6} {'even spread':>12}")  # x if the work spread evenly over the free cores
         reference, cores = None, len(os.sched_getaffinity(0))
         for n in dict.fromkeys([args.threads, *args.busy_threads]):
             numba.set_num_threads(n)
-            free, busy = busy_seconds(args.busy_cores, *engine_shape)
+            free, busy = busy_seconds(args.busy_cores, *engine_shape, engine_layers)
             reference = reference or free
             spread = min(args.threads, cores) / min(n, max(cores - args.busy_cores, 1))
             print(f"{n:>8} {free * 1e3:>8.2f} {busy * 1e3:>8.2f} {busy / reference:>6.2f} {spread:>12.2f}")
@@ -320,19 +349,23 @@ def main(argv=None):
         layer = os.environ.get("NUMBA_THREADING_LAYER", "default") + ", OMP_WAIT_POLICY " + os.environ.get(
             "OMP_WAIT_POLICY", "unset")
         print(f"\nafter an idle gap before each call (threading layer {numba.threading_layer()}; NUMBA_THREADING_LAYER "
-              f"{layer}), batch 256, context 128, median ms; x: against back to back")
+              f"{layer}), {engine}, median ms; x: against back to back")
         print(f"{'gap ms':>8} {'ms':>8} {'x':>6}")
-        back_to_back = median_seconds(*engine_shape)
+        back_to_back = median_seconds(*engine_shape, engine_layers)
         print(f"{0:>8g} {back_to_back * 1e3:>8.2f} {1:>6.2f}")
         for gap in args.idle_gap:
-            t = median_seconds(*engine_shape, gap=gap / 1e3)
+            t = median_seconds(*engine_shape, engine_layers, gap=gap / 1e3)
             print(f"{gap:>8g} {t * 1e3:>8.2f} {t / back_to_back:>6.2f}")
     if args.link_load:
-        idle, loaded, gbs = link_load_seconds(*engine_shape)
         wait = os.environ.get("TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE", "CUDA's default: spinning")
-        print(f"\nwith the link streaming pinned host memory to the GPU ({gbs:.1f} GB/s meanwhile; the copying thread's "
-              f"waits: {wait}), batch 256, context 128: median {idle * 1e3:.2f} ms idle, {loaded * 1e3:.2f} ms loaded: "
-              f"x{loaded / idle:.2f}")
+        print(f"\nwith the link streaming pinned host memory to the GPU (the copying thread's waits: {wait}), batch "
+              f"{eb}, context {ec}, median ms; x: loaded against idle")
+        print(f"{'layers':>7} {'GiB':>6} {'idle':>8} {'loaded':>8} {'x':>6} {'link GB/s':>10}")
+        # one layer re-read by every call (it may sit in the last-level cache), then the working set (from DRAM)
+        for layers in dict.fromkeys([1, engine_layers]):
+            idle, loaded, gbs = link_load_seconds(*engine_shape, layers)
+            gib = HostKVCache.footprint(layers, eb, ec, args.kv_heads, args.head_dim) / 2**30
+            print(f"{layers:>7} {gib:>6.2f} {idle * 1e3:>8.2f} {loaded * 1e3:>8.2f} {loaded / idle:>6.2f} {gbs:>10.1f}")
     if args.latent:
         print_latent(list(zip(args.latent[::2], args.latent[1::2])), numba.get_num_threads())
 

@@ -17,8 +17,10 @@
 # one device command each, in this order:
 #   1. `bash scripts/gpu_suite.sh` (timeout_s 600; 7-9.5 min: the full run took 378 s on a warm machine, and
 #      a cold one's first touch of memory may take it to the budget, where the bench reports the decode steps
-#      it measured): the core steps now: bench_kv_pages (~30 s: the KV cache's 4 KiB pages against huge ones,
-#      fault-in and attention), bench_throughput_g64_exp4 (issue 7) and bench_offload_quick, after
+#      it measured): the core steps now: bench_kv_pages (~45 s: the KV cache's 4 KiB pages against huge ones,
+#      fault-in and attention; then the kernel alone at g64's 880 x 109 from DRAM, whose ms against the engine's
+#      kernel ms per call (its CPU column's kernel / 3 micro-batches) is the engine's own overhead: wake-ups,
+#      contention, the link's DMA; env.log now gives the L3's size), bench_throughput_g64_exp4 (issue 7) and bench_offload_quick, after
 #      the fixes for the CPU term: the host KV cache faulted in at allocation, in parallel, and kept across
 #      generate calls (the benches allocate it before the warm-up and report its fault-in apart: "load + KV s");
 #      the decode attention's host arrays reused, and its kernel reading bf16 q and writing bf16 out itself
@@ -103,15 +105,19 @@ STEPS=(
   # the host KV cache in 4 KiB pages against 2 MiB huge pages (the engine's, as NumPy's large arrays): the
   # fault-in of fresh memory (on the 2-core VM, 4 KiB 6x faster) and attention over each (huge 2-9% faster
   # there). First of the core steps, while this machine's memory is fresh, as the engine's cache finds it.
-  "bench_kv_pages|120|$PY scripts/bench_host_attention.py --pages 4 --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 2"
+  # Then the kernel at g64's decode micro-batch (880 rows, context ~109) beside 256 x 128, each from DRAM (going round
+  # 2 GiB of layers, as the engine's calls read KV no recent call read): against the engine's kernel time per call.
+  "bench_kv_pages|120|$PY scripts/bench_host_attention.py --pages 4 --kv-dtype bfloat16 --batch 256 880 --context 109 128 --stream-gib 2"
   # with DeepSeek's latent attention (compute-bound) against the same kernel at LLVM's own vector width, and
   # the engine's decode shape with one core busy (as the engine's dispatching thread keeps one)
   "bench_host_attention|120|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16 --latent 64 1024 256 128 1024 128 --busy-cores 1"
-  # the engine's decode micro-batch with one core busy at fewer threads than cores, and beside the link's DMA
-  "bench_cpu_contention|120|$PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 8 --busy-cores 1 --busy-threads $(( NPROC > 2 ? NPROC - 1 : 1 )) $(( NPROC > 3 ? NPROC - 2 : 1 )) $(( NPROC > 5 ? NPROC - 4 : 1 )) --link-load"
+  # the engine's decode micro-batch (g64's: 880 x 109) with one core busy at fewer threads than cores, and beside the
+  # link's DMA (the two share the host's DRAM): one layer re-read (as these steps measured before 2026-11-27's sixth
+  # session: it may sit in the last-level cache) against 2 GiB of layers (from DRAM, as the engine reads KV)
+  "bench_cpu_contention|150|$PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 880 --context 109 --engine-shape 880 109 --stream-gib 8 --busy-cores 1 --busy-threads $(( NPROC > 2 ? NPROC - 1 : 1 )) $(( NPROC > 3 ? NPROC - 2 : 1 )) $(( NPROC > 5 ? NPROC - 4 : 1 )) --link-load"
   # the link-load figure again with CUDA's waits blocking instead of spinning on a core (XLA reads this variable
   # when it creates the GPU context; with one context on 16 cores CUDA spins by default)
-  "bench_cpu_contention_blocking|90|TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE=blocking_sync $PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 256 --context 128 --stream-gib 8 --link-load"
+  "bench_cpu_contention_blocking|90|TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE=blocking_sync $PY scripts/bench_host_attention.py --kv-dtype bfloat16 --batch 880 --context 109 --engine-shape 880 109 --stream-gib 8 --link-load"
   # the engine's decode micro-batch after idle gaps (the engine's worker waits for the GPU between its calls, and
   # OpenMP's threads spin, then sleep, between parallel regions) under each threading setting: does waking costs?
   # (the entries: comma-separated variables; "active" at cores - 2 threads, as bench_offload_quick_active runs)
@@ -190,7 +196,7 @@ if "pinned_host" in [m.kind for m in dev.addressable_memories()]:
 PY
 )" 2>&1
   echo "host memory: $(mem)"
-  echo "host CPU: $(lscpu 2>/dev/null | awk -F: '/^Model name|^CPU\(s\)|^Thread|^Core|^Socket|^NUMA node\(s\)/ {gsub(/ +/, " ", $2); printf "%s:%s; ", $1, $2}')"
+  echo "host CPU: $(lscpu 2>/dev/null | awk -F: '/^Model name|^CPU\(s\)|^Thread|^Core|^Socket|^NUMA node\(s\)|^L3 cache/ {gsub(/ +/, " ", $2); printf "%s:%s; ", $1, $2}')"
   echo "HRM profile: ${HW:-none (no H100/H200 detected)}"
 } | tee "$LOGS/env.log"
 # views of pinned memory that fail (or crash) in the probe above are not tried in the steps: their engines copy

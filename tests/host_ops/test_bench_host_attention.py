@@ -21,7 +21,7 @@ def _bench():
 
 
 TINY = ["--batch", "2", "3", "--context", "64", "--q-heads", "8", "--kv-heads", "2", "--head-dim", "64",
-        "--stream-gib", "0.01", "--max-kv-gib", "0.00008", "--repeats", "1"]
+        "--stream-gib", "0.01", "--max-kv-gib", "0.00008", "--repeats", "1", "--working-set-gib", "0.0001"]
 
 
 def test_bench_prints_bandwidths_and_ratio(capsys):
@@ -60,7 +60,9 @@ def test_bench_times_latent_attention_against_llvms_vector_width(capsys):
     (["--busy-cores", "1", "--busy-threads", "0"], "--busy-threads must lie in 1.."),
     (["--link-load"], "--link-load needs a GPU; JAX's device here is cpu"),
     (["--idle-gap", "-1"], "--idle-gap must be >= 0 ms, got [-1.0]"),
-    (["--pages", "0"], "--pages must be a positive number of GiB, got 0.0")])
+    (["--pages", "0"], "--pages must be a positive number of GiB, got 0.0"),
+    (["--working-set-gib", "0"], "--working-set-gib must be a positive number of GiB, got 0.0"),
+    (["--engine-shape", "0", "16"], "--engine-shape takes a batch and a context of at least 1, got [0, 16]")])
 def test_bench_refuses_bad_flags(capsys, flags, message):
     with pytest.raises(SystemExit):
         _bench().main([*TINY, *flags])
@@ -114,3 +116,32 @@ def test_bench_compares_the_caches_page_sizes_first(capsys, monkeypatch):
     ratios = [float(x) for x in rows[2][1:3]]  # of the unrounded figures
     assert ratios == [pytest.approx(huge_gbs / small_gbs, rel=0.05, abs=0.01),
                       pytest.approx(huge_ms / small_ms, rel=0.05, abs=0.01)]
+
+
+
+def test_bench_goes_round_a_working_set_of_layers(capsys, monkeypatch):
+    """Each shape's calls go round the layers of a cache of about --working-set-gib (so that its KV comes from DRAM,
+    not the last-level cache), the engine's decode micro-batch (--engine-shape) too."""
+    bench, made, calls = _bench(), [], []
+    real, attend = bench.HostKVCache, bench.HostKVCache.attend
+
+    def cache(*args, **kwargs):
+        made.append(args[:3])  # layers, slots, context
+        return real(*args, **kwargs)
+
+    def counted_attend(self, layer, *args, **kwargs):
+        calls.append((id(self), layer))
+        return attend(self, layer, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "HostKVCache", cache)
+    monkeypatch.setattr(cache, "footprint", real.footprint, raising=False)
+    monkeypatch.setattr(real, "attend", counted_attend)
+    bench.main([*TINY, "--kv-dtype", "bfloat16", "--idle-gap", "1", "--engine-shape", "2", "32", "--repeats", "4"])
+    layers = {(b, c): max(1, round(0.0001 * 2**30 / real.footprint(1, b, c, 2, 64))) for b, c in [(2, 64), (2, 32)]}
+    assert made == [(layers[2, 64], 2, 64)] + [(layers[2, 32], 2, 32)] * 2  # the table's (3 x 64 skipped), the engine's
+    assert min(layers.values()) >= 2  # the engine's shape back to back and after the gap: each more than one layer
+    caches = list(dict.fromkeys(k for k, _ in calls))
+    assert len(caches) == len(made)
+    for key, (L, *_) in zip(caches, made):  # 5 calls a cache (the warm-up and 4 repeats) going round its layers
+        assert [layer for k, layer in calls if k == key] == [r % L for r in range(5)]
+    assert f"batch 2, context 32, going round {layers[2, 32]} layer(s)" in capsys.readouterr().out
