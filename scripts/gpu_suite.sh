@@ -17,10 +17,12 @@
 # one device command each, in this order:
 #   1. `bash scripts/gpu_suite.sh` (timeout_s 600; 7-9.5 min: the full run took 378 s on a warm machine, and
 #      a cold one's first touch of memory may take it to the budget, where the bench reports the decode steps
-#      it measured): the core steps now: bench_kv_pages (~45 s: the KV cache's 4 KiB pages against huge ones,
+#      it measured): the core steps now: bench_kv_pages (~60 s: the KV cache's 4 KiB pages against huge ones,
 #      fault-in and attention; then the kernel alone at g64's 880 x 109 from DRAM, whose ms against the engine's
-#      kernel ms per call (its CPU column's kernel / 3 micro-batches) is the engine's own overhead: wake-ups,
-#      contention, the link's DMA; env.log now gives the L3's size), bench_throughput_g64_exp4 (issue 7) and bench_offload_quick, after
+#      kernel ms per call (its CPU column's kernel / 3 micro-batches) is what the engine adds, and the same
+#      beside the link's DMA, one layer re-read against 2 GiB of layers: if the DMA slows the kernel from DRAM,
+#      that is the engine's 1.9x and HRM lacks a shared host-DRAM roof; env.log now gives the L3's size),
+#      bench_throughput_g64_exp4 (issue 7) and bench_offload_quick, after
 #      the fixes for the CPU term: the host KV cache faulted in at allocation, in parallel, and kept across
 #      generate calls (the benches allocate it before the warm-up and report its fault-in apart: "load + KV s");
 #      the decode attention's host arrays reused, and its kernel reading bf16 q and writing bf16 out itself
@@ -105,9 +107,12 @@ STEPS=(
   # the host KV cache in 4 KiB pages against 2 MiB huge pages (the engine's, as NumPy's large arrays): the
   # fault-in of fresh memory (on the 2-core VM, 4 KiB 6x faster) and attention over each (huge 2-9% faster
   # there). First of the core steps, while this machine's memory is fresh, as the engine's cache finds it.
-  # Then the kernel at g64's decode micro-batch (880 rows, context ~109) beside 256 x 128, each from DRAM (going round
-  # 2 GiB of layers, as the engine's calls read KV no recent call read): against the engine's kernel time per call.
-  "bench_kv_pages|120|$PY scripts/bench_host_attention.py --pages 4 --kv-dtype bfloat16 --batch 256 880 --context 109 128 --stream-gib 2"
+  # All at g64's decode micro-batch (880 rows, context ~109), each figure from DRAM (going round 2 GiB of layers, as
+  # the engine's calls read KV no recent call read). Then the kernel alone (and at 256 x 128), against the engine's
+  # kernel time per call, and beside the link's DMA (--link-load), which shares the host's DRAM with it: on the
+  # 2-core VM the engine's kernel ran 1.14x its time alone when nothing else ran, so the H200's 1.9x is what runs
+  # beside it; the DMA is the suspect (HRM counts the link and the kernel's DRAM reads apart).
+  "bench_kv_pages|150|$PY scripts/bench_host_attention.py --pages 4 --kv-dtype bfloat16 --batch 256 880 --context 109 128 --engine-shape 880 109 --stream-gib 2 --link-load"
   # with DeepSeek's latent attention (compute-bound) against the same kernel at LLVM's own vector width, and
   # the engine's decode shape with one core busy (as the engine's dispatching thread keeps one)
   "bench_host_attention|120|$PY scripts/bench_host_attention.py --batch 64 256 512 --context 128 1024 4096 --stream-gib 8 --max-kv-gib 16 --kv-dtype bfloat16 --latent 64 1024 256 128 1024 128 --busy-cores 1"
