@@ -47,7 +47,7 @@ from moe_jax import expert_codec, host_memory, host_views, model, pinned_pool
 from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
-from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_call_rows
+from moe_jax.offload_memory import decode_bytes, peak_prefill_positions, prefill_bytes, prefill_call_rows
 from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
 from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, non_expert_bytes
@@ -87,6 +87,7 @@ class JobShape(NamedTuple):
     kv_positions: np.ndarray | None
     prompt_positions: np.ndarray | None = None
     prefill_positions: np.ndarray | None = None
+    prefill_peak_positions: np.ndarray | None = None
 
 
 def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_positions: int, *,
@@ -100,14 +101,18 @@ def hrm_lengths(prompt_lens: Sequence[int], budgets: Sequence[int], max_position
     bucket (HRM's approximation of the engine's prefill calls, each padded to the bucket of its longest
     prompt after a micro-batch's prompts are sorted by length). The first n requests are those of
     `admission_order` (the n largest needs), or with `in_order` the first n as given (a job that will be the
-    first n of these requests)."""
+    first n of these requests). prefill_peak_positions: the most of those padded tokens that n prompts of the
+    job hold, which bound the prefill's hidden states on the GPU: the n largest own buckets'
+    (`offload_memory.peak_prefill_positions`), or with `in_order`, the first n's (prefill_positions: that job
+    prefills all of them at once)."""
     P = int(max(prompt_lens))
     budgets = np.minimum(budgets, max_positions - np.asarray(prompt_lens))
     order = np.arange(len(prompt_lens)) if in_order else np.array(admission_order(prompt_lens, budgets))
     prompts = np.asarray(prompt_lens)[order]
     totals = lambda x: np.concatenate([[0], np.cumsum(x)])
+    padded = totals([bucket(int(n)) for n in prompts])
     return JobShape(P, int(min(budgets.max(), max_positions - P)), bucket(P), totals(prompts + budgets[order]),
-                    totals(prompts), totals([bucket(int(n)) for n in prompts]))
+                    totals(prompts), padded, padded if in_order else peak_prefill_positions(prompt_lens))
 
 
 class _JobPlan(NamedTuple):
@@ -608,7 +613,8 @@ class OffloadEngine:
                               HostKVCache.footprint(*kv_args), self.host_memory_bytes,
                               "set kv_cache_dtype='int8' (lossy; about half the bytes)" if kv_dtype.kind == "f" else "",
                               freed=0 if kept is None else kept.storage_bytes)
-        self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T)),
+        self._check_gpu_memory(int(prefill_bytes(cfg, self.dtype, pol.batch_size, pol.micro_batch_size, T,
+                                                 peak_prefill_positions(lengths))),
                                f"prefill of prompts up to {T} tokens")
         return plan
 

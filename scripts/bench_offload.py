@@ -91,7 +91,7 @@ def resolve(spec: str, cfg, args, hardware):
 
     # every prompt alike: prompt + budget KV positions each, for any batch size
     job = hrm_lengths([args.prompt_len], [args.gen_len], cfg.max_positions)._replace(
-        kv_positions=None, prompt_positions=None, prefill_positions=None)
+        kv_positions=None, prompt_positions=None, prefill_positions=None, prefill_peak_positions=None)
     return bc.resolve_policy(spec, cfg, hardware, job, args.gpu_memory_gb, args.max_batch_size or args.num_prompts,
                              args.dtype, **bc.policy_options(args))
 

@@ -30,7 +30,8 @@ Memory. GPU (at most `GPU_USABLE` of the cap): non-expert weights, the expert sl
 table (`moe_jax.expert_pages`: R resident (layer, expert) pairs, M = E − ⌊R/L⌋ streamed slots and M
 experts in flight, these coded under the exp4 codec, which adds its escapes and one decoded expert),
 the working sets of a decode micro-batch and of the prefill (`moe_jax.offload_memory`, the formula the
-engine checks: hidden states of the batch's prompts, all at the longest one's padding (an upper bound),
+engine checks: hidden states of the batch's prompts, at most the N largest of their own paddings plus the
+calls' padding where the job's lengths are given, else all at the longest one's padding: upper bounds),
 one prefill call's activations and attention scores materialised in f32 as `model.attention` does), GPU
 attention's scores and a GPU KV cache. Host (at most `HOST_USABLE`): the host KV cache (NumPy, outside the
 pinned pool) and XLA's pinned-host pool, which reserves about its cap (`moe_jax.pinned_pool`): the cap the
@@ -138,8 +139,8 @@ def _most_resident(c, L: int, E: int, f: float = 2.0):
 
 def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, kv_gpu, *, resident=None,
               batch=None, gpu_budget=np.inf, host_budget=np.inf, prefill_len=None, pinned_pool_bytes=None,
-              kv_positions=None, prompt_positions=None, prefill_positions=None, codec="none",
-              kv_cache_dtype="auto") -> dict:
+              kv_positions=None, prompt_positions=None, prefill_positions=None, prefill_peak_positions=None,
+              codec="none", kv_cache_dtype="auto") -> dict:
     """Times (seconds) and memory (bytes) of policies, as broadcast arrays over the arguments.
 
     mu, n_ub: micro-batch size and count; attn_gpu, kv_gpu: booleans of the placement; resident: R, the
@@ -153,7 +154,9 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
     sized for prompts of `prefill_len` tokens (default P; the padding its GPU memory is planned for), each
     micro-batch's first call padded to prefill_len and the others to the mean of the prompts' own paddings
     (prefill_positions[N] / N; default prefill_len), with as many rows as those paddings allow: an
-    approximation of the engine's calls, each padded to its longest prompt; `codec`: how the
+    approximation of the engine's calls, each padded to its longest prompt; the prefill's hidden states
+    on the GPU bounded by the N largest of prefill_peak_positions (`offload_memory.prefill_bytes`; default
+    every prompt at prefill_len); `codec`: how the
     streamed experts are held and sent (`moe_jax.expert_codec`: fewer bytes on the link and in the pool,
     decoded into full slots on the GPU); `kv_cache_dtype`: how the host KV cache stores K and V (`Policy`;
     its bytes per token in host memory and for CPU attention to read; the new k, v cross the link in
@@ -201,7 +204,7 @@ def _evaluate(cfg: ModelConfig, hw: Hardware, dtype, P, G, mu, n_ub, attn_gpu, k
         kv_positions = np.asarray(kv_positions)
         kv_cache = kv_positions[np.minimum(N, kv_positions.size - 1).astype(int)] * L * kv_stored
     gpu_fixed = (non_expert_bytes(cfg, dtype) + decode_bytes(cfg, mu) + attn_dec
-                 + prefill_bytes(cfg, dtype, N, mu, T) + np.where(kv_gpu, kv_cache, 0.0)
+                 + prefill_bytes(cfg, dtype, N, mu, T, prefill_peak_positions) + np.where(kv_gpu, kv_cache, 0.0)
                  + decode_overhead_bytes(cfg, dtype, codec, Lm * E))
     host_fixed = np.where(kv_gpu, 0.0, kv_cache)
     f = 1 + w_link / w  # a streamed expert's slot and its copy in flight, in experts
@@ -316,7 +319,7 @@ def _memory_cap(name: str, gb: float | None, available: float) -> float:
 
 def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, gen_len: int, *,
                   prefill_len: int | None = None, kv_positions=None, prompt_positions=None,
-                  prefill_positions=None, gpu_memory_gb: float | None = None,
+                  prefill_positions=None, prefill_peak_positions=None, gpu_memory_gb: float | None = None,
                   host_memory_gb: float | None = None, pinned_pool_gb: float | None = None,
                   max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16",
                   expert_codec: str = "none", kv_cache_dtype: str = "auto") -> SearchResult:
@@ -330,7 +333,9 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     the engine allocates (default prompt_len + gen_len per sequence); `prompt_positions`, their prompt
     tokens (decode contexts; default prompt_len each); `prefill_positions`, their prompt tokens each padded
     to its own bucket (the prefill's compute beyond each micro-batch's first call, which is padded to
-    prefill_len; default prefill_len each; its GPU memory is planned at prefill_len).
+    prefill_len; default prefill_len each); `prefill_peak_positions`, over all the job's prompts, the totals of
+    the n largest own buckets (`offload_memory.peak_prefill_positions`: the prefill's hidden states on the GPU;
+    default every prompt at prefill_len).
     `pinned_pool_gb`: the pinned-host pool's cap when it is fixed already (JAX started before the policy
     was chosen; `moe_jax.pinned_pool.fixed_cap_bytes`); None: the engine sizes it for the chosen policy.
     `expert_codec`: how the engine will hold and send the streamed experts (`moe_jax.expert_codec`);
@@ -359,7 +364,7 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
     R = _check_totals(kv_positions=kv_positions, prompt_positions=prompt_positions,
-                      prefill_positions=prefill_positions)
+                      prefill_positions=prefill_positions, prefill_peak_positions=prefill_peak_positions)
     if R is not None:
         max_batch_size = min(max_batch_size or np.inf, R)
     gpu_cap = _memory_cap("gpu_memory_gb", gpu_memory_gb, hw.gpu_memory)
@@ -372,7 +377,8 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
                   NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget,
                   prefill_len=prefill_len, pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None,
                   kv_positions=kv_positions, prompt_positions=prompt_positions,
-                  prefill_positions=prefill_positions, codec=expert_codec, kv_cache_dtype=kv_cache_dtype)
+                  prefill_positions=prefill_positions, prefill_peak_positions=prefill_peak_positions,
+                  codec=expert_codec, kv_cache_dtype=kv_cache_dtype)
     allowed = np.array([p in placements for p in PLACEMENTS])[:, None, None]
     tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
     if not tps.max() > 0:
@@ -390,19 +396,21 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
 
 def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_len: float, gen_len: int, *,
             dtype="bfloat16", prefill_len: int | None = None, kv_positions=None, prompt_positions=None,
-            prefill_positions=None, pinned_pool_gb: float | None = None) -> SearchResult:
+            prefill_positions=None, prefill_peak_positions=None, pinned_pool_gb: float | None = None) -> SearchResult:
     """HRM's prediction for a given `policy` (no memory limit applied): decode over contexts averaging
     prompt_len + gen_len / 2 (prompt_len may be a mean), prefill of prompts padded to `prefill_len`
     (default prompt_len), the lengths of a job of different lengths from the arrays of `choose_policy`,
     the policy's resident experts spread over layers as the engine spreads them, the KV cache and the
     pinned pool as in `choose_policy`."""
     hw = hardware_profile(hardware)
-    _check_totals(kv_positions=kv_positions, prompt_positions=prompt_positions, prefill_positions=prefill_positions)
+    _check_totals(kv_positions=kv_positions, prompt_positions=prompt_positions, prefill_positions=prefill_positions,
+                  prefill_peak_positions=prefill_peak_positions)
     resident = round(policy.resident_expert_fraction * cfg.num_moe_layers * cfg.num_experts)  # as ExpertPages.plan
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, policy.micro_batch_size, policy.num_micro_batches,
                   policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,
                   batch=policy.batch_size, prefill_len=prefill_len, kv_positions=kv_positions,
                   prompt_positions=prompt_positions, prefill_positions=prefill_positions,
+                  prefill_peak_positions=prefill_peak_positions,
                   pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None, codec=policy.expert_codec,
                   kv_cache_dtype=policy.kv_cache_dtype)
     return _result(policy, {k: float(v) for k, v in g.items()})

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from moe_jax.offload_memory import (PREFILL_CALL_BYTES, activation_bytes, prefill_bytes, prefill_call_rows,
-                                    prefill_calls, prefill_rows_per_call)
+from moe_jax.microbatches import balanced_micro_batches
+from moe_jax.offload_memory import (PREFILL_CALL_BYTES, activation_bytes, peak_prefill_positions, prefill_bytes,
+                                    prefill_call_rows, prefill_calls, prefill_rows_per_call)
 from moe_jax.presets import preset_config
 from moe_jax.shape_buckets import bucket
 
@@ -28,10 +29,11 @@ def test_prefill_calls_of_the_shorter_prompts_take_more_rows():
     assert [x.tolist() for x in prefill_calls(cfg, np.array([30]), 96)] == [[16], [16], [0], [1], [16]]
 
 
-def _engine_calls(cfg, mu: int, lengths) -> list[tuple[int, int]]:
-    """(rows, T) of each prefill call the engine makes for one micro-batch of prompts of these lengths
-    (`_Run._start_prefill`'s loop)."""
-    lengths, T, s, out = sorted(lengths, reverse=True), bucket(max(lengths)), 0, []
+def _engine_calls(cfg, mu: int, lengths, T=None) -> list[tuple[int, int]]:
+    """(rows, T) of each prefill call the engine makes for one micro-batch of prompts of these lengths, in a job
+    whose longest prompt's bucket is T (default theirs) (`_Run._start_prefill`'s loop)."""
+    lengths, s, out = sorted(lengths, reverse=True), 0, []
+    T = T or bucket(lengths[0])
     while s < len(lengths):
         T_call = bucket(lengths[s])
         n = prefill_call_rows(cfg, T_call, T, mu, len(lengths) - s)
@@ -81,3 +83,40 @@ def test_prefill_bytes_count_every_calls_rows():
     cfg = preset_config("mixtral-8x7b")
     one_call = prefill_bytes(cfg, "bfloat16", 0, 30, 96)  # a batch of nothing: just the call's working set
     assert prefill_bytes(cfg, "bfloat16", 90, 30, 96) - one_call == 3 * (30 + 15) * 96 * cfg.hidden_size * 2
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_prefill_bytes_hold_the_engines_calls_by_the_jobs_own_buckets(preset):
+    """Given the job's prompt lengths (`peak_prefill_positions`), `prefill_bytes` bounds the hidden states of
+    every call the engine makes: for the first fill of N of the job's prompts (`balanced_micro_batches`, as the
+    engine admits them) and for refills of any rows of each micro-batch, and it never exceeds the bound without
+    the lengths. Mixtral's g64 job (2640 MTBench-like prompts, μ = 880) plans 2.2 GiB of hidden states where
+    all at the longest bucket plan 3.9."""
+    cfg, rng = preset_config(preset), np.random.default_rng(2)
+    H, it = cfg.hidden_size, 2
+    for case in range(60):
+        R = int(rng.integers(1, 3000))
+        lengths = [rng.integers(1, int(rng.integers(2, 2000)), R), rng.integers(20, 135, R),
+                   np.full(R, int(rng.integers(1, 500)))][case % 3].tolist()
+        N = int(rng.integers(1, R + 1))
+        mu = int(rng.integers(1, N + 1))
+        T = bucket(max(lengths))
+        peak = peak_prefill_positions(lengths)
+        one_call = prefill_bytes(cfg, "bfloat16", 0, mu, T)
+        plan = prefill_bytes(cfg, "bfloat16", N, mu, T, peak)
+        assert plan <= prefill_bytes(cfg, "bfloat16", N, mu, T)
+        order = sorted(range(R), key=lambda i: -lengths[i])[:N] if case % 2 else list(rng.permutation(R)[:N])
+        first = balanced_micro_batches(order, lengths, mu)
+        # then a refill: in each micro-batch, some of its rows take any of the job's requests, distinct ones
+        waiting, refill = iter(rng.permutation(R).tolist()), []
+        for g in first:
+            refill.append([next(waiting) for _ in range(int(rng.integers(0, len(g) + 1)))])
+        fills = [first, [g for g in refill if g]]
+        for groups in fills:
+            hidden = sum(n * t for g in groups for n, t in _engine_calls(cfg, mu, [lengths[i] for i in g], T))
+            assert hidden * H * it + one_call <= plan, (R, N, mu, T)
+    lengths = np.random.default_rng(0).integers(20, 135, 2640)
+    cfg = preset_config("mixtral-8x7b")
+    one_call = prefill_bytes(cfg, "bfloat16", 0, 880, 192)
+    gib = lambda peak: (prefill_bytes(cfg, "bfloat16", 2640, 880, 192, peak) - one_call) / 2**30
+    assert gib(peak_prefill_positions(lengths)) == pytest.approx(2.2, abs=0.1) and gib(None) == pytest.approx(3.9, abs=0.1)

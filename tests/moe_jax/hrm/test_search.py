@@ -179,14 +179,16 @@ def test_ragged_prompts_are_priced_at_their_mean_and_own_padding(mixtral):
     assert (job.prompt_len, job.prefill_len) == (134, 192)
     r = choose_policy(mixtral, "h100-80gb", **job._asdict(), gpu_memory_gb=16, placements=[("cpu", "cpu")])
     N = r.policy.batch_size
-    longest = predict(mixtral, "h100-80gb", r.policy, **job._replace(prompt_positions=None, prefill_positions=None)._asdict())
+    longest = predict(mixtral, "h100-80gb", r.policy, **job._replace(prompt_positions=None, prefill_positions=None,
+                                                                      prefill_peak_positions=None)._asdict())
     mean = predict(mixtral, "h100-80gb", r.policy, job.prompt_positions[N] / N, 64, prefill_len=192,
                    kv_positions=job.kv_positions)
     assert r.per_layer_seconds["cpu"] == pytest.approx(mean.per_layer_seconds["cpu"], rel=1e-9)
     # the N admitted first are the longest prompts (largest need first): their mean context is ~0.8 of the longest's
     assert r.per_layer_seconds["cpu"] < 0.85 * longest.per_layer_seconds["cpu"]
     assert r.prefill_seconds < 0.75 * longest.prefill_seconds
-    assert r.gpu_memory_bytes == longest.gpu_memory_bytes  # the prefill's memory stays planned at 192 tokens
+    # the prefill's hidden states planned at the N largest prompts' own buckets (here mostly 128 and 192), not all at 192
+    assert r.gpu_memory_bytes < longest.gpu_memory_bytes
     assert r.tokens_per_s > longest.tokens_per_s
     # micro-batches of one prefill call each: the engine pads that call to (about) the longest prompt
     small = Policy(batch_size=8, micro_batch_size=4, num_micro_batches=2, resident_expert_fraction=0.0)
