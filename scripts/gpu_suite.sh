@@ -35,7 +35,10 @@
 #      the GPU wait until now); env.log's "host_views" line (the worker now reads q/k/v and writes its output
 #      through NumPy views of pinned memory: the hand-off should fall from 11.78 ms to ~0; where the probe
 #      fails, every step copies as before, MOE_JAX_HOST_VIEWS=0, and the summary line says "copies"); the load
-#      ("load: N s"; 83.5 s with exp4 before the random weights' copy ran on every core).
+#      ("load: N s"; 83.5 s with exp4 before the random weights' copy ran on every core); the "peak GiB" column
+#      against the 16 GiB cap (HRM now plans the prefill's hidden states at the prompts' own buckets and places
+#      more resident experts: g64 exp4 N=2715 μ=905 r_w=0.0273, 1745.9 tok/s predicted; the plan's margin over
+#      the last measured peak shrank from ~3.6 to ~1.2 GiB).
 #   1b. if ~3 minutes of device time are left: `bash scripts/gpu_suite.sh bench_offload_quick_copies` (the 4-layer
 #      run with views off, MOE_JAX_HOST_VIEWS=0: its CPU column against the core bench_offload_quick's).
 #   2. later sessions, one command each, for issue 7's "Done when" (gen 64 and 128 at 16 GiB, the PyTorch
