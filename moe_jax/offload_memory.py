@@ -100,8 +100,9 @@ def prefill_bytes(cfg: ModelConfig, dtype, batch, mu, T: int, peak_positions=Non
     """A prefill of `batch` prompts of at most T tokens (bucket) in micro-batches of μ: the hidden states of
     every call's rows (all advance layer by layer) and one call's working set at T, the largest any call has.
     The hidden states, per micro-batch, are at most μ + T's rows per call - 1 rows of T tokens
-    (`prefill_call_rows`), or, given the job's `peak_positions` (`peak_prefill_positions`), the `batch` largest
-    prompts' own buckets in all, plus per micro-batch (rows of its widest call - 1) x T for the calls' padding
+    (`prefill_call_rows`), or, given `peak_positions` ([R + 1] totals of own buckets whose entry `batch` bounds what
+    the prompts prefilling at once hold: `peak_prefill_positions`, or a job of the first `batch` prompts' own in
+    order), that many tokens, plus per micro-batch (rows of its widest call - 1) x T for the calls' padding
     (its prompts run longest first and a call pads each row to the bucket of its first, at most that many rows
     before it) and (T's rows - 1) x T for the rows its last call adds: whichever is smaller. At g64 (Mixtral,
     2640 MTBench-like prompts, μ = 880) 2.2 GiB where the first gives 3.9; the engine's calls hold 1.9."""
@@ -112,7 +113,7 @@ def prefill_bytes(cfg: ModelConfig, dtype, batch, mu, T: int, peak_positions=Non
     if peak_positions is not None:
         peak = np.asarray(peak_positions)
         R = peak.size - 1
-        shortest = int(peak[R] - peak[R - 1])  # the smallest bucket: its calls take the most rows
+        shortest = int(np.diff(peak).min())  # the smallest bucket (in any order): its calls take the most rows
         widest = np.vectorize(lambda m: prefill_call_rows(cfg, shortest, T, int(m), int(m)), otypes=[np.int64])(mu)
         padding = micro_batches * (widest - 1 + rows - 1) * T
         tokens = np.minimum(tokens, peak[np.minimum(batch, R).astype(np.int64)] + padding)

@@ -37,7 +37,7 @@
 #      fails, every step copies as before, MOE_JAX_HOST_VIEWS=0, and the summary line says "copies"); the load
 #      ("load: N s"; 83.5 s with exp4 before the random weights' copy ran on every core); the "peak GiB" column
 #      against the 16 GiB cap (HRM now plans the prefill's hidden states at the prompts' own buckets and places
-#      more resident experts: g64 exp4 N=2715 μ=905 r_w=0.0273, 1745.9 tok/s predicted; the plan's margin over
+#      more resident experts: g64 exp4 N=2715 μ=905 r_w=0.0234, 1739.9 tok/s predicted; the plan's margin over
 #      the last measured peak shrank from ~3.6 to ~1.2 GiB).
 #   1b. if ~3 minutes of device time are left: `bash scripts/gpu_suite.sh bench_offload_quick_copies` (the 4-layer
 #      run with views off, MOE_JAX_HOST_VIEWS=0: its CPU column against the core bench_offload_quick's).

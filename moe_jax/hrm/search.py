@@ -333,9 +333,9 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     the engine allocates (default prompt_len + gen_len per sequence); `prompt_positions`, their prompt
     tokens (decode contexts; default prompt_len each); `prefill_positions`, their prompt tokens each padded
     to its own bucket (the prefill's compute beyond each micro-batch's first call, which is padded to
-    prefill_len; default prefill_len each); `prefill_peak_positions`, over all the job's prompts, the totals of
-    the n largest own buckets (`offload_memory.peak_prefill_positions`: the prefill's hidden states on the GPU;
-    default every prompt at prefill_len).
+    prefill_len; default prefill_len each); `prefill_peak_positions`, totals whose entry n bounds the own buckets
+    of any n of the job's prompts prefilling at once (`JobShape`: the n largest, or for a job of the first n, theirs;
+    the prefill's hidden states on the GPU, `offload_memory.prefill_bytes`; default every prompt at prefill_len).
     `pinned_pool_gb`: the pinned-host pool's cap when it is fixed already (JAX started before the policy
     was chosen; `moe_jax.pinned_pool.fixed_cap_bytes`); None: the engine sizes it for the chosen policy.
     `expert_codec`: how the engine will hold and send the streamed experts (`moe_jax.expert_codec`);

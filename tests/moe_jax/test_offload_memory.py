@@ -120,3 +120,19 @@ def test_prefill_bytes_hold_the_engines_calls_by_the_jobs_own_buckets(preset):
     one_call = prefill_bytes(cfg, "bfloat16", 0, 880, 192)
     gib = lambda peak: (prefill_bytes(cfg, "bfloat16", 2640, 880, 192, peak) - one_call) / 2**30
     assert gib(peak_prefill_positions(lengths)) == pytest.approx(2.2, abs=0.1) and gib(None) == pytest.approx(3.9, abs=0.1)
+
+
+def test_prefill_bytes_of_a_job_of_the_first_n_prompts_cover_the_engines_check():
+    """A bench plans a job of the first N prompts of a pool with the pool's in-order totals of own buckets
+    (`hrm_lengths(in_order=True)`): what it plans covers the engine's check of those N prompts, whose own
+    shortest may be longer than the pool's last (a review found the padding taken from the pool's last prompt)."""
+    cfg, rng = preset_config("mixtral-8x7b"), np.random.default_rng(3)
+    for case in range(200):
+        pool = rng.integers(1, 600, int(rng.integers(2, 500))).tolist()
+        if case % 2:
+            pool[-1] = max(pool)  # the pool's last prompt long, the first N's shortest shorter
+        N = int(rng.integers(1, len(pool) + 1))
+        mu, T = int(rng.integers(1, N + 1)), bucket(max(pool[:N]))
+        in_order = np.concatenate([[0], np.cumsum([bucket(n) for n in pool])])
+        engine = prefill_bytes(cfg, "bfloat16", N, mu, T, peak_prefill_positions(pool[:N]))
+        assert prefill_bytes(cfg, "bfloat16", N, mu, T, in_order) >= engine, (len(pool), N, mu)
