@@ -693,11 +693,11 @@ class _AttendBuffers(NamedTuple):
     @classmethod
     def allocate(cls, mu: int, rows: int, cfg: ModelConfig, dtype, on_host) -> "_AttendBuffers":
         """on_host: a sharding of pinned memory, whose array `out` is then a view of (`host_views`), or None."""
-        out = np.zeros((mu, 1, cfg.num_heads, cfg.value_dim), dtype)
+        out, lengths = np.zeros((mu, 1, cfg.num_heads, cfg.value_dim), dtype), np.zeros(rows, np.int64)
         if on_host is None:
-            return cls(out, np.zeros(rows, np.int64), None)
+            return cls(out, lengths, None)
         pinned = jax.device_put(out, on_host)
-        return cls(host_views.host_view(pinned, writable=True), np.zeros(rows, np.int64), pinned)
+        return cls(host_views.host_view(pinned, writable=True), lengths, pinned)
 
 
 @dataclasses.dataclass

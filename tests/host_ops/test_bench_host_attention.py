@@ -94,18 +94,25 @@ def test_bench_times_the_decode_shape_after_idle_gaps(capsys, monkeypatch):
     assert all(float(x) > 0 for r in rows for x in r[1:])
 
 
-def test_bench_compares_the_caches_page_sizes_first(capsys, monkeypatch):
-    bench, made = _bench(), []
-    real = bench.HostKVCache
+def _caches_made(bench, monkeypatch) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of each HostKVCache the bench makes from here on (the class's own `footprint` kept)."""
+    made, real = [], bench.HostKVCache
 
     def cache(*args, **kwargs):
-        made.append((args[0], kwargs["huge_pages"]))
+        made.append((args, kwargs))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench, "HostKVCache", cache)
     monkeypatch.setattr(cache, "footprint", real.footprint, raising=False)
+    return made
+
+
+def test_bench_compares_the_caches_page_sizes_first(capsys, monkeypatch):
+    bench = _bench()
+    real, made = bench.HostKVCache, _caches_made(bench, monkeypatch)
     bench.main([*TINY, "--kv-dtype", "bfloat16", "--pages", "0.05"])
     layers = round(0.05 * 2**30 / real.footprint(1, 256, 128, 2, 64))  # 3 layers of the engine's micro-batch
+    made = [(args[0], kwargs["huge_pages"]) for args, kwargs in made]
     assert made[:2] == [(layers, False), (layers, True)] and layers > 1  # 4 KiB first, then huge, each filled
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("KV cache pages (0.05 GiB bfloat16 each, fresh memory)")  # before anything else
@@ -118,25 +125,20 @@ def test_bench_compares_the_caches_page_sizes_first(capsys, monkeypatch):
                       pytest.approx(huge_ms / small_ms, rel=0.05, abs=0.01)]
 
 
-
 def test_bench_goes_round_a_working_set_of_layers(capsys, monkeypatch):
     """Each shape's calls go round the layers of a cache of about --working-set-gib (so that its KV comes from DRAM,
     not the last-level cache), the engine's decode micro-batch (--engine-shape) too."""
-    bench, made, calls = _bench(), [], []
+    bench, calls = _bench(), []
     real, attend = bench.HostKVCache, bench.HostKVCache.attend
-
-    def cache(*args, **kwargs):
-        made.append(args[:3])  # layers, slots, context
-        return real(*args, **kwargs)
+    made = _caches_made(bench, monkeypatch)
 
     def counted_attend(self, layer, *args, **kwargs):
         calls.append((self, layer))  # the cache itself, kept alive: an id could be reused by the next one
         return attend(self, layer, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "HostKVCache", cache)
-    monkeypatch.setattr(cache, "footprint", real.footprint, raising=False)
     monkeypatch.setattr(real, "attend", counted_attend)
     bench.main([*TINY, "--kv-dtype", "bfloat16", "--idle-gap", "1", "--engine-shape", "2", "32", "--repeats", "4"])
+    made = [args[:3] for args, _ in made]  # layers, slots, context
     layers = {(b, c): max(1, round(0.0001 * 2**30 / real.footprint(1, b, c, 2, 64))) for b, c in [(2, 64), (2, 32)]}
     assert made == [(layers[2, 64], 2, 64)] + [(layers[2, 32], 2, 32)] * 2  # the table's (3 x 64 skipped), the engine's
     assert min(layers.values()) >= 2  # the engine's shape back to back and after the gap: each more than one layer
