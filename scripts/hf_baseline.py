@@ -4,9 +4,9 @@ offload under a GPU memory cap, on the same random weights as moe-jax.
 The preset's weights (the first `--layers` layers, `moe_jax.presets.RandomWeights`) are written as a
 Hugging Face checkpoint (config.json + one safetensors shard per layer, the Hub's tensor names and
 layouts, read back with `moe_jax.checkpoint.Checkpoint` and compared with the source), then loaded with
-`AutoModelForCausalLM.from_pretrained(device_map=...)`: embeddings, final norm and LM head on the GPU,
-every decoder layer offloaded to CPU memory (accelerate moves its weights to the GPU for each forward),
-experts as `experts_implementation="grouped_mm"` where the model supports it (DESIGN.md §3: the default
+`AutoModelForCausalLM.from_pretrained` and placed by accelerate's `dispatch_model`: embeddings, final norm
+and LM head on the GPU, every decoder layer offloaded to CPU memory (its weights moved to the GPU whole at
+the start of each of its forwards; a test rehearses this on the CPU, offloading to disk), experts as `experts_implementation="grouped_mm"` where the model supports it (DESIGN.md §3: the default
 gathers weights per token and runs out of memory at large batch).
 
 A truncated model stands for the full one: accelerate's `device_map="auto"` would keep the first
@@ -186,19 +186,26 @@ def device_map(path: Path) -> dict:
     return out
 
 
-def load_model(path: Path, dtype: str, experts_impl: str, offload: bool):
-    """(model, experts implementation used)."""
+def load_model(path: Path, dtype: str, experts_impl: str, placement: dict | None = None, offload_folder=None):
+    """(model, experts implementation used): on the CPU, or dispatched by accelerate as `placement` says (a device
+    map, e.g. `device_map(path)`; a module placed on "disk" needs `offload_folder`). Each offloaded module's
+    weights come in whole at the start of its forward (`preload_module_classes`): DBRX's experts read their
+    child's weights without calling it, which accelerate's per-submodule hooks (transformers' own dispatch, as
+    of 5.17) leave on the meta device."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": getattr(torch, dtype)}
-    if offload:
-        kwargs["device_map"] = device_map(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, experts_implementation=experts_impl, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), experts_implementation=experts_impl)
     except ValueError as e:  # a model without pluggable experts (e.g. DBRX)
         print(f"experts_implementation={experts_impl!r} refused ({e}); using the model's own", file=sys.stderr)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    if placement is not None:
+        from accelerate import dispatch_model
+
+        offloaded = {type(model.get_submodule(k)).__name__ for k, v in placement.items() if v in ("cpu", "disk")}
+        model = dispatch_model(model, placement, offload_dir=offload_folder, preload_module_classes=sorted(offloaded),
+                               skip_keys=model._skip_keys_device_placement)
     return model.eval(), getattr(model.config, "_experts_implementation", None) or "model's own"
 
 
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
         export_checkpoint(args.model, layers, args.dtype, args.seed, path)
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model, experts_impl = load_model(path, args.dtype, args.experts_implementation, offload)
+        model, experts_impl = load_model(path, args.dtype, args.experts_implementation, device_map(path) if offload else None)
         load_s = time.perf_counter() - t0
         device = torch.device("cuda:0" if offload else "cpu")
         wall, generated = timed_generate(model, prompts, args.gen_len, device)

@@ -198,9 +198,39 @@ def test_baseline_checkpoint_is_our_model(preset, tmp_path):
     import moe_jax
 
     hf_baseline.export_checkpoint(preset, 2, "float32", 0, tmp_path)
-    model, _ = hf_baseline.load_model(tmp_path, "float32", "grouped_mm", offload=False)
+    model, _ = hf_baseline.load_model(tmp_path, "float32", "grouped_mm")
     ids = [[5, 9, 33, 100, 7, 12, 40]]
     with torch.no_grad():
         want = model(torch.tensor(ids)).logits[0].numpy()
     got = moe_jax.LLM(preset, dtype="float32", policy="resident").logits(ids)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-dbrx"])
+def test_baseline_offload_layout_generates_the_plain_models_tokens(preset, tmp_path):
+    """The baseline's device map (every decoder layer offloaded by accelerate, every other module on GPU 0),
+    rehearsed on the CPU: the GPU's modules on the CPU and the layers on "disk", so that accelerate's hooks
+    bring each layer's weights in for its forward as its CPU offload does on a GPU machine. Greedy tokens are
+    the plain model's."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import hf_baseline
+
+    ckpt = tmp_path / "ckpt"
+    hf_baseline.export_checkpoint(preset, 2, "float32", 0, ckpt)
+    placement = hf_baseline.device_map(ckpt)
+    offloaded_layers = sorted(k for k, v in placement.items() if v == "cpu")
+    assert set(placement.values()) == {"cpu", 0} and [k[-2:] for k in offloaded_layers] == [".0", ".1"]
+    plain, _ = hf_baseline.load_model(ckpt, "float32", "grouped_mm")
+    for name, _ in [*plain.named_parameters(), *plain.named_buffers()]:  # each placed once
+        assert sum(name.startswith(k + ".") for k in placement) == 1, name
+    rehearsal = {k: "disk" if v == "cpu" else "cpu" for k, v in placement.items()}
+    offloaded, _ = hf_baseline.load_model(ckpt, "float32", "grouped_mm", rehearsal, tmp_path / "offload")
+    assert offloaded.hf_device_map == rehearsal
+    assert {p.device.type for k in offloaded_layers for p in offloaded.get_submodule(k).parameters()} == {"meta"}
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, plain.config.vocab_size, int(n)).tolist() for n in (5, 17, 11)]
+    _, got = hf_baseline.timed_generate(offloaded, prompts, 4, torch.device("cpu"))
+    _, want = hf_baseline.timed_generate(plain, prompts, 4, torch.device("cpu"))
+    assert got.shape == (3, 4) and torch.equal(got, want)
