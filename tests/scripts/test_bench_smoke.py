@@ -1,6 +1,6 @@
 """The offload benchmarks run end to end on a tiny preset on CPU (timings are not checked), their HRM
 prediction for a given policy agrees with HRM's own search, and the PyTorch baseline's checkpoint
-holds the same model as ours."""
+holds the same model as ours, which its offloaded placement runs as the plain model does."""
 from __future__ import annotations
 
 import json
