@@ -234,6 +234,19 @@ class LLM:
             self._start(requests)
             self.engine.prepare(requests)
 
+    def rebatch(self, policy: Policy) -> None:
+        """Run later `generate` calls at `policy`'s batch_size and micro_batch_size on the weights as this LLM's
+        offload engine placed them (no reload): every other field must be this LLM's policy's (ValueError naming
+        them otherwise; `hrm.choose_policy(num_micro_batches=..., resident_expert_fraction=...)` picks the best
+        batch within them). The GPU memory is checked for it (OffloadMemoryError; the policy stays as it was)."""
+        from moe_jax.offload_engine import OffloadEngine
+
+        if not isinstance(self.engine, OffloadEngine):
+            raise PolicyUnavailable(f"LLM.rebatch needs a built offload engine; this LLM runs {self.policy}"
+                                    + ("" if self.engine is not None else " (none built yet: prepare or generate first)"))
+        self.engine.rebatch(policy)
+        self.policy = policy
+
     def release_kv_cache(self) -> None:
         """Give the offload engine's kept host KV cache back to the OS (tens of GB for a large batch); the next
         `prepare` or `generate` allocates one again. Nothing to do for the resident engine, whose cache lives in

@@ -126,6 +126,9 @@ class _JobPlan(NamedTuple):
     prefill_T: int  # the bucket of the job's longest prompt, which the prefill's memory is planned for
 
 
+BATCH_FIELDS = ("batch_size", "micro_batch_size")  # the Policy fields a loaded engine can change (`rebatch`)
+
+
 class OffloadMemoryError(MemoryError):
     """The policy does not fit the GPU memory cap or the host memory; raised before any work."""
 
@@ -582,6 +585,27 @@ class OffloadEngine:
         self._refuse_while_running("release_kv_cache")
         self.kv_cache = None
         gc.collect()  # a reference cycle (an exception's traceback) may hold it
+
+    def rebatch(self, policy: Policy) -> None:
+        """Run later jobs at `policy`'s batch (batch_size N, micro_batch_size μ) on the weights as placed: the
+        policy must keep every other field of this engine's (its layout: micro-batch count, resident experts,
+        codec, cap, KV cache dtype; `hrm.choose_policy(num_micro_batches=, resident_expert_fraction=)` searches
+        within one). The GPU plan is checked for the new μ (OffloadMemoryError, the policy unchanged); the kept
+        host KV cache serves the next job if it fits it, as always."""
+        self._refuse_while_running("rebatch")
+        layout = {k: v for k, v in policy.__dict__.items() if k not in BATCH_FIELDS}
+        differ = [k for k, v in layout.items() if getattr(self.policy, k) != v]
+        if differ:
+            raise ValueError(f"OffloadEngine.rebatch: {policy} differs from the loaded {self.policy} in "
+                             f"{', '.join(differ)}, which place the weights: only {' and '.join(BATCH_FIELDS)} "
+                             f"change on a loaded engine")
+        old, self.policy = self.policy, policy
+        try:
+            self.gpu_bytes = self._check_gpu_memory()
+        except OffloadMemoryError:
+            self.policy = old
+            raise
+        log.info("offload engine: rebatched to %s; GPU plan %.2f GiB", policy, self.gpu_bytes / 2**30)
 
     def _refuse_while_running(self, what: str) -> None:
         if self.running:

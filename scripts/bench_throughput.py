@@ -25,8 +25,10 @@ Prints markdown tables last; --plot writes a bar chart.
       [--gpu-memory-gb 16,24] [--policies "auto;N,mu,n_ub,rw"] [--no-baseline] [--json R.json] [--plot R.png]
       [--append-results [FILE]]
 
-Loading Mixtral 8x7B takes about a second per layer and each new policy reloads it: keep one device
-command (10 minutes) to one or two runs of the full model. Ctrl-C reports what was measured.
+Loading Mixtral 8x7B takes about a second per layer and each new policy reloads it, unless it differs only in
+N and μ (the loaded engine is rebatched); --keep-engine runs the later workloads at a cap on the engine loaded
+for the first (HRM's best N and μ for it, HRM's own best policy reported beside): keep one device command (10
+minutes) to one or two runs of the full model. Ctrl-C reports what was measured.
 """
 from __future__ import annotations
 
@@ -81,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--link-probe-mib", type=int, default=512, help="size of the link bandwidth probe (MiB)")
     ap.add_argument("--no-gpu-probe", action="store_true", help="skip the GPU-term probe of each run")
     ap.add_argument("--host-pool-gb", type=int, help="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default: the streamed experts + 5%% + 2)")
+    ap.add_argument("--keep-engine", action="store_true",
+                    help="the later workloads at a cap run on the engine loaded for its first ('auto': HRM's best "
+                         "batch for that engine's micro-batch count and resident experts; no reload), HRM's own "
+                         "best policy for each reported beside")
     ap.add_argument("--predict-only", action="store_true",
                     help="print HRM's policy and predictions for each run (needs --hardware) and run nothing")
     ap.add_argument("--json", help="write the results here")
@@ -124,16 +130,18 @@ def predictions(args, cfg, caps, workloads, specs) -> str:
     from moe_jax import hrm
 
     link = hrm.hardware_profile(args.hardware).link_bandwidth
-    rows = []
+    rows, first_at = [], {}
     for cap in caps:
         for workload, gen_len in workloads:
             for spec in specs:
                 head = [workload, str(gen_len), f"{cap:g}"]
                 try:
-                    policy = policy_for(args, cfg, args.hardware, cap, workload, gen_len, spec)
+                    policy = policy_for(args, cfg, args.hardware, cap, workload, gen_len, spec,
+                                        first_at.get(cap) if args.keep_engine else None)
                 except (hrm.InfeasibleError, ValueError) as e:
                     rows.append(head + [f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"] + [""] * 5)
                     continue
+                first_at.setdefault(cap, policy)
                 prompts = workload_prompts(workload, args.num_prompts or policy.batch_size, cfg.vocab_size, args.seed)
                 pred = bc.hrm_predict(cfg, args.hardware, policy,
                                       bc.engine_lengths(prompts, gen_len, cfg.max_positions), args.dtype)
@@ -172,15 +180,29 @@ def run_baseline(args, prompts, cap: float) -> dict:
         return json.loads(out.read_text())
 
 
-def policy_for(args, cfg, hardware, cap: float, workload: str, gen_len: int, spec: str):
+def policy_for(args, cfg, hardware, cap: float, workload: str, gen_len: int, spec: str, loaded=None):
     """The Policy of `spec` for one workload under one cap; for "auto", HRM's for the run's prompts: the
     --num-prompts of the workload, or without it a job of the first N (N at most --max-batch-size or
-    POOL_PROMPTS)."""
+    POOL_PROMPTS), and with a `loaded` policy (--keep-engine) the best N and μ on its layout (`layout`)."""
     n = args.num_prompts or args.max_batch_size or POOL_PROMPTS
     job = bc.engine_lengths(workload_prompts(workload, n, cfg.vocab_size, args.seed), gen_len, cfg.max_positions,
                             first_n=not args.num_prompts)
+    kept = layout(loaded) if loaded is not None and spec == "auto" else {}
     return bc.resolve_policy(spec, cfg, hardware, job, cap, args.max_batch_size or n, args.dtype,
-                             **bc.policy_options(args))
+                             **bc.policy_options(args), **kept)
+
+
+def layout(policy) -> dict:
+    """What HRM keeps of a loaded engine's policy to search only its batch (`hrm.choose_policy`'s arguments)."""
+    return {"num_micro_batches": policy.num_micro_batches,
+            "resident_expert_fraction": policy.resident_expert_fraction}
+
+
+def same_layout(a, b) -> bool:
+    """Whether policies a and b place the weights alike (`OffloadEngine.rebatch` turns one into the other)."""
+    from moe_jax.offload_engine import BATCH_FIELDS
+
+    return all(getattr(a, k) == getattr(b, k) for k in a.__dict__ if k not in BATCH_FIELDS)
 
 
 class Runner:
@@ -189,8 +211,13 @@ class Runner:
     def __init__(self, args, source, hardware, link_bw: float):
         self.args, self.source, self.hardware, self.link_bw = args, source, hardware, link_bw
         self.llm, self.load_s = None, 0.0
+        self.first_at = {}  # --keep-engine: the policy of the first workload run at each cap
 
     def engine_for(self, policy):
+        """The engine for `policy`: the loaded one as it is, or rebatched where only N and μ differ, else a new one."""
+        if self.llm is not None and self.llm.policy != policy and same_layout(self.llm.policy, policy):
+            self.llm.rebatch(policy)
+            bc.log(f"  the loaded engine rebatched to {policy} (no reload)")
         if self.llm is None or self.llm.policy != policy:
             self.llm = None
             gc.collect()
@@ -205,10 +232,13 @@ class Runner:
 
         args, cfg = self.args, self.source.cfg
         head = {"workload": workload, "gen_len": gen_len, "gpu_memory_gb": cap, "spec": spec}
+        loaded = self.first_at.get(cap) if args.keep_engine else None
         try:
-            policy = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec)
+            policy = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec, loaded)
+            own = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec) if loaded is not None else policy
         except (hrm.InfeasibleError, ValueError) as e:
             return {**head, "error": f"{type(e).__name__}: {e}"}
+        self.first_at.setdefault(cap, policy)
         prompts = workload_prompts(workload, args.num_prompts or policy.batch_size, cfg.vocab_size, args.seed)
         bc.log(f"{workload} gen {gen_len}, cap {cap:g} GiB, policy {spec}: {policy}; {len(prompts)} prompts")
         gpu_s = None if args.no_gpu_probe else bc.probe_gpu_layer_seconds(self.source, policy, args.dtype, args.moe_impl)
@@ -219,6 +249,11 @@ class Runner:
         row = bc.measure_policy(llm, self.source, prompts, gen_len, dtype=args.dtype, link_bw=self.link_bw,
                                 hardware=self.hardware, gpu_s=gpu_s)
         row.update(head, load_s=load_s)
+        if own != policy and self.hardware is not None:  # what HRM would have loaded for this workload
+            job = bc.engine_lengths(workload_prompts(workload, args.num_prompts or own.batch_size, cfg.vocab_size,
+                                                     args.seed), gen_len, cfg.max_positions)
+            row["hrm_own"] = {"policy": bc.policy_dict(own),
+                              "tok_s": bc.hrm_predict(cfg, self.hardware, own, job, args.dtype)["tok_s"]}
         bc.log(f"  {row['stats_summary']}")
         return row
 
@@ -284,6 +319,9 @@ def main_table(rows: list[dict]) -> str:
     out = []
     for r in rows:
         label = ("HRM: " if r["spec"] == "auto" else "") + (bc.policy_label(r["policy"]) if "policy" in r else r["spec"])
+        if r.get("hrm_own"):
+            own = r["hrm_own"]
+            label += f" on the loaded engine (HRM's own: {bc.policy_label(own['policy'])}, {own['tok_s']:.1f} tok/s)"
         if r.get("interrupted"):
             label += f" (interrupted after {r['decode_steps']} decode steps)"
         head = [r["workload"], str(r["gen_len"]), f"{r['gpu_memory_gb']:g}", label]

@@ -15,36 +15,33 @@
 # CPU term), and bench_throughput_g64_exp4 (issue 7: 856.9 tok/s, 0.90x MoE-Lightning normalised, CPU-bound:
 # the prompts' k/v writes 40 s, the decode's CPU 68.9 ms a layer-step; page faults suspected). What is left,
 # one device command each, in this order:
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600; 7-9.5 min: the full run took 378 s on a warm machine, and
-#      a cold one's first touch of memory may take it to the budget, where the bench reports the decode steps
-#      it measured): the core steps now: bench_kv_pages (~60 s: the KV cache's 4 KiB pages against huge ones,
-#      fault-in and attention; then the kernel alone at g64's 880 x 109 from DRAM, whose ms against the engine's
-#      kernel ms per call (its CPU column's kernel / 3 micro-batches) is what the engine adds, and the same
-#      beside the link's DMA, one layer re-read against 2 GiB of layers: if the DMA slows the kernel from DRAM,
-#      that is the engine's 1.9x and HRM lacks a shared host-DRAM roof; env.log now gives the L3's size),
-#      bench_throughput_g64_exp4 (issue 7) and bench_offload_quick, after
-#      the fixes for the CPU term: the host KV cache faulted in at allocation, in parallel, and kept across
-#      generate calls (the benches allocate it before the warm-up and report its fault-in apart: "load + KV s");
-#      the decode attention's host arrays reused, and its kernel reading bf16 q and writing bf16 out itself
-#      (no copies: 1.2x a call on the 2-core VM), its threads claiming a row's KV heads at once (1.11-1.13x at
-#      context 109 on the VM); writes parallel from 2**16 elements; the prefill's calls at shorter buckets
-#      take more rows (about 56 calls a micro-batch and layer where 110 ran: HRM 1649.5 -> 1671.3). Read: "load + KV s" (how
-#      fast 16 threads fault in a fresh VM's memory; one thread's first writes ran at 0.6 GB/s), "N page
-#      faults" a layer-step, and the CPU column against 2026-11-27's (kernel 36.55 / writes 18.28 / hand-off
-#      11.78 ms a layer-step; prefill 40.29 s of which k/v writes 40.13); the new "fetch of q/k/v" (counted in
-#      the GPU wait until now); env.log's "host_views" line (the worker now reads q/k/v and writes its output
-#      through NumPy views of pinned memory: the hand-off should fall from 11.78 ms to ~0; where the probe
-#      fails, every step copies as before, MOE_JAX_HOST_VIEWS=0, and the summary line says "copies"); the load
-#      ("load: N s"; 83.5 s with exp4 before the random weights' copy ran on every core); the "peak GiB" column
-#      against the 16 GiB cap (HRM now plans the prefill's hidden states at the prompts' own buckets and places
-#      more resident experts: g64 exp4 N=2715 μ=905 r_w=0.0234, 1739.9 tok/s predicted; the plan's margin over
-#      the last measured peak shrank from ~3.6 to ~1.2 GiB).
-#   1b. if ~3 minutes of device time are left: `bash scripts/gpu_suite.sh bench_offload_quick_copies` (the 4-layer
-#      run with views off, MOE_JAX_HOST_VIEWS=0: its CPU column against the core bench_offload_quick's).
-#   2. later sessions, one command each, for issue 7's "Done when" (gen 64 and 128 at 16 GiB, the PyTorch
-#      baseline): bench_throughput_g128_exp4, bench_vs_pytorch, then bench_throughput_g64 and _g128 (uncoded);
-#      bench_dsv2_lite (DeepSeek's latent attention on the CPU); calibrate (~1.5 min; it now also measures the CPU
-#      kernel's time per query row, attention_row_seconds, which HRM adds to its CPU term: commit its JSON as
+#   1. `bash scripts/gpu_suite.sh` (timeout_s 600): the core steps, in order:
+#      - bench_throughput_g64_g128_exp4 (issue 7's two headline runs in one process, ~8-9.5 min: g64 on HRM's
+#        policy, N=2715 μ=905 n_ub=3 r_w=0.0234, 1739.9 tok/s predicted; then g128 on the same loaded engine,
+#        rebatched to HRM's best N and μ for it (--keep-engine: N=1827 μ=609, 1276.8 predicted, HRM's own g128
+#        policy 1329.1 reported beside), with no second load and, where the g64 cache holds it, no second KV
+#        fault-in. If the budget cuts g128, its row reports the decode steps it measured; rerun it alone
+#        (bench_throughput_g128_exp4) in a later command or session.
+#      - bench_kv_pages and bench_offload_quick, if time is left (skipped under 60 s).
+#      Read, for g64 against 2026-11-27's run (856.9 tok/s, CPU-bound): "load + KV s" (83.5 s of load before its
+#      random weights' copy ran on every core; the KV cache's fault-in of ~45 GB in huge pages, which 16 threads
+#      on a fresh VM may take a minute over), the CPU column (kernel 36.55 / writes 18.28 / hand-off 11.78 ms a
+#      layer-step then; since: no page faults, views of pinned memory (hand-off ~0), parallel writes, the kernel
+#      reading bf16 q and writing bf16 out itself), the new "fetch of q/k/v", "N page faults" a layer-step, the
+#      prefill (seconds and calls: 40.29 s then, about half the calls now), "peak GiB" against the 16 GiB cap (the
+#      plan's margin over the last measured peak shrank to ~1.2 GiB), env.log's "host_views" line (where the probe
+#      fails every step copies, MOE_JAX_HOST_VIEWS=0, and the summary line says "copies").
+#   2. the same session, ~4 min left: `GPU_SUITE_BUDGET_S=220 bash scripts/gpu_suite.sh bench_kv_pages` unless step 1
+#      ran it (timeout_s 240): the kernel alone at g64's 880 x 109 from DRAM (against the engine's kernel ms per
+#      call: its CPU column's kernel / 3 micro-batches), and beside the link's DMA, one layer re-read against 2 GiB
+#      of layers: if the DMA slows the kernel from DRAM, that is the engine's 1.9x and HRM lacks a shared host-DRAM
+#      roof; env.log gives the L3's size. Then, if ~3 min are left: bench_offload_quick_copies (the 4-layer run
+#      with views off: its CPU column against bench_offload_quick's).
+#   3. later sessions, one command each: bench_vs_pytorch (the PyTorch baseline's first GPU run; its placement,
+#      accelerate's dispatch_model bringing each offloaded layer in whole, is rehearsed on the CPU only), then
+#      bench_throughput_g128_exp4 if step 1 cut it, bench_throughput_g64 and _g128 (uncoded); bench_dsv2_lite
+#      (DeepSeek's latent attention on the CPU); calibrate (~1.5 min; it also measures the CPU kernel's time per
+#      query row, attention_row_seconds, which HRM adds to its CPU term: commit its JSON as
 #      benchmarks/profiles/h200-measured.json, or h100-80gb-measured.json on an H100).
 # Add `tests` in front of step 1 when GPU code (pallas_kernels/, the engine's jitted steps) changed since the
 # last GPU session (the tests last ran at commit ce8e362; pallas_kernels/ and the jitted steps have not changed
@@ -102,7 +99,7 @@ NPROC=$($PY -c 'import numba; print(numba.config.NUMBA_NUM_THREADS)' 2>/dev/null
 # One step per line: name|time limit in seconds|command. Add your benchmark here; CORE steps run by default.
 # bench_expert_kernel writes each row as it goes and prints the table of those measured when the budget's end
 # interrupts it (Mixtral's rows first).
-CORE="bench_kv_pages bench_throughput_g64_exp4 bench_offload_quick"
+CORE="bench_throughput_g64_g128_exp4 bench_kv_pages bench_offload_quick"
 STEPS=(
   "tests|300|$PY -m pytest -m gpu tests -q -rs"
   # HRM's hardware profile measured here (~1 min): commit it as benchmarks/profiles/<profile>-measured.json
@@ -168,6 +165,10 @@ STEPS=(
   "bench_vs_pytorch|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads '' --expert-codec exp4 --json $LOGS/bench_vs_pytorch.json --plot $LOGS/bench_vs_pytorch.png --append-results $LOGS/bench_vs_pytorch.md"
   "bench_throughput_g64|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:64 --no-baseline --json $LOGS/bench_throughput_g64.json --plot $LOGS/bench_throughput_g64.png --append-results $LOGS/bench_throughput_g64.md"
   "bench_throughput_g64_24|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:64 --gpu-memory-gb 24 --no-baseline --json $LOGS/bench_throughput_g64_24.json --plot $LOGS/bench_throughput_g64_24.png --append-results $LOGS/bench_throughput_g64_24.md"
+  # issue 7's two headline runs in one process: gen 64 on HRM's policy, then gen 128 on the same loaded engine
+  # (--keep-engine: HRM's best N and μ for its micro-batch count and resident experts, 1276.8 tok/s predicted
+  # where HRM's own g128 policy gives 1329.1; both reported), saving the second load and KV fault-in
+  "bench_throughput_g64_g128_exp4|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:64,mtbench:128 --expert-codec exp4 --keep-engine --no-baseline --json $LOGS/bench_throughput_g64_g128_exp4.json --plot $LOGS/bench_throughput_g64_g128_exp4.png --append-results $LOGS/bench_throughput_g64_g128_exp4.md"
   "bench_throughput_g64_exp4|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:64 --expert-codec exp4 --no-baseline --json $LOGS/bench_throughput_g64_exp4.json --plot $LOGS/bench_throughput_g64_exp4.png --append-results $LOGS/bench_throughput_g64_exp4.md"
   # MoE-Gen's published setting (prompts of 512, gen 256) at 24 GiB with exp4: decode tok/s vs its 469 (A5000)
   "bench_throughput_moegen_exp4|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads moegen --gpu-memory-gb 24 --expert-codec exp4 --no-baseline --json $LOGS/bench_throughput_moegen_exp4.json --append-results $LOGS/bench_throughput_moegen_exp4.md"

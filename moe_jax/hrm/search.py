@@ -322,7 +322,8 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
                   prefill_positions=None, prefill_peak_positions=None, gpu_memory_gb: float | None = None,
                   host_memory_gb: float | None = None, pinned_pool_gb: float | None = None,
                   max_batch_size: int | None = None, placements=PLACEMENTS, dtype="bfloat16",
-                  expert_codec: str = "none", kv_cache_dtype: str = "auto") -> SearchResult:
+                  expert_codec: str = "none", kv_cache_dtype: str = "auto", num_micro_batches: int | None = None,
+                  resident_expert_fraction: float | None = None) -> SearchResult:
     """The policy maximising predicted end-to-end tok/s for prompts of `prompt_len` tokens and `gen_len`
     generated tokens each, within GPU and host memory (GiB caps, default the hardware's), at most
     `max_batch_size` sequences and one of `placements` ((attention_device, kv_device) pairs, e.g. only
@@ -340,6 +341,9 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     was chosen; `moe_jax.pinned_pool.fixed_cap_bytes`); None: the engine sizes it for the chosen policy.
     `expert_codec`: how the engine will hold and send the streamed experts (`moe_jax.expert_codec`);
     `kv_cache_dtype`: how its host KV cache stores K and V ("int8": CPU attention only); the policy carries both.
+    `num_micro_batches`, `resident_expert_fraction`: fixed where an engine has placed its weights for them
+    (`OffloadEngine.rebatch`: a policy that keeps them, its codec and its cap runs on the loaded weights), so
+    that the search picks only N and μ; None: searched.
     Raises InfeasibleError if no policy fits, ValueError on bad arguments."""
     hw = hardware_profile(hardware)
     check_codec(expert_codec, dtype)
@@ -363,6 +367,13 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
         raise ValueError(f"pinned_pool_gb must be a positive number of GiB or None, got {pinned_pool_gb!r}")
     if max_batch_size is not None and max_batch_size < 1:
         raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+    if num_micro_batches is not None and not (isinstance(num_micro_batches, (int, np.integer))
+                                              and 1 <= num_micro_batches <= NUM_MICRO_BATCHES[-1]):
+        raise ValueError(f"num_micro_batches must be an integer in [1, {NUM_MICRO_BATCHES[-1]}] or None, "
+                         f"got {num_micro_batches!r}")
+    if resident_expert_fraction is not None and not (isinstance(resident_expert_fraction, (int, float, np.floating))
+                                                     and 0 <= resident_expert_fraction <= 1):
+        raise ValueError(f"resident_expert_fraction must be a number in [0, 1] or None, got {resident_expert_fraction!r}")
     R = _check_totals(kv_positions=kv_positions, prompt_positions=prompt_positions,
                       prefill_positions=prefill_positions, prefill_peak_positions=prefill_peak_positions)
     if R is not None:
@@ -373,8 +384,10 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
 
     attn_gpu = np.array([a == "gpu" for a, _ in PLACEMENTS])[:, None, None]
     kv_gpu = np.array([k == "gpu" for _, k in PLACEMENTS])[:, None, None]
+    n_ubs = NUM_MICRO_BATCHES if num_micro_batches is None else np.array([num_micro_batches])
+    resident = None if resident_expert_fraction is None else _resident_experts(cfg, resident_expert_fraction)
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, MICRO_BATCH_SIZES[None, :, None],
-                  NUM_MICRO_BATCHES[None, None, :], attn_gpu, kv_gpu, gpu_budget=gpu_budget, host_budget=host_budget,
+                  n_ubs[None, None, :], attn_gpu, kv_gpu, resident=resident, gpu_budget=gpu_budget, host_budget=host_budget,
                   prefill_len=prefill_len, pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None,
                   kv_positions=kv_positions, prompt_positions=prompt_positions,
                   prefill_positions=prefill_positions, prefill_peak_positions=prefill_peak_positions,
@@ -389,8 +402,9 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     near = near[g["N"].flat[near] == g["N"].flat[near].min()]
     i = np.unravel_index(near[np.argmax(tps.flat[near])], tps.shape)
     attention, kv = PLACEMENTS[i[0]]
-    policy = Policy(int(g["N"][i]), int(g["mu"][i]), int(g["n_ub"][i]), float(g["r"][i]), attention, kv,
-                    gpu_memory_gb, expert_codec, kv_cache_dtype)
+    r = float(g["r"][i]) if resident_expert_fraction is None else float(resident_expert_fraction)
+    policy = Policy(int(g["N"][i]), int(g["mu"][i]), int(g["n_ub"][i]), r, attention, kv, gpu_memory_gb,
+                    expert_codec, kv_cache_dtype)
     return _result(policy, {k: float(v[i]) for k, v in g.items()})
 
 
@@ -405,7 +419,7 @@ def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_l
     hw = hardware_profile(hardware)
     _check_totals(kv_positions=kv_positions, prompt_positions=prompt_positions, prefill_positions=prefill_positions,
                   prefill_peak_positions=prefill_peak_positions)
-    resident = round(policy.resident_expert_fraction * cfg.num_moe_layers * cfg.num_experts)  # as ExpertPages.plan
+    resident = _resident_experts(cfg, policy.resident_expert_fraction)
     g = _evaluate(cfg, hw, dtype, prompt_len, gen_len, policy.micro_batch_size, policy.num_micro_batches,
                   policy.attention_device == "gpu", policy.kv_device == "gpu", resident=resident,
                   batch=policy.batch_size, prefill_len=prefill_len, kv_positions=kv_positions,
@@ -414,6 +428,11 @@ def predict(cfg: ModelConfig, hardware: Hardware | str, policy: Policy, prompt_l
                   pinned_pool_bytes=pinned_pool_gb * GiB if pinned_pool_gb else None, codec=policy.expert_codec,
                   kv_cache_dtype=policy.kv_cache_dtype)
     return _result(policy, {k: float(v) for k, v in g.items()})
+
+
+def _resident_experts(cfg: ModelConfig, fraction: float) -> int:
+    """The (layer, expert) pairs an engine keeps on the GPU for `resident_expert_fraction` (as ExpertPages.plan)."""
+    return round(fraction * cfg.num_moe_layers * cfg.num_experts)
 
 
 def _result(policy: Policy, g: dict[str, float]) -> SearchResult:

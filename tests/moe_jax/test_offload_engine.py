@@ -518,6 +518,42 @@ def test_the_host_kv_cache_is_kept_for_the_jobs_that_fit_it():
     assert llm.stats.kv_fault_in_s > 0 and not np.shares_memory(llm.engine.kv_cache.k, grown.k)
 
 
+
+def test_rebatch_runs_another_batch_on_the_loaded_weights():
+    """`LLM.rebatch` changes N and μ on the loaded engine (nothing reloaded; the tokens are the resident engine's
+    at either batch); a policy that would place the weights otherwise is refused by name, one whose μ does not
+    fit the cap is an OffloadMemoryError that leaves the policy as it was, and a generate under way refuses it."""
+    source = open_model("tiny-mixtral")
+    loaded = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2, resident_expert_fraction=0.5)
+    llm = moe_jax.LLM(source, dtype="float32", policy=loaded)
+    want = resident_tokens(source)
+    assert [c.token_ids for c in llm.generate(PROMPTS, GREEDY)] == want
+    engine, slots = llm.engine, llm.engine.slots
+    wider = Policy(**{**loaded.__dict__, "batch_size": 6, "micro_batch_size": 3})
+    llm.rebatch(wider)
+    assert llm.policy == engine.policy == wider and llm.engine is engine and engine.slots is slots
+    assert [c.token_ids for c in llm.generate(PROMPTS, GREEDY)] == want
+    first = engine._plan([Request(i, q, GREEDY) for i, q in enumerate(PROMPTS)]).first  # 6 rows: 2 x 3
+    assert [len(rows) for rows in first] == [3, 3]
+    for field, value in (("num_micro_batches", 3), ("resident_expert_fraction", 0.25), ("expert_codec", "exp4"),
+                         ("gpu_memory_gb", 1.0)):
+        other = {**wider.__dict__, field: value, **({"batch_size": 7} if field == "num_micro_batches" else {})}
+        with pytest.raises(ValueError, match=f"differs from the loaded .* in {field}, which place the weights"):
+            llm.rebatch(Policy(**other))
+    capped = moe_jax.LLM(source, dtype="float32", policy=Policy(**{**loaded.__dict__, "gpu_memory_gb": 1.0}))
+    capped.prepare(PROMPTS, GREEDY)
+    huge = Policy(**{**capped.policy.__dict__, "batch_size": 2**21, "micro_batch_size": 2**20})
+    with pytest.raises(OffloadMemoryError, match="needs .* GiB on the GPU"):
+        capped.rebatch(huge)
+    assert capped.policy == capped.engine.policy and capped.policy.micro_batch_size == 2
+    running = llm.generate_iter(PROMPTS, GREEDY)
+    next(running)
+    with pytest.raises(RuntimeError, match="OffloadEngine.rebatch: a generate on this engine is still under way"):
+        llm.rebatch(loaded)
+    running.close()
+    with pytest.raises(moe_jax.llm.PolicyUnavailable, match="needs a built offload engine"):
+        moe_jax.LLM(source, dtype="float32", policy="resident").rebatch(loaded)
+
 @pytest.mark.parametrize("n", [1, 9, 13])
 def test_hrm_policy_fits_any_job_size(n):
     """HRM is asked for at most one wave of the job's size, so its policy is valid for any n."""

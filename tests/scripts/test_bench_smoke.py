@@ -80,6 +80,19 @@ def test_bench_throughput_with_baseline(tmp_path):
     assert png.stat().st_size > 0
 
 
+def test_bench_throughput_keeps_the_loaded_engine(tmp_path):
+    """--keep-engine: a later run at the same cap keeps the first run's engine (its micro-batch count and resident
+    experts), rebatched to HRM's best N and μ for it, with nothing reloaded and HRM's own policy reported beside."""
+    out = tmp_path / "throughput.json"
+    p = run_script("bench_throughput.py", *TINY, "--workloads", "mtbench:4", "--policies", "4,2,2,0;auto",
+                   "--num-prompts", "6", "--keep-engine", "--no-baseline", "--json", str(out))
+    first, kept = json.loads(out.read_text())["runs"]
+    assert first["policy"]["batch_size"] == 4 and first["load_s"] > 0
+    assert (kept["policy"]["num_micro_batches"], kept["policy"]["resident_expert_fraction"]) == (2, 0)
+    assert kept["policy"]["batch_size"] == 6 and kept["load_s"] == 0 and kept["tokens"] == 6 * 4
+    assert kept["hrm_own"]["policy"]["resident_expert_fraction"] > 0 and kept["hrm_own"]["tok_s"] > 0
+    assert "rebatched to" in p.stderr and "on the loaded engine (HRM's own: N=" in p.stdout
+
 def test_bench_throughput_reports_the_baseline_when_our_setup_fails(tmp_path):
     """'auto' with no HRM profile (no --hardware, no GPU) fails after the PyTorch baseline ran: its figure is
     still printed and saved, with our error beside it, and the exit code says it failed."""

@@ -356,3 +356,28 @@ def test_int8_kv_cache_doubles_the_batch_where_host_kv_binds(mixtral):
         choose_policy(mixtral, "h100-80gb", 512, 256, kv_cache_dtype="int8", placements=[("gpu", "gpu")])
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         choose_policy(mixtral, "h100-80gb", 512, 256, kv_cache_dtype="int4")
+
+
+def test_a_loaded_layout_is_searched_for_its_best_batch(mixtral):
+    """With the micro-batch count and resident experts fixed (an engine's loaded layout, `OffloadEngine.rebatch`),
+    the search keeps them and picks the best N and μ among those: the unconstrained optimum where it lies within
+    the layout, otherwise no better than it, as `predict` prices it, and better than the neighbouring μ."""
+    cpu = [("cpu", "cpu")]
+    g64 = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, placements=cpu).policy
+    layout = dict(num_micro_batches=g64.num_micro_batches, resident_expert_fraction=g64.resident_expert_fraction)
+    assert choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, placements=cpu, **layout).policy == g64
+    free = choose_policy(mixtral, "h100-80gb", 77, 128, gpu_memory_gb=16, placements=cpu)
+    kept = choose_policy(mixtral, "h100-80gb", 77, 128, gpu_memory_gb=16, placements=cpu, **layout)
+    p = kept.policy
+    assert (p.num_micro_batches, p.resident_expert_fraction) == (g64.num_micro_batches, g64.resident_expert_fraction)
+    assert (free.policy.num_micro_batches, free.policy.resident_expert_fraction) != tuple(layout.values())
+    assert 0 < kept.tokens_per_s <= free.tokens_per_s
+    assert predict(mixtral, "h100-80gb", p, 77, 128).tokens_per_s == pytest.approx(kept.tokens_per_s, rel=1e-9)
+    for mu in (p.micro_batch_size - 8, p.micro_batch_size + 8):
+        other = dataclasses.replace(p, micro_batch_size=mu, batch_size=mu * p.num_micro_batches)
+        r = predict(mixtral, "h100-80gb", other, 77, 128)
+        assert r.tokens_per_s < kept.tokens_per_s or r.gpu_memory_bytes > GPU_USABLE * 16 * GiB \
+            or r.host_memory_bytes > HOST_USABLE * PROFILES["h100-80gb"].host_memory
+    for bad in (dict(num_micro_batches=0), dict(num_micro_batches=2.0), dict(resident_expert_fraction=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            choose_policy(mixtral, "h100-80gb", 77, 128, gpu_memory_gb=16, **bad)
