@@ -238,14 +238,20 @@ class LLM:
         """Run later `generate` calls at `policy`'s batch_size and micro_batch_size on the weights as this LLM's
         offload engine placed them (no reload): every other field must be this LLM's policy's (ValueError naming
         them otherwise; `hrm.choose_policy(num_micro_batches=..., resident_expert_fraction=...)` picks the best
-        batch within them). The GPU memory is checked for it (OffloadMemoryError; the policy stays as it was)."""
+        batch within them; a policy without gpu_memory_gb takes this LLM's). The GPU memory is checked for it
+        (OffloadMemoryError; the policy stays as it was)."""
         from moe_jax.offload_engine import OffloadEngine
 
         if not isinstance(self.engine, OffloadEngine):
             raise PolicyUnavailable(f"LLM.rebatch needs a built offload engine; this LLM runs {self.policy}"
                                     + ("" if self.engine is not None else " (none built yet: prepare or generate first)"))
+        if self.max_batch_size is not None and policy.batch_size > self.max_batch_size:
+            raise PolicyUnavailable(f"LLM.rebatch: batch_size={policy.batch_size} is above this LLM's max_batch_size="
+                                    f"{self.max_batch_size}")
+        if self.gpu_memory_gb is not None and policy.gpu_memory_gb is None:
+            policy = Policy(**{**policy.__dict__, "gpu_memory_gb": self.gpu_memory_gb})
         self.engine.rebatch(policy)
-        self.policy = policy
+        self.policy, self.hrm_prediction = policy, None  # HRM's prediction, if any, was for the policy before
 
     def release_kv_cache(self) -> None:
         """Give the offload engine's kept host KV cache back to the OS (tens of GB for a large batch); the next

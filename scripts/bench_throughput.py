@@ -84,9 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-gpu-probe", action="store_true", help="skip the GPU-term probe of each run")
     ap.add_argument("--host-pool-gb", type=int, help="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (default: the streamed experts + 5%% + 2)")
     ap.add_argument("--keep-engine", action="store_true",
-                    help="the later workloads at a cap run on the engine loaded for its first ('auto': HRM's best "
-                         "batch for that engine's micro-batch count and resident experts; no reload), HRM's own "
-                         "best policy for each reported beside")
+                    help="'auto' runs after the first run loaded at a cap keep its engine (HRM's best N and μ for "
+                         "that engine's micro-batch count and resident experts; no reload), HRM's own best policy "
+                         "for each reported beside")
     ap.add_argument("--predict-only", action="store_true",
                     help="print HRM's policy and predictions for each run (needs --hardware) and run nothing")
     ap.add_argument("--json", help="write the results here")
@@ -135,9 +135,10 @@ def predictions(args, cfg, caps, workloads, specs) -> str:
         for workload, gen_len in workloads:
             for spec in specs:
                 head = [workload, str(gen_len), f"{cap:g}"]
+                loaded = first_at.get(cap) if args.keep_engine and spec == "auto" else None
                 try:
-                    policy = policy_for(args, cfg, args.hardware, cap, workload, gen_len, spec,
-                                        first_at.get(cap) if args.keep_engine else None)
+                    policy = policy_for(args, cfg, args.hardware, cap, workload, gen_len, spec, loaded)
+                    own = policy_for(args, cfg, args.hardware, cap, workload, gen_len, spec) if loaded else policy
                 except (hrm.InfeasibleError, ValueError) as e:
                     rows.append(head + [f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"] + [""] * 5)
                     continue
@@ -146,7 +147,10 @@ def predictions(args, cfg, caps, workloads, specs) -> str:
                 pred = bc.hrm_predict(cfg, args.hardware, policy,
                                       bc.engine_lengths(prompts, gen_len, cfg.max_positions), args.dtype)
                 terms = " / ".join(f"{pred['per_layer_s'][k] * 1e3:.1f}" for k in ("h2d", "cpu", "gpu"))
-                rows.append(head + [bc.policy_label(bc.policy_dict(policy)), bc.fmt(pred["tok_s"]),
+                label = bc.policy_label(bc.policy_dict(policy))
+                if own != policy:
+                    label += on_loaded_engine(hrm_own(args, cfg, args.hardware, workload, gen_len, own))
+                rows.append(head + [label, bc.fmt(pred["tok_s"]),
                                     bc.fmt(pred["decode_tok_s"]), terms, pred["bottleneck"],
                                     bc.fmt(pred["tok_s"] * 16e9 / link)])
     return bc.markdown_table(["workload", "gen", "cap GiB", "policy", "HRM tok/s e2e", "HRM tok/s decode",
@@ -198,6 +202,18 @@ def layout(policy) -> dict:
             "resident_expert_fraction": policy.resident_expert_fraction}
 
 
+def hrm_own(args, cfg, hardware, workload: str, gen_len: int, own) -> dict:
+    """HRM's own policy for a workload run on a loaded engine (--keep-engine), with its prediction."""
+    job = bc.engine_lengths(workload_prompts(workload, args.num_prompts or own.batch_size, cfg.vocab_size, args.seed),
+                            gen_len, cfg.max_positions)
+    return {"policy": bc.policy_dict(own), "tok_s": bc.hrm_predict(cfg, hardware, own, job, args.dtype)["tok_s"]}
+
+
+def on_loaded_engine(own: dict) -> str:
+    """What a policy label adds for a run on a loaded engine (`hrm_own`)."""
+    return f" on the loaded engine (HRM's own: {bc.policy_label(own['policy'])}, {own['tok_s']:.1f} tok/s)"
+
+
 def same_layout(a, b) -> bool:
     """Whether policies a and b place the weights alike (`OffloadEngine.rebatch` turns one into the other)."""
     from moe_jax.offload_engine import BATCH_FIELDS
@@ -235,10 +251,14 @@ class Runner:
         loaded = self.first_at.get(cap) if args.keep_engine else None
         try:
             policy = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec, loaded)
-            own = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec) if loaded is not None else policy
         except (hrm.InfeasibleError, ValueError) as e:
             return {**head, "error": f"{type(e).__name__}: {e}"}
-        self.first_at.setdefault(cap, policy)
+        own = policy
+        if loaded is not None and spec == "auto":  # HRM's own policy for this workload, reported beside
+            try:
+                own = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec)
+            except (hrm.InfeasibleError, ValueError) as e:
+                bc.log(f"  HRM's own policy for this workload: {type(e).__name__}: {e}")
         prompts = workload_prompts(workload, args.num_prompts or policy.batch_size, cfg.vocab_size, args.seed)
         bc.log(f"{workload} gen {gen_len}, cap {cap:g} GiB, policy {spec}: {policy}; {len(prompts)} prompts")
         gpu_s = None if args.no_gpu_probe else bc.probe_gpu_layer_seconds(self.source, policy, args.dtype, args.moe_impl)
@@ -246,14 +266,12 @@ class Runner:
             llm, load_s = self.engine_for(policy)
         except OffloadMemoryError as e:
             return {**head, "policy": bc.policy_dict(policy), "error": f"OffloadMemoryError: {e}"}
+        self.first_at.setdefault(cap, policy)  # a loaded engine: the later workloads at this cap keep it
         row = bc.measure_policy(llm, self.source, prompts, gen_len, dtype=args.dtype, link_bw=self.link_bw,
                                 hardware=self.hardware, gpu_s=gpu_s)
         row.update(head, load_s=load_s)
-        if own != policy and self.hardware is not None:  # what HRM would have loaded for this workload
-            job = bc.engine_lengths(workload_prompts(workload, args.num_prompts or own.batch_size, cfg.vocab_size,
-                                                     args.seed), gen_len, cfg.max_positions)
-            row["hrm_own"] = {"policy": bc.policy_dict(own),
-                              "tok_s": bc.hrm_predict(cfg, self.hardware, own, job, args.dtype)["tok_s"]}
+        if own != policy:  # what HRM would have loaded for this workload
+            row["hrm_own"] = hrm_own(args, cfg, self.hardware, workload, gen_len, own)
         bc.log(f"  {row['stats_summary']}")
         return row
 
@@ -320,8 +338,7 @@ def main_table(rows: list[dict]) -> str:
     for r in rows:
         label = ("HRM: " if r["spec"] == "auto" else "") + (bc.policy_label(r["policy"]) if "policy" in r else r["spec"])
         if r.get("hrm_own"):
-            own = r["hrm_own"]
-            label += f" on the loaded engine (HRM's own: {bc.policy_label(own['policy'])}, {own['tok_s']:.1f} tok/s)"
+            label += on_loaded_engine(r["hrm_own"])
         if r.get("interrupted"):
             label += f" (interrupted after {r['decode_steps']} decode steps)"
         head = [r["workload"], str(r["gen_len"]), f"{r['gpu_memory_gb']:g}", label]
@@ -429,8 +446,11 @@ def main(argv=None) -> int:
         return 0
     full = cfg.num_layers == bc.open_source(args.model, seed=args.seed).cfg.num_layers
     base_prompts = workload_prompts(args.baseline_workload, args.baseline_batch, cfg.vocab_size, args.seed + 1)
+    runs = [(cap, w, g, spec) for cap in caps for w, g in workloads for spec in specs]
+    # with --keep-engine an 'auto' run after a cap's first streams what the first does: its own policy never runs
+    runs = [r for i, r in enumerate(runs) if not (args.keep_engine and r[3] == "auto" and r[0] in [q[0] for q in runs[:i]])]
     pool_for = [bc.policy_before_jax(spec, args.hardware, lambda: policy_for(args, cfg, args.hardware, cap, w, g, spec))
-                for cap in caps for w, g in workloads for spec in specs]
+                for cap, w, g, spec in runs]
     if args.baseline:
         pool_for.append(bc.policy_before_jax(specs[0], args.hardware, lambda: bc.resolve_policy(
             specs[0], cfg, args.hardware, bc.engine_lengths(base_prompts, args.baseline_gen_len, cfg.max_positions),

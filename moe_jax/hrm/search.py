@@ -292,21 +292,26 @@ def _gib(nbytes) -> str:
 
 
 def _infeasible(g: dict, placement: int, gpu_budget: float, host_budget: float, gpu_cap: float,
-                host_cap: float) -> str:
-    """Why even one sequence (μ = n_ub = 1) fits nowhere with PLACEMENTS[placement]."""
+                host_cap: float, resident_fixed: bool = False) -> str:
+    """Why even one sequence (μ = 1, the fewest micro-batches searched) fits nowhere with PLACEMENTS[placement]
+    (`resident_fixed`: with the resident experts given, not the most the GPU holds)."""
     i = (placement, 0, 0)
+    usable = f"{_gib(gpu_budget)} GiB are usable ({GPU_USABLE:.0%} of {_gib(gpu_cap)} GiB)"
     if g["gpu_min"][i] > gpu_budget:
         return (f"GPU memory too small: one sequence needs {_gib(g['gpu_min'][i])} GiB on the GPU (non-expert "
-                f"weights, a double buffer of one layer's experts, activations) but {_gib(gpu_budget)} GiB "
-                f"are usable ({GPU_USABLE:.0%} of {_gib(gpu_cap)} GiB)")
+                f"weights, a double buffer of one layer's experts, activations) but {usable}")
+    if resident_fixed and g["gpu_memory"][i] > gpu_budget:
+        return (f"GPU memory too small for the given resident experts: one sequence needs {_gib(g['gpu_memory'][i])} "
+                f"GiB on the GPU with {g['r'][i]:.3g} of the experts resident but {usable}")
     if pinned_pool.cap_bytes(g["streamed"][i]) > g["pinned_pool"][i]:
         return (f"pinned host pool too small: its cap of {_gib(g['pinned_pool'][i])} GiB ({pinned_pool.LIMIT_VAR}, "
                 f"fixed when JAX started) cannot hold the {_gib(g['streamed'][i])} GiB of experts the GPU does "
                 f"not hold (with its margin: {pinned_pool.cap_bytes(g['streamed'][i]) / GiB:.0f} GiB); set "
                 f"{pinned_pool.LIMIT_VAR} before JAX starts")
+    g_r = float(g["r"][i])
     return (f"host memory too small: one sequence needs {_gib(g['host_memory'][i])} GiB on the host (the "
-            f"pinned pool for the streamed expert weights, the KV cache) with all the experts the GPU can hold "
-            f"resident, but {_gib(host_budget)} GiB are usable ({HOST_USABLE:.0%} of {_gib(host_cap)} GiB)")
+            f"pinned pool for the streamed expert weights, the KV cache) with "
+            f"{f'{g_r:.3g} of the experts' if resident_fixed else 'all the experts the GPU can hold'} resident, but {_gib(host_budget)} GiB are usable ({HOST_USABLE:.0%} of {_gib(host_cap)} GiB)")
 
 
 def _memory_cap(name: str, gb: float | None, available: float) -> float:
@@ -396,7 +401,7 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
     tps = np.where(allowed & (g["N"] <= (max_batch_size or np.inf)), g["tps"], 0.0)
     if not tps.max() > 0:
         raise InfeasibleError(_infeasible(g, PLACEMENTS.index(tuple(placements[0])), gpu_budget, host_budget,
-                                          gpu_cap, host_cap))
+                                          gpu_cap, host_cap, resident is not None))
     near = np.flatnonzero(tps >= tps.max() * (1 - TIE_TOLERANCE))
     near = near[g["n_ub"].flat[near] == g["n_ub"].flat[near].min()]
     near = near[g["N"].flat[near] == g["N"].flat[near].min()]

@@ -518,7 +518,6 @@ def test_the_host_kv_cache_is_kept_for_the_jobs_that_fit_it():
     assert llm.stats.kv_fault_in_s > 0 and not np.shares_memory(llm.engine.kv_cache.k, grown.k)
 
 
-
 def test_rebatch_runs_another_batch_on_the_loaded_weights():
     """`LLM.rebatch` changes N and μ on the loaded engine (nothing reloaded; the tokens are the resident engine's
     at either batch); a policy that would place the weights otherwise is refused by name, one whose μ does not
@@ -553,6 +552,17 @@ def test_rebatch_runs_another_batch_on_the_loaded_weights():
     running.close()
     with pytest.raises(moe_jax.llm.PolicyUnavailable, match="needs a built offload engine"):
         moe_jax.LLM(source, dtype="float32", policy="resident").rebatch(loaded)
+    hrm = moe_jax.LLM(source, dtype="float32", policy="offload", hardware="l4", gpu_memory_gb=1, max_batch_size=6)
+    hrm.prepare(PROMPTS, GREEDY)
+    assert hrm.hrm_prediction is not None and hrm.policy.gpu_memory_gb == 1
+    smaller = dict(hrm.policy.__dict__, gpu_memory_gb=None, batch_size=hrm.policy.num_micro_batches,
+                   micro_batch_size=1)
+    hrm.rebatch(Policy(**smaller))  # the LLM's cap filled in, HRM's prediction (for the policy before) dropped
+    assert hrm.policy == Policy(**{**smaller, "gpu_memory_gb": 1}) and hrm.hrm_prediction is None
+    assert [c.token_ids for c in hrm.generate(PROMPTS, GREEDY)] == want
+    with pytest.raises(moe_jax.llm.PolicyUnavailable, match="batch_size=8 is above this LLM's max_batch_size=6"):
+        hrm.rebatch(Policy(**{**smaller, "batch_size": 8, "micro_batch_size": -(-8 // smaller["num_micro_batches"])}))
+
 
 @pytest.mark.parametrize("n", [1, 9, 13])
 def test_hrm_policy_fits_any_job_size(n):

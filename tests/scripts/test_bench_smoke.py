@@ -93,6 +93,7 @@ def test_bench_throughput_keeps_the_loaded_engine(tmp_path):
     assert kept["hrm_own"]["policy"]["resident_expert_fraction"] > 0 and kept["hrm_own"]["tok_s"] > 0
     assert "rebatched to" in p.stderr and "on the loaded engine (HRM's own: N=" in p.stdout
 
+
 def test_bench_throughput_reports_the_baseline_when_our_setup_fails(tmp_path):
     """'auto' with no HRM profile (no --hardware, no GPU) fails after the PyTorch baseline ran: its figure is
     still printed and saved, with our error beside it, and the exit code says it failed."""

@@ -378,6 +378,8 @@ def test_a_loaded_layout_is_searched_for_its_best_batch(mixtral):
         r = predict(mixtral, "h100-80gb", other, 77, 128)
         assert r.tokens_per_s < kept.tokens_per_s or r.gpu_memory_bytes > GPU_USABLE * 16 * GiB \
             or r.host_memory_bytes > HOST_USABLE * PROFILES["h100-80gb"].host_memory
+    with pytest.raises(InfeasibleError, match="GPU memory too small for the given resident experts: .* with 0.301 of"):
+        choose_policy(mixtral, "h100-80gb", 77, 128, gpu_memory_gb=16, num_micro_batches=2, resident_expert_fraction=0.3)
     for bad in (dict(num_micro_batches=0), dict(num_micro_batches=2.0), dict(resident_expert_fraction=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             choose_policy(mixtral, "h100-80gb", 77, 128, gpu_memory_gb=16, **bad)
