@@ -6,7 +6,6 @@ import jax
 import pytest
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_executables():
     """Free each test module's compiled XLA executables after it. Each one holds about three memory mappings
