@@ -10,9 +10,9 @@ import pytest
 def _free_compiled_executables():
     """Free each test module's compiled XLA executables after it. Each one holds about three memory mappings
     of the process (jaxlib 0.10.2 on CPU: 300 compiles took it from 434 to 1411 mappings, jax.clear_caches()
-    back to 524), and Linux refuses mappings past vm.max_map_count (65530 by default). With the whole suite
-    in one process, an XLA compile in tests/moe_jax/test_sampling.py segfaulted twice in CI once a test that
-    compiles a few more shapes was added."""
+    back to 524), and Linux refuses mappings past vm.max_map_count (65530 by default). Without this the whole
+    suite in one process reached 60,182 mappings before tests/moe_jax/test_sampling.py (test_offload_engine
+    alone adds ~52,500), and an XLA compile there segfaulted once a test that compiles a few more shapes came."""
     yield
     jax.clear_caches()
 
