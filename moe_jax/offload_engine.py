@@ -129,6 +129,12 @@ class _JobPlan(NamedTuple):
 BATCH_FIELDS = ("batch_size", "micro_batch_size")  # the Policy fields a loaded engine can change (`rebatch`)
 
 
+def layout_changes(a: Policy, b: Policy) -> list[str]:
+    """The fields beside BATCH_FIELDS in which policies a and b differ: those place the weights, so an engine
+    loaded for one runs the other only where there are none (`OffloadEngine.rebatch`)."""
+    return [k for k in a.__dict__ if k not in BATCH_FIELDS and getattr(a, k) != getattr(b, k)]
+
+
 class OffloadMemoryError(MemoryError):
     """The policy does not fit the GPU memory cap or the host memory; raised before any work."""
 
@@ -593,8 +599,7 @@ class OffloadEngine:
         within one). The GPU plan is checked for the new μ (OffloadMemoryError, the policy unchanged); the kept
         host KV cache serves the next job if it fits it, as always."""
         self._refuse_while_running("rebatch")
-        layout = {k: v for k, v in policy.__dict__.items() if k not in BATCH_FIELDS}
-        differ = [k for k, v in layout.items() if getattr(self.policy, k) != v]
+        differ = layout_changes(self.policy, policy)
         if differ:
             raise ValueError(f"OffloadEngine.rebatch: {policy} differs from the loaded {self.policy} in "
                              f"{', '.join(differ)}, which place the weights: only {' and '.join(BATCH_FIELDS)} "

@@ -214,13 +214,6 @@ def on_loaded_engine(own: dict) -> str:
     return f" on the loaded engine (HRM's own: {bc.policy_label(own['policy'])}, {own['tok_s']:.1f} tok/s)"
 
 
-def same_layout(a, b) -> bool:
-    """Whether policies a and b place the weights alike (`OffloadEngine.rebatch` turns one into the other)."""
-    from moe_jax.offload_engine import BATCH_FIELDS
-
-    return all(getattr(a, k) == getattr(b, k) for k in a.__dict__ if k not in BATCH_FIELDS)
-
-
 class Runner:
     """Runs (cap, workload, policy) combinations, reusing the engine while the policy stays the same."""
 
@@ -231,7 +224,9 @@ class Runner:
 
     def engine_for(self, policy):
         """The engine for `policy`: the loaded one as it is, or rebatched where only N and μ differ, else a new one."""
-        if self.llm is not None and self.llm.policy != policy and same_layout(self.llm.policy, policy):
+        from moe_jax.offload_engine import layout_changes
+
+        if self.llm is not None and self.llm.policy != policy and not layout_changes(self.llm.policy, policy):
             self.llm.rebatch(policy)
             bc.log(f"  the loaded engine rebatched to {policy} (no reload)")
         if self.llm is None or self.llm.policy != policy:
