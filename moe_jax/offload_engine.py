@@ -373,13 +373,9 @@ class OffloadEngine:
             cfg, moe_impl, self.on_device, self.on_host)
         self._mid, self._last, self._prefill, self._start = (precise(f, dtype) for f in (mid, last, prefill, start))
         self._embed = jax.jit(model.embed)
-        self._load(weights)
-        self.gpu_bytes = self._check_gpu_memory()  # again, with the codec's escapes as loaded
-        self.stats = OffloadStats.empty(cfg.num_layers)
-        self.kv_cache: HostKVCache | None = None  # the last job's, whose storage the next job takes if it fits
-        self.running = False  # a generate's steps are under way (its iterator neither exhausted nor closed)
-        # the CPU worker reads q/k/v and writes its output in pinned memory through views, or copies
-        copies = "offload engine: the CPU worker copies the GPU's q/k/v out of pinned memory and its output into it"
+        # the CPU worker (and the load's coding of experts) read and write pinned memory through views, or copy
+        copies = ("offload engine: the CPU worker copies the GPU's q/k/v out of pinned memory and its output into "
+                  "it (and coded experts into it)")
         wanted = host_views.wanted()
         why = host_views.check(self.on_host, self.on_device) if wanted else None
         self.host_views = wanted and why is None
@@ -389,6 +385,11 @@ class OffloadEngine:
             log.warning("%s (NumPy views of pinned memory fail on this backend: %s)", copies, why)
         else:
             log.info("offload engine: the CPU worker reads q/k/v and writes its output in pinned memory (views)")
+        self._load(weights)
+        self.gpu_bytes = self._check_gpu_memory()  # again, with the codec's escapes as loaded
+        self.stats = OffloadStats.empty(cfg.num_layers)
+        self.kv_cache: HostKVCache | None = None  # the last job's, whose storage the next job takes if it fits
+        self.running = False  # a generate's steps are under way (its iterator neither exhausted nor closed)
         log.info("offload engine: %s; %d resident expert slots, 2 x %d streamed (slots + chunks in flight, up "
                  "to %d per layer); GPU plan %.2f GiB", policy, self.pages.num_resident, self.pages.max_streamed,
                  self.pages.split, self.gpu_bytes / 2**30)
@@ -437,40 +438,52 @@ class OffloadEngine:
                 resident = jax.device_put({k: w[k][ids] for k in experts}, self.on_device)
                 self.slots = self._install(self.slots, [resident], [p.resident_slot(i, ids[0])])
             ids = np.asarray(p.streamed[i], np.int64)
-            chunks = [self._host_chunk({k: w[k] for k in experts}, ids[a:b]) for a, b in p.chunks(i)]
-            escapes.append([e for _, e in chunks])
             try:
-                self.host_chunks.append([jax.device_put(c, self.on_host) for c, _ in chunks])
+                chunks = [self._host_chunk({k: w[k] for k in experts}, ids[a:b]) for a, b in p.chunks(i)]
             except jax.errors.JaxRuntimeError as e:
                 if "out of host memory" not in str(e).lower():
                     raise
                 raise self._pool_exhausted(i) from e
+            self.host_chunks.append([c for c, _ in chunks])
+            escapes.append([e for _, e in chunks])
         self.escapes = self._place_escapes(escapes)
         self.tables = [jnp.asarray(p.page_table(i)) if p.has_experts(i) else None for i in range(self.cfg.num_layers)]
         self.installed = None  # the layer whose streamed experts are in the streamed slots
         self._fetch_for(self._next_moe_layer(-1))
 
     def _host_chunk(self, weights: dict[str, np.ndarray], ids: np.ndarray):
-        """(what the pinned pool holds of the chunk of experts `ids` of a layer's expert `weights` {name:
-        [E, ...]}, its escapes): the experts as they are and None, or coded ({name: {"sm", "nib"}}, each expert
-        coded in place) and {name: (base [c], expert [n], index [n], bits [n], bits of expert 0's element 0)},
-        the chunk's escapes."""
+        """(the chunk of experts `ids` of a layer's expert `weights` {name: [E, ...]} in pinned memory, its
+        escapes): the experts as they are and None, or coded ({name: {"sm", "nib"}}) and {name: (base [c],
+        expert [n], index [n], bits [n], bits of expert 0's element 0)}, the chunk's escapes."""
         if self.policy.expert_codec == "none":  # a layer's streamed experts are a range of ids: views, no copy
             lo, hi = int(ids[0]), int(ids[-1]) + 1
             if not np.array_equal(ids, np.arange(lo, hi)):
                 raise ValueError(f"a chunk's streamed experts must be a range of ids, got {ids.tolist()}")
-            return {k: np.ascontiguousarray(x[lo:hi]) for k, x in weights.items()}, None
+            return jax.device_put({k: np.ascontiguousarray(x[lo:hi]) for k, x in weights.items()}, self.on_host), None
         host, escapes = {}, {}
         for k, x in weights.items():
             rows, cols = x.shape[1:]
-            sm, nib = np.empty((len(ids), rows, cols), np.uint8), np.empty((len(ids), rows, (cols + 1) // 2), np.uint8)
-            coded = [expert_codec.encode(x[e], sm[j], nib[j]) for j, e in enumerate(ids)]
-            host[k] = {"sm": sm, "nib": nib}
+            shapes = {"sm": (len(ids), rows, cols), "nib": (len(ids), rows, (cols + 1) // 2)}
+            pinned, out = self._coded_buffers(shapes)
+            coded = [expert_codec.encode(x[e], out["sm"][j], out["nib"][j]) for j, e in enumerate(ids)]
+            host[k] = pinned if pinned is not None else jax.device_put(out, self.on_host)
             escapes[k] = (np.array([c.base for c in coded], np.int32),
                           np.concatenate([np.full(len(c.escape_index), j, np.int32) for j, c in enumerate(coded)]),
                           np.concatenate([c.escape_index for c in coded]), np.concatenate([c.escape_bits for c in coded]),
                           x[ids[0], 0, 0].view(np.uint16))
         return host, escapes
+
+    def _coded_buffers(self, shapes: dict[str, tuple[int, ...]]):
+        """uint8 arrays of `shapes` {name: shape} for a coded chunk: (pinned arrays or None, NumPy arrays to code
+        into). With views: pinned arrays, zeroed by a copy from the GPU, and writable views of them, so that the
+        coding writes memory the pool has touched already and nothing is copied after (on a fresh VM a first
+        touch of host memory ran at 0.5-1 GB/s: benchmarks/RESULTS.md, 2026-11-27). Without: None and NumPy
+        arrays, which the caller copies into pinned memory once coded."""
+        if not self.host_views:
+            return None, {n: np.empty(s, np.uint8) for n, s in shapes.items()}
+        pinned = {n: jax.device_put(jnp.zeros(s, np.uint8, device=self.on_device), self.on_host)
+                  for n, s in shapes.items()}
+        return pinned, {n: host_views.host_view(a, writable=True) for n, a in pinned.items()}
 
     def _place_escapes(self, escapes):
         """Per layer, per chunk: its escapes on the GPU, every weight's padded to one bucketed length per chunk

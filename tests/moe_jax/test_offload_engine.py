@@ -638,10 +638,13 @@ def test_gpu_machines_host_checks_use_their_profiles_host_memory(monkeypatch):
     assert llm._planned_host_bytes() == hardware_profile("h100-80gb").host_memory
 
 
-@pytest.mark.parametrize("prefetch", ["split", "whole"])
-def test_exp4_coded_experts_generate_the_same_tokens(prefetch):
+@pytest.mark.parametrize("prefetch, views", [("split", True), ("whole", True), ("split", False)])
+def test_exp4_coded_experts_generate_the_same_tokens(monkeypatch, prefetch, views):
     """Streamed experts coded with exp4 (12 bits on the link, decoded on the GPU) are bit-exact: bfloat16
-    greedy tokens equal those of uncoded streaming; the link carries 3/4 of the bytes."""
+    greedy tokens equal those of uncoded streaming; the link carries 3/4 of the bytes. The load codes them
+    straight into pinned memory through views, or (views off) into NumPy arrays copied there."""
+    if not views:
+        monkeypatch.setenv("MOE_JAX_HOST_VIEWS", "0")
     assert_exp4_tokens_equal(prefetch)
 
 
@@ -668,6 +671,8 @@ def coded_install_temp_bytes(c: int, H: int, F: int, n: int, slots: int) -> int:
 
 
 def assert_exp4_tokens_equal(prefetch: str):
+    import jax
+
     source = open_model("tiny-qwen2-moe")
     requests = [Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)]
     runs = {}
@@ -677,6 +682,7 @@ def assert_exp4_tokens_equal(prefetch: str):
         runs[codec] = sorted((r.index, ids) for r, ids, *_ in eng.generate(requests)), eng.stats
     assert runs["exp4"][0] == runs["none"][0]
     assert runs["exp4"][1].h2d_bytes == 0.75 * runs["none"][1].h2d_bytes > 0
+    assert {a.sharding.memory_kind for a in jax.tree_util.tree_leaves(eng.host_chunks)} == {"pinned_host"}
     stats = runs["exp4"][1]
     assert stats.host_free_bytes is None or 0 < stats.host_free_bytes <= stats.host_total_bytes
     with pytest.raises(ValueError, match="codes bfloat16 weights"):
