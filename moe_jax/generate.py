@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -26,10 +27,10 @@ from moe_jax.checkpoint import CheckpointError
 from moe_jax.config import ConfigError
 from moe_jax.expert_codec import check as check_codec
 from moe_jax.hrm import HardwareError, InfeasibleError
-from moe_jax.job_output import (CompletionWriter, ResumeError, check_meta, finished_ids, sidecar, start_output,
-                                write_errors)
+from moe_jax.job_output import (CompletionWriter, ResumeError, check_finished, check_meta, finished_ids,
+                                record_requests, sidecar, start_output, write_errors)
 from moe_jax.job_requests import BadLine, JobRequest
-from moe_jax.jsonl_jobs import OPENAI, PLAIN, Job, JobInputError, read_job
+from moe_jax.jsonl_jobs import OPENAI, PLAIN, Job, JobFormat, JobInputError, read_job
 from moe_jax.llm import LLM, POLICIES, PolicyUnavailable
 from moe_jax.model_source import ModelNotFound, ModelSource, open_model
 from moe_jax.offload_policy import CODECS, KV_CACHE_DTYPES, PolicyError
@@ -39,7 +40,7 @@ from moe_jax.progress import Progress
 from moe_jax.prompts import PromptError, encode_prompt
 from moe_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from moe_jax.saved_model import SavedModelError
-from moe_jax.stop_signals import Interrupted, interruptible
+from moe_jax.stop_signals import SIGNALS, Interrupted, interruptible
 from moe_jax.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, CheckpointError, ModelNotFound, PolicyUnavailable, PolicyError, JobInputError,
@@ -59,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--input", type=Path, help="JSONL file of requests")
     p.add_argument("--output", type=Path, help="JSONL file of completions (default: stdout)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float,
+                   help="default: 0 (greedy), or 1 for an OpenAI batch file (OpenAI's default); a line's own replaces it")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -92,8 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("resume", "skip_invalid"):
         if getattr(args, flag) and not (args.input and args.output):
             p.error(f"--{flag.replace('_', '-')} needs --input and --output")
+    if args.prompt is not None and args.output:
+        p.error("--output takes the completions of an --input file; --prompt's completion goes to stdout")
     if args.output and not args.output.resolve().parent.is_dir():
         p.error(f"--output {args.output}: directory {args.output.resolve().parent} does not exist")
+    if args.output and args.output.exists() and not args.output.is_file():
+        p.error(f"--output {args.output} is a directory (or another non-file): give a file path")
     if args.output and args.input and args.output.resolve() == args.input.resolve():
         p.error("--output must not be the --input file")
     if args.resume and args.overwrite:
@@ -108,6 +114,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
         p.error(f"--gpu-memory-gb must be a positive number of GiB, got {args.gpu_memory_gb}")
     return args
+
+
+def default_temperature(args: argparse.Namespace, fmt: JobFormat) -> None:
+    """Sets --temperature, where not given, to the input format's default (said, for OpenAI batch files)."""
+    if args.temperature is None:
+        args.temperature = fmt.default_temperature
+        if fmt is OPENAI:
+            log.info("requests without a 'temperature' sample at %g, OpenAI's default (--temperature sets another)",
+                     args.temperature)
 
 
 def base_params(args: argparse.Namespace, source: ModelSource) -> SamplingParams:
@@ -201,6 +216,7 @@ def pending(args: argparse.Namespace, job: Job, ready: Ready) -> tuple[Ready, bo
     if unknown:
         raise ResumeError(f"cannot resume {args.output}: it holds {job.format.id_key}s that are not valid requests "
                           f"of {job.path}: {', '.join(map(repr, sorted(unknown, key=str)[:5]))}")
+    check_finished(args.output, job.path, [req for req, _ in ready if req.id in done])
     log.info("resuming: %d of %d requests already in %s", len(done), len(ready), args.output)
     return [(req, ids) for req, ids in ready if req.id not in done], False
 
@@ -221,7 +237,11 @@ def report(llm: LLM, prompts: int, generated: int, start: float, dtype: str) -> 
 
 
 def run_prompt(args: argparse.Namespace) -> int:
+    default_temperature(args, PLAIN)
     source = open_model(args.model, seed=0)  # config and tokenizer only; weights load in LLM
+    if source.tokenizer is None:
+        raise PromptError(f"--prompt takes text, and {args.model} has no tokenizer.json: give token ids in an "
+                          f"--input file instead, a line such as {{\"prompt_token_ids\": [1, 2, 3]}}")
     prompt = encode_prompt(source.cfg, source.tokenizer, args.prompt, "--prompt")
     params = base_params(args, source)
     llm = make_llm(args, source)
@@ -238,6 +258,7 @@ def run_prompt(args: argparse.Namespace) -> int:
 
 def run_job(args: argparse.Namespace) -> int:
     job = read_job(args.input)
+    default_temperature(args, job.format)
     source = open_model(args.model, seed=0)
     base = base_params(args, source)
     ready = encode_job(job, source, args.model)
@@ -250,9 +271,10 @@ def run_job(args: argparse.Namespace) -> int:
     runs, prompts, params = engine_requests(todo, base)
     llm.prepare(prompts, params)  # the engine, before an old OUT is replaced: a model or policy error loses nothing
     if fresh:
-        start_output(args.output, job_meta(args, job, llm))
+        start_output(args.output, job_meta(args, job, llm), [req for req, _ in ready])
     elif args.output is not None:
         check_meta(args.output, job_meta(args, job, llm))  # with what the engine runs, known now
+        record_requests(args.output, [req for req, _ in ready])  # the unfinished ones as they run now
     start = time.perf_counter()
     generated = write_completions(llm, job, todo, runs, prompts, params, args.output)
     report(llm, len(todo), generated, start, args.dtype)
@@ -304,7 +326,10 @@ def write_completions(llm: LLM, job: Job, todo: Ready, runs, prompts, params, ou
 
 
 def resume_command(argv: list[str]) -> str:
-    return shlex.join(["python", "-m", "moe_jax.generate", *argv, *([] if "--resume" in argv else ["--resume"])])
+    """The command that resumes an interrupted run of `argv`: this interpreter, the same arguments less
+    --overwrite (which would replace the finished lines), plus --resume."""
+    kept = [a for a in argv if a != "--overwrite"]
+    return shlex.join([sys.executable, "-m", "moe_jax.generate", *kept, *([] if "--resume" in kept else ["--resume"])])
 
 
 def main(argv=None) -> int:
@@ -328,4 +353,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in {Interrupted(s).exit_code for s in SIGNALS}:
+        # A signal can land inside JAX or numba (a compile, an import), whose threads may then crash the
+        # interpreter's teardown (a segfault after the message, in place of the exit code). The output is
+        # closed and synced by now: leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

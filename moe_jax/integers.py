@@ -13,7 +13,10 @@ def is_integer(v) -> bool:
 
 def integer_ids(values: Iterable, what: str, error: type[ValueError] = ValueError) -> tuple[int, ...]:
     """`values` (token ids) as Python ints; `error` names `what` and the first value that is not an integer."""
-    ids = tuple(values)
+    try:
+        ids = tuple(values)
+    except TypeError:  # None, a number: not a sequence
+        raise error(f"{what}: token ids must be a sequence of integers, got {values!r}") from None
     for i, t in enumerate(ids):
         if not is_integer(t):
             raise error(f"{what}: token ids must be integers, got {t!r} at position {i}")

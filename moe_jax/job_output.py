@@ -10,6 +10,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
+
+from moe_jax.job_requests import JobRequest
 
 log = logging.getLogger("moe_jax")
 
@@ -86,9 +89,55 @@ def finished_ids(path: Path, id_key: str) -> set:
     return ids
 
 
-def start_output(out: Path, meta: dict) -> None:
-    """A fresh job: any earlier output is removed and the job's settings recorded in OUT.meta.json."""
+def start_output(out: Path, meta: dict, requests: Sequence[JobRequest]) -> None:
+    """A fresh job: any earlier output is removed and the job's settings and requests (`record_requests`)
+    recorded in OUT.meta.json."""
     out.unlink(missing_ok=True)
+    _write_meta(out, {**meta, REQUESTS: _digests(requests)})
+
+
+def record_requests(out: Path, requests: Sequence[JobRequest]) -> None:
+    """OUT.meta.json's record of the requests (each id with its `JobRequest.fingerprint`) replaced by
+    `requests`', once a resume has checked the finished ones (`check_finished`)."""
+    _write_meta(out, {**_read_meta(out), REQUESTS: _digests(requests)})
+
+
+def check_finished(out: Path, input_path: Path, finished: Sequence[JobRequest]) -> None:
+    """Refuses (ResumeError) to resume when the input line of a request OUT holds a result for has changed
+    since (another prompt or setting under the same id: a line added above lines without ids renumbers them)."""
+    recorded = _read_meta(out).get(REQUESTS)
+    if recorded is None:  # started before requests were recorded
+        log.warning("%s: its meta file records no requests, so whether the %d finished ones are still those of %s "
+                    "is not checked", out, len(finished), input_path)
+        return
+    was = {rid: digest for rid, digest in recorded}
+    changed = [r for r in finished if r.id in was and was[r.id] != r.fingerprint()]
+    if changed:
+        lines = ", ".join(f"line {r.line} (id {r.id!r})" for r in changed[:5])
+        raise ResumeError(f"cannot resume {out}: {len(changed)} of its finished requests ask for something else in "
+                          f"{input_path} now than when they ran (a line without an id takes its line number as its "
+                          f"id), e.g. {lines}: restore those lines, or --overwrite to start over")
+
+
+REQUESTS = "requests"  # OUT.meta.json's key for [[id, fingerprint], ...] of the job's requests
+
+
+def _digests(requests: Sequence[JobRequest]) -> list:
+    return [[r.id, r.fingerprint()] for r in requests]
+
+
+def _read_meta(out: Path) -> dict:
+    path = sidecar(out, ".meta.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResumeError(f"cannot resume {out}: {path} is missing, so the model and sampling settings it was "
+                          f"made with are unknown (--overwrite instead of --resume starts over)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ResumeError(f"cannot resume {out}: {path} is not valid JSON") from None
+
+
+def _write_meta(out: Path, meta: dict) -> None:
     tmp = sidecar(out, ".meta.json.tmp")
     tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, sidecar(out, ".meta.json"))
@@ -101,14 +150,7 @@ META_DEFAULTS = {"kv_cache_dtype": "auto", "logprobs": None}
 def check_meta(out: Path, meta: dict) -> None:
     """Refuses (ResumeError) to resume an output started with other settings than `meta` (the keys of `meta`;
     one the file lacks counts as its `META_DEFAULTS` value)."""
-    path = sidecar(out, ".meta.json")
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ResumeError(f"cannot resume {out}: {path} is missing, so the model and sampling settings it was "
-                          f"made with are unknown (--overwrite instead of --resume starts over)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ResumeError(f"cannot resume {out}: {path} is not valid JSON") from None
+    old = _read_meta(out)
     was = {k: old.get(k, META_DEFAULTS.get(k)) for k in meta}
     diffs = [f"cannot resume {out}: it was started with {k} {was[k]!r}, this run has {v!r}"
              for k, v in meta.items() if was[k] != v]

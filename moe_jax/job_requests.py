@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Callable
 
 from moe_jax.sampling import MAX_TOP_LOGPROBS
@@ -21,6 +23,12 @@ class JobRequest:
     stop: tuple[str, ...] = ()
     endpoint: str | None = None
     n: int = 1
+
+    def fingerprint(self) -> str:
+        """A digest of what the request asks for (all but its line and id), so that a resumed job can tell that
+        the input line of an id it finished has changed since."""
+        asked = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("line", "id")}
+        return hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)

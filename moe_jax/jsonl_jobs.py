@@ -38,6 +38,7 @@ class JobFormat:
     parse: Callable[[int, dict], JobRequest]
     completion_record: Callable[[JobRequest, list[Completion], LLM], dict]  # (request, its n completions, the model)
     error_record: Callable[[BadLine], dict]
+    default_temperature: float  # where neither a line nor --temperature sets one: plain greedy, OpenAI's 1
 
 
 _PLAIN_KEYS = ("prompt", "prompt_token_ids", "id", "stop", "n", *SAMPLING_CHECKS)
@@ -85,9 +86,9 @@ def _plain_error(bad: BadLine) -> dict:
     return {"line": bad.line, "id": bad.id, "error": bad.reason}
 
 
-PLAIN = JobFormat("plain", "id", _parse_plain, _plain_record, _plain_error)
+PLAIN = JobFormat("plain", "id", _parse_plain, _plain_record, _plain_error, 0.0)
 OPENAI = JobFormat("OpenAI batch", openai_batch.ID_KEY, openai_batch.parse_request,
-                   openai_batch.response_record, openai_batch.error_record)
+                   openai_batch.response_record, openai_batch.error_record, 1.0)
 
 
 @dataclasses.dataclass

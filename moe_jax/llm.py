@@ -36,7 +36,9 @@ _GPU_PROFILES = (("H100", "h100-80gb"), ("H200", "h200"), ("A100", None), ("L4",
 
 def _require_batch(items, name: str, each: str) -> None:
     """TypeError when `items`, meant as a list of sequences, is a single string or list of token ids (which
-    would otherwise run as one sequence per character or token)."""
+    would otherwise run as one sequence per character or token), or is no list at all."""
+    if not hasattr(items, "__len__") or not hasattr(items, "__getitem__"):
+        raise TypeError(f"{name} must be a list of {each}; got {type(items).__name__} {items!r:.80}")
     if isinstance(items, str) or (len(items) and isinstance(items[0], (int, np.integer))):
         raise TypeError(f"{name} must be a list of {each}; got one "
                         f"{'string' if isinstance(items, str) else 'list of token ids'}: wrap it in a list")
@@ -108,6 +110,9 @@ class LLM:
             if policy == "resident":
                 _, does, ignored = _OFFLOAD_OPTIONS[name]
                 raise PolicyUnavailable(f"{name}={value!r} {does}; policy 'resident' {ignored}")
+        if hardware is not None and policy == "resident":
+            raise PolicyUnavailable(f"hardware={hardware!r} is the profile HRM sizes an offload policy for; policy "
+                                    f"'resident' uses none")
         if isinstance(policy, Policy):
             if gpu_memory_gb is not None and policy.gpu_memory_gb not in (None, gpu_memory_gb):
                 raise PolicyUnavailable(f"gpu_memory_gb={gpu_memory_gb!r} differs from the given policy's "
@@ -132,6 +137,9 @@ class LLM:
             for k, v in unused.items() if policy == "resident" else ():
                 log.warning("%s=%r unused: policy auto chose resident (the model fits the accelerator), which %s",
                             k, v, _OFFLOAD_OPTIONS[k][2])
+            if policy == "resident" and hardware is not None:
+                log.warning("hardware=%r unused: policy auto chose resident (the model fits the accelerator), which "
+                            "needs no HRM profile", hardware)
         self.policy = policy
         if policy == "resident":
             self.engine = ResidentEngine(self.cfg, self.source.weights, self.dtype, max_batch_size=max_batch_size,
@@ -303,7 +311,5 @@ class LLM:
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """One Completion per prompt, in prompt order."""
-        out: list[Completion | None] = [None] * len(prompts)
-        for i, c in self.generate_iter(prompts, params):
-            out[i] = c
-        return out
+        out = dict(self.generate_iter(prompts, params))  # every prompt's, once each
+        return [out[i] for i in range(len(out))]

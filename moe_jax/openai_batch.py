@@ -7,8 +7,10 @@ with "prompt" (text or token ids) or "messages" ([{"role", "content"}, ...]) and
 log-probabilities as each endpoint asks for them: "logprobs" (0..20 most likely tokens) for completions,
 "logprobs" (true) with "top_logprobs" (0..20) for chat, and "n" (completions to sample, 1..64, one
 choice each); "model", "user", "metadata" and "store" are ignored, and any other body field makes the
-line invalid rather than be dropped. Fields a body leaves out take the CLI's values ("logprobs": null or
-false asks for none, whatever the CLI says). The
+line invalid rather than be dropped. A message's "content" is a string or a list of text parts
+({"type": "text", "text"}, joined by newlines). Fields a body leaves out take the CLI's values, "temperature"
+OpenAI's default of 1 where --temperature is not given ("logprobs": null or false asks for none, whatever the
+CLI says). The
 response's "logprobs" follow each endpoint's shape: a token's string is what it adds to the text after the
 tokens before it (a SentencePiece word keeps its leading space; a character split over several tokens goes to
 the one that completes it, the others read U+FFFD or ""; a special token, skipped in the text, reads ""),
@@ -91,9 +93,25 @@ def _messages(body: dict) -> tuple[dict, ...]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("'body.messages' must be a non-empty list of {\"role\", \"content\"} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise ValueError(f"'body.messages[{i}]' must be an object with string 'role' and 'content'")
-    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+    return tuple({"role": m["role"], "content": _content(m["content"], f"body.messages[{i}].content")}
+                 for i, m in enumerate(messages))
+
+
+def _content(content, where: str) -> str:
+    """A message's content as text: a string, or a list of text parts ({"type": "text", "text"}, as OpenAI's SDK
+    writes them), joined by newlines as vLLM joins them."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise ValueError(f"'{where}' must be a string or a non-empty list of text parts, got {content!r:.60}")
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"'{where}[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}} (this "
+                             f"model reads text only), got {kind!r}")
+    return "\n".join(part["text"] for part in content)
 
 
 _CONTEXT = 8  # tokens before a token that its string is decoded after (a split character takes at most 4)

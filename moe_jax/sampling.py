@@ -42,7 +42,10 @@ class SamplingParams:
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", integer_ids(self.stop_token_ids, "stop_token_ids"))
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        try:
+            stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        except TypeError:  # not a sequence at all
+            stop = (None,)
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
         object.__setattr__(self, "stop", stop)

@@ -175,6 +175,13 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
     assert rc == 2 and f"shard {shard} is missing" in err
     rc, _, err = run_cli(capsys, "--prompt", "x", "--hardware", "no-such-gpu")
     assert rc == 2 and "no-such-gpu" in err
+    rc, _, err = run_cli(capsys, "--prompt", "x", "--hardware", "t4", "--policy", "resident")
+    assert rc == 2 and "hardware='t4' is the profile HRM sizes an offload policy for; policy 'resident' uses none" in err
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(hf_checkpoints["mixtral"][0], no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink(missing_ok=True)
+    rc, _, err = run_cli(capsys, "--model", no_tokenizer, "--prompt", "x")
+    assert rc == 2 and "has no tokenizer.json: give token ids in an --input file instead" in err
     rc, _, err = run_cli(capsys, "--prompt", "")
     assert rc == 2 and "--prompt is empty" in err
     rc, _, err = run_cli(capsys, "--prompt", "x", "--temperature", "-1")
@@ -196,6 +203,8 @@ def test_a_broken_tokenizer_is_an_error_line_not_a_traceback(tmp_path, capsys, h
     (["--prompt", "x", "--output", "o.jsonl", "--skip-invalid"], "--skip-invalid needs --input and --output"),
     (["--input", "in.jsonl", "--output", "no/such/dir/o.jsonl"], "directory"),
     (["--input", "in.jsonl", "--output", "in.jsonl"], "--output must not be the --input file"),
+    (["--input", "in.jsonl", "--output", "."], "--output . is a directory (or another non-file): give a file path"),
+    (["--prompt", "x", "--output", "o.jsonl"], "--output takes the completions of an --input file; --prompt's"),
     (["--input", "in.jsonl", "--output", "o.jsonl", "--resume", "--overwrite"], "give one"),
     (["--prompt", "x", "--max-batch-size", "0"], "--max-batch-size must be a positive integer, got 0"),
     (["--prompt", "x", "--gpu-memory-gb", "-1"], "--gpu-memory-gb must be a positive number of GiB, got -1.0"),
@@ -322,6 +331,37 @@ def test_resume_is_refused_for_other_settings_or_foreign_output(tmp_path, capsys
     assert rc == 0 and list(records(out)) == ["b"]
 
 
+def test_resume_is_refused_where_a_finished_requests_line_changed(tmp_path, capsys, caplog):
+    """A finished id whose input line now asks for something else (a line added above lines without ids
+    renumbers them; an id kept with another prompt) is refused, naming the line; an unfinished line may change,
+    and then counts as changed no more; an output whose meta file records no requests is resumed unchecked."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    job = ("--input", inp, "--output", out, "--max-new-tokens", "2", "--dtype", "float32")
+    inp.write_text('{"prompt": "A"}\n{"prompt": "B"}\n')
+    assert run_cli(capsys, *job)[0] == 0
+    first = out.read_text()
+    inp.write_text('{"prompt": "NEW"}\n{"prompt": "A"}\n{"prompt": "B"}\n')
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 2 and "2 of its finished requests ask for something else in" in err
+    assert "line 1 (id 1), line 2 (id 2): restore those lines, or --overwrite" in err
+    assert out.read_text() == first  # nothing written, nothing lost
+    inp.write_text('{"prompt": "A"}\n{"prompt": "B", "max_new_tokens": 1}\n')
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 2 and "line 2 (id 2)" in err and "line 1 (id 1)" not in err
+    inp.write_text('{"prompt": "A"}\n{"prompt": "B"}\n{"id": "c", "prompt": "C"}\n')  # a new line
+    out.write_text(first.splitlines(keepends=True)[0])  # and line 2's result lost: both to run
+    inp.write_text('{"prompt": "A"}\n{"prompt": "B2"}\n{"id": "c", "prompt": "C"}\n')  # line 2 changed, unfinished
+    assert run_cli(capsys, *job, "--resume")[0] == 0
+    assert sorted(records(out), key=str) == [1, 2, "c"]
+    assert run_cli(capsys, *job, "--resume")[0] == 0  # the record follows what ran: B2 is what finished
+    meta = json.loads((tmp_path / "out.meta.json").read_text())
+    (tmp_path / "out.meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "requests"}))
+    inp.write_text('{"prompt": "Z"}\n{"prompt": "B2"}\n{"id": "c", "prompt": "C"}\n')
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        assert run_cli(capsys, *job, "--resume")[0] == 0  # written before requests were recorded: unchecked
+    assert "records no requests, so whether the 3 finished ones are still those of" in caplog.text
+
+
 def test_killed_job_resumes_to_the_uninterrupted_outputs(tmp_path, long_job):
     inp, reference = long_job
     out = tmp_path / "out.jsonl"
@@ -334,16 +374,42 @@ def test_killed_job_resumes_to_the_uninterrupted_outputs(tmp_path, long_job):
 
 
 def test_sigint_keeps_whole_lines_and_prints_the_resume_command(tmp_path, long_job):
+    """The printed command (this interpreter, --overwrite dropped, --resume added) resumes the job."""
     inp, reference = long_job
     out, err = tmp_path / "out.jsonl", tmp_path / "err.txt"
-    proc, args = start_job(inp, out, err)
+    proc, args = start_job(inp, out, err, "--overwrite")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
     done = records(out)
     assert 1 <= len(done) < LONG_N and all(done[i] == reference[i] for i in done)
     message = err.read_text()
     assert "interrupted by SIGINT" in message and "Traceback" not in message
-    assert "to resume: python -m moe_jax.generate " + shlex.join([*args, "--resume"]) in message
+    kept = [a for a in args if a != "--overwrite"]
+    command = shlex.join([sys.executable, "-m", "moe_jax.generate", *kept, "--resume"])
+    assert f"to resume: {command}\n" in message
+    assert main(shlex.split(command)[3:]) == 0
+    assert records(out) == reference
+
+
+@pytest.mark.parametrize("after, delay", [("policy auto -> resident", 0), ("moe_ffn: impl=", 0.2),
+                                          ("moe_ffn: impl=", 0.5)])
+def test_an_early_sigint_exits_130_not_a_crash(after, delay):
+    """SIGINT while the engine is built or compiles its first steps (`delay` s after the line `after`; XLA's
+    threads busy): the exit code, not a crash in the interpreter's teardown (before the fix, a segfault after
+    the message whenever the signal came 0.2-0.8 s after "moe_ffn: impl=" on the 2-core VM)."""
+    proc = subprocess.Popen([sys.executable, "-m", "moe_jax.generate", "--prompt", "Hi", "--max-new-tokens", "8"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if after in line:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(lines) + rest
+    assert "interrupted by SIGINT" in rest and "Fatal Python error" not in rest
 
 
 def test_sigterm_exits_143_and_restores_the_handlers(tmp_path, long_job, capsys):

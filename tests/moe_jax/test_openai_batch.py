@@ -60,11 +60,12 @@ def test_openai_round_trip_matches_llm_generate(tmp_path, chat_model, capsys):
     stop = next(ch for ch in text[1:] if ch != "\ufffd")  # a string the completion holds
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(completion("comp", model="ignored", prompt="Hello there", max_tokens=6)
-                   + chat("chat", messages=MESSAGES, max_tokens=5)
+                   + chat("chat", messages=[MESSAGES[0], {"role": "user", "content": [{"type": "text", "text": "Hi!"}]}],
+                          max_tokens=5)  # content as text parts, as OpenAI's SDK writes it
                    + completion("bad", prompt="x", n=0)
                    + completion("stop", prompt="Hello there", max_tokens=6, stop=["\n\n", stop]))
     assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32",
-                 "--skip-invalid"]) == 0, capsys.readouterr().err
+                 "--skip-invalid", "--temperature", "0"]) == 0, capsys.readouterr().err  # greedy, as `expected`
     lines = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert sorted(lines) == ["chat", "comp", "stop"]
     for cid, exp in zip(("comp", "chat"), expected):
@@ -110,8 +111,13 @@ def test_openai_round_trip_matches_llm_generate(tmp_path, chat_model, capsys):
     (completion("a", prompt="x", stop=[1]), "in.jsonl:1: 'body.stop' must be a string or a list of strings"),
     (completion("a", prompt="x", stop=""), "in.jsonl:1: 'body.stop' strings must not be empty"),
     (chat("a", messages=[]), "in.jsonl:1: 'body.messages' must be a non-empty list"),
-    (chat("a", messages=[{"role": "user", "content": None}]),
+    (chat("a", messages=[{"role": "user"}]),
      "in.jsonl:1: 'body.messages[0]' must be an object with string 'role' and 'content'"),
+    (chat("a", messages=[{"role": "user", "content": None}]),
+     "in.jsonl:1: 'body.messages[0].content' must be a string or a non-empty list of text parts, got None"),
+    (chat("a", messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}]),
+     "in.jsonl:1: 'body.messages[0].content[1]' must be a text part {\"type\": \"text\", \"text\": ...} (this model "
+     "reads text only), got 'image_url'"),
     (chat("a", messages=MESSAGES), "in.jsonl:1: model tiny-mixtral has no chat template"),
     (completion("a", prompt="x") + completion("a", prompt="y"),
      "in.jsonl:2: duplicate custom_id 'a' (first on line 1)"),
@@ -169,8 +175,8 @@ def test_logprobs_in_each_endpoints_shape(tmp_path, chat_model, capsys):
     inp.write_text(completion("comp", prompt="Hello there", max_tokens=4, logprobs=2)
                    + chat("chat", messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=2)
                    + chat("none", messages=MESSAGES, max_tokens=4, logprobs=False))
-    assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32"]) == 0, \
-        capsys.readouterr().err
+    assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32",
+                 "--temperature", "0"]) == 0, capsys.readouterr().err
     lines = {r["custom_id"]: r["response"]["body"]["choices"][0] for r in map(json.loads, out.read_text().splitlines())}
     decode = llm.tokenizer.decode
 
@@ -252,7 +258,8 @@ def test_a_body_that_asks_for_no_logprobs_gets_none_whatever_the_cli():
 
 def test_n_completions_are_choices_sampled_with_their_own_seeds(tmp_path, chat_model, capsys):
     """"n": k gives k choices (index 0..k-1), each what LLM.generate gives with the request's seed (the first)
-    or that seed mixed with the choice's number; usage counts the prompt once and every completion's tokens."""
+    or that seed mixed with the choice's number; usage counts the prompt once and every completion's tokens.
+    A body without "temperature" samples at OpenAI's default, 1 ("one")."""
     from moe_jax.generate import sample_seed
 
     llm = LLM(str(chat_model), dtype="float32", policy="resident")
@@ -260,7 +267,7 @@ def test_n_completions_are_choices_sampled_with_their_own_seeds(tmp_path, chat_m
     want = llm.generate(["Hello there"] * 3, params)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(completion("c", prompt="Hello there", max_tokens=5, temperature=1.0, seed=7, n=3)
-                   + completion("one", prompt="Hello there", max_tokens=5, temperature=1.0, seed=7))
+                   + completion("one", prompt="Hello there", max_tokens=5, seed=7))
     assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32"]) == 0, \
         capsys.readouterr().err
     bodies = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}

@@ -12,6 +12,7 @@ import pytest
 import moe_jax
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.presets import RandomWeights, preset_config
+from moe_jax.prompts import PromptError
 from moe_jax.requests import Request
 from moe_jax.resident_engine import ResidentEngine
 from moe_jax.sampling import SamplingParams
@@ -92,6 +93,13 @@ def test_a_single_prompt_must_be_wrapped_in_a_list():
             llm.generate(one, SamplingParams(max_new_tokens=1))
     with pytest.raises(TypeError, match="token_ids must be a list of sequences .* wrap it in a list"):
         llm.logits([1, 2, 3])
+    for none in (None, 5):  # no list at all
+        with pytest.raises(TypeError, match=f"prompts must be a list of prompts .*; got {type(none).__name__} {none}"):
+            llm.generate(none, SamplingParams(max_new_tokens=1))
+        with pytest.raises(TypeError, match=f"token_ids must be a list of sequences .*; got {type(none).__name__}"):
+            llm.logits(none)
+    with pytest.raises(PromptError, match="prompt 0: token ids must be a sequence of integers, got None"):
+        llm.generate([None], SamplingParams(max_new_tokens=1))
     assert len(llm.generate(["The capital"], SamplingParams(max_new_tokens=1))) == 1
 
 

@@ -60,7 +60,7 @@ def test_matcher_sees_a_character_completed_by_its_last_byte(source):
 def test_sampling_params_take_one_string_or_several():
     assert SamplingParams(stop="###").stop == ("###",)
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
-    for bad in ("", ["ok", ""], [3]):
+    for bad in ("", ["ok", ""], [3], 5, None):
         with pytest.raises(ValueError, match="stop must be a non-empty string"):
             SamplingParams(stop=bad)
 
