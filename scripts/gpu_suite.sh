@@ -24,7 +24,8 @@
 #        (bench_throughput_g128_exp4) in a later command or session.
 #      - bench_kv_pages and bench_offload_quick, if time is left (skipped under 60 s).
 #      Read, for g64 against 2026-11-27's run (856.9 tok/s, CPU-bound): "load + KV s" (83.5 s of load before its
-#      random weights' copy ran on every core; the KV cache's fault-in of ~45 GB in huge pages, which 16 threads
+#      random weights' copy ran on every core and exp4 coded into pinned memory through views, saving a copy of
+#      2.1 GB a layer; the KV cache's fault-in of ~45 GB in huge pages, which 16 threads
 #      on a fresh VM may take a minute over), the CPU column (kernel 36.55 / writes 18.28 / hand-off 11.78 ms a
 #      layer-step then; since: no page faults, views of pinned memory (hand-off ~0), parallel writes, the kernel
 #      reading bf16 q and writing bf16 out itself), the new "fetch of q/k/v", "N page faults" a layer-step, the
