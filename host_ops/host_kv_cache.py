@@ -57,6 +57,12 @@ def _zeroed(elements: int, dtype, huge_pages: bool) -> np.ndarray:
 
 
 _ADVICE_REFUSED: set[str] = set()  # the page advice the OS refused, warned about once each
+PAGES_VAR = "MOE_JAX_KV_HUGE_PAGES"  # "0": caches whose page size is not given take 4 KiB pages
+
+
+def huge_pages_wanted() -> bool:
+    """The page size a cache takes where none is given: 2 MiB, unless MOE_JAX_KV_HUGE_PAGES=0 (read at each call)."""
+    return os.environ.get(PAGES_VAR) != "0"
 
 
 def row_bytes(head_dim: int, dtype) -> int:
@@ -89,13 +95,14 @@ class HostKVCache:
     dtype and values layout, at least as many elements), so that a process running job after job pays for the
     allocation and its page faults once, as an inference server keeps its KV cache. Its data stays (attention
     reads only the positions written since); the old cache must not be used after.
-    `huge_pages`: the storage in 2 MiB pages (the default: attention reads them a little faster) or 4 KiB ones
-    (faulted in 6x faster on a VM; `_zeroed`).
+    `huge_pages`: the storage in 2 MiB pages (attention reads them a little faster) or 4 KiB ones (faulted in 6x
+    faster on a VM; `_zeroed`); None: huge unless MOE_JAX_KV_HUGE_PAGES=0 (`huge_pages_wanted`), so that a run
+    on a host whose first touch of huge pages is slow picks 4 KiB ones without code (gpu_suite.sh measures both).
     """
 
     def __init__(self, num_layers: int, num_slots: int, max_context, kv_heads: int, head_dim: int,
                  dtype="bfloat16", value_dim: int | None = None, reuse: "HostKVCache | None" = None,
-                 huge_pages: bool = True):
+                 huge_pages: bool | None = None):
         nbytes = self.footprint(num_layers, num_slots, max_context, kv_heads, head_dim, dtype, value_dim)
         values_in_keys = value_dim is not None
         caps = _capacities(num_slots, max_context)
@@ -114,7 +121,7 @@ class HostKVCache:
                                  f"{'in the keys' if reuse.values_in_keys else 'apart'}) cannot hold one of {nbytes:,} "
                                  f"bytes of {dtype} (values {'in the keys' if values_in_keys else 'apart'})")
             self._take(reuse._storage, shape)
-            self.fault_in_s = 0.0
+            self.fault_in_s, self.huge_pages = 0.0, reuse.huge_pages
             return
 
         positions = (f"{caps[0]} positions" if (caps == caps[0]).all() else
@@ -128,6 +135,7 @@ class HostKVCache:
         if ram is not None and nbytes > ram:
             raise MemoryError(f"{what} does not fit in this host's {ram / 1e9:.1f} GB of RAM")
         elements = shape[0] * shape[1]
+        huge_pages = self.huge_pages = huge_pages_wanted() if huge_pages is None else bool(huge_pages)
         try:
             k = _zeroed(elements, dtype, huge_pages)
             storage = (k, k if values_in_keys else _zeroed(elements, dtype, huge_pages), None, None)

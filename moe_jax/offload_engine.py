@@ -273,7 +273,8 @@ class OffloadStats:
     first N prompts; decode_s: the rest, with the prefill of the `refilled` requests that took the rows of
     finished ones (interleaved with decode steps). kv_bytes, kv_dtype: the host KV cache (the storage held: a kept
     larger cache's where the job runs on it); kv_fault_in_s: the seconds
-    its allocation spent faulting its pages in (`HostKVCache.fault_in_s`, before the run); host_free_bytes: the host's
+    its allocation spent faulting its pages in (`HostKVCache.fault_in_s`, before the run), kv_huge_pages their size
+    (2 MiB, or 4 KiB); host_free_bytes: the host's
     MemAvailable at the end of the run, the cache still held (what the pinned pool, the cache and the rest
     left), and host_total_bytes its MemTotal then, None where unknown."""
 
@@ -299,6 +300,7 @@ class OffloadStats:
     kv_bytes: int = 0
     kv_dtype: str = ""
     kv_fault_in_s: float = 0.0
+    kv_huge_pages: bool = True
     run_faults: int | None = None
     host_free_bytes: int | None = None
     host_total_bytes: int | None = None
@@ -328,7 +330,7 @@ class OffloadStats:
                 f"waiting for gpu "
                 f"{self.gpu_wait.sum() / per * 1e3:.2f} ms, waiting for cpu {self.main_wait.sum() / per * 1e3:.2f} ms; "
                 f"streamed {self.h2d_bytes / 2**30:.2f} GiB{peak}; host KV cache {self.kv_bytes / 2**30:.2f} GiB {self.kv_dtype} "
-                f"(pages faulted in: {self.kv_fault_in_s:.2f} s){free}; "
+                f"({'2 MiB' if self.kv_huge_pages else '4 KiB'} pages, faulted in in {self.kv_fault_in_s:.2f} s){free}; "
                 f"{self.refilled} requests refilled rows; "
                 f"{'' if self.run_faults is None else f'{self.run_faults:,} page faults in the run (the process); '}"
                 f"bottleneck: {self.bottleneck()}")
@@ -672,7 +674,8 @@ class OffloadEngine:
             gc.collect()  # before the new one is allocated: a reference cycle (a failed run's) may hold the old
         cache = self.kv_cache = HostKVCache(*args, reuse=kept)
         if kept is None:
-            log.info("host KV cache: %.2f GB, its pages faulted in in %.2f s", cache.nbytes / 1e9, cache.fault_in_s)
+            log.info("host KV cache: %.2f GB in %s pages, faulted in in %.2f s", cache.nbytes / 1e9,
+                     "2 MiB" if cache.huge_pages else "4 KiB", cache.fault_in_s)
         else:
             log.info("host KV cache: %.2f GB of the kept one's %.2f GB (no allocation)", cache.nbytes / 1e9,
                      kept.storage_bytes / 1e9)
@@ -691,7 +694,7 @@ class OffloadEngine:
             plan = self._plan(requests)
             cache = self._cache_for(plan)
             self.stats.kv_bytes, self.stats.kv_dtype = cache.storage_bytes, str(plan.kv_dtype)
-            self.stats.kv_fault_in_s = cache.fault_in_s
+            self.stats.kv_fault_in_s, self.stats.kv_huge_pages = cache.fault_in_s, cache.huge_pages
             self.stats.host_views = self.host_views
             _warm_host_kernels(cfg, plan.kv_dtype, self.dtype)
             faults = _page_faults(thread=False)

@@ -25,8 +25,8 @@
 #      - bench_kv_pages and bench_offload_quick, if time is left (skipped under 60 s).
 #      Read, for g64 against 2026-11-27's run (856.9 tok/s, CPU-bound): "load + KV s" (83.5 s of load before its
 #      random weights' copy ran on every core and exp4 coded into pinned memory through views, saving a copy of
-#      2.1 GB a layer; the KV cache's fault-in of ~45 GB in huge pages, which 16 threads
-#      on a fresh VM may take a minute over), the CPU column (kernel 36.55 / writes 18.28 / hand-off 11.78 ms a
+#      2.1 GB a layer; the KV cache's fault-in of ~50 GB, in 4 KiB pages where env.log's kv_pages probe found huge
+#      pages over 30 s slower for it), the CPU column (kernel 36.55 / writes 18.28 / hand-off 11.78 ms a
 #      layer-step then; since: no page faults, views of pinned memory (hand-off ~0), parallel writes, the kernel
 #      reading bf16 q and writing bf16 out itself), the new "fetch of q/k/v", "N page faults" a layer-step, the
 #      prefill (seconds and calls: 40.29 s then, about half the calls now), "peak GiB" against the 16 GiB cap (the
@@ -207,6 +207,19 @@ if "pinned_host" in [m.kind for m in dev.addressable_memories()]:
     print(f"host_views: {'views of pinned memory work' if why is None else 'FAIL, the engine copies: ' + why}")
 PY
 )" 2>&1
+  # the host KV cache's first touch in 2 MiB and in 4 KiB pages (2 GiB each, both held so that neither takes the
+  # other's freed memory; on numba's threads, as the engine faults its cache in): the 2-core VM faulted huge pages
+  # in 6x slower, and a g64 cache is ~50 GB. Where huge pages would cost such a cache over 30 s more, every step's
+  # engine takes 4 KiB pages (below; attention over them ran 2-3% slower on the VM; bench_kv_pages measures both)
+  $PY -c "$(cat <<'PY'
+from host_ops import HostKVCache
+huge, small = (c.storage_bytes / max(c.fault_in_s, 1e-9) / 1e9
+               for c in [HostKVCache(1, 512, 1024, 8, 128, "bfloat16", huge_pages=h) for h in (True, False)])
+pick = "4 KiB" if 50 / huge - 50 / small > 30 else "2 MiB"
+print(f"kv_pages: first touch 2 MiB {huge:.2f} GB/s, 4 KiB {small:.2f} GB/s; a 50 GB cache {50 / huge:.0f} s "
+      f"against {50 / small:.0f} s -> {pick}")
+PY
+)" 2>&1
   echo "host memory: $(mem)"
   echo "host CPU: $(lscpu 2>/dev/null | awk -F: '/^Model name|^CPU\(s\)|^Thread|^Core|^Socket|^NUMA node\(s\)|^L3 cache/ {gsub(/ +/, " ", $2); printf "%s:%s; ", $1, $2}')"
   echo "HRM profile: ${HW:-none (no H100/H200 detected)}"
@@ -215,6 +228,11 @@ PY
 if ! grep -q "host_views: views of pinned memory work" "$LOGS/env.log"; then
   export MOE_JAX_HOST_VIEWS=0
   echo "host_views: off for every step (MOE_JAX_HOST_VIEWS=0): the probe above did not pass" | tee -a "$LOGS/env.log"
+fi
+# a KV cache in huge pages that this host faults in too slowly: 4 KiB pages in every step (unless the caller chose)
+if [ -z "${MOE_JAX_KV_HUGE_PAGES:-}" ] && grep -q "^kv_pages: .*-> 4 KiB" "$LOGS/env.log"; then
+  export MOE_JAX_KV_HUGE_PAGES=0
+  echo "kv_pages: 4 KiB pages for every step's KV cache (MOE_JAX_KV_HUGE_PAGES=0)" | tee -a "$LOGS/env.log"
 fi
 
 declare -a SUMMARY

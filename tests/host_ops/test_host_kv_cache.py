@@ -116,6 +116,19 @@ def test_storage_takes_huge_pages_unless_asked_for_4k_ones(dtype):
     assert _thp_eligible(np.zeros(default.k.size, default.k.dtype))  # the control: NumPy's own array of that size
 
 
+def test_the_default_page_size_follows_moe_jax_kv_huge_pages(monkeypatch):
+    """MOE_JAX_KV_HUGE_PAGES=0: a cache given no page size takes 4 KiB pages (one given one keeps it); a cache
+    on a kept one's storage has that one's pages."""
+    dims = (2, 16, 256, 4, 128)
+    assert HostKVCache(*dims).huge_pages
+    monkeypatch.setenv(host_kv_cache.PAGES_VAR, "0")
+    small = HostKVCache(*dims)
+    assert not small.huge_pages and HostKVCache(*dims, huge_pages=True).huge_pages
+    assert not HostKVCache(*dims, reuse=small).huge_pages
+    if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        assert not _thp_eligible(small.k)
+
+
 def test_page_advice_the_os_refuses_is_warned_once_not_fatal(monkeypatch, caplog):
     """A kernel without transparent huge pages refuses the advice (EINVAL): the cache takes the OS's pages and
     says so once."""

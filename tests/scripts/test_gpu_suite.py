@@ -221,3 +221,25 @@ def test_views_that_pass_the_probe_are_left_on(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "off for every step" not in (logs / "env.log").read_text()
     assert "views=unset" in (logs / "bench_offload_quick.log").read_text()
+
+
+# A stand-in whose page probe (the -c code making HostKVCaches) prints the kv_pages line given, and whose steps
+# print the MOE_JAX_KV_HUGE_PAGES they see.
+PAGES_PROBE = ('case "$*" in *HostKVCache*) echo "{}" ;; *) echo "ran: $* pages=${{MOE_JAX_KV_HUGE_PAGES:-unset}}" ;; '
+               'esac')
+
+
+def test_a_slow_first_touch_of_huge_pages_gives_every_step_4k_pages(tmp_path):
+    slow = "kv_pages: first touch 2 MiB 0.60 GB/s, 4 KiB 4.00 GB/s; a 50 GB cache 83 s against 12 s -> 4 KiB"
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick", python=PAGES_PROBE.format(slow))
+    assert proc.returncode == 0, proc.stderr
+    assert "4 KiB pages for every step's KV cache (MOE_JAX_KV_HUGE_PAGES=0)" in (logs / "env.log").read_text()
+    assert "pages=0" in (logs / "bench_offload_quick.log").read_text()
+    fast = "kv_pages: first touch 2 MiB 6.00 GB/s, 4 KiB 8.00 GB/s; a 50 GB cache 8 s against 6 s -> 2 MiB"
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick", python=PAGES_PROBE.format(fast),
+                                logs=tmp_path / "logs2")
+    assert "for every step's KV cache" not in (logs / "env.log").read_text()
+    assert "pages=unset" in (logs / "bench_offload_quick.log").read_text()
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick", python=PAGES_PROBE.format(slow),
+                                logs=tmp_path / "logs3", env={"MOE_JAX_KV_HUGE_PAGES": "1"})  # the caller's choice
+    assert "pages=1" in (logs / "bench_offload_quick.log").read_text()
