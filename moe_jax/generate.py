@@ -28,7 +28,7 @@ from moe_jax.config import ConfigError
 from moe_jax.expert_codec import check as check_codec
 from moe_jax.hrm import HardwareError, InfeasibleError
 from moe_jax.job_output import (CompletionWriter, ResumeError, check_finished, check_meta, finished_ids,
-                                record_requests, sidecar, start_output, write_errors)
+                                record_requests, recorded_setting, sidecar, start_output, write_errors)
 from moe_jax.job_requests import BadLine, JobRequest
 from moe_jax.jsonl_jobs import OPENAI, PLAIN, Job, JobFormat, JobInputError, read_job
 from moe_jax.llm import LLM, POLICIES, PolicyUnavailable
@@ -53,7 +53,9 @@ Ready = list[tuple[JobRequest, tuple[int, ...]]]  # requests with their prompts'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m moe_jax.generate", description=__doc__.split("\n")[0])
+    # no abbreviated flags: the command printed to resume a run must read its flags as they were given
+    p = argparse.ArgumentParser(prog="python -m moe_jax.generate", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--model", default=DEFAULT_PRESET, help=f"checkpoint directory or preset (default {DEFAULT_PRESET})")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one text prompt; the completion goes to stdout")
@@ -117,7 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def default_temperature(args: argparse.Namespace, fmt: JobFormat) -> None:
-    """Sets --temperature, where not given, to the input format's default (said, for OpenAI batch files)."""
+    """Sets --temperature, where not given, to the one a resumed output was started with, else to the input
+    format's default (said, for OpenAI batch files: before 2026-11-27 they defaulted to 0, as plain lines)."""
+    if args.temperature is None and args.resume and args.output is not None and args.output.exists():
+        started = recorded_setting(args.output, "temperature")
+        if started is not None:
+            args.temperature = started
+            log.info("resuming with the temperature %s was started with, %g", args.output, started)
     if args.temperature is None:
         args.temperature = fmt.default_temperature
         if fmt is OPENAI:
@@ -257,6 +265,7 @@ def run_prompt(args: argparse.Namespace) -> int:
 
 
 def run_job(args: argparse.Namespace) -> int:
+    args.output_started = False  # whether --output holds this job's lines (a fresh one is started once loaded)
     job = read_job(args.input)
     default_temperature(args, job.format)
     source = open_model(args.model, seed=0)
@@ -264,6 +273,7 @@ def run_job(args: argparse.Namespace) -> int:
     ready = encode_job(job, source, args.model)
     handle_invalid(args, job, ready)
     todo, fresh = pending(args, job, ready)
+    args.output_started = args.output is not None and not fresh
     if not todo:
         log.info("nothing to do: all %d requests are in %s", len(ready), args.output)
         return 0
@@ -272,9 +282,10 @@ def run_job(args: argparse.Namespace) -> int:
     llm.prepare(prompts, params)  # the engine, before an old OUT is replaced: a model or policy error loses nothing
     if fresh:
         start_output(args.output, job_meta(args, job, llm), [req for req, _ in ready])
+        args.output_started = True
     elif args.output is not None:
         check_meta(args.output, job_meta(args, job, llm))  # with what the engine runs, known now
-        record_requests(args.output, [req for req, _ in ready])  # the unfinished ones as they run now
+        record_requests(args.output, [req for req, _ in ready])  # every valid line as it reads now
     start = time.perf_counter()
     generated = write_completions(llm, job, todo, runs, prompts, params, args.output)
     report(llm, len(todo), generated, start, args.dtype)
@@ -329,7 +340,12 @@ def resume_command(argv: list[str]) -> str:
     """The command that resumes an interrupted run of `argv`: this interpreter, the same arguments less
     --overwrite (which would replace the finished lines), plus --resume."""
     kept = [a for a in argv if a != "--overwrite"]
-    return shlex.join([sys.executable, "-m", "moe_jax.generate", *kept, *([] if "--resume" in kept else ["--resume"])])
+    return command(kept + ([] if "--resume" in kept else ["--resume"]))
+
+
+def command(argv: list[str]) -> str:
+    """`argv` as a command line of this module under this interpreter."""
+    return shlex.join([sys.executable, "-m", "moe_jax.generate", *argv])
 
 
 def main(argv=None) -> int:
@@ -347,18 +363,26 @@ def main(argv=None) -> int:
         return 2
     except Interrupted as e:
         print(f"interrupted by {e}", file=sys.stderr)
-        if args.output:
+        if getattr(args, "output_started", False):
             print(f"finished requests are in {args.output}; to resume: {resume_command(argv)}", file=sys.stderr)
+        elif args.output:
+            print(f"interrupted before this job wrote to {args.output} (it is as it was); to run it again: "
+                  f"{command(argv)}", file=sys.stderr)
         return e.exit_code
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point (`python -m moe_jax.generate`, `moe-jax-generate`): `main`'s exit code. After an
+    interrupt it leaves without the interpreter's teardown: a signal can land inside JAX or numba (a compile, an
+    import), whose threads may then crash the teardown (a segfault after the message, in place of the exit code).
+    The output is closed and synced by then."""
     code = main()
     if code in {Interrupted(s).exit_code for s in SIGNALS}:
-        # A signal can land inside JAX or numba (a compile, an import), whose threads may then crash the
-        # interpreter's teardown (a segfault after the message, in place of the exit code). The output is
-        # closed and synced by now: leave without the teardown.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,7 @@
 """The output file of a JSONL job and its sidecars: appending completions so that a crash leaves only
 whole lines, reading the finished ones back to resume, `OUT.meta.json` (the settings a resume must
-match) and `OUT.errors.jsonl` (the input lines skipped as invalid)."""
+match, and a digest of each request, which a finished one must match) and `OUT.errors.jsonl` (the input lines
+skipped as invalid)."""
 from __future__ import annotations
 
 import json
@@ -116,7 +117,8 @@ def check_finished(out: Path, input_path: Path, finished: Sequence[JobRequest]) 
         lines = ", ".join(f"line {r.line} (id {r.id!r})" for r in changed[:5])
         raise ResumeError(f"cannot resume {out}: {len(changed)} of its finished requests ask for something else in "
                           f"{input_path} now than when they ran (a line without an id takes its line number as its "
-                          f"id), e.g. {lines}: restore those lines, or --overwrite to start over")
+                          f"id), e.g. {lines}: restore those lines, or write to a new --output (--overwrite would "
+                          f"drop the finished lines)")
 
 
 REQUESTS = "requests"  # OUT.meta.json's key for [[id, fingerprint], ...] of the job's requests
@@ -138,13 +140,27 @@ def _read_meta(out: Path) -> dict:
 
 
 def _write_meta(out: Path, meta: dict) -> None:
+    """OUT.meta.json replaced whole and synced: a crash leaves the old file or the new one, never a torn one
+    (which would stop every later resume)."""
     tmp = sidecar(out, ".meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, sidecar(out, ".meta.json"))
 
 
 # Settings an OUT.meta.json may lack (written before they were recorded), as they were then.
 META_DEFAULTS = {"kv_cache_dtype": "auto", "logprobs": None}
+
+
+def recorded_setting(out: Path, key: str):
+    """The setting `key` OUT.meta.json records (None where it records none, or there is no readable meta file:
+    `check_meta` then says why)."""
+    try:
+        return _read_meta(out).get(key)
+    except ResumeError:
+        return None
 
 
 def check_meta(out: Path, meta: dict) -> None:

@@ -28,6 +28,7 @@ class JobRequest:
         """A digest of what the request asks for (all but its line and id), so that a resumed job can tell that
         the input line of an id it finished has changed since."""
         asked = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("line", "id")}
+        asked["sampling"] = {k: float(v) if k in FLOAT_FIELDS else v for k, v in self.sampling.items()}  # 1 as 1.0
         return hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -64,6 +65,7 @@ def optional(obj: dict, key: str, valid: Callable[[Any], bool], expected: str, w
     return v
 
 
+FLOAT_FIELDS = ("temperature", "top_p")  # sampling fields a line may write as an integer (1) or not (1.0)
 SAMPLING_CHECKS = {  # the SamplingParams fields a request line may set: (check, what the value must be)
     "max_new_tokens": (is_positive_int, "a positive integer"),
     "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),

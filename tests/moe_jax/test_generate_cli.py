@@ -205,6 +205,7 @@ def test_a_broken_tokenizer_is_an_error_line_not_a_traceback(tmp_path, capsys, h
     (["--input", "in.jsonl", "--output", "in.jsonl"], "--output must not be the --input file"),
     (["--input", "in.jsonl", "--output", "."], "--output . is a directory (or another non-file): give a file path"),
     (["--prompt", "x", "--output", "o.jsonl"], "--output takes the completions of an --input file; --prompt's"),
+    (["--prompt", "x", "--max-new", "3"], "unrecognized arguments: --max-new"),  # flags whole, as printed back
     (["--input", "in.jsonl", "--output", "o.jsonl", "--resume", "--overwrite"], "give one"),
     (["--prompt", "x", "--max-batch-size", "0"], "--max-batch-size must be a positive integer, got 0"),
     (["--prompt", "x", "--gpu-memory-gb", "-1"], "--gpu-memory-gb must be a positive number of GiB, got -1.0"),
@@ -334,32 +335,71 @@ def test_resume_is_refused_for_other_settings_or_foreign_output(tmp_path, capsys
 def test_resume_is_refused_where_a_finished_requests_line_changed(tmp_path, capsys, caplog):
     """A finished id whose input line now asks for something else (a line added above lines without ids
     renumbers them; an id kept with another prompt) is refused, naming the line; an unfinished line may change,
-    and then counts as changed no more; an output whose meta file records no requests is resumed unchecked."""
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    and its record follows what ran; a number written otherwise (1 for 1.0) is no change; an output whose meta
+    file records no requests is resumed unchecked."""
+    from moe_jax.job_requests import JobRequest
+
+    inp, out, meta_file = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "out.meta.json"
     job = ("--input", inp, "--output", out, "--max-new-tokens", "2", "--dtype", "float32")
-    inp.write_text('{"prompt": "A"}\n{"prompt": "B"}\n')
+    inp.write_text('{"prompt": "A", "temperature": 0}\n{"prompt": "B"}\n')
     assert run_cli(capsys, *job)[0] == 0
     first = out.read_text()
-    inp.write_text('{"prompt": "NEW"}\n{"prompt": "A"}\n{"prompt": "B"}\n')
+    inp.write_text('{"prompt": "NEW"}\n{"prompt": "A", "temperature": 0}\n{"prompt": "B"}\n')
     rc, _, err = run_cli(capsys, *job, "--resume")
     assert rc == 2 and "2 of its finished requests ask for something else in" in err
-    assert "line 1 (id 1), line 2 (id 2): restore those lines, or --overwrite" in err
+    assert "line 1 (id 1), line 2 (id 2): restore those lines, or write to a new --output" in err
     assert out.read_text() == first  # nothing written, nothing lost
-    inp.write_text('{"prompt": "A"}\n{"prompt": "B", "max_new_tokens": 1}\n')
+    inp.write_text('{"prompt": "A", "temperature": 0.0}\n{"prompt": "B", "max_new_tokens": 1}\n')
     rc, _, err = run_cli(capsys, *job, "--resume")
-    assert rc == 2 and "line 2 (id 2)" in err and "line 1 (id 1)" not in err
-    inp.write_text('{"prompt": "A"}\n{"prompt": "B"}\n{"id": "c", "prompt": "C"}\n')  # a new line
-    out.write_text(first.splitlines(keepends=True)[0])  # and line 2's result lost: both to run
-    inp.write_text('{"prompt": "A"}\n{"prompt": "B2"}\n{"id": "c", "prompt": "C"}\n')  # line 2 changed, unfinished
+    assert rc == 2 and "line 2 (id 2)" in err and "line 1 (id 1)" not in err  # 0.0 is 0
+    out.write_text(first.splitlines(keepends=True)[0])  # line 2's result lost: it runs again, changed
+    inp.write_text('{"prompt": "A", "temperature": 0.0}\n{"prompt": "B2"}\n{"id": "c", "prompt": "C"}\n')
     assert run_cli(capsys, *job, "--resume")[0] == 0
     assert sorted(records(out), key=str) == [1, 2, "c"]
-    assert run_cli(capsys, *job, "--resume")[0] == 0  # the record follows what ran: B2 is what finished
-    meta = json.loads((tmp_path / "out.meta.json").read_text())
-    (tmp_path / "out.meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "requests"}))
-    inp.write_text('{"prompt": "Z"}\n{"prompt": "B2"}\n{"id": "c", "prompt": "C"}\n')
+    recorded = dict(map(tuple, json.loads(meta_file.read_text())["requests"]))
+    assert recorded[2] == JobRequest(2, 2, "B2").fingerprint() != JobRequest(2, 2, "B").fingerprint()
+    inp.write_text('{"prompt": "A", "temperature": 0}\n{"prompt": "B"}\n{"id": "c", "prompt": "C"}\n')
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 2 and "line 2 (id 2)" in err  # B2 is what finished
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "requests"}))
     with caplog.at_level("WARNING", logger="moe_jax"):
         assert run_cli(capsys, *job, "--resume")[0] == 0  # written before requests were recorded: unchecked
     assert "records no requests, so whether the 3 finished ones are still those of" in caplog.text
+
+
+def test_a_resume_without_temperature_takes_the_recorded_one(tmp_path, capsys, caplog):
+    """As the printed resume command gives it, and for an OpenAI batch output started when such files defaulted
+    to 0 (now OpenAI's 1)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n')
+    job = ("--input", inp, "--output", out, "--max-new-tokens", "2", "--dtype", "float32")
+    assert run_cli(capsys, *job, "--temperature", "0.5")[0] == 0
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    with caplog.at_level("INFO", logger="moe_jax"):
+        rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 0 and f"resuming with the temperature {out} was started with, 0.5" in caplog.text, err
+    assert sorted(records(out)) == ["a", "b"]
+
+
+def test_an_interrupt_before_the_output_is_started_leaves_it_and_says_so(tmp_path):
+    """SIGINT while a fresh (--overwrite) job loads: the old output is as it was, and the command printed runs
+    the job again as given (a resume would keep the old lines)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"prompt": "A"}\n')
+    out.write_text('{"id": "old", "token_ids": [1], "text": "x", "finish_reason": "length"}\n')
+    args = ["--input", str(inp), "--output", str(out), "--overwrite", "--max-new-tokens", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "moe_jax.generate", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "policy auto -> resident" in line:  # the engine is being built: the output is not started yet
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest
+    assert f"interrupted before this job wrote to {out} (it is as it was); to run it again: " in rest
+    assert shlex.join([sys.executable, "-m", "moe_jax.generate", *args]) in rest and "--resume" not in rest
+    assert list(records(out)) == ["old"]
 
 
 def test_killed_job_resumes_to_the_uninterrupted_outputs(tmp_path, long_job):
@@ -397,7 +437,7 @@ def test_an_early_sigint_exits_130_not_a_crash(after, delay):
     """SIGINT while the engine is built or compiles its first steps (`delay` s after the line `after`; XLA's
     threads busy): the exit code, not a crash in the interpreter's teardown (before the fix, a segfault after
     the message whenever the signal came 0.2-0.8 s after "moe_ffn: impl=" on the 2-core VM)."""
-    proc = subprocess.Popen([sys.executable, "-m", "moe_jax.generate", "--prompt", "Hi", "--max-new-tokens", "8"],
+    proc = subprocess.Popen([sys.executable, "-m", "moe_jax.generate", "--prompt", "Hi", "--max-new-tokens", "512"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     lines = []

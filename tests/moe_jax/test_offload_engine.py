@@ -189,25 +189,38 @@ def test_host_memory_is_checked_before_generation(monkeypatch, caplog):
     assert "counting 1.0 GiB beyond MemTotal 0.0 GiB as available" in caplog.text
 
 
-def test_pinned_pool_running_out_while_loading_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("codec, views", [("none", True), ("exp4", True), ("exp4", False)])
+def test_pinned_pool_running_out_while_loading_is_a_clear_error(monkeypatch, request, codec, views):
     """XLA's "Out of host memory" from the pinned-host pool (fragmentation past the cap) becomes an
-    OffloadMemoryError naming the policy, the layer and the setting to raise."""
+    OffloadMemoryError naming the policy, the layer and the setting to raise: for chunks copied in, and for exp4
+    chunks coded into pinned arrays through views (the pool's allocation then comes first)."""
     import jax
 
-    put = jax.device_put
+    put, refused = jax.device_put, []
 
     def device_put(x, device=None, **kw):
-        if getattr(device, "memory_kind", None) == "pinned_host":
+        coded = any(getattr(a, "dtype", None) == np.uint8 for a in jax.tree_util.tree_leaves(x))
+        if getattr(device, "memory_kind", None) == "pinned_host" and (codec == "none" or coded):
+            refused.append(x)
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of host memory while trying to allocate "
                                              "1048576 bytes.")
         return put(x, device, **kw)
 
+    if not views:
+        monkeypatch.setenv("MOE_JAX_HOST_VIEWS", "0")
+    # the views check (cached per process) runs before the pool is made to fail, and is forgotten after: a failure
+    # it cached under this patch would turn views off for every later engine of the session
+    request.addfinalizer(offload_engine.host_views.check.cache_clear)
+    dev = jax.devices()[0]
+    assert offload_engine.host_views.check(*(jax.sharding.SingleDeviceSharding(dev, memory_kind=k)
+                                             for k in ("pinned_host", "device"))) is None
     monkeypatch.setattr(jax, "device_put", device_put)
     source = open_model("tiny-mixtral")
     with pytest.raises(OffloadMemoryError, match=r"pinned-host pool .* ran out placing layer 0 of 2's streamed "
                                                  r"experts .* set XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB higher"):
-        OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
-                                                                     num_micro_batches=2))
+        OffloadEngine(source.cfg, source.weights, ml_dtypes.bfloat16, Policy(batch_size=2, micro_batch_size=1,
+                                                                             num_micro_batches=2, expert_codec=codec))
+    assert isinstance(refused[-1], jax.Array) == (codec == "exp4" and views)  # the views' pinned zeros, or a copy
 
 
 def test_streamed_experts_must_fit_the_fixed_pinned_pool(monkeypatch):
@@ -679,10 +692,11 @@ def assert_exp4_tokens_equal(prefetch: str):
     for codec in ("none", "exp4"):
         eng = OffloadEngine(source.cfg, source.weights, ml_dtypes.bfloat16,
                             Policy(4, 2, 2, 0.25, expert_codec=codec), prefetch=prefetch)
+        assert eng.host_views == (os.environ.get("MOE_JAX_HOST_VIEWS") != "0")  # the path this test means
+        assert {a.sharding.memory_kind for a in jax.tree_util.tree_leaves(eng.host_chunks)} == {"pinned_host"}
         runs[codec] = sorted((r.index, ids) for r, ids, *_ in eng.generate(requests)), eng.stats
     assert runs["exp4"][0] == runs["none"][0]
     assert runs["exp4"][1].h2d_bytes == 0.75 * runs["none"][1].h2d_bytes > 0
-    assert {a.sharding.memory_kind for a in jax.tree_util.tree_leaves(eng.host_chunks)} == {"pinned_host"}
     stats = runs["exp4"][1]
     assert stats.host_free_bytes is None or 0 < stats.host_free_bytes <= stats.host_total_bytes
     with pytest.raises(ValueError, match="codes bfloat16 weights"):
