@@ -480,9 +480,9 @@ class OffloadEngine:
         into). With views: pinned arrays, zeroed by a copy from the GPU, and writable views of them, so that the
         coding writes memory the pool has touched already and nothing is copied after (on a fresh VM a first
         touch of host memory ran at 0.5-1 GB/s: benchmarks/RESULTS.md, 2026-11-27). Without: None and NumPy
-        arrays, which the caller copies into pinned memory once coded. (The zeros on the GPU, one weight's chunk at a
-        time, at most ~0.2 GB for Mixtral 8x7B, lie well inside the run's activations that the GPU plan holds and the
-        load does not use.)"""
+        arrays, which the caller copies into pinned memory once coded. (The zeros on the GPU, one array at a time, 59 MB per
+        Mixtral 8x7B expert of the chunk, at most 0.47 GB, lie inside the prefill's hidden states and the other
+        buffers of a run that the GPU plan holds and the load does not use.)"""
         if not self.host_views:
             return None, {n: np.empty(s, np.uint8) for n, s in shapes.items()}
         pinned = {n: jax.device_put(jnp.zeros(s, np.uint8, device=self.on_device), self.on_host)
