@@ -381,6 +381,7 @@ class OffloadEngine:
         wanted = host_views.wanted()
         why = host_views.check(self.on_host, self.on_device) if wanted else None
         self.host_views = wanted and why is None
+        self._copy_coded = False  # the load copies coded experts into pinned memory though views work (`_coded_buffers`)
         if not wanted:
             log.info("%s (%s=0)", copies, host_views.SWITCH_VAR)
         elif why:
@@ -483,11 +484,16 @@ class OffloadEngine:
         arrays, which the caller copies into pinned memory once coded. (The zeros on the GPU, one array at a time, 59 MB per
         Mixtral 8x7B expert of the chunk, at most 0.47 GB, lie inside the prefill's hidden states and the other
         buffers of a run that the GPU plan holds and the load does not use.)"""
-        if not self.host_views:
-            return None, {n: np.empty(s, np.uint8) for n, s in shapes.items()}
-        pinned = {n: jax.device_put(jnp.zeros(s, np.uint8, device=self.on_device), self.on_host)
-                  for n, s in shapes.items()}
-        return pinned, {n: host_views.host_view(a, writable=True) for n, a in pinned.items()}
+        if self.host_views and not self._copy_coded:
+            pinned = {n: jax.device_put(jnp.zeros(s, np.uint8, device=self.on_device), self.on_host)
+                      for n, s in shapes.items()}
+            try:
+                return pinned, {n: host_views.host_view(a, writable=True) for n, a in pinned.items()}
+            except ValueError as e:  # a layout the views check (2-D bfloat16) did not meet
+                self._copy_coded = True
+                log.warning("offload engine: coded experts are copied into pinned memory (no view of a %s array "
+                            "there: %s)", next(iter(shapes.values())), e)
+        return None, {n: np.empty(s, np.uint8) for n, s in shapes.items()}
 
     def _place_escapes(self, escapes):
         """Per layer, per chunk: its escapes on the GPU, every weight's padded to one bucketed length per chunk

@@ -661,6 +661,23 @@ def test_exp4_coded_experts_generate_the_same_tokens(monkeypatch, prefetch, view
     assert_exp4_tokens_equal(prefetch)
 
 
+def test_exp4_chunks_that_views_cannot_take_are_copied_and_said(monkeypatch, caplog):
+    """Views that work for the worker's arrays but not for a coded chunk's (a layout the check did not meet): the
+    load copies the coded experts into pinned memory, warns once, and the tokens stay exact."""
+    view = offload_engine.host_views.host_view
+
+    def no_uint8_views(x, writable=False):
+        if x.dtype == np.uint8:
+            raise ValueError("host_view: a row-major array, got layout major_to_minor=(0, 1, 2)")
+        return view(x, writable)
+
+    monkeypatch.setattr(offload_engine.host_views, "host_view", no_uint8_views)
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        assert_exp4_tokens_equal("split")
+    said = [r for r in caplog.records if "coded experts are copied into pinned memory" in r.getMessage()]
+    assert len(said) == 1 and "got layout" in said[0].getMessage()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(__import__("jax").default_backend() != "gpu", reason="needs a GPU")
 def test_gpu_exp4_is_exact_and_installs_one_matrix_at_a_time():
