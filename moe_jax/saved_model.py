@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -60,11 +59,18 @@ def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.nda
         raise SavedModelError(f"{path} is a file: give a directory to save the model in")
     if is_saved_model(path) and not overwrite:
         raise SavedModelError(f"{path} already holds a saved model; pass overwrite=True to replace it")
+    foreign = [p.name for p in (path / "config.json", *sorted(path.glob("*.safetensors"))) if p.is_file()]
+    if foreign:
+        raise SavedModelError(f"{path} holds a Hugging Face checkpoint ({', '.join(foreign[:3])}): save to another "
+                              f"directory (saving here would hide those weights and replace their files)")
     if len(layers) != cfg.num_layers:
         raise SavedModelError(f"{len(layers)} layers given for a {cfg.num_layers}-layer config")
     _check_tree("globals", globals_, global_param_specs(cfg))
     for i, p in enumerate(layers):
         _check_tree(f"layer {i}", p, layer_specs(cfg, i))
+    # read before anything is removed: files_from may be `path` itself (a saved model overwritten in place)
+    chat = {name: (Path(files_from) / name).read_bytes() for name in CHAT_FILES
+            if files_from is not None and (Path(files_from) / name).is_file()}
     path.mkdir(parents=True, exist_ok=True)
     for stale in (CONFIG_FILE, "tokenizer.json", *CHAT_FILES):  # unmark first: an interrupted overwrite is no model
         (path / stale).unlink(missing_ok=True)
@@ -75,9 +81,8 @@ def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.nda
             ckpt.save(path / _layer_item(i), host(p), force=True)
     if tokenizer is not None:
         tokenizer.save(path / "tokenizer.json")
-    for name in CHAT_FILES if files_from is not None else ():
-        if (Path(files_from) / name).is_file():
-            shutil.copyfile(Path(files_from) / name, path / name)
+    for name, data in chat.items():
+        (path / name).write_bytes(data)
     tmp = path / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     tmp.replace(path / CONFIG_FILE)  # last, atomically: marks the model complete

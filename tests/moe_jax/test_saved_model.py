@@ -94,8 +94,15 @@ def test_the_source_models_chat_template_is_saved_with_it(tmp_path, hf_checkpoin
     MoEDecoder.from_pretrained(str(src)).save(tmp_path / "saved")
     chat = ChatTemplate.from_model_dir(tmp_path / "saved")
     assert chat is not None and chat.render([{"role": "user", "content": "hi"}]) == "hi!"
+    saved = MoEDecoder.from_pretrained(str(tmp_path / "saved"))
+    saved.save(tmp_path / "saved", overwrite=True)  # over itself: its own chat template is kept, not lost
+    assert ChatTemplate.from_model_dir(tmp_path / "saved").render([{"role": "user", "content": "hi"}]) == "hi!"
     MoEDecoder.from_pretrained("tiny-mixtral").save(tmp_path / "saved", overwrite=True)  # a preset: none
     assert ChatTemplate.from_model_dir(tmp_path / "saved") is None
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(SavedModelError, match="holds a Hugging Face checkpoint .*config.json.*: save to another"):
+        MoEDecoder.from_pretrained(str(src)).save(src, overwrite=True)  # into the checkpoint it came from
+    assert sorted(p.name for p in src.iterdir()) == before
 
 
 def test_parameters_are_checked_when_saved_not_only_when_loaded(tmp_path):
