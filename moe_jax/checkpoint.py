@@ -108,9 +108,10 @@ def _with_generation_eos(cfg: ModelConfig, path: Path) -> ModelConfig:
         eos = json.loads(path.read_text()).get("eos_token_id")
     except (json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a JSON object ({e})") from None
-    extra = [eos] if isinstance(eos, int) else list(eos or [])
-    if not all(isinstance(t, int) for t in extra):
-        raise CheckpointError(f"{path}: field 'eos_token_id' = {eos!r}: expected an integer or a list of integers")
+    extra = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in extra):
+        raise CheckpointError(f"{path}: field 'eos_token_id' = {eos!r}: expected a token id (an integer >= 0) or a "
+                              f"list of them")
     return cfg.replace(eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + tuple(extra))))
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+log = logging.getLogger("moe_jax")
 
 
 class ConfigError(ValueError):
@@ -252,6 +255,23 @@ class _Fields:
             raise self.error(key, "expected a positive integer")
         return v
 
+    def number(self, key: str, default: float | None = None, *, optional: bool = False) -> float | None:
+        """The field as a positive float (`default` where absent); None where absent and `optional`."""
+        v = self.get(key, default)
+        if v is None and optional:
+            return None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise self.error(key, "expected a positive number")
+        return float(v)
+
+    def eos(self, key: str = "eos_token_id") -> tuple[int, ...]:
+        """End-of-sequence token ids: an integer, a list of them, or none (absent or null)."""
+        v = self.get(key)
+        ids = () if v is None else tuple(v) if isinstance(v, list) else (v,)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise self.error(key, "expected a token id (an integer >= 0) or a list of them")
+        return ids
+
     def sub(self, key: str) -> "_Fields":
         v = self.d.get(key) or {}
         if not isinstance(v, dict):
@@ -275,8 +295,14 @@ def _rope(f: _Fields, head_dim: int, default_theta: float, max_positions: int) -
     """rope_theta, rotary_dim and rope_scaling from `rope_parameters` (transformers >= 5) or the older
     `rope_scaling` and top-level fields, with transformers' defaults."""
     key, params, rope_type = _rope_params(f)
-    theta = float(params.get("rope_theta", f.get("rope_theta", default_theta)))
-    rotary = int(head_dim * float(params.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0))))
+    theta = params.get("rope_theta", f.get("rope_theta", default_theta))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
+        raise f.error("rope_theta" if "rope_theta" not in params else key, f"expected a positive rope_theta, got {theta!r}")
+    partial = params.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:  # transformers' RoPE for these families rotates every dim whatever the field says
+        log.warning("%s: partial_rotary_factor=%r ignored, as transformers ignores it for model_type %r (every dim of "
+                    "a head is rotated)", f.source, partial, f.d.get("model_type"))
+    theta, rotary = float(theta), head_dim
     scaling = None
     if rope_type not in ("default", "linear", "yarn"):
         raise f.error(key, f"rope_type {rope_type!r} is not supported (supported: 'default', 'linear', 'yarn')")
@@ -308,21 +334,17 @@ def _rope(f: _Fields, head_dim: int, default_theta: float, max_positions: int) -
     return {"rope_theta": theta, "rotary_dim": rotary, "rope_scaling": scaling}
 
 
-def _context(f: _Fields, key: str = "max_position_embeddings") -> dict[str, int | None]:
+def _context(f: _Fields, key: str = "max_position_embeddings", sliding_by_default: bool = True
+             ) -> dict[str, int | None]:
     """Context limit: max_positions, and sliding_window where a window caps it. A sliding window at least as
     long as the context is never in effect; a shorter one would be, so it caps the context (attention over
-    <= window tokens is then exact)."""
+    <= window tokens is then exact). `sliding_by_default`: whether a window is in effect where config.json has no
+    `use_sliding_window` (transformers' default for the family: Qwen MoE's is False)."""
     n = f.int(key)
     window = f.get("sliding_window")
-    if f.get("use_sliding_window", True) and isinstance(window, int) and 0 < window < n:
+    if f.get("use_sliding_window", sliding_by_default) and isinstance(window, int) and 0 < window < n:
         return {"max_positions": window, "sliding_window": window}
     return {"max_positions": n, "sliding_window": None}
-
-
-def _eos(v: Any) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    return tuple(v) if isinstance(v, (list, tuple)) else (int(v),)
 
 
 def _check_silu(f: _Fields, key: str = "hidden_act") -> None:
@@ -331,7 +353,8 @@ def _check_silu(f: _Fields, key: str = "hidden_act") -> None:
 
 def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, norm_p: float | None,
                 qkv_bias: bool, qk_norm: str | None, clip_qkv: float | None = None, shared_ffn: int = 0,
-                default_theta: float = 10000.0, default_eps: float = 1e-6, **fields: Any) -> ModelConfig:
+                default_theta: float = 10000.0, default_eps: float = 1e-6, sliding_by_default: bool = True,
+                **fields: Any) -> ModelConfig:
     """Defaults of fields a config.json leaves out are transformers' defaults for the family; `fields`: more
     ModelConfig fields."""
     hidden = f.int("hidden_size")
@@ -343,12 +366,12 @@ def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, no
         family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=hidden,
         num_layers=f.int("num_hidden_layers"), num_heads=heads,
         num_kv_heads=f.int("num_key_value_heads", default=heads), head_dim=head_dim,
-        **rope, **_context(f), norm="rms",
-        norm_eps=float(f.get("rms_norm_eps", default_eps)), qkv_bias=qkv_bias, qk_norm=qk_norm,
+        **rope, **_context(f, sliding_by_default=sliding_by_default), norm="rms",
+        norm_eps=f.number("rms_norm_eps", default_eps), qkv_bias=qkv_bias, qk_norm=qk_norm,
         clip_qkv=clip_qkv, num_experts=num_experts, experts_per_token=top_k,
         expert_ffn_size=expert_ffn, router_norm_p=norm_p, shared_expert_ffn_size=shared_ffn,
         tie_embeddings=bool(f.get("tie_word_embeddings", False)),
-        bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")), **fields)
+        bos_token_id=f.get("bos_token_id"), eos_token_ids=f.eos(), **fields)
 
 
 def _qwen_dense_layers(f: _Fields) -> dict[str, Any]:
@@ -383,21 +406,23 @@ def _qwen2_moe(f: _Fields) -> ModelConfig:
                        expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
                        qkv_bias=bool(f.get("qkv_bias", True)), qk_norm=None,
-                       shared_ffn=f.get("shared_expert_intermediate_size", 0), **_qwen_dense_layers(f))
+                       shared_ffn=f.get("shared_expert_intermediate_size", 0), sliding_by_default=False,
+                       **_qwen_dense_layers(f))
 
 
 def _qwen3_moe(f: _Fields) -> ModelConfig:
     return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
                        expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
-                       qkv_bias=_no_attention_bias(f), qk_norm="head", **_qwen_dense_layers(f))
+                       qkv_bias=_no_attention_bias(f), qk_norm="head", sliding_by_default=False,
+                       **_qwen_dense_layers(f))
 
 
 def _olmoe(f: _Fields) -> ModelConfig:
     return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
                        expert_ffn=f.int("intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
-                       qkv_bias=_no_attention_bias(f), qk_norm="full", clip_qkv=f.get("clip_qkv"),
+                       qkv_bias=_no_attention_bias(f), qk_norm="full", clip_qkv=f.number("clip_qkv", optional=True),
                        default_eps=1e-5)
 
 
@@ -405,7 +430,7 @@ def _dbrx(f: _Fields) -> ModelConfig:
     attn, ffn = f.sub("attn_config"), f.sub("ffn_config")
     hidden, heads = f.int("d_model"), f.int("n_heads")
     head_dim = hidden // heads
-    rope = _rope(f, head_dim, float(attn.get("rope_theta", 10000.0)), f.int("max_seq_len"))
+    rope = _rope(f, head_dim, attn.number("rope_theta", 10000.0), f.int("max_seq_len"))
     act = ffn.get("ffn_act_fn") or {"name": "silu"}
     ffn.require("ffn_act_fn", lambda _: act.get("name", "silu") in ("silu", "swish"),
                 "only SiLU (SwiGLU) experts are supported")
@@ -416,11 +441,11 @@ def _dbrx(f: _Fields) -> ModelConfig:
         family="dbrx", vocab_size=f.int("vocab_size"), hidden_size=hidden, num_layers=f.int("n_layers"),
         num_heads=heads, num_kv_heads=attn.int("kv_n_heads", default=1), head_dim=head_dim,
         **rope, **_context(f, "max_seq_len"),
-        norm="layer", norm_eps=1e-5, qkv_bias=False, qk_norm=None, clip_qkv=attn.get("clip_qkv"),
+        norm="layer", norm_eps=1e-5, qkv_bias=False, qk_norm=None, clip_qkv=attn.number("clip_qkv", optional=True),
         num_experts=ffn.int("moe_num_experts"), experts_per_token=ffn.int("moe_top_k"),
         expert_ffn_size=ffn.int("ffn_hidden_size"),
         router_norm_p=None if norm_p is None else float(norm_p),
-        bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")))
+        bos_token_id=f.get("bos_token_id"), eos_token_ids=f.eos())
 
 
 def _deepseek(f: _Fields, defaults: dict[str, Any], grouped: bool, **routing: Any) -> ModelConfig:
@@ -455,12 +480,12 @@ def _deepseek(f: _Fields, defaults: dict[str, Any], grouped: bool, **routing: An
     return ModelConfig(
         family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=f.int("hidden_size"), num_layers=layers,
         num_heads=heads, num_kv_heads=1, head_dim=kv_rank + rope_dim, **rope,
-        **_context(f), norm="rms", norm_eps=float(f.get("rms_norm_eps", 1e-6)), qkv_bias=False, qk_norm=None,
+        **_context(f), norm="rms", norm_eps=f.number("rms_norm_eps", 1e-6), qkv_bias=False, qk_norm=None,
         clip_qkv=None, num_experts=experts, experts_per_token=f.int("num_experts_per_tok"),
         expert_ffn_size=f.int("moe_intermediate_size"),
         shared_expert_ffn_size=f.int("moe_intermediate_size") * count("n_shared_experts", 0),
         shared_expert_gated=False, tie_embeddings=bool(f.get("tie_word_embeddings", False)),
-        bos_token_id=f.get("bos_token_id"), eos_token_ids=_eos(f.get("eos_token_id")),
+        bos_token_id=f.get("bos_token_id"), eos_token_ids=f.eos(),
         dense_layers=tuple(range(first_dense)), dense_ffn_size=f.int("intermediate_size") if first_dense else 0,
         attention="mla", q_lora_rank=q_rank or 0, kv_lora_rank=kv_rank, qk_nope_dim=nope,
         v_head_dim=f.int("v_head_dim"), softmax_scale=(nope + rope_dim) ** -0.5 * softmax_factor,

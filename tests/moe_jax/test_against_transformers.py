@@ -34,6 +34,7 @@ def test_logits_match_transformers_f32(family, hf_checkpoints, f32_llms):
     ("olmoe", dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=64, mscale=1.0, mscale_all_dim=0.5,
                    beta_fast=16, rope_theta=1e4)),
     ("mixtral", dict(rope_type="linear", factor=3.0, rope_theta=1e4)),
+    ("mixtral", dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),  # ignored, as transformers does
 ])
 def test_scaled_rope_logits_match_transformers(family, rope, tmp_path):
     """RoPE scaling (YaRN's blended frequencies and attention factor; linear) over prompts past the original

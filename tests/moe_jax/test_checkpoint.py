@@ -90,9 +90,10 @@ def test_generation_config_eos_ids_join_the_config_ones(tmp_path, hf_checkpoints
     shutil.copytree(hf_checkpoints["olmoe"][0], d)
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "do_sample": False}))
     assert Checkpoint(d).cfg.eos_token_ids == (2, 7)
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
-    with pytest.raises(CheckpointError, match="generation_config.json: field 'eos_token_id'"):
-        Checkpoint(d)
+    for bad in ("x", True, [2, -1], {"id": 2}):  # true is no token id 1
+        (d / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(CheckpointError, match="generation_config.json: field 'eos_token_id'"):
+            Checkpoint(d)
 
 
 def test_tensors_no_parameter_reads_are_named_in_a_warning(tmp_path, hf_checkpoints, caplog):

@@ -49,6 +49,12 @@ def test_family_specific_fields():
     ("deepseek_v3", dict(first_k_dense_replace=3), "first_k_dense_replace"),
     ("deepseek_v3", dict(moe_layer_freq=2), "moe_layer_freq"),
     ("deepseek_v3", dict(attention_bias=True), "attention_bias"),
+    ("mixtral", dict(rms_norm_eps="abc"), "rms_norm_eps"),  # malformed values: named, not a bare ValueError
+    ("qwen3_moe", dict(rope_theta="x"), "rope_theta"),
+    ("olmoe", dict(clip_qkv="3"), "clip_qkv"),
+    ("dbrx", dict(attn_config=dict(kv_n_heads=2, clip_qkv="2")), "attn_config.clip_qkv"),
+    ("mixtral", dict(eos_token_id=[2, "x"]), "eos_token_id"),
+    ("qwen2_moe", dict(eos_token_id=True), "eos_token_id"),
 ])
 def test_unsupported_options_name_the_field(family, changes, field):
     with pytest.raises(ConfigError, match=f"field '{field}'"):
@@ -149,6 +155,19 @@ def test_sliding_window_caps_the_context_instead_of_changing_attention():
     assert cfg("mixtral", sliding_window=128).max_positions == 128
     assert cfg("mixtral", sliding_window=4096).max_positions == 256  # longer than the context: not in effect
     assert cfg("qwen2_moe", sliding_window=64, use_sliding_window=False).max_positions == 256
+    for qwen in ("qwen2_moe", "qwen3_moe"):  # transformers' use_sliding_window defaults to False for them
+        assert cfg(qwen, sliding_window=64).max_positions == 256
+        assert cfg(qwen, sliding_window=64, use_sliding_window=True).max_positions == 64
+
+
+def test_partial_rotary_factor_is_ignored_as_transformers_ignores_it(caplog):
+    """transformers' RoPE for these families rotates every dim of a head, whatever partial_rotary_factor says
+    (2026-11-27, transformers 5.24: inv_freq has head_dim / 2 entries with the field at 0.5); said once."""
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        for family in ("mixtral", "qwen3_moe", "olmoe"):
+            c = cfg(family, partial_rotary_factor=0.5)
+            assert c.rotary_dim == c.head_dim
+    assert "partial_rotary_factor=0.5 ignored, as transformers ignores it for model_type 'mixtral'" in caplog.text
     assert cfg("mixtral", sliding_window=128).sliding_window == 128
     assert cfg("mixtral", sliding_window=4096).sliding_window is None
 
