@@ -71,7 +71,7 @@ SAMPLING_CHECKS = {  # the SamplingParams fields a request line may set: (check,
     "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
-    "seed": (is_int, "an integer"),
+    "seed": (lambda v: is_int(v) and 0 <= v < 2**32, "an integer in 0..2**32 - 1"),
     "logprobs": (lambda v: is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS, f"an integer in 0..{MAX_TOP_LOGPROBS}"),
 }
 

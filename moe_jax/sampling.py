@@ -28,7 +28,10 @@ class SamplingParams:
     logprobs: None, or return each generated token's log-probability (`Completion.logprobs`) and, when
     >= 1, that many most likely tokens at each position (`Completion.top_logprobs`, at most
     MAX_TOP_LOGPROBS), as vLLM's `logprobs`: under the model's own distribution (log-softmax of its
-    float32 logits, before temperature, top-k and top-p)."""
+    float32 logits, before temperature, top-k and top-p).
+    seed: a request's samples depend on its seed and prompt only (not on the batch or the policy), so requests
+    with the same prompt and seed sample the same tokens, as vLLM's requests with an explicit seed; give each its
+    own seed for independent samples (the CLI mixes each line's id into --seed)."""
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -60,8 +63,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not is_integer(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not is_integer(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not is_integer(self.seed) or not 0 <= self.seed < 2**32:  # the sampler's key takes 32 bits
+            raise ValueError(f"seed must be an integer in 0..2**32 - 1, got {self.seed!r}")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         if self.logprobs is not None and not (is_integer(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):

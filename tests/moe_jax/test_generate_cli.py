@@ -125,6 +125,7 @@ def test_resume_skips_finished_ids_and_repairs_a_torn_line(tmp_path, capsys):
      "(known: id, logprobs, max_new_tokens, n, prompt, prompt_token_ids, seed, stop, temperature, top_k, top_p)"),
     ('{"prompt": "x", "logprobs": 21}\n', "in.jsonl:1: 'logprobs' must be an integer in 0..20, got 21"),
     ('{"prompt": "x", "top_p": 0}\n', "in.jsonl:1: 'top_p' must be a number in (0, 1]"),
+    ('{"prompt": "x", "seed": -1}\n', "in.jsonl:1: 'seed' must be an integer in 0..2**32 - 1, got -1"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "y", "logprobs": true}}\n',
      "in.jsonl:1: 'body.logprobs' must be an integer in 0..20, got True"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "y", "top_logprobs": 2}}\n',

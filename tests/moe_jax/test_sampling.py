@@ -55,7 +55,10 @@ def test_stop_tokens_and_lengths(llm):
     (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),
     (dict(temperature=-1.0), "temperature must be >= 0"), (dict(temperature="1"), "temperature must be a number"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_k=-2), "top_k must be an integer >= 0"),
-    (dict(seed="x"), "seed must be an integer, got 'x'"), (dict(seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(seed="x"), r"seed must be an integer in 0\.\.2\*\*32 - 1, got 'x'"),
+    (dict(seed=1.5), r"seed must be an integer in 0\.\.2\*\*32 - 1, got 1\.5"),
+    (dict(seed=-1), r"seed must be .*, got -1"),  # not 2**32 - 1 in disguise
+    (dict(seed=2**32), r"seed must be .*, got 4294967296"),
     (dict(ignore_eos="no"), "ignore_eos must be True or False, got 'no'"),
     (dict(stop_token_ids=[3, -1]), r"stop_token_ids must be >= 0, got \[3, -1\]"),
     (dict(logprobs=-1), r"logprobs must be None or an integer in 0\.\.20, got -1"),
