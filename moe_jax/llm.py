@@ -279,9 +279,9 @@ class LLM:
         if self.tokenizer is None and (i := next((i for i, sp in enumerate(per) if sp.stop), None)) is not None:
             raise ValueError(f"prompt {i}: stop strings {per[i].stop!r} need a tokenizer; {self.name} has none "
                              f"(use stop_token_ids)")
-        return [Request(i, self.encode(p, f"prompt {i}"), sp,
-                        StopStrings(sp.stop, self.tokenizer.decode) if sp.stop else None)
-                for i, (p, sp) in enumerate(zip(prompts, per))]
+        ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        return [Request(i, ids[i], sp, StopStrings(sp.stop, self.tokenizer.decode, ids[i]) if sp.stop else None)
+                for i, sp in enumerate(per)]
 
     def _start(self, requests: list[Request]) -> None:
         """Build the offload engine for `requests` (not empty) if none is built."""

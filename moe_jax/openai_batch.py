@@ -19,7 +19,6 @@ its "bytes" the bytes it stands for (none for a special token).
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, completions_wanted, is_token_ids, optional,
                                   refuse_unknown, sampling_fields, stop_strings)
 from moe_jax.requests import Completion
+from moe_jax.tokenizer import continuation
 
 if TYPE_CHECKING:
     from moe_jax.llm import LLM
@@ -114,24 +114,17 @@ def _content(content, where: str) -> str:
     return "\n".join(part["text"] for part in content)
 
 
-_CONTEXT = 8  # tokens before a token that its string is decoded after (a split character takes at most 4)
-
-
-def _pieces(decode: Callable[[Sequence[int]], str], context: Sequence[int], tokens: Sequence[int]) -> list[str]:
-    """What each of `tokens`, alone, adds to the decoded text after `context`."""
-    before = decode(context)
-    return [after[len(os.path.commonprefix([before, after])):] for after in (decode([*context, t]) for t in tokens)]
-
-
 def _logprobs_record(c: Completion, chat: bool, decode: Callable[[Sequence[int]], str],
                      token_bytes: Callable[[int], bytes]) -> dict | None:
     """A choice's "logprobs" in the endpoint's shape (None where the request asked for none)."""
     if c.logprobs is None:
         return None
     ids, tops = c.token_ids, c.top_logprobs or [[] for _ in c.token_ids]
+    read = [*c.prompt_token_ids, *ids]  # each token is read after the tokens before it, the prompt's included
     strings, alternatives = [], []  # per position: the token's string; (string, id, logprob) of each top token
     for j, (t, top) in enumerate(zip(ids, tops)):
-        pieces = _pieces(decode, ids[max(0, j - _CONTEXT):j], [t, *(i for i, _ in top)])
+        before = read[:len(c.prompt_token_ids) + j]
+        pieces = [continuation(decode, before, [i]) for i in (t, *(i for i, _ in top))]
         strings.append(pieces[0])
         alternatives.append([(s, i, x) for s, (i, x) in zip(pieces[1:], top)])
     if chat:

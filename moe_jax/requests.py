@@ -5,6 +5,7 @@ import dataclasses
 from typing import Callable, Collection, Sequence
 
 from moe_jax.sampling import SamplingParams
+from moe_jax.tokenizer import continuation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Completion:
         """What an engine yields for `request` (logprobs: its `sampling.logprob_entry` per token, or None),
         with the text where `decode` (a tokenizer's) is given."""
         top = request.params.logprobs
-        return cls(list(token_ids), None if decode is None else decode(token_ids), finish_reason,
+        return cls(list(token_ids), None if decode is None else continuation(decode, request.prompt, token_ids),
+                   finish_reason,
                    list(request.prompt), None if logprobs is None else [lp for lp, _ in logprobs],
                    [t for _, t in logprobs] if logprobs is not None and top else None)

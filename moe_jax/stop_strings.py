@@ -7,6 +7,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 from moe_jax.requests import Completion
+from moe_jax.tokenizer import continuation
 
 
 class StopStrings:
@@ -16,12 +17,15 @@ class StopStrings:
     tokens of a byte-level or byte-fallback tokenizer; 4c + 2 tokens hold it and the token it starts
     in. Called after each new token, a match means that token completed the stop string."""
 
-    def __init__(self, stops: Sequence[str], decode: Callable[[Sequence[int]], str]):
-        self.stops, self.decode = tuple(stops), decode
+    def __init__(self, stops: Sequence[str], decode: Callable[[Sequence[int]], str], prompt: Sequence[int] = ()):
+        self.stops, self.decode, self.prompt = tuple(stops), decode, tuple(prompt)
         self.window = 4 * max(len(s) for s in self.stops) + 2
 
     def __call__(self, token_ids: Sequence[int]) -> bool:
-        return _first_stop(self.decode(token_ids[-self.window:]), self.stops) is not None
+        """token_ids: the generated ones so far, read after the prompt (`continuation`)."""
+        ids = (*self.prompt, *token_ids)
+        n = min(self.window, len(token_ids))
+        return _first_stop(continuation(self.decode, ids[:len(ids) - n], ids[len(ids) - n:]), self.stops) is not None
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -39,7 +43,7 @@ def cut_at_stop(c: Completion, stops: Sequence[str], decode: Callable[[Sequence[
     lo, hi = 1, len(c.token_ids)  # the fewest tokens whose text holds a stop string (binary search)
     while lo < hi:
         mid = (lo + hi) // 2
-        if _first_stop(decode(c.token_ids[:mid]), stops) is None:
+        if _first_stop(continuation(decode, c.prompt_token_ids, c.token_ids[:mid]), stops) is None:
             lo = mid + 1
         else:
             hi = mid

@@ -2,12 +2,26 @@
 tokenizer that presets embed (256 byte tokens, then <s> and </s>)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 BYTE_BOS, BYTE_EOS = 256, 257  # ids of <s> and </s> in the byte-level tokenizer
+CONTEXT = 8  # tokens before a continuation that it is decoded after (a character split over tokens takes at most 4)
+
+
+def continuation(decode: Callable[[Sequence[int]], str], context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text token `ids` add after the tokens `context` (its last CONTEXT decoded with them), as vLLM's
+    detokenizer reads a completion after its prompt: a SentencePiece word keeps the leading space that a decode
+    of it alone drops, and a character split across the boundary goes to `ids`."""
+    before = list(context[-CONTEXT:])
+    if not before:
+        return decode(list(ids))
+    head, text = decode(before), decode([*before, *ids])
+    return text[len(os.path.commonprefix([head, text])):]
 
 
 class TokenizerError(ValueError):

@@ -228,6 +228,8 @@ def test_token_strings_and_bytes_of_a_sentencepiece_tokenizer():
                                                                                            {" world": -0.2}]
     chat = _logprobs_record(c, True, tok.decode, tok.token_bytes)["content"]
     assert [e["bytes"] for e in chat] == [list(b" Hello"), list(b" world"), [0xE2], [0x82], [0xAC]]
+    c.prompt_token_ids = [1]  # after a prompt, the first token is read after it: its leading space kept
+    assert _logprobs_record(c, False, tok.decode, tok.token_bytes)["tokens"][:2] == [" Hello", " world"]
 
 
 @pytest.mark.parametrize("body, message", [

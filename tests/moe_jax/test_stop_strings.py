@@ -70,3 +70,30 @@ def test_stop_strings_need_a_tokenizer(source):
     llm = moe_jax.LLM(bare, dtype="float32", policy="resident")
     with pytest.raises(ValueError, match="prompt 1: stop strings .* need a tokenizer"):
         llm.generate([[5, 6], [7]], [SamplingParams(), SamplingParams(stop="x")])
+
+
+def test_a_completion_is_read_after_its_prompt_as_vllm_reads_it():
+    """A SentencePiece tokenizer (Mixtral's kind) drops a word's leading space at the start of a decode: the
+    completion's text keeps it, a stop string that starts with it stops on the first token, and the text is cut
+    before it (vLLM: text '' on token 1, where decoding the completion alone read 'Pa' and stopped a token late)."""
+    import tokenizers
+    from tokenizers import decoders, models
+
+    from moe_jax.requests import Completion, Request
+    from moe_jax.stop_strings import cut_at_stop
+    from moe_jax.tokenizer import Tokenizer, continuation
+
+    vocab = {"<unk>": 0, "\u2581The": 1, "\u2581is": 2, "\u2581Pa": 3, "ris": 4, "<0xE2>": 5, "<0x82>": 6, "<0xAC>": 7}
+    sp = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    decode = Tokenizer(sp).decode
+    prompt = (1, 2)  # "The is"
+    assert decode([3, 3]) == "Pa Pa" and continuation(decode, prompt, [3, 3]) == " Pa Pa"
+    assert continuation(decode, (*prompt, 5), [6, 7]) == "\u20ac"  # a character split across the boundary: here
+    params = SamplingParams(max_new_tokens=4, stop=" Pa")
+    assert Completion.of(Request(0, prompt, params), [3, 4, 3], "length", None, decode).text == " Paris Pa"
+    check = StopStrings(params.stop, decode, prompt)
+    assert check([3]) and not StopStrings(params.stop, decode)([3])  # read alone, "Pa" holds no " Pa"
+    cut = cut_at_stop(Completion.of(Request(0, prompt, params), [3, 4], "length", None, decode), params.stop, decode)
+    assert (cut.token_ids, cut.text, cut.finish_reason) == ([3], "", "stop")
