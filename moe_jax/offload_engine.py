@@ -50,7 +50,7 @@ from moe_jax.microbatches import balanced_micro_batches
 from moe_jax.offload_memory import decode_bytes, peak_prefill_positions, prefill_bytes, prefill_call_rows
 from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
 from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
-from moe_jax.params import expert_bytes, non_expert_bytes
+from moe_jax.params import expert_bytes, gib, non_expert_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.resident_engine import device_memory_limit, precise
 from moe_jax.sampling import host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
@@ -413,10 +413,10 @@ class OffloadEngine:
         for name, value in (("gpu_memory_gb cap", cap * 2**30 if cap else None), ("device memory", limit)):
             if value and need > value:
                 raise OffloadMemoryError(
-                    f"policy {self.policy} needs {need / 2**30:.2f} GiB on the GPU ({dense / 2**30:.2f} GiB non-expert "
+                    f"policy {self.policy} needs {gib(need)} GiB on the GPU ({gib(dense)} GiB non-expert "
                     f"weights, {p.num_slots + p.max_streamed} expert slots of {self._expert_bytes() / 2**20:.1f} MiB"
-                    f"{f', {extra / 2**30:.2f} GiB for the {extra_what}' if extra else ''}) but the "
-                    f"{name} is {value / 2**30:.2f} GiB: lower resident_expert_fraction or micro_batch_size")
+                    f"{f', {gib(extra)} GiB for the {extra_what}' if extra else ''}) but the "
+                    f"{name} is {gib(value)} GiB: lower resident_expert_fraction or micro_batch_size")
         return need
 
     def _load(self, weights) -> None:

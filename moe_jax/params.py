@@ -155,3 +155,9 @@ def non_expert_bytes(cfg: ModelConfig, dtype) -> int:
 
 def model_bytes(cfg: ModelConfig, dtype) -> int:
     return _all_layers_bytes(cfg, dtype, expert=None) + global_bytes(cfg, dtype)
+
+
+def gib(nbytes) -> str:
+    """Bytes in GiB for a message, to 3 significant digits below 100 (a tiny model's needs do not read as 0.0)."""
+    v = float(nbytes) / 2**30
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"

@@ -24,7 +24,7 @@ import numpy as np
 
 from moe_jax import model
 from moe_jax.config import ModelConfig
-from moe_jax.params import layer_specs, model_bytes
+from moe_jax.params import gib, layer_specs, model_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.sampling import host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
 from moe_jax.shape_buckets import bucket
@@ -127,9 +127,10 @@ class ResidentEngine:
         weights = model_bytes(self.cfg, self.dtype)
         for what, value in (("the gpu_memory_gb cap", cap), ("the accelerator", limit)):
             if value and weights + kv > 0.9 * value:
-                extra = f" and {kv / 2**30:.1f} GiB for the KV cache of {what_kv}" if kv else " for the weights alone"
-                raise MemoryError(f"policy 'resident' needs {weights / 2**30:.1f} GiB{extra} but {what} is "
-                                  f"{value / 2**30:.1f} GiB: use a smaller max_batch_size or policy 'offload'")
+                extra = f" and {gib(kv)} GiB for the KV cache of {what_kv}" if kv else " for the weights alone"
+                raise MemoryError(f"policy 'resident' needs {gib(weights)} GiB{extra} but {what} is "
+                                  f"{gib(value)} GiB (90% of it usable): use a smaller max_batch_size or policy "
+                                  f"'offload'")
 
     def _cache_shapes(self, batch: int, length: int):
         """Shapes of the KV cache's k and v (None where the values are the keys' first dims, `values_in_keys`),

@@ -81,7 +81,7 @@ from moe_jax import pinned_pool
 from moe_jax.offload_memory import decode_bytes, prefill_bytes, prefill_calls
 from moe_jax.offload_policy import Policy, kv_storage_dtype
 from moe_jax.expert_codec import check as check_codec, decode_overhead_bytes, expert_shapes, streamed_expert_bytes
-from moe_jax.params import expert_bytes, non_expert_bytes
+from moe_jax.params import expert_bytes, gib, non_expert_bytes
 
 GPU_USABLE = 0.9  # of the GPU memory cap: XLA workspace and fragmentation
 HOST_USABLE = 0.9  # of host memory: OS, Python, the JAX runtime
@@ -285,33 +285,27 @@ def _check_totals(**arrays) -> int | None:
     return sizes.pop() - 1 if sizes else None
 
 
-def _gib(nbytes) -> str:
-    """Bytes in GiB, to 3 significant digits below 100 (a tiny model's needs do not read as 0.0)."""
-    v = float(nbytes) / GiB
-    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
-
-
 def _infeasible(g: dict, placement: int, gpu_budget: float, host_budget: float, gpu_cap: float,
                 host_cap: float, resident_fixed: bool = False) -> str:
     """Why even one sequence (μ = 1, the fewest micro-batches searched) fits nowhere with PLACEMENTS[placement]
     (`resident_fixed`: with the resident experts given, not the most the GPU holds)."""
     i = (placement, 0, 0)
-    usable = f"{_gib(gpu_budget)} GiB are usable ({GPU_USABLE:.0%} of {_gib(gpu_cap)} GiB)"
+    usable = f"{gib(gpu_budget)} GiB are usable ({GPU_USABLE:.0%} of {gib(gpu_cap)} GiB)"
     if g["gpu_min"][i] > gpu_budget:
-        return (f"GPU memory too small: one sequence needs {_gib(g['gpu_min'][i])} GiB on the GPU (non-expert "
+        return (f"GPU memory too small: one sequence needs {gib(g['gpu_min'][i])} GiB on the GPU (non-expert "
                 f"weights, a double buffer of one layer's experts, activations) but {usable}")
     if resident_fixed and g["gpu_memory"][i] > gpu_budget:
-        return (f"GPU memory too small for the given resident experts: one sequence needs {_gib(g['gpu_memory'][i])} "
+        return (f"GPU memory too small for the given resident experts: one sequence needs {gib(g['gpu_memory'][i])} "
                 f"GiB on the GPU with {g['r'][i]:.3g} of the experts resident but {usable}")
     if pinned_pool.cap_bytes(g["streamed"][i]) > g["pinned_pool"][i]:
-        return (f"pinned host pool too small: its cap of {_gib(g['pinned_pool'][i])} GiB ({pinned_pool.LIMIT_VAR}, "
-                f"fixed when JAX started) cannot hold the {_gib(g['streamed'][i])} GiB of experts the GPU does "
+        return (f"pinned host pool too small: its cap of {gib(g['pinned_pool'][i])} GiB ({pinned_pool.LIMIT_VAR}, "
+                f"fixed when JAX started) cannot hold the {gib(g['streamed'][i])} GiB of experts the GPU does "
                 f"not hold (with its margin: {pinned_pool.cap_bytes(g['streamed'][i]) / GiB:.0f} GiB); set "
                 f"{pinned_pool.LIMIT_VAR} before JAX starts")
     g_r = float(g["r"][i])
-    return (f"host memory too small: one sequence needs {_gib(g['host_memory'][i])} GiB on the host (the "
+    return (f"host memory too small: one sequence needs {gib(g['host_memory'][i])} GiB on the host (the "
             f"pinned pool for the streamed expert weights, the KV cache) with "
-            f"{f'{g_r:.3g} of the experts' if resident_fixed else 'all the experts the GPU can hold'} resident, but {_gib(host_budget)} GiB are usable ({HOST_USABLE:.0%} of {_gib(host_cap)} GiB)")
+            f"{f'{g_r:.3g} of the experts' if resident_fixed else 'all the experts the GPU can hold'} resident, but {gib(host_budget)} GiB are usable ({HOST_USABLE:.0%} of {gib(host_cap)} GiB)")
 
 
 def _memory_cap(name: str, gb: float | None, available: float) -> float:

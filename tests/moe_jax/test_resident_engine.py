@@ -103,6 +103,12 @@ def test_a_single_prompt_must_be_wrapped_in_a_list():
     assert len(llm.generate(["The capital"], SamplingParams(max_new_tokens=1))) == 1
 
 
+def test_a_cap_too_small_for_a_tiny_model_reads_in_its_own_digits():
+    with pytest.raises(MemoryError, match=r"needs 0\.000475 GiB for the weights alone but the gpu_memory_gb cap is "
+                                          r"1e-05 GiB \(90% of it usable\)"):
+        moe_jax.LLM("tiny-mixtral", policy="resident", gpu_memory_gb=1e-5)
+
+
 def test_an_expert_codec_is_refused_under_the_resident_policy():
     with pytest.raises(moe_jax.llm.PolicyUnavailable, match="policy 'resident' streams none"):
         moe_jax.LLM("tiny-mixtral", policy="resident", expert_codec="exp4")
