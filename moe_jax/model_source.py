@@ -3,6 +3,7 @@ source (`layer(i, dtype)` / `globals(dtype)` -> NumPy arrays) and an optional to
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Protocol
 
@@ -13,6 +14,8 @@ from moe_jax.config import ModelConfig
 from moe_jax.presets import PRESETS, RandomWeights, preset_config
 from moe_jax.saved_model import SavedWeights, is_saved_model
 from moe_jax.tokenizer import Tokenizer
+
+log = logging.getLogger("moe_jax")
 
 
 class WeightSource(Protocol):
@@ -43,6 +46,9 @@ def open_model(model: str | Path, seed: int = 0) -> ModelSource:
         weights = SavedWeights(path) if is_saved_model(path) else Checkpoint(path)
         tok_file = path / "tokenizer.json"
         tok = Tokenizer.from_file(tok_file) if tok_file.exists() else None
+        if tok is not None and tok.vocab_size > weights.cfg.vocab_size:
+            log.warning("%s has %d tokens but the model's vocabulary %d: a prompt holding a token id past it is "
+                        "refused", tok_file, tok.vocab_size, weights.cfg.vocab_size)
         return ModelSource(str(path), weights.cfg, weights, tok)
     if str(model) in PRESETS:
         cfg = preset_config(str(model))

@@ -191,6 +191,17 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
     assert rc == 2 and "bad sampling flag: --max-new-tokens must be a positive integer, got 0" in err
 
 
+def test_a_tokenizer_larger_than_the_vocabulary_is_said_at_load(tmp_path, hf_checkpoints, caplog):
+    from moe_jax.tokenizer import Tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(hf_checkpoints["mixtral"][0], model)
+    Tokenizer.byte_level().save(model / "tokenizer.json")  # 258 tokens for a vocabulary of 96
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        moe_jax.model_source.open_model(model)
+    assert "tokenizer.json has 258 tokens but the model's vocabulary 96" in caplog.text
+
+
 def test_a_broken_tokenizer_is_an_error_line_not_a_traceback(tmp_path, capsys, hf_checkpoints):
     model = tmp_path / "model"
     shutil.copytree(hf_checkpoints["mixtral"][0], model)
