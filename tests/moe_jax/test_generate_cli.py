@@ -264,7 +264,7 @@ def test_offload_policy_from_the_cli_matches_resident(tmp_path, capsys):
     # the offload engine is built (HRM's policy placed) before the old output is replaced too
     rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--overwrite", "--policy", "offload",
                          "--gpu-memory-gb", "0.0001")
-    assert rc == 2 and "error: policy Policy(" in err and "gpu_memory_gb cap is 0.00 GiB" in err, err
+    assert rc == 2 and "error: policy Policy(" in err and "gpu_memory_gb cap is 0.0001 GiB" in err, err
     assert out.read_text() == before
     long = tmp_path / "long.jsonl"  # the engine fits, the prefill of these prompts does not: checked first too
     long.write_text("".join(json.dumps({"id": i, "prompt": "x" * 1500}) + "\n" for i in range(4)))
