@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from moe_jax.config import ConfigError, ModelConfig
+from moe_jax.config import EOS_EXPECTED, ConfigError, ModelConfig, eos_token_ids
 from moe_jax.params import ParamSpec, global_param_specs, layer_specs
 
 
@@ -108,11 +108,10 @@ def _with_generation_eos(cfg: ModelConfig, path: Path) -> ModelConfig:
         eos = json.loads(path.read_text()).get("eos_token_id")
     except (json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a JSON object ({e})") from None
-    extra = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in extra):
-        raise CheckpointError(f"{path}: field 'eos_token_id' = {eos!r}: expected a token id (an integer >= 0) or a "
-                              f"list of them")
-    return cfg.replace(eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + tuple(extra))))
+    extra = eos_token_ids(eos)
+    if extra is None:
+        raise CheckpointError(f"{path}: field 'eos_token_id' = {eos!r}: {EOS_EXPECTED}")
+    return cfg.replace(eos_token_ids=tuple(dict.fromkeys(cfg.eos_token_ids + extra)))
 
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors dtype names this loader converts

@@ -229,6 +229,16 @@ class ModelConfig:
         return cls.from_dict(d, str(path))
 
 
+EOS_EXPECTED = "expected a token id (an integer >= 0) or a list of them"
+
+
+def eos_token_ids(v: Any) -> tuple[int, ...] | None:
+    """An `eos_token_id` field's value (config.json's or generation_config.json's) as token ids: an integer, a
+    list of them, or none (None: absent or null); None where it is neither (a bool is no token id)."""
+    ids = () if v is None else tuple(v) if isinstance(v, list) else (v,)
+    return ids if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids) else None
+
+
 class _Fields:
     """Typed access to a config dict; every error names the source file and the field."""
 
@@ -265,11 +275,10 @@ class _Fields:
         return float(v)
 
     def eos(self, key: str = "eos_token_id") -> tuple[int, ...]:
-        """End-of-sequence token ids: an integer, a list of them, or none (absent or null)."""
-        v = self.get(key)
-        ids = () if v is None else tuple(v) if isinstance(v, list) else (v,)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-            raise self.error(key, "expected a token id (an integer >= 0) or a list of them")
+        """End-of-sequence token ids (`eos_token_ids`)."""
+        ids = eos_token_ids(self.get(key))
+        if ids is None:
+            raise self.error(key, EOS_EXPECTED)
         return ids
 
     def sub(self, key: str) -> "_Fields":
@@ -295,14 +304,13 @@ def _rope(f: _Fields, head_dim: int, default_theta: float, max_positions: int) -
     """rope_theta, rotary_dim and rope_scaling from `rope_parameters` (transformers >= 5) or the older
     `rope_scaling` and top-level fields, with transformers' defaults."""
     key, params, rope_type = _rope_params(f)
-    theta = params.get("rope_theta", f.get("rope_theta", default_theta))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
-        raise f.error("rope_theta" if "rope_theta" not in params else key, f"expected a positive rope_theta, got {theta!r}")
+    theta = (_Fields(params, f.source, f"{key}.").number("rope_theta") if "rope_theta" in params
+             else f.number("rope_theta", default_theta))
     partial = params.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0))
     if partial != 1.0:  # transformers' RoPE for these families rotates every dim whatever the field says
         log.warning("%s: partial_rotary_factor=%r ignored, as transformers ignores it for model_type %r (every dim of "
                     "a head is rotated)", f.source, partial, f.d.get("model_type"))
-    theta, rotary = float(theta), head_dim
+    rotary = head_dim
     scaling = None
     if rope_type not in ("default", "linear", "yarn"):
         raise f.error(key, f"rope_type {rope_type!r} is not supported (supported: 'default', 'linear', 'yarn')")
