@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, completions_wanted, is_token_ids, optional,
                                   refuse_unknown, sampling_fields, stop_strings)
 from moe_jax.requests import Completion
-from moe_jax.tokenizer import continuation
+from moe_jax.tokenizer import CONTEXT, continuation
 
 if TYPE_CHECKING:
     from moe_jax.llm import LLM
@@ -120,10 +120,10 @@ def _logprobs_record(c: Completion, chat: bool, decode: Callable[[Sequence[int]]
     if c.logprobs is None:
         return None
     ids, tops = c.token_ids, c.top_logprobs or [[] for _ in c.token_ids]
-    read = [*c.prompt_token_ids, *ids]  # each token is read after the tokens before it, the prompt's included
+    read, p = [*c.prompt_token_ids, *ids], len(c.prompt_token_ids)  # each token is read after those before it
     strings, alternatives = [], []  # per position: the token's string; (string, id, logprob) of each top token
     for j, (t, top) in enumerate(zip(ids, tops)):
-        before = read[:len(c.prompt_token_ids) + j]
+        before = read[max(0, p + j - CONTEXT):p + j]  # as much of them as `continuation` reads
         pieces = [continuation(decode, before, [i]) for i in (t, *(i for i, _ in top))]
         strings.append(pieces[0])
         alternatives.append([(s, i, x) for s, (i, x) in zip(pieces[1:], top)])

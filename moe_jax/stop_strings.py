@@ -7,7 +7,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 from moe_jax.requests import Completion
-from moe_jax.tokenizer import continuation
+from moe_jax.tokenizer import CONTEXT, continuation
 
 
 class StopStrings:
@@ -18,12 +18,14 @@ class StopStrings:
     in. Called after each new token, a match means that token completed the stop string."""
 
     def __init__(self, stops: Sequence[str], decode: Callable[[Sequence[int]], str], prompt: Sequence[int] = ()):
-        self.stops, self.decode, self.prompt = tuple(stops), decode, tuple(prompt)
+        self.stops, self.decode = tuple(stops), decode
+        self.prompt = tuple(prompt)[-CONTEXT:]  # all of it `continuation` reads
         self.window = 4 * max(len(s) for s in self.stops) + 2
 
     def __call__(self, token_ids: Sequence[int]) -> bool:
-        """token_ids: the generated ones so far, read after the prompt (`continuation`)."""
-        ids = (*self.prompt, *token_ids)
+        """token_ids: the generated ones so far, read after the prompt (`continuation`); called at every token,
+        it copies no more of them than the window and its context."""
+        ids = (*self.prompt, *token_ids[-(self.window + CONTEXT):])
         n = min(self.window, len(token_ids))
         return _first_stop(continuation(self.decode, ids[:len(ids) - n], ids[len(ids) - n:]), self.stops) is not None
 
