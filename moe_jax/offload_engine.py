@@ -43,7 +43,7 @@ except ImportError:
     resource = None
 
 from host_ops import HostKVCache
-from moe_jax import expert_codec, host_memory, host_views, model, pinned_pool
+from moe_jax import compile_count, expert_codec, host_memory, host_views, model, pinned_pool
 from moe_jax.config import ModelConfig
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.microbatches import balanced_micro_batches
@@ -276,7 +276,9 @@ class OffloadStats:
     its allocation spent faulting its pages in (`HostKVCache.fault_in_s`, before the run), kv_huge_pages their size
     (2 MiB, or 4 KiB); host_free_bytes: the host's
     MemAvailable at the end of the run, the cache still held (what the pinned pool, the cache and the rest
-    left), and host_total_bytes its MemTotal then, None where unknown."""
+    left), and host_total_bytes its MemTotal then, None where unknown. compiles: the XLA compiles during the call
+    (`compile_count`: new shapes of its jitted steps; a stall, seconds on a GPU, where it falls inside a
+    timed run), the first prefill's and decode step's included."""
 
     layers: int
     cpu: np.ndarray
@@ -304,6 +306,7 @@ class OffloadStats:
     run_faults: int | None = None
     host_free_bytes: int | None = None
     host_total_bytes: int | None = None
+    compiles: compile_count.Compiles = compile_count.Compiles()
 
     @classmethod
     def empty(cls, layers: int) -> "OffloadStats":
@@ -333,6 +336,7 @@ class OffloadStats:
                 f"({'2 MiB' if self.kv_huge_pages else '4 KiB'} pages, faulted in in {self.kv_fault_in_s:.2f} s){free}; "
                 f"{self.refilled} requests refilled rows; "
                 f"{'' if self.run_faults is None else f'{self.run_faults:,} page faults in the run (the process); '}"
+                f"{self.compiles.compiles} XLA compiles ({self.compiles.seconds:.2f} s); "
                 f"bottleneck: {self.bottleneck()}")
 
 
@@ -705,13 +709,16 @@ class OffloadEngine:
             self.stats.kv_fault_in_s, self.stats.kv_huge_pages = cache.fault_in_s, cache.huge_pages
             self.stats.host_views = self.host_views
             _warm_host_kernels(cfg, plan.kv_dtype, self.dtype)
-            faults = _page_faults(thread=False)
+            faults, compiles = _page_faults(thread=False), compile_count.counts()
             with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cpu-attention") as cpu:
                 yield from _Run(self, cache, cpu, requests, plan.budget, plan.first, plan.order[pol.batch_size:],
                                 plan.prefill_T).run()
         finally:
             self.running = False
         self.stats.run_faults = None if faults is None else _page_faults(thread=False) - faults
+        self.stats.compiles = compile_count.counts() - compiles
+        if self.stats.compiles.compiles:
+            log.info("%d XLA compiles in this generate (%.2f s): new shapes of its steps", *self.stats.compiles)
         mem = host_memory.meminfo()  # the cache's pages written, still held
         self.stats.host_free_bytes, self.stats.host_total_bytes = (mem.available, mem.total) if mem else (None, None)
         stats = jax.devices()[0].memory_stats() or {}

@@ -233,6 +233,8 @@ def timed_generate(llm, prompts, gen_len: int) -> dict:
     llm.generate(prompts, params.replace(max_new_tokens=min(WARMUP_TOKENS, gen_len)))
     warmup_s = time.perf_counter() - t0
     t0, warmup_stats = time.perf_counter(), llm.stats
+    kept["warmup_compiles"] = warmup_stats.compiles.compiles
+    kept["warmup_compile_s"] = warmup_stats.compiles.seconds
     try:
         out = llm.generate(prompts, params)
     except KeyboardInterrupt:
@@ -248,6 +250,9 @@ def timed_generate(llm, prompts, gen_len: int) -> dict:
                 "completions": [], "interrupted": True}
     wall = time.perf_counter() - t0
     st = llm.stats
+    if st.compiles.compiles:  # the warm-up missed a shape: the figures carry the compile's stall
+        log(f"  WARNING: the timed run compiled {st.compiles.compiles} new shapes ({st.compiles.seconds:.2f} s) that the "
+            f"warm-up did not: its figures include those seconds")
     tokens = sum(len(c.token_ids) for c in out)
     return {"prompts": len(prompts), "tokens": tokens, **kept, "warmup_s": warmup_s, "wall_s": wall,
             "prefill_s": st.prefill_s, "decode_s": st.decode_s, "decode_steps": st.decode_steps,
@@ -256,6 +261,7 @@ def timed_generate(llm, prompts, gen_len: int) -> dict:
             "decode_tok_s": (tokens - len(prompts)) / st.decode_s if st.decode_s else None,
             "prefill_calls": st.prefill_calls, "prefill_write_s": float(st.prefill_write.sum()),
             "prefill_wait_s": float(st.prefill_wait.sum()),
+            "compiles": st.compiles.compiles, "compile_s": st.compiles.seconds,
             "stats": st, "completions": out}
 
 
@@ -297,7 +303,8 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
     what = "interrupted" if run.get("interrupted") else f"{run['tokens']} tokens"
     fault_in = "" if run["kv_fault_in_s"] is None else f", of it {run['kv_fault_in_s']:.2f} s the KV cache's pages faulted in"
     log(f"  run: {what} in {run['wall_s']:.2f} s (prefill {run['prefill_s']:.2f} s, decode {run['decode_s']:.2f} s); "
-        f"before it: prepare {run['prepare_s']:.2f} s{fault_in}, warm-up {run['warmup_s']:.2f} s")
+        f"before it: prepare {run['prepare_s']:.2f} s{fault_in}, warm-up {run['warmup_s']:.2f} s (of it "
+        f"{run['warmup_compile_s']:.2f} s compiling {run['warmup_compiles']} shapes)")
     terms = per_layer_terms(run, cfg, policy, dtype, link_bw, gpu_s)
     peak = run["stats"].peak_gpu_bytes
     row = {"policy": policy_dict(policy), **{k: v for k, v in run.items() if k not in ("stats", "completions")},

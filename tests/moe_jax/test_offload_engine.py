@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -498,6 +499,23 @@ def test_the_run_compiles_no_host_kernel_the_warm_up_did_not(dtype, kv_cache_dty
     assert len(out) == len(PROMPTS) and eng.stats.decode_steps > 0
     assert eng.stats.host_views or os.environ.get("MOE_JAX_HOST_VIEWS") == "0"  # the views' arrays, checked too
     assert [set(k.signatures) - w for k, w in zip(kernels, warmed)] == [set()] * 3
+
+
+def test_stats_count_the_xla_compiles_of_each_generate():
+    """`OffloadStats.compiles` counts the XLA compiles inside a generate call (new shapes of its steps): the first
+    call's, none when the same job runs again, and a new prefill shape's when a longer prompt comes."""
+    source = open_model("tiny-mixtral")
+    eng = OffloadEngine(source.cfg, source.weights, np.float32,
+                        Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2))
+    jax.clear_caches()
+    job = lambda prompts: list(eng.generate([Request(i, p, GREEDY) for i, p in enumerate(prompts)]))
+    job(PROMPTS)
+    first = eng.stats.compiles
+    assert first.compiles > 0 and first.seconds > 0 and "XLA compiles" in eng.stats.summary()
+    job(PROMPTS)
+    assert eng.stats.compiles.compiles == 0
+    job([*PROMPTS[:-1], tuple(range(3, 40))])  # a prompt of a longer bucket: its prefill call's shape is new
+    assert 0 < eng.stats.compiles.compiles < first.compiles
 
 
 def test_the_host_kv_cache_is_kept_for_the_jobs_that_fit_it():

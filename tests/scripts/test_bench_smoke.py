@@ -58,6 +58,8 @@ def test_bench_offload(tmp_path):
         assert run["prepare_s"] >= run["kv_fault_in_s"] >= 0  # the cache kept for the warm-up and the timed run
         assert set(run["per_layer_s"]) == {"h2d_est", "cpu", "cpu_kernel", "cpu_write", "cpu_handoff", "cpu_fetch", "gpu_probe", "gpu_wait", "main_wait", "step"}
         assert run["tokens"] == 6 * 4
+        assert run["compiles"] == 0, run["compile_s"]  # the warm-up compiled every shape the timed run took
+    assert d["runs"][0]["warmup_compiles"] > 0 and d["runs"][0]["warmup_compile_s"] > 0
     assert d["runs"][1]["policy"]["micro_batch_size"] == 3
     assert [run["policy"]["expert_codec"] for run in d["runs"]] == ["exp4", "exp4"]
     assert [run["policy"]["kv_cache_dtype"] for run in d["runs"]] == ["int8", "int8"]
@@ -90,6 +92,7 @@ def test_bench_throughput_keeps_the_loaded_engine(tmp_path):
     assert first["policy"]["batch_size"] == 4 and first["load_s"] > 0
     assert (kept["policy"]["num_micro_batches"], kept["policy"]["resident_expert_fraction"]) == (2, 0)
     assert kept["policy"]["batch_size"] == 6 and kept["load_s"] == 0 and kept["tokens"] == 6 * 4
+    assert first["compiles"] == kept["compiles"] == 0  # the rebatched engine's warm-up compiled its new shapes
     assert kept["hrm_own"]["policy"]["resident_expert_fraction"] > 0 and kept["hrm_own"]["tok_s"] > 0
     assert "rebatched to" in p.stderr and "on the loaded engine (HRM's own: N=" in p.stdout
 
@@ -127,6 +130,7 @@ def test_an_interrupted_timed_run_reports_its_decode_steps():
     decode tok/s, marked interrupted; before any decode step there is nothing to report."""
     from types import SimpleNamespace
 
+    from moe_jax.compile_count import Compiles
     from moe_jax.offload_policy import Policy
 
     class Interrupted:
@@ -145,10 +149,11 @@ def test_an_interrupted_timed_run_reports_its_decode_steps():
             if params.max_new_tokens > bench_common.WARMUP_TOKENS:  # the timed run, not the warm-up
                 self.stats = self.timed  # as the engine does: new stats per call
                 raise KeyboardInterrupt
+            self.stats = SimpleNamespace(compiles=Compiles(5, 1.5))
 
     run = bench_common.timed_generate(Interrupted(3), [[1, 2]] * 4, 64)
     assert run["interrupted"] and run["decode_steps"] == 3 and run["decode_tok_s"] == pytest.approx(4 * 3 / 0.5)
-    assert run["tok_s"] is None and run["tokens"] is None
+    assert run["tok_s"] is None and run["tokens"] is None and run["warmup_compiles"] == 5
     assert bench_common.timed_generate(Interrupted(3), [[1, 2]] * 6, 64)["decode_tok_s"] is None  # waves: unknown
     with pytest.raises(KeyboardInterrupt):
         bench_common.timed_generate(Interrupted(0), [[1, 2]] * 4, 64)
