@@ -125,17 +125,18 @@ def engine_lengths(prompts, gen_len: int, max_positions: int, *, first_n: bool =
 
 
 def resolve_policy(spec: str, cfg, hardware, job, gpu_memory_gb: float, max_batch_size: int | None, dtype: str,
-                   **options):
+                   *, within_pool: bool = True, **options):
     """The Policy to run under the GPU cap with `options` (Policy fields: expert_codec, kv_cache_dtype): a fixed
     'N,mu,n_ub,rw', or for 'auto' HRM's choice for the workload `job` (a `JobShape`, e.g. `engine_lengths`),
-    at most `max_batch_size` sequences, CPU attention as the engine runs it."""
+    at most `max_batch_size` sequences, CPU attention as the engine runs it, within the pinned-host pool's cap
+    where JAX has fixed it already (`within_pool`; False: HRM's own choice, as if the pool were sized for it)."""
     from moe_jax import hrm, pinned_pool
     from moe_jax.offload_policy import Policy
 
     if spec == "auto":
         if hardware is None:
             raise SystemExit("policy auto needs an HRM hardware profile: pass --hardware (no known GPU detected)")
-        pool = pinned_pool.fixed_cap_bytes()
+        pool = pinned_pool.fixed_cap_bytes() if within_pool else None
         policy = hrm.choose_policy(cfg, hardware, **job._asdict(), gpu_memory_gb=gpu_memory_gb,
                                    pinned_pool_gb=pool / GiB if pool else None, max_batch_size=max_batch_size,
                                    placements=[("cpu", "cpu")], dtype=dtype, **options).policy
@@ -161,13 +162,26 @@ def policy_before_jax(spec: str, hardware_name: str | None, resolve):
 def hrm_predict(cfg, hardware, policy, job, dtype: str = "bfloat16") -> dict:
     """`moe_jax.hrm.predict` for `policy` on the workload `job` (a `JobShape`, e.g. `engine_lengths`) as a
     JSON-ready dict: the per-layer decode terms at the job's mean decode context, the decode step, the
-    prefill and throughputs."""
+    prefill and throughputs, and the GPU and host memory the policy needs (GiB) beside what is usable of the
+    policy's GPU cap and of the profile's host memory (`hrm.search`'s GPU_USABLE, HOST_USABLE)."""
     from moe_jax import hrm
+    from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE
 
-    r = hrm.predict(cfg, hardware, policy, dtype=dtype, **job._asdict())
-    return {"hardware": hrm.hardware_profile(hardware).name, "per_layer_s": r.per_layer_seconds,
+    hw = hrm.hardware_profile(hardware)
+    r = hrm.predict(cfg, hw, policy, dtype=dtype, **job._asdict())
+    gpu_cap = policy.gpu_memory_gb * GiB if policy.gpu_memory_gb else hw.gpu_memory
+    return {"hardware": hw.name, "per_layer_s": r.per_layer_seconds,
             "bottleneck": r.bottleneck, "step_s": r.step_seconds, "prefill_s": r.prefill_seconds,
-            "decode_tok_s": r.decode_tokens_per_s, "tok_s": r.tokens_per_s}
+            "decode_tok_s": r.decode_tokens_per_s, "tok_s": r.tokens_per_s,
+            "gpu_gib": r.gpu_memory_bytes / GiB, "gpu_usable_gib": GPU_USABLE * gpu_cap / GiB,
+            "host_gib": r.host_memory_bytes / GiB, "host_usable_gib": HOST_USABLE * hw.host_memory / GiB}
+
+
+def over_memory(pred: dict) -> str:
+    """What of `hrm_predict`'s memory the policy needs beyond what is usable ("" where it fits)."""
+    over = [f"{what} {pred[f'{k}_gib']:.1f} GiB of {pred[f'{k}_usable_gib']:.1f} usable"
+            for k, what in (("gpu", "GPU"), ("host", "host")) if pred[f"{k}_gib"] > pred[f"{k}_usable_gib"]]
+    return f"does not fit: {', '.join(over)}" if over else ""
 
 
 def streamed_bytes_per_layer(cfg, policy, dtype: str) -> int:
@@ -299,6 +313,7 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
     the overlap efficiency, peak GPU memory and HRM's prediction for the same policy with measured /
     predicted ratios."""
     cfg, policy = source.cfg, llm.policy
+    peak_before = device_peak_bytes()  # the process's high-water mark: the load's, or an earlier engine's or probe's
     run = timed_generate(llm, prompts, gen_len)
     what = "interrupted" if run.get("interrupted") else f"{run['tokens']} tokens"
     fault_in = "" if run["kv_fault_in_s"] is None else f", of it {run['kv_fault_in_s']:.2f} s the KV cache's pages faulted in"
@@ -310,27 +325,47 @@ def measure_policy(llm, source, prompts, gen_len: int, *, dtype: str, link_bw: f
     row = {"policy": policy_dict(policy), **{k: v for k, v in run.items() if k not in ("stats", "completions")},
            "stats_summary": run["stats"].summary(), "h2d_bytes": run["stats"].h2d_bytes,
            "per_layer_s": terms, "overlap_efficiency": overlap_efficiency(terms),
-           "peak_gpu_gib": peak / GiB if peak else None, "host": host_memory(run["stats"], cfg, policy, dtype),
-           "hrm": None, "measured_over_predicted": None}
+           "peak_gpu_gib": peak / GiB if peak else None,
+           # XLA's peak is never reset: a run that did not raise it peaked at most at the mark before it
+           "peak_gpu_at_most": bool(peak and peak_before and peak <= peak_before),
+           "host": host_memory(run["stats"], cfg, policy, dtype), "hrm": None, "measured_over_predicted": None}
+    if row["peak_gpu_at_most"]:
+        log(f"  peak GPU memory: at most {peak / GiB:.2f} GiB (the run did not raise the process's mark, set before it)")
     if hardware is not None:
-        n = min(len(prompts), policy.batch_size)  # the rows the run fills, micro-batches as the engine forms them
-        wave = _wave_policy(policy, n)
-        pred = hrm_predict(cfg, hardware, wave, engine_lengths(prompts, gen_len, cfg.max_positions), dtype)
-        row["hrm"] = pred
-        row["measured_over_predicted"] = {
-            "tok_s": run["tok_s"] / pred["tok_s"] if run["tok_s"] else None,
-            "decode_tok_s": run["decode_tok_s"] / pred["decode_tok_s"] if run["decode_tok_s"] else None,
-            "step": terms["step"] * cfg.num_layers / pred["step_s"],
-            "prefill": run["prefill_s"] / pred["prefill_s"] if pred["prefill_s"] else None,
-            **{k: (terms[m] / pred["per_layer_s"][k] if terms[m] is not None and pred["per_layer_s"][k] else None)
-               for k, m in (("h2d", "h2d_est"), ("cpu", "cpu"), ("gpu", "gpu_probe"))}}
-        calls = run.get("prefill_calls")  # all of them in prefill_s where no request refilled a row
-        per_call = (f", {run['prefill_s'] / calls * 1e3:.2f} ms per GPU call of {calls}"
-                    if calls and not run["stats"].refilled else "")
-        log(f"  prefill {run['prefill_s']:.2f} s (HRM: {pred['prefill_s']:.2f} s{per_call}); the prompts' k/v writes took "
-            f"{run.get('prefill_write_s', 0):.2f} s of the CPU worker, the waits for them "
-            f"{run.get('prefill_wait_s', 0):.2f} s of the dispatching thread")
+        try:
+            _predicted(row, run, terms, cfg, hardware, policy, prompts, gen_len, dtype)
+        except Exception as e:  # the measured figures stand without it
+            row["hrm_error"] = f"{type(e).__name__}: {e}"
+            log(f"  ERROR: HRM's prediction failed ({row['hrm_error']}): the row has no HRM figures")
     return row
+
+
+def device_peak_bytes() -> int | None:
+    """XLA's high-water mark of the first device's memory in this process (None where it does not say: CPU)."""
+    import jax
+
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def _predicted(row: dict, run: dict, terms: dict, cfg, hardware, policy, prompts, gen_len: int, dtype: str) -> None:
+    """HRM's prediction for the run's policy and the measured / predicted ratios, into `row`."""
+    n = min(len(prompts), policy.batch_size)  # the rows the run fills, micro-batches as the engine forms them
+    wave = _wave_policy(policy, n)
+    pred = hrm_predict(cfg, hardware, wave, engine_lengths(prompts, gen_len, cfg.max_positions), dtype)
+    row["hrm"] = pred
+    row["measured_over_predicted"] = {
+        "tok_s": run["tok_s"] / pred["tok_s"] if run["tok_s"] else None,
+        "decode_tok_s": run["decode_tok_s"] / pred["decode_tok_s"] if run["decode_tok_s"] else None,
+        "step": terms["step"] * cfg.num_layers / pred["step_s"],
+        "prefill": run["prefill_s"] / pred["prefill_s"] if pred["prefill_s"] else None,
+        **{k: (terms[m] / pred["per_layer_s"][k] if terms[m] is not None and pred["per_layer_s"][k] else None)
+           for k, m in (("h2d", "h2d_est"), ("cpu", "cpu"), ("gpu", "gpu_probe"))}}
+    calls = run.get("prefill_calls")  # all of them in prefill_s where no request refilled a row
+    per_call = (f", {run['prefill_s'] / calls * 1e3:.2f} ms per GPU call of {calls}"
+                if calls and not run["stats"].refilled else "")
+    log(f"  prefill {run['prefill_s']:.2f} s (HRM: {pred['prefill_s']:.2f} s{per_call}); the prompts' k/v writes took "
+        f"{run.get('prefill_write_s', 0):.2f} s of the CPU worker, the waits for them "
+        f"{run.get('prefill_wait_s', 0):.2f} s of the dispatching thread")
 
 
 def host_memory(stats, cfg, policy, dtype: str) -> dict:
@@ -379,6 +414,11 @@ def fmt(x, spec: str = ".1f", scale: float = 1.0) -> str:
 SETUP_HEADER = "load + KV s"
 
 
+def peak_cell(row: dict) -> str:
+    """The run's peak GPU GiB, "≤ X" where the run did not raise the process's mark (`measure_policy`)."""
+    return ("≤ " if row.get("peak_gpu_at_most") else "") + fmt(row["peak_gpu_gib"], ".2f")
+
+
 def setup_cell(row: dict) -> str:
     """Seconds before the timed run: the weights' load, + the host KV cache's allocation faulting its pages in
     (`timed_generate`'s kv_fault_in_s; none where the engine has no host cache)."""
@@ -409,7 +449,7 @@ def detect_hardware_profile(name: str | None):
 # pool cap and flags, the host kernel's threads, how CUDA waits (XLA's TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE: unset,
 # a thread waiting for the GPU spins on its core). `run_command` puts those that are set in front of the command line.
 RESULT_ENV = ("MOE_JAX_HOST_MEMORY_GB", "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "XLA_FLAGS", "NUMBA_NUM_THREADS",
-              "TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE")
+              "TF_CUDA_PLATFORM_GPU_DEVICE_SCHEDULE", "MOE_JAX_KV_HUGE_PAGES", "MOE_JAX_HOST_VIEWS")
 
 
 def run_command() -> str:

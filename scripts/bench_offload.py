@@ -143,7 +143,7 @@ def table_row(r: dict, cap: float) -> list[str]:
             bc.fmt(t["h2d_est"], ".2f", 1e3), f'{bc.fmt(t["cpu"], ".2f", 1e3)} ({bc.fmt(t["cpu_kernel"], ".2f", 1e3)}/{bc.fmt(t["cpu_write"], ".2f", 1e3)}/'
             f'{bc.fmt(t["cpu_handoff"], ".2f", 1e3)}/{bc.fmt(t["cpu_fetch"], ".2f", 1e3)})',
             bc.fmt(t["gpu_probe"], ".2f", 1e3), bc.fmt(t["step"], ".2f", 1e3), bc.fmt(r["overlap_efficiency"], ".2f"),
-            f"{bc.fmt(r['peak_gpu_gib'], '.2f')} / {cap:g}",
+            f"{bc.peak_cell(r)} / {cap:g}",
             f"{bc.fmt(r['host']['kv_gib'])} / {bc.fmt(r['host']['pool_cap_gib'], '.0f')} / {bc.fmt(r['host']['free_gib'])}"
             f" / {bc.fmt(r['host']['rest_gib'])}",
             bc.fmt(h and h["tok_s"]),

@@ -33,12 +33,14 @@ minutes) to one or two runs of the full model. Ctrl-C reports what was measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import bench_common as bc
@@ -94,11 +96,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--append-results", nargs="?", const=DEFAULT_RESULTS, metavar="FILE",
                     help=f"append the tables to FILE (default {DEFAULT_RESULTS})")
     args = ap.parse_args(argv)
-    for flag in ("num_prompts", "max_batch_size", "baseline_batch", "baseline_gen_len"):
+    for flag in ("num_prompts", "max_batch_size", "baseline_batch", "baseline_gen_len", "baseline_layers",
+                 "baseline_timeout_s", "link_probe_mib", "host_pool_gb"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     if args.predict_only and not args.hardware:
         ap.error("--predict-only needs --hardware (the HRM profile to predict with)")
+    if args.hardware:  # before any minute is spent: a typo found after a timed run would cost its prediction
+        from moe_jax.hrm import HardwareError, hardware_profile
+
+        try:
+            hardware_profile(args.hardware)
+        except HardwareError as e:
+            ap.error(f"--hardware: {e}")
+    args.specs = [s.strip() for s in args.policies.split(";") if s.strip()]
+    if not args.specs:
+        ap.error(f"--policies names no policy: {args.policies!r}")
+    for spec in args.specs:
+        if spec != "auto":
+            try:
+                bc.parse_policy(spec, **bc.policy_options(args))
+            except SystemExit as e:
+                ap.error(f"--policies: {e.code}")
     return args
 
 
@@ -149,9 +168,14 @@ def predictions(args, cfg, caps, workloads, specs) -> str:
                 terms = " / ".join(f"{pred['per_layer_s'][k] * 1e3:.1f}" for k in ("h2d", "cpu", "gpu"))
                 label = bc.policy_label(bc.policy_dict(policy))
                 if own != policy:
-                    label += on_loaded_engine(hrm_own(args, cfg, args.hardware, workload, gen_len, own))
+                    label += beside_own(hrm_own(args, cfg, args.hardware, workload, gen_len, own, ON_LOADED_ENGINE))
+                if bc.over_memory(pred):  # a fixed policy: HRM predicts it without memory limits
+                    label += f" ({bc.over_memory(pred)})"
+                bound = pred["bottleneck"]
+                if spec == "auto" and host_limits_batch(args, cfg, args.hardware, cap, workload, gen_len, own):
+                    bound += "; N: host memory for KV"
                 rows.append(head + [label, bc.fmt(pred["tok_s"]),
-                                    bc.fmt(pred["decode_tok_s"]), terms, pred["bottleneck"],
+                                    bc.fmt(pred["decode_tok_s"]), terms, bound,
                                     bc.fmt(pred["tok_s"] * 16e9 / link)])
     return bc.markdown_table(["workload", "gen", "cap GiB", "policy", "HRM tok/s e2e", "HRM tok/s decode",
                               "per layer H2D / CPU / GPU ms", "bound", "e2e x 16 GB/s / profile link"], rows)
@@ -184,16 +208,18 @@ def run_baseline(args, prompts, cap: float) -> dict:
         return json.loads(out.read_text())
 
 
-def policy_for(args, cfg, hardware, cap: float, workload: str, gen_len: int, spec: str, loaded=None):
+def policy_for(args, cfg, hardware, cap: float, workload: str, gen_len: int, spec: str, loaded=None,
+               within_pool: bool = True):
     """The Policy of `spec` for one workload under one cap; for "auto", HRM's for the run's prompts: the
     --num-prompts of the workload, or without it a job of the first N (N at most --max-batch-size or
-    POOL_PROMPTS), and with a `loaded` policy (--keep-engine) the best N and μ on its layout (`layout`)."""
+    POOL_PROMPTS), with a `loaded` policy (--keep-engine) the best N and μ on its layout (`layout`), and within
+    the pinned pool's cap where JAX has fixed it (`within_pool`; False: HRM's own choice)."""
     n = args.num_prompts or args.max_batch_size or POOL_PROMPTS
     job = bc.engine_lengths(workload_prompts(workload, n, cfg.vocab_size, args.seed), gen_len, cfg.max_positions,
                             first_n=not args.num_prompts)
     kept = layout(loaded) if loaded is not None and spec == "auto" else {}
     return bc.resolve_policy(spec, cfg, hardware, job, cap, args.max_batch_size or n, args.dtype,
-                             **bc.policy_options(args), **kept)
+                             within_pool=within_pool, **bc.policy_options(args), **kept)
 
 
 def layout(policy) -> dict:
@@ -202,79 +228,141 @@ def layout(policy) -> dict:
             "resident_expert_fraction": policy.resident_expert_fraction}
 
 
-def hrm_own(args, cfg, hardware, workload: str, gen_len: int, own) -> dict:
-    """HRM's own policy for a workload run on a loaded engine (--keep-engine), with its prediction."""
+ON_LOADED_ENGINE = "on the loaded engine"  # why a run's "auto" policy is not HRM's own (`hrm_own`)
+WITHIN_POOL = "within the pinned pool sized at start for this command's largest run"
+
+
+def hrm_own(args, cfg, hardware, workload: str, gen_len: int, own, why: str) -> dict:
+    """HRM's own policy for a workload whose run took another (`why`: ON_LOADED_ENGINE, WITHIN_POOL), with its
+    prediction."""
     job = bc.engine_lengths(workload_prompts(workload, args.num_prompts or own.batch_size, cfg.vocab_size, args.seed),
                             gen_len, cfg.max_positions)
-    return {"policy": bc.policy_dict(own), "tok_s": bc.hrm_predict(cfg, hardware, own, job, args.dtype)["tok_s"]}
+    return {"policy": bc.policy_dict(own), "tok_s": bc.hrm_predict(cfg, hardware, own, job, args.dtype)["tok_s"],
+            "why": why}
 
 
-def on_loaded_engine(own: dict) -> str:
-    """What a policy label adds for a run on a loaded engine (`hrm_own`)."""
-    return f" on the loaded engine (HRM's own: {bc.policy_label(own['policy'])}, {own['tok_s']:.1f} tok/s)"
+def host_limits_batch(args, cfg, hardware, cap: float, workload: str, gen_len: int, own) -> bool:
+    """Whether host memory (the KV cache's, beside the pinned pool's experts) caps the batch of HRM's own policy
+    `own` for this workload: with twice the profile's host memory HRM would take more sequences."""
+    from moe_jax import hrm
+
+    hw = hrm.hardware_profile(hardware)
+    more = dataclasses.replace(hw, host_memory=2 * hw.host_memory)
+    try:
+        return policy_for(args, cfg, more, cap, workload, gen_len, "auto", within_pool=False).batch_size > own.batch_size
+    except (hrm.InfeasibleError, ValueError):
+        return False
+
+
+def beside_own(own: dict) -> str:
+    """What a policy label adds for a run that did not take HRM's own policy (`hrm_own`)."""
+    return f" {own['why']} (HRM's own: {bc.policy_label(own['policy'])}, {own['tok_s']:.1f} tok/s)"
 
 
 class Runner:
-    """Runs (cap, workload, policy) combinations, reusing the engine while the policy stays the same."""
+    """Runs (cap, workload, policy) combinations, reusing the engine while the policy stays the same. A run that
+    fails gives a row with its error (the traceback on stderr), and the next run goes on. Each run's GPU probe
+    runs before its engine is loaded, or for a run on a kept engine (--keep-engine) before the cap's first load,
+    so that no engine's memory stands beside a probe's in the process's peak, which the rows report."""
 
-    def __init__(self, args, source, hardware, link_bw: float):
+    def __init__(self, args, source, hardware, link_bw: float, runs):
         self.args, self.source, self.hardware, self.link_bw = args, source, hardware, link_bw
+        self.runs = runs  # (cap, workload, gen_len, spec), in the order `run` takes them
         self.llm, self.load_s = None, 0.0
         self.first_at = {}  # --keep-engine: the policy of the first workload run at each cap
+        self.probes = {}  # policy -> GPU seconds of one decode layer (`bc.probe_gpu_layer_seconds`)
+
+    def reusable(self, policy) -> bool:
+        """Whether the loaded engine runs `policy` as it is or rebatched (only N and μ differ)."""
+        from moe_jax.offload_engine import layout_changes
+
+        return self.llm is not None and (self.llm.policy == policy or not layout_changes(self.llm.policy, policy))
 
     def engine_for(self, policy):
         """The engine for `policy`: the loaded one as it is, or rebatched where only N and μ differ, else a new one."""
+        if self.reusable(policy):
+            if self.llm.policy != policy:
+                self.llm.rebatch(policy)
+                bc.log(f"  the loaded engine rebatched to {policy} (no reload)")
+            return self.llm, 0.0
+        self.drop_engine()
+        self.llm, self.load_s = bc.build_llm(self.source, policy, self.args.dtype, self.args.moe_impl)
+        bc.log(f"  load: {self.load_s:.1f} s ({self.source.cfg.num_layers} layers materialised and placed)")
+        return self.llm, self.load_s
+
+    def drop_engine(self) -> None:
+        self.llm = None
+        gc.collect()
+
+    def probe(self, policy) -> float | None:
+        if self.args.no_gpu_probe:
+            return None
+        if policy not in self.probes:
+            self.probes[policy] = bc.probe_gpu_layer_seconds(self.source, policy, self.args.dtype, self.args.moe_impl)
+        return self.probes[policy]
+
+    def probe_kept_runs(self, i: int, first) -> None:
+        """--keep-engine, before the load for run i, the first at its cap: probe the later runs at that cap that
+        will run on its engine ('auto' on its layout, fixed policies that keep it)."""
+        from moe_jax import hrm
         from moe_jax.offload_engine import layout_changes
 
-        if self.llm is not None and self.llm.policy != policy and not layout_changes(self.llm.policy, policy):
-            self.llm.rebatch(policy)
-            bc.log(f"  the loaded engine rebatched to {policy} (no reload)")
-        if self.llm is None or self.llm.policy != policy:
-            self.llm = None
-            gc.collect()
-            self.llm, self.load_s = bc.build_llm(self.source, policy, self.args.dtype, self.args.moe_impl)
-            bc.log(f"  load: {self.load_s:.1f} s ({self.source.cfg.num_layers} layers materialised and placed)")
-            return self.llm, self.load_s
-        return self.llm, 0.0
+        for cap, w, g, spec in self.runs[i + 1:]:
+            if cap != self.runs[i][0]:
+                continue
+            try:
+                policy = policy_for(self.args, self.source.cfg, self.hardware, cap, w, g, spec, first)
+            except (hrm.InfeasibleError, ValueError):  # that run reports it
+                continue
+            if not layout_changes(first, policy):
+                self.probe(policy)
 
-    def run(self, cap: float, workload: str, gen_len: int, spec: str) -> dict:
+    def run(self, i: int) -> dict:
+        """Run i of `runs`: its row."""
         from moe_jax import hrm
-        from moe_jax.offload_engine import OffloadMemoryError
 
         args, cfg = self.args, self.source.cfg
+        cap, workload, gen_len, spec = self.runs[i]
         head = {"workload": workload, "gen_len": gen_len, "gpu_memory_gb": cap, "spec": spec}
         loaded = self.first_at.get(cap) if args.keep_engine else None
         try:
             policy = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec, loaded)
         except (hrm.InfeasibleError, ValueError) as e:
             return {**head, "error": f"{type(e).__name__}: {e}"}
-        own = policy
-        if loaded is not None and spec == "auto":  # HRM's own policy for this workload, reported beside
+        own, why = policy, None
+        if spec == "auto":  # HRM's own policy for this workload, reported beside where the run took another
+            why = ON_LOADED_ENGINE if loaded is not None else WITHIN_POOL
             try:
-                own = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec)
+                own = policy_for(args, cfg, self.hardware, cap, workload, gen_len, spec, within_pool=False)
             except (hrm.InfeasibleError, ValueError) as e:
                 bc.log(f"  HRM's own policy for this workload: {type(e).__name__}: {e}")
         prompts = workload_prompts(workload, args.num_prompts or policy.batch_size, cfg.vocab_size, args.seed)
         bc.log(f"{workload} gen {gen_len}, cap {cap:g} GiB, policy {spec}: {policy}; {len(prompts)} prompts")
-        gpu_s = None if args.no_gpu_probe else bc.probe_gpu_layer_seconds(self.source, policy, args.dtype, args.moe_impl)
         try:
+            load = not self.reusable(policy)
+            if load:
+                self.drop_engine()  # before the probe: the peak is then this run's alone
+            gpu_s = self.probe(policy)
+            if load and args.keep_engine and loaded is None:
+                self.probe_kept_runs(i, policy)
             llm, load_s = self.engine_for(policy)
-        except OffloadMemoryError as e:
-            return {**head, "policy": bc.policy_dict(policy), "error": f"OffloadMemoryError: {e}"}
-        self.first_at.setdefault(cap, policy)  # a loaded engine: the later workloads at this cap keep it
-        row = bc.measure_policy(llm, self.source, prompts, gen_len, dtype=args.dtype, link_bw=self.link_bw,
-                                hardware=self.hardware, gpu_s=gpu_s)
+            self.first_at.setdefault(cap, policy)  # a loaded engine: the later workloads at this cap keep it
+            row = bc.measure_policy(llm, self.source, prompts, gen_len, dtype=args.dtype, link_bw=self.link_bw,
+                                    hardware=self.hardware, gpu_s=gpu_s)
+        except Exception as e:  # reported in its row; the other runs go on
+            bc.log(f"  ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            return {**head, "policy": bc.policy_dict(policy), "error": f"{type(e).__name__}: {e}"}
         row.update(head, load_s=load_s)
         if own != policy:  # what HRM would have loaded for this workload
-            row["hrm_own"] = hrm_own(args, cfg, self.hardware, workload, gen_len, own)
+            row["hrm_own"] = hrm_own(args, cfg, self.hardware, workload, gen_len, own, why)
+        if spec == "auto":
+            row["host_limits_batch"] = host_limits_batch(args, cfg, self.hardware, cap, workload, gen_len, own)
         bc.log(f"  {row['stats_summary']}")
         return row
 
     def run_baseline_workload(self, cap: float, spec: str, prompts, gen_len: int) -> dict:
         """Ours on the baseline's prompts, with `spec`'s policy for that workload (HRM: at most that batch); a
         policy that cannot run gives {"error"}, so that the baseline's figure is still reported."""
-        from moe_jax import hrm
-
         args = self.args
         job = bc.engine_lengths(prompts, gen_len, self.source.cfg.max_positions)
         try:
@@ -283,7 +371,9 @@ class Runner:
             bc.log(f"baseline workload ({len(prompts)} prompts, gen {gen_len}), cap {cap:g} GiB, policy {spec}: {policy}")
             llm, load_s = self.engine_for(policy)
             run = bc.timed_generate(llm, prompts, gen_len)
-        except (SystemExit, hrm.InfeasibleError, ValueError, MemoryError) as e:
+        except (SystemExit, Exception) as e:
+            if not isinstance(e, SystemExit):
+                bc.log(f"  ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             return {"error": f"{type(e).__name__}: {e}"}
         if run.get("interrupted"):  # the comparison needs the whole run
             raise KeyboardInterrupt
@@ -325,7 +415,29 @@ def published_cell(vs: dict | None) -> str:
 
 
 MAIN_HEADERS = ["workload", "gen", "cap GiB", "policy", "prompts", "tok/s e2e", "tok/s decode", "HRM tok/s",
-                "e2e meas/HRM", "overlap", "peak GiB", bc.SETUP_HEADER, "vs published, at its link"]
+                "e2e meas/HRM", "per layer-step ms: H2D est. / CPU / GPU / step (meas/HRM)", "held back by", "overlap",
+                "peak GiB", bc.SETUP_HEADER, "vs published, at its link"]
+
+
+def terms_cell(r: dict) -> str:
+    """The decode's measured terms and step per layer (`bc.per_layer_terms`), each with its ratio to HRM's."""
+    t, ratio = r["per_layer_s"], r.get("measured_over_predicted") or {}
+    cells = [bc.fmt(t[m], ".1f", 1e3) + (f" ({ratio[k]:.2f})" if ratio.get(k) else "")
+             for k, m in (("h2d", "h2d_est"), ("cpu", "cpu"), ("gpu", "gpu_probe"))]
+    step_ratio = ratio.get("step")
+    return " / ".join(cells + [bc.fmt(t["step"], ".1f", 1e3) + (f" ({step_ratio:.2f})" if step_ratio else "")])
+
+
+def held_back_by(r: dict) -> str:
+    """What holds the run back: the decode's largest measured term, the prefill where it ran over 1.1x HRM's,
+    and host memory for the KV cache where it caps HRM's batch (`host_limits_batch`)."""
+    ratio = r.get("measured_over_predicted") or {}
+    parts = [f"decode: {run_bound(r)}"] if run_bound(r) else []
+    if ratio.get("prefill") and ratio["prefill"] > 1.1:
+        parts.append(f"prefill {ratio['prefill']:.1f}x HRM's")
+    if r.get("host_limits_batch"):
+        parts.append("N: host memory for KV")
+    return "; ".join(parts)
 
 
 def main_table(rows: list[dict]) -> str:
@@ -333,7 +445,7 @@ def main_table(rows: list[dict]) -> str:
     for r in rows:
         label = ("HRM: " if r["spec"] == "auto" else "") + (bc.policy_label(r["policy"]) if "policy" in r else r["spec"])
         if r.get("hrm_own"):
-            label += on_loaded_engine(r["hrm_own"])
+            label += beside_own(r["hrm_own"])
         if r.get("interrupted"):
             label += f" (interrupted after {r['decode_steps']} decode steps)"
         head = [r["workload"], str(r["gen_len"]), f"{r['gpu_memory_gb']:g}", label]
@@ -343,7 +455,7 @@ def main_table(rows: list[dict]) -> str:
         ratio = r["measured_over_predicted"]
         out.append(head + [str(r["prompts"]), bc.fmt(r["tok_s"]), bc.fmt(r["decode_tok_s"]),
                            bc.fmt(r["hrm"] and r["hrm"]["tok_s"]), bc.fmt(ratio and ratio["tok_s"], ".2f"),
-                           bc.fmt(r["overlap_efficiency"], ".2f"), bc.fmt(r["peak_gpu_gib"], ".2f"),
+                           terms_cell(r), held_back_by(r), bc.fmt(r["overlap_efficiency"], ".2f"), bc.peak_cell(r),
                            bc.setup_cell(r), published_cell(r.get("vs_published"))])
     return bc.markdown_table(MAIN_HEADERS, out)
 
@@ -421,6 +533,9 @@ def report(rows, base, ours_base, agreement, layers: int, full: bool, link_bw: f
                      f"bound by the CPU or GPU (their slower link would slow it less). Published: {sources}")
     if base is not None:
         parts.append("PyTorch baseline, same random weights, same prompts:\n\n" + baseline_table(base, ours_base, layers, full))
+        if full and ours_base and ours_base.get("tok_s") and base.get("tok_s_full_model"):
+            parts.append(f"moe-jax / transformers on that workload, full model: "
+                         f"**{ours_base['tok_s'] / base['tok_s_full_model']:.1f}x**")
         if agreement is not None:
             parts.append(f"first generated token identical for {agreement:.0%} of prompts (same model in both)")
     if interrupted:
@@ -432,42 +547,55 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     workloads = parse_workloads(args.workloads)
     caps = parse_caps(args.gpu_memory_gb)
-    specs = [s.strip() for s in args.policies.split(";") if s.strip()]
+    specs = args.specs
     source = bc.open_source(args.model, args.layers, args.seed)
     cfg = source.cfg
+    full_layers = bc.open_source(args.model, seed=args.seed).cfg.num_layers
+    if args.baseline and not args.predict_only and args.baseline_layers > full_layers:
+        raise SystemExit(f"--baseline-layers must be at most {args.model}'s {full_layers} layers, got {args.baseline_layers}")
     if args.predict_only:
         print(f"\n## HRM predictions: {source.name}, profile {args.hardware}\n\n`{bc.run_command()}`\n\n"
               + predictions(args, cfg, caps, workloads, specs))
         return 0
-    full = cfg.num_layers == bc.open_source(args.model, seed=args.seed).cfg.num_layers
+    full = cfg.num_layers == full_layers
     base_prompts = workload_prompts(args.baseline_workload, args.baseline_batch, cfg.vocab_size, args.seed + 1)
     runs = [(cap, w, g, spec) for cap in caps for w, g in workloads for spec in specs]
     # with --keep-engine an 'auto' run after a cap's first streams what the first does: its own policy never runs
-    runs = [r for i, r in enumerate(runs) if not (args.keep_engine and r[3] == "auto" and r[0] in [q[0] for q in runs[:i]])]
+    pool_runs = [r for i, r in enumerate(runs)
+                 if not (args.keep_engine and r[3] == "auto" and r[0] in [q[0] for q in runs[:i]])]
     pool_for = [bc.policy_before_jax(spec, args.hardware, lambda: policy_for(args, cfg, args.hardware, cap, w, g, spec))
-                for cap, w, g, spec in runs]
+                for cap, w, g, spec in pool_runs]
     if args.baseline:
         pool_for.append(bc.policy_before_jax(specs[0], args.hardware, lambda: bc.resolve_policy(
             specs[0], cfg, args.hardware, bc.engine_lengths(base_prompts, args.baseline_gen_len, cfg.max_positions),
             caps[0], len(base_prompts), args.dtype, **bc.policy_options(args))))
     bc.set_memory_env(cfg, args.dtype, pool_for, args.host_pool_gb, args.expert_codec)
-    base = run_baseline(args, base_prompts, caps[0]) if args.baseline else None  # before JAX takes the GPU
+    try:
+        base = run_baseline(args, base_prompts, caps[0]) if args.baseline else None  # before JAX takes the GPU
+    except KeyboardInterrupt:
+        bc.log("interrupted during the PyTorch baseline: nothing measured")
+        return 130
     hardware = bc.detect_hardware_profile(args.hardware)
     device = bc.device_kind()
     link_bw = bc.probe_link_bandwidth(args.link_probe_mib)
     bc.log(f"{source.name} on {device}: link {link_bw / 1e9:.1f} GB/s, HRM profile {hardware or 'none'}")
-    runner, rows, ours_base, interrupted, setup_error = Runner(args, source, hardware, link_bw), [], None, False, None
+    from moe_jax import pinned_pool
+
+    if "auto" in specs and args.hardware is None and pinned_pool.fixed_cap_bytes() is not None:
+        bc.log("WARNING: 'auto' without --hardware: the pinned pool was sized for every expert before the GPU was "
+               "detected, and HRM chooses within it (the rows give HRM's own policy beside); pass --hardware to "
+               "size the pool for HRM's policy")
+    runner = Runner(args, source, hardware, link_bw, runs)
+    rows, ours_base, interrupted, setup_error = [], None, False, None
     try:
         if base is not None and "error" not in base:
             ours_base = runner.run_baseline_workload(caps[0], specs[0], base_prompts, args.baseline_gen_len)
             got = ours_base["error"] if "error" in ours_base else f"{ours_base['tok_s']:.2f} tok/s"
             bc.log(f"  ours on the baseline workload: {got}")
-        for cap in caps:
-            for workload, gen_len in workloads:
-                for spec in specs:
-                    rows.append(runner.run(cap, workload, gen_len, spec))
-                    if rows[-1].get("interrupted"):  # its decode steps so far are in the row; stop here
-                        raise KeyboardInterrupt
+        for i in range(len(runs)):
+            rows.append(runner.run(i))
+            if rows[-1].get("interrupted"):  # its decode steps so far are in the row; stop here
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         interrupted = True
         bc.log("interrupted: reporting what was measured")
@@ -482,8 +610,6 @@ def main(argv=None) -> int:
     body = report(rows, base, ours_base, agreement, cfg.num_layers, full, link_bw, hardware, interrupted)
     if setup_error:
         body += f"\n\nERROR: {setup_error}"
-    if args.plot:
-        plot(args.plot, rows, base, ours_base, full)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": bc.run_command(), "device": device, "model": source.name, "layers": cfg.num_layers,
@@ -494,6 +620,12 @@ def main(argv=None) -> int:
         bc.append_results(args.append_results, title, device, body)
     print(f"\n## {title} ({device})\n\n{body}")
     failed = setup_error or any("error" in r for r in (*rows, base or {}, ours_base or {}))
+    if args.plot:  # last: the figures are written whatever befalls the chart
+        try:
+            plot(args.plot, rows, base, ours_base, full)
+        except Exception as e:
+            bc.log(f"ERROR: the chart ({args.plot}): {type(e).__name__}: {e}")
+            failed = True
     return 130 if interrupted else int(bool(failed))
 
 

@@ -79,6 +79,7 @@ def test_bench_throughput_with_baseline(tmp_path):
     assert "error" not in base, base
     assert {"mode", "tok_s_measured", "tok_s_full_model", "scale_to_full", "experts_implementation"} <= base.keys()
     assert d["ours_on_baseline_workload"]["tokens"] == base["tokens"] == 4 * 3
+    assert "moe-jax / transformers on that workload, full model: **" in p.stdout
     assert png.stat().st_size > 0
 
 
@@ -120,9 +121,79 @@ def test_bench_throughput_predicts_without_running(capsys):
     out = capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| mtbench")]
     assert [r[3].strip().startswith("N=") for r in rows] == [True, True] and rows[1][3].strip().startswith("N=64 ")
-    assert all(float(r[4]) > 0 and r[7].strip() in ("h2d", "cpu", "gpu") for r in rows)
+    assert all(float(r[4]) > 0 and r[7].split(";")[0].strip() in ("h2d", "cpu", "gpu") for r in rows)
     with pytest.raises(SystemExit):
         bt.parse_args(["--predict-only"])  # no profile to predict with
+
+
+def test_bench_throughput_predictions_mark_fixed_policies_that_do_not_fit(capsys):
+    """HRM predicts a fixed policy without memory limits: --predict-only says where it would not fit, and where
+    host memory (the KV cache) caps HRM's own batch."""
+    import bench_throughput as bt
+
+    assert bt.main(["--predict-only", "--hardware", "h200", "--workloads", "mtbench:64", "--policies",
+                    "auto;2048,1024,2,0", "--gpu-memory-gb", "16"]) == 0
+    auto, fixed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mtbench")]
+    assert "does not fit" not in auto and "N: host memory for KV" in auto
+    assert "(does not fit: host 125.1 GiB of 112.5 usable)" in fixed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--hardware", "h100_80gb"], "--hardware"), (["--policies", ";"], "names no policy"),
+    (["--policies", "auto;4,2"], "'N,mu,n_ub,rw'"), (["--link-probe-mib", "0"], "--link-probe-mib"),
+    (["--baseline-layers", "0"], "--baseline-layers")])
+def test_bench_throughput_refuses_bad_flags_before_running(flags, message, capsys):
+    import bench_throughput as bt
+
+    with pytest.raises(SystemExit) as e:
+        bt.parse_args(flags)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def in_process(monkeypatch, argv: list[str]) -> int:
+    """bench_throughput's main in this process (JAX on the CPU), its environment settings undone after."""
+    import bench_throughput as bt
+
+    for var in ("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.setenv(var, "")  # restored (or removed) after the test
+        monkeypatch.delenv(var)
+    return bt.main(argv)
+
+
+def test_bench_throughput_keeps_what_it_measured_when_a_later_run_fails(tmp_path, monkeypatch):
+    """A run that fails after others were measured (here, its measurement raises) gives a row with its error;
+    the other runs' figures are still printed and saved, and the exit code says one failed."""
+    out, results = tmp_path / "throughput.json", tmp_path / "RESULTS.md"
+    measure, calls = bench_common.measure_policy, []
+
+    def failing_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("an XLA error, say")
+        return measure(*a, **k)
+
+    monkeypatch.setattr(bench_common, "measure_policy", failing_second)
+    rc = in_process(monkeypatch, [*TINY, "--workloads", "mtbench:3,mtbench:4,reasoning:2", "--policies", "4,2,2,0",
+                                  "--no-baseline", "--no-gpu-probe", "--json", str(out), "--append-results", str(results)])
+    runs = json.loads(out.read_text())["runs"]
+    assert rc == 1 and len(calls) == 3
+    assert runs[0]["tokens"] == 4 * 3 and runs[2]["tokens"] == 4 * 2
+    assert runs[1]["error"] == "RuntimeError: an XLA error, say" and "an XLA error, say" in results.read_text()
+
+
+def test_bench_throughput_probes_a_kept_engines_runs_before_loading_it(tmp_path, monkeypatch):
+    """--keep-engine: the GPU probes of the later runs at a cap run before the cap's first load, so that no probe
+    stands beside a loaded engine in the process's peak GPU memory (the rows' "peak GiB")."""
+    events, build = [], bench_common.build_llm
+    monkeypatch.setattr(bench_common, "probe_gpu_layer_seconds",
+                        lambda source, policy, *a: events.append(("probe", policy.micro_batch_size)) or 1e-3)
+    monkeypatch.setattr(bench_common, "build_llm", lambda source, policy, *a, **k: events.append(("load",)) or
+                        build(source, policy, *a, **k))
+    assert in_process(monkeypatch, [*TINY, "--workloads", "mtbench:3", "--policies", "4,2,2,0;auto;4,4,1,0",
+                                    "--num-prompts", "6", "--keep-engine", "--no-baseline"]) == 0
+    # 4,2,2,0, then auto on its engine (N=6 μ=3), probed before the load; 4,4,1,0 changes the layout: a new
+    # engine, probed after the old one is dropped, before the new one is loaded
+    assert events == [("probe", 2), ("probe", 3), ("load",), ("probe", 4), ("load",)]
 
 
 def test_an_interrupted_timed_run_reports_its_decode_steps():
