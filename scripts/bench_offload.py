@@ -27,6 +27,7 @@ import argparse
 import gc
 import json
 import sys
+import traceback
 
 import bench_common as bc
 
@@ -97,9 +98,9 @@ def resolve(spec: str, cfg, args, hardware):
 
 
 def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:
-    """Build the engine for one policy, run it, free it; returns the result row (with 'error' on failure)."""
+    """Build the engine for one policy, run it, free it; returns the result row (with 'error' on failure, the
+    traceback on stderr, and the next policy goes on)."""
     from moe_jax import hrm
-    from moe_jax.offload_engine import OffloadMemoryError
 
     cfg = source.cfg
     try:
@@ -109,15 +110,16 @@ def run_policy(spec: str, source, args, hardware, link_bw: float) -> dict:
     n = args.num_prompts or policy.batch_size
     prompts = bc.synthetic_prompts(n, args.prompt_len, args.prompt_len, cfg.vocab_size, args.seed)
     bc.log(f"policy {spec}: {policy}; {n} prompts of {args.prompt_len} tokens, {args.gen_len} generated each")
-    gpu_s = None if args.no_gpu_probe else bc.probe_gpu_layer_seconds(source, policy, args.dtype, args.moe_impl)
+    llm = None
     try:
+        gpu_s = None if args.no_gpu_probe else bc.probe_gpu_layer_seconds(source, policy, args.dtype, args.moe_impl)
         llm, load_s = bc.build_llm(source, policy, args.dtype, args.moe_impl, args.prefetch)
-    except OffloadMemoryError as e:
-        return {"spec": spec, "policy": bc.policy_dict(policy), "error": f"OffloadMemoryError: {e}"}
-    bc.log(f"  load: {load_s:.1f} s ({cfg.num_layers} layers materialised and placed)")
-    try:
+        bc.log(f"  load: {load_s:.1f} s ({cfg.num_layers} layers materialised and placed)")
         row = bc.measure_policy(llm, source, prompts, args.gen_len, dtype=args.dtype, link_bw=link_bw,
                                 hardware=hardware, gpu_s=gpu_s)
+    except Exception as e:
+        bc.log(f"  ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        return {"spec": spec, "policy": bc.policy_dict(policy), "error": f"{type(e).__name__}: {e}"}
     finally:
         del llm
         gc.collect()
@@ -155,7 +157,7 @@ at start (the engine does not time its copies). CPU: attention in the worker thr
 brackets the attention kernel's calls alone / the k/v writes into the host cache / the outputs' hand-off to pinned memory / the fetch of the GPU's q/k/v as NumPy arrays (the rest: the rows' lengths, Python; the wait for q/k/v to be ready is not CPU time). GPU: the layer's GPU step for all micro-batches, timed alone.
 step: decode wall time per layer.
 overlap: step / max(H2D, CPU, GPU), 1.0 = perfect overlap. peak: JAX's peak_bytes_in_use, which
-cannot be reset: from the second policy of a run on, the peak over the policies so far. host: the KV
+cannot be reset: "≤ X" where the run did not raise the mark set before it (an earlier policy's, or a probe's). host: the KV
 cache, the pinned-host pool's cap (XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB; HRM counts the pool at its cap),
 MemAvailable at the end of the run and the rest of the host's memory (the process, JAX, the OS: what
 HRM's HOST_USABLE leaves for it). HRM: prediction for the same policy (engine placement: CPU
