@@ -143,22 +143,34 @@ def host_attention_bandwidth(batch: int, context: int, q_heads: int, kv_heads: i
 
 def _bytes_rate(cache, seconds: float, head_rows: int, row_seconds: float) -> float:
     """The cache's bytes over the seconds that its `head_rows` query rows x heads did not take apart."""
-    return cache.nbytes / (seconds - head_rows * row_seconds)
+    rest = seconds - head_rows * row_seconds
+    if not rest > 0:
+        raise ValueError(f"the query rows' time ({head_rows * row_seconds:.3g} s at {row_seconds:.3g} s a row and "
+                         f"head) fills the whole call ({seconds:.3g} s): timing noise, nothing left for the bytes")
+    return cache.nbytes / rest
+
+
+ROW_SHARE = 0.5  # at most this share of the long-context call's time is credited to its query rows
 
 
 def host_attention_rates(batch: int, context: int, q_heads: int, kv_heads: int, head_dim: int,
-                         short_context: int) -> tuple[float, float | None]:
-    """(KV bytes/s, seconds per query row and query head) of `HostKVCache.attend` over a bfloat16 cache, from its
-    time over `batch` sequences of `context` tokens and over as many bytes in sequences of `short_context` tokens
-    (more rows): t = rows · q_heads · per row + bytes / bandwidth. The time per row is None where the short
-    context ran no slower (noise on a busy machine: nothing to price), and the bandwidth then the bytes' over
-    the whole time."""
+                         short_context: int) -> tuple[float, float | None, str | None]:
+    """(KV bytes/s, seconds per query row and query head, why the latter is None) of `HostKVCache.attend` over a
+    bfloat16 cache, from its time over `batch` sequences of `context` tokens and over as many bytes in sequences
+    of `short_context` tokens (more rows): t = rows · q_heads · per row + bytes / bandwidth. The time per row is
+    None (nothing to price; the bandwidth then the bytes' over the whole time) where the short context ran no
+    slower, or so much slower that the long context's rows would take more than ROW_SHARE of its time, where its
+    bytes dominate: noise on a busy machine either way."""
     rows = batch * context // short_context
     cache, long_s = _timed_host_attention(batch, context, q_heads, kv_heads, head_dim, "bfloat16")
     _, short_s = _timed_host_attention(rows, short_context, q_heads, kv_heads, head_dim, "bfloat16")
-    per_row = (short_s - long_s) / ((rows - batch) * q_heads)
-    per_row = per_row if per_row > 0 else None
-    return _bytes_rate(cache, long_s, batch * q_heads, per_row or 0.0), per_row
+    per_row, why = (short_s - long_s) / ((rows - batch) * q_heads), None
+    if not per_row > 0:
+        per_row, why = None, "none: the short context ran no slower than the long one"
+    elif per_row * batch * q_heads > ROW_SHARE * long_s:
+        per_row, why = None, (f"none: the short context ran {short_s / long_s:.2f}x the long one's time, which would "
+                              f"give the long one's rows over {ROW_SHARE:.0%} of it (timing noise)")
+    return _bytes_rate(cache, long_s, batch * q_heads, per_row or 0.0), per_row, why
 
 
 def host_attention_flops(batch: int, context: int, q_heads: int, head_dim: int, value_dim: int) -> float:
@@ -209,10 +221,10 @@ def calibrate(sizes: Sizes = FULL, name: str | None = None, moe_impl: str = "aut
     cpu_flops = _optional("cpu_flops", lambda: host_attention_flops(*sizes.latent_attention), notes)
     if cpu_flops is None:
         notes["cpu_flops"] += "; NumPy's f32 matmul rate (host_matmul_flops) instead"
-    bandwidth, row_seconds = _optional("attention_bandwidth", lambda: host_attention_rates(
-        *sizes.attention, sizes.short_context), notes) or (None, None)
-    if bandwidth is not None and row_seconds is None:
-        notes["attention_row_seconds"] = "none: the short context ran no slower than the long one"
+    bandwidth, row_seconds, why = _optional("attention_bandwidth", lambda: host_attention_rates(
+        *sizes.attention, sizes.short_context), notes) or (None, None, None)
+    if why:
+        notes["attention_row_seconds"] = why
     hw = Hardware(
         name=name or f"calibrated-{dev.platform}-{dev.device_kind}".replace(" ", "-"),
         gpu_memory=float(gpu_memory),
