@@ -31,7 +31,9 @@
 #      reading bf16 q and writing bf16 out itself), the new "fetch of q/k/v", "N page faults" a layer-step, the
 #      prefill (seconds and calls: 40.29 s then, about half the calls now), "peak GiB" against the 16 GiB cap (the
 #      plan's margin over the last measured peak shrank to ~1.2 GiB), env.log's "host_views" line (where the probe
-#      fails every step copies, MOE_JAX_HOST_VIEWS=0, and the summary line says "copies").
+#      fails every step copies, MOE_JAX_HOST_VIEWS=0, and the summary line says "copies"), the warm-up's compile
+#      seconds (the log's "run:" line; 35-40 s of the 4-layer runs' warm-ups were compiles) and any WARNING that a
+#      timed run compiled, the new "held back by" column, and g128's peak GiB (its probe now runs before g64's load).
 #   2. the same session, ~4 min left: `GPU_SUITE_BUDGET_S=220 bash scripts/gpu_suite.sh bench_kv_pages` unless step 1
 #      ran it (timeout_s 240): the kernel alone at g64's 880 x 109 from DRAM (against the engine's kernel ms per
 #      call: its CPU column's kernel / 3 micro-batches), and beside the link's DMA, one layer re-read against 2 GiB
