@@ -353,10 +353,14 @@ class Runner:
             bc.log(f"  ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             return {**head, "policy": bc.policy_dict(policy), "error": f"{type(e).__name__}: {e}"}
         row.update(head, load_s=load_s)
-        if own != policy:  # what HRM would have loaded for this workload
-            row["hrm_own"] = hrm_own(args, cfg, self.hardware, workload, gen_len, own, why)
-        if spec == "auto":
-            row["host_limits_batch"] = host_limits_batch(args, cfg, self.hardware, cap, workload, gen_len, own)
+        try:  # the measured figures stand without these
+            if own != policy:  # what HRM would have loaded for this workload
+                row["hrm_own"] = hrm_own(args, cfg, self.hardware, workload, gen_len, own, why)
+            if spec == "auto":
+                row["host_limits_batch"] = host_limits_batch(args, cfg, self.hardware, cap, workload, gen_len, own)
+        except Exception as e:
+            row["hrm_error"] = f"{type(e).__name__}: {e}"
+            bc.log(f"  ERROR: HRM's own policy for this workload: {row['hrm_error']}")
         bc.log(f"  {row['stats_summary']}")
         return row
 
