@@ -501,23 +501,6 @@ def test_the_run_compiles_no_host_kernel_the_warm_up_did_not(dtype, kv_cache_dty
     assert [set(k.signatures) - w for k, w in zip(kernels, warmed)] == [set()] * 3
 
 
-def test_stats_count_the_xla_compiles_of_each_generate():
-    """`OffloadStats.compiles` counts the XLA compiles inside a generate call (new shapes of its steps): the first
-    call's, none when the same job runs again, and a new prefill shape's when a longer prompt comes."""
-    source = open_model("tiny-mixtral")
-    eng = OffloadEngine(source.cfg, source.weights, np.float32,
-                        Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2))
-    jax.clear_caches()
-    job = lambda prompts: list(eng.generate([Request(i, p, GREEDY) for i, p in enumerate(prompts)]))
-    job(PROMPTS)
-    first = eng.stats.compiles
-    assert first.compiles > 0 and first.seconds > 0 and "XLA compiles" in eng.stats.summary()
-    job(PROMPTS)
-    assert eng.stats.compiles.compiles == 0
-    job([*PROMPTS[:-1], tuple(range(3, 40))])  # a prompt of a longer bucket: its prefill call's shape is new
-    assert 0 < eng.stats.compiles.compiles < first.compiles
-
-
 def test_the_host_kv_cache_is_kept_for_the_jobs_that_fit_it():
     """`prepare` allocates the host KV cache for its prompts and the engine keeps it: a `generate` whose job fits
     takes its storage (nothing allocated or faulted in), a larger job gives it back for a new one; the tokens
@@ -853,3 +836,21 @@ def test_host_kernels_are_warmed_once_per_process():
     offload_tokens(open_model("tiny-olmoe"), Policy(2, 1, 2), prompts=PROMPTS[:2])
     offload_tokens(open_model("tiny-olmoe"), Policy(2, 1, 2), prompts=PROMPTS[:2])
     assert offload_engine._warm_host_kernels.cache_info().hits > before
+
+
+def test_stats_count_the_xla_compiles_of_each_generate():
+    """`OffloadStats.compiles` counts the XLA compiles inside a generate call (new shapes of its steps): the first
+    call's, none when the same job runs again, and a new prefill shape's when a longer prompt comes. Last in the
+    module: it clears JAX's caches, which the tests after it would compile again."""
+    source = open_model("tiny-mixtral")
+    eng = OffloadEngine(source.cfg, source.weights, np.float32,
+                        Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2))
+    jax.clear_caches()
+    job = lambda prompts: list(eng.generate([Request(i, p, GREEDY) for i, p in enumerate(prompts)]))
+    job(PROMPTS)
+    first = eng.stats.compiles
+    assert first.compiles > 0 and first.seconds > 0 and "XLA compiles" in eng.stats.summary()
+    job(PROMPTS)
+    assert eng.stats.compiles.compiles == 0
+    job([*PROMPTS[:-1], tuple(range(3, 40))])  # a prompt of a longer bucket: its prefill call's shape is new
+    assert 0 < eng.stats.compiles.compiles < first.compiles
