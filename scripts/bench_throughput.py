@@ -375,9 +375,10 @@ class Runner:
             bc.log(f"baseline workload ({len(prompts)} prompts, gen {gen_len}), cap {cap:g} GiB, policy {spec}: {policy}")
             llm, load_s = self.engine_for(policy)
             run = bc.timed_generate(llm, prompts, gen_len)
-        except (SystemExit, Exception) as e:
-            if not isinstance(e, SystemExit):
-                bc.log(f"  ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        except SystemExit as e:  # a setup error, e.g. 'auto' with no HRM profile
+            return {"error": f"SystemExit: {e}"}
+        except Exception as e:
+            bc.log(f"  ERROR: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             return {"error": f"{type(e).__name__}: {e}"}
         if run.get("interrupted"):  # the comparison needs the whole run
             raise KeyboardInterrupt
@@ -435,8 +436,8 @@ def terms_cell(r: dict) -> str:
 def held_back_by(r: dict) -> str:
     """What holds the run back: the decode's largest measured term, the prefill where it ran over 1.1x HRM's,
     and host memory for the KV cache where it caps HRM's batch (`host_limits_batch`)."""
-    ratio = r.get("measured_over_predicted") or {}
-    parts = [f"decode: {run_bound(r)}"] if run_bound(r) else []
+    ratio, bound = r.get("measured_over_predicted") or {}, run_bound(r)
+    parts = [f"decode: {bound}"] if bound else []
     if ratio.get("prefill") and ratio["prefill"] > 1.1:
         parts.append(f"prefill {ratio['prefill']:.1f}x HRM's")
     if r.get("host_limits_batch"):
