@@ -126,6 +126,11 @@ class Checkpoint:
             raise CheckpointError(f"model directory {self.path} does not exist")
         self.cfg = _with_generation_eos(ModelConfig.from_file(self.path / "config.json"),
                                         self.path / "generation_config.json")
+        past = [t for t in self.cfg.eos_token_ids if t >= self.cfg.vocab_size]
+        if past:
+            log.warning("%s: EOS token id(s) %s (config.json / generation_config.json 'eos_token_id') are not below "
+                        "vocab_size %d: the model never generates them, so generation stops only at its token "
+                        "budget, a stop string or a stop token", self.path, past, self.cfg.vocab_size)
         self._shard_of = self._index()
         self._open: dict[str, object] = {}
         self.unused = self._unused_tensors()

@@ -96,6 +96,21 @@ def test_generation_config_eos_ids_join_the_config_ones(tmp_path, hf_checkpoints
             Checkpoint(d)
 
 
+def test_an_eos_id_past_the_vocabulary_is_warned_about(tmp_path, hf_checkpoints, caplog):
+    """transformers accepts an EOS id the model cannot generate; so does the loader, but it says so."""
+    d = tmp_path / "m"
+    shutil.copytree(hf_checkpoints["olmoe"][0], d)
+    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        Checkpoint(d)
+    assert "EOS token id" not in caplog.text
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [vocab - 1, vocab + 3]}))
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        assert vocab + 3 in Checkpoint(d).cfg.eos_token_ids
+    assert f"EOS token id(s) [{vocab + 3}] (config.json / generation_config.json 'eos_token_id') are not below " \
+           f"vocab_size {vocab}" in caplog.text
+
+
 def test_tensors_no_parameter_reads_are_named_in_a_warning(tmp_path, hf_checkpoints, caplog):
     """A checkpoint of a larger model than config.json describes (here: config.json cut to one layer and
     fewer experts) loads what config.json asks for, as transformers does, and says what it left unread."""
