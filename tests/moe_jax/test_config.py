@@ -11,7 +11,7 @@ import pytest
 from moe_jax.config import ConfigError, ModelConfig
 from moe_jax.model_source import ModelNotFound, open_model
 from moe_jax.presets import preset_hf_config
-from tests.conftest import HF_CONFIGS
+from tests.conftest import HF_CONFIGS, reference
 
 
 def cfg(family, **changes):
@@ -191,6 +191,7 @@ def test_config_file_errors(tmp_path):
 
 
 def test_defaults_of_missing_fields_are_transformers_defaults():
+    reference("transformers")
     from transformers import AutoConfig
 
     base = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=100, max_position_embeddings=512)

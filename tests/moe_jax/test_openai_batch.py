@@ -15,6 +15,7 @@ from moe_jax.presets import preset_hf_config
 from moe_jax.requests import Completion
 from moe_jax.stop_strings import cut_at_stop
 from moe_jax.tokenizer import BYTE_BOS, Tokenizer
+from tests.conftest import reference
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}" \
            "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -36,6 +37,7 @@ def chat(cid, **body) -> str:
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """tiny-mixtral's shape built with transformers, with the byte-level tokenizer and a chat template."""
+    reference("torch", "transformers")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_common  # noqa: E402
+from tests.conftest import reference  # noqa: E402
 
 TINY = ["--model", "tiny-mixtral", "--gpu-memory-gb", "1", "--hardware", "h100-80gb", "--link-probe-mib", "16"]
 
@@ -67,6 +68,7 @@ def test_bench_offload(tmp_path):
 
 
 def test_bench_throughput_with_baseline(tmp_path):
+    reference("torch", "transformers", "accelerate")  # the baseline (scripts/hf_baseline.py)
     out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
     p = run_script("bench_throughput.py", *TINY, "--workloads", "mtbench:4", "--policies", "auto",
                    "--num-prompts", "6", "--baseline-batch", "4", "--baseline-gen-len", "3", "--json", str(out),
@@ -101,6 +103,7 @@ def test_bench_throughput_keeps_the_loaded_engine(tmp_path):
 def test_bench_throughput_reports_the_baseline_when_our_setup_fails(tmp_path):
     """'auto' with no HRM profile (no --hardware, no GPU) fails after the PyTorch baseline ran: its figure is
     still printed and saved, with our error beside it, and the exit code says it failed."""
+    reference("torch", "transformers", "accelerate")  # the baseline (scripts/hf_baseline.py)
     out = tmp_path / "throughput.json"
     p = subprocess.run([sys.executable, "scripts/bench_throughput.py", "--model", "tiny-mixtral", "--gpu-memory-gb", "1",
                         "--link-probe-mib", "16", "--workloads", "mtbench:4", "--policies", "auto", "--baseline-batch",
@@ -281,9 +284,9 @@ def test_hrm_predict_agrees_with_the_search(preset, hardware, cap, P, G):
 @pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-dbrx"])
 def test_baseline_checkpoint_is_our_model(preset, tmp_path):
     """transformers, loading the exported checkpoint, computes our logits."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    reference("torch", "transformers")
     import hf_baseline
+    import torch
 
     import moe_jax
 
@@ -302,10 +305,9 @@ def test_baseline_offload_layout_generates_the_plain_models_tokens(preset, tmp_p
     rehearsed on the CPU: the GPU's modules on the CPU and the layers on "disk", so that accelerate's hooks
     bring each layer's weights in for its forward as its CPU offload does on a GPU machine. Greedy tokens are
     the plain model's."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    reference("torch", "transformers", "accelerate")
     import hf_baseline
+    import torch
 
     ckpt = tmp_path / "ckpt"
     hf_baseline.export_checkpoint(preset, 2, "float32", 0, ckpt)
