@@ -68,7 +68,7 @@ def test_bench_offload(tmp_path):
 
 
 def test_bench_throughput_with_baseline(tmp_path):
-    reference("torch", "transformers", "accelerate")  # the baseline (scripts/hf_baseline.py)
+    reference("torch", "transformers")  # the baseline (scripts/hf_baseline.py; accelerate only with a GPU)
     out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
     p = run_script("bench_throughput.py", *TINY, "--workloads", "mtbench:4", "--policies", "auto",
                    "--num-prompts", "6", "--baseline-batch", "4", "--baseline-gen-len", "3", "--json", str(out),
@@ -103,7 +103,7 @@ def test_bench_throughput_keeps_the_loaded_engine(tmp_path):
 def test_bench_throughput_reports_the_baseline_when_our_setup_fails(tmp_path):
     """'auto' with no HRM profile (no --hardware, no GPU) fails after the PyTorch baseline ran: its figure is
     still printed and saved, with our error beside it, and the exit code says it failed."""
-    reference("torch", "transformers", "accelerate")  # the baseline (scripts/hf_baseline.py)
+    reference("torch", "transformers")  # the baseline (scripts/hf_baseline.py; accelerate only with a GPU)
     out = tmp_path / "throughput.json"
     p = subprocess.run([sys.executable, "scripts/bench_throughput.py", "--model", "tiny-mixtral", "--gpu-memory-gb", "1",
                         "--link-probe-mib", "16", "--workloads", "mtbench:4", "--policies", "auto", "--baseline-batch",
