@@ -94,14 +94,15 @@ def experts_touched(cfg: ModelConfig, tokens):
 
 
 def layer_ops(cfg: ModelConfig, dtype, tokens, attn_pairs, kv_tokens, kv_cache_dtype: str = "auto",
-              moe: bool = True) -> dict[str, Op]:
+              moe: bool = True, score_bytes=0) -> dict[str, Op]:
     """The ops of one MoE (`moe`) or dense layer over `tokens` query tokens whose attention scores
     `attn_pairs` (query, key) pairs and reads `kv_tokens` cached keys and values (stored as `kv_cache_dtype`
-    says). Experts read only the experts they touch."""
+    says), plus `score_bytes` of memory traffic for scores an attention writes out (0: kept on chip, as the
+    CPU kernel's online softmax). Experts read only the experts they touch."""
     it, weights = itemsize(dtype), weight_bytes(cfg, dtype, moe)
     qo = cfg.num_heads * (cfg.head_dim + cfg.value_dim)  # a query's and its output's dims (scores, weighted sum)
     ops = {"attention": Op("attention", 2 * attn_pairs * qo,
-                           tokens * qo * it + kv_tokens * kv_bytes_per_token(cfg, dtype, kv_cache_dtype),
+                           tokens * qo * it + kv_tokens * kv_bytes_per_token(cfg, dtype, kv_cache_dtype) + score_bytes,
                            head_rows=tokens * cfg.num_heads)}
     for op, specs in _specs_by_op(cfg, moe).items():
         rows, w, per_group = tokens, weights[op], None
@@ -122,10 +123,13 @@ def decode_ops(cfg: ModelConfig, dtype, batch, context, kv_cache_dtype: str = "a
 
 
 def prefill_ops(cfg: ModelConfig, dtype, batch, prompt_len, moe: bool = True) -> dict[str, Op]:
-    """Prefill of `batch` prompts of `prompt_len` tokens through one MoE (`moe`) or dense layer (causal:
-    P·(P+1)/2 pairs per prompt)."""
-    return layer_ops(cfg, dtype, batch * prompt_len, batch * prompt_len * (prompt_len + 1) / 2,
-                     batch * prompt_len, moe=moe)
+    """Prefill of `batch` prompts of `prompt_len` tokens through one MoE (`moe`) or dense layer, attention as
+    `model.attention` runs it on the GPU: every (query, key) pair of a prompt scored, P² (the causal mask only
+    hides the later keys), the scores written out in float32 and read by the softmax, its probabilities written
+    in the model's dtype and read by the weighted sum, per query head."""
+    pairs = batch * prompt_len * prompt_len
+    return layer_ops(cfg, dtype, batch * prompt_len, pairs, batch * prompt_len, moe=moe,
+                     score_bytes=pairs * cfg.num_heads * 2 * (4 + itemsize(dtype)))
 
 
 def lm_head_op(cfg: ModelConfig, dtype, rows) -> Op:

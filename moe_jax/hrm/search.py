@@ -49,18 +49,18 @@ launch time hardly sees), then the smallest N. `predict` prices one given policy
 Against the original (Mixtral 8x7B on l4, prompt 77, gen 32). The original's LP
 (fastmoe/backend/optimizer.py in the MoE-Lightning artifact) chose μ=324, n_ub=14 (N=4536), r_w=0.056;
 its per-layer terms were T_h2d=0.155 s, T_gpu=0.13 s, T_cpu=0.02 s, and it reports
-N·G / ((G−1)·L·T) = 944.7 tok/s. This model picks μ=1684, n_ub=4 (N=6736), r_w=0.090 (23 experts),
-with T_h2d=0.164 s, T_gpu=0.079 s, T_cpu=0.035 s: 1155 tok/s decode (1.22×), 573 tok/s end to end
+N·G / ((G−1)·L·T) = 944.7 tok/s. This model picks μ=1344, n_ub=5 (N=6720), r_w=0.086 (22 experts),
+with T_h2d=0.164 s, T_gpu=0.083 s, T_cpu=0.035 s: 1147 tok/s decode (1.21×), 572 tok/s end to end
 (its prefill's expert matmuls, ~500 rows per expert per call, priced at 0.65 of the dense rate). Why:
 - bandwidths here are GB/s = 1e9 B/s, the original's GiB/s: the same "16 GB/s" link is 7% slower
   (T_h2d = 0.176 s at r_w=0, plus 2.5 ms of q and attention-output traffic);
 - decode tok/s here is N / T_step, without the original's G/(G−1) credit for the prefill's token;
 - GPU memory: the original prefills a whole micro-batch of μ prompts per call, so the prefill working
   set grows with μ and bounds μ·n_ub; the engine here prefills in calls of at most 1 GiB of working set
-  (`moe_jax.offload_memory`), so μ costs the GPU little memory: what is left holds more experts (23
+  (`moe_jax.offload_memory`), so μ costs the GPU little memory: what is left holds more experts (22
   here) and the batch's hidden states, and N grows until the link binds. Once it binds, how N splits
   into micro-batches barely changes the prediction and the fewest win (see Search): each micro-batch
-  re-reads all 8 experts from GPU memory (~10 ms on l4), so 4 large ones leave T_gpu far below the
+  re-reads all 8 experts from GPU memory (~10 ms on l4), so 5 large ones leave T_gpu far below the
   original's 14 × ~10 ms. The reserve is 10%
   (original 14%); every parameter of `moe_jax.params` counts (the original omits embeddings, LM head,
   router and norms);
@@ -377,6 +377,10 @@ def choose_policy(cfg: ModelConfig, hardware: Hardware | str, prompt_len: int, g
                       prefill_positions=prefill_positions, prefill_peak_positions=prefill_peak_positions)
     if R is not None:
         max_batch_size = min(max_batch_size or np.inf, R)
+    if num_micro_batches is not None and max_batch_size is not None and num_micro_batches > max_batch_size:
+        raise InfeasibleError(f"num_micro_batches={num_micro_batches} needs a batch of at least that many sequences "
+                              f"(one a micro-batch), but at most {max_batch_size} are allowed (max_batch_size, or "
+                              f"the job's sequences)")
     gpu_cap = _memory_cap("gpu_memory_gb", gpu_memory_gb, hw.gpu_memory)
     host_cap = _memory_cap("host_memory_gb", host_memory_gb, hw.host_memory)
     gpu_budget, host_budget = GPU_USABLE * gpu_cap, HOST_USABLE * host_cap

@@ -47,11 +47,12 @@ def test_mixtral_weights_and_kv(mixtral):
 
 
 def test_mixtral_prefill(mixtral):
-    # 2 prompts of 10 tokens: 20 rows; causal attention scores 10·11/2 pairs per prompt.
+    # 2 prompts of 10 tokens: 20 rows; attention as model.attention computes it: all 10·10 pairs per prompt,
+    # their float32 scores and bf16 probabilities (32 heads) each written and read once.
     ops = prefill_ops(mixtral, BF16, 2, 10)
     assert ops["qkv_proj"].flops == 20 * 2 * 4096 * 6144
-    assert ops["attention"].flops == 4 * (2 * 55) * 4096 == 1_802_240
-    assert ops["attention"].bytes == (2 * 20 * 4096 + 20 * 2 * 1024) * 2 == 409_600
+    assert ops["attention"].flops == 4 * (2 * 100) * 4096 == 3_276_800
+    assert ops["attention"].bytes == (2 * 20 * 4096 + 20 * 2 * 1024) * 2 + 200 * 32 * 2 * (4 + 2) == 486_400
     touched = 8 * (1 - 0.75**20)  # P(an expert is missed by all 20 tokens) = (1 - 2/8)^20
     assert experts_touched(mixtral, 20) == pytest.approx(touched) == pytest.approx(7.97463, rel=1e-5)
     assert ops["experts"].bytes == pytest.approx(touched * 3 * 4096 * 14336 * 2 + 40 * 3 * (4096 + 14336) * 2)

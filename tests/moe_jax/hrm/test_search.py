@@ -383,3 +383,7 @@ def test_a_loaded_layout_is_searched_for_its_best_batch(mixtral):
     for bad in (dict(num_micro_batches=0), dict(num_micro_batches=2.0), dict(resident_expert_fraction=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             choose_policy(mixtral, "h100-80gb", 77, 128, gpu_memory_gb=16, **bad)
+    # a layout of more micro-batches than the job has sequences: said so, not "host memory too small"
+    with pytest.raises(InfeasibleError, match=r"num_micro_batches=4 needs a batch of at least that many sequences .* "
+                                              r"at most 3 are allowed"):
+        choose_policy(mixtral, "h100-80gb", 77, 32, num_micro_batches=4, resident_expert_fraction=0.5, max_batch_size=3)
