@@ -7,6 +7,7 @@
 * `resolve_policy`: "auto" (HRM's choice for the workload) or "N,mu,n_ub,rw", under the GPU cap;
 * `policy_before_jax`: the policy to size the pinned-host pool for, before JAX starts;
 * `hrm_predict`: HRM's prediction for a given policy (the engine's placement: CPU attention, host KV);
+  `job_prediction`: the same for the engine's run of given prompts, in waves of at most N;
 * `timed_generate`: a warm-up, then one timed `LLM.generate` with the engine's `OffloadStats`;
 * `probe_link_bandwidth`, `probe_gpu_layer_seconds`: the per-layer H2D and GPU terms measured alone;
 * `measure_policy`: all of the above for one policy, as one result row;
@@ -175,6 +176,37 @@ def hrm_predict(cfg, hardware, policy, job, dtype: str = "bfloat16") -> dict:
             "decode_tok_s": r.decode_tokens_per_s, "tok_s": r.tokens_per_s,
             "gpu_gib": r.gpu_memory_bytes / GiB, "gpu_usable_gib": GPU_USABLE * gpu_cap / GiB,
             "host_gib": r.host_memory_bytes / GiB, "host_usable_gib": HOST_USABLE * hw.host_memory / GiB}
+
+
+def job_prediction(cfg, hardware, policy, prompts, gen_len: int, dtype: str = "bfloat16") -> dict:
+    """`hrm_predict` for the engine's run of `prompts` (each generating up to gen_len tokens) at `policy`: in waves
+    of at most N in the engine's admission order (its first fill, then the rows that finish take the next
+    prompts), each priced at its own `wave_policy` and lengths, one after the other. One wave: `hrm_predict`'s
+    dict for it. Several: the throughputs are the waves' tokens over their summed times (the prefills' and
+    decodes'), "prefill_s" their sum, "step_s" and "per_layer_s" their means over the decode steps, the memory
+    and bottleneck the first (full) wave's. "waves": the rows of each."""
+    from moe_jax.offload_engine import admission_order
+
+    lengths = [len(p) for p in prompts]
+    order = admission_order(lengths, [min(gen_len, cfg.max_positions - n) for n in lengths])  # budgets, as `token_budget`
+    waves = [order[i:i + policy.batch_size] for i in range(0, len(order), policy.batch_size)]
+    preds, steps, rows = [], [], []
+    for wave in waves:
+        job = engine_lengths([prompts[i] for i in wave], gen_len, cfg.max_positions)
+        preds.append(hrm_predict(cfg, hardware, wave_policy(policy, len(wave)), job, dtype))
+        steps.append(job.gen_len - 1)  # HRM's decode steps: the first token comes from the prefill
+        rows.append(len(wave))
+    if len(preds) == 1:
+        return {**preds[0], "waves": rows}
+    tokens = [n * (s + 1) for n, s in zip(rows, steps)]
+    decode_s = [s * p["step_s"] for s, p in zip(steps, preds)]
+    mean = lambda f: sum(s * f(p) for s, p in zip(steps, preds)) / max(sum(steps), 1)
+    first = preds[0]
+    return {**first, "waves": rows, "prefill_s": sum(p["prefill_s"] for p in preds),
+            "tok_s": sum(tokens) / sum(t / p["tok_s"] for t, p in zip(tokens, preds)),
+            "decode_tok_s": sum(n * s for n, s in zip(rows, steps)) / sum(decode_s) if sum(decode_s) else first["decode_tok_s"],
+            "step_s": mean(lambda p: p["step_s"]),
+            "per_layer_s": {k: mean(lambda p: p["per_layer_s"][k]) for k in first["per_layer_s"]}}
 
 
 def over_memory(pred: dict) -> str:
@@ -349,9 +381,7 @@ def device_peak_bytes() -> int | None:
 
 def _predicted(row: dict, run: dict, terms: dict, cfg, hardware, policy, prompts, gen_len: int, dtype: str) -> None:
     """HRM's prediction for the run's policy and the measured / predicted ratios, into `row`."""
-    n = min(len(prompts), policy.batch_size)  # the rows the run fills, micro-batches as the engine forms them
-    wave = _wave_policy(policy, n)
-    pred = hrm_predict(cfg, hardware, wave, engine_lengths(prompts, gen_len, cfg.max_positions), dtype)
+    pred = job_prediction(cfg, hardware, policy, prompts, gen_len, dtype)
     row["hrm"] = pred
     row["measured_over_predicted"] = {
         "tok_s": run["tok_s"] / pred["tok_s"] if run["tok_s"] else None,
@@ -385,7 +415,7 @@ def host_memory(stats, cfg, policy, dtype: str) -> dict:
             "rest_gib": total - stats.kv_bytes / GiB - float(cap) - free if cap and free is not None else None}
 
 
-def _wave_policy(policy, n: int):
+def wave_policy(policy, n: int):
     """The policy of n <= N filled rows as the engine runs it: ceil(n / μ) micro-batches of μ."""
     from moe_jax.offload_policy import Policy
 

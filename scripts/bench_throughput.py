@@ -163,10 +163,11 @@ def predictions(args, cfg, caps, workloads, specs) -> str:
                     continue
                 first_at.setdefault(cap, policy)
                 prompts = workload_prompts(workload, args.num_prompts or policy.batch_size, cfg.vocab_size, args.seed)
-                pred = bc.hrm_predict(cfg, args.hardware, policy,
-                                      bc.engine_lengths(prompts, gen_len, cfg.max_positions), args.dtype)
+                pred = bc.job_prediction(cfg, args.hardware, policy, prompts, gen_len, args.dtype)
                 terms = " / ".join(f"{pred['per_layer_s'][k] * 1e3:.1f}" for k in ("h2d", "cpu", "gpu"))
                 label = bc.policy_label(bc.policy_dict(policy))
+                if pred["waves"] != [policy.batch_size]:  # fewer prompts than N, or refills after the first N
+                    label += f" (runs {' + '.join(map(str, pred['waves']))} rows)"
                 if own != policy:
                     label += beside_own(hrm_own(args, cfg, args.hardware, workload, gen_len, own, ON_LOADED_ENGINE))
                 if bc.over_memory(pred):  # a fixed policy: HRM predicts it without memory limits
@@ -235,9 +236,8 @@ WITHIN_POOL = "within the pinned pool sized at start for this command's largest 
 def hrm_own(args, cfg, hardware, workload: str, gen_len: int, own, why: str) -> dict:
     """HRM's own policy for a workload whose run took another (`why`: ON_LOADED_ENGINE, WITHIN_POOL), with its
     prediction."""
-    job = bc.engine_lengths(workload_prompts(workload, args.num_prompts or own.batch_size, cfg.vocab_size, args.seed),
-                            gen_len, cfg.max_positions)
-    return {"policy": bc.policy_dict(own), "tok_s": bc.hrm_predict(cfg, hardware, own, job, args.dtype)["tok_s"],
+    prompts = workload_prompts(workload, args.num_prompts or own.batch_size, cfg.vocab_size, args.seed)
+    return {"policy": bc.policy_dict(own), "tok_s": bc.job_prediction(cfg, hardware, own, prompts, gen_len, args.dtype)["tok_s"],
             "why": why}
 
 

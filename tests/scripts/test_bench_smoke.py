@@ -281,6 +281,34 @@ def test_hrm_predict_agrees_with_the_search(preset, hardware, cap, P, G):
     assert pred["decode_tok_s"] == pytest.approx(r.decode_tokens_per_s, rel=1e-9)
 
 
+def test_a_job_is_predicted_in_the_waves_the_engine_runs_it():
+    """Fewer prompts than N: one wave of them, at its own micro-batches; more: the first N (the engine's admission
+    order), then the rest on the rows that finish, their times summed."""
+    from moe_jax.offload_policy import Policy
+    from moe_jax.presets import preset_config
+
+    cfg = preset_config("mixtral-8x7b")
+    policy = Policy(1200, 400, 3, 0.0, gpu_memory_gb=16)
+    rng = np.random.default_rng(0)
+    prompts = [[1] * int(n) for n in rng.integers(20, 140, 1700)]
+    few = bench_common.job_prediction(cfg, "h100-80gb", policy, prompts[:500], 64)
+    assert few["waves"] == [500]
+    alone = bench_common.hrm_predict(cfg, "h100-80gb", Policy(500, 400, 2, 0.0, gpu_memory_gb=16),
+                                     bench_common.engine_lengths(prompts[:500], 64, cfg.max_positions))
+    assert few["tok_s"] == alone["tok_s"] and few["decode_tok_s"] == alone["decode_tok_s"]
+    both = bench_common.job_prediction(cfg, "h100-80gb", policy, prompts, 64)
+    assert both["waves"] == [1200, 500]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # by need (prompt + 64), as admitted
+    first, second = ([prompts[i] for i in part] for part in (order[:1200], order[1200:]))
+    waves = [bench_common.hrm_predict(cfg, "h100-80gb", p, bench_common.engine_lengths(w, 64, cfg.max_positions))
+             for p, w in ((policy, first), (Policy(500, 400, 2, 0.0, gpu_memory_gb=16), second))]
+    seconds = sum(n * 64 / w["tok_s"] for n, w in zip((1200, 500), waves))
+    assert both["tok_s"] == pytest.approx(1700 * 64 / seconds, rel=1e-12)
+    assert both["prefill_s"] == pytest.approx(waves[0]["prefill_s"] + waves[1]["prefill_s"], rel=1e-12)
+    assert waves[1]["tok_s"] < both["tok_s"] < waves[0]["tok_s"]
+    assert both["gpu_gib"] == waves[0]["gpu_gib"] and both["bottleneck"] == waves[0]["bottleneck"]
+
+
 @pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-dbrx"])
 def test_baseline_checkpoint_is_our_model(preset, tmp_path):
     """transformers, loading the exported checkpoint, computes our logits."""
