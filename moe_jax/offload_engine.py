@@ -52,7 +52,7 @@ from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
 from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, gib, non_expert_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
-from moe_jax.resident_engine import device_memory_limit, precise
+from moe_jax.resident_engine import JAX_MEMORY_SHARE, device_memory_limit, precise
 from moe_jax.sampling import host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
 from moe_jax.shape_buckets import bucket
 
@@ -366,8 +366,12 @@ class OffloadEngine:
         self.expert_shapes = expert_codec.expert_shapes(cfg)  # {name: shape of one expert's weight}
         self.gpu_bytes = self._check_gpu_memory()
         streamed = pinned_pool.streamed_bytes(cfg, self.dtype, policy)
-        check_host_memory(policy, "the streamed experts (pinned)", streamed, host_memory_bytes, batch_helps=False)
         pool = pinned_pool.fixed_cap_bytes()
+        # on a GPU backend the pool reserves about its cap for them, as HRM counts (`pinned_pool.cap_bytes`)
+        check_host_memory(policy, "the streamed experts (pinned)" if pool is None else
+                          "the streamed experts (pinned, in XLA's pool with its margin)",
+                          streamed if pool is None else int(pinned_pool.cap_bytes(streamed)), host_memory_bytes,
+                          batch_helps=False)
         if pool is not None and pinned_pool.cap_bytes(streamed) > pool:
             raise OffloadMemoryError(
                 f"policy {policy} streams {streamed / 2**30:.2f} GiB of experts from pinned host memory (a pool of "
@@ -414,7 +418,8 @@ class OffloadEngine:
                                  self.escape_bytes) + extra
         cap = self.policy.gpu_memory_gb
         limit = device_memory_limit()
-        for name, value in (("gpu_memory_gb cap", cap * 2**30 if cap else None), ("device memory", limit)):
+        for name, value in (("gpu_memory_gb cap", cap * 2**30 if cap else None),
+                            (f"device memory ({JAX_MEMORY_SHARE})", limit)):
             if value and need > value:
                 raise OffloadMemoryError(
                     f"policy {self.policy} needs {gib(need)} GiB on the GPU ({gib(dense)} GiB non-expert "
@@ -1017,6 +1022,7 @@ class _Run:
                                                        any(self.logprobs[k][b] is not None for b in rows))
                         if decoding:  # the call carried chunk `calls` of the next layer's experts
                             eng._store(calls, fetched)
+                            fetched = None  # the engine's reference alone: freed once the next layer installs it
                             calls += 1
                     if i == 0:
                         self._fill()

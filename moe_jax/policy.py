@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+JAX_SHARE_VAR, JAX_DEFAULT_SHARE = "XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75  # of a GPU's memory, what JAX may allocate
+
+
+def jax_share_note(r: SearchResult, hw, capped: bool) -> str | None:
+    """A built-in profile holds the card's whole memory, of which a JAX process allocates only its share
+    (JAX_SHARE_VAR, default 0.75): where the plan needs more than that share and no cap was given, how to run it."""
+    if capped or hw.name not in PROFILES or PROFILES[hw.name] != hw:
+        return None
+    try:
+        share = float(os.environ.get(JAX_SHARE_VAR, JAX_DEFAULT_SHARE))
+    except ValueError:  # JAX itself refuses such a value when it starts
+        share = JAX_DEFAULT_SHARE
+    if r.gpu_memory_bytes <= share * hw.gpu_memory:
+        return None
+    return (f"note: this plan needs {r.gpu_memory_bytes / 2**30:.1f} GiB on the GPU, more than the {share:g} of "
+            f"{hw.gpu_memory / 2**30:.1f} GiB a JAX process allocates ({JAX_SHARE_VAR}): set {JAX_SHARE_VAR}=0.95 "
+            f"before JAX starts, or plan with --gpu-memory-gb {share * hw.gpu_memory / 2**30:.1f}")
 
 
 def load_model(name: str) -> ModelConfig:
@@ -102,6 +120,9 @@ def main(argv=None) -> int:
     else:
         print(f"{args.model} on {hw.name}: prompt {args.prompt_len}, generate {args.gen_len} ({args.dtype})")
         print(summary(result))
+    note = jax_share_note(result, hw, args.gpu_memory_gb is not None)
+    if note:
+        print(note, file=sys.stderr if args.json else sys.stdout)
     if args.plot:
         from moe_jax.hrm.roofline_plot import plot_roofline
         plot_roofline(cfg, hw, result.policy, args.prompt_len, args.gen_len, args.plot, args.dtype)

@@ -32,8 +32,13 @@ from moe_jax.shape_buckets import bucket
 log = logging.getLogger("moe_jax")
 
 
+JAX_MEMORY_SHARE = ("JAX's allocator limit: XLA_PYTHON_CLIENT_MEM_FRACTION of the card, 0.75 unless set (before "
+                    "JAX starts)")
+
+
 def device_memory_limit() -> int | None:
-    """Bytes JAX may allocate on the first device (its `bytes_limit`), or None where it does not say (CPU)."""
+    """Bytes JAX may allocate on the first device (its `bytes_limit`: `JAX_MEMORY_SHARE`), or None where it does
+    not say (CPU)."""
     return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
@@ -125,7 +130,7 @@ class ResidentEngine:
         self._cap = cap
         limit = device_memory_limit()
         weights = model_bytes(self.cfg, self.dtype)
-        for what, value in (("the gpu_memory_gb cap", cap), ("the accelerator", limit)):
+        for what, value in (("the gpu_memory_gb cap", cap), (f"the accelerator's ({JAX_MEMORY_SHARE})", limit)):
             if value and weights + kv > 0.9 * value:
                 extra = f" and {gib(kv)} GiB for the KV cache of {what_kv}" if kv else " for the weights alone"
                 raise MemoryError(f"policy 'resident' needs {gib(weights)} GiB{extra} but {what} is "

@@ -226,12 +226,20 @@ def test_pinned_pool_running_out_while_loading_is_a_clear_error(monkeypatch, req
 
 def test_streamed_experts_must_fit_the_fixed_pinned_pool(monkeypatch):
     from moe_jax import pinned_pool
+    from moe_jax.host_memory import MemInfo
 
     source = open_model("tiny-mixtral")
+    policy = Policy(batch_size=2, micro_batch_size=1, num_micro_batches=2)
     monkeypatch.setattr(pinned_pool, "fixed_cap_bytes", lambda: 1000)
     with pytest.raises(OffloadMemoryError, match=r"pinned-host pool is capped at 0.0 GiB \(XLA_PJRT_GPU_HOST_MEMORY"):
-        OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
-                                                                     num_micro_batches=2))
+        OffloadEngine(source.cfg, source.weights, np.float32, policy)
+    # on a GPU backend the host must hold what the pool reserves for them (its margin), not only the experts
+    monkeypatch.setattr(pinned_pool, "fixed_cap_bytes", lambda: 64 * 2**30)
+    streamed = pinned_pool.streamed_bytes(source.cfg, np.float32, policy)
+    monkeypatch.setattr(offload_engine.host_memory, "meminfo", lambda: MemInfo(total=2**40, available=streamed + 2**20))
+    with pytest.raises(OffloadMemoryError, match=r"needs 2.00 GiB of host memory for the streamed experts \(pinned, in "
+                                                 r"XLA's pool with its margin\)"):
+        OffloadEngine(source.cfg, source.weights, np.float32, policy)
 
 
 def test_hrm_lengths_are_what_the_engine_allocates():
@@ -402,6 +410,33 @@ def test_whole_layer_prefetch_equals_split():
         list(split.generate([Request(i, p, GREEDY) for i, p in enumerate(PROMPTS)]))
         assert eng.stats.h2d_bytes == split.stats.h2d_bytes > 0
     assert apart[eng] == apart[split]  # "whole"'s first calls carried every chunk that "split"'s calls carried
+
+
+@pytest.mark.parametrize("prefetch, policy, budgets", [("split", Policy(2, 2, 1, 0.5), [6, 6]),
+                                                       ("whole", Policy(4, 2, 2, 0.5), [12, 1, 1, 12])])
+def test_no_more_streamed_experts_are_on_the_gpu_than_planned(prefetch, policy, budgets):
+    """The streamed experts held on the device outside the slots (fetched chunks) stay within the plan's
+    `max_streamed` (`planned_gpu_bytes`) after every step, also where one micro-batch decodes alone (n_ub = 1, or
+    the other's rows done): the chunks a call fetched were kept by the loop past their install, one layer more."""
+    import gc
+
+    source = open_model("tiny-mixtral")
+    eng = OffloadEngine(source.cfg, source.weights, np.float32, policy, prefetch=prefetch)
+    slots, shape = eng.pages.num_slots, eng.expert_shapes["w_down"]  # the weight of a shape of its own
+    held = lambda: sum(a.shape[0] for a in jax.live_arrays()
+                       if a.shape[1:] == shape and a.shape[0] < slots and a.sharding.memory_kind == "device")
+    peak = []
+    for name in ("_mid", "_last", "_prefill"):
+        def spy(*args, step=getattr(eng, name)):
+            out = jax.block_until_ready(step(*args))
+            gc.collect()
+            peak.append(held())
+            return out
+        setattr(eng, name, spy)
+    requests = [Request(i, tuple(range(3, 8 + i)), SamplingParams(max_new_tokens=b, ignore_eos=True))
+                for i, b in enumerate(budgets)]
+    assert len(list(eng.generate(requests))) == len(budgets)
+    assert peak and 0 < max(peak) <= eng.pages.max_streamed, (max(peak), eng.pages.max_streamed)
 
 
 def test_prefill_memory_is_checked_before_generation():

@@ -100,3 +100,16 @@ def test_errors(tmp_path, hardware, extra, message):
     assert p.returncode == 2
     assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     assert message in p.stderr
+
+
+def test_a_plan_past_jax_share_of_a_built_in_card_says_how_to_run_it():
+    """The built-in h100-80gb profile holds the card's 79.6 GiB; a JAX process allocates 0.75 of it unless
+    XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise: a plan over that says so, and the cap it names plans within it."""
+    args = ("--model", "mixtral-8x7b", "--hardware", "h100-80gb", "--prompt-len", "512", "--gen-len", "256")
+    p = run(*args)
+    assert p.returncode == 0, p.stderr
+    assert ("more than the 0.75 of 79.6 GiB a JAX process allocates (XLA_PYTHON_CLIENT_MEM_FRACTION): set "
+            "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 before JAX starts, or plan with --gpu-memory-gb 59.7") in p.stdout
+    capped = run(*args, "--gpu-memory-gb", "59.7", "--json")
+    assert capped.returncode == 0 and "note:" not in capped.stderr + capped.stdout
+    assert json.loads(capped.stdout)["gpu_memory_gib"] <= 59.7

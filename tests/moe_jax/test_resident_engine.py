@@ -109,6 +109,14 @@ def test_a_cap_too_small_for_a_tiny_model_reads_in_its_own_digits():
         moe_jax.LLM("tiny-mixtral", policy="resident", gpu_memory_gb=1e-5)
 
 
+def test_a_device_too_small_names_jax_allocator_share(monkeypatch):
+    """Where JAX's own limit (75% of a GPU by default) is what the weights pass, the error says how to raise it."""
+    monkeypatch.setattr(moe_jax.resident_engine, "device_memory_limit", lambda: 2 * 2**10)
+    with pytest.raises(MemoryError, match=r"but the accelerator's \(JAX's allocator limit: XLA_PYTHON_CLIENT_MEM_FRACTION "
+                                          r"of the card, 0.75 unless set .*\) is 1.91e-06 GiB"):
+        moe_jax.LLM("tiny-mixtral", policy="resident")
+
+
 def test_an_expert_codec_is_refused_under_the_resident_policy():
     with pytest.raises(moe_jax.llm.PolicyUnavailable, match="policy 'resident' streams none"):
         moe_jax.LLM("tiny-mixtral", policy="resident", expert_codec="exp4")
