@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -27,8 +28,8 @@ from moe_jax.checkpoint import CheckpointError
 from moe_jax.config import ConfigError
 from moe_jax.expert_codec import check as check_codec
 from moe_jax.hrm import HardwareError, InfeasibleError
-from moe_jax.job_output import (CompletionWriter, ResumeError, check_finished, check_meta, finished_ids,
-                                record_requests, recorded_setting, sidecar, start_output, write_errors)
+from moe_jax.job_output import (CompletionWriter, OutputError, ResumeError, check_finished, check_meta, finished_ids,
+                                output_lock, record_requests, recorded_setting, sidecar, start_output, write_errors)
 from moe_jax.job_requests import BadLine, JobRequest
 from moe_jax.jsonl_jobs import OPENAI, PLAIN, Job, JobFormat, JobInputError, read_job
 from moe_jax.llm import LLM, POLICIES, PolicyUnavailable
@@ -44,7 +45,7 @@ from moe_jax.stop_signals import SIGNALS, Interrupted, interruptible
 from moe_jax.tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, CheckpointError, ModelNotFound, PolicyUnavailable, PolicyError, JobInputError,
-               ResumeError, ChatTemplateError, PromptError, HardwareError, InfeasibleError, MemoryError,
+               ResumeError, OutputError, ChatTemplateError, PromptError, HardwareError, InfeasibleError, MemoryError,
                SavedModelError, TokenizerError)
 MAX_REPORTED = 50  # bad input lines listed on stderr; --skip-invalid writes them all
 log = logging.getLogger("moe_jax")
@@ -113,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {args.logprobs}")
     if args.max_batch_size is not None and args.max_batch_size < 1:
         p.error(f"--max-batch-size must be a positive integer, got {args.max_batch_size}")
-    if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
+    if args.gpu_memory_gb is not None and not 0 < args.gpu_memory_gb < math.inf:
         p.error(f"--gpu-memory-gb must be a positive number of GiB, got {args.gpu_memory_gb}")
     return args
 
@@ -265,7 +266,13 @@ def run_prompt(args: argparse.Namespace) -> int:
 
 
 def run_job(args: argparse.Namespace) -> int:
+    """The --input job, holding --output's lock (`output_lock`) throughout."""
     args.output_started = False  # whether --output holds this job's lines (a fresh one is started once loaded)
+    with output_lock(args.output) if args.output is not None else contextlib.nullcontext():
+        return _run_locked_job(args)
+
+
+def _run_locked_job(args: argparse.Namespace) -> int:
     job = read_job(args.input)
     default_temperature(args, job.format)
     source = open_model(args.model, seed=0)
@@ -286,6 +293,8 @@ def run_job(args: argparse.Namespace) -> int:
     elif args.output is not None:
         check_meta(args.output, job_meta(args, job, llm))  # with what the engine runs, known now
         record_requests(args.output, [req for req, _ in ready])  # every valid line as it reads now
+    if args.output is not None and not args.skip_invalid:  # an earlier --skip-invalid run's list: none skipped now
+        write_errors(sidecar(args.output, ".errors.jsonl"), [])
     start = time.perf_counter()
     generated = write_completions(llm, job, todo, runs, prompts, params, args.output)
     report(llm, len(todo), generated, start, args.dtype)
@@ -301,7 +310,7 @@ def sample_seed(seed: int, sample: int) -> int:
 def engine_requests(todo: Ready, base: SamplingParams):
     """The engine's requests for `todo`, one per completion: (runs, their prompts' token ids, their
     SamplingParams), runs[i] = (index into todo, sample number) of engine request i."""
-    per_request = [base.replace(**{"seed": request_seed(base.seed, req.id), "stop": req.stop or base.stop,
+    per_request = [base.replace(**{"seed": request_seed(base.seed, req.id), "stop": base.stop if req.stop is None else req.stop,
                                    **req.sampling}) for req, _ in todo]
     runs = [(j, s) for j, (req, _) in enumerate(todo) for s in range(req.n)]
     greedy = [j for j, (req, _) in enumerate(todo) if req.n > 1 and per_request[j].temperature == 0]
@@ -360,6 +369,8 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
+        if getattr(args, "output_started", False):  # e.g. a full disk: what finished is kept
+            print(f"finished requests are in {args.output}; to resume: {resume_command(argv)}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"interrupted by {e}", file=sys.stderr)

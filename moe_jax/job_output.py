@@ -1,9 +1,11 @@
 """The output file of a JSONL job and its sidecars: appending completions so that a crash leaves only
 whole lines, reading the finished ones back to resume, `OUT.meta.json` (the settings a resume must
-match, and a digest of each request, which a finished one must match) and `OUT.errors.jsonl` (the input lines
-skipped as invalid)."""
+match, and a digest of each request, which a finished one must match), `OUT.errors.jsonl` (the input lines
+skipped as invalid) and `OUT.lock` (held by the run writing OUT)."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -11,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from moe_jax.job_requests import JobRequest
 
@@ -20,6 +22,10 @@ log = logging.getLogger("moe_jax")
 
 class ResumeError(ValueError):
     """An output file this run cannot resume."""
+
+
+class OutputError(ValueError):
+    """An output file this run cannot write: another run holds it, or its directory is not writable."""
 
 
 def sidecar(out: Path, suffix: str) -> Path:
@@ -47,28 +53,80 @@ def _finite(v):
     return v
 
 
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Holds OUT.lock (an exclusive `flock`) while a job runs, so that a second run on the same OUT fails at once
+    (OutputError) rather than append the same requests again or replace the file the first is writing; taken
+    before anything is read or written, it also finds an OUT that cannot be written before the model loads. The
+    file holds the holder's pid and is removed when the job ends."""
+    path = sidecar(out, ".lock")
+    while True:
+        try:
+            f = open(path, "a+", encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"--output {out}: cannot write in {out.resolve().parent} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise OutputError(f"--output {out} is being written by another run (pid {holder}, which holds {path}): "
+                              f"wait for it to end, or give another --output") from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        f.close()
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` (a full disk, a lost mount) as an OutputError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
+
+
 class CompletionWriter:
     """Writes one JSON line per record, handed to the OS whole (a killed process leaves whole lines);
-    fsync at most every `sync_every_s` and at close. path None: stdout, never synced."""
+    fsync at most every `sync_every_s` and at close. path None: stdout, never synced. A failed write raises
+    OutputError."""
 
     def __init__(self, path: Path | None, sync_every_s: float = 0.5):
-        self._f = open(path, "a", encoding="utf-8") if path else sys.stdout
+        self.path = path
+        with _writing(path):
+            self._f = open(path, "a", encoding="utf-8") if path else sys.stdout
         self._durable, self.sync_every_s, self._synced = path is not None, sync_every_s, time.monotonic()
 
     def write(self, record: dict) -> None:
-        self._f.write(_dumps(record))
-        self._f.flush()
+        with _writing(self.path):
+            self._f.write(_dumps(record))
+            self._f.flush()
         if self._durable and time.monotonic() - self._synced >= self.sync_every_s:
             self.sync()
 
     def sync(self) -> None:
-        os.fsync(self._f.fileno())
+        with _writing(self.path):
+            os.fsync(self._f.fileno())
         self._synced = time.monotonic()
 
     def close(self) -> None:
         if self._durable:
-            self.sync()
-            self._f.close()
+            try:
+                self.sync()
+            finally:
+                self._f.close()
 
 
 def finished_ids(path: Path, id_key: str) -> set:
@@ -76,13 +134,19 @@ def finished_ids(path: Path, id_key: str) -> set:
     cut off the file."""
     data = path.read_bytes()
     keep = data[:data.rfind(b"\n") + 1]
-    ids = set()
+    ids, repeated = set(), []
     for n, line in enumerate(keep.split(b"\n")[:-1], 1):
         try:
-            ids.add(json.loads(line)[id_key])
+            rid = json.loads(line)[id_key]
+            if rid in ids:
+                repeated.append((n, rid))
+            ids.add(rid)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise ResumeError(f"{path}:{n}: not an output line of this job's format; "
                               f"cannot resume into this file") from None
+    if repeated:
+        log.warning("%s holds %d lines whose %s an earlier line has (two runs writing it at once?), e.g. line %d "
+                    "(%r): a reader should keep one line per %s", path, len(repeated), id_key, *repeated[0], id_key)
     if len(keep) < len(data):
         log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - len(keep))
         with open(path, "r+b") as f:
@@ -143,11 +207,12 @@ def _write_meta(out: Path, meta: dict) -> None:
     """OUT.meta.json replaced whole and synced: a crash leaves the old file or the new one, never a torn one
     (which would stop every later resume)."""
     tmp = sidecar(out, ".meta.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(meta, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, sidecar(out, ".meta.json"))
+    with _writing(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, sidecar(out, ".meta.json"))
 
 
 # Settings an OUT.meta.json may lack (written before they were recorded), as they were then.

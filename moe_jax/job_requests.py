@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any, Callable
 
 from moe_jax.sampling import MAX_TOP_LOGPROBS
@@ -13,14 +14,14 @@ from moe_jax.sampling import MAX_TOP_LOGPROBS
 class JobRequest:
     """prompt: text or token ids (None for a chat request, which has `messages`); sampling:
     SamplingParams fields this line overrides; stop: strings that end the completion (text cut before
-    them); endpoint: the OpenAI batch url, None for a plain line; n: completions to sample for the prompt."""
+    them), None where the line says nothing of them (the job's --stop then); endpoint: the OpenAI batch url, None for a plain line; n: completions to sample for the prompt."""
 
     line: int  # 1-based line number in the input file
     id: str | int
     prompt: str | tuple[int, ...] | None
     messages: tuple[dict, ...] | None = None
     sampling: dict = dataclasses.field(default_factory=dict)
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] | None = None
     endpoint: str | None = None
     n: int = 1
 
@@ -29,6 +30,8 @@ class JobRequest:
         the input line of an id it finished has changed since."""
         asked = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("line", "id")}
         asked["sampling"] = {k: float(v) if k in FLOAT_FIELDS else v for k, v in self.sampling.items()}  # 1 as 1.0
+        # no "stop" as jobs written before a line's empty stop was its own: []; a line's own empty stop: null
+        asked["stop"] = [] if self.stop is None else list(self.stop) or None
         return hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -68,7 +71,7 @@ def optional(obj: dict, key: str, valid: Callable[[Any], bool], expected: str, w
 FLOAT_FIELDS = ("temperature", "top_p")  # sampling fields a line may write as an integer (1) or not (1.0)
 SAMPLING_CHECKS = {  # the SamplingParams fields a request line may set: (check, what the value must be)
     "max_new_tokens": (is_positive_int, "a positive integer"),
-    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "temperature": (lambda v: is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "seed": (lambda v: is_int(v) and 0 <= v < 2**32, "an integer in 0..2**32 - 1"),
@@ -103,8 +106,11 @@ def completions_wanted(obj: dict, where: str = "") -> int:
     return optional(obj, "n", lambda v: is_int(v) and 1 <= v <= MAX_N, f"an integer in 1..{MAX_N}", where) or 1
 
 
-def stop_strings(obj: dict, where: str = "") -> tuple[str, ...]:
-    """obj["stop"]: a string or a list of non-empty strings (absent or null: none); ValueError naming it."""
+def stop_strings(obj: dict, where: str = "") -> tuple[str, ...] | None:
+    """obj["stop"]: a string or a list of non-empty strings, () for null or [] (none, whatever the job's
+    --stop), None where absent; ValueError naming it."""
+    if "stop" not in obj:
+        return None
     stop = optional(obj, "stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(
         isinstance(s, str) for s in v)), "a string or a list of strings", where)
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())

@@ -114,6 +114,8 @@ def _json_object(text: str) -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     try:
@@ -133,6 +135,8 @@ def _read_lines(path: Path) -> list[str]:
         raise JobInputError(f"{path}: is a directory") from None
     except UnicodeDecodeError as e:
         raise JobInputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # permission denied, a file in the path, ...
+        raise JobInputError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def read_job(path: str | Path) -> Job:

@@ -95,7 +95,7 @@ class LLM:
         if max_batch_size is not None and (not is_integer(max_batch_size) or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be a positive integer or None, got {max_batch_size!r}")
         if gpu_memory_gb is not None and (not isinstance(gpu_memory_gb, numbers.Real) or isinstance(gpu_memory_gb, bool)
-                                          or not gpu_memory_gb > 0):
+                                          or not 0 < gpu_memory_gb < float("inf")):
             raise ValueError(f"gpu_memory_gb must be a positive number of GiB or None, got {gpu_memory_gb!r}")
         self.source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
         self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer

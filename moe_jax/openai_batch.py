@@ -2,7 +2,7 @@
 documents them.
 
 Request: {"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions", "body": {...}}
-with "prompt" (text or token ids) or "messages" ([{"role", "content"}, ...]) and optional "max_tokens"
+with "prompt" (text or token ids) or "messages" ([{"role", "content"[, "name"]}, ...]) and optional "max_tokens"
 (or "max_completion_tokens"), "temperature", "top_p", "seed", "stop" (a string or a list of them), and
 log-probabilities as each endpoint asks for them: "logprobs" (0..20 most likely tokens) for completions,
 "logprobs" (true) with "top_logprobs" (0..20) for chat, and "n" (completions to sample, 1..64, one
@@ -38,6 +38,7 @@ _SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_t
              "top_p": "top_p", "seed": "seed"}  # body key -> SamplingParams field
 _BODY_KEYS = ("model", "user", "metadata", "store", "n", "stop", "logprobs", *_SAMPLING)
 _ENDPOINT_KEYS = {COMPLETIONS: ("prompt",), CHAT: ("messages", "top_logprobs")}
+MESSAGE_KEYS = ("role", "content", "name")  # a chat message's fields the template gets (tool calls: none)
 
 
 def is_request(obj: dict) -> bool:
@@ -95,8 +96,10 @@ def _messages(body: dict) -> tuple[dict, ...]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise ValueError(f"'body.messages[{i}]' must be an object with string 'role' and 'content'")
-    return tuple({"role": m["role"], "content": _content(m["content"], f"body.messages[{i}].content")}
-                 for i, m in enumerate(messages))
+        refuse_unknown(m, MESSAGE_KEYS, f"body.messages[{i}].")
+        optional(m, "name", lambda v: isinstance(v, str), "a string", f"body.messages[{i}].")
+    return tuple({"role": m["role"], "content": _content(m["content"], f"body.messages[{i}].content"),
+                  **({"name": m["name"]} if m.get("name") is not None else {})} for i, m in enumerate(messages))
 
 
 def _content(content, where: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import NamedTuple
 
@@ -57,8 +58,8 @@ class SamplingParams:
         for name in ("temperature", "top_p"):
             if not isinstance(getattr(self, name), numbers.Real) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not is_integer(self.top_k) or self.top_k < 0:
@@ -91,7 +92,8 @@ def set_sampling_rows(arrays: list[np.ndarray], rows, params) -> list[np.ndarray
     flight still reads the old ones)."""
     out = [a.copy() for a in arrays]
     for b, p in zip(rows, params):
-        out[0][b], out[1][b], out[2][b], out[3][b] = p.temperature, p.top_p, p.top_k, p.seed % 2**32
+        # a top_k past int32 keeps every token, as one of V does
+        out[0][b], out[1][b], out[2][b], out[3][b] = p.temperature, p.top_p, min(p.top_k, 2**31 - 1), p.seed % 2**32
     return out
 
 

@@ -186,7 +186,7 @@ def test_bad_model_arguments(tmp_path, capsys, hf_checkpoints):
     rc, _, err = run_cli(capsys, "--prompt", "")
     assert rc == 2 and "--prompt is empty" in err
     rc, _, err = run_cli(capsys, "--prompt", "x", "--temperature", "-1")
-    assert rc == 2 and "bad sampling flag: --temperature must be >= 0" in err
+    assert rc == 2 and "bad sampling flag: --temperature must be a finite number >= 0" in err
     rc, _, err = run_cli(capsys, "--prompt", "x", "--max-new-tokens", "0")
     assert rc == 2 and "bad sampling flag: --max-new-tokens must be a positive integer, got 0" in err
 
@@ -221,6 +221,7 @@ def test_a_broken_tokenizer_is_an_error_line_not_a_traceback(tmp_path, capsys, h
     (["--input", "in.jsonl", "--output", "o.jsonl", "--resume", "--overwrite"], "give one"),
     (["--prompt", "x", "--max-batch-size", "0"], "--max-batch-size must be a positive integer, got 0"),
     (["--prompt", "x", "--gpu-memory-gb", "-1"], "--gpu-memory-gb must be a positive number of GiB, got -1.0"),
+    (["--prompt", "x", "--gpu-memory-gb", "inf"], "--gpu-memory-gb must be a positive number of GiB, got inf"),
     (["--prompt", "x", "--expert-codec", "exp4", "--dtype", "float32"],
      "--expert-codec: expert codec 'exp4' codes bfloat16 weights; the model runs in float32"),
 ])
@@ -293,6 +294,10 @@ def test_skip_invalid_writes_the_bad_lines_aside_and_runs_the_rest(tmp_path, cap
     assert errors[0]["error"] == "empty prompt" and "malformed JSON" in errors[1]["error"]
     assert "prompt has 3001 tokens" in errors[2]["error"]
     assert "skipping 3 invalid input lines" in caplog.text
+    inp.write_text('{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": "now fine"}\n{"id": "d", "prompt": "also fine"}\n')
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--resume", "--max-new-tokens", "2")
+    assert rc == 0 and sorted(records(out)) == ["a", "b", "d"], err
+    assert not (tmp_path / "out.errors.jsonl").exists()  # its list of skipped lines no longer holds: removed
     inp.write_text("not json\n")
     rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--skip-invalid", "--overwrite")
     assert rc == 2 and "no valid requests (1 invalid lines, listed in" in err
@@ -370,6 +375,9 @@ def test_resume_is_refused_where_a_finished_requests_line_changed(tmp_path, caps
     assert sorted(records(out), key=str) == [1, 2, "c"]
     recorded = dict(map(tuple, json.loads(meta_file.read_text())["requests"]))
     assert recorded[2] == JobRequest(2, 2, "B2").fingerprint() != JobRequest(2, 2, "B").fingerprint()
+    # a line's own empty "stop" (no stop strings, whatever --stop) asks for something else than none given; a line
+    # without one keeps the digest that jobs recorded before the two were told apart, so those resume
+    assert JobRequest(1, 1, "x", stop=()).fingerprint() != JobRequest(1, 1, "x").fingerprint() == "7e2b07ff93a9b00c"
     inp.write_text('{"prompt": "A", "temperature": 0}\n{"prompt": "B"}\n{"id": "c", "prompt": "C"}\n')
     rc, _, err = run_cli(capsys, *job, "--resume")
     assert rc == 2 and "line 2 (id 2)" in err  # B2 is what finished
@@ -509,8 +517,8 @@ def test_duplicate_prompts_sample_independently_unless_seeded(tmp_path, capsys):
 
 
 def test_stop_strings_from_the_flag_and_from_lines(tmp_path, capsys):
-    """--stop applies to every line without its own "stop"; a line's "stop" replaces it; both end the request
-    on the token completing the string, the text cut before it."""
+    """--stop applies to every line without its own "stop"; a line's "stop" replaces it (an empty list or null:
+    none); both end the request on the token completing the string, the text cut before it."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     prompts = {"a": "Hello there", "b": "x"}
     inp.write_text("".join(json.dumps({"id": k, "prompt": p}) + "\n" for k, p in prompts.items()))
@@ -520,7 +528,9 @@ def test_stop_strings_from_the_flag_and_from_lines(tmp_path, capsys):
     stop_a, stop_b = (next(t[i:i + 2] for i in range(len(t) // 3, len(t) - 1) if "\ufffd" not in t[i:i + 2])
                       for t in (full["a"]["text"], full["b"]["text"]))
     inp.write_text(json.dumps({"id": "a", "prompt": prompts["a"]}) + "\n"
-                   + json.dumps({"id": "b", "prompt": prompts["b"], "stop": [stop_b]}) + "\n")
+                   + json.dumps({"id": "b", "prompt": prompts["b"], "stop": [stop_b]}) + "\n"
+                   + json.dumps({"id": "a-none", "prompt": prompts["a"], "stop": []}) + "\n"
+                   + json.dumps({"id": "a-null", "prompt": prompts["a"], "stop": None}) + "\n")
     rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--stop", stop_a, *common, "--overwrite")
     assert rc == 0, err
     got = records(out)
@@ -528,6 +538,8 @@ def test_stop_strings_from_the_flag_and_from_lines(tmp_path, capsys):
         text = full[k]["text"]
         assert got[k]["text"] == text[:text.find(stop)] and got[k]["finish_reason"] == "stop"
         assert got[k]["token_ids"] == full[k]["token_ids"][:len(got[k]["token_ids"])] < full[k]["token_ids"]
+    for k in ("a-none", "a-null"):
+        assert (got[k]["text"], got[k]["finish_reason"]) == (full["a"]["text"], "length"), k
 
 
 def test_stop_strings_need_a_tokenizer(tmp_path, capsys, hf_checkpoints):
@@ -592,3 +604,65 @@ def test_n_completions_in_a_plain_line(tmp_path, capsys, reference):
     bad.write_text('{"prompt": "x", "n": 0}\n')
     rc, _, err = run_cli(capsys, "--input", bad, "--output", tmp_path / "o3.jsonl")
     assert rc == 2 and "bad.jsonl:1: 'n' must be an integer in 1..64, got 0" in err
+
+
+def test_one_run_at_a_time_writes_an_output(tmp_path, capsys):
+    """A run holds OUT.lock while it runs: a second run on the same OUT fails at once, naming the holder, and
+    leaves OUT as it was; the lock is gone once a run ends."""
+    from moe_jax.job_output import output_lock
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    job = ("--input", inp, "--output", out, "--max-new-tokens", "2", "--dtype", "float32")
+    assert run_cli(capsys, *job)[0] == 0 and not (tmp_path / "out.lock").exists()
+    before = out.read_bytes()
+    with output_lock(out):
+        for more in (("--resume",), ("--overwrite",)):
+            rc, _, err = run_cli(capsys, *job, *more)
+            assert rc == 2 and f"--output {out} is being written by another run (pid {os.getpid()}, which holds" in err
+            assert out.read_bytes() == before
+    assert run_cli(capsys, *job, "--resume")[0] == 0 and out.read_bytes() == before
+
+
+def test_files_that_cannot_be_read_or_written_are_error_lines(tmp_path, capsys, monkeypatch):
+    """An input path through a file, an output directory that takes no files (found before the model loads),
+    and a write that fails mid-job (a full disk): one error line each, no traceback; the last keeps what finished
+    and says how to resume."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": "x" * (i + 1)}) + "\n" for i in range(3)))
+    rc, _, err = run_cli(capsys, "--input", inp / "x")
+    assert rc == 2 and f"error: {inp / 'x'}: cannot read it (Not a directory)" in err and "Traceback" not in err
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", "/proc/out.jsonl")
+    assert rc == 2 and "error: --output /proc/out.jsonl: cannot write in /proc (" in err and "Traceback" not in err
+    out = tmp_path / "out.jsonl"
+    real_write, calls = moe_jax.job_output.CompletionWriter.write, []
+
+    def write_then_fill_the_disk(self, record):
+        calls.append(record)
+        if len(calls) > 1:
+            with moe_jax.job_output._writing(self.path):
+                raise OSError(28, "No space left on device")
+        real_write(self, record)
+    monkeypatch.setattr(moe_jax.job_output.CompletionWriter, "write", write_then_fill_the_disk)
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", "2", "--max-batch-size", "1")
+    assert rc == 2 and f"error: {out}: cannot write (No space left on device)" in err and "Traceback" not in err
+    assert len(records(out)) == 1 and "--resume" in err.split("to resume: ")[1]
+
+
+def test_a_resume_warns_of_repeated_ids_in_the_output(tmp_path, capsys, caplog):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')
+    job = ("--input", inp, "--output", out, "--max-new-tokens", "2", "--dtype", "float32")
+    assert run_cli(capsys, *job)[0] == 0
+    first = out.read_text().splitlines(keepends=True)[0]
+    out.write_text(first + first)  # as two runs writing at once left it, before runs took OUT.lock
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        assert run_cli(capsys, *job, "--resume")[0] == 0
+    assert "holds 1 lines whose id an earlier line has (two runs writing it at once?), e.g. line 2" in caplog.text
+
+
+def test_json_nested_too_deeply_is_a_bad_line(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "x"}\n' + "[" * 100_000 + "\n")
+    rc, _, err = run_cli(capsys, "--input", inp)
+    assert rc == 2 and "in.jsonl:2: JSON nested too deeply to read" in err and "Traceback" not in err

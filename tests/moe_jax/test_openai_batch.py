@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from moe_jax import LLM, SamplingParams
+from moe_jax import LLM, SamplingParams, openai_batch
 from moe_jax.chat_template import ChatTemplate, ChatTemplateError
 from moe_jax.generate import main
 from moe_jax.presets import preset_hf_config
@@ -107,7 +107,8 @@ def test_openai_round_trip_matches_llm_generate(tmp_path, chat_model, capsys):
     (completion("a", prompt=["x", "y"]), "in.jsonl:1: 'body.prompt' must be a string or a list of token ids"),
     (completion("a", prompt=""), "in.jsonl:1: empty prompt"),
     (completion("a", prompt="x", max_tokens=0), "in.jsonl:1: 'body.max_tokens' must be a positive integer, got 0"),
-    (completion("a", prompt="x", temperature=-1), "in.jsonl:1: 'body.temperature' must be a number >= 0"),
+    (completion("a", prompt="x", temperature=-1), "in.jsonl:1: 'body.temperature' must be a finite number >= 0"),
+    (completion("a", prompt="x", temperature=float("inf")), "in.jsonl:1: 'body.temperature' must be a finite number >= 0, got inf"),
     (completion("a", prompt="x", top_p=0), "in.jsonl:1: 'body.top_p' must be a number in (0, 1]"),
     (completion("a", prompt="x", seed=1.5), "in.jsonl:1: 'body.seed' must be an integer"),
     (completion("a", prompt="x", stop=[1]), "in.jsonl:1: 'body.stop' must be a string or a list of strings"),
@@ -115,6 +116,10 @@ def test_openai_round_trip_matches_llm_generate(tmp_path, chat_model, capsys):
     (chat("a", messages=[]), "in.jsonl:1: 'body.messages' must be a non-empty list"),
     (chat("a", messages=[{"role": "user"}]),
      "in.jsonl:1: 'body.messages[0]' must be an object with string 'role' and 'content'"),
+    (chat("a", messages=[{"role": "user", "content": "x", "tool_calls": [], "bogus": 1}]),
+     "in.jsonl:1: unknown fields 'body.messages[0].bogus', 'body.messages[0].tool_calls' (known: content, name, role)"),
+    (chat("a", messages=[{"role": "user", "content": "x", "name": 5}]),
+     "in.jsonl:1: 'body.messages[0].name' must be a string, got 5"),
     (chat("a", messages=[{"role": "user", "content": None}]),
      "in.jsonl:1: 'body.messages[0].content' must be a string or a non-empty list of text parts, got None"),
     (chat("a", messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}]),
@@ -139,6 +144,9 @@ def test_chat_template_rendering(tmp_path):
     tok = Tokenizer.byte_level()
     with_bos = ChatTemplate("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", "<s>", "</s>")
     assert with_bos.render([{"role": "user", "content": "hi"}]) == "<s>hi"
+    named = ChatTemplate("{% for m in messages %}{{ m.get('name', '-') }}:{{ m.content }};{% endfor %}")
+    assert named.render(openai_batch._messages({"messages": [{"role": "user", "content": "hi", "name": "alice"},
+                                                             {"role": "user", "content": "yo"}]})) == "alice:hi;-:yo;"
     assert with_bos.token_ids([{"role": "user", "content": "hi"}], tok) == [BYTE_BOS, ord("h"), ord("i")]
     plain = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert plain.token_ids([{"role": "user", "content": "hi"}], tok) == [ord("h"), ord("i")]  # as transformers

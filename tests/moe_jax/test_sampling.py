@@ -23,6 +23,8 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     assert other != alone
     greedy = llm.generate(["The quick brown fox"], p.replace(temperature=0.0))[0].token_ids
     assert llm.generate(["The quick brown fox"], p.replace(top_k=1))[0].token_ids == greedy
+    # a top_k past the int32 the sampler takes keeps every token, as top_k 0 does
+    assert llm.generate(["The quick brown fox"], p.replace(top_k=3_000_000_000))[0].token_ids == alone
 
 
 def test_filters_on_random_logits():
@@ -53,7 +55,9 @@ def test_stop_tokens_and_lengths(llm):
 @pytest.mark.parametrize("bad, message", [
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
     (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),
-    (dict(temperature=-1.0), "temperature must be >= 0"), (dict(temperature="1"), "temperature must be a number"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"), (dict(temperature="1"), "temperature must be a number"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_k=-2), "top_k must be an integer >= 0"),
     (dict(seed="x"), r"seed must be an integer in 0\.\.2\*\*32 - 1, got 'x'"),
     (dict(seed=1.5), r"seed must be an integer in 0\.\.2\*\*32 - 1, got 1\.5"),
