@@ -17,9 +17,9 @@
 # one device command each, in this order:
 #   1. `bash scripts/gpu_suite.sh` (timeout_s 600): the core steps, in order:
 #      - bench_throughput_g64_g128_exp4 (issue 7's two headline runs in one process, ~8-9.5 min: g64 on HRM's
-#        policy, N=2715 μ=905 n_ub=3 r_w=0.0234, 1739.9 tok/s predicted; then g128 on the same loaded engine,
-#        rebatched to HRM's best N and μ for it (--keep-engine: N=1827 μ=609, 1276.8 predicted, HRM's own g128
-#        policy 1329.1 reported beside), with no second load and, where the g64 cache holds it, no second KV
+#        policy, N=2715 μ=905 n_ub=3 r_w=0.0234, 1738.2 tok/s predicted; then g128 on the same loaded engine,
+#        rebatched to HRM's best N and μ for it (--keep-engine: N=1827 μ=609, 1276.3 predicted, HRM's own g128
+#        policy 1328.5 reported beside), with no second load and, where the g64 cache holds it, no second KV
 #        fault-in. If the budget cuts g128, its row reports the decode steps it measured; rerun it alone
 #        (bench_throughput_g128_exp4) in a later command or session.
 #      - bench_kv_pages and bench_offload_quick, if time is left (skipped under 60 s).
@@ -169,8 +169,8 @@ STEPS=(
   "bench_throughput_g64|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:64 --no-baseline --json $LOGS/bench_throughput_g64.json --plot $LOGS/bench_throughput_g64.png --append-results $LOGS/bench_throughput_g64.md"
   "bench_throughput_g64_24|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:64 --gpu-memory-gb 24 --no-baseline --json $LOGS/bench_throughput_g64_24.json --plot $LOGS/bench_throughput_g64_24.png --append-results $LOGS/bench_throughput_g64_24.md"
   # issue 7's two headline runs in one process: gen 64 on HRM's policy, then gen 128 on the same loaded engine
-  # (--keep-engine: HRM's best N and μ for its micro-batch count and resident experts, 1276.8 tok/s predicted
-  # where HRM's own g128 policy gives 1329.1; both reported), saving the second load and KV fault-in
+  # (--keep-engine: HRM's best N and μ for its micro-batch count and resident experts, 1276.3 tok/s predicted
+  # where HRM's own g128 policy gives 1328.5; both reported), saving the second load and KV fault-in
   "bench_throughput_g64_g128_exp4|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:64,mtbench:128 --expert-codec exp4 --keep-engine --no-baseline --json $LOGS/bench_throughput_g64_g128_exp4.json --plot $LOGS/bench_throughput_g64_g128_exp4.png --append-results $LOGS/bench_throughput_g64_g128_exp4.md"
   "bench_throughput_g64_exp4|560|$PY scripts/bench_throughput.py $HW \${MOE_IMPL:-} --workloads mtbench:64 --expert-codec exp4 --no-baseline --json $LOGS/bench_throughput_g64_exp4.json --plot $LOGS/bench_throughput_g64_exp4.png --append-results $LOGS/bench_throughput_g64_exp4.md"
   # MoE-Gen's published setting (prompts of 512, gen 256) at 24 GiB with exp4: decode tok/s vs its 469 (A5000)
