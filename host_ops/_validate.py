@@ -40,6 +40,8 @@ def cache_dtype(dtype) -> np.dtype:
 
 
 def heads(q_name: str, hq: int, kv_name: str, hk: int) -> None:
+    if hk < 1:
+        raise ValueError(f"{kv_name} has Hk={hk} KV heads: at least one is needed")
     if hq % hk:
         raise ValueError(f"{q_name} has Hq={hq} heads, not a multiple of {kv_name}'s Hk={hk} KV heads (GQA needs "
                          f"Hq % Hk == 0)")

@@ -222,6 +222,7 @@ class HostKVCache:
             raise ValueError(f"asked for {n} slots, only {free.size} of {self.num_slots} are free")
         slots = free[:n]
         self._in_use[slots] = True
+        self.lengths[:, slots] = 0  # a write to a slot never allocated left its length
         return slots
 
     def free(self, slots) -> None:

@@ -156,6 +156,7 @@ def _decode_inputs(B=2, S=10, Hk=2, Hq=4, D=64):
      r"k/v of shape \(3, 10, 2, 64\).*q of shape \(2, 4, 64\)"),
     (dict(k=np.ones((2, 10, 3, 64), BF16), v=np.ones((2, 10, 3, 64), BF16)),
      r"q has Hq=4 heads, not a multiple of k's Hk=3"),
+    (dict(k=np.ones((2, 10, 0, 64), BF16), v=np.ones((2, 10, 0, 64), BF16)), r"k has Hk=0 KV heads: at least one"),
     (dict(lengths=np.array([10, 0])), r"lengths must lie in \[1, 10\].*lengths\[1\] = 0"),
     (dict(lengths=np.array([11, 1])), r"lengths must lie in \[1, 10\].*lengths\[0\] = 11"),
     (dict(lengths=np.array([1, 2, 3])), r"lengths must have shape \(2,\) \(B from q \(2, 4, 64\)\), got \(3,\)"),

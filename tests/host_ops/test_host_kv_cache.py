@@ -313,6 +313,10 @@ def test_slot_reuse_after_free(ref, rng):
     cache.free([1])
     with pytest.raises(ValueError, match=r"slots \[1\] are not allocated"):
         cache.free([1])
+    cache.write(0, [1], [5], k_new[:1], v_new[:1])  # a slot written before it is allocated: length 6 ...
+    assert cache.lengths[0, 1] == 6
+    np.testing.assert_array_equal(cache.allocate(1), [1])
+    np.testing.assert_array_equal(cache.lengths[:, 1], 0)  # ... which its allocation does not carry over
 
 
 def test_attend_with_explicit_lengths_and_out(ref, rng):
