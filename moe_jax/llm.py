@@ -1,6 +1,7 @@
 """The Python API: `LLM(model, dtype=..., policy=...)` with `.logits`, `.generate` and `.prepare`."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 from typing import Iterator, Sequence
@@ -128,6 +129,7 @@ class LLM:
             self.hardware = hardware_profile(hardware)  # a bad name or file fails here, not mid-job
         self.engine = None
         self.hrm_prediction = None  # the HRM SearchResult behind an offload policy it chose
+        self._batch_chosen_for = None  # the requests of the largest job this LLM chose its offload batch for
         if policy == "auto" or (policy == "offload" and (self.hardware is None or gpu_memory_gb is None)):
             # JAX starts before HRM chooses (to detect the device or read its memory): a pool for every expert
             pinned_pool.reserve(pinned_pool.streamed_bytes(self.cfg, self.dtype, codec=expert_codec))
@@ -177,18 +179,21 @@ class LLM:
         hardware = self._hardware() if jax.devices()[0].platform == "gpu" else None
         return hardware_profile(hardware).host_memory if hardware is not None else None
 
-    def _choose_offload_policy(self, requests: Sequence[Request]) -> Policy:
+    def _choose_offload_policy(self, requests: Sequence[Request], loaded: Policy | None = None) -> Policy:
         """HRM's policy for this workload (lengths as the engine runs them, `hrm_lengths`), N at most the requests
-        and max_batch_size."""
+        and max_batch_size; with `loaded` (the built engine's policy), the best N and μ on its layout (its
+        micro-batches and resident experts, its cap)."""
         from moe_jax import hrm
 
         hardware = self._hardware()
         n = len(requests)
         if hardware is None:
             batch = min(n, self.max_batch_size or DEFAULT_MAX_BATCH)
-            n_ub = min(2, batch)
+            n_ub = min(2, batch) if loaded is None else min(loaded.num_micro_batches, batch)
             policy = Policy(batch_size=batch, micro_batch_size=-(-batch // n_ub), num_micro_batches=n_ub,
                             **self.offload_options)
+            if loaded is not None:
+                return Policy(**{**loaded.__dict__, "batch_size": batch, "micro_batch_size": policy.micro_batch_size})
             log.warning("policy offload: no HRM hardware profile for device %s (pass hardware=...); using %s",
                         jax.devices()[0].device_kind, policy)
             return policy
@@ -201,13 +206,18 @@ class LLM:
             limit = device_memory_limit()
             caps += [limit / 2**30] if limit else []
         pool = pinned_pool.fixed_cap_bytes()  # None: no GPU backend yet; HRM sizes the pool, set before it starts
+        layout = {} if loaded is None else {"num_micro_batches": loaded.num_micro_batches,
+                                            "resident_expert_fraction": loaded.resident_expert_fraction}
         result = hrm.choose_policy(self.cfg, hardware, **job._asdict(), gpu_memory_gb=min(caps) if caps else None,
                                    pinned_pool_gb=pool / 2**30 if pool else None,
                                    max_batch_size=min(n, self.max_batch_size or n),
-                                   placements=[("cpu", "cpu")], dtype=str(self.dtype), **self.offload_options)
+                                   placements=[("cpu", "cpu")], dtype=str(self.dtype), **self.offload_options, **layout)
+        if loaded is not None:  # its cap, as the engine holds it (the search's may count the device's limit too)
+            result = dataclasses.replace(result, policy=Policy(**{**result.policy.__dict__, "gpu_memory_gb": loaded.gpu_memory_gb}))
         self.hrm_prediction = result
-        log.info("HRM (%s, prompt %d, gen %d) chose %s; predicted %.1f tok/s, bottleneck %s",
-                 hardware, job.prompt_len, job.gen_len, result.policy, result.tokens_per_s, result.bottleneck)
+        log.info("HRM (%s, prompt %d, gen %d) chose %s%s; predicted %.1f tok/s, bottleneck %s",
+                 hardware, job.prompt_len, job.gen_len, result.policy, "" if loaded is None else " on the loaded weights",
+                 result.tokens_per_s, result.bottleneck)
         return result.policy
 
     @property
@@ -260,6 +270,7 @@ class LLM:
             policy = Policy(**{**policy.__dict__, "gpu_memory_gb": self.gpu_memory_gb})
         self.engine.rebatch(policy)
         self.policy, self.hrm_prediction = policy, None  # HRM's prediction, if any, was for the policy before
+        self._batch_chosen_for = None  # the caller's batch from now on
 
     def release_kv_cache(self) -> None:
         """Give the offload engine's kept host KV cache back to the OS (tens of GB for a large batch); the next
@@ -284,9 +295,29 @@ class LLM:
                 for i, sp in enumerate(per)]
 
     def _start(self, requests: list[Request]) -> None:
-        """Build the offload engine for `requests` (not empty) if none is built."""
+        """Build the offload engine for `requests` (not empty) if none is built. Where this LLM chose the built
+        engine's batch (HRM, or the fallback without a profile) for a job of fewer requests than these (a warm-up),
+        the batch is chosen again for these on the loaded weights (`rebatch`, logged): a later, larger job does
+        not run at the warm-up's batch."""
         if self.engine is None:
             self._build_offload(self._choose_offload_policy(requests))
+            self._batch_chosen_for = len(requests)
+        elif self._batch_chosen_for is not None and len(requests) > self._batch_chosen_for:
+            from moe_jax.hrm import InfeasibleError
+
+            was, chosen_for = self.policy, self._batch_chosen_for
+            try:
+                policy = self._choose_offload_policy(requests, loaded=was)
+            except InfeasibleError as e:  # the engine's own checks say whether the batch it has fits these
+                log.warning("offload policy: no batch for these %d requests on the loaded weights (%s); running "
+                            "them at %s", len(requests), e, was)
+                policy = was
+            if (policy.batch_size, policy.micro_batch_size) != (was.batch_size, was.micro_batch_size):
+                self.engine.rebatch(policy)
+                log.info("offload policy: the batch chosen for %d requests, %s, is now %s for these %d",
+                         chosen_for, was, policy, len(requests))
+                self.policy = policy
+            self._batch_chosen_for = len(requests)
 
     def generate_iter(self, prompts: Sequence[str | Sequence[int]],
                       params: SamplingParams | Sequence[SamplingParams] | None = None

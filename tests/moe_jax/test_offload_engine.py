@@ -613,6 +613,29 @@ def test_rebatch_runs_another_batch_on_the_loaded_weights():
         hrm.rebatch(Policy(**{**smaller, "batch_size": 8, "micro_batch_size": -(-8 // smaller["num_micro_batches"])}))
 
 
+@pytest.mark.parametrize("hardware", ["l4", None])
+def test_a_warm_up_does_not_size_the_batch_of_later_jobs(hardware, caplog):
+    """The batch chosen for a first job of one prompt (a warm-up) is chosen again, on the loaded weights, for a
+    later job of more (HRM's search with the layout fixed, or the fallback's), and the tokens stay the resident
+    engine's; a batch the caller set with `rebatch` is kept."""
+    source = open_model("tiny-olmoe")
+    prompts = [tuple(range(3, 3 + n)) for n in (5, 9, 2, 14, 7, 3, 11, 6)]
+    llm = moe_jax.LLM(source, dtype="float32", policy="offload", hardware=hardware, gpu_memory_gb=1 if hardware else None)
+    assert len(llm.generate(prompts[:1], GREEDY)) == 1
+    warm, engine = llm.policy, llm.engine
+    assert warm.batch_size == 1
+    with caplog.at_level("INFO", logger="moe_jax"):
+        got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    assert got == resident_tokens(source, prompts=prompts)
+    assert llm.engine is engine and llm.policy.batch_size == len(prompts) and engine.policy == llm.policy
+    assert (llm.policy.num_micro_batches, llm.policy.resident_expert_fraction) == (warm.num_micro_batches,
+                                                                                 warm.resident_expert_fraction)
+    assert f"the batch chosen for 1 requests, {warm}, is now {llm.policy} for these 8" in caplog.text
+    llm.rebatch(warm)
+    llm.generate(prompts + prompts, GREEDY)
+    assert llm.policy == warm
+
+
 @pytest.mark.parametrize("n", [1, 9, 13])
 def test_hrm_policy_fits_any_job_size(n):
     """HRM is asked for at most one wave of the job's size, so its policy is valid for any n."""
