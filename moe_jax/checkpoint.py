@@ -133,11 +133,28 @@ class Checkpoint:
                         "budget, a stop string or a stop token", self.path, past, self.cfg.vocab_size)
         self._shard_of = self._index()
         self._open: dict[str, object] = {}
+        self._untie_a_stored_lm_head()
         self.unused = self._unused_tensors()
         if self.unused:
             log.warning("%s: %d tensor(s) in the checkpoint are not read for the model config.json describes (%d "
                         "layers, %d experts), e.g. %s: does config.json match the weights?", self.path,
                         len(self.unused), self.cfg.num_layers, self.cfg.num_experts, ", ".join(self.unused[:3]))
+
+    def _untie_a_stored_lm_head(self) -> None:
+        """config.json ties the embeddings but the checkpoint stores an lm_head.weight that differs from them:
+        the stored one is the LM head, as transformers loads it ("both are present ... with different values, so
+        we will NOT tie them"), and said. One equal to the embeddings changes nothing."""
+        cfg = self.cfg
+        names = _global_names(cfg)
+        if not cfg.tie_embeddings or names["lm_head"].name not in self._shard_of:
+            return
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        embed, head = (self._read(names[k].name, shape) for k in ("embed", "lm_head"))
+        if not np.array_equal(embed, head):
+            log.warning("%s: config.json ties the embeddings (tie_word_embeddings) but the checkpoint's %s differs "
+                        "from %s: using the stored LM head, as transformers does", self.path, names["lm_head"].name,
+                        names["embed"].name)
+            self.cfg = cfg.replace(tie_embeddings=False)
 
     def _index(self) -> dict[str, str]:
         """tensor name -> shard file name."""

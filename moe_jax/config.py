@@ -342,15 +342,19 @@ def _rope(f: _Fields, head_dim: int, default_theta: float, max_positions: int) -
     return {"rope_theta": theta, "rotary_dim": rotary, "rope_scaling": scaling}
 
 
-def _context(f: _Fields, key: str = "max_position_embeddings", sliding_by_default: bool = True
-             ) -> dict[str, int | None]:
+def _context(f: _Fields, key: str = "max_position_embeddings", sliding: str | None = None) -> dict[str, int | None]:
     """Context limit: max_positions, and sliding_window where a window caps it. A sliding window at least as
     long as the context is never in effect; a shorter one would be, so it caps the context (attention over
-    <= window tokens is then exact). `sliding_by_default`: whether a window is in effect where config.json has no
-    `use_sliding_window` (transformers' default for the family: Qwen MoE's is False)."""
+    <= window tokens is then exact). `sliding`: when transformers applies a `sliding_window` for the family:
+    "always" (Mixtral: whatever `use_sliding_window` says), "flag" (Qwen MoE: where `use_sliding_window` is true,
+    default false), None (never: the field is ignored, as transformers ignores it, and said)."""
     n = f.int(key)
     window = f.get("sliding_window")
-    if f.get("use_sliding_window", sliding_by_default) and isinstance(window, int) and 0 < window < n:
+    if window is not None and sliding is None:
+        log.warning("%s: sliding_window=%r ignored, as transformers ignores it for model_type %r (causal attention "
+                    "over the whole context)", f.source, window, f.d.get("model_type"))
+    if (sliding == "always" or (sliding == "flag" and f.get("use_sliding_window", False))) \
+            and isinstance(window, int) and 0 < window < n:
         return {"max_positions": window, "sliding_window": window}
     return {"max_positions": n, "sliding_window": None}
 
@@ -361,7 +365,7 @@ def _check_silu(f: _Fields, key: str = "hidden_act") -> None:
 
 def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, norm_p: float | None,
                 qkv_bias: bool, qk_norm: str | None, clip_qkv: float | None = None, shared_ffn: int = 0,
-                default_theta: float = 10000.0, default_eps: float = 1e-6, sliding_by_default: bool = True,
+                default_theta: float = 10000.0, default_eps: float = 1e-6, sliding: str | None = None,
                 **fields: Any) -> ModelConfig:
     """Defaults of fields a config.json leaves out are transformers' defaults for the family; `fields`: more
     ModelConfig fields."""
@@ -374,7 +378,7 @@ def _llama_like(f: _Fields, *, num_experts: int, expert_ffn: int, top_k: int, no
         family=f.d["model_type"], vocab_size=f.int("vocab_size"), hidden_size=hidden,
         num_layers=f.int("num_hidden_layers"), num_heads=heads,
         num_kv_heads=f.int("num_key_value_heads", default=heads), head_dim=head_dim,
-        **rope, **_context(f, sliding_by_default=sliding_by_default), norm="rms",
+        **rope, **_context(f, sliding=sliding), norm="rms",
         norm_eps=f.number("rms_norm_eps", default_eps), qkv_bias=qkv_bias, qk_norm=qk_norm,
         clip_qkv=clip_qkv, num_experts=num_experts, experts_per_token=top_k,
         expert_ffn_size=expert_ffn, router_norm_p=norm_p, shared_expert_ffn_size=shared_ffn,
@@ -400,7 +404,7 @@ def _qwen_dense_layers(f: _Fields) -> dict[str, Any]:
 def _mixtral(f: _Fields) -> ModelConfig:
     return _llama_like(f, num_experts=f.int("num_local_experts"), expert_ffn=f.int("intermediate_size"),
                        top_k=f.int("num_experts_per_tok"), norm_p=1.0, qkv_bias=False, qk_norm=None,
-                       default_theta=1e6, default_eps=1e-5)
+                       default_theta=1e6, default_eps=1e-5, sliding="always")
 
 
 def _no_attention_bias(f: _Fields) -> bool:
@@ -414,7 +418,7 @@ def _qwen2_moe(f: _Fields) -> ModelConfig:
                        expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
                        qkv_bias=bool(f.get("qkv_bias", True)), qk_norm=None,
-                       shared_ffn=f.get("shared_expert_intermediate_size", 0), sliding_by_default=False,
+                       shared_ffn=f.get("shared_expert_intermediate_size", 0), sliding="flag",
                        **_qwen_dense_layers(f))
 
 
@@ -422,7 +426,7 @@ def _qwen3_moe(f: _Fields) -> ModelConfig:
     return _llama_like(f, num_experts=f.int("num_experts", "num_local_experts"),
                        expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
-                       qkv_bias=_no_attention_bias(f), qk_norm="head", sliding_by_default=False,
+                       qkv_bias=_no_attention_bias(f), qk_norm="head", sliding="flag",
                        **_qwen_dense_layers(f))
 
 

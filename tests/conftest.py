@@ -62,6 +62,9 @@ HF_CONFIGS = {
                         routed_scaling_factor=2.5),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, vocab_size=96, max_seq_len=256, bos_token_id=1, eos_token_id=2,
                  pad_token_id=0, attn_config=dict(kv_n_heads=2, clip_qkv=2.0, rope_theta=5e5),
+                 # transformers 5 drops attn_config's theta (its DBRX runs at rope_parameters'): both set, so that
+                 # the comparisons run at DBRX's own 5e5, not transformers' default of 1e4
+                 rope_parameters=dict(rope_type="default", rope_theta=5e5),
                  ffn_config=dict(ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=1.0)),
 }
 

@@ -111,3 +111,28 @@ def test_bfloat16_logits_close_to_float32(family, hf_checkpoints, f32_llms):
         # bf16 keeps 8 bits of mantissa; errors compound over the layers
         assert np.abs(got - want).max() <= 0.08 * np.abs(want).max()
         assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.8
+
+
+def test_a_tied_config_with_a_stored_lm_head_of_its_own_uses_it_as_transformers_does(tmp_path, caplog):
+    """config.json says tie_word_embeddings but the checkpoint stores an lm_head.weight that differs from the
+    embeddings (an untied model whose config was edited, or saved so): transformers loads the stored one ("will
+    NOT tie them"), and so does the loader, saying so."""
+    import json
+
+    model = build_hf_model("mixtral")  # skips where torch is not installed (not in CI)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        llm = moe_jax.LLM(str(tmp_path), dtype="float32", policy="resident")
+    assert "ties the embeddings (tie_word_embeddings) but the checkpoint's lm_head.weight differs" in caplog.text
+    assert not llm.cfg.tie_embeddings
+    for prompt, got in zip(PROMPTS, llm.logits(PROMPTS)):
+        with torch.no_grad():
+            want = reloaded(torch.tensor([prompt])).logits[0].numpy()
+        assert want.std() > 0.5
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

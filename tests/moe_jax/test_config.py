@@ -151,13 +151,22 @@ def test_unknown_model_type():
         ModelConfig.from_dict({"model_type": "llama"})
 
 
-def test_sliding_window_caps_the_context_instead_of_changing_attention():
+def test_sliding_window_caps_the_context_instead_of_changing_attention(caplog):
+    """Where transformers slides the window for the family: Mixtral whenever it is set (its attention reads no
+    use_sliding_window), Qwen MoE where use_sliding_window is true (default false); OLMoE, DBRX and DeepSeek never
+    (their attention is causal over the whole context): the field ignored there, and said."""
     assert cfg("mixtral", sliding_window=128).max_positions == 128
+    assert cfg("mixtral", sliding_window=128, use_sliding_window=False).max_positions == 128
     assert cfg("mixtral", sliding_window=4096).max_positions == 256  # longer than the context: not in effect
     assert cfg("qwen2_moe", sliding_window=64, use_sliding_window=False).max_positions == 256
     for qwen in ("qwen2_moe", "qwen3_moe"):  # transformers' use_sliding_window defaults to False for them
         assert cfg(qwen, sliding_window=64).max_positions == 256
         assert cfg(qwen, sliding_window=64, use_sliding_window=True).max_positions == 64
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        for family in ("olmoe", "dbrx", "deepseek_v2", "deepseek_v3"):
+            c = cfg(family, sliding_window=4, use_sliding_window=True)
+            assert c.max_positions > 4 and c.sliding_window is None, family
+    assert "sliding_window=4 ignored, as transformers ignores it for model_type 'dbrx'" in caplog.text
 
 
 def test_partial_rotary_factor_is_ignored_as_transformers_ignores_it(caplog):
