@@ -45,6 +45,20 @@ def _require_batch(items, name: str, each: str) -> None:
                         f"{'string' if isinstance(items, str) else 'list of token ids'}: wrap it in a list")
 
 
+def _warn_repeated_samples(ids: list[tuple[int, ...]], params: list[SamplingParams]) -> None:
+    """Requests that sample (temperature > 0) the same prompt with the same seed sample the same tokens (a
+    request's samples depend on its prompt and seed only): said, since repeating a prompt for several samples
+    is how vLLM's API is often used."""
+    seen, repeats = set(), 0
+    for prompt, sp in zip(ids, params):
+        if sp.temperature > 0:
+            repeats += (prompt, sp.seed) in seen
+            seen.add((prompt, sp.seed))
+    if repeats:
+        log.warning("%d request(s) sample a prompt with the same seed as an earlier one: they get the same tokens "
+                    "(give each its own SamplingParams(seed=...) for independent samples)", repeats)
+
+
 class PolicyUnavailable(ValueError):
     pass
 
@@ -77,6 +91,7 @@ class LLM:
       losslessly in 12 bits, bfloat16 only: `moe_jax.expert_codec`); kv_cache_dtype: how their host KV
       cache stores K and V: "auto" (the model's dtype) or "int8" (lossy, about half the bytes: twice the
       sequences in the same host memory; `moe_jax.Policy`). A `moe_jax.Policy` carries its own of both.
+    seed: a preset's random weights (unused for a model directory; sampling seeds are SamplingParams.seed).
     The engine (and the weights' placement) is built when first needed: at construction for
     "resident" or a Policy, at the first `generate` (or `prepare`) for "offload" and "auto" when they choose
     offload.
@@ -244,7 +259,8 @@ class LLM:
         policy for these prompts (without a hardware profile: a fallback policy, logged) and the weights are
         placed; an infeasible policy or a memory error (the
         engine's own, its KV cache's, its prefill's) comes here, before any work. Later `generate` calls run
-        on this engine (the policy stays: sized for these prompts). The offload engine also allocates its host KV
+        on this engine (the weights stay where they are; a later job of more requests than these gets its batch
+        chosen again on them, `_start`). The offload engine also allocates its host KV
         cache for these prompts here, and keeps it for every later `generate` whose prompts fit it (the first
         touch of tens of GB of host memory takes seconds to minutes on some VMs: paid once)."""
         requests = self._requests(prompts, params)
@@ -284,13 +300,20 @@ class LLM:
         """The prompts and their SamplingParams as validated Requests (`generate`'s arguments)."""
         _require_batch(prompts, "prompts", "prompts (each a string or a list of token ids)")
         params = params if params is not None else SamplingParams()
+        if not isinstance(params, (SamplingParams, list, tuple)):
+            raise TypeError(f"params must be a SamplingParams or a list of them (one per prompt), got "
+                            f"{type(params).__name__}")
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per) != len(prompts):
             raise ValueError(f"got {len(per)} SamplingParams for {len(prompts)} prompts")
+        bad = next((i for i, sp in enumerate(per) if not isinstance(sp, SamplingParams)), None)
+        if bad is not None:
+            raise TypeError(f"params[{bad}] must be a SamplingParams, got {type(per[bad]).__name__}")
         if self.tokenizer is None and (i := next((i for i, sp in enumerate(per) if sp.stop), None)) is not None:
             raise ValueError(f"prompt {i}: stop strings {per[i].stop!r} need a tokenizer; {self.name} has none "
                              f"(use stop_token_ids)")
         ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        _warn_repeated_samples(ids, per)
         return [Request(i, ids[i], sp, StopStrings(sp.stop, self.tokenizer.decode, ids[i]) if sp.stop else None)
                 for i, sp in enumerate(per)]
 
@@ -322,9 +345,11 @@ class LLM:
     def generate_iter(self, prompts: Sequence[str | Sequence[int]],
                       params: SamplingParams | Sequence[SamplingParams] | None = None
                       ) -> Iterator[tuple[int, Completion]]:
-        """Yields (prompt index, Completion) in the order requests finish. All prompts are validated
-        before any work starts."""
-        requests = self._requests(prompts, params)
+        """An iterator of (prompt index, Completion) in the order requests finish. All prompts are validated
+        here, before it is returned and any work starts."""
+        return self._completions(self._requests(prompts, params))
+
+    def _completions(self, requests: list[Request]) -> Iterator[tuple[int, Completion]]:
         if not requests:
             return
         capped = [r for r in requests if token_budget(r, self.cfg.max_positions) < r.params.max_new_tokens]
@@ -336,7 +361,7 @@ class LLM:
         self._start(requests)
         decode = self.tokenizer.decode if self.tokenizer is not None else None
         for req, ids, reason, logprobs in self.engine.generate(requests):
-            c = Completion.of(req, ids, reason, logprobs, decode)
+            c = Completion.of(req, ids, reason, logprobs, decode, self.cfg.eos_token_ids)
             yield req.index, cut_at_stop(c, req.params.stop, self.tokenizer.decode) if req.params.stop else c
 
     def generate(self, prompts: Sequence[str | Sequence[int]],

@@ -40,8 +40,12 @@ class ModelNotFound(ValueError):
 
 def open_model(model: str | Path, seed: int = 0) -> ModelSource:
     """A directory with config.json + safetensors [+ tokenizer.json], a model saved by moe-jax
-    (`moe_jax.saved_model`), or a preset name."""
+    (`moe_jax.saved_model`), or a preset name; seed: a preset's random weights (a directory's weights are its
+    own: a seed other than 0 is said to be unused)."""
     path = Path(model)
+    if path.is_dir() and seed:
+        log.warning("seed=%r unused: it draws a preset's random weights, and %s holds its own (sampling seeds are "
+                    "SamplingParams.seed)", seed, path)
     if path.is_dir():
         weights = SavedWeights(path) if is_saved_model(path) else Checkpoint(path)
         tok_file = path / "tokenizer.json"

@@ -16,6 +16,8 @@ def encode_prompt(cfg: ModelConfig, tokenizer: Tokenizer | None, prompt: str | S
                   where: str = "prompt", room: int = 1) -> tuple[int, ...]:
     """Token ids of `prompt`: non-empty, inside the vocabulary, leaving `room` of the model's positions free
     (1: a token to generate; 0: a sequence only scored, `LLM.logits`)."""
+    if isinstance(prompt, (bytes, bytearray)):  # not a sequence of token ids, whatever its items are
+        raise PromptError(f"{where}: got {type(prompt).__name__}; give text (str) or a list of token ids")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise PromptError(f"{where}: this model has no tokenizer.json; give token ids, not text")

@@ -40,7 +40,7 @@ def finish_reason(request: Request, generated: Sequence[int], budget: int, eos_i
 class Completion:
     """token_ids: generated tokens only (a stop token that ended generation included; a stop string's
     tokens up to the one completing it); text: their decoding (None without a tokenizer), cut before a stop
-    string; finish_reason: "stop" (EOS, a stop token or a stop string) or "length".
+    string, and without the text of a stop token (or EOS) that ended generation, as vLLM's; finish_reason: "stop" (EOS, a stop token or a stop string) or "length".
     Where the request's SamplingParams.logprobs is set (else None): logprobs, each token's log-probability
     under the model's distribution; top_logprobs (logprobs >= 1), each position's `logprobs` most likely
     (token id, log-probability), most likely first."""
@@ -54,11 +54,14 @@ class Completion:
 
     @classmethod
     def of(cls, request: Request, token_ids: list[int], finish_reason: str, logprobs: list | None,
-           decode: Callable[[Sequence[int]], str] | None) -> "Completion":
+           decode: Callable[[Sequence[int]], str] | None, eos_ids: Collection[int] = ()) -> "Completion":
         """What an engine yields for `request` (logprobs: its `sampling.logprob_entry` per token, or None),
-        with the text where `decode` (a tokenizer's) is given."""
-        top = request.params.logprobs
-        return cls(list(token_ids), None if decode is None else continuation(decode, request.prompt, token_ids),
+        with the text where `decode` (a tokenizer's) is given; eos_ids: the model's (`finish_reason`)."""
+        p, top = request.params, request.params.logprobs
+        last = token_ids[-1] if token_ids else None
+        by_token = finish_reason == "stop" and (last in p.stop_token_ids or (not p.ignore_eos and last in eos_ids))
+        texted = token_ids[:-1] if by_token else token_ids
+        return cls(list(token_ids), None if decode is None else continuation(decode, request.prompt, texted),
                    finish_reason,
                    list(request.prompt), None if logprobs is None else [lp for lp, _ in logprobs],
                    [t for _, t in logprobs] if logprobs is not None and top else None)

@@ -137,25 +137,32 @@ class ResidentEngine:
                                   f"{gib(value)} GiB (90% of it usable): use a smaller max_batch_size or policy "
                                   f"'offload'")
 
-    def _cache_shapes(self, batch: int, length: int):
+    def _cache_shapes(self, batch: int, length: int, query_tokens: int = 0, logits: bool = False):
         """Shapes of the KV cache's k and v (None where the values are the keys' first dims, `values_in_keys`),
-        checked to fit with the weights."""
+        checked to fit with the weights beside one layer's float32 attention scores of `query_tokens` tokens a
+        sequence over the `length` positions, [batch, heads, query_tokens, length] (a prefill's: `model.attention`
+        writes them out), and with `logits` their float32 logits [batch, query_tokens, vocab] (`logits`)."""
         cfg = self.cfg
         shape = (cfg.num_layers, batch, length, cfg.num_kv_heads)
         k_shape, v_shape = (*shape, cfg.head_dim), None if cfg.values_in_keys else (*shape, cfg.value_dim)
-        self._check_fits(self._cap, sum(int(np.prod(s)) for s in (k_shape, v_shape) if s) * self.dtype.itemsize,
-                         f"{batch} sequences x {length} positions")
+        kv = sum(int(np.prod(s)) for s in (k_shape, v_shape) if s) * self.dtype.itemsize
+        scores = 4 * batch * query_tokens * (cfg.num_heads * length + (cfg.vocab_size if logits else 0))
+        scored = (f" (and the float32 attention scores{' and logits' if logits else ''} of {query_tokens} tokens "
+                  f"each)" if query_tokens else "")
+        self._check_fits(self._cap, kv + scores, f"{batch} sequences x {length} positions{scored}")
         return k_shape, v_shape
 
-    def _cache(self, batch: int, length: int):
+    def _cache(self, batch: int, length: int, query_tokens: int = 0, logits: bool = False):
         """The KV cache: k, and v (None where the values are the keys' first dims)."""
-        k_shape, v_shape = self._cache_shapes(batch, length)
+        k_shape, v_shape = self._cache_shapes(batch, length, query_tokens, logits)
         return jnp.zeros(k_shape, self.dtype), None if v_shape is None else jnp.zeros(v_shape, self.dtype)
 
-    def _rows_and_length(self, requests: Sequence[Request], budgets: Sequence[int]) -> tuple[int, int]:
-        """(rows, positions) of a `generate` call's KV cache: the bucketed batch, the bucketed largest need."""
+    def _rows_and_length(self, requests: Sequence[Request], budgets: Sequence[int]) -> tuple[int, int, int]:
+        """(rows, positions, prompt tokens) of a `generate` call's KV cache: the bucketed batch, the bucketed
+        largest need, the bucketed longest prompt (what a prefill call pads to at most)."""
         return (bucket(min(len(requests), self.max_batch_size), 1),
-                bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets))))
+                bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets))),
+                bucket(max(len(r.prompt) for r in requests)))
 
     def prepare(self, requests: Sequence[Request]) -> None:
         """The memory check of a `generate` of these requests (its KV cache beside the weights), without
@@ -175,7 +182,7 @@ class ResidentEngine:
             for r, i in enumerate(wave):
                 tokens[r, :len(prompts[i])] = prompts[i]
             positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-            x, _, _ = self._forward(self.glob, self.layers, tokens, positions, *self._cache(B, T))
+            x, _, _ = self._forward(self.glob, self.layers, tokens, positions, *self._cache(B, T, T, logits=True))
             logits = np.asarray(self._lm_head(self.glob, x))
             for r, i in enumerate(wave):
                 out[i] = logits[r, :len(prompts[i])]
@@ -190,8 +197,8 @@ class ResidentEngine:
         budgets = [token_budget(r, cfg.max_positions) for r in requests]
         waiting = collections.deque(sorted(zip(requests, budgets), key=lambda rb: -len(rb[0].prompt)))
         usable = min(len(requests), self.max_batch_size)  # rows that take requests; the rest pad the bucket
-        B, S = self._rows_and_length(requests, budgets)
-        cache = self._cache(B, S)
+        B, S, T = self._rows_and_length(requests, budgets)
+        cache = self._cache(B, S, T)
         req: list[Request | None] = [None] * B
         budget = np.zeros(B, np.int64)
         generated: list[list[int]] = [[] for _ in range(B)]

@@ -25,7 +25,7 @@ TEMP_BUFFERS = 8
 class SamplingParams:
     """Per-request generation settings. temperature 0 is greedy; top_k 0 and top_p 1 disable those
     filters; generation stops at `max_new_tokens`, at a stop token, (unless ignore_eos) at EOS, or at
-    a stop string (`stop`: a string or several; the text is cut before it; needs a tokenizer).
+    a stop string (`stop`: a string or several, None for none; the text is cut before it; needs a tokenizer).
     logprobs: None, or return each generated token's log-probability (`Completion.logprobs`) and, when
     >= 1, that many most likely tokens at each position (`Completion.top_logprobs`, at most
     MAX_TOP_LOGPROBS), as vLLM's `logprobs`: under the model's own distribution (log-softmax of its
@@ -47,7 +47,7 @@ class SamplingParams:
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", integer_ids(self.stop_token_ids, "stop_token_ids"))
         try:
-            stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+            stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         except TypeError:  # not a sequence at all
             stop = (None,)
         if not all(isinstance(s, str) and s for s in stop):

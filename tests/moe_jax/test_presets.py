@@ -61,6 +61,7 @@ def test_pooled_tensors_are_the_pool_from_a_random_offset_wrapping_around():
 
 def test_resident_kv_cache_must_fit_the_cap():
     llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident", gpu_memory_gb=0.0014)  # 1.0 MB of weights fit
-    with pytest.raises(MemoryError, match=r"GiB for the KV cache of 1 sequences x 2048 positions but the "
-                                          r"gpu_memory_gb cap is 0.0014 GiB \(90% of it usable\)"):
+    with pytest.raises(MemoryError, match=r"GiB for the KV cache of 1 sequences x 2048 positions \(and the float32 "
+                                          r"attention scores of 8 tokens each\) but the gpu_memory_gb cap is 0.0014 GiB "
+                                          r"\(90% of it usable\)"):
         llm.generate(["x"], moe_jax.SamplingParams(max_new_tokens=2000))

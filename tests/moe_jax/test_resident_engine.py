@@ -103,6 +103,50 @@ def test_a_single_prompt_must_be_wrapped_in_a_list():
     assert len(llm.generate(["The capital"], SamplingParams(max_new_tokens=1))) == 1
 
 
+def test_arguments_of_other_kinds_are_named_errors_and_checked_before_the_iterator():
+    """bytes are neither text nor token ids; params of another kind (a generator, an item not a SamplingParams)
+    are named; generate_iter checks it all when called, not at its first item."""
+    llm = moe_jax.LLM("tiny-mixtral", policy="resident")
+    for raw in (b"hi", bytearray(b"hi")):
+        with pytest.raises(PromptError, match=f"prompt 0: got {type(raw).__name__}; give text .* or a list of token ids"):
+            llm.generate([raw])
+    with pytest.raises(TypeError, match="params must be a SamplingParams or a list of them .*, got generator"):
+        llm.generate(["a"], (SamplingParams() for _ in range(1)))
+    with pytest.raises(TypeError, match=r"params\[1\] must be a SamplingParams, got dict"):
+        llm.generate(["a", "b"], [SamplingParams(), {"max_new_tokens": 2}])
+    with pytest.raises(PromptError, match="token id 999 is outside the vocabulary"):
+        llm.generate_iter([[999]])  # no next() needed
+
+
+def test_the_scores_and_logits_of_long_sequences_are_counted_against_the_cap():
+    """`logits` holds [B, T, vocab] float32 logits and a layer's [B, heads, T, T] scores, a prefill the scores over
+    its cache: counted with the KV cache against the cap (a MemoryError naming them), not left to XLA."""
+    llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident", gpu_memory_gb=0.002)
+    assert llm.logits([[1, 2, 3]])[0].shape == (3, llm.cfg.vocab_size)
+    with pytest.raises(MemoryError, match=r"KV cache of 8 sequences x 1024 positions \(and the float32 attention "
+                                          r"scores and logits of 1024 tokens each\) but the gpu_memory_gb cap"):
+        llm.logits([[1] * 1000] * 8)
+    with pytest.raises(MemoryError, match=r"x 1024 positions \(and the float32 attention scores of 1024 tokens each\)"):
+        llm.generate([[1] * 1000], SamplingParams(max_new_tokens=2))
+
+
+def test_repeated_samples_and_an_unused_seed_are_said(caplog, hf_checkpoints):
+    """The same prompt sampled with the same seed gives the same tokens (a request's samples depend on its prompt
+    and seed): said, as is a weights seed given for a model directory, which holds its own weights."""
+    llm = moe_jax.LLM("tiny-mixtral", policy="resident")
+    hot = SamplingParams(max_new_tokens=3, temperature=1.0)
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        outs = llm.generate(["Hi", "Hi", "Hi", "other"], hot)
+        assert "2 request(s) sample a prompt with the same seed as an earlier one" in caplog.text
+        assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids
+        caplog.clear()
+        llm.generate(["Hi", "Hi"], [hot, hot.replace(seed=1)])
+        llm.generate(["Hi", "Hi"], SamplingParams(max_new_tokens=2))  # greedy: the same by design
+        assert "same seed" not in caplog.text
+        moe_jax.LLM(str(hf_checkpoints["mixtral"][0]), policy="resident", seed=3)
+    assert "seed=3 unused: it draws a preset's random weights" in caplog.text
+
+
 def test_a_cap_too_small_for_a_tiny_model_reads_in_its_own_digits():
     with pytest.raises(MemoryError, match=r"needs 0\.000475 GiB for the weights alone but the gpu_memory_gb cap is "
                                           r"1e-05 GiB \(90% of it usable\)"):

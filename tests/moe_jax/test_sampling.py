@@ -48,6 +48,10 @@ def test_stop_tokens_and_lengths(llm):
     stop_at = first.token_ids[2]
     out = llm.generate(["abc"], SamplingParams(max_new_tokens=6, stop_token_ids=(stop_at,)))[0]
     assert out.finish_reason == "stop" and out.token_ids == first.token_ids[:first.token_ids.index(stop_at) + 1]
+    # the text leaves out the stop token's own, as vLLM's does (the token stays in token_ids)
+    assert len(out.token_ids) > 1 and llm.tokenizer.decode([stop_at]) != ""
+    before = llm.generate(["abc"], SamplingParams(max_new_tokens=len(out.token_ids) - 1))[0]
+    assert out.text == before.text != first.text and before.token_ids == out.token_ids[:-1]
     outs = llm.generate(["a", "bb", "ccc"], [SamplingParams(max_new_tokens=n) for n in (1, 4, 9)])
     assert [len(o.token_ids) for o in outs] == [1, 4, 9] and all(o.finish_reason == "length" for o in outs)
 
