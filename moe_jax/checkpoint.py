@@ -149,7 +149,12 @@ class Checkpoint:
         if not cfg.tie_embeddings or names["lm_head"].name not in self._shard_of:
             return
         shape = (cfg.vocab_size, cfg.hidden_size)
-        embed, head = (self._read(names[k].name, shape) for k in ("embed", "lm_head"))
+        try:
+            embed, head = (self._read(names[k].name, shape) for k in ("embed", "lm_head"))
+        except CheckpointError as e:  # a head of another shape or dtype: not one the model can use
+            log.warning("%s: config.json ties the embeddings; the checkpoint's %s is not read (%s)", self.path,
+                        names["lm_head"].name, e)
+            return
         if not np.array_equal(embed, head):
             log.warning("%s: config.json ties the embeddings (tie_word_embeddings) but the checkpoint's %s differs "
                         "from %s: using the stored LM head, as transformers does", self.path, names["lm_head"].name,

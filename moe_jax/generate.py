@@ -28,8 +28,9 @@ from moe_jax.checkpoint import CheckpointError
 from moe_jax.config import ConfigError
 from moe_jax.expert_codec import check as check_codec
 from moe_jax.hrm import HardwareError, InfeasibleError
-from moe_jax.job_output import (CompletionWriter, OutputError, ResumeError, check_finished, check_meta, finished_ids,
-                                output_lock, record_requests, recorded_setting, sidecar, start_output, write_errors)
+from moe_jax.job_output import (SIDECARS, CompletionWriter, OutputError, ResumeError, check_finished, check_meta,
+                                finished_ids, output_lock, record_requests, recorded_setting, sidecar, start_output,
+                                write_errors)
 from moe_jax.job_requests import BadLine, JobRequest
 from moe_jax.jsonl_jobs import OPENAI, PLAIN, Job, JobFormat, JobInputError, read_job
 from moe_jax.llm import LLM, POLICIES, PolicyUnavailable
@@ -105,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--output {args.output} is a directory (or another non-file): give a file path")
     if args.output and args.input and args.output.resolve() == args.input.resolve():
         p.error("--output must not be the --input file")
+    clash = next((s for s in SIDECARS if args.output and sidecar(args.output, s) == args.output), None)
+    if clash:
+        p.error(f"--output {args.output} is the name of its own {clash} sidecar file: give another name")
     if args.resume and args.overwrite:
         p.error("--resume keeps --output's finished lines, --overwrite replaces them: give one")
     if args.output and args.output.is_file() and args.output.stat().st_size and not (args.resume or args.overwrite):
@@ -369,7 +373,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
-        if getattr(args, "output_started", False):  # e.g. a full disk: what finished is kept
+        if isinstance(e, OutputError) and getattr(args, "output_started", False):  # a full disk: what finished is kept
             print(f"finished requests are in {args.output}; to resume: {resume_command(argv)}", file=sys.stderr)
         return 2
     except Interrupted as e:

@@ -28,6 +28,9 @@ class OutputError(ValueError):
     """An output file this run cannot write: another run holds it, or its directory is not writable."""
 
 
+SIDECARS = (".meta.json", ".meta.json.tmp", ".errors.jsonl", ".lock")  # the files a job writes beside OUT
+
+
 def sidecar(out: Path, suffix: str) -> Path:
     """out.jsonl -> out<suffix>, e.g. out.meta.json."""
     return out.with_name(out.stem + suffix)
@@ -126,7 +129,8 @@ class CompletionWriter:
             try:
                 self.sync()
             finally:
-                self._f.close()
+                with _writing(self.path):  # its flush of what a failed write left buffered may fail again
+                    self._f.close()
 
 
 def finished_ids(path: Path, id_key: str) -> set:

@@ -30,8 +30,9 @@ class JobRequest:
         the input line of an id it finished has changed since."""
         asked = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("line", "id")}
         asked["sampling"] = {k: float(v) if k in FLOAT_FIELDS else v for k, v in self.sampling.items()}  # 1 as 1.0
-        # no "stop" as jobs written before a line's empty stop was its own: []; a line's own empty stop: null
-        asked["stop"] = [] if self.stop is None else list(self.stop) or None
+        # no "stop" and an empty one alike, as jobs recorded them before an empty one meant none whatever --stop
+        # says: their finished lines resume (a line switched between the two under a --stop is not told apart)
+        asked["stop"] = list(self.stop or ())
         return hashlib.sha256(json.dumps(asked, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 

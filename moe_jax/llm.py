@@ -325,8 +325,10 @@ class LLM:
         if self.engine is None:
             self._build_offload(self._choose_offload_policy(requests))
             self._batch_chosen_for = len(requests)
-        elif self._batch_chosen_for is not None and len(requests) > self._batch_chosen_for:
+        elif (self._batch_chosen_for is not None and len(requests) > self._batch_chosen_for
+              and not self.engine.running):  # (a generate under way: the engine refuses this one, saying why)
             from moe_jax.hrm import InfeasibleError
+            from moe_jax.offload_engine import OffloadMemoryError
 
             was, chosen_for = self.policy, self._batch_chosen_for
             try:
@@ -336,10 +338,13 @@ class LLM:
                             "them at %s", len(requests), e, was)
                 policy = was
             if (policy.batch_size, policy.micro_batch_size) != (was.batch_size, was.micro_batch_size):
-                self.engine.rebatch(policy)
-                log.info("offload policy: the batch chosen for %d requests, %s, is now %s for these %d",
-                         chosen_for, was, policy, len(requests))
-                self.policy = policy
+                try:
+                    self.engine.rebatch(policy)
+                    log.info("offload policy: the batch chosen for %d requests, %s, is now %s for these %d",
+                             chosen_for, was, policy, len(requests))
+                    self.policy = policy
+                except OffloadMemoryError as e:  # (the fallback's batch has no memory model behind it)
+                    log.warning("offload policy: keeping %s for these %d requests: %s", was, len(requests), e)
             self._batch_chosen_for = len(requests)
 
     def generate_iter(self, prompts: Sequence[str | Sequence[int]],

@@ -140,3 +140,28 @@ def test_deepseek_v3_multi_token_prediction_layers_are_not_unused(tmp_path, hf_c
     (d / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=2, model_type="deepseek_v2",
                                                    topk_method="greedy", norm_topk_prob=False)))
     assert "model.layers.2.input_layernorm.weight" in Checkpoint(d).unused
+
+
+def test_a_tied_config_keeps_its_tie_where_the_stored_lm_head_cannot_be_its_head(tmp_path, hf_checkpoints, caplog):
+    """A tied config whose checkpoint stores an lm_head.weight of another shape (a padded vocabulary): the tie
+    stands and the stored head is said not to be read, where reading it to compare used to fail the load."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = hf_checkpoints["mixtral"][0]
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for shard in sorted(set(index.values())):
+        with safe_open(str(src / shard), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    tensors["lm_head.weight"] = torch.cat([tensors["lm_head.weight"], tensors["lm_head.weight"][:32]])
+    d = tmp_path / "m"
+    d.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    save_file(tensors, str(d / "model.safetensors"))
+    with caplog.at_level("WARNING", logger="moe_jax"):
+        ckpt = Checkpoint(d)
+    assert ckpt.cfg.tie_embeddings and "lm_head" not in ckpt.globals(np.float32)
+    assert "ties the embeddings; the checkpoint's lm_head.weight is not read" in caplog.text

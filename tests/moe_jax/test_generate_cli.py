@@ -216,6 +216,7 @@ def test_a_broken_tokenizer_is_an_error_line_not_a_traceback(tmp_path, capsys, h
     (["--input", "in.jsonl", "--output", "no/such/dir/o.jsonl"], "directory"),
     (["--input", "in.jsonl", "--output", "in.jsonl"], "--output must not be the --input file"),
     (["--input", "in.jsonl", "--output", "."], "--output . is a directory (or another non-file): give a file path"),
+    (["--input", "in.jsonl", "--output", "res.lock"], "--output res.lock is the name of its own .lock sidecar file"),
     (["--prompt", "x", "--output", "o.jsonl"], "--output takes the completions of an --input file; --prompt's"),
     (["--prompt", "x", "--max-new", "3"], "unrecognized arguments: --max-new"),  # flags whole, as printed back
     (["--input", "in.jsonl", "--output", "o.jsonl", "--resume", "--overwrite"], "give one"),
@@ -375,9 +376,10 @@ def test_resume_is_refused_where_a_finished_requests_line_changed(tmp_path, caps
     assert sorted(records(out), key=str) == [1, 2, "c"]
     recorded = dict(map(tuple, json.loads(meta_file.read_text())["requests"]))
     assert recorded[2] == JobRequest(2, 2, "B2").fingerprint() != JobRequest(2, 2, "B").fingerprint()
-    # a line's own empty "stop" (no stop strings, whatever --stop) asks for something else than none given; a line
-    # without one keeps the digest that jobs recorded before the two were told apart, so those resume
-    assert JobRequest(1, 1, "x", stop=()).fingerprint() != JobRequest(1, 1, "x").fingerprint() == "7e2b07ff93a9b00c"
+    # the digests jobs recorded before a line's empty "stop" meant none whatever --stop says: no "stop", an empty
+    # one (null, [] as OpenAI batch files write it) and a stop string each keep theirs, so those jobs resume
+    assert JobRequest(1, 1, "x", stop=()).fingerprint() == JobRequest(1, 1, "x").fingerprint() == "7e2b07ff93a9b00c"
+    assert JobRequest(1, 1, "x", stop=("a",)).fingerprint() == "12cd5aa63222745a"
     inp.write_text('{"prompt": "A", "temperature": 0}\n{"prompt": "B"}\n{"id": "c", "prompt": "C"}\n')
     rc, _, err = run_cli(capsys, *job, "--resume")
     assert rc == 2 and "line 2 (id 2)" in err  # B2 is what finished
@@ -647,6 +649,21 @@ def test_files_that_cannot_be_read_or_written_are_error_lines(tmp_path, capsys, 
     rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", "2", "--max-batch-size", "1")
     assert rc == 2 and f"error: {out}: cannot write (No space left on device)" in err and "Traceback" not in err
     assert len(records(out)) == 1 and "--resume" in err.split("to resume: ")[1]
+    monkeypatch.setattr(moe_jax.job_output.CompletionWriter, "write", real_write)
+    rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", "3", "--resume")
+    assert rc == 2 and "it was started with max_new_tokens 2" in err and "to resume" not in err  # not a write error
+
+
+def test_a_full_disk_is_an_output_error_through_the_writers_close():
+    """A real failed write leaves its bytes in the file's buffer, whose flush at close fails again: that is an
+    OutputError too, not an OSError past the CLI's handler (/dev/full: every write is ENOSPC)."""
+    from moe_jax.job_output import CompletionWriter, OutputError
+
+    writer = CompletionWriter(Path("/dev/full"))
+    with pytest.raises(OutputError, match="/dev/full: cannot write \\(No space left on device\\)"):
+        writer.write({"id": 1, "text": "x"})
+    with pytest.raises(OutputError, match="/dev/full: cannot write"):
+        writer.close()
 
 
 def test_a_resume_warns_of_repeated_ids_in_the_output(tmp_path, capsys, caplog):

@@ -634,6 +634,16 @@ def test_a_warm_up_does_not_size_the_batch_of_later_jobs(hardware, caplog):
     llm.rebatch(warm)
     llm.generate(prompts + prompts, GREEDY)
     assert llm.policy == warm
+    if hardware is None:  # the fallback's batch has no memory model: where the engine refuses it, the old one runs
+        fallback = moe_jax.LLM(source, dtype="float32", policy="offload")
+        fallback.generate(prompts[:1], GREEDY)
+
+        def refuse(policy):
+            raise OffloadMemoryError("needs 9 GiB on the GPU")
+        fallback.engine.rebatch = refuse
+        with caplog.at_level("WARNING", logger="moe_jax"):
+            assert [c.token_ids for c in fallback.generate(prompts, GREEDY)] == got
+        assert fallback.policy.batch_size == 1 and "keeping Policy(batch_size=1" in caplog.text
 
 
 @pytest.mark.parametrize("n", [1, 9, 13])
