@@ -204,11 +204,11 @@ class LLM:
         n = len(requests)
         if hardware is None:
             batch = min(n, self.max_batch_size or DEFAULT_MAX_BATCH)
-            n_ub = min(2, batch) if loaded is None else min(loaded.num_micro_batches, batch)
-            policy = Policy(batch_size=batch, micro_batch_size=-(-batch // n_ub), num_micro_batches=n_ub,
-                            **self.offload_options)
+            n_ub = min(2 if loaded is None else loaded.num_micro_batches, batch)
+            policy = Policy(**{**(self.offload_options if loaded is None else loaded.__dict__), "batch_size": batch,
+                               "micro_batch_size": -(-batch // n_ub), "num_micro_batches": n_ub})
             if loaded is not None:
-                return Policy(**{**loaded.__dict__, "batch_size": batch, "micro_batch_size": policy.micro_batch_size})
+                return policy
             log.warning("policy offload: no HRM hardware profile for device %s (pass hardware=...); using %s",
                         jax.devices()[0].device_kind, policy)
             return policy

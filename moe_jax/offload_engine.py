@@ -368,11 +368,11 @@ class OffloadEngine:
         streamed = pinned_pool.streamed_bytes(cfg, self.dtype, policy)
         pool = pinned_pool.fixed_cap_bytes()
         # on a GPU backend the pool reserves about its cap for them, as HRM counts (`pinned_pool.cap_bytes`)
+        reserved = streamed if pool is None else int(pinned_pool.cap_bytes(streamed))
         check_host_memory(policy, "the streamed experts (pinned)" if pool is None else
-                          "the streamed experts (pinned, in XLA's pool with its margin)",
-                          streamed if pool is None else int(pinned_pool.cap_bytes(streamed)), host_memory_bytes,
+                          "the streamed experts (pinned, in XLA's pool with its margin)", reserved, host_memory_bytes,
                           batch_helps=False)
-        if pool is not None and pinned_pool.cap_bytes(streamed) > pool:
+        if pool is not None and reserved > pool:
             raise OffloadMemoryError(
                 f"policy {policy} streams {streamed / 2**30:.2f} GiB of experts from pinned host memory (a pool of "
                 f"{pinned_pool.setting_gib(streamed)} GiB with its margin) but XLA's "

@@ -22,6 +22,7 @@ from moe_jax.hrm import PROFILES, SearchResult, choose_policy, hardware_profile
 from moe_jax.hrm.search import PLACEMENTS
 from moe_jax.offload_policy import CODECS, KV_CACHE_DTYPES
 from moe_jax.presets import PRESETS, preset_config
+from moe_jax.resident_engine import JAX_DEFAULT_SHARE, JAX_SHARE_VAR
 from moe_jax.saved_model import is_saved_model, read_config
 
 
@@ -31,7 +32,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
-JAX_SHARE_VAR, JAX_DEFAULT_SHARE = "XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75  # of a GPU's memory, what JAX may allocate
 
 
 def jax_share_note(r: SearchResult, hw, capped: bool) -> str | None:

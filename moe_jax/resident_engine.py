@@ -32,8 +32,8 @@ from moe_jax.shape_buckets import bucket
 log = logging.getLogger("moe_jax")
 
 
-JAX_MEMORY_SHARE = ("JAX's allocator limit: XLA_PYTHON_CLIENT_MEM_FRACTION of the card, 0.75 unless set (before "
-                    "JAX starts)")
+JAX_SHARE_VAR, JAX_DEFAULT_SHARE = "XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75  # of a GPU's memory, what JAX may allocate
+JAX_MEMORY_SHARE = f"JAX's allocator limit: {JAX_SHARE_VAR} of the card, {JAX_DEFAULT_SHARE:g} unless set (before JAX starts)"
 
 
 def device_memory_limit() -> int | None:

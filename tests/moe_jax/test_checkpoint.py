@@ -63,19 +63,26 @@ def test_errors_name_tensor_shard_and_shape(tmp_path, hf_checkpoints):
         Checkpoint(d)
 
 
-def test_quantized_tensors_are_refused_by_name_and_dtype(tmp_path, hf_checkpoints):
-    """An FP8 weight read as a plain float would drop its scale: wrong output, so an error instead."""
-    import torch
+def torch_tensors(src) -> dict:
+    """Every tensor of the sharded checkpoint `src`, by name, as torch tensors."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    src = hf_checkpoints["mixtral"][0]
     index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
     tensors = {}
     for shard in sorted(set(index.values())):
         with safe_open(str(src / shard), framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    name = next(k for k in sorted(index) if ".layers.0." in k and ".experts.1." in k)
+    return tensors
+
+
+def test_quantized_tensors_are_refused_by_name_and_dtype(tmp_path, hf_checkpoints):
+    """An FP8 weight read as a plain float would drop its scale: wrong output, so an error instead."""
+    import torch
+    from safetensors.torch import save_file
+
+    src = hf_checkpoints["mixtral"][0]
+    tensors = torch_tensors(src)
+    name = next(k for k in sorted(tensors) if ".layers.0." in k and ".experts.1." in k)
     tensors[name] = tensors[name].to(torch.float8_e4m3fn)
     d = tmp_path / "m"
     d.mkdir()
@@ -146,15 +153,10 @@ def test_a_tied_config_keeps_its_tie_where_the_stored_lm_head_cannot_be_its_head
     """A tied config whose checkpoint stores an lm_head.weight of another shape (a padded vocabulary): the tie
     stands and the stored head is said not to be read, where reading it to compare used to fail the load."""
     import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     src = hf_checkpoints["mixtral"][0]
-    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
-    tensors = {}
-    for shard in sorted(set(index.values())):
-        with safe_open(str(src / shard), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    tensors = torch_tensors(src)
     tensors["lm_head.weight"] = torch.cat([tensors["lm_head.weight"], tensors["lm_head.weight"][:32]])
     d = tmp_path / "m"
     d.mkdir()
