@@ -26,7 +26,7 @@ from moe_jax import model
 from moe_jax.config import ModelConfig
 from moe_jax.params import gib, layer_specs, model_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
-from moe_jax.sampling import host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
+from moe_jax.sampling import Sampled, host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
 from moe_jax.shape_buckets import bucket
 
 log = logging.getLogger("moe_jax")
@@ -103,6 +103,7 @@ def step(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, last,
 
 
 DEFAULT_MAX_BATCH = 64  # rows decoding at once when the caller does not say
+PREFILL_MIN_CHUNK = 16  # tokens: the smallest chunk of a prompt a prefill call takes where a whole one does not fit
 
 
 class ResidentEngine:
@@ -137,39 +138,52 @@ class ResidentEngine:
                                   f"{gib(value)} GiB (90% of it usable): use a smaller max_batch_size or policy "
                                   f"'offload'")
 
-    def _cache_shapes(self, batch: int, length: int, query_tokens: int = 0, logits: bool = False):
+    def _cache_shapes(self, batch: int, length: int, query_tokens: int = 0, logits: bool = False,
+                      query_rows: int | None = None):
         """Shapes of the KV cache's k and v (None where the values are the keys' first dims, `values_in_keys`),
-        checked to fit with the weights beside one layer's float32 attention scores of `query_tokens` tokens a
-        sequence over the `length` positions, [batch, heads, query_tokens, length] (a prefill's: `model.attention`
-        writes them out), and with `logits` their float32 logits [batch, query_tokens, vocab] (`logits`)."""
+        checked to fit with the weights beside one layer's float32 attention scores of `query_rows` (default
+        `batch`) sequences' `query_tokens` tokens over the `length` positions, [rows, heads, query_tokens, length]
+        (a prefill call's: `model.attention` writes them out), and with `logits` their float32 logits
+        [rows, query_tokens, vocab] (`logits`)."""
         cfg = self.cfg
+        rows = batch if query_rows is None else query_rows
         shape = (cfg.num_layers, batch, length, cfg.num_kv_heads)
         k_shape, v_shape = (*shape, cfg.head_dim), None if cfg.values_in_keys else (*shape, cfg.value_dim)
         kv = sum(int(np.prod(s)) for s in (k_shape, v_shape) if s) * self.dtype.itemsize
-        scores = 4 * batch * query_tokens * (cfg.num_heads * length + (cfg.vocab_size if logits else 0))
-        scored = (f" (and the float32 attention scores{' and logits' if logits else ''} of {query_tokens} tokens "
-                  f"each)" if query_tokens else "")
+        scores = 4 * rows * query_tokens * (cfg.num_heads * length + (cfg.vocab_size if logits else 0))
+        of = f"{query_tokens} tokens each" if rows == batch else f"{rows} sequences x {query_tokens} tokens"
+        scored = f" (and the float32 attention scores{' and logits' if logits else ''} of {of})" if query_tokens else ""
         self._check_fits(self._cap, kv + scores, f"{batch} sequences x {length} positions{scored}")
         return k_shape, v_shape
 
-    def _cache(self, batch: int, length: int, query_tokens: int = 0, logits: bool = False):
-        """The KV cache: k, and v (None where the values are the keys' first dims)."""
-        k_shape, v_shape = self._cache_shapes(batch, length, query_tokens, logits)
-        return jnp.zeros(k_shape, self.dtype), None if v_shape is None else jnp.zeros(v_shape, self.dtype)
-
-    def _rows_and_length(self, requests: Sequence[Request], budgets: Sequence[int]) -> tuple[int, int, int]:
-        """(rows, positions, prompt tokens) of a `generate` call's KV cache: the bucketed batch, the bucketed
-        largest need, the bucketed longest prompt (what a prefill call pads to at most)."""
-        return (bucket(min(len(requests), self.max_batch_size), 1),
-                bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets))),
-                bucket(max(len(r.prompt) for r in requests)))
+    def _plan(self, requests: Sequence[Request], budgets: Sequence[int]):
+        """(rows B, positions S, cache shapes, prefill call rows, prefill call tokens) of a `generate` call: its KV
+        cache of the bucketed batch x the bucketed largest need, and the prefill calls' size, whose float32
+        attention scores must fit beside it. A call takes every new row's whole prompt (padded to the longest's
+        bucket T) where that fits, else fewer rows (halving), then one row's prompt in chunks of fewer tokens
+        (powers of two down to PREFILL_MIN_CHUNK): MemoryError where not even that fits."""
+        B = bucket(min(len(requests), self.max_batch_size), 1)
+        S = bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets)))
+        T = bucket(max(len(r.prompt) for r in requests))
+        calls = [(B >> i, T) for i in range(B.bit_length()) if B >> i]
+        calls += [(1, 1 << i) for i in reversed(range(PREFILL_MIN_CHUNK.bit_length() - 1, (T - 1).bit_length()))]
+        for rows, tokens in calls:
+            try:
+                shapes = self._cache_shapes(B, S, tokens, query_rows=rows)
+            except MemoryError:
+                if (rows, tokens) == calls[-1]:
+                    raise
+                continue
+            if (rows, tokens) != calls[0]:
+                log.info("resident prefill in calls of at most %d rows x %d tokens: the float32 attention scores of "
+                         "%d rows x %d tokens would not fit beside the KV cache", rows, tokens, B, T)
+            return B, S, shapes, rows, tokens
 
     def prepare(self, requests: Sequence[Request]) -> None:
         """The memory check of a `generate` of these requests (its KV cache beside the weights), without
         running it: MemoryError before any work."""
         if requests:
-            self._cache_shapes(*self._rows_and_length(requests, [token_budget(r, self.cfg.max_positions)
-                                                                 for r in requests]))
+            self._plan(requests, [token_budget(r, self.cfg.max_positions) for r in requests])
 
     def logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """float32 [len_i, vocab] per prompt, in batches of at most max_batch_size."""
@@ -182,7 +196,8 @@ class ResidentEngine:
             for r, i in enumerate(wave):
                 tokens[r, :len(prompts[i])] = prompts[i]
             positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-            x, _, _ = self._forward(self.glob, self.layers, tokens, positions, *self._cache(B, T, T, logits=True))
+            x, _, _ = self._forward(self.glob, self.layers, tokens, positions,
+                                    *self._zeros(self._cache_shapes(B, T, T, logits=True)))
             logits = np.asarray(self._lm_head(self.glob, x))
             for r, i in enumerate(wave):
                 out[i] = logits[r, :len(prompts[i])]
@@ -197,8 +212,8 @@ class ResidentEngine:
         budgets = [token_budget(r, cfg.max_positions) for r in requests]
         waiting = collections.deque(sorted(zip(requests, budgets), key=lambda rb: -len(rb[0].prompt)))
         usable = min(len(requests), self.max_batch_size)  # rows that take requests; the rest pad the bucket
-        B, S, T = self._rows_and_length(requests, budgets)
-        cache = self._cache(B, S, T)
+        B, S, shapes, call_rows, call_tokens = self._plan(requests, budgets)
+        cache = self._zeros(shapes)
         req: list[Request | None] = [None] * B
         budget = np.zeros(B, np.int64)
         generated: list[list[int]] = [[] for _ in range(B)]
@@ -226,7 +241,7 @@ class ResidentEngine:
                     generated[b], lens[b] = [], len(req[b].prompt)
                     logprobs[b] = [] if req[b].params.logprobs is not None else None
                 samp = set_sampling_rows(samp, new, [req[b].params for b in new])
-                nxt, cache = self._prefill(new, req, lens, samp, cache)
+                nxt, cache = self._prefill(new, req, lens, samp, cache, call_rows, call_tokens)
                 for r, b in enumerate(new):
                     yield from record(b, nxt, r)
             active = np.array([r is not None for r in req])
@@ -243,15 +258,37 @@ class ResidentEngine:
             for b in np.flatnonzero(active):
                 yield from record(b, nxt, b)
 
-    def _prefill(self, new: list[int], req, lens, samp, cache):
-        """Prefill the requests of rows `new` into their cache rows; returns their first tokens and the cache.
-        The call's rows are bucketed: padding repeats the last row (same values written twice)."""
-        b, T = bucket(len(new), 1), bucket(int(lens[new].max()))
-        rows = np.array(new + [new[-1]] * (b - len(new)), np.int32)
-        tokens = np.zeros((b, T), np.int32)
-        for r, row in enumerate(rows):
-            tokens[r, :lens[row]] = req[row].prompt
-        positions = np.broadcast_to(np.arange(T, dtype=np.int32), (b, T))
-        nxt, *cache = self._step(self.glob, self.layers, tokens, positions, lens[rows] - 1, *cache,
-                                 *(a[rows] for a in samp), np.zeros(b, np.int32), rows)
-        return host_sampled(nxt, any(req[b].params.logprobs is not None for b in new)), cache
+    def _zeros(self, shapes):
+        """The KV cache of `_cache_shapes`: k, and v (None where the values are the keys' first dims)."""
+        return tuple(None if shape is None else jnp.zeros(shape, self.dtype) for shape in shapes)
+
+    def _prefill(self, new: list[int], req, lens, samp, cache, call_rows: int, call_tokens: int):
+        """Prefill the requests of rows `new` (longest prompts first) into their cache rows, in calls of at most
+        `call_rows` rows, each padded to its longest prompt's bucket or, past `call_tokens`, in chunks of
+        `call_tokens` positions (the last one ending at the bucket, overlapping the one before it: positions
+        written again with the same tokens); a row samples its first token in the first chunk holding its last
+        prompt token. Returns their first tokens (host-side `Sampled`, rows in `new`'s order) and the cache."""
+        logprobs = any(req[row].params.logprobs is not None for row in new)
+        picks = []  # per row of `new`: (the host-side Sampled holding its first token, its row there)
+        for g in range(0, len(new), call_rows):
+            group = new[g:g + call_rows]
+            b, T = bucket(len(group), 1), bucket(int(lens[group].max()))
+            rows = np.array(group + [group[-1]] * (b - len(group)), np.int32)
+            tokens = np.zeros((b, T), np.int32)
+            for r, row in enumerate(rows):
+                tokens[r, :lens[row]] = req[row].prompt
+            C = min(T, call_tokens)
+            starts = [*range(0, T - C, C), T - C]
+            last = lens[rows] - 1
+            chunk_of = np.searchsorted(np.array(starts) + C, last, side="right")  # the first chunk holding `last`
+            fetched = {}
+            for c, start in enumerate(starts):
+                positions = np.broadcast_to(np.arange(start, start + C, dtype=np.int32), (b, C))
+                nxt, *cache = self._step(self.glob, self.layers, tokens[:, start:start + C], positions,
+                                         np.clip(last - start, 0, C - 1).astype(np.int32), *cache,
+                                         *(a[rows] for a in samp), np.zeros(b, np.int32), rows)
+                if (chunk_of == c).any():
+                    fetched[c] = host_sampled(nxt, logprobs)
+            picks += [(fetched[chunk_of[r]], r) for r in range(len(group))]
+        return Sampled(*(None if picks[0][0][f] is None else np.stack([s[f][r] for s, r in picks])
+                         for f in range(len(Sampled._fields)))), cache

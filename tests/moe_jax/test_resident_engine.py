@@ -126,8 +126,33 @@ def test_the_scores_and_logits_of_long_sequences_are_counted_against_the_cap():
     with pytest.raises(MemoryError, match=r"KV cache of 8 sequences x 1024 positions \(and the float32 attention "
                                           r"scores and logits of 1024 tokens each\) but the gpu_memory_gb cap"):
         llm.logits([[1] * 1000] * 8)
-    with pytest.raises(MemoryError, match=r"x 1024 positions \(and the float32 attention scores of 1024 tokens each\)"):
-        llm.generate([[1] * 1000], SamplingParams(max_new_tokens=2))
+
+
+def test_a_prefill_whose_scores_do_not_fit_runs_in_calls_of_fewer_rows_then_fewer_tokens(caplog):
+    """A prefill call's float32 attention scores [rows, heads, tokens, positions] that do not fit beside the KV
+    cache under the cap: the call takes fewer rows, then one prompt in chunks of fewer tokens (said), with the
+    same tokens and log-probabilities as one call of all; a MemoryError where not even 16 tokens' scores fit.
+    Sizes (float32 tiny-mixtral): weights ~1.0 MB; 4 prompts -> cache 4 x 384 positions, 0.79 MB; scores of one
+    row x 16 tokens 0.10 MB, of all 4 rows' whole prompts (bucket 384) 9.4 MB."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 250, n).tolist() for n in (300, 180, 40, 260)]
+    params = [SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=2, temperature=0.7 * (i % 2), seed=i)
+              for i in range(len(prompts))]
+    whole = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident").generate(prompts, params)
+    for cap, said in ((0.007, "calls of at most 2 rows x 384 tokens"), (0.0021, "calls of at most 1 rows x 32 tokens")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="moe_jax"):
+            capped = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident", gpu_memory_gb=cap).generate(
+                prompts, params)
+        assert said in caplog.text
+        for a, b in zip(capped, whole):
+            assert a.token_ids == b.token_ids and len(a.token_ids) == 4
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+            assert [i for i, _ in a.top_logprobs[0]] == [i for i, _ in b.top_logprobs[0]]
+    llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident", gpu_memory_gb=0.0019)
+    with pytest.raises(MemoryError, match=r"4 sequences x 384 positions \(and the float32 attention scores of 1 "
+                                          r"sequences x 16 tokens\) but the gpu_memory_gb cap"):
+        llm.generate(prompts, params)
 
 
 def test_repeated_samples_and_an_unused_seed_are_said(caplog, hf_checkpoints):
