@@ -3,13 +3,13 @@ rendered as Hugging Face does: a sandboxed jinja2 environment, `add_generation_p
 `bos_token` / `eos_token` of `tokenizer_config.json`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from moe_jax.json_files import read_json_object
 from moe_jax.tokenizer import Tokenizer
 
 
@@ -42,10 +42,7 @@ class ChatTemplate:
         """The template of a checkpoint directory; None when it has none (or `path` is a preset name)."""
         path = Path(path)
         config_file, jinja_file = path / "tokenizer_config.json", path / "chat_template.jinja"
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ChatTemplateError(f"{config_file}: not valid JSON ({e})") from None
+        config = read_json_object(config_file, ChatTemplateError) if config_file.is_file() else {}
         source, where = config.get("chat_template"), f"{config_file}: chat_template"
         if isinstance(source, list):  # named templates: [{"name", "template"}, ...]
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}

@@ -9,7 +9,6 @@ table below; every error names the tensor, the shard file or the shape.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from safetensors import safe_open
 
 from moe_jax.config import EOS_EXPECTED, ConfigError, ModelConfig, eos_token_ids
+from moe_jax.json_files import read_json_object
 from moe_jax.params import ParamSpec, global_param_specs, layer_specs
 
 
@@ -35,11 +35,12 @@ class CheckpointError(ValueError):
 class _Src:
     """Where one parameter comes from. name: Hub tensor name ("{e}" = one tensor per expert);
     layout: "linear" (Hub [out, in] -> ours [in, out]), "vector" (as is), "fused_in" (DBRX [E*F, H]
-    -> [E, H, F]), "fused_out" (DBRX [E*F, H] -> [E, F, H]); rows: a row range of the Hub tensor."""
+    -> [E, H, F]), "fused_out" (DBRX [E*F, H] -> [E, F, H]); rows: (start, stop, of) the row range start:stop of
+    a Hub tensor of `of` rows (a fused one)."""
 
     name: str
     layout: str = "linear"
-    rows: tuple[int, int] | None = None
+    rows: tuple[int, int, int] | None = None
 
 
 def _llama_like_names(cfg: ModelConfig, i: int) -> dict[str, _Src]:
@@ -84,7 +85,8 @@ def _dbrx_names(cfg: ModelConfig, i: int) -> dict[str, _Src]:
     return {
         "attn_norm": _Src(p + "norm_attn_norm.norm_1.weight", "vector"),
         "mlp_norm": _Src(p + "norm_attn_norm.norm_2.weight", "vector"),
-        "wq": _Src(qkv, rows=(0, q)), "wk": _Src(qkv, rows=(q, q + kv)), "wv": _Src(qkv, rows=(q + kv, q + 2 * kv)),
+        "wq": _Src(qkv, rows=(0, q, q + 2 * kv)), "wk": _Src(qkv, rows=(q, q + kv, q + 2 * kv)),
+        "wv": _Src(qkv, rows=(q + kv, q + 2 * kv, q + 2 * kv)),
         "wo": _Src(p + "norm_attn_norm.attn.out_proj.weight"),
         "router": _Src(p + "ffn.router.layer.weight"),
         "w_gate": _Src(p + "ffn.experts.mlp.w1", "fused_in"), "w_up": _Src(p + "ffn.experts.mlp.v1", "fused_in"),
@@ -104,10 +106,7 @@ def _with_generation_eos(cfg: ModelConfig, path: Path) -> ModelConfig:
     """Chat checkpoints often end turns with an EOS that only generation_config.json lists: take the union."""
     if not path.exists():
         return cfg
-    try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not a JSON object ({e})") from None
+    eos = read_json_object(path, CheckpointError).get("eos_token_id")
     extra = eos_token_ids(eos)
     if extra is None:
         raise CheckpointError(f"{path}: field 'eos_token_id' = {eos!r}: {EOS_EXPECTED}")
@@ -133,6 +132,7 @@ class Checkpoint:
                         "budget, a stop string or a stop token", self.path, past, self.cfg.vocab_size)
         self._shard_of = self._index()
         self._open: dict[str, object] = {}
+        self._keys: dict[str, set[str]] = {}  # per open shard, the tensors it holds
         self._untie_a_stored_lm_head()
         self.unused = self._unused_tensors()
         if self.unused:
@@ -165,10 +165,11 @@ class Checkpoint:
         """tensor name -> shard file name."""
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            try:
-                return dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            weight_map = read_json_object(index, CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: not a safetensors index (its 'weight_map' is not an object of "
+                                      f"tensor name -> shard file name)")
+            return weight_map
         single = self.path / "model.safetensors"
         if not single.exists():
             raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
@@ -211,21 +212,26 @@ class Checkpoint:
         if shard is None:
             raise CheckpointError(f"{self.path}: tensor '{tensor}' is missing from the checkpoint")
         if shard not in self._open:
-            self._open[shard] = self._safe_open(self.path / shard).__enter__()
+            f = self._open[shard] = self._safe_open(self.path / shard).__enter__()
+            self._keys[shard] = set(f.keys())
+        if tensor not in self._keys[shard]:
+            raise CheckpointError(f"{self.path / shard}: tensor '{tensor}' is not in this shard, though "
+                                  f"{self.path / 'model.safetensors.index.json'} maps it here")
         return self._open[shard]
 
-    def _read(self, tensor: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> np.ndarray:
+    def _read(self, tensor: str, shape: tuple[int, ...], rows: tuple[int, int, int] | None = None) -> np.ndarray:
+        """Tensor `tensor` (its rows rows[0]:rows[1] of rows[2]), checked to have `shape` (that of the rows)."""
         f = self._handle(tensor)
         sl = f.get_slice(tensor)
         if sl.get_dtype() not in FLOAT_DTYPES:  # e.g. F8_E4M3 or packed integers: values need scales we do not read
             raise CheckpointError(f"{self.path / self._shard_of[tensor]}: tensor '{tensor}' is stored as "
                                   f"{sl.get_dtype()}; moe-jax reads {', '.join(FLOAT_DTYPES)} weights")
-        full = tuple(sl.get_shape())
-        got = (rows[1] - rows[0], *full[1:]) if rows and len(full) >= 1 else full
-        if got != shape:
-            what = f"rows {rows[0]}:{rows[1]} of " if rows else ""
-            raise CheckpointError(f"{self.path / self._shard_of[tensor]}: {what}tensor '{tensor}' has shape "
-                                  f"{got}, expected {shape} from config.json")
+        got = tuple(sl.get_shape())
+        want = (rows[2], *shape[1:]) if rows else shape
+        if got != want:
+            fused = f" (rows {rows[0]}:{rows[1]} of it: {shape})" if rows else ""
+            raise CheckpointError(f"{self.path / self._shard_of[tensor]}: tensor '{tensor}' has shape {got}, "
+                                  f"expected {want}{fused} from config.json")
         return sl[rows[0]:rows[1]] if rows else f.get_tensor(tensor)
 
     def _param(self, src: _Src, spec: ParamSpec, dtype) -> np.ndarray:
@@ -259,6 +265,7 @@ class Checkpoint:
         for f in self._open.values():
             f.__exit__(None, None, None)
         self._open.clear()
+        self._keys.clear()
 
 
 __all__ = ["Checkpoint", "CheckpointError", "ConfigError"]

@@ -6,13 +6,14 @@ unsupported option is an error, never wrong output.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from moe_jax.json_files import read_json_object
 
 log = logging.getLogger("moe_jax")
 
@@ -199,6 +200,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
         parser = _PARSERS.get(model_type)
         if parser is None:
@@ -219,14 +222,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json_object(path, ConfigError), str(path))
 
 
 EOS_EXPECTED = "expected a token id (an integer >= 0) or a list of them"
@@ -259,10 +255,10 @@ class _Fields:
         unlike `get`), else `default`."""
         return self.d[key] if key in self.d else default
 
-    def int(self, key: str, *aliases: str, default: int | None = None) -> int:
+    def int(self, key: str, *aliases: str, default: int | None = None, minimum: int = 1) -> int:
         v = self.get(key, default, *aliases)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise self.error(key, "expected a positive integer")
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise self.error(key, "expected a positive integer" if minimum == 1 else f"expected an integer >= {minimum}")
         return v
 
     def number(self, key: str, default: float | None = None, *, optional: bool = False) -> float | None:
@@ -418,7 +414,8 @@ def _qwen2_moe(f: _Fields) -> ModelConfig:
                        expert_ffn=f.int("moe_intermediate_size"), top_k=f.int("num_experts_per_tok"),
                        norm_p=1.0 if f.get("norm_topk_prob") else None,
                        qkv_bias=bool(f.get("qkv_bias", True)), qk_norm=None,
-                       shared_ffn=f.get("shared_expert_intermediate_size", 0), sliding="flag",
+                       # transformers' default where absent (its block always has a shared expert; 0: none)
+                       shared_ffn=f.int("shared_expert_intermediate_size", default=5632, minimum=0), sliding="flag",
                        **_qwen_dense_layers(f))
 
 

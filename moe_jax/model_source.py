@@ -12,7 +12,7 @@ import numpy as np
 from moe_jax.checkpoint import Checkpoint
 from moe_jax.config import ModelConfig
 from moe_jax.presets import PRESETS, RandomWeights, preset_config
-from moe_jax.saved_model import SavedWeights, is_saved_model
+from moe_jax.saved_model import CONFIG_FILE, SavedModelError, SavedWeights, is_saved_model
 from moe_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("moe_jax")
@@ -47,6 +47,9 @@ def open_model(model: str | Path, seed: int = 0) -> ModelSource:
         log.warning("seed=%r unused: it draws a preset's random weights, and %s holds its own (sampling seeds are "
                     "SamplingParams.seed)", seed, path)
     if path.is_dir():
+        if not is_saved_model(path) and (path / "globals").is_dir() and not (path / "config.json").exists():
+            raise SavedModelError(f"{path} holds a moe-jax save's items but not its {CONFIG_FILE}, which a save "
+                                  f"writes last: the save was interrupted; save the model again")
         weights = SavedWeights(path) if is_saved_model(path) else Checkpoint(path)
         tok_file = path / "tokenizer.json"
         tok = Tokenizer.from_file(tok_file) if tok_file.exists() else None

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from moe_jax.config import ConfigError, ModelConfig, RopeScaling
+from moe_jax.json_files import read_json_object
 from moe_jax.params import global_param_specs, layer_specs
 
 CONFIG_FILE = "moe_jax_config.json"
@@ -91,13 +92,13 @@ def save_model(path: str | Path, cfg: ModelConfig, globals_: Mapping[str, np.nda
 
 def read_config(path: Path) -> ModelConfig:
     file = path / CONFIG_FILE
+    d = read_json_object(file, ConfigError)
     try:
-        d = json.loads(file.read_text())
         scaling = d.get("rope_scaling")
         return ModelConfig(**{**d, "eos_token_ids": tuple(d.get("eos_token_ids", ())),
                               "dense_layers": tuple(d.get("dense_layers", ())),
                               "rope_scaling": None if scaling is None else RopeScaling(**scaling)})
-    except (json.JSONDecodeError, TypeError, AttributeError, ConfigError) as e:
+    except (TypeError, AttributeError, ConfigError) as e:
         raise ConfigError(f"{file}: not a moe-jax model config ({e})") from None
 
 
@@ -120,7 +121,10 @@ class SavedWeights:
         where = self.path / item
         try:
             with ocp.StandardCheckpointer() as ckpt:
-                meta = ckpt.metadata(where).item_metadata.tree
+                meta = ckpt.metadata(where).item_metadata
+            if meta is None:  # its _METADATA or manifest gone or unreadable
+                raise SavedModelError(f"{where}: no orbax metadata (an incomplete or damaged save): save the model again")
+            meta = meta.tree
             target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(meta))
             with ocp.PyTreeCheckpointer() as ckpt:
                 arrays = ckpt.restore(where, args=ocp.args.PyTreeRestore(

@@ -6,12 +6,12 @@ A profile is a built-in name (`PROFILES`) or a JSON file with the fields of `Har
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 from moe_jax.hrm.costs import Op
+from moe_jax.json_files import read_json_object
 
 GB, GiB, TFLOPS = 1e9, 2.0**30, 1e12
 
@@ -107,14 +107,7 @@ class Hardware:
     @classmethod
     def from_json_file(cls, path: str | Path) -> "Hardware":
         """Loads a profile; a "notes" object (calibration details) is allowed and ignored."""
-        try:
-            d = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise HardwareError(f"hardware profile {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise HardwareError(f"hardware profile {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if not isinstance(d, dict):
-            raise HardwareError(f"hardware profile {path}: expected a JSON object")
+        d = read_json_object(path, HardwareError, "hardware profile ")
         d.pop("notes", None)
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}

@@ -58,9 +58,31 @@ def test_errors_name_tensor_shard_and_shape(tmp_path, hf_checkpoints):
     with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' has shape "
                                               r"\(40, 64\), expected \(41, 64\)"):
         Checkpoint(d).layer(0, np.float32)
+    (d / "config.json").write_text(json.dumps(cfg))
+    moved = "model.layers.0.self_attn.q_proj.weight"
+    index["weight_map"][moved] = next(f for f in set(index["weight_map"].values()) if f != index["weight_map"][moved])
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"tensor '{moved}' is not in this shard, though .*index.json maps it"):
+        Checkpoint(d).layer(0, np.float32)
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         (d / "model.safetensors.index.json").unlink()
         Checkpoint(d)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_a_fused_tensor_is_checked_whole(tmp_path, hf_checkpoints, kv_heads):
+    """DBRX's Wqkv holds q, k and v: a config.json with other KV heads than the weights' (2) is refused, not cut
+    at the wrong rows (fewer) or past the tensor's end (more)."""
+    d = tmp_path / "m"
+    shutil.copytree(hf_checkpoints["dbrx"][0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["attn_config"]["kv_n_heads"] == 2
+    cfg["attn_config"]["kv_n_heads"] = kv_heads
+    (d / "config.json").write_text(json.dumps(cfg))
+    q, kv = 64, 16 * kv_heads
+    with pytest.raises(CheckpointError, match=rf"tensor 'transformer.blocks.0.norm_attn_norm.attn.Wqkv.weight' has "
+                                              rf"shape \(128, 64\), expected \({q + 2 * kv}, 64\) \(rows 0:{q} of it"):
+        Checkpoint(d).layer(0, np.float32)
 
 
 def torch_tensors(src) -> dict:

@@ -197,6 +197,11 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "mixtral",\n oops}')
     with pytest.raises(ConfigError, match="invalid JSON at line 2"):
         ModelConfig.from_file(tmp_path / "config.json")
+    for data, message in ((b"[1, 2]", "expected a JSON object, got list"),
+                          (b'{"model_type": "mixtral\xff"}', r"not UTF-8 text \(invalid start byte at byte 23\)")):
+        (tmp_path / "config.json").write_bytes(data)
+        with pytest.raises(ConfigError, match=f"config.json: {message}"):
+            ModelConfig.from_file(tmp_path / "config.json")
 
 
 def test_defaults_of_missing_fields_are_transformers_defaults():
@@ -213,6 +218,12 @@ def test_defaults_of_missing_fields_are_transformers_defaults():
                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2))
     ours, hf = ModelConfig.from_dict(dict(dbrx, model_type="dbrx")), AutoConfig.for_model("dbrx", **dbrx)
     assert (ours.num_kv_heads, ours.router_norm_p) == (hf.attn_config.kv_n_heads, hf.ffn_config.moe_normalize_expert_weights)
+    qwen = {k: v for k, v in HF_CONFIGS["qwen2_moe"].items() if k != "shared_expert_intermediate_size"}
+    ours, hf = ModelConfig.from_dict(dict(qwen, model_type="qwen2_moe")), AutoConfig.for_model("qwen2_moe", **qwen)
+    assert ours.shared_expert_ffn_size == hf.shared_expert_intermediate_size == 5632  # its block always has one
+    assert cfg("qwen2_moe", shared_expert_intermediate_size=0).shared_expert_ffn_size == 0
+    with pytest.raises(ConfigError, match=r"field 'shared_expert_intermediate_size' = -1: expected an integer >= 0"):
+        cfg("qwen2_moe", shared_expert_intermediate_size=-1)
 
 
 def test_attention_bias_is_refused_where_it_would_need_an_output_bias():

@@ -12,7 +12,7 @@ import pytest
 import moe_jax
 from moe_jax import generate
 from moe_jax.flax_model import MoEDecoder
-from moe_jax.saved_model import SavedModelError
+from moe_jax.saved_model import SavedModelError, SavedWeights
 
 TOKENS = [[5, 9, 33, 100, 7, 12, 40], [3, 4]]
 
@@ -83,6 +83,15 @@ def test_broken_directories_name_what_is_missing(tuned, tmp_path, capsys):
         with pytest.raises(moe_jax.config.ConfigError, match=f"moe_jax_config.json: not a moe-jax model config "
                                                              f"\\({field}='{value}' is not one of"):
             moe_jax.LLM(str(broken))
+    (broken / "moe_jax_config.json").write_text(json.dumps(good))
+    shutil.copytree(path / "layer_001", broken / "layer_001")
+    (broken / "layer_001" / "_METADATA").write_text("{not json")  # orbax then finds no metadata
+    with pytest.raises(SavedModelError, match=r"layer_001: no orbax metadata \(an incomplete or damaged save\)"):
+        SavedWeights(broken).layer(1, np.float32)
+    (broken / "moe_jax_config.json").unlink()  # as a save interrupted before its last file
+    with pytest.raises(SavedModelError, match=r"holds a moe-jax save's items but not its moe_jax_config.json, which "
+                                              r"a save writes last: the save was interrupted"):
+        moe_jax.LLM(str(broken))
 
 
 def test_the_source_models_chat_template_is_saved_with_it(tmp_path, hf_checkpoints):
