@@ -53,7 +53,7 @@ from moe_jax.expert_codec import decode_overhead_bytes, streamed_expert_bytes
 from moe_jax.params import expert_bytes, gib, non_expert_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
 from moe_jax.resident_engine import JAX_MEMORY_SHARE, device_memory_limit, precise
-from moe_jax.sampling import host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
+from moe_jax.sampling import host_sampled, logprob_entry, row_keys, sample, sampling_rows, set_sampling_rows
 from moe_jax.shape_buckets import bucket
 
 log = logging.getLogger("moe_jax")
@@ -216,8 +216,7 @@ def _post(cfg, impl, to_device, p, slots, table, x, attn):
 def _start_token(cfg, to_host, glob, p0, h, positions, temperature, top_p, top_k, seeds, counters):
     """Sample from hidden h [b, H], embed the token, pre-attention of layer 0 at `positions` [b, 1];
     returns the `Sampled` tokens, x and q, k, v (these in pinned host memory)."""
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
-    sampled = sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, keys)
+    sampled = sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, row_keys(seeds, counters))
     x = model.embed(glob, sampled.tokens[:, None])
     return (sampled, x, *jax.device_put(model.pre_attention(cfg, p0, x, positions), to_host))
 
@@ -850,8 +849,7 @@ class _Run:
             self.eng.stats.refilled += len(rows) if first is None else 0
             self.first[k] = None
             if rows:
-                params = [self.requests[self.req[k][b]].params for b in rows]
-                self.samp[k] = set_sampling_rows(self.samp[k], rows, params)
+                self.samp[k] = set_sampling_rows(self.samp[k], rows, [self.requests[self.req[k][b]] for b in rows])
                 self._start_prefill(k, np.array(rows))
         for w in [w for w in self.writes if w[0].done()]:  # finished KV writes: surface any error, let go
             w[0].result()

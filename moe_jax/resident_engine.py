@@ -26,7 +26,8 @@ from moe_jax import model
 from moe_jax.config import ModelConfig
 from moe_jax.params import gib, layer_specs, model_bytes
 from moe_jax.requests import Request, finish_reason, token_budget
-from moe_jax.sampling import Sampled, host_sampled, logprob_entry, sample, sampling_rows, set_sampling_rows
+from moe_jax.sampling import (Sampled, host_sampled, logprob_entry, row_keys, sample, sampling_rows,
+                              set_sampling_rows)
 from moe_jax.shape_buckets import bucket
 
 log = logging.getLogger("moe_jax")
@@ -94,12 +95,11 @@ def forward(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, ca
 def step(cfg: ModelConfig, moe_impl: str, glob, layers, tokens, positions, last, cache_k, cache_v,
          temperature, top_p, top_k, seeds, counters, rows=None):
     """Forward, then sample one token per row from the hidden state at index `last` [B].
-    Row b's sampling key is fold_in(PRNGKey(seeds[b]), counters[b]): a request's samples depend only
-    on its own seed and step, never on its batch. Returns (`Sampled`, cache_k, cache_v)."""
+    Row b's sampling key is `row_keys`' (seeds: `key_seed`s): a request's samples depend only on its own seed,
+    prompt and step, never on its batch. Returns (`Sampled`, cache_k, cache_v)."""
     x, cache_k, cache_v = forward(cfg, moe_impl, glob, layers, tokens, positions, cache_k, cache_v, rows)
     h = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
-    return sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, keys), cache_k, cache_v
+    return sample(model.lm_head(cfg, glob, h), temperature, top_p, top_k, row_keys(seeds, counters)), cache_k, cache_v
 
 
 DEFAULT_MAX_BATCH = 64  # rows decoding at once when the caller does not say
@@ -240,7 +240,7 @@ class ResidentEngine:
                     req[b], budget[b] = waiting.popleft()
                     generated[b], lens[b] = [], len(req[b].prompt)
                     logprobs[b] = [] if req[b].params.logprobs is not None else None
-                samp = set_sampling_rows(samp, new, [req[b].params for b in new])
+                samp = set_sampling_rows(samp, new, [req[b] for b in new])
                 nxt, cache = self._prefill(new, req, lens, samp, cache, call_rows, call_tokens)
                 for r, b in enumerate(new):
                     yield from record(b, nxt, r)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import NamedTuple
+import zlib
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,10 @@ class SamplingParams:
     >= 1, that many most likely tokens at each position (`Completion.top_logprobs`, at most
     MAX_TOP_LOGPROBS), as vLLM's `logprobs`: under the model's own distribution (log-softmax of its
     float32 logits, before temperature, top-k and top-p).
-    seed: a request's samples depend on its seed and prompt only (not on the batch or the policy), so requests
-    with the same prompt and seed sample the same tokens, as vLLM's requests with an explicit seed; give each its
-    own seed for independent samples (the CLI mixes each line's id into --seed)."""
+    seed: a request's samples depend on its seed and prompt only (not on the batch or the policy; `key_seed`), so
+    requests with the same prompt and seed sample the same tokens, as vLLM's requests with an explicit seed, and
+    different prompts sample independently; give repeats of a prompt their own seeds for independent samples (the
+    CLI mixes each line's id into --seed)."""
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -83,17 +85,31 @@ class SamplingParams:
 
 
 def sampling_rows(n: int) -> list[np.ndarray]:
-    """`sample`'s per-row inputs for n rows, [temperature, top_p, top_k, seed], set to greedy."""
+    """`sample`'s per-row inputs for n rows, [temperature, top_p, top_k, key seed], set to greedy."""
     return [np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.uint32)]
 
 
-def set_sampling_rows(arrays: list[np.ndarray], rows, params) -> list[np.ndarray]:
-    """Copies of `sampling_rows` arrays with row rows[j] set from params[j] (copies, so that a call in
-    flight still reads the old ones)."""
+def key_seed(seed: int, prompt: Sequence[int]) -> int:
+    """The 32 bits a request's sampling key is made from: its seed mixed with its prompt's token ids, so that
+    requests of different prompts sample independently under one seed (the default 0 included), and a prompt
+    sampled twice with one seed samples the same tokens."""
+    return zlib.crc32(np.asarray(prompt, np.uint32).tobytes(), seed % 2**32)
+
+
+def row_keys(seeds: jax.Array, counters: jax.Array) -> jax.Array:
+    """Each row's sampling key [B, 2] uint32 from its `key_seed` and its token's number: fold_in(PRNGKey(seed),
+    counter), so that a request's samples depend on nothing but its seed, prompt and step."""
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
+
+
+def set_sampling_rows(arrays: list[np.ndarray], rows, requests) -> list[np.ndarray]:
+    """Copies of `sampling_rows` arrays with row rows[j] set for requests[j] (its params and `key_seed`; copies,
+    so that a call in flight still reads the old ones)."""
     out = [a.copy() for a in arrays]
-    for b, p in zip(rows, params):
-        # a top_k past int32 keeps every token, as one of V does
-        out[0][b], out[1][b], out[2][b], out[3][b] = p.temperature, p.top_p, min(p.top_k, 2**31 - 1), p.seed % 2**32
+    for b, r in zip(rows, requests):
+        p = r.params  # a top_k past int32 keeps every token, as one of V does
+        out[0][b], out[1][b], out[2][b], out[3][b] = p.temperature, p.top_p, min(p.top_k, 2**31 - 1), key_seed(
+            p.seed, r.prompt)
     return out
 
 

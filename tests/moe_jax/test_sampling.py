@@ -27,6 +27,18 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     assert llm.generate(["The quick brown fox"], p.replace(top_k=3_000_000_000))[0].token_ids == alone
 
 
+def test_prompts_sampled_under_one_seed_are_independent(llm):
+    """The default seed for every prompt: each prompt's key mixes in its tokens, so different prompts do not draw
+    the same noise (with one key per seed, all of them took the same rank of their sorted distribution)."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, llm.cfg.vocab_size, 5).tolist() for _ in range(32)]
+    outs = llm.generate(prompts, SamplingParams(max_new_tokens=1, temperature=1.0))
+    logits = llm.logits(prompts)
+    ranks = [int((lg[-1] > lg[-1][o.token_ids[0]]).sum()) for lg, o in zip(logits, outs)]
+    assert len(set(ranks)) >= 8, ranks
+    assert llm.generate(prompts[:1], SamplingParams(max_new_tokens=1, temperature=1.0))[0].token_ids == outs[0].token_ids
+
+
 def test_filters_on_random_logits():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 50)).astype(np.float32) * 3
