@@ -74,7 +74,7 @@ SAMPLING_CHECKS = {  # the SamplingParams fields a request line may set: (check,
     "max_new_tokens": (is_positive_int, "a positive integer"),
     "temperature": (lambda v: is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "top_k": (lambda v: is_int(v) and v >= -1, "an integer >= 0 (or -1: none, as 0)"),
     "seed": (lambda v: is_int(v) and 0 <= v < 2**32, "an integer in 0..2**32 - 1"),
     "logprobs": (lambda v: is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS, f"an integer in 0..{MAX_TOP_LOGPROBS}"),
 }

@@ -6,8 +6,9 @@ with "prompt" (text or token ids) or "messages" ([{"role", "content"[, "name"]},
 (or "max_completion_tokens"), "temperature", "top_p", "seed", "stop" (a string or a list of them), and
 log-probabilities as each endpoint asks for them: "logprobs" (0..20 most likely tokens) for completions,
 "logprobs" (true) with "top_logprobs" (0..20) for chat, and "n" (completions to sample, 1..64, one
-choice each); "model", "user", "metadata" and "store" are ignored, and any other body field makes the
-line invalid rather than be dropped. A message's "content" is a string or a list of text parts
+choice each); "model", "user", "metadata" and "store" are ignored, the fields of `_NO_OP` are accepted at
+the value that changes nothing (or null), and any other body field or value makes the line invalid rather
+than be dropped. A message's "content" is a string or a list of text parts
 ({"type": "text", "text"}, joined by newlines). Fields a body leaves out take the CLI's values, "temperature"
 OpenAI's default of 1 where --temperature is not given ("logprobs": null or false asks for none, whatever the
 CLI says). The
@@ -36,7 +37,10 @@ ID_KEY = "custom_id"  # what identifies a request in input and output lines
 
 _SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
              "top_p": "top_p", "seed": "seed"}  # body key -> SamplingParams field
-_BODY_KEYS = ("model", "user", "metadata", "store", "n", "stop", "logprobs", *_SAMPLING)
+# Body fields moe-jax does not implement, at the value that changes nothing (SDKs write them out): accepted at
+# that value or null, refused at any other
+_NO_OP = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "stream": False, "echo": False, "best_of": 1}
+_BODY_KEYS = ("model", "user", "metadata", "store", "n", "stop", "logprobs", *_SAMPLING, *_NO_OP)
 _ENDPOINT_KEYS = {COMPLETIONS: ("prompt",), CHAT: ("messages", "top_logprobs")}
 MESSAGE_KEYS = ("role", "content", "name")  # a chat message's fields the template gets (tool calls: none)
 
@@ -59,6 +63,10 @@ def parse_request(n: int, obj: dict) -> JobRequest:
     if not isinstance(body, dict):
         raise ValueError("'body' must be a JSON object")
     refuse_unknown(body, (*_BODY_KEYS, *_ENDPOINT_KEYS[url]), "body.")
+    for key, none in _NO_OP.items():
+        v = body.get(key)
+        if v is not None and not (v == none and isinstance(v, bool) == isinstance(none, bool)):
+            raise ValueError(f"'body.{key}' = {v!r} is not supported (only {none!r}, which changes nothing, or null)")
     prompt, messages = (None, _messages(body)) if url == CHAT else (_prompt(body), None)
     sampling = {**sampling_fields(body, _SAMPLING, "body."), **_logprobs(body, url == CHAT)}
     return JobRequest(n, cid, prompt, messages, sampling, stop_strings(body, "body."), url,

@@ -24,8 +24,8 @@ TEMP_BUFFERS = 8
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Per-request generation settings. temperature 0 is greedy; top_k 0 and top_p 1 disable those
-    filters; generation stops at `max_new_tokens`, at a stop token, (unless ignore_eos) at EOS, or at
+    """Per-request generation settings. temperature 0 is greedy; top_k 0 (or -1, as vLLM's) and top_p 1 disable
+    those filters; generation stops at `max_new_tokens`, at a stop token, (unless ignore_eos) at EOS, or at
     a stop string (`stop`: a string or several, None for none; the text is cut before it; needs a tokenizer).
     logprobs: None, or return each generated token's log-probability (`Completion.logprobs`) and, when
     >= 1, that many most likely tokens at each position (`Completion.top_logprobs`, at most
@@ -64,8 +64,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not is_integer(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not is_integer(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 0 (or -1: none, as 0), got {self.top_k!r}")
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
         if not is_integer(self.seed) or not 0 <= self.seed < 2**32:  # the sampler's key takes 32 bits
             raise ValueError(f"seed must be an integer in 0..2**32 - 1, got {self.seed!r}")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):

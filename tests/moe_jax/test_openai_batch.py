@@ -61,7 +61,8 @@ def test_openai_round_trip_matches_llm_generate(tmp_path, chat_model, capsys):
     text = expected[0].text
     stop = next(ch for ch in text[1:] if ch != "\ufffd")  # a string the completion holds
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text(completion("comp", model="ignored", prompt="Hello there", max_tokens=6)
+    no_ops = dict(frequency_penalty=0, presence_penalty=0.0, logit_bias={}, stream=False, echo=None, best_of=1)
+    inp.write_text(completion("comp", model="ignored", prompt="Hello there", max_tokens=6, **no_ops)
                    + chat("chat", messages=[MESSAGES[0], {"role": "user", "content": [{"type": "text", "text": "Hi!"}]}],
                           max_tokens=5)  # content as text parts, as OpenAI's SDK writes it
                    + completion("bad", prompt="x", n=0)
@@ -113,6 +114,12 @@ def test_openai_round_trip_matches_llm_generate(tmp_path, chat_model, capsys):
     (completion("a", prompt="x", seed=1.5), "in.jsonl:1: 'body.seed' must be an integer"),
     (completion("a", prompt="x", stop=[1]), "in.jsonl:1: 'body.stop' must be a string or a list of strings"),
     (completion("a", prompt="x", stop=""), "in.jsonl:1: 'body.stop' strings must not be empty"),
+    (completion("a", prompt="x", frequency_penalty=0.5),
+     "in.jsonl:1: 'body.frequency_penalty' = 0.5 is not supported (only 0, which changes nothing, or null)"),
+    (completion("a", prompt="x", logit_bias={"5": 100}), "in.jsonl:1: 'body.logit_bias' = {'5': 100} is not supported"),
+    (chat("a", messages=MESSAGES, stream=True), "in.jsonl:1: 'body.stream' = True is not supported"),
+    (completion("a", prompt="x", best_of=True), "in.jsonl:1: 'body.best_of' = True is not supported"),
+    (completion("a", prompt="x", tools=[]), "in.jsonl:1: unknown field 'body.tools'"),
     (chat("a", messages=[]), "in.jsonl:1: 'body.messages' must be a non-empty list"),
     (chat("a", messages=[{"role": "user"}]),
      "in.jsonl:1: 'body.messages[0]' must be an object with string 'role' and 'content'"),

@@ -25,6 +25,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     assert llm.generate(["The quick brown fox"], p.replace(top_k=1))[0].token_ids == greedy
     # a top_k past the int32 the sampler takes keeps every token, as top_k 0 does
     assert llm.generate(["The quick brown fox"], p.replace(top_k=3_000_000_000))[0].token_ids == alone
+    assert p.replace(top_k=-1).top_k == 0  # vLLM's "none" too
 
 
 def test_prompts_sampled_under_one_seed_are_independent(llm):
