@@ -81,7 +81,14 @@ def test_bench_throughput_with_baseline(tmp_path):
     assert "error" not in base, base
     assert {"mode", "tok_s_measured", "tok_s_full_model", "scale_to_full", "experts_implementation"} <= base.keys()
     assert d["ours_on_baseline_workload"]["tokens"] == base["tokens"] == 4 * 3
-    assert "moe-jax / transformers on that workload, full model: **" in p.stdout
+    assert base["mode"].startswith("plain transformers on CPU")  # no GPU here: a smoke test, and no ratio
+    assert "no moe-jax / transformers ratio: the baseline ran without offload (plain transformers" in p.stdout
+    import bench_throughput as bt
+
+    offloaded = dict(base, mode="accelerate CPU offload", tok_s_full_model=2.0)
+    ours = dict(d["ours_on_baseline_workload"], tok_s=30.0)
+    assert "moe-jax / transformers on that workload, full model: **15.0x**" in bt.report(
+        [], offloaded, ours, None, 2, True, 1e9, None, False)
     assert png.stat().st_size > 0
 
 
@@ -307,6 +314,25 @@ def test_a_job_is_predicted_in_the_waves_the_engine_runs_it():
     assert both["prefill_s"] == pytest.approx(waves[0]["prefill_s"] + waves[1]["prefill_s"], rel=1e-12)
     assert waves[1]["tok_s"] < both["tok_s"] < waves[0]["tok_s"]
     assert both["gpu_gib"] == waves[0]["gpu_gib"] and both["bottleneck"] == waves[0]["bottleneck"]
+
+
+def test_the_baselines_resident_layers_are_accelerates(tmp_path):
+    """The full model's layers the baseline counts as kept on the GPU (free) are those accelerate's
+    infer_auto_device_map keeps there under the cap (Mixtral 8x7B, bf16, on the meta device)."""
+    reference("torch", "transformers", "accelerate")
+    import hf_baseline
+    import torch
+    from accelerate.utils import infer_auto_device_map
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_baseline.hf_config("mixtral-8x7b", 32, "bfloat16")))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), dtype=torch.bfloat16)
+    for cap in (16, 24):
+        placed = infer_auto_device_map(model, max_memory={0: cap * 2**30, "cpu": 400 * 2**30},
+                                       no_split_module_classes=model._no_split_modules)
+        on_gpu = [k for k, v in placed.items() if k.startswith("model.layers.") and v == 0]
+        assert hf_baseline.resident_layers("mixtral-8x7b", "bfloat16", cap) == len(on_gpu) > 0, (cap, on_gpu)
 
 
 @pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-dbrx"])
