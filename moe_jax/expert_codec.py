@@ -106,10 +106,11 @@ def encode(x: np.ndarray, sm: np.ndarray | None = None, nib: np.ndarray | None =
 def decode(sm, nib, base, escape_index=None, escape_bits=None) -> jax.Array:
     """JAX decoding (runs on the GPU): sm [..., cols], nib [..., ceil(cols / 2)] and a scalar base -> bfloat16
     [..., cols], exact but at the escapes, which the given ones (flat indices into [..., cols] and their
-    uint16 bits; an index may repeat with the same bits) set; without them the caller sets them."""
+    uint16 bits; an index may repeat with the same bits; one past the array is dropped) set as bits, before the
+    bitcast (a scatter of bfloat16 values may quieten a signalling NaN); without them the caller sets them."""
     sm, nib = sm.astype(jnp.uint16), nib.astype(jnp.uint16)
     codes = jnp.stack([nib & 15, nib >> 4], axis=-1).reshape(*nib.shape[:-1], -1)[..., :sm.shape[-1]]
     bits = ((sm & 0x80) << 8) | ((codes + jnp.asarray(base).astype(jnp.uint16)) << 7) | (sm & 0x7F)
     if escape_index is not None:
-        bits = bits.reshape(-1).at[escape_index].set(escape_bits.astype(jnp.uint16)).reshape(sm.shape)
+        bits = bits.reshape(-1).at[escape_index].set(escape_bits.astype(jnp.uint16), mode="drop").reshape(sm.shape)
     return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)

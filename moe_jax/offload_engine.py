@@ -200,10 +200,8 @@ def _install_coded(s, sm, nib, base, expert, index, bits, j, at):
     slot at + j of its slot array s, setting the chunk's escapes of expert j (expert [n], flat index [n] within
     it, bits [n]; the other experts' fall outside and are dropped). One call per expert and weight, so that
     one decoded matrix at most is alive whatever the compiler fuses."""
-    decoded = expert_codec.decode(sm[j], nib[j], base[j]).astype(s.dtype)
-    mine = jnp.where(expert == j, index, decoded.size)
-    values = jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(s.dtype)
-    decoded = decoded.reshape(-1).at[mine].set(values, mode="drop").reshape(decoded.shape)
+    mine = jnp.where(expert == j, index, sm[j].size)  # past the end: dropped
+    decoded = expert_codec.decode(sm[j], nib[j], base[j], mine, bits).astype(s.dtype)  # escapes set as bits: exact
     return jax.lax.dynamic_update_slice_in_dim(s, decoded[None], at + j, 0)
 
 

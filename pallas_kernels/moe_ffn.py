@@ -120,7 +120,9 @@ def moe_ffn(x, topk_ids, topk_weights, w_gate, w_up, w_down, *,
 
     `FFN_e(v) = (silu(v·w_gate[s]) ⊙ (v·w_up[s]))·w_down[s]` with `s = expert_slots[e]`.
     Matmuls run in the weights' dtype with float32 accumulation (HIGHEST precision for float32);
-    the weighted combine is float32. Jit-safe: all shapes are static.
+    the weighted combine is float32. pallas_mgpu/jax_mgpu write each matmul's result in the weights' dtype, so
+    there the gate/up products and each expert's output are rounded to it first (bfloat16: about twice the
+    other kernels' error against float64, within the tests' bounds). Jit-safe: all shapes are static.
 
     Args:
       x: `[T, H]` activations.
@@ -142,6 +144,12 @@ def moe_ffn(x, topk_ids, topk_weights, w_gate, w_up, w_down, *,
     kernel = resolve_impl(impl, w_gate.dtype, H, F, interpret, rows_per_expert=topk_ids.size / num_experts)
     if topk_ids.size == 0:
         return jnp.zeros_like(x)
+    if kernel == "xla" and expert_slots is not None and S > num_experts:
+        # ragged_dot runs as a dense dot over every group (XLA's CPU lowering; on GPU outside cuDNN): over this
+        # layer's experts alone, not every slot (S / E times the work, and a non-finite weight in a slot no row
+        # reads would reach every row through its zero mask)
+        w_gate, w_up, w_down = (w[expert_slots] for w in (w_gate, w_up, w_down))
+        expert_slots, S = None, num_experts
     bm = block_m_for(kernel, topk_ids.size, min(S, num_experts))
     layout = grouped_layout(topk_ids, expert_slots, S, bm)
     xs = x[layout.row_token].astype(w_gate.dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -88,6 +89,19 @@ def test_triton_tiles_follow_rows_per_expert_not_slots(make_problem, assert_matc
     problem = make_problem(64, 32, 32, 4, 2, "float32", "uniform", 40)
     assert_matches_reference(run(problem, impl="pallas_triton"), problem)
     assert seen == [32]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_slots_no_row_reads_do_not_reach_the_output(make_problem, assert_matches_reference, impl):
+    """A pager's buffer holds other layers' experts: a non-finite weight in a slot this call's experts do not use
+    changes nothing (the xla path ran a dense dot over every slot, its zero mask times inf giving NaN everywhere)."""
+    problem = make_problem(32, 32, 48, 4, 2, "float32", "uniform", 12)
+    unused = sorted(set(range(12)) - set(problem.expert_slots.tolist()))
+    weights = {k: np.array(getattr(problem, k)) for k in ("w_gate", "w_up", "w_down")}
+    for w in weights.values():
+        w[unused[0]], w[unused[-1]] = np.nan, np.inf
+    problem = dataclasses.replace(problem, **weights)  # the reference reads no unused slot
+    assert_matches_reference(run(problem, impl=impl), problem)
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
