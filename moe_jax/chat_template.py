@@ -21,7 +21,7 @@ def _raise_exception(message: str):
     raise jinja2.TemplateError(message)
 
 
-def _token_text(v) -> str:
+def token_text(v) -> str:
     """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
     return v.get("content", "") if isinstance(v, dict) else v or ""
 
@@ -51,7 +51,7 @@ class ChatTemplate:
             source, where = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
         if not isinstance(source, str):
             return None
-        return cls(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")), where)
+        return cls(source, token_text(config.get("bos_token")), token_text(config.get("eos_token")), where)
 
     def render(self, messages: Sequence[dict]) -> str:
         try:

@@ -9,11 +9,13 @@ from typing import Protocol
 
 import numpy as np
 
+from moe_jax.chat_template import token_text
 from moe_jax.checkpoint import Checkpoint
 from moe_jax.config import ModelConfig
+from moe_jax.json_files import read_json_object
 from moe_jax.presets import PRESETS, RandomWeights, preset_config
 from moe_jax.saved_model import CONFIG_FILE, SavedModelError, SavedWeights, is_saved_model
-from moe_jax.tokenizer import Tokenizer
+from moe_jax.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger("moe_jax")
 
@@ -38,6 +40,23 @@ class ModelNotFound(ValueError):
     pass
 
 
+def _eos_of_the_tokenizer(path: Path, cfg: ModelConfig, tok: Tokenizer | None) -> ModelConfig:
+    """Where config.json and generation_config.json name no EOS, the tokenizer's `eos_token`
+    (tokenizer_config.json), at which vLLM stops too; said either way."""
+    if cfg.eos_token_ids:
+        return cfg
+    config = path / "tokenizer_config.json"
+    text = token_text(read_json_object(config, TokenizerError).get("eos_token")) if config.is_file() else ""
+    eos = tok.token_id(text) if tok is not None and text else None
+    if eos is None or eos >= cfg.vocab_size:
+        log.warning("%s: no EOS token id (config.json / generation_config.json 'eos_token_id', or a tokenizer "
+                    "eos_token): generation stops only at its token budget, a stop string or a stop token", path)
+        return cfg
+    log.warning("%s: config.json and generation_config.json name no 'eos_token_id': stopping at the tokenizer's "
+                "eos_token %r (id %d), as vLLM does", path, text, eos)
+    return cfg.replace(eos_token_ids=(eos,))
+
+
 def open_model(model: str | Path, seed: int = 0) -> ModelSource:
     """A directory with config.json + safetensors [+ tokenizer.json], a model saved by moe-jax
     (`moe_jax.saved_model`), or a preset name; seed: a preset's random weights (a directory's weights are its
@@ -56,7 +75,7 @@ def open_model(model: str | Path, seed: int = 0) -> ModelSource:
         if tok is not None and tok.vocab_size > weights.cfg.vocab_size:
             log.warning("%s has %d tokens but the model's vocabulary %d: a prompt holding a token id past it is "
                         "refused", tok_file, tok.vocab_size, weights.cfg.vocab_size)
-        return ModelSource(str(path), weights.cfg, weights, tok)
+        return ModelSource(str(path), _eos_of_the_tokenizer(path, weights.cfg, tok), weights, tok)
     if str(model) in PRESETS:
         cfg = preset_config(str(model))
         return ModelSource(str(model), cfg, RandomWeights(cfg, seed), Tokenizer.byte_level())

@@ -79,6 +79,10 @@ class Tokenizer:
             return bytes(_byte_of(c) for c in piece)
         return piece.replace("\u2581", " ").encode("utf-8")
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the token whose text is `text` (e.g. a special token's), or None."""
+        return self._tok.token_to_id(text)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
