@@ -1029,10 +1029,15 @@ class _Run:
                         finished = True
                         return
                     eng._complete_fetch()
-                now = time.perf_counter()
-                if step == 0:  # the first fill's prompts, through every layer, and their first tokens
+                # the first fill's prompts, through every layer, and their first tokens: one step, two with one
+                # layer (its first tokens come at the next step's only layer)
+                if step < (2 if L == 1 else 1):
+                    for w, _ in self.writes:  # their k/v writes still queued on the CPU worker: the prefill's time
+                        w.result()
+                    now = time.perf_counter()
                     eng.stats.prefill_s += now - t0
                 else:
+                    now = time.perf_counter()
                     eng.stats.decode_s += now - t0
                     eng.stats.decode_steps += 1
                 t0, step = now, step + 1

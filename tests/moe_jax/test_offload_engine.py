@@ -3,6 +3,7 @@ whatever the policy: micro-batches, resident expert fraction, more requests than
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import ml_dtypes
@@ -922,3 +923,34 @@ def test_stats_count_the_xla_compiles_of_each_generate():
     assert eng.stats.compiles.compiles == 0
     job([*PROMPTS[:-1], tuple(range(3, 40))])  # a prompt of a longer bucket: its prefill call's shape is new
     assert 0 < eng.stats.compiles.compiles < first.compiles
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_prefills_time_holds_its_kv_writes_and_decode_counts_its_steps(monkeypatch, layers):
+    """The prefill's time ends once its prompts' k/v writes (queued on the CPU worker) are done, not when its GPU
+    calls were dispatched (the rest was charged to the first decode step); a job of gen_len tokens runs gen_len - 1
+    decode steps, with one layer too (whose first tokens come at the step after its prompts' layer)."""
+    from moe_jax.model_source import ModelSource
+    from moe_jax.presets import RandomWeights, preset_config
+
+    cfg = preset_config("tiny-mixtral").replace(num_layers=layers)
+    source = ModelSource("tiny-mixtral", cfg, RandomWeights(cfg, 0), None)
+    slow = 0.2
+    real = offload_engine._Run._prefill_writeback
+
+    def slow_writeback(self, *a):
+        time.sleep(slow)
+        return real(self, *a)
+
+    eng = OffloadEngine(cfg, source.weights, np.float32, Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2,
+                                                               resident_expert_fraction=0.0))
+    requests = [Request(i, p, GREEDY) for i, p in enumerate(PROMPTS[:4])]
+    monkeypatch.setattr(offload_engine._Run, "_prefill_writeback", slow_writeback)
+    list(eng.generate(requests))  # compiles every shape
+    got = [ids for _, ids, *_ in eng.generate(requests)]
+    assert [len(g) for g in got] == [GREEDY.max_new_tokens] * 4 and eng.stats.decode_steps == GREEDY.max_new_tokens - 1
+    writes = eng.stats.prefill_calls  # one write per prefill call, each at least `slow` s
+    assert eng.stats.prefill_s >= writes * slow > 0
+    if layers > 1:  # with one layer the second job's prefill calls took two new shapes (compiled in its prefill)
+        assert eng.stats.compiles.compiles == 0
+    assert eng.stats.decode_s < slow, (eng.stats.decode_s, eng.stats.prefill_s)
