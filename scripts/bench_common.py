@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -494,10 +495,16 @@ def run_command() -> str:
 
 
 def versions() -> str:
-    """The versions that decide what runs: "jax X, jaxlib Y"."""
+    """The versions that decide what runs: "jax X, jaxlib Y[, commit C]" (the commit where the tree is a git
+    checkout: the device machine's copy has no .git, so its session records it)."""
     from importlib.metadata import version
 
-    return f"jax {version('jax')}, jaxlib {version('jaxlib')}"
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commit = f", commit {git.stdout.strip()}" if git.returncode == 0 and git.stdout.strip() else ""
+    except OSError:  # no git there
+        commit = ""
+    return f"jax {version('jax')}, jaxlib {version('jaxlib')}{commit}"
 
 
 def append_results(path: str, title: str, device: str, body: str) -> None:

@@ -455,6 +455,8 @@ def main_table(rows: list[dict]) -> str:
             label += beside_own(r["hrm_own"])
         if r.get("interrupted"):
             label += f" (interrupted after {r['decode_steps']} decode steps)"
+        if r.get("compiles"):  # the warm-up missed shapes: the figures carry their compile stalls
+            label += f" (the timed run compiled {r['compiles']} shapes, {r.get('compile_s', 0):.1f} s)"
         head = [r["workload"], str(r["gen_len"]), f"{r['gpu_memory_gb']:g}", label]
         if "error" in r or "tok_s" not in r:
             out.append(head + [r.get("error", "").splitlines()[0][:120]] + [""] * (len(MAIN_HEADERS) - 5))
@@ -536,8 +538,9 @@ def report(rows, base, ours_base, agreement, layers: int, full: bool, link_bw: f
         sources = "; ".join(f"{p['system']} {p['value']:g} ({p['source']})" for p in PUBLISHED)
         parts.append(main_table(rows) + f"\n\nlink {link_bw / 1e9:.1f} GB/s (pinned host -> device); "
                      f"HRM profile {hardware or 'none'}; vs published = our figure on the published metric x their "
-                     f"link / ours, over theirs: about exact for a link-bound (h2d) run, a lower bound for one "
-                     f"bound by the CPU or GPU (their slower link would slow it less). Published: {sources}")
+                     f"link / ours, over theirs (our system with their link: our link measured at its best, theirs "
+                     f"as published): about exact for a link-bound (h2d) run, a lower bound for one bound by our CPU "
+                     f"or GPU (their slower link would slow it less). Published: {sources}")
     if base is not None:
         parts.append("PyTorch baseline, same random weights, same prompts:\n\n" + baseline_table(base, ours_base, layers, full))
         offloaded = base.get("mode", "").startswith("accelerate")
