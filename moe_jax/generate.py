@@ -174,7 +174,7 @@ def prompt_ids(req: JobRequest, source: ModelSource, chat: ChatTemplate | None) 
     if req.messages is not None:
         if chat is None:
             raise ChatTemplateError(f"model {source.name} has no chat template (chat_template in "
-                                    f"tokenizer_config.json), so it cannot run chat requests")
+                                    f"tokenizer_config.json, or chat_template.jinja), so it cannot run chat requests")
         prompt = chat.token_ids(req.messages, source.tokenizer)
     return encode_prompt(source.cfg, source.tokenizer, prompt, "prompt")
 

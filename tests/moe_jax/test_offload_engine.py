@@ -609,6 +609,12 @@ def test_rebatch_runs_another_batch_on_the_loaded_weights():
                    micro_batch_size=1)
     hrm.rebatch(Policy(**smaller))  # the LLM's cap filled in, HRM's prediction (for the policy before) dropped
     assert hrm.policy == Policy(**{**smaller, "gpu_memory_gb": 1}) and hrm.hrm_prediction is None
+    p = hrm.policy  # the README's recipe: HRM's best batch for another job, on the loaded layout
+    r = moe_jax.hrm.choose_policy(hrm.cfg, "l4", 100, 50, placements=(("cpu", "cpu"),), gpu_memory_gb=1,
+                                  num_micro_batches=p.num_micro_batches, resident_expert_fraction=p.resident_expert_fraction,
+                                  expert_codec=p.expert_codec, kv_cache_dtype=p.kv_cache_dtype, max_batch_size=6)
+    hrm.rebatch(r.policy)
+    assert hrm.policy == r.policy and hrm.engine.policy == r.policy
     assert [c.token_ids for c in hrm.generate(PROMPTS, GREEDY)] == want
     with pytest.raises(moe_jax.llm.PolicyUnavailable, match="batch_size=8 is above this LLM's max_batch_size=6"):
         hrm.rebatch(Policy(**{**smaller, "batch_size": 8, "micro_batch_size": -(-8 // smaller["num_micro_batches"])}))
