@@ -9,6 +9,7 @@ from typing import Sequence
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from moe_jax.job_requests import optional, refuse_unknown
 from moe_jax.json_files import read_json_object
 from moe_jax.tokenizer import Tokenizer
 
@@ -19,6 +20,39 @@ class ChatTemplateError(ValueError):
 
 def _raise_exception(message: str):
     raise jinja2.TemplateError(message)
+
+
+MESSAGE_KEYS = ("role", "content", "name")  # a chat message's fields the template gets (tool calls: none)
+
+
+def chat_messages(messages, where: str = "messages") -> tuple[dict, ...]:
+    """A conversation checked for the template, as OpenAI's messages: a non-empty list of {"role", "content"[,
+    "name"]} objects, a content a string or a list of text parts (joined by newlines, as vLLM joins them);
+    ValueError naming `where` and the message otherwise (other fields, e.g. tool calls, are refused, not dropped)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"'{where}' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise ValueError(f"'{where}[{i}]' must be an object with string 'role' and 'content'")
+        refuse_unknown(m, MESSAGE_KEYS, f"{where}[{i}].")
+        optional(m, "name", lambda v: isinstance(v, str), "a string", f"{where}[{i}].")
+    return tuple({"role": m["role"], "content": _content(m["content"], f"{where}[{i}].content"),
+                  **({"name": m["name"]} if m.get("name") is not None else {})} for i, m in enumerate(messages))
+
+
+def _content(content, where: str) -> str:
+    """A message's content as text: a string, or a list of text parts ({"type": "text", "text"}, as OpenAI's SDK
+    writes them), joined by newlines as vLLM joins them."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise ValueError(f"'{where}' must be a string or a non-empty list of text parts, got {content!r:.60}")
+    for j, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"'{where}[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}} (this "
+                             f"model reads text only), got {kind!r}")
+    return "\n".join(part["text"] for part in content)
 
 
 def token_text(v) -> str:

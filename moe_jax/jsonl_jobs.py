@@ -3,7 +3,7 @@ output and error lines.
 
 Plain input line: {"prompt": TEXT} or {"prompt_token_ids": [INT, ...]}, optional "id" (string or int,
 unique; default: the line number), "stop" (a string or a list of them) and the sampling fields
-"max_new_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", and "n" (completions to sample, 1..64);
+"max_new_tokens" (or vLLM's "max_tokens"), "temperature", "top_p", "top_k", "seed", "logprobs", and "n" (completions to sample, 1..64);
 any other field makes the line invalid. Output line: {"id", "token_ids", "text", "finish_reason"}, plus,
 where the request asked for logprobs, "logprobs" (one per token) and, for logprobs >= 1, "top_logprobs"
 (per token, [[token id, logprob], ...] most likely first); for n > 1, {"id", "choices": [those fields, one
@@ -41,7 +41,7 @@ class JobFormat:
     default_temperature: float  # where neither a line nor --temperature sets one: plain greedy, OpenAI's 1
 
 
-_PLAIN_KEYS = ("prompt", "prompt_token_ids", "id", "stop", "n", *SAMPLING_CHECKS)
+_PLAIN_KEYS = ("prompt", "prompt_token_ids", "id", "stop", "n", "max_tokens", *SAMPLING_CHECKS)  # max_tokens: vLLM's name
 
 
 def _parse_plain(n: int, obj: dict) -> JobRequest:
@@ -63,7 +63,9 @@ def _parse_plain(n: int, obj: dict) -> JobRequest:
     rid = obj.get("id", n)
     if not isinstance(rid, str) and not is_int(rid):
         raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
-    sampling = sampling_fields(obj, {f: f for f in SAMPLING_CHECKS})
+    if "max_tokens" in obj and "max_new_tokens" in obj:
+        raise ValueError("give one of 'max_new_tokens' or 'max_tokens' (the same field)")
+    sampling = sampling_fields(obj, {"max_tokens": "max_new_tokens", **{f: f for f in SAMPLING_CHECKS}})
     return JobRequest(n, rid, prompt, sampling=sampling, stop=stop_strings(obj), n=completions_wanted(obj))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 import pallas_kernels
 from moe_jax import expert_codec as codec, pinned_pool
+from moe_jax.chat_template import ChatTemplate, ChatTemplateError, chat_messages
 from moe_jax.integers import is_integer
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
@@ -115,6 +116,7 @@ class LLM:
             raise ValueError(f"gpu_memory_gb must be a positive number of GiB or None, got {gpu_memory_gb!r}")
         self.source = model if isinstance(model, ModelSource) else open_model(model, seed=seed)
         self.name, self.cfg, self.tokenizer = self.source.name, self.source.cfg, self.source.tokenizer
+        self._chat_template: ChatTemplate | None = None  # read at the first `chat`
         codec.check(expert_codec, self.dtype)
         kv_storage_dtype(kv_cache_dtype, self.dtype)
         self.offload_options = {"expert_codec": expert_codec, "kv_cache_dtype": kv_cache_dtype}
@@ -374,3 +376,21 @@ class LLM:
         """One Completion per prompt, in prompt order."""
         out = dict(self.generate_iter(prompts, params))  # every prompt's, once each
         return [out[i] for i in range(len(out))]
+
+    def chat(self, conversations: Sequence[Sequence[dict]] | Sequence[dict],
+             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """One Completion per conversation (OpenAI's messages: [{"role", "content"[, "name"]}, ...]; one
+        conversation alone is a list of one, as vLLM's `LLM.chat` takes it), each rendered with the model's chat
+        template (tokenizer_config.json's `chat_template` or chat_template.jinja) and generated as `generate`."""
+        if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        _require_batch(conversations, "conversations", "lists of messages")
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_model_dir(self.name)
+            if self._chat_template is None or self.tokenizer is None:
+                self._chat_template = None
+                raise ChatTemplateError(f"model {self.name} has no chat template (chat_template in "
+                                        f"tokenizer_config.json, or chat_template.jinja) and tokenizer")
+        prompts = [self._chat_template.token_ids(chat_messages(c, f"conversations[{i}]"), self.tokenizer)
+                   for i, c in enumerate(conversations)]
+        return self.generate(prompts, params)

@@ -24,6 +24,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from moe_jax.chat_template import chat_messages
 from moe_jax.job_requests import (SAMPLING_CHECKS, BadLine, JobRequest, completions_wanted, is_token_ids, optional,
                                   refuse_unknown, sampling_fields, stop_strings)
 from moe_jax.requests import Completion
@@ -42,7 +43,6 @@ _SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_t
 _NO_OP = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "stream": False, "echo": False, "best_of": 1}
 _BODY_KEYS = ("model", "user", "metadata", "store", "n", "stop", "logprobs", *_SAMPLING, *_NO_OP)
 _ENDPOINT_KEYS = {COMPLETIONS: ("prompt",), CHAT: ("messages", "top_logprobs")}
-MESSAGE_KEYS = ("role", "content", "name")  # a chat message's fields the template gets (tool calls: none)
 
 
 def is_request(obj: dict) -> bool:
@@ -67,7 +67,7 @@ def parse_request(n: int, obj: dict) -> JobRequest:
         v = body.get(key)
         if v is not None and not (v == none and isinstance(v, bool) == isinstance(none, bool)):
             raise ValueError(f"'body.{key}' = {v!r} is not supported (only {none!r}, which changes nothing, or null)")
-    prompt, messages = (None, _messages(body)) if url == CHAT else (_prompt(body), None)
+    prompt, messages = (None, chat_messages(body.get("messages"), "body.messages")) if url == CHAT else (_prompt(body), None)
     sampling = {**sampling_fields(body, _SAMPLING, "body."), **_logprobs(body, url == CHAT)}
     return JobRequest(n, cid, prompt, messages, sampling, stop_strings(body, "body."), url,
                       completions_wanted(body, "body."))
@@ -95,34 +95,6 @@ def _prompt(body: dict) -> str | tuple[int, ...]:
     if not prompt:
         raise ValueError("empty prompt")
     return prompt if isinstance(prompt, str) else tuple(prompt)
-
-
-def _messages(body: dict) -> tuple[dict, ...]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'body.messages' must be a non-empty list of {\"role\", \"content\"} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise ValueError(f"'body.messages[{i}]' must be an object with string 'role' and 'content'")
-        refuse_unknown(m, MESSAGE_KEYS, f"body.messages[{i}].")
-        optional(m, "name", lambda v: isinstance(v, str), "a string", f"body.messages[{i}].")
-    return tuple({"role": m["role"], "content": _content(m["content"], f"body.messages[{i}].content"),
-                  **({"name": m["name"]} if m.get("name") is not None else {})} for i, m in enumerate(messages))
-
-
-def _content(content, where: str) -> str:
-    """A message's content as text: a string, or a list of text parts ({"type": "text", "text"}, as OpenAI's SDK
-    writes them), joined by newlines as vLLM joins them."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list) or not content:
-        raise ValueError(f"'{where}' must be a string or a non-empty list of text parts, got {content!r:.60}")
-    for j, part in enumerate(content):
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"'{where}[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}} (this "
-                             f"model reads text only), got {kind!r}")
-    return "\n".join(part["text"] for part in content)
 
 
 def _logprobs_record(c: Completion, chat: bool, decode: Callable[[Sequence[int]], str],

@@ -45,8 +45,13 @@ class SamplingParams:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    max_tokens: dataclasses.InitVar[int | None] = None  # vLLM's name for max_new_tokens: either sets it
 
-    def __post_init__(self):
+    def __post_init__(self, max_tokens):
+        if max_tokens is not None:
+            if self.max_new_tokens != SamplingParams.max_new_tokens and self.max_new_tokens != max_tokens:
+                raise ValueError(f"give one of max_new_tokens ({self.max_new_tokens}) or max_tokens ({max_tokens})")
+            object.__setattr__(self, "max_new_tokens", max_tokens)
         object.__setattr__(self, "stop_token_ids", integer_ids(self.stop_token_ids, "stop_token_ids"))
         try:
             stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)

@@ -89,13 +89,13 @@ def start_job(inp: Path, out: Path, err: Path, *extra) -> tuple[subprocess.Popen
 def test_jsonl_job_writes_every_request(tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text('{"id": "a", "prompt": "Hello there"}\n\n{"prompt_token_ids": [256, 5, 9], "max_new_tokens": 3}\n'
-                   '{"id": 7, "prompt": "x"}\n')
+                   '{"id": 7, "prompt": "x", "max_tokens": 2}\n')  # max_tokens: vLLM's name
     rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", "5", "--dtype", "float32")
     assert rc == 0, err
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     assert sorted(map(str, (r["id"] for r in lines))) == ["3", "7", "a"]  # line 3's id defaults to its line number
     by_id = {r["id"]: r for r in lines}
-    assert len(by_id[3]["token_ids"]) == 3 and len(by_id["a"]["token_ids"]) == 5
+    assert len(by_id[3]["token_ids"]) == 3 and len(by_id["a"]["token_ids"]) == 5 and len(by_id[7]["token_ids"]) == 2
     assert all(set(r) == {"id", "token_ids", "text", "finish_reason"} and isinstance(r["text"], str) for r in lines)
     assert "done: 3 prompts" in err and "tok/s" in err
 
@@ -121,8 +121,11 @@ def test_resume_skips_finished_ids_and_repairs_a_torn_line(tmp_path, capsys):
     ('{"text": "x"}\n', "in.jsonl:1: needs exactly one of 'prompt'"),
     ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "in.jsonl:2: duplicate id 'a'"),
     ('{"prompt": "x", "max_new_tokens": 0}\n', "in.jsonl:1: 'max_new_tokens' must be a positive integer"),
-    ('{"prompt": "x", "max_tokens": 2, "temprature": 1}\n', "in.jsonl:1: unknown fields 'max_tokens', 'temprature' "
-     "(known: id, logprobs, max_new_tokens, n, prompt, prompt_token_ids, seed, stop, temperature, top_k, top_p)"),
+    ('{"prompt": "x", "max_tokens": 2, "temprature": 1}\n', "in.jsonl:1: unknown field 'temprature' "
+     "(known: id, logprobs, max_new_tokens, max_tokens, n, prompt, prompt_token_ids, seed, stop, temperature, top_k, top_p)"),
+    ('{"prompt": "x", "max_tokens": 2, "max_new_tokens": 2}\n',
+     "in.jsonl:1: give one of 'max_new_tokens' or 'max_tokens' (the same field)"),
+    ('{"prompt": "x", "max_tokens": 0}\n', "in.jsonl:1: 'max_tokens' must be a positive integer"),
     ('{"prompt": "x", "logprobs": 21}\n', "in.jsonl:1: 'logprobs' must be an integer in 0..20, got 21"),
     ('{"prompt": "x", "top_p": 0}\n', "in.jsonl:1: 'top_p' must be a number in (0, 1]"),
     ('{"prompt": "x", "seed": -1}\n', "in.jsonl:1: 'seed' must be an integer in 0..2**32 - 1, got -1"),

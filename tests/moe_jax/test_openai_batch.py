@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from moe_jax import LLM, SamplingParams, openai_batch
-from moe_jax.chat_template import ChatTemplate, ChatTemplateError
+from moe_jax import LLM, SamplingParams
+from moe_jax.chat_template import ChatTemplate, ChatTemplateError, chat_messages
 from moe_jax.generate import main
 from moe_jax.presets import preset_hf_config
 from moe_jax.requests import Completion
@@ -152,8 +152,8 @@ def test_chat_template_rendering(tmp_path):
     with_bos = ChatTemplate("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", "<s>", "</s>")
     assert with_bos.render([{"role": "user", "content": "hi"}]) == "<s>hi"
     named = ChatTemplate("{% for m in messages %}{{ m.get('name', '-') }}:{{ m.content }};{% endfor %}")
-    assert named.render(openai_batch._messages({"messages": [{"role": "user", "content": "hi", "name": "alice"},
-                                                             {"role": "user", "content": "yo"}]})) == "alice:hi;-:yo;"
+    assert named.render(chat_messages([{"role": "user", "content": "hi", "name": "alice"},
+                                       {"role": "user", "content": "yo"}])) == "alice:hi;-:yo;"
     assert with_bos.token_ids([{"role": "user", "content": "hi"}], tok) == [BYTE_BOS, ord("h"), ord("i")]
     plain = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     assert plain.token_ids([{"role": "user", "content": "hi"}], tok) == [ord("h"), ord("i")]  # as transformers
@@ -296,3 +296,19 @@ def test_n_completions_are_choices_sampled_with_their_own_seeds(tmp_path, chat_m
     assert bodies["c"]["usage"]["completion_tokens"] == sum(len(w.token_ids) for w in want)
     assert bodies["c"]["usage"]["prompt_tokens"] == len(want[0].prompt_token_ids)
     assert [ch["text"] for ch in bodies["one"]["choices"]] == [want[0].text]  # n = 1: the first choice of n = 3
+
+
+def test_llm_chat_renders_each_conversation_with_the_models_template(chat_model):
+    """`LLM.chat`, as vLLM's: conversations (or one) through the checkpoint's chat template, then `generate`."""
+    llm = LLM(str(chat_model), dtype="float32", policy="resident")
+    params = SamplingParams(max_new_tokens=5)
+    hi = [MESSAGES[0], {"role": "user", "content": [{"type": "text", "text": "Hi!"}]}]
+    ids = llm.tokenizer.encode("<|system|>Be brief.\n<|user|>Hi!\n<|assistant|>", add_special_tokens=False)
+    (one,) = llm.chat(hi, params)  # one conversation alone
+    assert one.prompt_token_ids == ids and one.token_ids == llm.generate([ids], params)[0].token_ids
+    both = llm.chat([hi, MESSAGES], params)
+    assert [c.token_ids for c in both] == [one.token_ids, llm.chat([MESSAGES], params)[0].token_ids]
+    with pytest.raises(ValueError, match=r"'conversations\[1\]\[0\]' must be an object with string 'role' and 'content'"):
+        llm.chat([hi, [{"role": "user"}]], params)
+    with pytest.raises(ChatTemplateError, match="model tiny-mixtral has no chat template"):
+        LLM("tiny-mixtral", policy="resident").chat(hi)

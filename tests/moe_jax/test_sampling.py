@@ -191,3 +191,10 @@ def test_the_sampling_plan_bounds_xlas_temporaries(rows, V):
     compiled = jax.jit(sample).lower(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes)).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert 0 < temp <= sample_bytes(V, rows)
+
+
+def test_vllms_max_tokens_sets_max_new_tokens():
+    assert SamplingParams(max_tokens=8).max_new_tokens == 8 == SamplingParams(max_tokens=8, max_new_tokens=8).max_new_tokens
+    assert SamplingParams(max_tokens=8).replace(temperature=1.0).max_new_tokens == 8
+    with pytest.raises(ValueError, match=r"give one of max_new_tokens \(9\) or max_tokens \(8\)"):
+        SamplingParams(max_tokens=8, max_new_tokens=9)
