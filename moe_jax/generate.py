@@ -156,6 +156,9 @@ def request_seed(seed: int, request_id) -> int:
     return zlib.crc32(f"{seed}:{request_id!r}".encode())
 
 
+SAMPLING_KEYS = "seed and prompt"  # `sampling.key_seed`; "seed" alone before 2026-11-28 (`META_DEFAULTS`)
+
+
 def job_meta(args: argparse.Namespace, job: Job, llm: LLM | None = None) -> dict:
     """What an output depends on, beyond its input lines: a resume must match all of it. With `llm` (once it
     is built), also the KV cache's dtype its engine runs with: an int8 request under a policy that chose the
@@ -166,6 +169,8 @@ def job_meta(args: argparse.Namespace, job: Job, llm: LLM | None = None) -> dict
             "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None, "logprobs": args.logprobs}
     if llm is not None:
         meta["kv_cache_dtype"] = "auto" if llm.policy == "resident" else args.kv_cache_dtype
+    if any(req.sampling.get("temperature", args.temperature) > 0 for req in job.requests):
+        meta["sampling_keys"] = SAMPLING_KEYS  # what a sampled token depends on, beside the settings above
     return meta
 
 

@@ -220,7 +220,8 @@ def _write_meta(out: Path, meta: dict) -> None:
 
 
 # Settings an OUT.meta.json may lack (written before they were recorded), as they were then.
-META_DEFAULTS = {"kv_cache_dtype": "auto", "logprobs": None}
+# what a meta file that lacks a key was made with: sampling keys of the seed alone came before 2026-11-28
+META_DEFAULTS = {"kv_cache_dtype": "auto", "logprobs": None, "sampling_keys": "seed (moe-jax before 2026-11-28)"}
 
 
 def recorded_setting(out: Path, key: str):

@@ -353,6 +353,27 @@ def test_resume_is_refused_for_other_settings_or_foreign_output(tmp_path, capsys
     assert rc == 0 and list(records(out)) == ["b"]
 
 
+def test_a_sampled_job_of_the_seed_keyed_sampler_is_not_resumed_with_the_prompt_keyed_one(tmp_path, capsys):
+    """A job that samples records what its keys mix (the seed and the prompt since 2026-11-28): an output started
+    before, whose sampled tokens came from the seed alone, is not finished with the other sampler; a greedy job,
+    whose tokens no key decides, resumes either way."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y", "temperature": 0.8}\n')
+    job = ("--input", inp, "--output", out, "--max-new-tokens", "2", "--dtype", "float32")
+    assert run_cli(capsys, *job)[0] == 0
+    meta = json.loads((tmp_path / "out.meta.json").read_text())
+    assert meta["sampling_keys"] == "seed and prompt"
+    (tmp_path / "out.meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sampling_keys"}))
+    out.write_text(out.read_text().splitlines(keepends=True)[0])  # one line left to run
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 2 and ("it was started with sampling_keys 'seed (moe-jax before 2026-11-28)', this run has 'seed and "
+                        "prompt'") in err, err
+    inp.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n')  # greedy: no key decides a token
+    rc, _, err = run_cli(capsys, *job, "--resume")
+    assert rc == 0, err
+    assert "sampling_keys" not in json.loads((tmp_path / "out.meta.json").read_text())
+
+
 def test_resume_is_refused_where_a_finished_requests_line_changed(tmp_path, capsys, caplog):
     """A finished id whose input line now asks for something else (a line added above lines without ids
     renumbers them; an id kept with another prompt) is refused, naming the line; an unfinished line may change,
