@@ -63,7 +63,7 @@ def _parse_plain(n: int, obj: dict) -> JobRequest:
     rid = obj.get("id", n)
     if not isinstance(rid, str) and not is_int(rid):
         raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
-    if "max_tokens" in obj and "max_new_tokens" in obj:
+    if obj.get("max_tokens") is not None and obj.get("max_new_tokens") is not None:
         raise ValueError("give one of 'max_new_tokens' or 'max_tokens' (the same field)")
     sampling = sampling_fields(obj, {"max_tokens": "max_new_tokens", **{f: f for f in SAMPLING_CHECKS}})
     return JobRequest(n, rid, prompt, sampling=sampling, stop=stop_strings(obj), n=completions_wanted(obj))

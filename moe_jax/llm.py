@@ -385,12 +385,13 @@ class LLM:
         if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         _require_batch(conversations, "conversations", "lists of messages")
+        if self.tokenizer is None:
+            raise ChatTemplateError(f"model {self.name} has no tokenizer.json, so it cannot render chats")
         if self._chat_template is None:
             self._chat_template = ChatTemplate.from_model_dir(self.name)
-            if self._chat_template is None or self.tokenizer is None:
-                self._chat_template = None
+            if self._chat_template is None:
                 raise ChatTemplateError(f"model {self.name} has no chat template (chat_template in "
-                                        f"tokenizer_config.json, or chat_template.jinja) and tokenizer")
+                                        f"tokenizer_config.json, or chat_template.jinja)")
         prompts = [self._chat_template.token_ids(chat_messages(c, f"conversations[{i}]"), self.tokenizer)
                    for i, c in enumerate(conversations)]
         return self.generate(prompts, params)

@@ -156,12 +156,12 @@ class ResidentEngine:
         self._check_fits(self._cap, kv + scores, f"{batch} sequences x {length} positions{scored}")
         return k_shape, v_shape
 
-    def _plan(self, requests: Sequence[Request], budgets: Sequence[int]):
+    def _plan(self, requests: Sequence[Request], budgets: Sequence[int], say: bool = True):
         """(rows B, positions S, cache shapes, prefill call rows, prefill call tokens) of a `generate` call: its KV
         cache of the bucketed batch x the bucketed largest need, and the prefill calls' size, whose float32
         attention scores must fit beside it. A call takes every new row's whole prompt (padded to the longest's
         bucket T) where that fits, else fewer rows (halving), then one row's prompt in chunks of fewer tokens
-        (powers of two down to PREFILL_MIN_CHUNK): MemoryError where not even that fits."""
+        (powers of two down to PREFILL_MIN_CHUNK): MemoryError where not even that fits. `say`: log a smaller call."""
         B = bucket(min(len(requests), self.max_batch_size), 1)
         S = bucket(max(len(r.prompt) + b for r, b in zip(requests, budgets)))
         T = bucket(max(len(r.prompt) for r in requests))
@@ -174,7 +174,7 @@ class ResidentEngine:
                 if (rows, tokens) == calls[-1]:
                     raise
                 continue
-            if (rows, tokens) != calls[0]:
+            if say and (rows, tokens) != calls[0]:
                 log.info("resident prefill in calls of at most %d rows x %d tokens: the float32 attention scores of "
                          "%d rows x %d tokens would not fit beside the KV cache", rows, tokens, B, T)
             return B, S, shapes, rows, tokens
@@ -183,7 +183,7 @@ class ResidentEngine:
         """The memory check of a `generate` of these requests (its KV cache beside the weights), without
         running it: MemoryError before any work."""
         if requests:
-            self._plan(requests, [token_budget(r, self.cfg.max_positions) for r in requests])
+            self._plan(requests, [token_budget(r, self.cfg.max_positions) for r in requests], say=False)
 
     def logits(self, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """float32 [len_i, vocab] per prompt, in batches of at most max_batch_size."""
@@ -282,13 +282,14 @@ class ResidentEngine:
             last = lens[rows] - 1
             chunk_of = np.searchsorted(np.array(starts) + C, last, side="right")  # the first chunk holding `last`
             fetched = {}
-            for c, start in enumerate(starts):
+            for c, start in enumerate(starts[:int(chunk_of.max()) + 1]):  # the chunks after hold padding alone
                 positions = np.broadcast_to(np.arange(start, start + C, dtype=np.int32), (b, C))
                 nxt, *cache = self._step(self.glob, self.layers, tokens[:, start:start + C], positions,
                                          np.clip(last - start, 0, C - 1).astype(np.int32), *cache,
                                          *(a[rows] for a in samp), np.zeros(b, np.int32), rows)
                 if (chunk_of == c).any():
-                    fetched[c] = host_sampled(nxt, logprobs)
+                    fetched[c] = nxt  # fetched to the host after the last chunk is dispatched
+            fetched = {c: host_sampled(s, logprobs) for c, s in fetched.items()}
             picks += [(fetched[chunk_of[r]], r) for r in range(len(group))]
         return Sampled(*(None if picks[0][0][f] is None else np.stack([s[f][r] for s, r in picks])
                          for f in range(len(Sampled._fields)))), cache

@@ -144,10 +144,11 @@ def moe_ffn(x, topk_ids, topk_weights, w_gate, w_up, w_down, *,
     kernel = resolve_impl(impl, w_gate.dtype, H, F, interpret, rows_per_expert=topk_ids.size / num_experts)
     if topk_ids.size == 0:
         return jnp.zeros_like(x)
-    if kernel == "xla" and expert_slots is not None and S > num_experts:
-        # ragged_dot runs as a dense dot over every group (XLA's CPU lowering; on GPU outside cuDNN): over this
-        # layer's experts alone, not every slot (S / E times the work, and a non-finite weight in a slot no row
-        # reads would reach every row through its zero mask)
+    if kernel == "xla" and expert_slots is not None and S > num_experts and jax.default_backend() != "gpu":
+        # XLA's CPU ragged_dot is a dense dot over every group: over this layer's experts alone, not every slot
+        # (S / E times the work, and a non-finite weight in a slot no row reads would reach every row through its
+        # zero mask). Not on a GPU, where the copy of a layer's experts (2.8 GB for Mixtral) is more than its
+        # memory plan counts
         w_gate, w_up, w_down = (w[expert_slots] for w in (w_gate, w_up, w_down))
         expert_slots, S = None, num_experts
     bm = block_m_for(kernel, topk_ids.size, min(S, num_experts))

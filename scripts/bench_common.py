@@ -500,7 +500,7 @@ def versions() -> str:
     from importlib.metadata import version
 
     try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
         commit = f", commit {git.stdout.strip()}" if git.returncode == 0 and git.stdout.strip() else ""
     except OSError:  # no git there
         commit = ""

@@ -516,7 +516,7 @@ def plot(path: str, rows: list[dict], base: dict | None, ours_base: dict | None,
     axes[0].set_title("moe-jax offload engine")
     axes[0].legend()
     bars = []  # (label, tok/s, colour)
-    if base and "tok_s_full_model" in base and full:
+    if base and base.get("tok_s_full_model") is not None and full:
         how = "accelerate offload\n(full model, est.)" if base["mode"].startswith("accelerate") else "on CPU, no offload"
         bars.append((f"transformers\n{how}", base["tok_s_full_model"], "tab:gray"))
     if ours_base and "tok_s" in ours_base and full:

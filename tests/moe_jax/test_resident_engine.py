@@ -139,7 +139,8 @@ def test_a_prefill_whose_scores_do_not_fit_runs_in_calls_of_fewer_rows_then_fewe
     params = [SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=2, temperature=0.7 * (i % 2), seed=i)
               for i in range(len(prompts))]
     whole = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident").generate(prompts, params)
-    for cap, said in ((0.007, "calls of at most 2 rows x 384 tokens"), (0.0021, "calls of at most 1 rows x 32 tokens")):
+    for cap, said in ((0.007, "calls of at most 2 rows x 384 tokens"), (0.004, "calls of at most 1 rows x 256 tokens"),
+                      (0.0021, "calls of at most 1 rows x 32 tokens")):  # 256: the last chunk overlaps the one before
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="moe_jax"):
             capped = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident", gpu_memory_gb=cap).generate(
