@@ -11,6 +11,7 @@ random weights); its forward pass is `moe_jax.model`'s functions, the ones the e
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import jax
@@ -60,7 +61,8 @@ class MoEDecoder(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, T] int32 (each row starting at position 0) -> float32 logits [B, T, vocab]. Shapes,
-        dtype and (outside a trace) the ids' range are checked."""
+        dtype and (outside a trace) the ids' range are checked. A float32 model's matmuls run at full float32
+        precision, as the engines run them (accelerators default to rounder modes), under a caller's jit too."""
         cfg, glob = self.cfg, _values(self.globals)
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -73,9 +75,11 @@ class MoEDecoder(nnx.Module):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got {int(tokens.min())}.."
                              f"{int(tokens.max())}")
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x = model.embed(glob, tokens)
-        for layer in self.layers:
-            p = _values(layer)
-            q, k, v = model.pre_attention(cfg, p, x, positions)
-            x = model.post_attention(cfg, p, x, model.attention(cfg, q, k, v, positions), moe_impl="xla")
-        return model.lm_head(cfg, glob, x)
+        full = glob["embed"].dtype == jnp.float32
+        with jax.default_matmul_precision("highest") if full else contextlib.nullcontext():
+            x = model.embed(glob, tokens)
+            for layer in self.layers:
+                p = _values(layer)
+                q, k, v = model.pre_attention(cfg, p, x, positions)
+                x = model.post_attention(cfg, p, x, model.attention(cfg, q, k, v, positions), moe_impl="xla")
+            return model.lm_head(cfg, glob, x)

@@ -17,10 +17,17 @@ PROMPTS = [[1, 5, 17, 33, 60, 7, 9, 11], [1, 70, 4, 4, 91, 23, 15, 8]]
 def test_logits_equal_the_engine(family, hf_checkpoints):
     path = str(hf_checkpoints[family][0])
     decoder = MoEDecoder.from_pretrained(path)
-    with jax.default_matmul_precision("highest"):
-        got = np.asarray(decoder(jnp.asarray(PROMPTS, jnp.int32)))
+    got = np.asarray(decoder(jnp.asarray(PROMPTS, jnp.int32)))
     want = moe_jax.LLM(path, dtype="float32", policy="resident").logits(PROMPTS)
     np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5 * np.abs(want[0]).max())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_float32_decoder_asks_for_full_precision_matmuls_under_jit(dtype):
+    """As the engines (`precise`): on an accelerator float32 matmuls default to rounder modes. The HLO says which."""
+    decoder = MoEDecoder.from_pretrained("tiny-mixtral", dtype=dtype)
+    hlo = nnx.jit(lambda m, t: m(t)).lower(decoder, jnp.asarray(PROMPTS, jnp.int32)).as_text()
+    assert ("precision = [DEFAULT, DEFAULT]" in hlo) == (dtype == "bfloat16")  # float32: every matmul HIGHEST
 
 
 def test_gradients_reach_every_parameter():
