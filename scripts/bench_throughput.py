@@ -436,10 +436,13 @@ def terms_cell(r: dict) -> str:
 
 
 def held_back_by(r: dict) -> str:
-    """What holds the run back: the decode's largest measured term, the prefill where it ran over 1.1x HRM's,
-    and host memory for the KV cache where it caps HRM's batch (`host_limits_batch`)."""
+    """What holds the run back: the decode's largest measured term (and where the step is over 1.2x it, the share
+    of the step no term explains: waits between them), the prefill where it ran over 1.1x HRM's, and host memory
+    for the KV cache where it caps HRM's batch (`host_limits_batch`)."""
     ratio, bound = r.get("measured_over_predicted") or {}, run_bound(r)
     parts = [f"decode: {bound}"] if bound else []
+    if bound and r.get("overlap_efficiency") and r["overlap_efficiency"] > 1.2:
+        parts[-1] += f" ({1 - 1 / r['overlap_efficiency']:.0%} of the step unexplained by any term)"
     if ratio.get("prefill") and ratio["prefill"] > 1.1:
         parts.append(f"prefill {ratio['prefill']:.1f}x HRM's")
     if r.get("host_limits_batch"):

@@ -380,3 +380,14 @@ def test_baseline_offload_layout_generates_the_plain_models_tokens(preset, tmp_p
     _, got = hf_baseline.timed_generate(offloaded, prompts, 4, torch.device("cpu"))
     _, want = hf_baseline.timed_generate(plain, prompts, 4, torch.device("cpu"))
     assert got.shape == (3, 4) and torch.equal(got, want)
+
+
+def test_held_back_by_names_the_largest_term_and_what_no_term_explains():
+    import bench_throughput as bt
+
+    terms = {"h2d_est": 0.010, "cpu": 0.020, "gpu_probe": 0.005}
+    tight = {"per_layer_s": {**terms, "step": 0.021}, "overlap_efficiency": 1.05, "host_limits_batch": True}
+    assert bt.held_back_by(tight) == "decode: cpu; N: host memory for KV"
+    loose = {"per_layer_s": {**terms, "step": 0.053}, "overlap_efficiency": 2.65,
+             "measured_over_predicted": {"prefill": 1.5}}
+    assert bt.held_back_by(loose) == "decode: cpu (62% of the step unexplained by any term); prefill 1.5x HRM's"
