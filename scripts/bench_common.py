@@ -495,8 +495,8 @@ def run_command() -> str:
 
 
 def versions() -> str:
-    """The versions that decide what runs: "jax X, jaxlib Y[, commit C]" (the commit where the tree is a git
-    checkout: the device machine's copy has no .git, so its session records it)."""
+    """The versions that decide what runs: "jax X, jaxlib Y[, commit C]": the commit where the tree is a git
+    checkout, else $MOE_JAX_COMMIT (the device machine's copy has no .git: the session that sends it sets that)."""
     from importlib.metadata import version
 
     try:
@@ -504,6 +504,8 @@ def versions() -> str:
         commit = f", commit {git.stdout.strip()}" if git.returncode == 0 and git.stdout.strip() else ""
     except OSError:  # no git there
         commit = ""
+    if not commit and os.environ.get("MOE_JAX_COMMIT"):
+        commit = f", commit {os.environ['MOE_JAX_COMMIT']}"
     return f"jax {version('jax')}, jaxlib {version('jaxlib')}{commit}"
 
 

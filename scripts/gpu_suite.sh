@@ -17,7 +17,8 @@
 # one device command each, in this order, on an H200 (the device tool's kind nvidia-h200: the measured profile
 # benchmarks/profiles/h200-measured.json and 2026-11-27's run are that machine's; an H100 would be priced with the
 # uncalibrated h100-80gb profile, on another host CPU, for a run that was CPU-bound):
-#   1. `bash scripts/gpu_suite.sh` (timeout_s 600): the core steps, in order:
+#   1. `MOE_JAX_COMMIT=<git describe --always --dirty, run here> bash scripts/gpu_suite.sh` (timeout_s 600; the
+#      device copy has no .git, and the results record that commit): the core steps, in order:
 #      - bench_throughput_g64_g128_exp4 (issue 7's two headline runs in one process, ~8-9.5 min: g64 on HRM's
 #        policy, N=2715 μ=905 n_ub=3 r_w=0.0234, 1738.2 tok/s predicted; then g128 on the same loaded engine,
 #        rebatched to HRM's best N and μ for it (--keep-engine: N=1827 μ=609, 1276.3 predicted, HRM's own g128
