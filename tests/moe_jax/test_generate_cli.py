@@ -404,6 +404,9 @@ def test_resume_is_refused_where_a_finished_requests_line_changed(tmp_path, caps
     # one (null, [] as OpenAI batch files write it) and a stop string each keep theirs, so those jobs resume
     assert JobRequest(1, 1, "x", stop=()).fingerprint() == JobRequest(1, 1, "x").fingerprint() == "7e2b07ff93a9b00c"
     assert JobRequest(1, 1, "x", stop=("a",)).fingerprint() == "12cd5aa63222745a"
+    digests = {JobRequest(1, 1, "x", sampling={f: v}).fingerprint() for f, v in (
+        ("seed", 3), ("top_p", 0.5), ("top_k", 4), ("temperature", 0.7), ("max_new_tokens", 9), ("logprobs", 2))}
+    assert len(digests - {JobRequest(1, 1, "x").fingerprint()}) == 6  # each field a line asks for is in its digest
     inp.write_text('{"prompt": "A", "temperature": 0}\n{"prompt": "B"}\n{"id": "c", "prompt": "C"}\n')
     rc, _, err = run_cli(capsys, *job, "--resume")
     assert rc == 2 and "line 2 (id 2)" in err  # B2 is what finished

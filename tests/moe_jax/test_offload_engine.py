@@ -960,3 +960,28 @@ def test_the_prefills_time_holds_its_kv_writes_and_decode_counts_its_steps(monke
     if layers > 1:  # with one layer the second job's prefill calls took two new shapes (compiled in its prefill)
         assert eng.stats.compiles.compiles == 0
     assert eng.stats.decode_s < slow, (eng.stats.decode_s, eng.stats.prefill_s)
+
+
+def test_a_refill_whose_rows_are_not_in_length_order_writes_each_prompts_kv_to_its_own_slot():
+    """Two rows free at once and the next requests grow longer, so the refill's prefill call (sorted longest
+    first) takes its rows in the order [1, 0]: each prompt's k/v must still go to its own row's slot."""
+    source = open_model("tiny-mixtral")
+    rng = np.random.default_rng(0)
+    prompts = [tuple(rng.integers(3, 250, n).tolist()) for n in (5, 5, 2, 9)]
+    params = [SamplingParams(max_new_tokens=b, ignore_eos=True) for b in (20, 20, 10, 2)]
+    eng = OffloadEngine(source.cfg, source.weights, np.float32, Policy(2, 2, 1))
+    got = {r.index: ids for r, ids, *_ in eng.generate([Request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])}
+    assert eng.stats.refilled == 2
+    assert [got[i] for i in range(4)] == resident_tokens(source, params, list(prompts))
+
+
+def test_long_random_prompts_offload_equals_resident():
+    """Contexts past the CPU kernel's 64-position blocks and prefill buckets past 32, random tokens (no prompt a
+    prefix of another): the offload engine's tokens are the resident engine's."""
+    source = open_model("tiny-qwen3-moe")
+    rng = np.random.default_rng(1)
+    prompts = [tuple(rng.integers(3, source.cfg.vocab_size, n).tolist()) for n in (150, 290, 70, 201)]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    got, _ = offload_tokens(source, Policy(batch_size=3, micro_batch_size=2, num_micro_batches=2,
+                                           resident_expert_fraction=0.25), params, prompts)
+    assert got == resident_tokens(source, params, prompts)

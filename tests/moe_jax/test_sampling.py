@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import moe_jax
-from moe_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams, sample
+from moe_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams, row_keys, sample
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,29 @@ def test_vllms_max_tokens_sets_max_new_tokens():
     assert SamplingParams(max_tokens=8).replace(temperature=1.0).max_new_tokens == 8
     with pytest.raises(ValueError, match=r"give one of max_new_tokens \(9\) or max_tokens \(8\)"):
         SamplingParams(max_tokens=8, max_new_tokens=9)
+
+
+def draws(logits, temperature, top_p, top_k, n=2000):
+    """n samples of one row of logits (each its own key)."""
+    x = np.repeat(np.asarray(logits, np.float32)[None], n, 0)
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    return np.asarray(sample(x, np.full(n, temperature, np.float32), np.full(n, top_p, np.float32),
+                             np.full(n, top_k, np.int32), keys).tokens)
+
+
+def test_temperature_sets_the_distribution():
+    logits = np.array([1.0, 0.5, 0.0, -0.5], np.float32)
+    for t in (0.5, 2.0):
+        p = np.exp(logits / t) / np.exp(logits / t).sum()
+        np.testing.assert_allclose(np.bincount(draws(logits, t, 1.0, 0), minlength=4) / 2000, p, atol=0.04)
+
+
+def test_top_p_keeps_the_token_that_crosses_it_and_top_k_keeps_k():
+    logits = np.log(np.array([0.5, 0.3, 0.2], np.float32))
+    assert set(draws(logits, 1.0, 0.6, 0, 300).tolist()) == {0, 1}
+    assert set(draws(np.array([3.0, 2.0, 1.0, 0.0, -1.0], np.float32), 1.0, 1.0, 3, 500).tolist()) == {0, 1, 2}
+
+
+def test_each_step_of_a_request_has_its_own_key():
+    keys = np.asarray(row_keys(np.full(10, 7, np.uint32), np.arange(10, dtype=np.int32)))
+    assert len({tuple(k) for k in keys}) == 10

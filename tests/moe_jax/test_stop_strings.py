@@ -47,6 +47,25 @@ def test_stop_strings_end_generation_early(source, unstopped, policy):
     assert [dataclasses.astuple(c) for c in got[1:]] == [dataclasses.astuple(c) for c in unstopped[1:]]
 
 
+def test_the_engine_stops_on_the_token_that_completes_the_string(source, unstopped, monkeypatch):
+    """The engine's own stop, apart from the cut that `LLM` applies to a finished completion (which would trim a
+    completion that ran on)."""
+    monkeypatch.setattr(moe_jax.llm, "cut_at_stop", lambda c, stop, decode: c)
+    stop = a_stop_string_inside(unstopped[0].text)
+    got = moe_jax.LLM(source, dtype="float32", policy="resident").generate(
+        PROMPTS[:1], SamplingParams(max_new_tokens=24, ignore_eos=True, stop=stop))[0]
+    needed = min(k for k in range(1, 25) if stop in source.tokenizer.decode(unstopped[0].token_ids[:k]))
+    assert got.token_ids == unstopped[0].token_ids[:needed] and got.finish_reason == "stop"
+
+
+def test_a_string_over_several_tokens_matches_on_its_last(source):
+    tok = source.tokenizer
+    ids = tok.encode("hello world", add_special_tokens=False)
+    match = StopStrings(["lo wo"], tok.decode, ids[:2])
+    hits = [match(ids[2:k]) for k in range(3, len(ids) + 1)]
+    assert hits.index(True) == len(tok.encode("hello wo", add_special_tokens=False)) - 3 and hits.count(False) >= 4
+
+
 def test_matcher_sees_a_character_completed_by_its_last_byte(source):
     """A byte-level tokenizer splits "é" into two tokens: the match comes with the second."""
     tok = source.tokenizer
