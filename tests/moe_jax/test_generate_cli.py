@@ -96,6 +96,8 @@ def test_jsonl_job_writes_every_request(tmp_path, capsys):
     assert sorted(map(str, (r["id"] for r in lines))) == ["3", "7", "a"]  # line 3's id defaults to its line number
     by_id = {r["id"]: r for r in lines}
     assert len(by_id[3]["token_ids"]) == 3 and len(by_id["a"]["token_ids"]) == 5 and len(by_id[7]["token_ids"]) == 2
+    want = moe_jax.LLM("tiny-mixtral", dtype="float32").generate([[256, 5, 9]], SamplingParams(max_new_tokens=3))[0]
+    assert by_id[3]["token_ids"] == want.token_ids and by_id[3]["text"] == want.text  # what the API generates
     assert all(set(r) == {"id", "token_ids", "text", "finish_reason"} and isinstance(r["text"], str) for r in lines)
     assert "done: 3 prompts" in err and "tok/s" in err
 
