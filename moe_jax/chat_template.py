@@ -18,6 +18,12 @@ class ChatTemplateError(ValueError):
     """A template that cannot be read, or that fails to render some messages."""
 
 
+def missing_template(model: str) -> ChatTemplateError:
+    """The error of a chat request to a model that has no chat template."""
+    return ChatTemplateError(f"model {model} has no chat template (chat_template in tokenizer_config.json, or "
+                             f"chat_template.jinja), so it cannot run chat requests")
+
+
 def _raise_exception(message: str):
     raise jinja2.TemplateError(message)
 

@@ -23,7 +23,7 @@ import time
 import zlib
 from pathlib import Path
 
-from moe_jax.chat_template import ChatTemplate, ChatTemplateError
+from moe_jax.chat_template import ChatTemplate, ChatTemplateError, missing_template
 from moe_jax.checkpoint import CheckpointError
 from moe_jax.config import ConfigError
 from moe_jax.expert_codec import check as check_codec
@@ -178,8 +178,7 @@ def prompt_ids(req: JobRequest, source: ModelSource, chat: ChatTemplate | None) 
     prompt = req.prompt
     if req.messages is not None:
         if chat is None:
-            raise ChatTemplateError(f"model {source.name} has no chat template (chat_template in "
-                                    f"tokenizer_config.json, or chat_template.jinja), so it cannot run chat requests")
+            raise missing_template(source.name)
         prompt = chat.token_ids(req.messages, source.tokenizer)
     return encode_prompt(source.cfg, source.tokenizer, prompt, "prompt")
 

@@ -219,8 +219,8 @@ def _write_meta(out: Path, meta: dict) -> None:
         os.replace(tmp, sidecar(out, ".meta.json"))
 
 
-# Settings an OUT.meta.json may lack (written before they were recorded), as they were then.
-# what a meta file that lacks a key was made with: sampling keys of the seed alone came before 2026-11-28
+# Settings an OUT.meta.json may lack (written before they were recorded), as they were then (sampling keys of
+# the seed alone came before 2026-11-28).
 META_DEFAULTS = {"kv_cache_dtype": "auto", "logprobs": None, "sampling_keys": "seed (moe-jax before 2026-11-28)"}
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 import pallas_kernels
 from moe_jax import expert_codec as codec, pinned_pool
-from moe_jax.chat_template import ChatTemplate, ChatTemplateError, chat_messages
+from moe_jax.chat_template import ChatTemplate, ChatTemplateError, chat_messages, missing_template
 from moe_jax.integers import is_integer
 from moe_jax.model_source import ModelSource, open_model
 from moe_jax.offload_policy import PREFETCH, Policy, kv_storage_dtype
@@ -390,8 +390,7 @@ class LLM:
         if self._chat_template is None:
             self._chat_template = ChatTemplate.from_model_dir(self.name)
             if self._chat_template is None:
-                raise ChatTemplateError(f"model {self.name} has no chat template (chat_template in "
-                                        f"tokenizer_config.json, or chat_template.jinja)")
+                raise missing_template(self.name)
         prompts = [self._chat_template.token_ids(chat_messages(c, f"conversations[{i}]"), self.tokenizer)
                    for i, c in enumerate(conversations)]
         return self.generate(prompts, params)

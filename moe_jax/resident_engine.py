@@ -267,7 +267,8 @@ class ResidentEngine:
         `call_rows` rows, each padded to its longest prompt's bucket or, past `call_tokens`, in chunks of
         `call_tokens` positions (the last one ending at the bucket, overlapping the one before it: positions
         written again with the same tokens; none after the one holding the call's last prompt token); a row samples
-        its first token in the first chunk holding its last prompt token. Returns their first tokens (host-side `Sampled`, rows in `new`'s order) and the cache."""
+        its first token in the first chunk holding its last prompt token. Returns their first tokens (host-side
+        `Sampled`, rows in `new`'s order) and the cache."""
         logprobs = any(req[row].params.logprobs is not None for row in new)
         picks = []  # per row of `new`: (the host-side Sampled holding its first token, its row there)
         for g in range(0, len(new), call_rows):
