@@ -89,17 +89,19 @@ def start_job(inp: Path, out: Path, err: Path, *extra) -> tuple[subprocess.Popen
 def test_jsonl_job_writes_every_request(tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text('{"id": "a", "prompt": "Hello there"}\n\n{"prompt_token_ids": [256, 5, 9], "max_new_tokens": 3}\n'
-                   '{"id": 7, "prompt": "x", "max_tokens": 2}\n')  # max_tokens: vLLM's name
+                   '{"id": 7, "prompt": "x", "max_tokens": 2}\n'  # max_tokens: vLLM's name
+                   '{"id": 0, "prompt": "y", "max_tokens": 1}\n')
     rc, _, err = run_cli(capsys, "--input", inp, "--output", out, "--max-new-tokens", "5", "--dtype", "float32")
     assert rc == 0, err
     lines = [json.loads(l) for l in out.read_text().splitlines()]
-    assert sorted(map(str, (r["id"] for r in lines))) == ["3", "7", "a"]  # line 3's id defaults to its line number
+    # line 3's id defaults to its line number; an id of 0 is line 5's own
+    assert sorted(map(str, (r["id"] for r in lines))) == ["0", "3", "7", "a"]
     by_id = {r["id"]: r for r in lines}
     assert len(by_id[3]["token_ids"]) == 3 and len(by_id["a"]["token_ids"]) == 5 and len(by_id[7]["token_ids"]) == 2
     want = moe_jax.LLM("tiny-mixtral", dtype="float32").generate([[256, 5, 9]], SamplingParams(max_new_tokens=3))[0]
     assert by_id[3]["token_ids"] == want.token_ids and by_id[3]["text"] == want.text  # what the API generates
     assert all(set(r) == {"id", "token_ids", "text", "finish_reason"} and isinstance(r["text"], str) for r in lines)
-    assert "done: 3 prompts" in err and "tok/s" in err
+    assert "done: 4 prompts" in err and "tok/s" in err
 
 
 def test_resume_skips_finished_ids_and_repairs_a_torn_line(tmp_path, capsys):

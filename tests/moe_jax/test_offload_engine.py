@@ -764,6 +764,18 @@ def test_gpu_exp4_is_exact_and_installs_one_matrix_at_a_time():
     assert coded_install_temp_bytes(4, H, F, n, slots=24) <= 2 * H * F * 2 + 16 * n
 
 
+def test_exp4s_planned_overhead_holds_the_compiled_install_of_an_expert():
+    """The GPU bytes exp4 adds to the plan (`decode_overhead_bytes`, which HRM and the engine count) hold what
+    the compiler's install of one coded expert of each Mixtral 8x7B matrix keeps beside its escapes (XLA on the
+    CPU here; the GPU test above bounds the GPU compiler's)."""
+    from moe_jax.expert_codec import ESCAPE_BYTES, decode_overhead_bytes, expert_shapes
+
+    cfg, n = moe_jax.presets.preset_config("mixtral-8x7b"), 65536
+    planned = decode_overhead_bytes(cfg, ml_dtypes.bfloat16, "exp4", 0, escape_bytes=ESCAPE_BYTES * n)
+    for a, b in expert_shapes(cfg).values():
+        assert 0 < coded_install_temp_bytes(4, a, b, n, slots=24) <= planned, (a, b)
+
+
 def coded_install_temp_bytes(c: int, H: int, F: int, n: int, slots: int) -> int:
     """Temporary bytes the compiled install of one expert of a coded chunk of c experts [H, F] needs."""
     import jax

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from moe_jax.microbatches import balanced_micro_batches
-from moe_jax.offload_memory import (PREFILL_CALL_BYTES, activation_bytes, peak_prefill_positions, prefill_bytes,
-                                    prefill_call_rows, prefill_calls, prefill_rows_per_call)
+from moe_jax.offload_memory import (PREFILL_CALL_BYTES, activation_bytes, decode_bytes, peak_prefill_positions,
+                                    prefill_bytes, prefill_call_rows, prefill_calls, prefill_rows_per_call)
 from moe_jax.presets import preset_config
 from moe_jax.shape_buckets import bucket
 
@@ -136,3 +136,24 @@ def test_prefill_bytes_of_a_job_of_the_first_n_prompts_cover_the_engines_check()
         in_order = np.concatenate([[0], np.cumsum([bucket(n) for n in pool])])
         engine = prefill_bytes(cfg, "bfloat16", N, mu, T, peak_prefill_positions(pool[:N]))
         assert prefill_bytes(cfg, "bfloat16", N, mu, T, in_order) >= engine, (len(pool), N, mu)
+
+
+def test_decode_bytes_hold_the_compiled_lm_head_and_sampling():
+    """`decode_bytes` beyond the activations holds what XLA compiles the decode's LM head and sampling to (float32
+    logits [μ, V], then `sample`, as `offload_engine._start_token` runs them), at a micro-batch of Mixtral 8x7B
+    whose logits (1 GiB) outgrow the sampling's chunked temporaries: logits counted at 2 bytes would not hold it."""
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from moe_jax import model
+    from moe_jax.params import global_param_specs
+    from moe_jax.sampling import sample
+
+    cfg, mu, sd = preset_config("mixtral-8x7b"), 8192, jax.ShapeDtypeStruct
+    glob = {k: sd(s.shape, s.dtype(ml_dtypes.bfloat16)) for k, s in global_param_specs(cfg).items()}
+    args = (glob, sd((mu, cfg.hidden_size), ml_dtypes.bfloat16), sd((mu,), jnp.float32), sd((mu,), jnp.float32),
+            sd((mu,), jnp.int32), sd((mu, 2), jnp.uint32))
+    step = lambda g, h, temperature, top_p, top_k, keys: sample(model.lm_head(cfg, g, h), temperature, top_p, top_k, keys)
+    temp = jax.jit(step).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert 4 * mu * cfg.vocab_size < temp <= decode_bytes(cfg, mu) - activation_bytes(cfg, mu)

@@ -232,7 +232,7 @@ def _engine_cases():
     """HRM's choices over presets, profiles, caps and lengths (prompts padded to a bucket as the LLM pads them)."""
     rng = np.random.default_rng(0)
     presets = {"mixtral-8x7b": ["h100-80gb", "l4", "a100-80gb"], "qwen3-30b-a3b": ["t4", "h100-80gb", "l4"],
-               "olmoe-1b-7b": ["t4", "l4"]}
+               "olmoe-1b-7b": ["t4", "l4"], "deepseek-v2-lite": ["l4", "h100-80gb"]}  # the last: a dense layer
     for preset, profiles in presets.items():
         for hardware in profiles:
             for _ in range(4):
@@ -256,10 +256,25 @@ def test_offload_engine_accepts_the_chosen_policy(preset, hardware, cap, P, G):
     except InfeasibleError:
         return
     p = r.policy
-    pages = ExpertPages.plan(cfg.num_layers, cfg.num_experts, p.resident_expert_fraction, p.num_micro_batches)
+    pages = ExpertPages.for_model(cfg, p.resident_expert_fraction, p.num_micro_batches)
     need = planned_gpu_bytes(cfg, BF16, p.micro_batch_size, pages) + prefill_bytes(cfg, BF16, p.batch_size,
                                                                                    p.micro_batch_size, bucket(P))
     assert need <= cap * GiB
+
+
+@pytest.mark.parametrize("r_w, n_ub", [(0.25, 4), (0.1, 2), (0.6, 8)])
+def test_gpu_memory_is_the_engines_plan_for_a_model_with_dense_layers(r_w, n_ub):
+    """DeepSeek-V2-Lite (layer 0 dense, 26 MoE layers): HRM's GPU memory for a CPU-attention policy is the
+    engine's plan (`planned_gpu_bytes` of `ExpertPages.for_model`, and `prefill_bytes`), so its streamed slots
+    count E - R // (MoE layers), not E - R // (all layers)."""
+    from moe_jax.offload_engine import planned_gpu_bytes
+    from moe_jax.offload_memory import prefill_bytes
+    from moe_jax.presets import preset_config
+
+    cfg, mu, P = preset_config("deepseek-v2-lite"), 64, 128
+    pages = ExpertPages.for_model(cfg, r_w, n_ub)
+    want = planned_gpu_bytes(cfg, BF16, mu, pages) + prefill_bytes(cfg, BF16, mu * n_ub, mu, P)
+    assert predict(cfg, "l4", Policy(mu * n_ub, mu, n_ub, r_w), P, 32).gpu_memory_bytes == pytest.approx(want, rel=1e-12)
 
 
 def test_pinned_pool_fixed_before_the_choice(mixtral):
