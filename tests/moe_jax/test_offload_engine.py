@@ -997,3 +997,40 @@ def test_long_random_prompts_offload_equals_resident():
     got, _ = offload_tokens(source, Policy(batch_size=3, micro_batch_size=2, num_micro_batches=2,
                                            resident_expert_fraction=0.25), params, prompts)
     assert got == resident_tokens(source, params, prompts)
+
+
+def test_a_request_ends_at_the_context_as_the_resident_engines():
+    """max_new_tokens past the model's context: the offload engine ends the request at the last position
+    ("length", 3 tokens for a prompt 3 short of it), with the resident engine's tokens, beside one that runs
+    to its max_new_tokens."""
+    llm = moe_jax.LLM("tiny-mixtral", dtype="float32", policy=Policy(batch_size=2, micro_batch_size=1,
+                                                                       num_micro_batches=2))
+    n = llm.cfg.max_positions
+    prompts = [[1 + i % 200 for i in range(n - 3)], [1, 2, 3]]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    got = llm.generate(prompts, params)
+    assert [len(c.token_ids) for c in got] == [3, 5] and [c.finish_reason for c in got] == ["length"] * 2
+    want = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident").generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_a_kept_kv_cache_too_small_for_the_next_job_counts_as_free_host_memory(monkeypatch):
+    """A job that outgrows the kept host KV cache gives it back before its own is allocated: it needs its cache's
+    bytes less the kept one's free, not all of them (refused only where even that is short)."""
+    import moe_jax.offload_engine as oe
+    from moe_jax.host_memory import MemInfo
+
+    source = open_model("tiny-mixtral")
+    eng = OffloadEngine(source.cfg, source.weights, np.float32, Policy(batch_size=2, micro_batch_size=1,
+                                                                      num_micro_batches=2))
+    small = [Request(0, (1, 2, 3), GREEDY), Request(1, (1, 2, 3, 4, 5), GREEDY)]
+    assert len(list(eng.generate(small))) == 2
+    kept = eng.kv_cache.storage_bytes
+    large = [Request(r.index, r.prompt, GREEDY.replace(max_new_tokens=40)) for r in small]
+    need = HostKVCache.footprint(*eng._kv_args(eng._plan(large)))
+    assert need > kept
+    monkeypatch.setattr(oe.host_memory, "meminfo", lambda: MemInfo(total=2**40, available=need - kept // 2))
+    assert [len(c[1]) for c in eng.generate(large)] == [40, 40]
+    eng.release_kv_cache()  # nothing kept: all of it is needed
+    with pytest.raises(OffloadMemoryError, match="host memory for the KV cache"):
+        list(eng.generate(large))

@@ -133,9 +133,10 @@ def test_a_prefill_whose_scores_do_not_fit_runs_in_calls_of_fewer_rows_then_fewe
     cache under the cap: the call takes fewer rows, then one prompt in chunks of fewer tokens (said), with the
     same tokens and log-probabilities as one call of all; a MemoryError where not even 16 tokens' scores fit.
     Sizes (float32 tiny-mixtral): weights ~1.0 MB; 4 prompts -> cache 4 x 384 positions, 0.79 MB; scores of one
-    row x 16 tokens 0.10 MB, of all 4 rows' whole prompts (bucket 384) 9.4 MB."""
+    row x 16 tokens 0.10 MB, of all 4 rows' whole prompts (bucket 384) 9.4 MB. Two prompts' last tokens open a
+    chunk of 32 (positions 32 and 288), where their first tokens are sampled."""
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 250, n).tolist() for n in (300, 180, 40, 260)]
+    prompts = [rng.integers(3, 250, n).tolist() for n in (300, 180, 33, 289)]
     params = [SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=2, temperature=0.7 * (i % 2), seed=i)
               for i in range(len(prompts))]
     whole = moe_jax.LLM("tiny-mixtral", dtype="float32", policy="resident").generate(prompts, params)

@@ -224,3 +224,17 @@ def test_top_p_keeps_the_token_that_crosses_it_and_top_k_keeps_k():
 def test_each_step_of_a_request_has_its_own_key():
     keys = np.asarray(row_keys(np.full(10, 7, np.uint32), np.arange(10, dtype=np.int32)))
     assert len({tuple(k) for k in keys}) == 10
+
+
+def test_ignore_eos_generates_past_an_eos_token(llm, monkeypatch):
+    """With the model's EOS made the token greedy decoding generates third, a request stops there ("stop")
+    unless ignore_eos, which runs to max_new_tokens ("length") through the same tokens."""
+    free = llm.generate(["abc"], SamplingParams(max_new_tokens=6))[0]
+    eos = free.token_ids[2]
+    cfg = llm.cfg.replace(eos_token_ids=(eos,))
+    monkeypatch.setattr(llm, "cfg", cfg)
+    monkeypatch.setattr(llm.engine, "cfg", cfg)
+    stopped = llm.generate(["abc"], SamplingParams(max_new_tokens=6))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:free.token_ids.index(eos) + 1]
+    ignored = llm.generate(["abc"], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    assert ignored.finish_reason == "length" and ignored.token_ids == free.token_ids
