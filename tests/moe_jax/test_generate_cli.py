@@ -318,8 +318,8 @@ def test_resume_is_refused_for_other_settings_or_foreign_output(tmp_path, capsys
     assert run_cli(capsys, *job)[0] == 0
     meta = json.loads((tmp_path / "out.meta.json").read_text())
     assert meta["model"] == "tiny-mixtral" and meta["dtype"] == "float32" and meta["max_new_tokens"] == 2
-    rc, _, err = run_cli(capsys, *job, "--resume", "--temperature", "0.5", "--model", "tiny-olmoe")
-    assert rc == 2
+    rc, _, err = run_cli(capsys, *job, "--resume", "--temperature", "0.5", "--model", "tiny-olmoe", "--stop", "q")
+    assert rc == 2 and "it was started with stop None, this run has ['q']" in err, err
     assert f"cannot resume {out}: it was started with model 'tiny-mixtral', this run has 'tiny-olmoe'" in err
     assert "it was started with temperature 0.0, this run has 0.5" in err
     rc, _, err = run_cli(capsys, *job, "--resume", "--logprobs", "1")  # lines with and without logprobs: not mixed
@@ -533,6 +533,23 @@ def test_progress_logs_plain_lines_when_not_a_terminal(caplog):
         p.close()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
     assert len(lines) == 2 and lines[-1].startswith("progress: 2/2 requests, 16 tokens,") and "tok/s, ETA" in lines[-1]
+
+
+def test_progress_says_the_rate_and_the_time_left(caplog, monkeypatch):
+    """tok/s over the time since the start, and the ETA of the requests left at the time each one took so far."""
+    import types
+
+    import moe_jax.progress
+
+    clock = iter([100.0, 102.0, 110.0])
+    monkeypatch.setattr(moe_jax.progress, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    with caplog.at_level(logging.INFO, logger="moe_jax"):
+        p = Progress(total=4, every_s=0.0)
+        p.update(1, 10)  # at 2 s: 5 tok/s, 3 requests left at 2 s each
+        p.update(1, 30)  # at 10 s: 4 tok/s, 2 left at 5 s each
+        p.close()
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")] == [
+        "progress: 1/4 requests, 10 tokens, 5.0 tok/s, ETA 6 s", "progress: 2/4 requests, 40 tokens, 4.0 tok/s, ETA 10 s"]
 
 
 def test_duplicate_prompts_sample_independently_unless_seeded(tmp_path, capsys):

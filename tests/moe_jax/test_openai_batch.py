@@ -247,6 +247,9 @@ def test_token_strings_and_bytes_of_a_sentencepiece_tokenizer():
     assert [e["bytes"] for e in chat] == [list(b" Hello"), list(b" world"), [0xE2], [0x82], [0xAC]]
     c.prompt_token_ids = [1]  # after a prompt, the first token is read after it: its leading space kept
     assert _logprobs_record(c, False, tok.decode, tok.token_bytes)["tokens"][:2] == [" Hello", " world"]
+    # a sampled token that reads as a likelier top token does (two partial characters): the likelier one's logprob
+    odd = Completion([4], "", "length", [1, 2], [-0.9], [[(5, -0.05), (6, -0.1)]])
+    assert _logprobs_record(odd, False, tok.decode, tok.token_bytes)["top_logprobs"] == [{"\ufffd": -0.05}]
 
 
 @pytest.mark.parametrize("body, message", [

@@ -40,6 +40,18 @@ def test_llm_serves_the_saved_parameters(tuned):
     assert llm.tokenizer is not None and llm.tokenizer.decode(llm.tokenizer.encode("héllo", False)) == "héllo"
 
 
+def test_saved_weights_come_back_in_the_dtype_asked_for(tuned):
+    """Whatever dtype the model was saved in, as a Hugging Face checkpoint's weights do (a bfloat16 LLM of a
+    float32 save holds bfloat16 weights: the memory its plan counted)."""
+    from moe_jax.params import global_param_specs, layer_specs
+
+    _, path = tuned
+    w = SavedWeights(path)
+    for dtype in (jax.numpy.bfloat16, np.float32):
+        for got, specs in ((w.globals(dtype), global_param_specs(w.cfg)), (w.layer(1, dtype), layer_specs(w.cfg, 1))):
+            assert {k: v.dtype for k, v in got.items()} == {k: s.dtype(dtype) for k, s in specs.items()}
+
+
 def test_offload_engine_streams_it_layer_by_layer(tuned):
     _, path = tuned
     params = moe_jax.SamplingParams(max_new_tokens=6, ignore_eos=True)

@@ -66,6 +66,15 @@ def test_a_string_over_several_tokens_matches_on_its_last(source):
     assert hits.index(True) == len(tok.encode("hello wo", add_special_tokens=False)) - 3 and hits.count(False) >= 4
 
 
+def test_a_stop_string_at_the_end_of_the_prompt_does_not_stop_the_completion(source):
+    """Only the generated tokens may complete a stop string: the prompt is context, not text to match."""
+    tok = source.tokenizer
+    match = StopStrings(["STOP"], tok.decode, tok.encode("the prompt ends with STOP"))
+    ids = tok.encode(" and more", add_special_tokens=False)
+    assert not any(match(ids[:k]) for k in range(1, len(ids) + 1))
+    assert match([*ids, *tok.encode(" STOP", add_special_tokens=False)])
+
+
 def test_matcher_sees_a_character_completed_by_its_last_byte(source):
     """A byte-level tokenizer splits "é" into two tokens: the match comes with the second."""
     tok = source.tokenizer
