@@ -623,14 +623,16 @@ def test_logprobs_in_output_lines(tmp_path, capsys, reference):
 
 
 def test_output_lines_stay_json_whatever_the_floats(tmp_path):
-    """JSON has no NaN or infinity: such a logprob is written as null, and the line still parses."""
+    """JSON has no NaN or infinity: such a logprob is written as null, and the line still parses. The line is
+    handed to the OS at its write, before any close (a process killed then keeps it)."""
     from moe_jax.job_output import CompletionWriter
 
     out = tmp_path / "out.jsonl"
     writer = CompletionWriter(out)
     writer.write({"id": "a", "logprobs": [-0.5, float("nan"), float("-inf")], "top_logprobs": [[[3, float("nan")]]]})
-    writer.close()
     line = out.read_text()
+    writer.close()
+    assert out.read_text() == line
     assert "NaN" not in line and "Infinity" not in line
     assert json.loads(line) == {"id": "a", "logprobs": [-0.5, None, None], "top_logprobs": [[[3, None]]]}
 
