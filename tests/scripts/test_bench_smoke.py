@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_common  # noqa: E402
+from moe_jax.compile_count import Compiles  # noqa: E402
+from moe_jax.offload_policy import Policy  # noqa: E402
 from tests.conftest import reference  # noqa: E402
 
 TINY = ["--model", "tiny-mixtral", "--gpu-memory-gb", "1", "--hardware", "h100-80gb", "--link-probe-mib", "16"]
@@ -132,6 +135,10 @@ def test_bench_throughput_predicts_without_running(capsys):
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| mtbench")]
     assert [r[3].strip().startswith("N=") for r in rows] == [True, True] and rows[1][3].strip().startswith("N=64 ")
     assert all(float(r[4]) > 0 and r[7].split(";")[0].strip() in ("h2d", "cpu", "gpu") for r in rows)
+    from moe_jax import hrm
+
+    link = hrm.hardware_profile("h100-80gb").link_bandwidth  # e2e scaled to MoE-Lightning's 16 GB/s link
+    assert all(float(r[8]) == pytest.approx(float(r[4]) * 16e9 / link, rel=1e-2, abs=0.06) for r in rows)
     with pytest.raises(SystemExit):
         bt.parse_args(["--predict-only"])  # no profile to predict with
 
@@ -206,38 +213,46 @@ def test_bench_throughput_probes_a_kept_engines_runs_before_loading_it(tmp_path,
     assert events == [("probe", 2), ("probe", 3), ("load",), ("probe", 4), ("load",)]
 
 
+class TimedLLM:
+    """An LLM as `timed_generate` drives it: its warm-up compiles 5 shapes; its timed run (0.2 s of prefill, then
+    `steps` decode steps in 0.5 s) is interrupted by Ctrl-C, or, with `finish`, gives each prompt its tokens."""
+
+    policy = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2)
+    engine = None
+
+    def __init__(self, steps: int, finish: bool = False):
+        self.stats, self.steps, self.finish = None, steps, finish
+
+    def prepare(self, prompts, params):
+        pass
+
+    def generate(self, prompts, params):
+        if params.max_new_tokens <= bench_common.WARMUP_TOKENS:
+            self.stats = SimpleNamespace(compiles=Compiles(5, 1.5))
+            return []
+        # the timed run: new stats, as the engine makes per call
+        self.stats = SimpleNamespace(decode_steps=self.steps, decode_s=0.5, prefill_s=0.2, compiles=Compiles(0, 0.0),
+                                     prefill_calls=1, prefill_write=np.zeros(2), prefill_wait=np.zeros(2))
+        if not self.finish:
+            raise KeyboardInterrupt
+        return [SimpleNamespace(token_ids=[7] * params.max_new_tokens) for _ in prompts]
+
+
 def test_an_interrupted_timed_run_reports_its_decode_steps():
     """Ctrl-C (gpu_suite's time limit) during the timed run, after some decode steps: the run reports their
     decode tok/s, marked interrupted; before any decode step there is nothing to report."""
-    from types import SimpleNamespace
-
-    from moe_jax.compile_count import Compiles
-    from moe_jax.offload_policy import Policy
-
-    class Interrupted:
-        policy = Policy(batch_size=4, micro_batch_size=2, num_micro_batches=2)
-
-        engine = None
-
-        def __init__(self, steps):
-            self.stats = None
-            self.timed = SimpleNamespace(decode_steps=steps, decode_s=0.5, prefill_s=0.2)
-
-        def prepare(self, prompts, params):
-            pass
-
-        def generate(self, prompts, params):
-            if params.max_new_tokens > bench_common.WARMUP_TOKENS:  # the timed run, not the warm-up
-                self.stats = self.timed  # as the engine does: new stats per call
-                raise KeyboardInterrupt
-            self.stats = SimpleNamespace(compiles=Compiles(5, 1.5))
-
-    run = bench_common.timed_generate(Interrupted(3), [[1, 2]] * 4, 64)
+    run = bench_common.timed_generate(TimedLLM(3), [[1, 2]] * 4, 64)
     assert run["interrupted"] and run["decode_steps"] == 3 and run["decode_tok_s"] == pytest.approx(4 * 3 / 0.5)
     assert run["tok_s"] is None and run["tokens"] is None and run["warmup_compiles"] == 5
-    assert bench_common.timed_generate(Interrupted(3), [[1, 2]] * 6, 64)["decode_tok_s"] is None  # waves: unknown
+    assert bench_common.timed_generate(TimedLLM(3), [[1, 2]] * 6, 64)["decode_tok_s"] is None  # waves: unknown
     with pytest.raises(KeyboardInterrupt):
-        bench_common.timed_generate(Interrupted(0), [[1, 2]] * 4, 64)
+        bench_common.timed_generate(TimedLLM(0), [[1, 2]] * 4, 64)
+
+
+def test_a_timed_run_reports_tokens_over_wall_time_and_decode_tokens_over_decode_time():
+    run = bench_common.timed_generate(TimedLLM(63, finish=True), [[1, 2]] * 4, 64)
+    assert run["tokens"] == 4 * 64 and run["tok_s"] == pytest.approx(4 * 64 / run["wall_s"])
+    assert run["decode_tok_s"] == pytest.approx(4 * 63 / 0.5)  # the first token of each prompt is the prefill's
 
 
 def test_bench_expert_kernel_small(tmp_path):
@@ -269,6 +284,8 @@ def test_published_figures_are_compared_on_their_own_metric_and_link():
     lossy = bt.versus_published(dict(row, policy={"kv_cache_dtype": "int8"}), "mixtral-8x7b", True, link_bw=50e9)
     assert bt.published_cell(lossy).endswith("vs 469, ours with a lossy int8 KV cache)")
     assert "lossy" not in bt.published_cell(bt.versus_published(row, "mixtral-8x7b", True, link_bw=50e9))
+    # an interrupted run's decode tok/s covers its first steps only: no comparison, even on a decode-only metric
+    assert bt.versus_published(dict(row, interrupted=True), "mixtral-8x7b", True, link_bw=50e9) is None
 
 
 @pytest.mark.parametrize("preset,hardware,cap,P,G", [("mixtral-8x7b", "l4", None, 77, 32),
@@ -291,7 +308,6 @@ def test_hrm_predict_agrees_with_the_search(preset, hardware, cap, P, G):
 def test_a_job_is_predicted_in_the_waves_the_engine_runs_it():
     """Fewer prompts than N: one wave of them, at its own micro-batches; more: the first N (the engine's admission
     order), then the rest on the rows that finish, their times summed."""
-    from moe_jax.offload_policy import Policy
     from moe_jax.presets import preset_config
 
     cfg = preset_config("mixtral-8x7b")
@@ -313,6 +329,9 @@ def test_a_job_is_predicted_in_the_waves_the_engine_runs_it():
     assert both["tok_s"] == pytest.approx(1700 * 64 / seconds, rel=1e-12)
     assert both["prefill_s"] == pytest.approx(waves[0]["prefill_s"] + waves[1]["prefill_s"], rel=1e-12)
     assert waves[1]["tok_s"] < both["tok_s"] < waves[0]["tok_s"]
+    # decode-only: the decode steps' tokens (the first of each prompt comes from its prefill) over their time
+    assert both["decode_tok_s"] == pytest.approx(1700 * 63 / (63 * waves[0]["step_s"] + 63 * waves[1]["step_s"]),
+                                                 rel=1e-12)
     assert both["gpu_gib"] == waves[0]["gpu_gib"] and both["bottleneck"] == waves[0]["bottleneck"]
 
 
@@ -391,3 +410,151 @@ def test_held_back_by_names_the_largest_term_and_what_no_term_explains():
     loose = {"per_layer_s": {**terms, "step": 0.053}, "overlap_efficiency": 2.65,
              "measured_over_predicted": {"prefill": 1.5}}
     assert bt.held_back_by(loose) == "decode: cpu (62% of the step unexplained by any term); prefill 1.5x HRM's"
+
+
+def test_per_layer_terms_and_overlap_are_per_layer_and_decode_step():
+    from moe_jax.presets import preset_config
+
+    cfg, policy = preset_config("tiny-mixtral"), Policy(4, 2, 2, 0.5)
+    L, steps = cfg.num_layers, 10
+    per = lambda x: np.full(L, x * steps)  # x seconds per layer and step
+    st = SimpleNamespace(decode_steps=steps, decode_s=0.03 * steps * L, cpu=per(0.02), cpu_kernel=per(0.01),
+                         cpu_write=per(0.004), cpu_handoff=per(0.003), cpu_fetch=per(0.002), gpu_wait=per(0.001),
+                         main_wait=per(0.005))
+    terms = bench_common.per_layer_terms({"stats": st}, cfg, policy, "bfloat16", 1e9, 0.01)
+    assert terms["h2d_est"] == pytest.approx(bench_common.streamed_bytes_per_layer(cfg, policy, "bfloat16") / 1e9)
+    want = {"cpu": 0.02, "cpu_kernel": 0.01, "cpu_write": 0.004, "cpu_handoff": 0.003, "cpu_fetch": 0.002,
+            "gpu_probe": 0.01, "gpu_wait": 0.001, "main_wait": 0.005, "step": 0.03}
+    assert {k: terms[k] for k in want} == pytest.approx(want)
+    # step over the largest term; an unmeasured term (None) left out
+    overlap = lambda h2d, cpu, gpu: bench_common.overlap_efficiency({"h2d_est": h2d, "cpu": cpu, "gpu_probe": gpu,
+                                                                     "step": 0.03})
+    assert overlap(0.01, 0.02, None) == pytest.approx(1.5) and overlap(0.025, 0.02, 0.001) == pytest.approx(1.2)
+
+
+def test_measured_over_predicted_prices_the_runs_policy_on_all_its_prompts():
+    from moe_jax.presets import preset_config
+
+    cfg, policy = preset_config("mixtral-8x7b"), Policy(64, 32, 2, 0.0, gpu_memory_gb=16)
+    prompts = bench_common.synthetic_prompts(100, 20, 134, cfg.vocab_size)  # two waves: 64, then 36
+    run = {"tok_s": 100.0, "decode_tok_s": 150.0, "prefill_s": 2.0, "prefill_calls": None,
+           "stats": SimpleNamespace(refilled=36)}
+    terms = {"h2d_est": 0.04, "cpu": 0.01, "gpu_probe": 0.002, "step": 0.05}
+    row = {}
+    bench_common._predicted(row, run, terms, cfg, "h100-80gb", policy, prompts, 64, "bfloat16")
+    pred = bench_common.job_prediction(cfg, "h100-80gb", policy, prompts, 64)
+    assert row["hrm"] == pred and pred["waves"] == [64, 36]
+    ratio = row["measured_over_predicted"]
+    assert ratio["tok_s"] == pytest.approx(100.0 / pred["tok_s"])
+    assert ratio["decode_tok_s"] == pytest.approx(150.0 / pred["decode_tok_s"])
+    assert ratio["step"] == pytest.approx(0.05 * cfg.num_layers / pred["step_s"])  # HRM's step: all layers
+    assert ratio["prefill"] == pytest.approx(2.0 / pred["prefill_s"])
+    assert ratio["h2d"] == pytest.approx(0.04 / pred["per_layer_s"]["h2d"])
+    assert ratio["cpu"] == pytest.approx(0.01 / pred["per_layer_s"]["cpu"])
+    assert ratio["gpu"] == pytest.approx(0.002 / pred["per_layer_s"]["gpu"])
+
+
+def test_the_synthetic_workloads_are_the_papers():
+    import bench_throughput as bt
+
+    assert bt.parse_workloads("mtbench,reasoning,summarization") == [("mtbench", 64), ("reasoning", 50),
+                                                                      ("summarization", 64)]
+    (lo, hi, _), (rlo, rhi, _), (slo, shi, _) = (bt.WORKLOADS[w] for w in ("mtbench", "reasoning", "summarization"))
+    assert (lo + hi) / 2 == 77 and rhi == 256 and shi == 1984 and bt.WORKLOADS["moegen"] == (512, 512, 256)
+    for name in ("mtbench", "reasoning", "summarization"):
+        lo, hi, _ = bt.WORKLOADS[name]
+        lengths = [len(p) for p in bt.workload_prompts(name, 2000, 1000, 0)]
+        assert lo <= min(lengths) and max(lengths) <= hi and abs(np.mean(lengths) - (lo + hi) / 2) < 0.02 * hi
+
+
+def test_the_main_tables_rows_fill_its_columns():
+    import bench_throughput as bt
+
+    policy = {"batch_size": 64, "micro_batch_size": 32, "num_micro_batches": 2, "resident_expert_fraction": 0.25,
+              "expert_codec": "none", "kv_cache_dtype": "auto"}
+    ok = {"workload": "mtbench", "gen_len": 64, "gpu_memory_gb": 16, "spec": "auto", "policy": policy, "prompts": 64,
+          "tok_s": 123.4, "decode_tok_s": 234.5, "hrm": {"tok_s": 200.0}, "measured_over_predicted": {"tok_s": 0.617},
+          "per_layer_s": {"h2d_est": 0.010, "cpu": 0.020, "gpu_probe": 0.005, "step": 0.021}, "overlap_efficiency": 1.05,
+          "peak_gpu_gib": 14.5, "load_s": 30.0, "kv_fault_in_s": None,
+          "vs_published": {"system": "MoE-Lightning", "metric": "tok_s", "ours_at_their_link": 100.0, "published": 294.5,
+                           "ratio": 0.34}}
+    failed = {"workload": "reasoning", "gen_len": 50, "gpu_memory_gb": 16, "spec": "auto", "error": "RuntimeError: x"}
+    header, rule, *rows = bt.main_table([ok, failed]).splitlines()
+    cells = lambda line: [c.strip() for c in line.split("|")[1:-1]]
+    assert len(cells(header)) == len(bt.MAIN_HEADERS) == rule.count("---|")
+    got = [dict(zip(cells(header), cells(r))) for r in rows]
+    assert all(len(cells(r)) == len(bt.MAIN_HEADERS) for r in rows)
+    assert {k: got[0][k] for k in ("workload", "gen", "cap GiB", "prompts", "tok/s e2e", "tok/s decode", "HRM tok/s",
+                                   "e2e meas/HRM", "held back by", "overlap", "peak GiB", "load + KV s")} == {
+        "workload": "mtbench", "gen": "64", "cap GiB": "16", "prompts": "64", "tok/s e2e": "123.4",
+        "tok/s decode": "234.5", "HRM tok/s": "200.0", "e2e meas/HRM": "0.62", "held back by": "decode: cpu",
+        "overlap": "1.05", "peak GiB": "14.50", "load + KV s": "30.0"}
+    assert got[0]["policy"].startswith("HRM: N=64 ")
+    assert got[0]["vs published, at its link"].startswith("0.34× MoE-Lightning")
+    assert got[1]["prompts"] == "RuntimeError: x" and got[1]["vs published, at its link"] == ""
+
+
+def test_an_interrupted_run_ends_bench_throughput_with_what_it_measured(tmp_path, monkeypatch):
+    """gpu_suite's time limit: the run it interrupted is the last; its row is reported, and the exit code is 130."""
+    import bench_throughput as bt
+
+    made = []
+
+    def interrupted_run(self, i):
+        made.append(i)
+        cap, workload, gen_len, spec = self.runs[i]
+        return {"workload": workload, "gen_len": gen_len, "gpu_memory_gb": cap, "spec": spec, "prompts": 4,
+                "policy": bench_common.policy_dict(bench_common.parse_policy(spec)), "tok_s": None, "decode_tok_s": 10.0,
+                "decode_steps": 3, "interrupted": True, "hrm": None, "measured_over_predicted": None,
+                "per_layer_s": {"h2d_est": 0.01, "cpu": 0.02, "gpu_probe": None, "step": 0.03},
+                "overlap_efficiency": 1.5, "peak_gpu_gib": None, "load_s": 1.0, "kv_fault_in_s": None}
+
+    monkeypatch.setattr(bt.Runner, "run", interrupted_run)
+    out = tmp_path / "throughput.json"
+    assert in_process(monkeypatch, [*TINY, "--workloads", "mtbench:3,mtbench:4", "--policies", "4,2,2,0",
+                                    "--no-baseline", "--json", str(out)]) == 130
+    d = json.loads(out.read_text())
+    assert made == [0] and d["interrupted"] and [r["decode_steps"] for r in d["runs"]] == [3]
+
+
+def test_an_interrupted_run_ends_bench_offload_with_what_it_measured(tmp_path, monkeypatch):
+    """bench_offload likewise: the interrupted policy is the last run, reported, and the exit code is 130."""
+    import bench_offload
+
+    made = []
+
+    def interrupted_policy(spec, source, args, hardware, link_bw):
+        made.append(spec)
+        return {"spec": spec, "policy": bench_common.policy_dict(bench_common.parse_policy(spec)), "tok_s": None,
+                "decode_tok_s": 10.0, "decode_steps": 3, "interrupted": True, "hrm": None,
+                "measured_over_predicted": None, "load_s": 1.0, "kv_fault_in_s": None, "peak_gpu_gib": None,
+                "per_layer_s": {k: 0.01 for k in ("h2d_est", "cpu", "cpu_kernel", "cpu_write", "cpu_handoff",
+                                                  "cpu_fetch", "gpu_probe", "step")}, "overlap_efficiency": 1.0,
+                "host": {"kv_gib": 0.1, "pool_cap_gib": None, "free_gib": None, "rest_gib": None}}
+
+    monkeypatch.setattr(bench_offload, "run_policy", interrupted_policy)
+    for var in ("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", "XLA_PYTHON_CLIENT_PREALLOCATE"):  # main sets them: restored after
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    out = tmp_path / "offload.json"
+    assert bench_offload.main([*TINY, "--policies", "4,2,2,0;6,3,2,0", "--json", str(out)]) == 130
+    d = json.loads(out.read_text())
+    assert made == ["4,2,2,0"] and d["interrupted"] and [r["decode_steps"] for r in d["runs"]] == [3]
+
+
+def test_the_baselines_full_model_figure_scales_its_truncated_run(tmp_path, capsys):
+    """hf_baseline: tokens over wall time, and the full model's estimate that divides it by the full model's
+    offloaded bytes over the bytes of the layers run (on CPU: no offload, no layer resident)."""
+    reference("torch", "transformers")
+    import hf_baseline
+
+    prompts, out = tmp_path / "prompts.json", tmp_path / "baseline.json"
+    prompts.write_text(json.dumps([[5, 9, 33], [7, 12, 40, 41, 42]]))
+    assert hf_baseline.main(["--model", "tiny-mixtral", "--layers", "1", "--prompts", str(prompts), "--gen-len", "3",
+                             "--dtype", "float32", "--json", str(out)]) == 0
+    base = json.loads(out.read_text())
+    sizes = hf_baseline.layer_sizes("tiny-mixtral", "float32")
+    assert (base["layers_run"], base["full_layers"], base["full_model_resident_layers"]) == (1, 2, 0)
+    assert base["tokens"] == 2 * 3 and base["tok_s_measured"] == pytest.approx(6 / base["wall_s"])
+    assert base["scale_to_full"] == pytest.approx(sum(sizes) / sizes[0]) and base["scale_to_full"] > 1
+    assert base["tok_s_full_model"] == pytest.approx(base["tok_s_measured"] / base["scale_to_full"])
