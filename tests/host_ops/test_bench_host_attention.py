@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import time
 
 import numba
 import pytest
@@ -147,3 +148,34 @@ def test_bench_goes_round_a_working_set_of_layers(capsys, monkeypatch):
     for cache, (L, *_) in zip(caches, made):  # 5 calls a cache (the warm-up and 4 repeats) going round its layers
         assert [layer for c, layer in calls if c is cache] == [r % L for r in range(5)]
     assert f"batch 2, context 32, going round {layers[2, 32]} layer(s)" in capsys.readouterr().out
+
+
+def test_attention_gbs_is_one_layers_bytes_over_the_best_call(monkeypatch):
+    """Each call reads one layer of the cache (its bytes over its layers), the fastest call taken."""
+    from types import SimpleNamespace
+
+    bench = _bench()
+    cache = SimpleNamespace(nbytes=4e9, num_layers=4)
+    monkeypatch.setattr(bench, "attention_seconds", lambda *a, **k: ([cache], [[0.5, 0.25, 1.0]]))
+    assert bench.attention_gbs(2, 64, 8, 2, 64, 3, layers=4) == [(0.25, 4.0)]
+
+
+def test_link_load_counts_only_the_copies_in_the_loaded_window(monkeypatch):
+    """--link-load's GB/s: the copies that ended while the loaded figure was measured, over that time (not the
+    copies of the warm-up before it). Copies stand in at 10 ms each, the attention at 0.1 s."""
+    import jax
+
+    bench = _bench()
+
+    class Copy:
+        def block_until_ready(self):
+            time.sleep(0.01)
+
+    monkeypatch.setattr(jax, "jit", lambda f, **k: lambda x: Copy())
+    real_sleep = time.sleep
+    monkeypatch.setattr(bench, "median_seconds", lambda *a, **k: (real_sleep(0.1), 0.1)[1])
+    idle, busy, gbs = bench.link_load_seconds(2, 16, 8, 2, 64, 1, mib=1)
+    assert (idle, busy) == (0.1, 0.1)
+    # no copy ends sooner than 10 ms after the one before: at most one more than 0.1 s / 10 ms in the window (the
+    # warm-up's 0.2 s of copies, counted too, would give about 3x); a loaded machine's longer sleeps give fewer
+    assert 0 < gbs <= 1.1 * 2**20 / 0.01 / 1e9 + 1e-9

@@ -245,3 +245,59 @@ def test_a_slow_first_touch_of_huge_pages_gives_every_step_4k_pages(tmp_path):
     proc, out, logs = run_suite(tmp_path, "bench_offload_quick", python=PAGES_PROBE.format(slow),
                                 logs=tmp_path / "logs3", env={"MOE_JAX_KV_HUGE_PAGES": "1"})  # the caller's choice
     assert "pages=1" in (logs / "bench_offload_quick.log").read_text()
+
+
+def test_a_step_past_its_own_limit_is_a_timeout_that_fails_the_suite(tmp_path):
+    """Inside the budget, a step that passes its own limit is "timeout" (a failure), not "cut": a stand-in
+    `timeout` on PATH shortens the step's limit to 1 s (the real one still sends SIGINT)."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = shutil.which("timeout")
+    _script(bin_dir / "timeout", f'if [ "$1" = --signal=INT ]; then a=$1 b=$2; shift 3; exec {real} "$a" "$b" 1 "$@"; fi\n'
+                                 f'exec {real} "$@"')
+    proc, out, logs = run_suite(tmp_path, "bench_expert_kernel", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                                python='trap \'echo "interrupted"; exit 130\' INT; '
+                                       'case "$*" in *import*) exit 0;; esac; sleep 30 & wait')
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert _rows(out) == {"bench_expert_kernel": "timeout"}
+    assert "interrupted" in (logs / "bench_expert_kernel.log").read_text()
+
+
+def test_the_summary_is_rewritten_after_each_step(tmp_path):
+    """A command killed mid-run still returns the rows of the steps that ran: each step's stand-in prints the
+    summary.md it finds in $OUT."""
+    proc, out, logs = run_suite(tmp_path, "bench_host_attention", "tests",
+                                python='cat "$OUT/summary.md" 2>/dev/null || echo "no summary yet"')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no summary yet" in (logs / "bench_host_attention.log").read_text()
+    seen = (logs / "tests.log").read_text()
+    assert "| bench_host_attention" in seen and "| tests " not in seen
+
+
+def test_a_probe_that_crashes_turns_views_off(tmp_path):
+    """No "views ... work" line (the probe crashed before printing any host_views line): every step copies."""
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick",
+                                python='case "$*" in *host_views*) echo "Traceback: Segmentation fault"; exit 139 ;; '
+                                       '*) echo "ran: $* views=${MOE_JAX_HOST_VIEWS:-unset}" ;; esac')
+    assert proc.returncode == 0, proc.stderr
+    assert "host_views: off for every step (MOE_JAX_HOST_VIEWS=0)" in (logs / "env.log").read_text()
+    assert "views=0" in (logs / "bench_offload_quick.log").read_text()
+
+
+def test_an_h200_runs_with_its_measured_profile(tmp_path):
+    """On an H200 the steps take the committed measured profile (benchmarks/profiles/h200-measured.json), not the
+    uncalibrated built-in one; an unknown GPU gets no --hardware."""
+    assert (SUITE.parents[1] / "benchmarks" / "profiles" / "h200-measured.json").is_file()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _script(bin_dir / "nvidia-smi", 'case "$*" in *compute_cap*) echo 9.0 ;; *) echo "NVIDIA H200" ;; esac')
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "MOE_IMPL": "--moe-impl jax_mgpu"}  # no kernel check
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick", env=env)
+    log = (logs / "bench_offload_quick.log").read_text()
+    assert "--hardware benchmarks/profiles/h200-measured.json " in log, log
+    assert "HRM profile: --hardware benchmarks/profiles/h200-measured.json" in (logs / "env.log").read_text()
+    _script(bin_dir / "nvidia-smi", 'echo "NVIDIA A10G"')
+    proc, out, logs = run_suite(tmp_path, "bench_offload_quick", env=env, logs=tmp_path / "logs2")
+    assert "--hardware" not in (logs / "bench_offload_quick.log").read_text().split("\n", 1)[1]

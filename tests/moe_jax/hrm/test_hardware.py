@@ -65,6 +65,8 @@ def test_json_profile(tmp_path):
     (json.dumps({"name": "x"}), "missing field"),
     (json.dumps({**dataclasses.asdict(PROFILES["t4"]), "gpu_tflops": 1}), "unknown field"),
     (json.dumps({**dataclasses.asdict(PROFILES["t4"]), "link_bandwidth": -1}), "link_bandwidth must be a positive"),
+    (json.dumps({**dataclasses.asdict(PROFILES["t4"]), "link_bandwidth": None}), "link_bandwidth must be a positive"),
+    (json.dumps({**dataclasses.asdict(PROFILES["t4"]), "gpu_flops": 0}), "gpu_flops must be a positive"),
 ])
 def test_bad_json_profile(tmp_path, content, message):
     path = tmp_path / "hw.json"
@@ -152,3 +154,36 @@ def test_attention_rows_cost_their_own_time_on_the_cpu():
         assert timed.cpu_seconds(op) == pytest.approx(base.cpu_seconds(op) + op.head_rows * 1e-8)
     assert timed.cpu_seconds(short) / timed.cpu_seconds(long) > base.cpu_seconds(short) / base.cpu_seconds(long) > 1
     assert base.attention_row_seconds is None
+
+
+def test_calibrate_takes_the_best_of_its_runs_after_a_warm_up(monkeypatch):
+    """best_seconds: the fastest of `repeats` timed calls (not their mean), the warm-up call untimed."""
+    from moe_jax.hrm import calibrate
+
+    clock, calls = iter([0.0, 3.0, 10.0, 11.0, 20.0, 22.0]), []
+    monkeypatch.setattr(calibrate.time, "perf_counter", lambda: next(clock))
+    assert calibrate.best_seconds(lambda: calls.append(1), repeats=3) == 1.0 and len(calls) == 4
+
+
+def test_calibrate_rates_are_bytes_and_flops_per_second(monkeypatch):
+    """Each figure's units as HRM reads them (bytes/s, FLOP/s) from a call of a known time: the link copies its
+    bytes once, the device copy reads and writes them, the host read reads them once."""
+    from moe_jax.hrm import calibrate
+
+    monkeypatch.setattr(calibrate, "best_seconds", lambda fn, repeats=3: (fn(), 0.5)[1])
+    n = 2**20
+    assert calibrate.link_bandwidth(n) == n / 0.5
+    assert calibrate.device_copy_bandwidth(n) == 2 * n / 0.5
+    assert calibrate.host_read_bandwidth(n, 2) == n / 0.5
+    assert calibrate.device_matmul_flops(64) == 2 * 64**3 / 0.5
+
+
+def test_calibrate_profile_takes_the_largest_token_counts_expert_rate(monkeypatch):
+    """expert_flops is the rate at the most tokens (rows per expert HRM's curve scales down from); every count's
+    rate is noted."""
+    from moe_jax.hrm import calibrate
+
+    monkeypatch.setattr(calibrate, "expert_flops", lambda tokens, *a: tokens * 1e9)
+    hw, notes = calibrate.calibrate(calibrate.QUICK, "here")
+    assert hw.expert_flops == max(calibrate.QUICK.expert_tokens) * 1e9
+    assert notes["expert_flops_by_tokens"] == {str(t): t * 1e9 for t in calibrate.QUICK.expert_tokens}
