@@ -102,11 +102,21 @@ def _global_names(cfg: ModelConfig) -> dict[str, _Src]:
             "lm_head": _Src("lm_head.weight")}
 
 
+# generation_config.json's fields of a model's suggested sampling, which transformers' `generate` applies
+SUGGESTED_SAMPLING = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty")
+
+
 def _with_generation_eos(cfg: ModelConfig, path: Path) -> ModelConfig:
-    """Chat checkpoints often end turns with an EOS that only generation_config.json lists: take the union."""
+    """Chat checkpoints often end turns with an EOS that only generation_config.json lists: take the union.
+    The sampling the file suggests is not applied, and said so (as vLLM's `--generation-config vllm`)."""
     if not path.exists():
         return cfg
-    eos = read_json_object(path, CheckpointError).get("eos_token_id")
+    gen = read_json_object(path, CheckpointError)
+    suggested = {k: gen[k] for k in SUGGESTED_SAMPLING if gen.get(k) is not None}
+    if any(k != "do_sample" or v for k, v in suggested.items()):  # do_sample=false alone suggests greedy
+        log.info("%s suggests sampling with %s; moe-jax samples only as a request asks (SamplingParams, the CLI's "
+                 "flags or a line's fields)", path, ", ".join(f"{k}={v!r}" for k, v in suggested.items()))
+    eos = gen.get("eos_token_id")
     extra = eos_token_ids(eos)
     if extra is None:
         raise CheckpointError(f"{path}: field 'eos_token_id' = {eos!r}: {EOS_EXPECTED}")

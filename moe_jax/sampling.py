@@ -14,6 +14,7 @@ import numpy as np
 from moe_jax.integers import integer_ids, is_integer
 
 
+DEFAULT_MAX_NEW_TOKENS = 16  # as vLLM's max_tokens
 MAX_TOP_LOGPROBS = 20  # most likely tokens a position reports at most (OpenAI's limit, as vLLM's default)
 # `sample` sorts the whole vocabulary of each row: XLA's temporaries were 7.0x the [rows, V] float32 logits at
 # every shape measured (CPU backend's memory analysis; a GPU's sort may need more), so rows go through it in
@@ -36,7 +37,7 @@ class SamplingParams:
     different prompts sample independently; give repeats of a prompt their own seeds for independent samples (the
     CLI mixes each line's id into --seed)."""
 
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # None: DEFAULT_MAX_NEW_TOKENS (or max_tokens where given)
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -49,9 +50,11 @@ class SamplingParams:
 
     def __post_init__(self, max_tokens):
         if max_tokens is not None:
-            if self.max_new_tokens != SamplingParams.max_new_tokens and self.max_new_tokens != max_tokens:
+            if self.max_new_tokens is not None and self.max_new_tokens != max_tokens:
                 raise ValueError(f"give one of max_new_tokens ({self.max_new_tokens}) or max_tokens ({max_tokens})")
             object.__setattr__(self, "max_new_tokens", max_tokens)
+        elif self.max_new_tokens is None:
+            object.__setattr__(self, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         object.__setattr__(self, "stop_token_ids", integer_ids(self.stop_token_ids, "stop_token_ids"))
         try:
             stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)

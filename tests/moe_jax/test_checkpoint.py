@@ -125,6 +125,22 @@ def test_generation_config_eos_ids_join_the_config_ones(tmp_path, hf_checkpoints
             Checkpoint(d)
 
 
+def test_generation_configs_suggested_sampling_is_said_and_not_applied(tmp_path, hf_checkpoints, caplog):
+    d = tmp_path / "m"
+    shutil.copytree(hf_checkpoints["olmoe"][0], d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "do_sample": True, "temperature": 0.7,
+                                                          "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}))
+    with caplog.at_level("INFO", logger="moe_jax"):
+        Checkpoint(d)
+    assert ("suggests sampling with do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05; "
+            "moe-jax samples only as a request asks") in caplog.text
+    caplog.clear()
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "do_sample": False}))
+    with caplog.at_level("INFO", logger="moe_jax"):
+        Checkpoint(d)
+    assert "suggests sampling" not in caplog.text
+
+
 def test_an_eos_id_past_the_vocabulary_is_warned_about(tmp_path, hf_checkpoints, caplog):
     """transformers accepts an EOS id the model cannot generate; so does the loader, but it says so."""
     d = tmp_path / "m"

@@ -198,6 +198,9 @@ def test_vllms_max_tokens_sets_max_new_tokens():
     assert SamplingParams(max_tokens=8).replace(temperature=1.0).max_new_tokens == 8
     with pytest.raises(ValueError, match=r"give one of max_new_tokens \(9\) or max_tokens \(8\)"):
         SamplingParams(max_tokens=8, max_new_tokens=9)
+    with pytest.raises(ValueError, match=r"give one of max_new_tokens \(16\) or max_tokens \(8\)"):
+        SamplingParams(max_new_tokens=16, max_tokens=8)  # the default's value, given: still two answers
+    assert SamplingParams().max_new_tokens == 16 == SamplingParams(max_new_tokens=None).max_new_tokens
 
 
 def draws(logits, temperature, top_p, top_k, n=2000):
