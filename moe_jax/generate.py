@@ -289,6 +289,10 @@ def _run_locked_job(args: argparse.Namespace) -> int:
     handle_invalid(args, job, ready)
     todo, fresh = pending(args, job, ready)
     args.output_started = args.output is not None and not fresh
+    unbounded = sum("max_new_tokens" not in req.sampling for req, _ in todo)
+    if job.format is OPENAI and unbounded:
+        log.info("%d of %d requests give no 'max_tokens': each generates at most %d tokens (--max-new-tokens), where "
+                 "OpenAI's API goes on to the model's context", unbounded, len(todo), args.max_new_tokens)
     if not todo:
         log.info("nothing to do: all %d requests are in %s", len(ready), args.output)
         return 0

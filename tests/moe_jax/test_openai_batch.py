@@ -301,6 +301,19 @@ def test_n_completions_are_choices_sampled_with_their_own_seeds(tmp_path, chat_m
     assert [ch["text"] for ch in bodies["one"]["choices"]] == [want[0].text]  # n = 1: the first choice of n = 3
 
 
+def test_bodies_without_max_tokens_take_max_new_tokens_and_are_counted_in_the_log(tmp_path, chat_model, caplog):
+    """OpenAI's API generates up to the context where a body gives no max_tokens; a batch job takes --max-new-tokens
+    for those bodies and says how many did so."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(completion("free", prompt="Hello there", temperature=0) + completion("five", prompt="Hi", max_tokens=5))
+    with caplog.at_level("INFO", logger="moe_jax"):
+        assert main(["--model", str(chat_model), "--input", str(inp), "--output", str(out), "--dtype", "float32",
+                     "--max-new-tokens", "3"]) == 0
+    assert "1 of 2 requests give no 'max_tokens': each generates at most 3 tokens (--max-new-tokens)" in caplog.text
+    usage = {r["custom_id"]: r["response"]["body"]["usage"] for r in map(json.loads, out.read_text().splitlines())}
+    assert usage["free"]["completion_tokens"] <= 3 < usage["five"]["completion_tokens"] <= 5
+
+
 def test_llm_chat_renders_each_conversation_with_the_models_template(chat_model):
     """`LLM.chat`, as vLLM's: conversations (or one) through the checkpoint's chat template, then `generate`."""
     llm = LLM(str(chat_model), dtype="float32", policy="resident")
