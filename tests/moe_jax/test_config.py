@@ -92,6 +92,8 @@ def test_deepseek_fields():
     assert cfg("deepseek_v2", topk_method="greedy").router_groups == 1
     with pytest.raises(ConfigError, match="chosen router groups hold fewer than the 3 experts per token"):
         cfg("deepseek_v3", topk_group=1)
+    exact = cfg("deepseek_v3", topk_group=1, num_experts_per_tok=2)  # 8 experts in 4 groups: one group holds 2
+    assert (exact.router_topk_groups, exact.experts_per_token) == (1, 2)
 
 
 def test_deepseek_fields_left_out_take_transformers_defaults():
@@ -158,6 +160,8 @@ def test_sliding_window_caps_the_context_instead_of_changing_attention(caplog):
     assert cfg("mixtral", sliding_window=128).max_positions == 128
     assert cfg("mixtral", sliding_window=128, use_sliding_window=False).max_positions == 128
     assert cfg("mixtral", sliding_window=4096).max_positions == 256  # longer than the context: not in effect
+    assert (cfg("mixtral", sliding_window=256).max_positions, cfg("mixtral", sliding_window=256).sliding_window) == (
+        256, None)  # as long as the context: not in effect either
     assert cfg("qwen2_moe", sliding_window=64, use_sliding_window=False).max_positions == 256
     for qwen in ("qwen2_moe", "qwen3_moe"):  # transformers' use_sliding_window defaults to False for them
         assert cfg(qwen, sliding_window=64).max_positions == 256
@@ -221,9 +225,39 @@ def test_defaults_of_missing_fields_are_transformers_defaults():
     qwen = {k: v for k, v in HF_CONFIGS["qwen2_moe"].items() if k != "shared_expert_intermediate_size"}
     ours, hf = ModelConfig.from_dict(dict(qwen, model_type="qwen2_moe")), AutoConfig.for_model("qwen2_moe", **qwen)
     assert ours.shared_expert_ffn_size == hf.shared_expert_intermediate_size == 5632  # its block always has one
+    for family in ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"):  # the tests' fields, less these four
+        fields = {k: v for k, v in HF_CONFIGS[family].items()
+                  if k not in ("rms_norm_eps", "rope_theta", "rope_parameters", "norm_topk_prob")}
+        ours, hf = ModelConfig.from_dict(dict(fields, model_type=family)), AutoConfig.for_model(family, **fields)
+        assert (ours.rope_theta, ours.norm_eps) == (hf.rope_parameters["rope_theta"], hf.rms_norm_eps), family
+        assert (ours.router_norm_p == 1.0) == bool(hf.norm_topk_prob), family
     assert cfg("qwen2_moe", shared_expert_intermediate_size=0).shared_expert_ffn_size == 0
     with pytest.raises(ConfigError, match=r"field 'shared_expert_intermediate_size' = -1: expected an integer >= 0"):
         cfg("qwen2_moe", shared_expert_intermediate_size=-1)
+
+
+def test_dbrx_layer_norm_eps_is_transformers():
+    """DBRX's norms are nn.LayerNorm at its default eps, which no config field sets."""
+    from tests.conftest import build_hf_model
+
+    model = build_hf_model("dbrx")
+    assert cfg("dbrx").norm_eps == model.transformer.blocks[0].norm_attn_norm.norm_1.eps
+
+
+def test_yarn_frequencies_match_transformers_where_the_ramp_reaches_past_half_the_dims():
+    """YaRN's correction range clamps at dim - 1 (transformers' `find_correction_range`), which matters where the
+    original context is long against 2 pi theta: theta 100, 4096 positions, 16 dims."""
+    reference("torch", "transformers")
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(rope_type="yarn", rope_theta=100.0, factor=4.0, original_max_position_embeddings=4096)
+    changes = dict(head_dim=16, max_position_embeddings=16384, rope_parameters=rope)
+    ours, hf = cfg("qwen3_moe", **changes), AutoConfig.for_model("qwen3_moe", **dict(HF_CONFIGS["qwen3_moe"], **changes))
+    want, attention = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    base = 1.0 / (100.0 ** (np.arange(0, 16, 2, dtype=np.float32) / 16))
+    np.testing.assert_allclose(ours.rope_scaling.scale(base, ours.rope_theta, ours.rotary_dim), want.numpy(), rtol=1e-6)
+    assert ours.rope_scaling.attention_factor == pytest.approx(attention)
 
 
 def test_attention_bias_is_refused_where_it_would_need_an_output_bias():

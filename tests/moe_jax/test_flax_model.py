@@ -55,3 +55,15 @@ def test_bad_tokens_are_refused_with_what_is_wrong():
         with pytest.raises(ValueError, match=message):
             decoder(bad)
     assert decoder([[1, 2, 3]]).shape == (1, 3, vocab)  # a nested list is fine
+    assert decoder([[0, 1, 2]]).shape == (1, 3, vocab)  # token 0 is a token
+    decoder.cfg = decoder.cfg.replace(max_positions=16)
+    assert decoder([[1] * 16]).shape == (1, 16, vocab)  # the whole context
+
+
+def test_decoder_runs_the_differentiable_xla_experts_on_a_gpu_too(monkeypatch):
+    """nnx.grad goes through the decoder on a GPU too: its experts are XLA's ragged_dot there, not the engines'
+    Pallas kernels (which have no gradient), with the backend faked."""
+    decoder = MoEDecoder.from_pretrained("tiny-mixtral")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    text = str(jax.make_jaxpr(lambda t: decoder(t))(jnp.asarray(PROMPTS, jnp.int32)))
+    assert "ragged_dot" in text and "pallas_call" not in text

@@ -30,6 +30,11 @@ def test_real_shape_presets_sizes():
     assert (lite.dense_layers, lite.head_dim, lite.value_dim, lite.num_kv_heads) == ((0,), 576, 512, 1)
     cfg = preset_config("mixtral-8x7b")
     assert layer_bytes(cfg, "bfloat16", expert=True) == 3 * 8 * 4096 * 14336 * 2
+    published = {"mixtral-8x7b": (32, 8, 128, 8, 2), "mixtral-8x22b": (48, 8, 128, 8, 2), "dbrx": (48, 8, 128, 16, 4),
+                 "qwen3-30b-a3b": (32, 4, 128, 128, 8), "olmoe-1b-7b": (16, 16, 128, 64, 8)}  # heads, KV heads, dim, E, k
+    for name, shape in published.items():  # the KV cache's bytes and attention's cost follow these
+        c = preset_config(name)
+        assert (c.num_heads, c.num_kv_heads, c.head_dim, c.num_experts, c.experts_per_token) == shape, name
 
 
 def test_random_weights_are_deterministic_per_layer():

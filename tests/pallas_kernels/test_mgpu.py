@@ -95,3 +95,22 @@ def test_ragged_dot_lowers_for_cuda(M, jax_kernel):
     text = f.trace(sd((M, H), jnp.bfloat16), sd((S, H, F), jnp.bfloat16),
                    sd((S,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_row_tasks_rows_are_never_negative():
+    """A task without work has 0 rows (the kernel acts only on rows > 0; a negative count is a wrong table)."""
+    for sizes, M in [([0, 30, 0], 30), ([100, 100], 200), ([5, 0, 3, 30], 40)]:
+        for block_m in (1, 8, 128):
+            rows = np.asarray(mgpu.row_tasks(jnp.asarray(sizes, jnp.int32), M, block_m).rows)
+            assert (rows >= 0).all(), (sizes, block_m, rows)
+
+
+def test_unavailable_reason_checks_dtype_and_both_block_dims(monkeypatch):
+    """What refuses a shape or dtype on Hopper, reached here by faking a jax with the Mosaic simulator (on the
+    CPU "no GPU" answers first): float32 (no wgmma path) and a K or N the blocks do not divide."""
+    monkeypatch.setattr(mgpu, "_interpret_mode", lambda: object())
+    r = lambda dt, K, N: mgpu.unavailable_reason(dt, K, N, interpret=True)
+    assert r(jnp.bfloat16, 128, 256) is None and r(jnp.float16, 64, 128) is None
+    assert "dtype float32" in (r(jnp.float32, 128, 128) or "")
+    assert "K=96 or N=128 not a multiple" in (r(jnp.bfloat16, 96, 128) or "")
+    assert "K=128 or N=192 not a multiple" in (r(jnp.bfloat16, 128, 192) or "")

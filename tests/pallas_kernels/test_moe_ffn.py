@@ -76,6 +76,78 @@ def test_auto_on_gpu_weighs_rows_per_expert(monkeypatch, caplog):
     assert resolve(8.0, H=4104) == "pallas_mgpu"  # not a Triton shape: the rows do not matter
 
 
+def test_triton_tiles_are_at_least_16_in_every_dim():
+    """Triton's dot takes blocks of 16 or more in each dim (the CPU's lowering does not check it; a GPU's compile
+    fails): a decode call's few rows per slot included."""
+    from pallas_kernels.grouped_matmul import pick_block_m, pick_config
+
+    for pairs, slots in [(1, 8), (2, 128), (33 * 2, 8), (508, 8), (256 * 8, 128), (10 ** 6, 8)]:
+        bm = pick_block_m(pairs, slots)
+        assert 16 <= bm <= 128 and bm & (bm - 1) == 0, (pairs, slots, bm)
+    for K, N in [(4096, 14336), (14336, 4096), (2048, 768), (16, 16), (48, 80)]:
+        for fused in (True, False):
+            c = pick_config(16, K, N, fused)
+            assert min(c.block_n, c.block_k) >= 16 and K % c.block_k == 0 and N % c.block_n == 0, (K, N, c)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_kernel_asks_full_precision_for_float32(dtype):
+    """A float32 dot at DEFAULT precision runs in TF32 on a GPU (~1e-3 relative error); the CPU's interpreter
+    computes the same either way, so the kernel's jaxpr is what is checked."""
+    sd, dt = jax.ShapeDtypeStruct, jnp.dtype(dtype)
+    args = (sd((8, 32), dt), sd((8, 2), jnp.int32), sd((8, 2), jnp.float32),
+            sd((4, 32, 32), dt), sd((4, 32, 32), dt), sd((4, 32, 32), dt))
+    text = str(jax.make_jaxpr(lambda *a: moe_ffn(*a, impl="pallas_triton", interpret=True))(*args))
+    assert text.count("pallas_call") == 2
+    assert ("Precision.DEFAULT" in text) == (dtype == "bfloat16")
+
+
+def test_mgpu_needs_the_down_projection_blockable_too(monkeypatch):
+    """The down projection is [F] x [F, H]: a hidden size the Mosaic kernel's N blocks do not divide (192) is
+    refused for pallas_mgpu even where [H] x [H, F] would be (faked as a jax with the Mosaic simulator)."""
+    import importlib
+
+    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")
+    monkeypatch.setattr(moe_ffn_module, "_logged", set())
+    monkeypatch.setattr(mgpu, "_interpret_mode", lambda: object())
+    with pytest.raises(ValueError, match=r"pallas_mgpu.*K=256 or N=192 not a multiple"):
+        moe_ffn_module.resolve_impl("pallas_mgpu", jnp.bfloat16, 192, 256, interpret=True)
+
+
+def test_auto_weighs_rows_per_expert_not_per_slot(monkeypatch):
+    """moe_ffn tells resolve_impl the routed rows per expert of the layer (64 tokens x 2 over 4 experts: 32),
+    not per slot of a pager's buffer (40 slots: 3.2), which would send a large prefill to Triton on a GPU."""
+    import importlib
+
+    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")
+    seen, real = [], moe_ffn_module.resolve_impl
+    monkeypatch.setattr(moe_ffn_module, "resolve_impl",
+                        lambda *a, rows_per_expert=None: seen.append(rows_per_expert) or real(*a))
+    sd = jax.ShapeDtypeStruct
+    args = (sd((64, 32), jnp.float32), sd((64, 2), jnp.int32), sd((64, 2), jnp.float32),
+            sd((40, 32, 32), jnp.float32), sd((40, 32, 32), jnp.float32), sd((40, 32, 32), jnp.float32))
+    jax.eval_shape(lambda *a: moe_ffn(*a, expert_slots=jnp.arange(4, dtype=jnp.int32), impl="xla"), *args)
+    assert seen == [32.0]
+
+
+def test_xla_path_on_gpu_reads_the_slot_array_in_place(monkeypatch):
+    """On the CPU the xla path gathers the layer's experts out of a pager's slots (4 of 12); on a GPU it must not
+    (a copy of the layer's experts, 2.8 GB for Mixtral, beyond the offload plan): it reads all 12 slots."""
+    sd = jax.ShapeDtypeStruct
+    args = (sd((16, 32), jnp.float32), sd((16, 2), jnp.int32), sd((16, 2), jnp.float32),
+            sd((12, 32, 48), jnp.float32), sd((12, 32, 48), jnp.float32), sd((12, 48, 32), jnp.float32))
+    slots = jnp.asarray([3, 7, 0, 9], jnp.int32)
+
+    def rhs_slots():
+        jaxpr = jax.make_jaxpr(lambda *a: moe_ffn(*a, expert_slots=slots, impl="xla", interpret=True))(*args)
+        return {e.invars[1].aval.shape[0] for e in jaxpr.jaxpr.eqns
+                if e.primitive.name in ("ragged_dot_general", "ragged_dot")}
+
+    for backend, slots_read in (("cpu", 4), ("gpu", 12)):  # faked both ways: the test runs on either
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        assert rhs_slots() == {slots_read}, backend
+
+
 def test_triton_tiles_follow_rows_per_expert_not_slots(make_problem, assert_matches_reference, monkeypatch):
     """With a pager's buffer of S slots, most holding other layers' experts, the Triton tiles are sized by the
     rows per expert (what was benchmarked), not per slot: 128 rows over 4 experts -> 32-row tiles, where the
