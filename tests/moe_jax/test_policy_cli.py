@@ -113,3 +113,26 @@ def test_a_plan_past_jax_share_of_a_built_in_card_says_how_to_run_it():
     capped = run(*args, "--gpu-memory-gb", "59.7", "--json")
     assert capped.returncode == 0 and "note:" not in capped.stderr + capped.stdout
     assert json.loads(capped.stdout)["gpu_memory_gib"] <= 59.7
+
+
+def test_max_batch_size_caps_the_plan():
+    args = ("--model", "mixtral-8x7b", "--hardware", "l4", "--prompt-len", "77", "--gen-len", "32", "--json")
+    assert json.loads(run(*args).stdout)["batch_size"] > 64
+    assert json.loads(run(*args, "--max-batch-size", "64").stdout)["batch_size"] <= 64
+
+
+def test_the_summary_and_the_json_report_the_same_prediction():
+    args = ("--model", "mixtral-8x7b", "--hardware", "l4", "--prompt-len", "77", "--gen-len", "32")
+    d, text = json.loads(run(*args, "--json").stdout), run(*args).stdout
+    assert d["predicted_decode_tokens_per_s"] == pytest.approx(d["batch_size"] / d["step_seconds"])
+    assert d["predicted_tokens_per_s"] < d["predicted_decode_tokens_per_s"]
+    assert (f"predicted: decode {d['predicted_decode_tokens_per_s']:.1f} tok/s, end to end "
+            f"{d['predicted_tokens_per_s']:.1f} tok/s") in text
+
+
+def test_a_host_cap_alone_still_gets_the_jax_share_note():
+    """A host memory cap does not cap the GPU: a plan past JAX's share of the built-in card still says so."""
+    p = run("--model", "mixtral-8x7b", "--hardware", "h100-80gb", "--prompt-len", "512", "--gen-len", "256",
+            "--host-memory-gb", "100")
+    assert p.returncode == 0, p.stderr
+    assert "more than the 0.75 of 79.6 GiB a JAX process allocates" in p.stdout

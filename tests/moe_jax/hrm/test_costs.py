@@ -5,7 +5,8 @@ import pytest
 from moe_jax.config import ModelConfig
 from moe_jax.hrm.costs import (OPS, decode_ops, experts_touched, kv_bytes_per_token, lm_head_op, prefill_ops,
                                weight_bytes)
-from moe_jax.params import layer_bytes
+from moe_jax.params import layer_bytes, non_expert_bytes
+from moe_jax.presets import preset_config
 
 BF16 = "bfloat16"
 
@@ -106,3 +107,17 @@ def test_shared_experts_and_arrays():
     assert ops["shared_experts"].bytes == (3 * 64 * 48 + 64) * 4 + 3 * (3 * (64 + 48) + 65) * 4
     batched = decode_ops(cfg, "float32", np.array([1.0, 3.0]), 10)
     assert batched["shared_experts"].flops[1] == ops["shared_experts"].flops
+
+
+def test_latent_attention_caches_its_latent_once():
+    """DeepSeek-V2-Lite's latent attention caches one 576-dim row (the 512-dim latent and the 64-dim
+    RoPE key) per token and layer: the values are the latent's first 512 dims, not a second row."""
+    lite = preset_config("deepseek-v2-lite")
+    assert kv_bytes_per_token(lite, BF16) == (512 + 64) * 2 == 1152
+
+
+def test_non_expert_bytes_hold_every_layers_attention_router_and_norms_and_the_embeddings(mixtral):
+    """What the offload engine keeps on the GPU: 32 layers' q, k, v, o, router and two norms, plus
+    the embedding, the LM head and the final norm (Mixtral 8x7B, bf16)."""
+    per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 8 + 2 * 4096
+    assert non_expert_bytes(mixtral, BF16) == (32 * per_layer + 2 * 32000 * 4096 + 4096) * 2 == 3_211_272_192

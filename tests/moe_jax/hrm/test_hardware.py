@@ -187,3 +187,12 @@ def test_calibrate_profile_takes_the_largest_token_counts_expert_rate(monkeypatc
     hw, notes = calibrate.calibrate(calibrate.QUICK, "here")
     assert hw.expert_flops == max(calibrate.QUICK.expert_tokens) * 1e9
     assert notes["expert_flops_by_tokens"] == {str(t): t * 1e9 for t in calibrate.QUICK.expert_tokens}
+
+
+def test_builtin_launch_time_and_t4():
+    """The built-in profiles' launch time (50 us: unmeasured, the default) and MoE-Lightning's T4 (the original's
+    HardwareConfig)."""
+    assert {p.launch_seconds for p in PROFILES.values()} == {50e-6}
+    t4 = PROFILES["t4"]
+    assert (t4.gpu_memory, t4.gpu_bandwidth, t4.gpu_flops, t4.cpu_flops) == (15 * 2**30, 300e9, 65e12, 0.8e12)
+    assert (t4.link_bandwidth, t4.host_memory, t4.host_bandwidth) == (16e9, 192 * 2**30, 76e9)

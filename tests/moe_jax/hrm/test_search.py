@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from moe_jax.hrm import PROFILES, InfeasibleError, choose_policy, predict
-from moe_jax.hrm.costs import kv_bytes_per_token
+from moe_jax.hrm import search
+from moe_jax.hrm.costs import kv_bytes_per_token, lm_head_op
 from moe_jax import pinned_pool
-from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE, _most_resident
+from moe_jax.hrm.search import GPU_USABLE, HOST_USABLE, TIE_TOLERANCE, _most_resident
 from moe_jax.offload_policy import Policy
 from moe_jax.expert_pages import ExpertPages
 from moe_jax.params import layer_bytes, non_expert_bytes
+from moe_jax.presets import preset_config
 
 GiB = 2**30
 BF16 = "bfloat16"
@@ -402,3 +404,100 @@ def test_a_loaded_layout_is_searched_for_its_best_batch(mixtral):
     with pytest.raises(InfeasibleError, match=r"num_micro_batches=4 needs a batch of at least that many sequences .* "
                                               r"at most 3 are allowed"):
         choose_policy(mixtral, "h100-80gb", 77, 32, num_micro_batches=4, resident_expert_fraction=0.5, max_batch_size=3)
+
+
+def test_a_fully_resident_layer_sends_q_and_the_new_k_v_down_in_the_models_dtype(mixtral):
+    """Nothing streamed: CPU attention's traffic is all the link carries, q and the new k, v
+    GPU->host (bf16, also into an int8 cache, which quantises on the host) against the attention output
+    host->GPU; the larger direction binds."""
+    hw = PROFILES["h100-80gb"]
+    down = 1024 * (4096 + 2 * 1024) * 2  # q, k, v of 1024 tokens; up: 1024 outputs of 4096
+    for kv in ("auto", "int8"):
+        r = predict(mixtral, hw, Policy(1024, 256, 4, 1.0, kv_cache_dtype=kv), 77, 64)
+        assert r.per_layer_seconds["h2d"] == pytest.approx(down / hw.link_bandwidth, rel=1e-12), kv
+
+
+@pytest.mark.parametrize("codec", ["none", "exp4"])
+def test_the_chosen_policy_holds_as_many_resident_experts_as_fit(mixtral, codec):
+    """R is the most resident experts the GPU holds at the chosen point: one more does not fit
+    (under exp4 the in-flight experts are coded, 3/4 of an expert each, which leaves room for more)."""
+    r = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, placements=[("cpu", "cpu")], expert_codec=codec)
+    R = round(r.policy.resident_expert_fraction * 256)
+    assert 0 < R < 31
+    more = predict(mixtral, "h100-80gb", dataclasses.replace(r.policy, resident_expert_fraction=(R + 1) / 256), 77, 64)
+    assert r.gpu_memory_bytes <= GPU_USABLE * 16 * GiB < more.gpu_memory_bytes
+
+
+def test_gpu_memory_under_exp4_is_the_engines_plan(mixtral):
+    """Under exp4, HRM's GPU memory is the engine's plan (`planned_gpu_bytes` with the codec: the
+    escapes of every streamed expert of every layer and one decoded expert) and the prefill's working set."""
+    from moe_jax.offload_engine import planned_gpu_bytes
+    from moe_jax.offload_memory import prefill_bytes
+
+    for r_w in (0.0, 6 / 256):
+        policy = Policy(1024, 256, 4, r_w, expert_codec="exp4")
+        pages = ExpertPages.for_model(mixtral, r_w, 4)
+        engine = planned_gpu_bytes(mixtral, BF16, 256, pages, "exp4") + prefill_bytes(mixtral, BF16, 1024, 256, 77)
+        hrm = predict(mixtral, "h100-80gb", policy, 77, 64).gpu_memory_bytes
+        assert hrm == pytest.approx(engine, rel=1e-9) if r_w == 0 else hrm >= engine
+
+
+def test_a_decode_step_is_its_layers_and_an_lm_head_per_micro_batch(mixtral):
+    """Every expert resident (nothing to install or carry), four micro-batches: a layer costs its
+    largest term and the step adds each micro-batch's LM head. One micro-batch streaming all 8 experts: each layer
+    first installs them (read and written in GPU memory, one call), then its call overlaps the link, then its CPU
+    attention runs."""
+    hw, L = PROFILES["h100-80gb"], mixtral.num_layers
+    head = lambda mu: float(hw.gpu_seconds(lm_head_op(mixtral, BF16, mu)))
+    four = predict(mixtral, hw, Policy(1024, 256, 4, 1.0), 77, 64)
+    assert four.step_seconds == pytest.approx(L * max(four.per_layer_seconds.values()) + 4 * head(256), rel=1e-9)
+    one = predict(mixtral, hw, Policy(256, 256, 1, 0.0), 77, 64)
+    t, w = one.per_layer_seconds, layer_bytes(mixtral, BF16, expert=True) / 8
+    install = 8 * 2 * w / hw.gpu_bandwidth + hw.launch_seconds
+    assert one.step_seconds == pytest.approx(L * (install + max(t["gpu"], t["h2d"]) + t["cpu"]) + head(256), rel=1e-9)
+
+
+def test_end_to_end_is_the_prefill_and_g_minus_1_decode_steps(mixtral):
+    """The first token comes from the prefill: a run is the prefill and G - 1 decode steps."""
+    r = choose_policy(mixtral, "h100-80gb", 77, 64, gpu_memory_gb=16, placements=[("cpu", "cpu")])
+    N = r.policy.batch_size
+    assert r.decode_seconds == pytest.approx(63 * r.step_seconds, rel=1e-12)
+    assert r.decode_tokens_per_s == pytest.approx(N / r.step_seconds, rel=1e-12)
+    assert r.tokens_per_s == pytest.approx(N * 64 / (r.prefill_seconds + 63 * r.step_seconds), rel=1e-12)
+
+
+def test_prefill_overlaps_the_link_and_the_gpu_in_each_layer(mixtral):
+    """Prefill, per layer: install the fetched experts, then the GPU's calls overlap the link's
+    next experts and the N prompts' KV going to the host cache. Over a slow link the link's time is all of it."""
+    hw = dataclasses.replace(PROFILES["h100-80gb"], link_bandwidth=0.2e9)
+    L, w, kvt = mixtral.num_layers, layer_bytes(mixtral, BF16, expert=True) / 8, kv_bytes_per_token(mixtral, BF16)
+    head = lambda mu: float(hw.gpu_seconds(lm_head_op(mixtral, BF16, mu)))
+    streamed = predict(mixtral, hw, Policy(128, 64, 2, 0.0), 77, 64)
+    install = 8 * 2 * w / hw.gpu_bandwidth + hw.launch_seconds
+    assert streamed.prefill_seconds == pytest.approx(L * (install + 8 * w / hw.link_bandwidth) + 2 * head(64), rel=1e-9)
+    resident = predict(mixtral, hw, Policy(4096, 1024, 4, 1.0), 77, 64)  # the KV of all 4096 prompts on the link
+    assert resident.prefill_seconds == pytest.approx(L * 4096 * 77 * kvt / hw.link_bandwidth + 4 * head(1024), rel=1e-9)
+
+
+def test_fewest_micro_batches_win_among_near_ties(mixtral, monkeypatch):
+    """Among the points within TIE_TOLERANCE of the best, the fewest micro-batches win: the choice
+    is within it, and no count of micro-batches below the chosen one reaches it (each searched without a tolerance,
+    i.e. at its best)."""
+    kw = dict(gpu_memory_gb=16, placements=[("cpu", "cpu")])
+    r = choose_policy(mixtral, "h100-80gb", 77, 64, **kw)
+    monkeypatch.setattr(search, "TIE_TOLERANCE", 0.0)
+    best = choose_policy(mixtral, "h100-80gb", 77, 64, **kw).tokens_per_s
+    assert best * (1 - TIE_TOLERANCE) <= r.tokens_per_s <= best
+    for n in range(1, r.policy.num_micro_batches):
+        assert choose_policy(mixtral, "h100-80gb", 77, 64, num_micro_batches=n, **kw).tokens_per_s < best * (1 - TIE_TOLERANCE)
+
+
+def test_the_kv_cache_holds_every_layer_dense_ones_too():
+    """DeepSeek-V2-Lite (27 layers, layer 0 dense): the host KV cache holds all 27 layers' KV,
+    for a job of given lengths (kv_positions) as for uniform ones."""
+    lite = preset_config("deepseek-v2-lite")
+    kvt = kv_bytes_per_token(lite, BF16)
+    job = predict(lite, "l4", Policy(3, 3, 1, 0.0), 128, 64, kv_positions=np.array([0, 300, 500, 650]))
+    assert job.host_memory_bytes == pytest.approx(650 * 27 * kvt + job.pinned_pool_bytes, rel=1e-12)
+    uniform = predict(lite, "l4", Policy(3, 3, 1, 0.0), 128, 64)
+    assert uniform.host_memory_bytes == pytest.approx(3 * 192 * 27 * kvt + uniform.pinned_pool_bytes, rel=1e-12)
