@@ -121,3 +121,13 @@ def test_non_expert_bytes_hold_every_layers_attention_router_and_norms_and_the_e
     the embedding, the LM head and the final norm (Mixtral 8x7B, bf16)."""
     per_layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 8 + 2 * 4096
     assert non_expert_bytes(mixtral, BF16) == (32 * per_layer + 2 * 32000 * 4096 + 4096) * 2 == 3_211_272_192
+
+
+def test_int8_kv_cache_bytes_by_hand(mixtral):
+    """An int8 cache holds a byte per element and a float32 scale per head row: Mixtral's 8 KV heads of 128, k and
+    v, 2 · 8 · (128 + 4) = 2112 bytes a token and layer against bf16's 4096; decode attention reads those bytes."""
+    assert kv_bytes_per_token(mixtral, BF16) == 2 * 8 * 128 * 2 == 4096
+    assert kv_bytes_per_token(mixtral, BF16, "int8") == 2 * 8 * (128 + 4) == 2112
+    for kv, per_token in (("auto", 4096), ("int8", 2112)):
+        attention = decode_ops(mixtral, BF16, 256, 1000, kv)["attention"]
+        assert attention.bytes == 256 * 32 * (128 + 128) * 2 + 256 * 1000 * per_token, kv  # q and output, then KV
