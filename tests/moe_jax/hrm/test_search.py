@@ -501,3 +501,19 @@ def test_the_kv_cache_holds_every_layer_dense_ones_too():
     assert job.host_memory_bytes == pytest.approx(650 * 27 * kvt + job.pinned_pool_bytes, rel=1e-12)
     uniform = predict(lite, "l4", Policy(3, 3, 1, 0.0), 128, 64)
     assert uniform.host_memory_bytes == pytest.approx(3 * 192 * 27 * kvt + uniform.pinned_pool_bytes, rel=1e-12)
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_the_cpu_term_is_each_micro_batchs_attention_at_the_mean_context(mixtral, kv):
+    """Per layer, CPU attention reads each of the n_ub micro-batches' KV at the mean context, prompt + G/2, at the
+    kernel's measured bandwidth for the cache's dtype (not the host's read bandwidth), plus its query rows' fixed
+    time; a hand count at μ = 512, 3 micro-batches, prompts of 77, gen 64."""
+    hw = dataclasses.replace(PROFILES["h200"], attention_bandwidth=52e9, int8_attention_bandwidth=34.6e9,
+                             attention_row_seconds=2e-8)
+    r = predict(mixtral, hw, Policy(1536, 512, 3, 0.0, kv_cache_dtype=kv), 77, 64)
+    per_token, bandwidth = {"auto": (4096, 52e9), "int8": (2112, 34.6e9)}[kv]
+    ctx = 77 + 64 / 2
+    read = 512 * 32 * (128 + 128) * 2 + 512 * ctx * per_token  # q and output in bf16, then the KV
+    flops = 2 * 512 * ctx * 32 * (128 + 128)
+    rows = 512 * 32 * 2e-8  # a query row per head
+    assert r.per_layer_seconds["cpu"] == pytest.approx(3 * (max(flops / hw.cpu_flops, read / bandwidth) + rows), rel=1e-9)
