@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import re
 
@@ -24,6 +25,7 @@ CASES = [
 ]
 CPU_IMPLS = ["xla", "pallas_triton"]  # "auto" → xla and "pallas" → pallas_triton on CPU
 ON_GPU = jax.default_backend() == "gpu"
+moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")  # the module: the package exports the function
 
 
 def run(problem, **kw):
@@ -44,9 +46,6 @@ def test_matches_reference(make_problem, assert_matches_reference, impl, case, d
 def test_auto_and_pallas_resolve_and_log_on_cpu(make_problem, assert_matches_reference, caplog, monkeypatch):
     if ON_GPU:
         pytest.skip("CPU resolution")
-    import importlib
-
-    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")  # the package exports the function too
     monkeypatch.setattr(moe_ffn_module, "_logged", set())  # each choice is logged once per process
     problem = make_problem(16, 32, 32, 4, 2, "float32")
     with caplog.at_level(logging.INFO, logger="pallas_kernels"):
@@ -60,9 +59,6 @@ def test_auto_and_pallas_resolve_and_log_on_cpu(make_problem, assert_matches_ref
 def test_auto_on_gpu_weighs_rows_per_expert(monkeypatch, caplog):
     """On a Hopper GPU "auto" runs pallas_triton below TRITON_ROWS_PER_EXPERT routed rows per expert (where it
     measured faster), pallas_mgpu from there on; resolution only, with the backend faked."""
-    import importlib
-
-    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")
     monkeypatch.setattr(moe_ffn_module, "_logged", set())
     monkeypatch.setattr(moe_ffn_module.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(mgpu, "unavailable_reason", lambda *a, **k: None)  # as on an H100/H200
@@ -105,9 +101,6 @@ def test_triton_kernel_asks_full_precision_for_float32(dtype):
 def test_mgpu_needs_the_down_projection_blockable_too(monkeypatch):
     """The down projection is [F] x [F, H]: a hidden size the Mosaic kernel's N blocks do not divide (192) is
     refused for pallas_mgpu even where [H] x [H, F] would be (faked as a jax with the Mosaic simulator)."""
-    import importlib
-
-    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")
     monkeypatch.setattr(moe_ffn_module, "_logged", set())
     monkeypatch.setattr(mgpu, "_interpret_mode", lambda: object())
     with pytest.raises(ValueError, match=r"pallas_mgpu.*K=256 or N=192 not a multiple"):
@@ -117,9 +110,6 @@ def test_mgpu_needs_the_down_projection_blockable_too(monkeypatch):
 def test_auto_weighs_rows_per_expert_not_per_slot(monkeypatch):
     """moe_ffn tells resolve_impl the routed rows per expert of the layer (64 tokens x 2 over 4 experts: 32),
     not per slot of a pager's buffer (40 slots: 3.2), which would send a large prefill to Triton on a GPU."""
-    import importlib
-
-    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")
     seen, real = [], moe_ffn_module.resolve_impl
     monkeypatch.setattr(moe_ffn_module, "resolve_impl",
                         lambda *a, rows_per_expert=None: seen.append(rows_per_expert) or real(*a))
@@ -152,9 +142,6 @@ def test_triton_tiles_follow_rows_per_expert_not_slots(make_problem, assert_matc
     """With a pager's buffer of S slots, most holding other layers' experts, the Triton tiles are sized by the
     rows per expert (what was benchmarked), not per slot: 128 rows over 4 experts -> 32-row tiles, where the
     40 slots would give 16."""
-    import importlib
-
-    moe_ffn_module = importlib.import_module("pallas_kernels.moe_ffn")
     seen = []
     real = moe_ffn_module.grouped_layout
     monkeypatch.setattr(moe_ffn_module, "grouped_layout", lambda *a: seen.append(a[3]) or real(*a))
