@@ -242,14 +242,22 @@ def _engine_cases():
                 yield preset, hardware, round(float(rng.uniform(4, PROFILES[hardware].gpu_memory / GiB)), 2), P, G
 
 
+def engine_gpu_plan(cfg, policy, prefill_len: int) -> int:
+    """The offload engine's own GPU plan for `policy`: its expert slots and decode working set (`planned_gpu_bytes`
+    of `ExpertPages.for_model`) and its prefill's (`prefill_bytes`, prompts padded to `prefill_len`)."""
+    from moe_jax.offload_engine import planned_gpu_bytes
+    from moe_jax.offload_memory import prefill_bytes
+
+    pages = ExpertPages.for_model(cfg, policy.resident_expert_fraction, policy.num_micro_batches)
+    return (planned_gpu_bytes(cfg, BF16, policy.micro_batch_size, pages, policy.expert_codec)
+            + prefill_bytes(cfg, BF16, policy.batch_size, policy.micro_batch_size, prefill_len))
+
+
 @pytest.mark.parametrize("preset, hardware, cap, P, G", list(_engine_cases()))
 def test_offload_engine_accepts_the_chosen_policy(preset, hardware, cap, P, G):
     """The engine's own GPU plan for HRM's policy (expert slots, decode and prefill working sets,
     `moe_jax.offload_memory`) fits the cap it is given: a policy HRM returns is never refused before
     generation."""
-    from moe_jax.offload_engine import planned_gpu_bytes
-    from moe_jax.offload_memory import prefill_bytes
-    from moe_jax.presets import preset_config
     from moe_jax.shape_buckets import bucket
 
     cfg = preset_config(preset)
@@ -257,11 +265,7 @@ def test_offload_engine_accepts_the_chosen_policy(preset, hardware, cap, P, G):
         r = choose_policy(cfg, hardware, P, G, prefill_len=bucket(P), gpu_memory_gb=cap, placements=[("cpu", "cpu")])
     except InfeasibleError:
         return
-    p = r.policy
-    pages = ExpertPages.for_model(cfg, p.resident_expert_fraction, p.num_micro_batches)
-    need = planned_gpu_bytes(cfg, BF16, p.micro_batch_size, pages) + prefill_bytes(cfg, BF16, p.batch_size,
-                                                                                   p.micro_batch_size, bucket(P))
-    assert need <= cap * GiB
+    assert engine_gpu_plan(cfg, r.policy, bucket(P)) <= cap * GiB
 
 
 @pytest.mark.parametrize("r_w, n_ub", [(0.25, 4), (0.1, 2), (0.6, 8)])
@@ -269,14 +273,9 @@ def test_gpu_memory_is_the_engines_plan_for_a_model_with_dense_layers(r_w, n_ub)
     """DeepSeek-V2-Lite (layer 0 dense, 26 MoE layers): HRM's GPU memory for a CPU-attention policy is the
     engine's plan (`planned_gpu_bytes` of `ExpertPages.for_model`, and `prefill_bytes`), so its streamed slots
     count E - R // (MoE layers), not E - R // (all layers)."""
-    from moe_jax.offload_engine import planned_gpu_bytes
-    from moe_jax.offload_memory import prefill_bytes
-    from moe_jax.presets import preset_config
-
     cfg, mu, P = preset_config("deepseek-v2-lite"), 64, 128
-    pages = ExpertPages.for_model(cfg, r_w, n_ub)
-    want = planned_gpu_bytes(cfg, BF16, mu, pages) + prefill_bytes(cfg, BF16, mu * n_ub, mu, P)
-    assert predict(cfg, "l4", Policy(mu * n_ub, mu, n_ub, r_w), P, 32).gpu_memory_bytes == pytest.approx(want, rel=1e-12)
+    policy = Policy(mu * n_ub, mu, n_ub, r_w)
+    assert predict(cfg, "l4", policy, P, 32).gpu_memory_bytes == pytest.approx(engine_gpu_plan(cfg, policy, P), rel=1e-12)
 
 
 def test_pinned_pool_fixed_before_the_choice(mixtral):
@@ -431,13 +430,9 @@ def test_the_chosen_policy_holds_as_many_resident_experts_as_fit(mixtral, codec)
 def test_gpu_memory_under_exp4_is_the_engines_plan(mixtral):
     """Under exp4, HRM's GPU memory is the engine's plan (`planned_gpu_bytes` with the codec: the
     escapes of every streamed expert of every layer and one decoded expert) and the prefill's working set."""
-    from moe_jax.offload_engine import planned_gpu_bytes
-    from moe_jax.offload_memory import prefill_bytes
-
     for r_w in (0.0, 6 / 256):
         policy = Policy(1024, 256, 4, r_w, expert_codec="exp4")
-        pages = ExpertPages.for_model(mixtral, r_w, 4)
-        engine = planned_gpu_bytes(mixtral, BF16, 256, pages, "exp4") + prefill_bytes(mixtral, BF16, 1024, 256, 77)
+        engine = engine_gpu_plan(mixtral, policy, 77)
         hrm = predict(mixtral, "h100-80gb", policy, 77, 64).gpu_memory_bytes
         assert hrm == pytest.approx(engine, rel=1e-9) if r_w == 0 else hrm >= engine
 
